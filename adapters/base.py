@@ -1,0 +1,253 @@
+"""The adapter interface: the one extension point between the gateway and a clinical system.
+
+An adapter is about as small as an httpx transport:
+
+* ``prepare(source, fields)`` — called once per mapping at load time with the mapping's
+  ``source:`` block; checks it and returns an opaque prepared object (raise
+  :class:`SourceConfigError` naming the problem).
+* ``fetch(prepared, query)`` — run a query plan, return raw records and a continuation.
+* ``ping()`` — readiness probe; ``aclose()`` — release connections.
+
+Records are flat ``dict[str, Any]`` keyed by the source reference the mapping used
+(``"p.SURNAME"`` for SQL, ``"PID-5.1"`` for HL7 v2); one-to-many children sit under
+``"@<child name>"`` as lists of such dicts.
+
+Criteria arrive as a small, closed expression tree (below), already typed and converted to
+the source's storage format by the gateway. Adapters never see FHIR parameters, and never
+import the REST layer or fhir.resources.
+
+Backend failures are translated at the adapter boundary into :class:`BackendError` and its
+subclasses, always ``raise ... from exc`` and never with SQL text, HL7 content or PHI in the
+message.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Record = dict[str, Any]
+
+# --- criteria: a closed expression tree -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """``ref <op> value``. ``value`` is already in the source's storage representation."""
+
+    ref: str
+    op: Literal["=", "!=", "<", "<=", ">", ">="]
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class In:
+    ref: str
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """Case- and accent-insensitive text match; ``value`` is already folded (see ``fold``)."""
+
+    ref: str
+    mode: Literal["prefix", "contains", "exact"]
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class IsNull:
+    ref: str
+    null: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    items: tuple[Criterion, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    items: tuple[Criterion, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    item: Criterion
+
+
+@dataclass(frozen=True, slots=True)
+class Nothing:
+    """Matches no record (e.g. an id that cannot exist in an integer key column)."""
+
+
+Criterion = Compare | In | Text | IsNull | And | Or | Not | Nothing
+
+
+# --- the query plan and its result ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    ref: str
+    descending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One page of a search (or a read, as a search by id with ``count=1``).
+
+    ``sort`` always ends with the record key, so it is a total order and keyset paging works.
+    ``after`` holds the sort-key values of the last record of the previous page (or of the
+    first record of the next page when ``backwards``); ``None`` starts at the beginning.
+    """
+
+    criteria: Criterion | None
+    sort: tuple[SortKey, ...]
+    count: int
+    after: tuple[Any, ...] | None = None
+    backwards: bool = False
+    with_total: bool = False
+    children: bool = True
+
+
+@dataclass(slots=True)
+class Page:
+    records: list[Record]
+    more: bool
+    """Whether more records lie beyond this page in the direction of travel."""
+    total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    criteria: Criterion | None
+
+
+# --- writes (used by adapters that accept them) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    interaction: Literal["create", "update"]
+    record: Record
+    id: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    id: str
+    created: bool
+    correlation: str | None = None
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class AdapterError(Exception):
+    """Base of everything an adapter raises."""
+
+
+class SourceConfigError(AdapterError):
+    """A mapping's ``source:`` block is wrong. ``path`` names the key (e.g. ``joins[1].on``)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class BackendError(AdapterError):
+    """The backend failed in a way that is not the client's fault (→ 502)."""
+
+    def __init__(self, message: str, *, correlation: str | None = None) -> None:
+        super().__init__(message)
+        self.correlation = correlation
+
+
+class BackendUnavailable(BackendError):
+    """Could not reach the backend (→ 503, with Retry-After)."""
+
+    retry_after: int = 5
+
+
+class BackendTimeout(BackendUnavailable):
+    """The backend did not answer in time (→ 504)."""
+
+
+class BackendRejected(BackendError):
+    """The backend refused the request (HL7 AE/AR, constraint violation)."""
+
+
+class UnsupportedCriteria(AdapterError):
+    """The backend cannot evaluate a criterion the mapping allowed (a mapping defect)."""
+
+
+# --- the interface ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What the gateway will ask of one mapping's records, for ``prepare`` to check."""
+
+    key: str
+    fields: frozenset[str]
+    """Every reference read from records, at the top level or in a child."""
+    children: frozenset[str]
+    """Children the output repeats over (``each:``)."""
+    criteria_refs: frozenset[str] = field(default_factory=frozenset)
+    """References search criteria may use."""
+    sort_refs: frozenset[str] = field(default_factory=frozenset)
+    """References ``_sort`` may use (must be top-level)."""
+
+
+class Adapter(abc.ABC):
+    name: str = "adapter"
+
+    @abc.abstractmethod
+    def prepare(self, source: dict[str, Any], needs: Needs) -> Any:
+        """Check a mapping's source block; return what ``fetch`` will need."""
+
+    @abc.abstractmethod
+    async def fetch(self, prepared: Any, query: Query) -> Page: ...
+
+    async def count(self, prepared: Any, query: Count) -> int:
+        raise UnsupportedCriteria(f"{self.name} adapter cannot count")
+
+    async def write(self, prepared: Any, write: Write) -> WriteResult:
+        raise UnsupportedCriteria(f"{self.name} adapter does not accept writes")
+
+    @abc.abstractmethod
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def refs_in(criterion: Criterion | None) -> set[str]:
+    """Every source reference a criterion touches."""
+    out: set[str] = set()
+    stack: list[Criterion] = [criterion] if criterion is not None else []
+    while stack:
+        c = stack.pop()
+        if isinstance(c, And | Or):
+            stack.extend(c.items)
+        elif isinstance(c, Not):
+            stack.append(c.item)
+        elif not isinstance(c, Nothing):
+            out.add(c.ref)
+    return out
+
+
+def all_of(items: Sequence[Criterion]) -> Criterion | None:
+    if not items:
+        return None
+    return items[0] if len(items) == 1 else And(tuple(items))
+
+
+def any_of(items: Sequence[Criterion]) -> Criterion:
+    if not items:
+        return Nothing()
+    return items[0] if len(items) == 1 else Or(tuple(items))

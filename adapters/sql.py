@@ -1,0 +1,570 @@
+"""SQL adapter: SQLAlchemy 2 Core over SQLite, PostgreSQL (psycopg) and SQL Server (pyodbc).
+
+Only bound parameters reach the database: request values never become SQL text. Statements
+are built once per criteria *shape* and reused, so the per-request cost is binding values.
+
+Paging is keyset ("seek") paging over the sort keys, which always end with the record key:
+page 500 costs what page 1 costs. NULLs sort first ascending, last descending, on every
+dialect.
+
+Blocking DBAPI drivers run in worker threads (bounded by the pool size) so the event loop
+never waits on the database. Each statement has a timeout, enforced by the database where it
+can (PostgreSQL ``statement_timeout``, SQLite progress handler, ODBC query timeout) and by the
+caller as a backstop.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import sqlalchemy as sa
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import ColumnElement, FromClause
+from sqlalchemy.sql.functions import FunctionElement
+
+from adapters.base import (
+    Adapter,
+    And,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Compare,
+    Count,
+    Criterion,
+    In,
+    IsNull,
+    Needs,
+    Not,
+    Nothing,
+    Or,
+    Page,
+    Query,
+    Record,
+    SourceConfigError,
+    Text,
+    refs_in,
+)
+
+log = structlog.get_logger("adapters.sql")
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$#]*$")
+_REF = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_$#]*)$")
+
+# --- the source block -------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Condition(_Strict):
+    column: str
+    equals: str | int | None = None
+    in_: list[str | int] | None = Field(default=None, alias="in")
+    is_null: bool | None = None
+
+    @field_validator("column")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        if not _REF.match(v):
+            raise ValueError("must be alias.COLUMN")
+        return v
+
+
+class Join(_Strict):
+    table: str
+    alias: str
+    link: dict[str, str]
+    """Pairs ``this.COLUMN: other.COLUMN`` that must be equal."""
+    where: list[Condition] = Field(default_factory=list)
+
+
+class Child(Join):
+    order_by: list[str] = Field(default_factory=list)
+
+
+class SqlSource(_Strict):
+    connection: str
+    table: str
+    alias: str
+    schema_: str | None = Field(default=None, alias="schema")
+    where: list[Condition] = Field(default_factory=list)
+    joins: list[Join] = Field(default_factory=list)
+    children: dict[str, Child] = Field(default_factory=dict)
+
+
+# --- accent- and case-insensitive text per dialect --------------------------------------------
+
+
+class fold(FunctionElement[str]):  # noqa: N801 - SQL function name
+    """lower(text) without accents, as gateway.search.fold does in Python."""
+
+    inherit_cache = True
+    name = "ccg_fold"
+
+
+_ACCENTED = "ÀÁÂÃÄÅàáâãäåÈÉÊËèéêëÌÍÎÏìíîïÒÓÔÕÖØòóôõöøÙÚÛÜùúûüÝýÿÑñÇç"
+_PLAIN = "AAAAAAaaaaaaEEEEeeeeIIIIiiiiOOOOOOooooooUUUUuuuuYyyNnCc"
+
+
+@compiles(fold, "postgresql")
+def _fold_pg(element: fold, compiler: Any, **kw: Any) -> str:
+    arg = compiler.process(element.clauses, **kw)
+    return f"lower(translate({arg}, '{_ACCENTED}', '{_PLAIN}'))"
+
+
+@compiles(fold, "mssql")
+def _fold_mssql(element: fold, compiler: Any, **kw: Any) -> str:
+    arg = compiler.process(element.clauses, **kw)
+    return f"lower({arg} COLLATE Latin1_General_CI_AI)"
+
+
+@compiles(fold)
+def _fold_default(element: fold, compiler: Any, **kw: Any) -> str:
+    # SQLite: a Python function registered on every connection (see _on_connect).
+    return f"ccg_fold({compiler.process(element.clauses, **kw)})"
+
+
+def _py_fold(value: Any) -> Any:
+    from gateway.search import fold as fold_text  # the one definition of folding
+
+    return None if value is None else fold_text(str(value))
+
+
+# --- prepared mapping -------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    source: SqlSource
+    key: str
+    top_fields: list[str]
+    child_fields: dict[str, list[str]]
+    alias_of_child: dict[str, str]
+    tables: dict[str, FromClause]
+    columns: dict[str, ColumnElement[Any]]
+    base_from: FromClause
+    base_where: list[ColumnElement[bool]]
+    statements: dict[Any, Any]
+
+
+class _Timeouts(threading.local):
+    deadline: float = 0.0
+
+
+class SqlAdapter(Adapter):
+    name = "sql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 5,
+        timeout_seconds: float = 10.0,
+        label: str = "sql",
+    ) -> None:
+        self.label = label
+        self.timeout = timeout_seconds
+        self._deadline = _Timeouts()
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if not url.startswith("sqlite"):
+            kwargs.update(pool_size=pool_size, max_overflow=0, pool_timeout=timeout_seconds)
+        else:
+            kwargs.update(connect_args={"check_same_thread": False, "timeout": timeout_seconds})
+        try:
+            self.engine: Engine = sa.create_engine(url, **kwargs)
+        except (sa_exc.ArgumentError, ImportError) as exc:
+            raise SourceConfigError(f"connection '{label}': {type(exc).__name__}") from exc
+        self.dialect = self.engine.dialect.name
+        sa.event.listen(self.engine, "connect", self._on_connect)
+        self._limiter = anyio.CapacityLimiter(pool_size)
+
+    # -- connection set-up: text folding and statement timeouts per dialect
+
+    def _on_connect(self, dbapi_conn: Any, _record: Any) -> None:
+        if self.dialect == "sqlite":
+            dbapi_conn.create_function("ccg_fold", 1, _py_fold, deterministic=True)
+            deadline = self._deadline
+
+            def interrupt() -> int:
+                return 1 if deadline.deadline and time.monotonic() > deadline.deadline else 0
+
+            dbapi_conn.set_progress_handler(interrupt, 10_000)
+        elif self.dialect == "postgresql":
+            cur = dbapi_conn.cursor()
+            cur.execute(f"SET statement_timeout = {int(self.timeout * 1000)}")
+            cur.close()
+            dbapi_conn.commit()
+        elif self.dialect == "mssql":
+            dbapi_conn.timeout = max(1, int(self.timeout))
+
+    # -- the interface
+
+    def prepare(self, source: dict[str, Any], needs: Needs) -> Prepared:
+        try:
+            src = SqlSource.model_validate(source)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            msg = {"missing": "required key is missing", "extra_forbidden": "unknown key"}.get(
+                err["type"], err["msg"].removeprefix("Value error, "))
+            raise SourceConfigError(msg, ".".join(str(p) for p in err["loc"])) from None
+        return _prepare(src, needs, self.dialect)
+
+    async def fetch(self, prepared: Prepared, query: Query) -> Page:
+        return await self._run(self._fetch_sync, prepared, query)
+
+    async def count(self, prepared: Prepared, query: Count) -> int:
+        return await self._run(self._count_sync, prepared, query)
+
+    async def ping(self) -> None:
+        await self._run(self._ping_sync)
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self.engine.dispose)
+
+    # -- running blocking work off the event loop
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            with anyio.fail_after(self.timeout + 1.0):
+                return await anyio.to_thread.run_sync(
+                    functools.partial(self._guarded, fn, *args), limiter=self._limiter
+                )
+        except TimeoutError as exc:
+            raise BackendTimeout(f"the '{self.label}' database did not answer in time") from exc
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._deadline.deadline = time.monotonic() + self.timeout
+        try:
+            return fn(*args)
+        except sa_exc.TimeoutError as exc:  # no pooled connection free in time
+            raise BackendUnavailable(f"the '{self.label}' database has no free connection") from exc
+        except sa_exc.DBAPIError as exc:
+            raise self._translate(exc) from exc
+        finally:
+            self._deadline.deadline = 0.0
+
+    def _translate(self, exc: sa_exc.DBAPIError) -> BackendError:
+        orig = exc.orig
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        text = str(orig).lower() if orig is not None else ""
+        # Log the class and SQLSTATE only: driver messages can quote SQL and values.
+        log.warning("sql_error", connection=self.label, error=type(orig).__name__,
+                    sqlstate=sqlstate)
+        if sqlstate == "57014" or "interrupted" in text or "timeout" in text:
+            return BackendTimeout(f"the '{self.label}' database did not answer in time")
+        if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
+            return BackendUnavailable(f"the '{self.label}' database is not available")
+        return BackendError(f"the '{self.label}' database rejected the query")
+
+    def _ping_sync(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def _fetch_sync(self, p: Prepared, query: Query) -> Page:
+        stmt, params = _page_statement(p, query, self.dialect)
+        with self.engine.connect() as conn:
+            result = conn.execute(stmt, params)
+            keys = list(result.keys())
+            rows = [dict(zip(keys, row, strict=True)) for row in result.fetchall()]
+            more = len(rows) > query.count
+            rows = rows[: query.count]
+            if query.backwards:
+                rows.reverse()
+            if query.children and rows:
+                _attach_children(conn, p, rows)
+            total = None
+            if query.with_total:
+                total = _count(conn, p, query.criteria)
+        return Page(records=rows, more=more, total=total)
+
+    def _count_sync(self, p: Prepared, query: Count) -> int:
+        with self.engine.connect() as conn:
+            return _count(conn, p, query.criteria)
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+def _split(ref: str, path: str) -> tuple[str, str]:
+    m = _REF.match(ref)
+    if not m:
+        raise SourceConfigError(f"{ref!r} is not alias.COLUMN", path)
+    return m.group(1), m.group(2)
+
+
+def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
+    aliases: dict[str, tuple[str, str | None]] = {src.alias: (src.table, None)}
+    for i, j in enumerate(src.joins):
+        if j.alias in aliases:
+            raise SourceConfigError(f"alias {j.alias!r} used twice", f"joins[{i}].alias")
+        aliases[j.alias] = (j.table, None)
+    for name, c in src.children.items():
+        if c.alias in aliases:
+            raise SourceConfigError(f"alias {c.alias!r} used twice", f"children.{name}.alias")
+        aliases[c.alias] = (c.table, name)
+    for name in (src.table, *(j.table for j in src.joins), *(c.table for c in src.children.values())):
+        if not _NAME.match(name):
+            raise SourceConfigError(f"{name!r} is not a table name", "table")
+
+    # Every column any part of the mapping names, grouped by alias.
+    wanted: dict[str, set[str]] = {a: set() for a in aliases}
+    all_refs: set[str] = {needs.key, *needs.fields, *needs.criteria_refs, *needs.sort_refs}
+    for j in src.joins:
+        all_refs.update(j.link.keys())
+        all_refs.update(j.link.values())
+        all_refs.update(c.column for c in j.where)
+    for c in src.children.values():
+        all_refs.update(c.link.keys())
+        all_refs.update(c.link.values())
+        all_refs.update(c.order_by)
+        all_refs.update(w.column for w in c.where)
+    all_refs.update(c.column for c in src.where)
+    for ref in all_refs:
+        alias, col = _split(ref, "")
+        if alias not in aliases:
+            raise SourceConfigError(f"{ref!r} uses an alias the source does not declare", ref)
+        wanted[alias].add(col)
+
+    tables: dict[str, FromClause] = {}
+    for alias, (tname, _) in aliases.items():
+        t = sa.table(tname, *(sa.column(c) for c in sorted(wanted[alias])), schema=src.schema_)
+        tables[alias] = t.alias(alias)
+    columns = {f"{a}.{c}": tables[a].c[c] for a in wanted for c in wanted[a]}
+    alias_of_child = {c.alias: name for name, c in src.children.items()}
+
+    key_alias, _ = _split(needs.key, "id")
+    if key_alias != src.alias:
+        raise SourceConfigError("the id must be a column of the main table", "id")
+    for ref in needs.sort_refs:
+        if _split(ref, "sort")[0] in alias_of_child:
+            raise SourceConfigError(f"cannot sort by {ref!r}: it is a child column", "sort")
+    for name in needs.children:
+        if name not in src.children:
+            raise SourceConfigError(f"output repeats over child {name!r}, not declared",
+                                    "children")
+
+    def join_cond(on: dict[str, str], path: str) -> ColumnElement[bool]:
+        if not on:
+            raise SourceConfigError("needs at least one column pair", path)
+        return sa.and_(*(columns[a] == columns[b] for a, b in on.items()))
+
+    base: FromClause = tables[src.alias]
+    for i, j in enumerate(src.joins):
+        cond = join_cond(j.link, f"joins[{i}].link")
+        extra = [_condition(columns, w) for w in j.where]
+        base = base.outerjoin(tables[j.alias], sa.and_(cond, *extra))
+    for name, c in src.children.items():
+        for a, b in c.link.items():
+            if _split(a, "")[0] != c.alias or _split(b, "")[0] in alias_of_child:
+                raise SourceConfigError(
+                    "child 'link' pairs are child.COLUMN: parent.COLUMN", f"children.{name}.link"
+                )
+
+    top = sorted(
+        r for r in (needs.fields | {needs.key} | needs.sort_refs)
+        if _split(r, "")[0] not in alias_of_child
+    )
+    # parent columns the children join on must be selected too
+    for c in src.children.values():
+        top.extend(b for b in c.link.values() if b not in top)
+    child_fields: dict[str, list[str]] = {name: [] for name in src.children}
+    for r in needs.fields:
+        alias = _split(r, "")[0]
+        if alias in alias_of_child:
+            child_fields[alias_of_child[alias]].append(r)
+    return Prepared(
+        source=src,
+        key=needs.key,
+        top_fields=top,
+        child_fields={k: sorted(v) for k, v in child_fields.items()},
+        alias_of_child=alias_of_child,
+        tables=tables,
+        columns=columns,
+        base_from=base,
+        base_where=[_condition(columns, w) for w in src.where],
+        statements={},
+    )
+
+
+def _condition(columns: dict[str, ColumnElement[Any]], c: Condition) -> ColumnElement[bool]:
+    col = columns[c.column]
+    if c.is_null is not None:
+        return col.is_(None) if c.is_null else col.is_not(None)
+    if c.in_ is not None:
+        return col.in_(c.in_)
+    return col == c.equals
+
+
+class _Binder:
+    """Turns criteria into SQL with numbered bind parameters, and a reusable shape key."""
+
+    def __init__(self, p: Prepared) -> None:
+        self.p = p
+        self.values: dict[str, Any] = {}
+        self.shape: list[Any] = []
+
+    def bind(self, value: Any) -> sa.BindParameter[Any]:
+        name = f"v{len(self.values)}"
+        self.values[name] = value
+        return sa.bindparam(name)
+
+    def sql(self, c: Criterion) -> ColumnElement[bool]:
+        if isinstance(c, And | Or):
+            self.shape.append((type(c).__name__, len(c.items)))
+            parts = [self.sql(i) for i in c.items]
+            return sa.and_(*parts) if isinstance(c, And) else sa.or_(*parts)
+        if isinstance(c, Not):
+            self.shape.append("not")
+            return sa.not_(self.sql(c.item))
+        if isinstance(c, Nothing):
+            self.shape.append("nothing")
+            return sa.false()
+        child = self.p.alias_of_child.get(c.ref.split(".", 1)[0])
+        expr = self._leaf(c)
+        if child is None:
+            return expr
+        # A condition on a child row: does any child row of this record match?
+        spec = self.p.source.children[child]
+        link = sa.and_(*(self.p.columns[a] == self.p.columns[b] for a, b in spec.link.items()))
+        extra = [_condition(self.p.columns, w) for w in spec.where]
+        return sa.exists().where(link, *extra, expr)
+
+    def _leaf(self, c: Compare | In | Text | IsNull) -> ColumnElement[bool]:
+        col = self.p.columns[c.ref]
+        if isinstance(c, Compare):
+            self.shape.append(("cmp", c.ref, c.op))
+            v = self.bind(c.value)
+            ops: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
+                "=": lambda a, b: a == b, "!=": lambda a, b: a != b,
+                "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+                ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+            }
+            return ops[c.op](col, v)
+        if isinstance(c, In):
+            self.shape.append(("in", c.ref, len(c.values)))
+            return col.in_([self.bind(v) for v in c.values])
+        if isinstance(c, IsNull):
+            self.shape.append(("null", c.ref, c.null))
+            return col.is_(None) if c.null else col.is_not(None)
+        self.shape.append(("text", c.ref, c.mode))
+        folded = fold(col)
+        if c.mode == "exact":
+            return folded == self.bind(c.value)
+        pattern = c.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = pattern + "%" if c.mode == "prefix" else "%" + pattern + "%"
+        return folded.like(self.bind(pattern), escape="\\")
+
+
+def _keyset(
+    b: _Binder, p: Prepared, query: Query, dialect: str
+) -> tuple[list[ColumnElement[Any]], ColumnElement[bool] | None]:
+    """ORDER BY terms, and the seek condition for ``query.after`` (NULLs sort lowest)."""
+    order: list[ColumnElement[Any]] = []
+    for k in query.sort:
+        col = p.columns[k.ref]
+        desc = k.descending != query.backwards
+        term = col.desc() if desc else col.asc()
+        if dialect == "postgresql":  # the others already put NULLs lowest
+            term = term.nulls_last() if desc else term.nulls_first()
+        order.append(term)
+    if query.after is None:
+        return order, None
+    if len(query.after) != len(query.sort):
+        raise BackendError("a paging position does not fit this search")
+    ors: list[ColumnElement[bool]] = []
+    eqs: list[ColumnElement[bool]] = []
+    for k, v in zip(query.sort, query.after, strict=True):
+        col = p.columns[k.ref]
+        forward = k.descending == query.backwards  # moving towards larger values?
+        if forward:
+            beyond = col.is_not(None) if v is None else col > b.bind(v)
+        else:
+            beyond = sa.false() if v is None else sa.or_(col < b.bind(v), col.is_(None))
+        ors.append(sa.and_(*eqs, beyond))
+        eqs.append(col.is_(None) if v is None else col == b.bind(v))
+        b.shape.append(("after", v is None))
+    return order, sa.or_(*ors)
+
+
+def _page_statement(p: Prepared, query: Query, dialect: str) -> tuple[Any, dict[str, Any]]:
+    b = _Binder(p)
+    where = [b.sql(query.criteria)] if query.criteria is not None else []
+    order, seek = _keyset(b, p, query, dialect)
+    limit = b.bind(query.count + 1)
+    shape = (tuple(b.shape), query.sort, query.backwards)
+    stmt = p.statements.get(shape)
+    if stmt is None:
+        cols = [p.columns[r].label(r) for r in p.top_fields]
+        stmt = sa.select(*cols).select_from(p.base_from)
+        conds = [*p.base_where, *where]
+        if seek is not None:
+            conds.append(seek)
+        if conds:
+            stmt = stmt.where(*conds)
+        stmt = stmt.order_by(*order).limit(limit)
+        if len(p.statements) < 512:  # shapes are few; the bound keeps a hostile client honest
+            p.statements[shape] = stmt
+    return stmt, b.values
+
+
+def _count(conn: sa.Connection, p: Prepared, criteria: Criterion | None) -> int:
+    b = _Binder(p)
+    conds = [*p.base_where]
+    if criteria is not None:
+        conds.append(b.sql(criteria))
+    stmt = sa.select(sa.func.count()).select_from(p.base_from)
+    if conds:
+        stmt = stmt.where(*conds)
+    return int(conn.execute(stmt, b.values).scalar_one())
+
+
+def _attach_children(conn: sa.Connection, p: Prepared, rows: list[Record]) -> None:
+    for name, spec in p.source.children.items():
+        fields = p.child_fields.get(name)
+        if not fields:
+            continue
+        (child_col, parent_col), *rest = spec.link.items()
+        if rest:
+            raise BackendError("children joined on more than one column are not supported")
+        parent_values = list({r[parent_col] for r in rows if r.get(parent_col) is not None})
+        for r in rows:
+            r["@" + name] = []
+        if not parent_values:
+            continue
+        by_parent: dict[Any, list[Record]] = {}
+        for chunk in _chunks(parent_values, 500):
+            cols = [p.columns[child_col].label("@parent"), *(p.columns[f].label(f) for f in fields)]
+            stmt = sa.select(*cols).where(
+                p.columns[child_col].in_(chunk),
+                *(_condition(p.columns, w) for w in spec.where),
+            )
+            order = [p.columns[child_col], *(p.columns[o] for o in spec.order_by)]
+            result = conn.execute(stmt.order_by(*order))
+            keys = list(result.keys())
+            for row in result.fetchall():
+                rec = dict(zip(keys, row, strict=True))
+                by_parent.setdefault(rec.pop("@parent"), []).append(rec)
+        for r in rows:
+            r["@" + name] = by_parent.get(r.get(parent_col), [])
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def referenced(criteria: Criterion | None) -> set[str]:
+    return refs_in(criteria)

@@ -1,0 +1,69 @@
+"""Build the ASGI application: mappings → providers → routes, wrapped in the middleware layers.
+
+This is the one place the application is assembled. Loading fails loudly: a bad mapping
+raises MappingError (with file:line for every problem) and the server does not start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+
+from adapters import registry as adapter_registry
+from gateway import logging as gateway_logging
+from gateway.bundle import Pager
+from gateway.errors import GatewayError
+from gateway.mapping.loader import load_directory
+from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
+from gateway.providers import Provider, Registry
+from gateway.routes import Api, routes
+from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.app")
+
+
+def demo_database_url(settings: Settings) -> str:
+    from gateway.demo_pas import ensure_sqlite_demo
+
+    path = settings.data_dir / f"demo-pas-{settings.demo_patients}.sqlite"
+    ensure_sqlite_demo(path, patients=settings.demo_patients, progress=settings.progress)
+    return f"sqlite:///{path}"
+
+
+def build_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    gateway_logging.configure(settings.log_level)
+    settings, generated_secret = settings.with_secret()
+    if generated_secret:
+        log.warning("paging_secret_generated",
+                    hint="set CCG_PAGING_SECRET so paging links survive restarts and replicas")
+    loaded = load_directory(
+        settings.mappings_dir, adapter_registry.create,
+        demo_url=lambda: demo_database_url(settings),
+    )
+    registry = Registry(Provider(m) for m in loaded.mappings)
+    api = Api(registry, settings, Pager(settings.paging_secret))
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        log.info("started", resources=[p.resource_type for p in registry],
+                 mappings=str(loaded.directory))
+        yield
+        await registry.aclose()
+
+    app = Starlette(
+        routes=routes(api, registry, settings.base_path.rstrip("/")),
+        middleware=[Middleware(RequestContext)],
+        exception_handlers={GatewayError: gateway_error_handler,
+                            HTTPException: http_error_handler},
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.state.settings = settings
+    return app

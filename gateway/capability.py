@@ -1,0 +1,102 @@
+"""The CapabilityStatement, generated from what is registered and mapped — never hand-written.
+
+Each resource lists the interactions its provider serves, the search parameters its mapping
+declares, the ``_include`` values whose target type is served, and the ``_revinclude`` values
+that other providers' reference parameters make possible. Nothing else is claimed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from gateway.providers import Provider, Registry
+
+FHIR_VERSION = "3.0.2"
+FORMATS = ["application/fhir+json", "application/fhir+xml", "json", "xml"]
+
+
+def _software_version() -> str:
+    try:
+        return version("careconnect-gateway")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [
+        {"name": "_id", "type": "token", "documentation": "The logical id of the resource"}
+    ]
+    includes: list[str] = []
+    for name, p in sorted(provider.params.items()):
+        entry: dict[str, Any] = {"name": name, "type": p.type}
+        if p.description:
+            entry["documentation"] = p.description
+        params.append(entry)
+        if p.type == "reference":
+            served = [t for t in p.reference_targets() if t in registry]
+            includes += [f"{provider.resource_type}:{name}" for _ in served[:1]]
+            if len(served) > 1:
+                includes += [f"{provider.resource_type}:{name}:{t}" for t in served]
+    revincludes = [
+        f"{other.resource_type}:{name}"
+        for other in registry
+        for name, p in sorted(other.params.items())
+        if p.type == "reference" and provider.resource_type in p.reference_targets()
+    ]
+    out: dict[str, Any] = {
+        "type": provider.resource_type,
+        "profile": {"reference": provider.profile},
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "versioning": "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": params,
+    }
+    sortable = provider.mapping.spec.sort
+    policy = provider.mapping.spec.search_policy
+    notes = []
+    if sortable:
+        notes.append("_sort supports: " + ", ".join(sortable) + " (prefix - for descending)")
+    if policy and policy.minimum_parameters > 1:
+        notes.append(
+            f"A search needs at least {policy.minimum_parameters} parameters"
+            + (" of different types" if policy.distinct_types else "")
+            + (f" unless searching by {' or '.join(policy.unless_any_of)}"
+               if policy.unless_any_of else "")
+        )
+    if notes:
+        out["documentation"] = ". ".join(notes) + "."
+    if includes:
+        out["searchInclude"] = includes
+    if revincludes:
+        out["searchRevInclude"] = revincludes
+    return out
+
+
+def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": dt.date.today().isoformat(),
+        "publisher": "Care Connect Gateway",
+        "kind": "instance",
+        "software": {"name": "careconnect-gateway", "version": _software_version()},
+        "implementation": {
+            "description": "Care Connect API gateway over legacy clinical systems",
+            "url": base_url,
+        },
+        "fhirVersion": FHIR_VERSION,
+        "acceptUnknown": "no",
+        "format": FORMATS,
+        "rest": [
+            {
+                "mode": "server",
+                "resource": [resource_capability(p, registry) for p in registry],
+            }
+        ],
+    }

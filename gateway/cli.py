@@ -1,0 +1,126 @@
+"""``careconnect-gateway``: serve, check mappings, build the demo PAS."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "mappings_dir": getattr(args, "mappings", None),
+        "demo_patients": getattr(args, "demo_patients", None),
+        "base_path": getattr(args, "base_path", None),
+        "log_level": getattr(args, "log_level", None),
+        "data_dir": getattr(args, "data_dir", None),
+    }
+    return Settings.from_env(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import build_app
+    from gateway.mapping.loader import MappingError
+
+    settings = _settings(args)
+    try:
+        app = build_app(settings)
+    except MappingError as exc:
+        print(f"refusing to start: {len(exc.problems)} mapping problem(s)", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    url = f"http://{settings.host}:{settings.port}{settings.base_path}"
+    print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                access_log=False, server_header=False, proxy_headers=args.proxy_headers)
+    return 0
+
+
+def cmd_mappings_check(args: argparse.Namespace) -> int:
+    from adapters import registry as adapter_registry
+    from gateway.app import demo_database_url
+    from gateway.mapping.loader import MappingError, load_directory
+
+    settings = _settings(args)
+    if args.dir is not None:
+        settings = replace(settings, mappings_dir=args.dir)
+    settings = replace(settings, progress=False)
+    try:
+        loaded = load_directory(settings.mappings_dir, adapter_registry.create,
+                                demo_url=lambda: demo_database_url(settings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    for m in loaded.mappings:
+        print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
+              f"({len(m.spec.search)} search parameters)")
+    return 0
+
+
+def cmd_demo_build(args: argparse.Namespace) -> int:
+    from gateway.demo_pas import build_database, ensure_sqlite_demo
+
+    if args.url:
+        build_database(args.url, patients=args.patients, progress=True)
+        print(f"built demo PAS with {args.patients} patients at the given URL")
+    else:
+        settings = _settings(args)
+        path = args.path or settings.data_dir / f"demo-pas-{args.patients}.sqlite"
+        ensure_sqlite_demo(path, patients=args.patients, progress=True)
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="careconnect-gateway",
+                                description="Care Connect (FHIR STU3) API over legacy PAS systems")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the gateway (default: on the embedded demo PAS)")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.add_argument("--mappings", type=Path, help="mapping directory (default: the demo)")
+    serve.add_argument("--base-path", help="FHIR base path (default /STU3)")
+    serve.add_argument("--demo-patients", type=int, help="size of the demo PAS (default 10000)")
+    serve.add_argument("--data-dir", type=Path, help="where the demo PAS database is kept")
+    serve.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    serve.add_argument("--proxy-headers", action="store_true",
+                       help="trust X-Forwarded-* from the proxy in front")
+    serve.set_defaults(func=cmd_serve)
+
+    mappings = sub.add_parser("mappings", help="work with mapping files")
+    msub = mappings.add_subparsers(dest="mappings_command", required=True)
+    check = msub.add_parser("check", help="validate a mapping directory without serving")
+    check.add_argument("dir", nargs="?", type=Path, help="mapping directory (default: the demo)")
+    check.set_defaults(func=cmd_mappings_check)
+
+    demo = sub.add_parser("demo", help="the embedded demo PAS")
+    dsub = demo.add_subparsers(dest="demo_command", required=True)
+    build = dsub.add_parser("build", help="build a demo PAS database")
+    build.add_argument("--patients", type=int, default=10_000)
+    build.add_argument("--path", type=Path, help="SQLite file to create")
+    build.add_argument("--url", help="SQLAlchemy URL of an empty database to fill instead")
+    build.add_argument("--data-dir", type=Path)
+    build.set_defaults(func=cmd_demo_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The gateway's error tree and its translation into FHIR OperationOutcome.
+
+Every error a client can see is one of these classes. Each carries an HTTP status, a FHIR
+``issue.code`` and a stable gateway error code (``details.coding``) that clients can switch
+on. Messages must never contain PHI: they name parameters, types and codes, not values that
+came from a patient record or from a search on one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+ERROR_CODE_SYSTEM = "https://careconnect-gateway.github.io/fhir/CodeSystem/gateway-error-code"
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    issue_code: ClassVar[str] = "exception"
+    error_code: ClassVar[str] = "INTERNAL_SERVER_ERROR"
+    severity: ClassVar[str] = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        expression: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expression = expression
+        self.headers = dict(headers or {})
+
+    def outcome(self) -> dict[str, Any]:
+        return operation_outcome(
+            [
+                issue(
+                    self.severity,
+                    self.issue_code,
+                    self.error_code,
+                    self.message,
+                    expression=self.expression,
+                )
+            ]
+        )
+
+
+def issue(
+    severity: str,
+    code: str,
+    error_code: str,
+    diagnostics: str,
+    *,
+    expression: str | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "severity": severity,
+        "code": code,
+        "details": {
+            "coding": [{"system": ERROR_CODE_SYSTEM, "code": error_code, "display": diagnostics}]
+        },
+        "diagnostics": diagnostics,
+    }
+    if expression:
+        out["expression"] = [expression]
+        out["location"] = [expression]
+    return out
+
+
+def operation_outcome(issues: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": issues}
+
+
+# --- 4xx: the request is at fault -------------------------------------------------------------
+
+
+class BadRequest(GatewayError):
+    status = 400
+    issue_code = "invalid"
+    error_code = "BAD_REQUEST"
+
+
+class InvalidParameter(BadRequest):
+    error_code = "INVALID_PARAMETER"
+
+
+class UnknownParameter(BadRequest):
+    issue_code = "not-supported"
+    error_code = "UNKNOWN_PARAMETER"
+
+
+class InvalidNHSNumber(BadRequest):
+    error_code = "INVALID_NHS_NUMBER"
+
+
+class InsufficientSearchCriteria(BadRequest):
+    """Care Connect: a Patient search needs two parameters of different types."""
+
+    issue_code = "required"
+    error_code = "INSUFFICIENT_SEARCH_CRITERIA"
+
+
+class InvalidPageToken(BadRequest):
+    error_code = "INVALID_PAGE_TOKEN"
+
+
+class InvalidId(BadRequest):
+    error_code = "INVALID_RESOURCE_ID"
+
+
+class NotFound(GatewayError):
+    status = 404
+    issue_code = "not-found"
+    error_code = "RESOURCE_NOT_FOUND"
+
+
+class UnknownResourceType(NotFound):
+    issue_code = "not-supported"
+    error_code = "UNKNOWN_RESOURCE_TYPE"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    issue_code = "not-supported"
+    error_code = "METHOD_NOT_ALLOWED"
+
+
+class NotAcceptable(GatewayError):
+    status = 406
+    issue_code = "not-supported"
+    error_code = "NOT_ACCEPTABLE"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    issue_code = "not-supported"
+    error_code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class NotImplementedInteraction(GatewayError):
+    status = 501
+    issue_code = "not-supported"
+    error_code = "NOT_IMPLEMENTED"
+
+
+# --- 5xx: the gateway or the system behind it is at fault -------------------------------------
+
+
+class InternalError(GatewayError):
+    """An unexpected failure. The message is generic; details go to the error log only."""
+
+
+class UpstreamError(GatewayError):
+    """The backend answered, but not usefully (bad data, rejected query)."""
+
+    status = 502
+    issue_code = "exception"
+    error_code = "BACKEND_ERROR"
+
+
+class UnmappableData(UpstreamError):
+    issue_code = "code-invalid"
+    error_code = "UNMAPPED_SOURCE_CODE"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    issue_code = "transient"
+    error_code = "BACKEND_UNAVAILABLE"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    issue_code = "timeout"
+    error_code = "BACKEND_TIMEOUT"

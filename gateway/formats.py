@@ -1,0 +1,97 @@
+"""FHIR formats: content negotiation and rendering of JSON and XML.
+
+JSON (the hot path) is rendered straight from plain dicts with orjson. XML is rendered by
+fhir.resources' STU3 models, which know the element order FHIR XML requires; it is slower,
+which is acceptable for the format few clients use. The response echoes the media type
+flavour the client asked for (STU3-era ``application/json+fhir`` or ``application/fhir+json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.errors import NotAcceptable
+
+JSON_TYPES = ("application/fhir+json", "application/json+fhir", "application/json", "text/json")
+XML_TYPES = ("application/fhir+xml", "application/xml+fhir", "application/xml", "text/xml")
+_FORMAT_PARAM = {
+    "json": "application/fhir+json",
+    "xml": "application/fhir+xml",
+    **{t: t for t in JSON_TYPES + XML_TYPES},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Format:
+    kind: str  # "json" | "xml"
+    media_type: str
+    pretty: bool = False
+
+    @property
+    def content_type(self) -> str:
+        return f"{self.media_type}; charset=utf-8"
+
+
+DEFAULT = Format("json", "application/fhir+json")
+
+
+def _kind(media_type: str) -> str | None:
+    if media_type in JSON_TYPES:
+        return "json"
+    if media_type in XML_TYPES:
+        return "xml"
+    return None
+
+
+def negotiate(accept: str | None, format_param: str | None, pretty_param: str | None) -> Format:
+    pretty = pretty_param == "true"
+    if format_param:
+        media = _FORMAT_PARAM.get(format_param.strip().replace(" ", "+"))
+        if media is None:
+            raise NotAcceptable("_format must be json, xml or a FHIR media type")
+        return Format(_kind(media) or "json", media, pretty)
+    if not accept:
+        return Format("json", DEFAULT.media_type, pretty)
+    best: tuple[float, int, str] | None = None
+    for order, part in enumerate(accept.split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        if q <= 0:
+            continue
+        if media in ("*/*", "application/*"):
+            media = DEFAULT.media_type
+        elif media == "text/*":
+            media = "text/xml"
+        if _kind(media) is None:
+            continue
+        if best is None or (q, -order) > (best[0], -best[1]):
+            best = (q, order, media)
+    if best is None:
+        raise NotAcceptable(
+            "this server produces application/fhir+json and application/fhir+xml"
+        )
+    return Format(_kind(best[2]) or "json", best[2], pretty)
+
+
+def render(resource: dict[str, Any], fmt: Format) -> bytes:
+    if fmt.kind == "json":
+        return orjson.dumps(resource, option=orjson.OPT_INDENT_2 if fmt.pretty else 0)
+    return to_xml(resource, fmt.pretty)
+
+
+def to_xml(resource: dict[str, Any], pretty: bool = False) -> bytes:
+    from fhir.resources.STU3 import get_fhir_model_class
+
+    model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    out: bytes = model.model_dump_xml(pretty_print=pretty)
+    return out

@@ -1,0 +1,264 @@
+"""Compile a mapping's ``output:`` tree into fast builders: record → plain dict.
+
+This is the outgoing hot path. Everything that can be decided at load time is: which keys
+are constants, which expressions read which reference, which converter, transform and code
+map apply. At run time a builder is a few nested closures over dict look-ups; no pydantic
+model is constructed.
+
+Rules (documented for operations staff in mappings/README.md):
+
+* a mapping with a ``column``/``field``/``function`` key is an expression; any other scalar is
+  a literal;
+* an element whose expressions are all empty is omitted, literals and all;
+* lists are lists: each item is an element, or ``each: <child>`` repeats the item once per
+  child record (one address per ADDRESSES row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.mapping.codemaps import CodeMap, Target
+from gateway.mapping.functions import FUNCTIONS
+from gateway.mapping.model import EXPR_KEYS, Expr
+from gateway.mapping.storage import Storage
+from gateway.mapping.transforms import TRANSFORMS, chain
+
+Builder = Callable[[dict[str, Any]], Any]
+
+
+class CompileError(Exception):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass
+class CompileContext:
+    codemaps: dict[str, CodeMap]
+    storage: Callable[[str], Storage]
+    """Storage converter for a source reference (declared in ``types:``; default string)."""
+    refs: set[str] = field(default_factory=set)
+    children: dict[str, set[str]] = field(default_factory=dict)
+    references: list[tuple[str, str, str | None]] = field(default_factory=list)
+    """(element path, target resource type, child name or None) for each ``ref:`` expression."""
+    _child: str | None = None
+
+
+def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
+    if expr.function:
+        return _compile_function(expr, ctx, path)
+    ref = expr.source_ref
+    assert ref is not None
+    _use(ctx, ref)
+    convert = ctx.storage(ref).to_fhir
+    steps: list[Callable[[Any], Any]] = []
+    if expr.transform:
+        names = [expr.transform] if isinstance(expr.transform, str) else list(expr.transform)
+        unknown = [n for n in names if n not in TRANSFORMS]
+        if unknown:
+            raise CompileError(
+                path, f"unknown transform {unknown[0]!r} (one of: {', '.join(TRANSFORMS)})"
+            )
+        steps.append(chain(names))
+    if expr.codemap:
+        cmap = ctx.codemaps.get(expr.codemap)
+        if cmap is None:
+            raise CompileError(path, f"unknown codemap {expr.codemap!r}")
+        steps.append(_codemap_step(cmap, expr.part, path))
+    if expr.ref:
+        prefix = expr.ref + "/"
+        ctx.references.append((path, expr.ref, ctx._child))
+        steps.append(lambda v: prefix + str(v))
+
+    if not steps:
+        def get(rec: dict[str, Any]) -> Any:
+            v = rec.get(ref)
+            return None if v is None else convert(v)
+
+        return get
+
+    def get_chain(rec: dict[str, Any]) -> Any:
+        v = rec.get(ref)
+        if v is None:
+            return None
+        v = convert(v)
+        for step in steps:
+            if v is None:
+                return None
+            v = step(v)
+        return v
+
+    return get_chain
+
+
+def _codemap_step(cmap: CodeMap, part: str, path: str) -> Callable[[Any], Any]:
+    system = cmap.target_system
+    if part in ("system", "coding", "codeable-concept") and not system:
+        raise CompileError(path, f"codemap {cmap.name!r} declares no target_system")
+    if part == "system":
+        return lambda v: system if cmap.lookup(v) is not None else None
+    if part == "display":
+        def display(v: Any) -> Any:
+            t = cmap.lookup(v)
+            return None if t is None else t.display
+
+        return display
+    if part in ("coding", "codeable-concept"):
+        # Built once per target code; resources are never mutated after building, so the
+        # same small dict can be shared by every resource that carries this code.
+        built: dict[Target, dict[str, Any]] = {}
+
+        def coding(v: Any) -> Any:
+            t = cmap.lookup(v)
+            if t is None:
+                return None
+            out = built.get(t)
+            if out is None:
+                c: dict[str, Any] = {"system": system, "code": t.code}
+                if t.display:
+                    c["display"] = t.display
+                out = built[t] = {"coding": [c]} if part == "codeable-concept" else c
+            return out
+
+        return coding
+
+    def code(v: Any) -> Any:
+        t = cmap.lookup(v)
+        return None if t is None else t.code
+
+    return code
+
+
+def _compile_function(expr: Expr, ctx: CompileContext, path: str) -> Builder:
+    assert expr.function is not None
+    fn = FUNCTIONS.get(expr.function)
+    if fn is None:
+        raise CompileError(
+            path, f"unknown function {expr.function!r} (one of: {', '.join(FUNCTIONS)})"
+        )
+    refs = list(expr.args)
+    for r in refs:
+        _use(ctx, r)
+    converters = [ctx.storage(r).to_fhir for r in refs]
+
+    def call(rec: dict[str, Any]) -> Any:
+        args = []
+        for r, conv in zip(refs, converters, strict=True):
+            v = rec.get(r)
+            args.append(None if v is None else conv(v))
+        return fn(*args)
+
+    return call
+
+
+def _use(ctx: CompileContext, ref: str) -> None:
+    if ctx._child is None:
+        ctx.refs.add(ref)
+    else:
+        ctx.children[ctx._child].add(ref)
+
+
+def compile_node(node: Any, ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
+    """Return (builder, None) for a dynamic node or (None, constant) for a static one."""
+    if isinstance(node, dict):
+        if EXPR_KEYS & node.keys():
+            try:
+                expr = Expr.model_validate(node)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(p) for p in err["loc"])
+                raise CompileError(path + (f".{loc}" if loc else ""), err["msg"]) from None
+            return compile_expr(expr, ctx, path), None
+        if "each" in node:
+            raise CompileError(path, "'each' may only appear on an item of a list")
+        return _compile_dict(node, ctx, path)
+    if isinstance(node, list):
+        return _compile_list(node, ctx, path)
+    if node is None:
+        raise CompileError(path, "an empty value; remove the key or give it a value")
+    return None, node
+
+
+def _compile_dict(node: dict[str, Any], ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
+    items: list[tuple[str, Builder | None, Any]] = []
+    for key, value in node.items():
+        fn, const = compile_node(value, ctx, f"{path}.{key}" if path else key)
+        items.append((key, fn, const))
+    if all(fn is None for _, fn, _ in items):
+        return None, {k: c for k, _, c in items}
+
+    def build(rec: dict[str, Any]) -> Any:
+        out: dict[str, Any] = {}
+        hit = False
+        for key, fn, const in items:
+            if fn is None:
+                out[key] = const
+            else:
+                v = fn(rec)
+                if v is not None:
+                    out[key] = v
+                    hit = True
+        return out if hit else None
+
+    return build, None
+
+
+def _compile_list(node: list[Any], ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
+    parts: list[tuple[str | None, Builder | None, Any]] = []
+    for i, item in enumerate(node):
+        ipath = f"{path}[{i}]"
+        child = None
+        if isinstance(item, dict) and "each" in item:
+            child = item["each"]
+            if not isinstance(child, str):
+                raise CompileError(ipath + ".each", "names a child (a string)")
+            if ctx._child is not None:
+                raise CompileError(ipath + ".each", "children cannot be nested")
+            item = {k: v for k, v in item.items() if k != "each"}
+            ctx.children.setdefault(child, set())
+            ctx._child = child
+            try:
+                fn, const = compile_node(item, ctx, ipath)
+            finally:
+                ctx._child = None
+            if fn is None:
+                raise CompileError(ipath, "an 'each' item must read something from the child")
+        else:
+            fn, const = compile_node(item, ctx, ipath)
+        parts.append((child, fn, const))
+    if all(fn is None for _, fn, _ in parts):
+        return None, [c for _, _, c in parts]
+
+    def build(rec: dict[str, Any]) -> Any:
+        out: list[Any] = []
+        for child, fn, const in parts:
+            if fn is None:
+                out.append(const)
+            elif child is None:
+                v = fn(rec)
+                if v is not None:
+                    out.append(v)
+            else:
+                for row in rec.get("@" + child) or ():
+                    v = fn({**rec, **row})
+                    if v is not None:
+                        out.append(v)
+        return out or None
+
+    return build, None
+
+
+def compile_output(
+    output: dict[str, Any], ctx: CompileContext
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    fn, const = _compile_dict(output, ctx, "")
+    if fn is None:
+        return lambda rec: dict(const)
+    build = fn
+    return lambda rec: build(rec) or {}

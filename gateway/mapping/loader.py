@@ -1,0 +1,340 @@
+"""Load a mapping directory: connections, code maps and one file per resource per source.
+
+Everything is checked at load time and every problem is reported at once, each naming
+``file:line`` and what is wrong. The server refuses to start on a bad mapping;
+``careconnect-gateway mappings check DIR`` runs the same checks without starting it.
+
+Layout of a mapping directory::
+
+    connections.yaml        named connections (secrets come from the environment)
+    <Type>.<source>.yaml    one per resource type per source, e.g. Patient.sql.yaml
+    ../codemaps/*.yaml      shared code maps (path configurable in connections.yaml)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ValidationError
+
+from adapters.base import Adapter, Needs, SourceConfigError
+from gateway.mapping.codemaps import CodeMap, Target
+from gateway.mapping.compile import CompileContext, CompileError, compile_expr, compile_output
+from gateway.mapping.model import Connection, MappingFile, MappingSet
+from gateway.mapping.storage import Storage, make_storage
+from gateway.mapping.yamlfile import YamlError, line_of, load, split_path
+
+CONNECTIONS_FILE = "connections.yaml"
+_PASSWORD_IN_URL = re.compile(r"://[^/@:]+:[^/@]+@")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: Path
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class MappingError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass
+class CompiledMapping:
+    file: Path
+    spec: MappingFile
+    connection: str
+    adapter: Adapter
+    prepared: Any
+    build: Callable[[dict[str, Any]], dict[str, Any]]
+    build_id: Callable[[dict[str, Any]], Any]
+    build_last_updated: Callable[[dict[str, Any]], Any] | None
+    storage: Callable[[str], Storage]
+    codemaps: dict[str, CodeMap]
+    tz: ZoneInfo
+    references: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    @property
+    def resource_type(self) -> str:
+        return self.spec.resource
+
+
+AdapterFactory = Callable[[str, Connection, Path], Adapter]
+
+
+@dataclass
+class LoadedSet:
+    directory: Path
+    mappings: list[CompiledMapping]
+    adapters: dict[str, Adapter]
+    codemaps: dict[str, CodeMap]
+    settings: MappingSet
+
+
+def _validation_problems(path: Path, doc: Any, exc: ValidationError, prefix: tuple[Any, ...] = ()
+                         ) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc = (*prefix, *err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        out.append(Problem(path, line_of(doc, loc), f"{where}: {msg}"))
+    return out
+
+
+def _model(path: Path, doc: Any, model: type[BaseModel], problems: list[Problem]) -> Any:
+    if not isinstance(doc, dict):
+        problems.append(Problem(path, getattr(doc, "line", 1), "expected a mapping of keys"))
+        return None
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        problems.extend(_validation_problems(path, doc, exc))
+        return None
+
+
+def load_codemaps(directory: Path, problems: list[Problem]) -> dict[str, CodeMap]:
+    out: dict[str, CodeMap] = {}
+    if not directory.is_dir():
+        problems.append(Problem(directory, 0, "code map directory not found"))
+        return out
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            doc = load(path)
+        except YamlError as exc:
+            problems.append(Problem(path, exc.line, exc.message))
+            continue
+        spec = _model(path, doc, _CodeMapFile, problems)
+        if spec is None:
+            continue
+        if spec.name in out:
+            problems.append(Problem(path, line_of(doc, ["name"]),
+                                    f"code map name {spec.name!r} is used twice"))
+            continue
+        if spec.unmapped == "default" and spec.default is None:
+            problems.append(Problem(path, line_of(doc, ["unmapped"]),
+                                    "unmapped: default needs a default"))
+            continue
+        out[spec.name] = CodeMap(
+            name=spec.name,
+            target_system=spec.target_system,
+            unmapped=spec.unmapped,
+            entries={str(k): Target(v.code, v.display) for k, v in spec.map.items()},
+            default=Target(spec.default.code, spec.default.display) if spec.default else None,
+            source=spec.source or "",
+        )
+    return out
+
+
+class _TargetSpec(BaseModel):
+    model_config = {"extra": "forbid"}
+    code: str
+    display: str | None = None
+
+
+class _CodeMapFile(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str
+    source: str | None = None
+    description: str | None = None
+    target_system: str | None = None
+    unmapped: str = "omit"
+    default: _TargetSpec | None = None
+    map: dict[str, _TargetSpec]
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if self.unmapped not in ("omit", "default", "error"):
+            raise ValueError("unmapped must be one of: omit, default, error")
+
+
+def resolve_url(name: str, conn: Connection, demo_url: Callable[[], str] | None) -> str:
+    if conn.url_env and os.environ.get(conn.url_env):
+        return os.environ[conn.url_env]
+    if conn.url:
+        return conn.url
+    if conn.default == "embedded-demo" and demo_url is not None:
+        return demo_url()
+    raise ValueError(
+        f"connection '{name}': set the environment variable {conn.url_env}"
+        if conn.url_env
+        else f"connection '{name}' has no url"
+    )
+
+
+def load_directory(
+    directory: Path,
+    adapter_factory: AdapterFactory,
+    *,
+    demo_url: Callable[[], str] | None = None,
+) -> LoadedSet:
+    """Load, check and compile every mapping in ``directory``; raise MappingError on any problem."""
+    problems: list[Problem] = []
+    directory = directory.resolve()
+    conn_path = directory / CONNECTIONS_FILE
+    if not conn_path.is_file():
+        raise MappingError([Problem(conn_path, 0, "not found (every mapping directory has one)")])
+    try:
+        conn_doc = load(conn_path)
+    except YamlError as exc:
+        raise MappingError([Problem(conn_path, exc.line, exc.message)]) from None
+    settings: MappingSet | None = _model(conn_path, conn_doc, MappingSet, problems)
+    if settings is None:
+        raise MappingError(problems)
+    for name, conn in settings.connections.items():
+        if conn.url and _PASSWORD_IN_URL.search(conn.url):
+            problems.append(Problem(conn_path, line_of(conn_doc, ["connections", name, "url"]),
+                                    f"connections.{name}.url: a password in a mapping file; "
+                                    "put the URL in the environment variable named by url_env"))
+    codemaps = load_codemaps((directory / settings.codemaps).resolve(), problems)
+
+    adapters: dict[str, Adapter] = {}
+    tzs: dict[str, ZoneInfo] = {}
+
+    def adapter_for(name: str, path: Path, doc: Any) -> Adapter | None:
+        if name in adapters:
+            return adapters[name]
+        conn = settings.connections.get(name)
+        line = line_of(doc, ["source", "connection"])
+        if conn is None:
+            problems.append(Problem(path, line, f"source.connection: unknown connection {name!r} "
+                                    f"(declared: {', '.join(settings.connections) or 'none'})"))
+            return None
+        try:
+            tzs[name] = ZoneInfo(conn.timezone)
+            resolved = conn.model_copy(update={"url": resolve_url(name, conn, demo_url)})
+            adapters[name] = adapter_factory(name, resolved, directory)
+        except ZoneInfoNotFoundError:
+            problems.append(Problem(conn_path, line_of(conn_doc, ["connections", name]),
+                                    f"connections.{name}.timezone: unknown time zone"))
+            return None
+        except (ValueError, SourceConfigError) as exc:
+            problems.append(Problem(conn_path, line_of(conn_doc, ["connections", name]), str(exc)))
+            return None
+        return adapters[name]
+
+    compiled: list[CompiledMapping] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name == CONNECTIONS_FILE:
+            continue
+        try:
+            doc = load(path)
+        except YamlError as exc:
+            problems.append(Problem(path, exc.line, exc.message))
+            continue
+        spec: MappingFile | None = _model(path, doc, MappingFile, problems)
+        if spec is None:
+            continue
+        if spec.resource in seen:
+            problems.append(Problem(path, line_of(doc, ["resource"]),
+                                    f"{spec.resource} is already mapped by {seen[spec.resource].name}"))
+            continue
+        seen[spec.resource] = path
+        conn_name = spec.source.get("connection")
+        if not isinstance(conn_name, str):
+            problems.append(Problem(path, line_of(doc, ["source"]),
+                                    "source.connection: required key is missing"))
+            continue
+        adapter = adapter_for(conn_name, path, doc)
+        if adapter is None:
+            continue
+        result = _compile(path, doc, spec, conn_name, adapter, codemaps, tzs[conn_name], problems)
+        if result is not None:
+            compiled.append(result)
+    if problems:
+        raise MappingError(problems)
+    return LoadedSet(directory, compiled, adapters, codemaps, settings)
+
+
+def _compile(
+    path: Path,
+    doc: Any,
+    spec: MappingFile,
+    connection: str,
+    adapter: Adapter,
+    codemaps: dict[str, CodeMap],
+    tz: ZoneInfo,
+    problems: list[Problem],
+) -> CompiledMapping | None:
+    storages = {ref: make_storage(kind, tz) for ref, kind in spec.types.items()}
+    default = make_storage("string", tz)
+
+    def storage(ref: str) -> Storage:
+        return storages.get(ref, default)
+
+    ctx = CompileContext(codemaps=codemaps, storage=storage)
+    before = len(problems)
+    try:
+        build = compile_output(spec.output, ctx)
+    except CompileError as exc:
+        problems.append(Problem(path, line_of(doc, ["output", *split_path(exc.path)]),
+                                f"output.{exc.path}: {exc.message}"))
+        return None
+    try:
+        build_id = compile_expr(spec.id, ctx, "id")
+        build_lu = compile_expr(spec.last_updated, ctx, "last_updated") if spec.last_updated else None
+    except CompileError as exc:
+        problems.append(Problem(path, line_of(doc, split_path(exc.path)), str(exc)))
+        return None
+    for name, param in spec.search.items():
+        if param.codemap and param.codemap not in codemaps:
+            problems.append(Problem(path, line_of(doc, ["search", name, "codemap"]),
+                                    f"search.{name}.codemap: unknown codemap {param.codemap!r}"))
+    if len(problems) > before:
+        return None
+
+    key = spec.id.source_ref
+    if key is None:
+        problems.append(Problem(path, line_of(doc, ["id"]), "id: must read a column or field"))
+        return None
+    criteria_refs = {r for p in spec.search.values() for r in p.refs}
+    criteria_refs |= {r for p in spec.search.values() for s in p.systems or () for r in s.when}
+    sort_refs = {spec.search[name].refs[0] for name in spec.sort}
+    fields = set(ctx.refs) | {r for refs in ctx.children.values() for r in refs}
+    # Reference parameters feed _include: their values must come back with the records.
+    for p in spec.search.values():
+        if p.type == "reference":
+            fields.update(p.reference_targets().values())
+    needs = Needs(
+        key=key,
+        fields=frozenset(fields),
+        children=frozenset(ctx.children),
+        criteria_refs=frozenset(criteria_refs),
+        sort_refs=frozenset(sort_refs),
+    )
+    try:
+        prepared = adapter.prepare(dict(spec.source), needs)
+    except SourceConfigError as exc:
+        where = f"source.{exc.path}" if exc.path and not exc.path[0].isupper() else "source"
+        line = line_of(doc, split_path(where)) if where != "source" else line_of(doc, ["source"])
+        problems.append(Problem(path, line, f"{where}: {exc}"))
+        return None
+    return CompiledMapping(
+        file=path,
+        spec=spec,
+        connection=connection,
+        adapter=adapter,
+        prepared=prepared,
+        build=build,
+        build_id=build_id,
+        build_last_updated=build_lu,
+        storage=storage,
+        codemaps=codemaps,
+        tz=tz,
+        references=ctx.references,
+    )

@@ -1,0 +1,200 @@
+"""The schema of a mapping file, checked with pydantic at load time (never on the hot path).
+
+A mapping file describes one FHIR resource type served from one source:
+
+    resource / profile          what it produces
+    source                      where records come from (adapter-specific; checked by the adapter)
+    types                       how the source stores values that need interpreting
+    id / last_updated           the record key and update timestamp
+    search / search_policy      which FHIR search parameters work and how they translate
+    output                      the resource, shaped like the FHIR it produces
+
+See mappings/README.md for the operations-facing description.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.mapping.storage import STORAGE_TYPES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Expr(_Strict):
+    """A value read from a record: ``{column: p.SURNAME, transform: title_case}``."""
+
+    column: str | None = None
+    field: str | None = None
+    function: str | None = None
+    args: list[str] = Field(default_factory=list)
+    transform: str | list[str] | None = None
+    codemap: str | None = None
+    part: Literal["code", "display", "system", "coding", "codeable-concept"] = "code"
+    ref: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Expr:
+        given = [k for k in ("column", "field", "function") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("an expression needs exactly one of: column, field, function")
+        if self.function and (self.transform or self.codemap):
+            raise ValueError("a function's result cannot be transformed or code-mapped")
+        if self.part != "code" and not self.codemap:
+            raise ValueError("part: display/system/coding/codeable-concept needs a codemap")
+        return self
+
+    @property
+    def source_ref(self) -> str | None:
+        return self.column or self.field
+
+
+EXPR_KEYS = frozenset({"column", "field", "function"})
+
+
+class TokenSystem(_Strict):
+    system: str
+    column: str | None = None
+    field: str | None = None
+    check: Literal["nhs-number"] | None = None
+    when: dict[str, str | list[str]] = Field(default_factory=dict)
+    """Only rows where these references hold these values carry this system."""
+
+    @property
+    def source_ref(self) -> str:
+        ref = self.column or self.field
+        assert ref
+        return ref
+
+    @model_validator(mode="after")
+    def _has_ref(self) -> TokenSystem:
+        if not (self.column or self.field):
+            raise ValueError("an identifier system needs a column or field")
+        return self
+
+
+class Period(_Strict):
+    start: str
+    end: str
+
+
+class SearchParam(_Strict):
+    type: Literal["string", "token", "date", "reference"]
+    description: str | None = None
+    column: str | None = None
+    field: str | None = None
+    columns: list[str] | None = None
+    codemap: str | None = None
+    systems: list[TokenSystem] | None = None
+    period: Period | None = None
+    target: str | None = None
+    targets: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchParam:
+        single = self.column or self.field
+        if self.type == "reference":
+            if bool(self.targets) == bool(self.target):
+                raise ValueError("a reference parameter needs either target (+ column) or targets")
+            if self.target and not single:
+                raise ValueError("a reference parameter with target needs a column")
+        elif self.type == "token" and self.systems:
+            if single or self.columns or self.codemap:
+                raise ValueError("use either systems or column/columns (+ codemap), not both")
+        elif self.type == "date" and self.period:
+            if single or self.columns:
+                raise ValueError("use either period or column, not both")
+        elif sum(bool(x) for x in (single, self.columns)) != 1:
+            raise ValueError("a search parameter needs one of: column, columns")
+        if self.codemap and self.type != "token":
+            raise ValueError("codemap is only for token parameters")
+        return self
+
+    system: str | None = None
+    """For a plain token parameter: the one system its codes belong to."""
+
+    @property
+    def refs(self) -> list[str]:
+        if self.systems:
+            return [s.source_ref for s in self.systems]
+        if self.period:
+            return [self.period.start, self.period.end]
+        if self.targets:
+            return list(self.targets.values())
+        single = self.column or self.field
+        return [single] if single else list(self.columns or [])
+
+    def reference_targets(self) -> dict[str, str]:
+        if self.targets:
+            return dict(self.targets)
+        if self.target:
+            return {self.target: self.refs[0]}
+        return {}
+
+
+class SearchPolicy(_Strict):
+    """Care Connect-style rules on which combinations a search must use."""
+
+    minimum_parameters: int = 1
+    distinct_types: bool = False
+    unless_any_of: list[str] = Field(default_factory=list)
+
+
+class MappingFile(_Strict):
+    resource: str
+    profile: str
+    description: str | None = None
+    source: dict[str, Any]
+    types: dict[str, str] = Field(default_factory=dict)
+    id: Expr
+    last_updated: Expr | None = None
+    search: dict[str, SearchParam] = Field(default_factory=dict)
+    search_policy: SearchPolicy | None = None
+    sort: list[str] = Field(default_factory=list)
+    output: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _check(self) -> MappingFile:
+        for ref, kind in self.types.items():
+            if kind not in STORAGE_TYPES:
+                raise ValueError(
+                    f"types.{ref}: unknown storage type {kind!r} "
+                    f"(one of: {', '.join(STORAGE_TYPES)})"
+                )
+        if "resourceType" in self.output or "id" in self.output or "meta" in self.output:
+            raise ValueError("output must not set resourceType, id or meta (they are derived)")
+        for name in self.search:
+            if name.startswith("_"):
+                raise ValueError(f"search.{name}: parameters starting with '_' are built in")
+        for name in self.sort:
+            param = self.search.get(name)
+            if param is None or param.type not in ("string", "date") or len(param.refs) != (
+                2 if param.period else 1
+            ):
+                raise ValueError(
+                    f"sort: {name!r} must be a declared string or date parameter on one column"
+                )
+        return self
+
+
+class Connection(_Strict):
+    adapter: str
+    url: str | None = None
+    url_env: str | None = None
+    default: Literal["embedded-demo"] | None = None
+    timezone: str = "Europe/London"
+    pool_size: int = 5
+    timeout_seconds: float = 10.0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class MappingSet(_Strict):
+    """``connections.yaml`` of a mapping directory."""
+
+    connections: dict[str, Connection]
+    codemaps: str = "../codemaps"
+    base_url: str | None = None

@@ -1,0 +1,140 @@
+"""How a legacy system stores values, declared per column in a mapping's ``types:`` block.
+
+One declaration drives both directions: reading a stored value out into FHIR (``to_fhir``)
+and turning a FHIR search bound into the stored representation (``bound``), so that date
+searches compare strings such as ``'19650412'`` the way the legacy system stores them.
+
+The set of storage types is closed; adding one is a reviewed code change here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+STORAGE_TYPES = (
+    "string",
+    "integer",
+    "date:yyyymmdd",
+    "date:iso",
+    "datetime:yyyymmddhhmm",
+    "datetime:yyyymmddhhmmss",
+    "datetime:iso",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    name: str
+    kind: str  # string | integer | date | datetime
+    to_fhir: Callable[[Any], Any]
+    bound: Callable[[dt.datetime], Any]
+    """Format a (local, naive) instant as stored, rounding *up* to the storage precision.
+
+    Rounding up makes ``stored >= bound(x)`` and ``stored < bound(x)`` exact for discrete
+    stored values, which is all the date search needs.
+    """
+    parse_key: Callable[[str], Any]
+    """Turn a FHIR id or token code into the stored type (raises ValueError if impossible)."""
+
+
+def _ceil(t: dt.datetime, unit: dt.timedelta) -> dt.datetime:
+    epoch = dt.datetime(1, 1, 1)
+    rem = (t - epoch) % unit
+    return t if not rem else t + (unit - rem)
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _integer(v: Any) -> Any:
+    return v
+
+
+def _date_compact(v: Any) -> str | None:
+    s = _text(v)
+    if s is None or len(s) < 8 or not s[:8].isdigit():
+        return None
+    return f"{s[0:4]}-{s[4:6]}-{s[6:8]}"
+
+
+def _date_iso(v: Any) -> str | None:
+    if isinstance(v, dt.datetime):
+        return v.date().isoformat()
+    if isinstance(v, dt.date):
+        return v.isoformat()
+    s = _text(v)
+    return s[:10] if s and len(s) >= 10 else None
+
+
+def _day(t: dt.datetime) -> dt.datetime:
+    return _ceil(t, dt.timedelta(days=1))
+
+
+def make_storage(name: str, tz: ZoneInfo) -> Storage:
+    """Build the converter for one storage type in the source's local time zone."""
+
+    def localise(naive: dt.datetime) -> str:
+        # Legacy systems store wall-clock time; FHIR dateTime with a time needs an offset.
+        return naive.replace(tzinfo=tz).isoformat()
+
+    def datetime_compact(v: Any) -> str | None:
+        s = _text(v)
+        if s is None or not s.isdigit() or len(s) < 12:
+            return None
+        try:
+            naive = dt.datetime(
+                int(s[0:4]), int(s[4:6]), int(s[6:8]), int(s[8:10]), int(s[10:12]),
+                int(s[12:14]) if len(s) >= 14 else 0,
+            )
+        except ValueError:
+            return None
+        return localise(naive)
+
+    def datetime_iso(v: Any) -> str | None:
+        if isinstance(v, dt.datetime):
+            return v.isoformat() if v.tzinfo else localise(v)
+        s = _text(v)
+        if s is None:
+            return None
+        try:
+            parsed = dt.datetime.fromisoformat(s)
+        except ValueError:
+            return None
+        return parsed.isoformat() if parsed.tzinfo else localise(parsed)
+
+    def as_int(code: str) -> int:
+        if not code.isdigit() or len(code) > 18:
+            raise ValueError("not an integer key")
+        return int(code)
+
+    minute = dt.timedelta(minutes=1)
+    second = dt.timedelta(seconds=1)
+    table: dict[str, Storage] = {
+        "string": Storage("string", "string", _text, lambda t: t.isoformat(), str),
+        "integer": Storage("integer", "integer", _integer, lambda t: t.toordinal(), as_int),
+        "date:yyyymmdd": Storage(
+            name, "date", _date_compact, lambda t: _day(t).strftime("%Y%m%d"), str
+        ),
+        "date:iso": Storage(name, "date", _date_iso, lambda t: _day(t).strftime("%Y-%m-%d"), str),
+        "datetime:yyyymmddhhmm": Storage(
+            name, "datetime", datetime_compact,
+            lambda t: _ceil(t, minute).strftime("%Y%m%d%H%M"), str,
+        ),
+        "datetime:yyyymmddhhmmss": Storage(
+            name, "datetime", datetime_compact,
+            lambda t: _ceil(t, second).strftime("%Y%m%d%H%M%S"), str,
+        ),
+        "datetime:iso": Storage(
+            name, "datetime", datetime_iso,
+            lambda t: _ceil(t, second).strftime("%Y-%m-%d %H:%M:%S"), str,
+        ),
+    }
+    return table[name]

@@ -1,0 +1,88 @@
+"""The closed set of value transforms a mapping may name (``transform: title_case``).
+
+Each takes one non-empty value and returns a value or ``None`` (meaning "omit"). A list of
+names applies them in order. Anything cleverer is a Python function registered in
+``gateway.mapping.functions`` and reviewed like any other code — not a string language in YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+Transform = Callable[[Any], Any]
+
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
+
+
+def _title_case(value: Any) -> Any:
+    # Legacy PAS store names in capitals; "O'BRIEN-SMITH" -> "O'Brien-Smith".
+    def cap(m: re.Match[str]) -> str:
+        w = m.group(0).lower()
+        if "'" in w:
+            head, tail = w.split("'", 1)
+            return head.capitalize() + "'" + tail.capitalize()
+        return w.capitalize()
+
+    return _WORD.sub(cap, str(value))
+
+
+def _yes_no(value: Any) -> Any:
+    s = str(value).strip().upper()
+    return True if s in ("Y", "YES", "1", "T", "TRUE") else False if s in (
+        "N", "NO", "0", "F", "FALSE") else None
+
+
+def _not(value: Any) -> Any:
+    return None if not isinstance(value, bool) else not value
+
+
+def _string(value: Any) -> Any:
+    s = str(value).strip()
+    return s or None
+
+
+def _integer(value: Any) -> Any:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _digits(value: Any) -> Any:
+    s = "".join(ch for ch in str(value) if ch.isdigit())
+    return s or None
+
+
+def _no_spaces(value: Any) -> Any:
+    s = "".join(str(value).split())
+    return s or None
+
+
+TRANSFORMS: dict[str, tuple[Transform, str]] = {
+    "title_case": (_title_case, "SMITH-JONES -> Smith-Jones; O'BRIEN -> O'Brien"),
+    "upper": (lambda v: str(v).upper(), "to upper case"),
+    "lower": (lambda v: str(v).lower(), "to lower case"),
+    "string": (_string, "any value as trimmed text (integers become their digits)"),
+    "integer": (_integer, "text of digits as a JSON number; anything else is omitted"),
+    "yes_no": (_yes_no, "Y/N, 1/0, T/F as true/false; anything else is omitted"),
+    "not": (_not, "negate a boolean (after yes_no)"),
+    "digits": (_digits, "keep only the digits (phone numbers, NHS numbers with spaces)"),
+    "no_spaces": (_no_spaces, "remove all white space"),
+}
+
+
+def chain(names: list[str]) -> Transform:
+    fns = [TRANSFORMS[n][0] for n in names]
+    if len(fns) == 1:
+        return fns[0]
+
+    def run(value: Any) -> Any:
+        for fn in fns:
+            if value is None:
+                return None
+            value = fn(value)
+        return value
+
+    return run

@@ -1,0 +1,138 @@
+"""The outermost ASGI layer: request id, one log line per request, and the last-resort error
+handler that turns anything unexpected into a 500 OperationOutcome without a traceback.
+
+Also the exception handlers that render GatewayError and Starlette's HTTP errors as
+OperationOutcome in the format the client negotiated.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+import uuid
+from typing import Any
+
+import structlog
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    issue,
+    operation_outcome,
+)
+from gateway.formats import DEFAULT, Format, render
+from gateway.providers import adapter_seconds
+
+log = structlog.get_logger("gateway.request")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        token = adapter_seconds.set(0.0)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # the last resort: never a traceback to the client
+            status = 500
+            # Type and stack only: exception messages can quote data.
+            log.error("unhandled_error", error=type(exc).__name__,
+                      stack="".join(traceback.format_tb(exc.__traceback__)))
+            if not response_started:
+                body = render(InternalError("an unexpected error occurred").outcome(), DEFAULT)
+                await send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", DEFAULT.content_type.encode()), rid_header]})
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            route = scope.get("route")
+            log.info(
+                "request",
+                method=scope["method"],
+                route=getattr(route, "path", None) or "unmatched",
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                adapter_ms=round(adapter_seconds.get() * 1000, 2),
+            )
+            adapter_seconds.reset(token)
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _request_id(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.match(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+def _format(request: Request) -> Format:
+    fmt = getattr(request.state, "format", None)
+    return fmt if isinstance(fmt, Format) else DEFAULT
+
+
+def outcome_response(request: Request, error: GatewayError) -> Response:
+    fmt = _format(request)
+    try:
+        body = render(error.outcome(), fmt)
+    except Exception:  # an XML rendering problem must not hide the original error
+        fmt = DEFAULT
+        body = render(error.outcome(), fmt)
+    return Response(body, status_code=error.status, headers=error.headers,
+                    media_type=fmt.content_type)
+
+
+async def gateway_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    if exc.status >= 500:
+        log.warning("backend_error" if exc.status > 500 else "server_error",
+                    error=type(exc).__name__, code=exc.error_code,
+                    cause=type(exc.__cause__).__name__ if exc.__cause__ else None)
+    return outcome_response(request, exc)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 404:
+        error = NotFound("no such endpoint on this FHIR server")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed("method not allowed here", headers=exc.headers or {})
+    else:
+        return _plain(request, exc.status_code, str(exc.detail))
+    return outcome_response(request, error)
+
+
+def _plain(request: Request, status: int, message: str) -> Response:
+    err: dict[str, Any] = operation_outcome([issue("error", "exception", "HTTP_ERROR", message)])
+    fmt = _format(request)
+    return Response(render(err, fmt), status_code=status, media_type=fmt.content_type)

@@ -1,0 +1,425 @@
+"""Turn the FHIR search parameters of one request into a query plan for a provider's adapter.
+
+The mapping's ``search:`` declarations say which parameters work and which source
+references they read; this module checks each parameter against them, parses its values
+(:mod:`gateway.search`) and produces the adapter's criteria tree, sort order and page size.
+The same declarations drive the CapabilityStatement, so it can only claim what works here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from adapters.base import (
+    And,
+    Compare,
+    Criterion,
+    In,
+    IsNull,
+    Not,
+    Nothing,
+    Or,
+    SortKey,
+    Text,
+    all_of,
+    any_of,
+)
+from gateway import nhs_number
+from gateway.errors import (
+    InsufficientSearchCriteria,
+    InvalidNHSNumber,
+    InvalidParameter,
+    UnknownParameter,
+)
+from gateway.mapping.codemaps import CodeMap
+from gateway.mapping.model import SearchParam, SearchPolicy
+from gateway.mapping.storage import Storage
+from gateway.search import (
+    ID_RE,
+    MODIFIERS,
+    DateValue,
+    MissingValue,
+    ReferenceValue,
+    StringValue,
+    TokenValue,
+    parse_date,
+    parse_missing,
+    parse_reference,
+    parse_string,
+    parse_token,
+    split_values,
+)
+
+NHS_NUMBER_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+
+# Parameters that shape the result rather than select records.
+RESULT_PARAMETERS = frozenset(
+    {"_count", "_sort", "_include", "_revinclude", "_summary", "_total", "_format", "_pretty",
+     "_page"}
+)
+# Parameters that are about the response format only: never part of the query's identity.
+FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    param: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class RevInclude:
+    source_type: str
+    param: str
+
+
+@dataclass
+class SearchPlan:
+    criteria: Criterion | None
+    sort: tuple[SortKey, ...]
+    count: int
+    includes: list[Include] = field(default_factory=list)
+    revincludes: list[RevInclude] = field(default_factory=list)
+    summary_count: bool = False
+    total: Literal["accurate", "none", "auto"] = "auto"
+    used: list[tuple[str, str]] = field(default_factory=list)
+    """(name[:modifier], raw value) pairs that shaped the query, in request order."""
+    ignored: list[str] = field(default_factory=list)
+    page_token: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What the planner needs to know about one provider."""
+
+    resource_type: str
+    params: dict[str, SearchParam]
+    policy: SearchPolicy | None
+    sortable: Sequence[str]
+    key_ref: str
+    storage: Callable[[str], Storage]
+    codemaps: dict[str, CodeMap]
+    tz: Any
+    include_targets: Callable[[str], bool]
+    """Whether a resource type is served (so a reference to it can be included)."""
+    revinclude_sources: Callable[[str, str], SearchParam | None]
+    """The reference parameter ``param`` of provider ``type``, if it exists."""
+
+
+def plan_search(
+    ctx: SearchContext,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    strict: bool,
+) -> SearchPlan:
+    criteria: list[Criterion] = []
+    used: list[tuple[str, str]] = []
+    ignored: list[str] = []
+    used_types: dict[str, str] = {}
+    plan = SearchPlan(criteria=None, sort=(), count=default_count)
+    sort_spec: list[tuple[str, bool]] = []
+
+    for key, raw in pairs:
+        name, _, modifier = key.partition(":")
+        if name in FORMAT_PARAMETERS:
+            continue
+        if name in RESULT_PARAMETERS:
+            _result_parameter(ctx, plan, name, modifier, raw, sort_spec, max_count)
+            if name != "_page":
+                used.append((key, raw))
+            continue
+        if name == "_id":
+            if modifier:
+                raise InvalidParameter("'_id' takes no modifier")
+            ids = split_values(raw)
+            if not all(ID_RE.match(i) for i in ids):
+                raise InvalidParameter("'_id' is not a valid resource id")
+            criteria.append(any_of([_key_equals(ctx, ctx.key_ref, i) for i in ids]))
+            used.append((key, raw))
+            used_types[name] = "token"
+            continue
+        param = ctx.params.get(name)
+        if param is None:
+            if strict:
+                raise UnknownParameter(
+                    f"unknown search parameter '{name}' for {ctx.resource_type}"
+                )
+            ignored.append(name)
+            continue
+        criteria.append(_criterion(ctx, name, param, modifier or None, raw))
+        used.append((key, raw))
+        used_types[name] = param.type
+
+    if ctx.policy and not plan.page_token:
+        _check_policy(ctx, ctx.policy, used_types)
+
+    key_sort = SortKey(ctx.key_ref)
+    plan.sort = tuple(
+        SortKey(_sort_ref(ctx, name), desc) for name, desc in sort_spec
+    ) + (key_sort,)
+    plan.criteria = all_of(criteria)
+    plan.used = used
+    plan.ignored = ignored
+    return plan
+
+
+def _result_parameter(
+    ctx: SearchContext,
+    plan: SearchPlan,
+    name: str,
+    modifier: str,
+    raw: str,
+    sort_spec: list[tuple[str, bool]],
+    max_count: int,
+) -> None:
+    if modifier and name not in ("_include", "_revinclude"):
+        raise InvalidParameter(f"'{name}' takes no modifier")
+    if name == "_count":
+        if not raw.isdigit() or len(raw) > 6:
+            raise InvalidParameter("'_count' must be a whole number")
+        plan.count = min(int(raw), max_count)
+    elif name == "_sort":
+        for item in raw.split(","):
+            desc = item.startswith("-")
+            pname = item[1:] if desc else item
+            if pname not in ctx.sortable:
+                allowed = ", ".join(ctx.sortable) or "none"
+                raise InvalidParameter(
+                    f"cannot sort {ctx.resource_type} by '{pname}' (sortable: {allowed})"
+                )
+            sort_spec.append((pname, desc))
+    elif name == "_summary":
+        if raw == "count":
+            plan.summary_count = True
+        elif raw != "false":
+            raise InvalidParameter("'_summary' supports count and false")
+    elif name == "_total":
+        if raw not in ("accurate", "none", "estimate"):
+            raise InvalidParameter("'_total' takes none, estimate or accurate")
+        plan.total = "accurate" if raw == "accurate" else "none"
+    elif name == "_include":
+        for value in raw.split(","):
+            plan.includes.append(_parse_include(ctx, value))
+    elif name == "_revinclude":
+        for value in raw.split(","):
+            plan.revincludes.append(_parse_revinclude(ctx, value))
+    elif name == "_page":
+        plan.page_token = raw
+
+
+def _parse_include(ctx: SearchContext, value: str) -> Include:
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or parts[0] != ctx.resource_type:
+        raise InvalidParameter(
+            f"'_include' must be {ctx.resource_type}:<parameter>[:<type>]"
+        )
+    param = ctx.params.get(parts[1])
+    targets = param.reference_targets() if param and param.type == "reference" else {}
+    served = [t for t in targets if ctx.include_targets(t)]
+    if len(parts) == 3:
+        served = [t for t in served if t == parts[2]]
+    if not served:
+        raise InvalidParameter(f"'_include={value}' is not supported")
+    # One Include per target type keeps fetching simple.
+    return Include(parts[1], served[0]) if len(served) == 1 else Include(parts[1], "*")
+
+
+def _parse_revinclude(ctx: SearchContext, value: str) -> RevInclude:
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise InvalidParameter("'_revinclude' must be <Type>:<parameter>[:<target type>]")
+    param = ctx.revinclude_sources(parts[0], parts[1])
+    if (
+        param is None
+        or ctx.resource_type not in param.reference_targets()
+        or (len(parts) == 3 and parts[2] != ctx.resource_type)
+    ):
+        raise InvalidParameter(f"'_revinclude={value}' is not supported")
+    return RevInclude(parts[0], parts[1])
+
+
+def _sort_ref(ctx: SearchContext, name: str) -> str:
+    return ctx.params[name].refs[0]
+
+
+def _check_policy(ctx: SearchContext, policy: SearchPolicy, used: dict[str, str]) -> None:
+    if any(name in used for name in policy.unless_any_of):
+        return
+    count = len(set(used.values())) if policy.distinct_types else len(used)
+    if count < policy.minimum_parameters:
+        kinds = "parameters of different types" if policy.distinct_types else "parameters"
+        unless = (
+            f" unless searching by {' or '.join(policy.unless_any_of)}"
+            if policy.unless_any_of
+            else ""
+        )
+        raise InsufficientSearchCriteria(
+            f"a {ctx.resource_type} search needs at least {policy.minimum_parameters} "
+            f"{kinds}{unless}"
+        )
+
+
+# --- one parameter → criteria -----------------------------------------------------------------
+
+
+def _criterion(
+    ctx: SearchContext, name: str, param: SearchParam, modifier: str | None, raw: str
+) -> Criterion:
+    if modifier is not None and modifier not in MODIFIERS[param.type]:
+        if not (param.type == "reference" and modifier in param.reference_targets()):
+            raise InvalidParameter(f"'{name}' does not support the modifier ':{modifier}'")
+    if modifier == "missing":
+        missing = parse_missing(name, raw)
+        refs = param.refs[:1] if param.period else param.refs
+        if missing.missing:
+            return all_of([IsNull(r) for r in refs]) or Nothing()
+        return any_of([IsNull(r, null=False) for r in refs])
+    values = split_values(raw)
+    if param.type == "string":
+        return any_of([_string(param, parse_string(name, v, modifier)) for v in values])
+    if param.type == "token":
+        alternatives = [_token(ctx, name, param, parse_token(name, v)) for v in values]
+        found = any_of(alternatives)
+        if modifier == "not":
+            return Or((Not(found), *(IsNull(r) for r in param.refs)))
+        return found
+    if param.type == "date":
+        return any_of([_date(ctx, param, parse_date(name, v, ctx.tz)) for v in values])
+    targets = param.reference_targets()
+    restrict = modifier if modifier in targets else None
+    out: list[Criterion] = []
+    for v in values:
+        ref = parse_reference(name, v, tuple(targets))
+        if restrict and ref.type not in (None, restrict):
+            raise InvalidParameter(f"'{name}:{restrict}' cannot take a {ref.type} reference")
+        out.append(_reference(ctx, targets, ReferenceValue(ref.type or restrict, ref.id)))
+    return any_of(out)
+
+
+def _string(param: SearchParam, value: StringValue) -> Criterion:
+    return any_of([Text(ref, value.mode, value.value) for ref in param.refs])
+
+
+def _key_equals(ctx: SearchContext, ref: str, code: str) -> Criterion:
+    try:
+        return Compare(ref, "=", ctx.storage(ref).parse_key(code))
+    except ValueError:
+        return Nothing()
+
+
+def _token(ctx: SearchContext, name: str, param: SearchParam, value: TokenValue) -> Criterion:
+    if param.systems:
+        systems = [s for s in param.systems if value.system is None or s.system == value.system]
+        out: list[Criterion] = []
+        for s in systems:
+            only: list[Criterion] = [
+                In(ref, tuple(v)) if isinstance(v, list) else Compare(ref, "=", v)
+                for ref, v in s.when.items()
+            ]
+            if value.code is None:
+                out.append(all_of([IsNull(s.source_ref, null=False), *only]) or Nothing())
+                continue
+            if s.check == "nhs-number" and not nhs_number.is_valid(value.code):
+                if value.system == s.system:
+                    raise InvalidNHSNumber(
+                        f"'{name}' has an NHS number that is not 10 digits with a valid "
+                        "check digit"
+                    )
+                continue  # without a system, it is simply not an NHS number
+            out.append(all_of([_key_equals(ctx, s.source_ref, value.code), *only]) or Nothing())
+        return any_of(out)
+    if param.codemap:
+        cmap = ctx.codemaps[param.codemap]
+        if value.system is not None and value.system != (cmap.target_system or ""):
+            return Nothing()
+        if value.code is None:
+            return any_of([IsNull(r, null=False) for r in param.refs])
+        local = cmap.local_codes(value.code)
+        if not local:
+            return Nothing()
+        return any_of([In(r, local) if len(local) > 1 else Compare(r, "=", local[0])
+                       for r in param.refs])
+    if value.system is not None and value.system != (param.system or ""):
+        return Nothing()
+    if value.code is None:
+        return any_of([IsNull(r, null=False) for r in param.refs])
+    return any_of([_key_equals(ctx, r, value.code) for r in param.refs])
+
+
+def _reference(ctx: SearchContext, targets: dict[str, str], value: ReferenceValue) -> Criterion:
+    refs = [targets[value.type]] if value.type else list(targets.values())
+    return any_of([_key_equals(ctx, r, value.id) for r in refs])
+
+
+def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion:
+    """Compare a search range [lo, hi) with a target.
+
+    A point target is one stored value t; a period target is [start, end] with end empty while
+    it is ongoing. Stored values are discrete (days, minutes), so "the target range ends after
+    x" is ``end >= x`` with x rounded up to the storage precision.
+    """
+    if param.period:
+        start, end = param.period.start, param.period.end
+        s_store, e_store = ctx.storage(start), ctx.storage(end)
+        sl, sh = s_store.bound(_clip(value.low)), s_store.bound(_clip(value.high))
+        el, eh = e_store.bound(_clip(value.low)), e_store.bound(_clip(value.high))
+        ongoing = IsNull(end)
+        ended = IsNull(end, null=False)
+        within = And((Compare(start, ">=", sl), ended, Compare(end, "<", eh)))
+        p = value.prefix
+        if p == "eq":
+            return within
+        if p == "ne":
+            return Not(within)
+        if p == "gt":
+            return Or((ongoing, Compare(end, ">=", eh)))
+        if p == "ge":
+            return Or((ongoing, Compare(end, ">=", eh), within))
+        if p == "lt":
+            return Compare(start, "<", sl)
+        if p == "le":
+            return Or((Compare(start, "<", sl), within))
+        if p == "sa":
+            return Compare(start, ">=", sh)
+        if p == "eb":
+            return And((ended, Compare(end, "<", el)))
+        # ap: overlaps the widened range
+        return And((Compare(start, "<", sh), Or((ongoing, Compare(end, ">=", el)))))
+
+    ref = param.refs[0]
+    store = ctx.storage(ref)
+    lo, hi = store.bound(_clip(value.low)), store.bound(_clip(value.high))
+    p = value.prefix
+    if p in ("eq", "ap"):
+        return And((Compare(ref, ">=", lo), Compare(ref, "<", hi)))
+    if p == "ne":
+        return Or((Compare(ref, "<", lo), Compare(ref, ">=", hi)))
+    if p in ("gt", "sa"):
+        return Compare(ref, ">=", hi)
+    if p in ("lt", "eb"):
+        return Compare(ref, "<", lo)
+    if p == "ge":
+        return Compare(ref, ">=", lo)
+    return Compare(ref, "<", hi)  # le
+
+
+def _clip(t: dt.datetime) -> dt.datetime:
+    # Keep bounds inside what strftime can print for four-digit years.
+    return max(min(t, dt.datetime(9999, 12, 31, 23, 59)), dt.datetime(1000, 1, 1))
+
+
+__all__ = [
+    "FORMAT_PARAMETERS",
+    "RESULT_PARAMETERS",
+    "Include",
+    "MissingValue",
+    "RevInclude",
+    "SearchContext",
+    "SearchPlan",
+    "plan_search",
+]

@@ -1,0 +1,220 @@
+"""One provider per resource type, built from its compiled mapping; and the registry of them.
+
+A provider turns records into resources (plain dicts, via the compiled mapping) and runs
+reads and searches through its adapter. The registry is the single source of truth for
+what the gateway serves: routes consult it, and the CapabilityStatement is generated from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from adapters.base import (
+    And,
+    BackendError,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    Count,
+    Criterion,
+    In,
+    Page,
+    Query,
+    SortKey,
+    UnsupportedCriteria,
+    any_of,
+)
+from gateway.errors import (
+    GatewayTimeout,
+    InternalError,
+    InvalidId,
+    ServiceUnavailable,
+    UnknownResourceType,
+    UpstreamError,
+)
+from gateway.mapping.loader import CompiledMapping
+from gateway.mapping.model import SearchParam
+from gateway.plan import SearchContext, SearchPlan, plan_search
+from gateway.search import ID_RE
+
+# Time spent waiting on backends during the current request, for the request log line.
+adapter_seconds: ContextVar[float] = ContextVar("adapter_seconds", default=0.0)
+
+
+class Provider:
+    def __init__(self, mapping: CompiledMapping) -> None:
+        self.mapping = mapping
+        self.resource_type = mapping.spec.resource
+        self.profile = mapping.spec.profile
+        self.params: dict[str, SearchParam] = dict(mapping.spec.search)
+        self.key = mapping.spec.id.source_ref or ""
+        self.key_sort = (SortKey(self.key),)
+        self._build = mapping.build
+        self._build_id = mapping.build_id
+        self._build_lu = mapping.build_last_updated
+
+    # -- records → resources (the hot path: plain dicts only)
+
+    def record_id(self, rec: dict[str, Any]) -> str:
+        return str(self._build_id(rec))
+
+    def resource(self, rec: dict[str, Any]) -> dict[str, Any]:
+        meta: dict[str, Any] = {"profile": [self.profile]}
+        if self._build_lu is not None:
+            updated = self._build_lu(rec)
+            if updated is not None:
+                meta["lastUpdated"] = updated
+        out: dict[str, Any] = {
+            "resourceType": self.resource_type,
+            "id": str(self._build_id(rec)),
+            "meta": meta,
+        }
+        out.update(self._build(rec))
+        return out
+
+    # -- backend calls, with errors translated at this boundary
+
+    async def _fetch(self, query: Query) -> Page:
+        started = time.perf_counter()
+        try:
+            return await self.mapping.adapter.fetch(self.mapping.prepared, query)
+        except (BackendError, UnsupportedCriteria) as exc:
+            raise translate_backend_error(exc) from exc
+        finally:
+            adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
+
+    async def _count(self, criteria: Criterion | None) -> int:
+        started = time.perf_counter()
+        try:
+            return await self.mapping.adapter.count(self.mapping.prepared, Count(criteria))
+        except (BackendError, UnsupportedCriteria) as exc:
+            raise translate_backend_error(exc) from exc
+        finally:
+            adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
+
+    def _ids(self, ids: Iterable[str]) -> Criterion:
+        storage = self.mapping.storage(self.key)
+        keys = []
+        for i in ids:
+            try:
+                keys.append(storage.parse_key(i))
+            except ValueError:
+                continue
+        return any_of([In(self.key, tuple(keys))] if keys else [])
+
+    async def read(self, rid: str) -> dict[str, Any] | None:
+        if not ID_RE.match(rid):
+            raise InvalidId("the resource id is not valid (1-64 of A-Z a-z 0-9 - .)")
+        page = await self._fetch(Query(self._ids([rid]), self.key_sort, count=1))
+        return self.resource(page.records[0]) if page.records else None
+
+    async def read_many(self, ids: Iterable[str], limit: int) -> list[dict[str, Any]]:
+        wanted = [i for i in dict.fromkeys(ids) if ID_RE.match(i)][:limit]
+        if not wanted:
+            return []
+        page = await self._fetch(Query(self._ids(wanted), self.key_sort, count=len(wanted)))
+        return [self.resource(r) for r in page.records]
+
+    async def search(
+        self,
+        plan: SearchPlan,
+        after: tuple[Any, ...] | None = None,
+        backwards: bool = False,
+        extra: Criterion | None = None,
+    ) -> Page:
+        criteria = plan.criteria
+        if extra is not None:
+            criteria = extra if criteria is None else And((criteria, extra))
+        query = Query(
+            criteria=criteria,
+            sort=plan.sort,
+            count=plan.count,
+            after=after,
+            backwards=backwards,
+            with_total=plan.total == "accurate",
+        )
+        return await self._fetch(query)
+
+    async def count(self, plan: SearchPlan) -> int:
+        return await self._count(plan.criteria)
+
+    def reference_values(self, rec: dict[str, Any], ref: str) -> Iterator[str]:
+        """Values of a reference column in a record or any of its children."""
+        value = rec.get(ref)
+        if value is not None:
+            yield str(value)
+            return
+        for key, rows in rec.items():
+            if key.startswith("@"):
+                for row in rows:
+                    v = row.get(ref)
+                    if v is not None:
+                        yield str(v)
+
+
+def translate_backend_error(exc: Exception) -> Exception:
+    if isinstance(exc, BackendTimeout):
+        return GatewayTimeout(str(exc))
+    if isinstance(exc, BackendUnavailable):
+        return ServiceUnavailable(str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, BackendRejected | BackendError):
+        return UpstreamError(str(exc))
+    return InternalError("the mapping asked the backend for something it cannot do")
+
+
+class Registry:
+    def __init__(self, providers: Iterable[Provider]) -> None:
+        self._providers = {p.resource_type: p for p in providers}
+
+    def __contains__(self, resource_type: str) -> bool:
+        return resource_type in self._providers
+
+    def __iter__(self) -> Iterator[Provider]:
+        return iter(sorted(self._providers.values(), key=lambda p: p.resource_type))
+
+    def get(self, resource_type: str) -> Provider:
+        provider = self._providers.get(resource_type)
+        if provider is None:
+            raise UnknownResourceType(f"this server does not serve resource type {resource_type!r}"
+                                      if resource_type.isalnum() else
+                                      "this server does not serve that resource type")
+        return provider
+
+    def search_context(self, provider: Provider) -> SearchContext:
+        m = provider.mapping
+
+        def revinclude_source(rtype: str, param: str) -> SearchParam | None:
+            other = self._providers.get(rtype)
+            if other is None:
+                return None
+            p = other.params.get(param)
+            return p if p is not None and p.type == "reference" else None
+
+        return SearchContext(
+            resource_type=provider.resource_type,
+            params=provider.params,
+            policy=m.spec.search_policy,
+            sortable=m.spec.sort,
+            key_ref=m.spec.id.source_ref or "",
+            storage=m.storage,
+            codemaps=m.codemaps,
+            tz=m.tz,
+            include_targets=lambda t: t in self._providers,
+            revinclude_sources=revinclude_source,
+        )
+
+    def plan(self, provider: Provider, pairs: list[tuple[str, str]], *, default_count: int,
+             max_count: int, strict: bool) -> SearchPlan:
+        return plan_search(self.search_context(provider), pairs, default_count=default_count,
+                           max_count=max_count, strict=strict)
+
+    async def aclose(self) -> None:
+        seen: set[int] = set()
+        for p in self._providers.values():
+            adapter = p.mapping.adapter
+            if id(adapter) not in seen:
+                seen.add(id(adapter))
+                await adapter.aclose()

@@ -1,0 +1,311 @@
+"""The FHIR REST interactions: read, search (GET and POST _search), capabilities; health.
+
+Handlers are thin: they negotiate the format, ask the registry for the provider, plan the
+search and assemble the Bundle. Everything they raise is a GatewayError, turned into an
+OperationOutcome by the error layer (gateway.middleware).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from adapters.base import In, Page, SortKey
+from gateway import bundle
+from gateway.bundle import Pager
+from gateway.capability import capability_statement
+from gateway.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    NotImplementedInteraction,
+    UnsupportedMediaType,
+    issue,
+    operation_outcome,
+)
+from gateway.formats import Format, negotiate, render
+from gateway.plan import Include, RevInclude, SearchPlan
+from gateway.providers import Provider, Registry
+from gateway.settings import Settings
+
+MAX_FORM_BYTES = 64 * 1024
+
+
+class Api:
+    def __init__(self, registry: Registry, settings: Settings, pager: Pager) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.pager = pager
+
+    # -- helpers
+
+    def base_url(self, request: Request) -> str:
+        if self.settings.public_base_url:
+            return self.settings.public_base_url.rstrip("/")
+        return str(request.base_url).rstrip("/") + self.settings.base_path
+
+    @staticmethod
+    def fmt(request: Request) -> Format:
+        fmt: Format = negotiate(
+            request.headers.get("accept"),
+            request.query_params.get("_format"),
+            request.query_params.get("_pretty"),
+        )
+        request.state.format = fmt
+        return fmt
+
+    @staticmethod
+    def respond(body: dict[str, Any], fmt: Format, status: int = 200,
+                headers: dict[str, str] | None = None) -> Response:
+        return Response(render(body, fmt), status_code=status, headers=headers,
+                        media_type=fmt.content_type)
+
+    def strict(self, request: Request) -> bool:
+        prefer = request.headers.get("prefer", "")
+        for part in prefer.split(","):
+            key, _, value = part.strip().partition("=")
+            if key.strip().lower() == "handling":
+                return value.strip().strip('"').lower() == "strict"
+        return self.settings.strict_search
+
+    # -- interactions
+
+    async def metadata(self, request: Request) -> Response:
+        fmt = self.fmt(request)
+        if request.method != "GET":
+            raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
+        return self.respond(capability_statement(self.registry, self.base_url(request)), fmt)
+
+    async def type_level(self, request: Request) -> Response:
+        fmt = self.fmt(request)
+        provider = self.registry.get(request.path_params["type"])
+        if request.method != "GET":
+            raise MethodNotAllowed(
+                f"{provider.resource_type} supports read and search only (GET)",
+                headers={"Allow": "GET"},
+            )
+        pairs = list(request.query_params.multi_items())
+        return await self._search(request, provider, pairs, fmt)
+
+    async def search_post(self, request: Request) -> Response:
+        fmt = self.fmt(request)
+        provider = self.registry.get(request.path_params["type"])
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaType(
+                "POST _search takes application/x-www-form-urlencoded parameters"
+            )
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise BadRequest("the search form is too large")
+        try:
+            form = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise BadRequest("the search form is not UTF-8") from None
+        # Parameters in the URL and the body both count (FHIR STU3 3.1.1.3).
+        pairs = [*request.query_params.multi_items(), *form]
+        return await self._search(request, provider, pairs, fmt)
+
+    async def instance(self, request: Request) -> Response:
+        fmt = self.fmt(request)
+        provider = self.registry.get(request.path_params["type"])
+        rid = request.path_params["id"]
+        if rid.startswith("$"):
+            raise NotImplementedInteraction(f"operation {rid[:40]!r} is not supported")
+        if request.method != "GET":
+            raise MethodNotAllowed(
+                f"{provider.resource_type}/[id] supports read only (GET)", headers={"Allow": "GET"}
+            )
+        resource = await provider.read(rid)
+        if resource is None:
+            raise NotFound(f"{provider.resource_type} with that id was not found")
+        headers: dict[str, str] = {}
+        updated = resource["meta"].get("lastUpdated")
+        if updated:
+            etag = 'W/"' + hashlib.sha256(updated.encode()).hexdigest()[:16] + '"'
+            when = dt.datetime.fromisoformat(updated)
+            headers["ETag"] = etag
+            headers["Last-Modified"] = format_datetime(when.astimezone(dt.UTC), usegmt=True)
+            if _not_modified(request, etag, when):
+                return Response(status_code=304, headers=headers)
+        return self.respond(resource, fmt, headers=headers)
+
+    async def deeper(self, request: Request) -> Response:
+        """``[type]/[id]/_history``, ``[type]/[id]/$op`` and the like: recognised, not served."""
+        self.fmt(request)
+        self.registry.get(request.path_params["type"])
+        raise NotImplementedInteraction("this interaction is not supported by this server")
+
+    # -- search
+
+    async def _search(
+        self, request: Request, provider: Provider, pairs: list[tuple[str, str]], fmt: Format
+    ) -> Response:
+        s = self.settings
+        plan = self.registry.plan(provider, pairs, default_count=s.default_count,
+                                  max_count=s.max_count, strict=self.strict(request))
+        base = self.base_url(request)
+        fingerprint = Pager.fingerprint(provider.resource_type, plan.used)
+        after: tuple[Any, ...] | None = None
+        backwards = False
+        if plan.page_token:
+            after, backwards = self.pager.load(plan.page_token, fingerprint)
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self_link = ("self", bundle.search_url(base, provider.resource_type, plan.used,
+                                               plan.page_token))
+        outcome = _ignored_outcome(plan)
+
+        if plan.summary_count:
+            total = await provider.count(plan)
+            body = bundle.searchset(bundle_id=str(uuid.uuid4()), links=[self_link],
+                                    entries=outcome, total=total, last_updated=now)
+            return self.respond(body, fmt)
+
+        page = await provider.search(plan, after, backwards) if plan.count else Page([], False)
+        entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
+        entries += await self._includes(provider, plan, page, base)
+        entries += outcome
+
+        links = [self_link]
+        first_page = after is None
+        if page.records:
+            has_next = page.more if not backwards else True
+            has_prev = (not first_page) if not backwards else page.more
+            if has_next:
+                links.append(("next", self._page_link(base, provider, plan, fingerprint,
+                                                      page.records[-1], False)))
+            if has_prev:
+                links.append(("previous", self._page_link(base, provider, plan, fingerprint,
+                                                          page.records[0], True)))
+        total = page.total
+        if total is None and plan.total == "auto" and first_page and not page.more:
+            total = len(page.records)
+        body = bundle.searchset(bundle_id=str(uuid.uuid4()), links=links, entries=entries,
+                                total=total, last_updated=now)
+        return self.respond(body, fmt)
+
+    def _page_link(self, base: str, provider: Provider, plan: SearchPlan, fingerprint: str,
+                   record: dict[str, Any], backwards: bool) -> str:
+        position = tuple(record.get(k.ref) for k in plan.sort)
+        token = self.pager.token(fingerprint, position, backwards)
+        return bundle.search_url(base, provider.resource_type, plan.used, token)
+
+    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str
+                        ) -> list[dict[str, Any]]:
+        if not page.records or not (plan.includes or plan.revincludes):
+            return []
+        limit = self.settings.include_limit
+        seen: set[tuple[str, str]] = set()
+        out: list[dict[str, Any]] = []
+        for inc in plan.includes:
+            for resource in await self._include(provider, inc, page, limit):
+                key = (resource["resourceType"], resource["id"])
+                if key not in seen:
+                    seen.add(key)
+                    out.append(bundle.entry(base, resource, "include"))
+        ids = [provider.record_id(r) for r in page.records]
+        for rev in plan.revincludes:
+            for resource in await self._revinclude(provider, rev, ids, limit):
+                key = (resource["resourceType"], resource["id"])
+                if key not in seen:
+                    seen.add(key)
+                    out.append(bundle.entry(base, resource, "include"))
+        return out
+
+    async def _include(self, provider: Provider, inc: Include, page: Page, limit: int
+                       ) -> list[dict[str, Any]]:
+        targets = provider.params[inc.param].reference_targets()
+        results: list[dict[str, Any]] = []
+        for rtype, ref in targets.items():
+            if inc.target not in ("*", rtype) or rtype not in self.registry:
+                continue
+            ids = [v for r in page.records for v in provider.reference_values(r, ref)]
+            results += await self.registry.get(rtype).read_many(ids, limit)
+        return results
+
+    async def _revinclude(self, provider: Provider, rev: RevInclude, ids: list[str], limit: int
+                          ) -> list[dict[str, Any]]:
+        source = self.registry.get(rev.source_type)
+        ref = source.params[rev.param].reference_targets()[provider.resource_type]
+        storage = source.mapping.storage(ref)
+        keys = []
+        for i in ids:
+            try:
+                keys.append(storage.parse_key(i))
+            except ValueError:
+                continue
+        if not keys:
+            return []
+        # Not a client search: no search policy applies, only the link to this page.
+        sub = SearchPlan(criteria=None, sort=(SortKey(source.key),), count=limit)
+        page = await source.search(sub, extra=In(ref, tuple(keys)))
+        return [source.resource(r) for r in page.records]
+
+
+def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
+    if not plan.ignored:
+        return []
+    names = ", ".join(sorted(set(plan.ignored)))
+    oo = operation_outcome([issue("warning", "not-supported", "UNKNOWN_PARAMETER",
+                                  f"search parameters ignored: {names}")])
+    return [{"resource": oo, "search": {"mode": "outcome"}}]
+
+
+def _not_modified(request: Request, etag: str, when: dt.datetime) -> bool:
+    inm = request.headers.get("if-none-match")
+    if inm is not None:
+        return any(t.strip() in (etag, "*") for t in inm.split(","))
+    ims = request.headers.get("if-modified-since")
+    if ims:
+        try:
+            since = parsedate_to_datetime(ims)
+        except (TypeError, ValueError):
+            return False
+        return when.replace(microsecond=0) <= since
+    return False
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "pass"})
+
+
+def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
+    async def ready(request: Request) -> Response:
+        checks: dict[str, str] = {}
+        adapters = {p.mapping.connection: p.mapping.adapter for p in registry}
+        for name, adapter in adapters.items():
+            try:
+                with anyio.fail_after(timeout):
+                    await adapter.ping()
+                checks[name] = "pass"
+            except Exception:  # readiness reports any failure; details are in the log
+                checks[name] = "fail"
+        ok = all(v == "pass" for v in checks.values())
+        return JSONResponse({"status": "pass" if ok else "fail", "checks": checks},
+                            status_code=200 if ok else 503)
+
+    return ready
+
+
+def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
+    every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
+    return [
+        Route("/_health", health, methods=["GET"]),
+        Route("/_ready", ready_endpoint(registry), methods=["GET"]),
+        Route(f"{base}/metadata", api.metadata, methods=every),
+        Route(f"{base}/{{type}}/_search", api.search_post, methods=["POST"]),
+        Route(f"{base}/{{type}}", api.type_level, methods=every),
+        Route(f"{base}/{{type}}/{{id}}", api.instance, methods=every),
+        Route(f"{base}/{{type}}/{{id}}/{{rest:path}}", api.deeper, methods=every),
+    ]

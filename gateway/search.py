@@ -1,0 +1,214 @@
+"""FHIR STU3 search parameter values: parsing and their meaning, independent of any source.
+
+* string — case- and accent-insensitive; prefix match by default, ``:exact``, ``:contains``
+* token — ``code``, ``system|code``, ``|code`` (no system), ``system|``; ``:missing``
+* date — partial dates are ranges; prefixes eq ne lt gt le ge sa eb ap
+* reference — ``Type/id``, ``id`` or an absolute URL ending in ``Type/id``
+
+A comma separates alternatives (OR, ``\\,`` escapes a comma); a repeated parameter is AND.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from gateway.errors import InvalidParameter
+
+MAX_VALUE_LENGTH = 256
+ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+DatePrefix = Literal["eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap"]
+DATE_PREFIXES: tuple[DatePrefix, ...] = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
+MODIFIERS: dict[str, frozenset[str]] = {
+    "string": frozenset({"exact", "contains", "missing"}),
+    "token": frozenset({"missing", "not"}),
+    "date": frozenset({"missing"}),
+    "reference": frozenset({"missing"}),
+}
+
+
+def fold(text: str) -> str:
+    """Lower case without accents: how string search compares (the SQL side does the same)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
+
+
+@dataclass(frozen=True, slots=True)
+class StringValue:
+    mode: Literal["prefix", "exact", "contains"]
+    value: str
+    """Folded for prefix/contains; as given for exact (which is case- and accent-sensitive)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenValue:
+    system: str | None
+    """``None`` = any system; ``""`` = explicitly no system (``|code``)."""
+    code: str | None
+    """``None`` = any code (``system|``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DateValue:
+    prefix: DatePrefix
+    low: dt.datetime
+    high: dt.datetime
+    """The value as a half-open range [low, high) of local wall-clock time."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceValue:
+    type: str | None
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MissingValue:
+    missing: bool
+
+
+Value = StringValue | TokenValue | DateValue | ReferenceValue | MissingValue
+
+
+def split_values(raw: str) -> list[str]:
+    """Split on unescaped commas; unescape ``\\,`` ``\\|`` ``\\$`` ``\\\\``."""
+    out: list[str] = []
+    buf: list[str] = []
+    i = 0
+    while i < len(raw):
+        ch = raw[i]
+        if ch == "\\" and i + 1 < len(raw) and raw[i + 1] in ",$|\\":
+            buf.append("\\" + raw[i + 1] if raw[i + 1] == "|" else raw[i + 1])
+            i += 2
+            continue
+        if ch == ",":
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+        i += 1
+    out.append("".join(buf))
+    return out
+
+
+def _check_text(name: str, value: str) -> str:
+    if len(value) > MAX_VALUE_LENGTH:
+        raise InvalidParameter(
+            f"search parameter '{name}' has a value longer than {MAX_VALUE_LENGTH} characters"
+        )
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise InvalidParameter(f"search parameter '{name}' contains control characters")
+    return value
+
+
+def parse_missing(name: str, raw: str) -> MissingValue:
+    if raw not in ("true", "false"):
+        raise InvalidParameter(f"'{name}:missing' takes true or false")
+    return MissingValue(raw == "true")
+
+
+def parse_string(name: str, raw: str, modifier: str | None) -> StringValue:
+    value = _check_text(name, raw).replace("\\|", "|")
+    if not value.strip():
+        raise InvalidParameter(f"search parameter '{name}' has an empty value")
+    if modifier == "exact":
+        return StringValue("exact", value)
+    return StringValue("contains" if modifier == "contains" else "prefix", fold(value.strip()))
+
+
+def parse_token(name: str, raw: str) -> TokenValue:
+    _check_text(name, raw)
+    # split on the first unescaped '|'
+    idx = -1
+    i = 0
+    while i < len(raw):
+        if raw[i] == "\\" and i + 1 < len(raw):
+            i += 2
+            continue
+        if raw[i] == "|":
+            idx = i
+            break
+        i += 1
+    if idx < 0:
+        code = raw.replace("\\|", "|")
+        if not code:
+            raise InvalidParameter(f"search parameter '{name}' has an empty value")
+        return TokenValue(None, code)
+    system, code = raw[:idx].replace("\\|", "|"), raw[idx + 1 :].replace("\\|", "|")
+    if not system and not code:
+        raise InvalidParameter(f"search parameter '{name}' has an empty value")
+    return TokenValue(system, code or None)
+
+
+_DATE_RE = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?"
+    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+def parse_date(name: str, raw: str, tz: ZoneInfo, now: dt.datetime | None = None) -> DateValue:
+    prefix: DatePrefix = "eq"
+    body = raw
+    if len(raw) >= 2 and raw[:2] in DATE_PREFIXES:
+        prefix = raw[:2]  # type: ignore[assignment]
+        body = raw[2:]
+    m = _DATE_RE.match(body)
+    if not m:
+        raise InvalidParameter(
+            f"search parameter '{name}' is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or "
+            f"YYYY-MM-DDThh:mm[:ss][zone]), optionally prefixed by one of {', '.join(DATE_PREFIXES)}"
+        )
+    g = m.groupdict()
+    try:
+        year = int(g["y"])
+        if g["m"] is None:
+            low = dt.datetime(year, 1, 1)
+            high = dt.datetime(year + 1, 1, 1) if year < 9999 else dt.datetime.max
+        elif g["d"] is None:
+            month = int(g["m"])
+            low = dt.datetime(year, month, 1)
+            high = dt.datetime(year + (month == 12), month % 12 + 1, 1)
+        elif g["H"] is None:
+            low = dt.datetime(year, int(g["m"]), int(g["d"]))
+            high = low + dt.timedelta(days=1)
+        else:
+            low = dt.datetime(year, int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]),
+                              int(g["S"] or 0))
+            high = low + (dt.timedelta(seconds=1) if g["S"] else dt.timedelta(minutes=1))
+            if g["tz"]:
+                zone = dt.UTC if g["tz"] == "Z" else dt.datetime.strptime(g["tz"], "%z").tzinfo
+                low = low.replace(tzinfo=zone).astimezone(tz).replace(tzinfo=None)
+                high = high.replace(tzinfo=zone).astimezone(tz).replace(tzinfo=None)
+    except (ValueError, OverflowError):
+        raise InvalidParameter(f"search parameter '{name}' is not a valid date") from None
+    if prefix == "ap":
+        # STU3 leaves "approximately" to the server: widen by 10% of the distance from now.
+        current = now or dt.datetime.now()
+        gap = abs(current - low) * 0.1
+        gap = max(gap, dt.timedelta(days=1))
+        low, high = low - gap, high + gap
+    return DateValue(prefix, low, high)
+
+
+def parse_reference(name: str, raw: str, allowed: tuple[str, ...]) -> ReferenceValue:
+    _check_text(name, raw)
+    parts = raw.rstrip("/").split("/")
+    if len(parts) == 1:
+        rtype, rid = None, parts[0]
+    else:
+        rtype, rid = parts[-2], parts[-1]
+        if "_history" in parts:
+            raise InvalidParameter(f"'{name}': versioned references are not supported")
+    if not ID_RE.match(rid):
+        raise InvalidParameter(f"search parameter '{name}' is not a valid reference")
+    if rtype is not None and rtype not in allowed:
+        raise InvalidParameter(
+            f"search parameter '{name}' refers to {rtype}; it takes {', '.join(allowed)}"
+        )
+    return ReferenceValue(rtype, rid)
