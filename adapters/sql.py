@@ -54,7 +54,6 @@ from adapters.base import (
     Record,
     SourceConfigError,
     Text,
-    refs_in,
 )
 
 log = structlog.get_logger("adapters.sql")
@@ -108,7 +107,7 @@ class SqlSource(_Strict):
 # --- accent- and case-insensitive text per dialect --------------------------------------------
 
 
-class fold(FunctionElement[str]):  # noqa: N801 - SQL function name
+class fold(FunctionElement[str]):
     """lower(text) without accents, as gateway.search.fold does in Python."""
 
     inherit_cache = True
@@ -223,10 +222,12 @@ class SqlAdapter(Adapter):
         return _prepare(src, needs, self.dialect)
 
     async def fetch(self, prepared: Prepared, query: Query) -> Page:
-        return await self._run(self._fetch_sync, prepared, query)
+        page: Page = await self._run(self._fetch_sync, prepared, query)
+        return page
 
     async def count(self, prepared: Prepared, query: Count) -> int:
-        return await self._run(self._count_sync, prepared, query)
+        n: int = await self._run(self._count_sync, prepared, query)
+        return n
 
     async def ping(self) -> None:
         await self._run(self._ping_sync)
@@ -315,7 +316,9 @@ def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
         if c.alias in aliases:
             raise SourceConfigError(f"alias {c.alias!r} used twice", f"children.{name}.alias")
         aliases[c.alias] = (c.table, name)
-    for name in (src.table, *(j.table for j in src.joins), *(c.table for c in src.children.values())):
+    tables_named = [src.table, *(j.table for j in src.joins),
+                    *(c.table for c in src.children.values())]
+    for name in tables_named:
         if not _NAME.match(name):
             raise SourceConfigError(f"{name!r} is not a table name", "table")
 
@@ -342,7 +345,9 @@ def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
     for alias, (tname, _) in aliases.items():
         t = sa.table(tname, *(sa.column(c) for c in sorted(wanted[alias])), schema=src.schema_)
         tables[alias] = t.alias(alias)
-    columns = {f"{a}.{c}": tables[a].c[c] for a in wanted for c in wanted[a]}
+    columns: dict[str, ColumnElement[Any]] = {
+        f"{a}.{c}": tables[a].c[c] for a in wanted for c in wanted[a]
+    }
     alias_of_child = {c.alias: name for name, c in src.children.items()}
 
     key_alias, _ = _split(needs.key, "id")
@@ -452,7 +457,8 @@ class _Binder:
                 "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
                 ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
             }
-            return ops[c.op](col, v)
+            out: ColumnElement[bool] = ops[c.op](col, v)
+            return out
         if isinstance(c, In):
             self.shape.append(("in", c.ref, len(c.values)))
             return col.in_([self.bind(v) for v in c.values])
@@ -460,12 +466,14 @@ class _Binder:
             self.shape.append(("null", c.ref, c.null))
             return col.is_(None) if c.null else col.is_not(None)
         self.shape.append(("text", c.ref, c.mode))
-        folded = fold(col)
+        folded: Any = fold(col)
         if c.mode == "exact":
-            return folded == self.bind(c.value)
+            eq: ColumnElement[bool] = folded == self.bind(c.value)
+            return eq
         pattern = c.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = pattern + "%" if c.mode == "prefix" else "%" + pattern + "%"
-        return folded.like(self.bind(pattern), escape="\\")
+        like: ColumnElement[bool] = folded.like(self.bind(pattern), escape="\\")
+        return like
 
 
 def _keyset(
@@ -565,6 +573,3 @@ def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(values), size):
         yield values[i : i + size]
 
-
-def referenced(criteria: Criterion | None) -> set[str]:
-    return refs_in(criteria)

@@ -46,6 +46,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
     loaded = load_directory(
         settings.mappings_dir, adapter_registry.create,
         demo_url=lambda: demo_database_url(settings),
+        urls=settings.connection_urls,
     )
     registry = Registry(Provider(m) for m in loaded.mappings)
     api = Api(registry, settings, Pager(settings.paging_secret))

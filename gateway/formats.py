@@ -93,5 +93,5 @@ def to_xml(resource: dict[str, Any], pretty: bool = False) -> bytes:
     from fhir.resources.STU3 import get_fhir_model_class
 
     model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    out: bytes = model.model_dump_xml(pretty_print=pretty)
-    return out
+    out = model.model_dump_xml(pretty_print=pretty)
+    return out if isinstance(out, bytes) else out.encode("utf-8")

@@ -159,9 +159,7 @@ def plan_search(
         _check_policy(ctx, ctx.policy, used_types)
 
     key_sort = SortKey(ctx.key_ref)
-    plan.sort = tuple(
-        SortKey(_sort_ref(ctx, name), desc) for name, desc in sort_spec
-    ) + (key_sort,)
+    plan.sort = (*(SortKey(_sort_ref(ctx, name), desc) for name, desc in sort_spec), key_sort)
     plan.criteria = all_of(criteria)
     plan.used = used
     plan.ignored = ignored
@@ -270,9 +268,12 @@ def _check_policy(ctx: SearchContext, policy: SearchPolicy, used: dict[str, str]
 def _criterion(
     ctx: SearchContext, name: str, param: SearchParam, modifier: str | None, raw: str
 ) -> Criterion:
-    if modifier is not None and modifier not in MODIFIERS[param.type]:
-        if not (param.type == "reference" and modifier in param.reference_targets()):
-            raise InvalidParameter(f"'{name}' does not support the modifier ':{modifier}'")
+    if (
+        modifier is not None
+        and modifier not in MODIFIERS[param.type]
+        and not (param.type == "reference" and modifier in param.reference_targets())
+    ):
+        raise InvalidParameter(f"'{name}' does not support the modifier ':{modifier}'")
     if modifier == "missing":
         missing = parse_missing(name, raw)
         refs = param.refs[:1] if param.period else param.refs

@@ -188,11 +188,11 @@ class Api:
             if has_prev:
                 links.append(("previous", self._page_link(base, provider, plan, fingerprint,
                                                           page.records[0], True)))
-        total = page.total
-        if total is None and plan.total == "auto" and first_page and not page.more:
-            total = len(page.records)
+        found: int | None = page.total
+        if found is None and plan.total == "auto" and first_page and not page.more:
+            found = len(page.records)
         body = bundle.searchset(bundle_id=str(uuid.uuid4()), links=links, entries=entries,
-                                total=total, last_updated=now)
+                                total=found, last_updated=now)
         return self.respond(body, fmt)
 
     def _page_link(self, base: str, provider: Provider, plan: SearchPlan, fingerprint: str,

@@ -162,7 +162,8 @@ def parse_date(name: str, raw: str, tz: ZoneInfo, now: dt.datetime | None = None
     if not m:
         raise InvalidParameter(
             f"search parameter '{name}' is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or "
-            f"YYYY-MM-DDThh:mm[:ss][zone]), optionally prefixed by one of {', '.join(DATE_PREFIXES)}"
+            "YYYY-MM-DDThh:mm[:ss][zone]), optionally prefixed by one of "
+            f"{', '.join(DATE_PREFIXES)}"
         )
     g = m.groupdict()
     try:

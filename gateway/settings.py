@@ -42,6 +42,8 @@ class Settings:
     strict_search: bool = False
     """Default for unknown search parameters when the client sends no Prefer: handling."""
     paging_secret: str = ""
+    connection_urls: dict[str, str] = field(default_factory=dict)
+    """Per-connection URL overrides (tests, tooling); deployments use each url_env instead."""
     log_level: str = "info"
     progress: bool = True
 
@@ -50,7 +52,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = os.environ.get(f"CCG_{f.name.upper()}")
-            if raw is None:
+            if raw is None or f.name == "connection_urls":
                 continue
             if f.type in ("int", int):
                 values[f.name] = int(raw)

@@ -185,7 +185,9 @@ def compile_node(node: Any, ctx: CompileContext, path: str) -> tuple[Builder | N
     return None, node
 
 
-def _compile_dict(node: dict[str, Any], ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
+def _compile_dict(
+    node: dict[str, Any], ctx: CompileContext, path: str
+) -> tuple[Builder | None, Any]:
     items: list[tuple[str, Builder | None, Any]] = []
     for key, value in node.items():
         fn, const = compile_node(value, ctx, f"{path}.{key}" if path else key)

@@ -162,7 +162,10 @@ class _CodeMapFile(BaseModel):
             raise ValueError("unmapped must be one of: omit, default, error")
 
 
-def resolve_url(name: str, conn: Connection, demo_url: Callable[[], str] | None) -> str:
+def resolve_url(name: str, conn: Connection, demo_url: Callable[[], str] | None,
+                overrides: dict[str, str] | None = None) -> str:
+    if overrides and name in overrides:
+        return overrides[name]
     if conn.url_env and os.environ.get(conn.url_env):
         return os.environ[conn.url_env]
     if conn.url:
@@ -181,6 +184,7 @@ def load_directory(
     adapter_factory: AdapterFactory,
     *,
     demo_url: Callable[[], str] | None = None,
+    urls: dict[str, str] | None = None,
 ) -> LoadedSet:
     """Load, check and compile every mapping in ``directory``; raise MappingError on any problem."""
     problems: list[Problem] = []
@@ -216,7 +220,7 @@ def load_directory(
             return None
         try:
             tzs[name] = ZoneInfo(conn.timezone)
-            resolved = conn.model_copy(update={"url": resolve_url(name, conn, demo_url)})
+            resolved = conn.model_copy(update={"url": resolve_url(name, conn, demo_url, urls)})
             adapters[name] = adapter_factory(name, resolved, directory)
         except ZoneInfoNotFoundError:
             problems.append(Problem(conn_path, line_of(conn_doc, ["connections", name]),
@@ -242,7 +246,8 @@ def load_directory(
             continue
         if spec.resource in seen:
             problems.append(Problem(path, line_of(doc, ["resource"]),
-                                    f"{spec.resource} is already mapped by {seen[spec.resource].name}"))
+                                    f"{spec.resource} is already mapped by "
+                                    f"{seen[spec.resource].name}"))
             continue
         seen[spec.resource] = path
         conn_name = spec.source.get("connection")
@@ -287,7 +292,8 @@ def _compile(
         return None
     try:
         build_id = compile_expr(spec.id, ctx, "id")
-        build_lu = compile_expr(spec.last_updated, ctx, "last_updated") if spec.last_updated else None
+        build_lu = (compile_expr(spec.last_updated, ctx, "last_updated")
+                    if spec.last_updated else None)
     except CompileError as exc:
         problems.append(Problem(path, line_of(doc, split_path(exc.path)), str(exc)))
         return None

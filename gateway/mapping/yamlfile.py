@@ -72,7 +72,7 @@ def load(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise YamlError(path, 0, f"cannot read: {exc}") from None
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0

@@ -1,0 +1,113 @@
+"""The embedded demo PAS: a legacy-style patient administration database with synthetic data.
+
+`ensure_sqlite_demo()` gives the gateway something real to talk to on first start;
+`build_database()` loads the same rows into any SQLAlchemy URL (SQLite, PostgreSQL, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+from typing import Any
+
+from sqlalchemy import Connection, Index, create_engine, event, inspect, literal, select
+from sqlalchemy.schema import CreateTable
+
+# Import names, not the `generate` function: binding it here would shadow the submodule.
+from gateway.demo_pas.generate import FIXTURE_PATIENTS, DemoPasGenerator
+from gateway.demo_pas.schema import metadata
+
+__all__ = ["FIXTURE_PATIENTS", "DemoDatabaseNotEmpty", "build_database", "ensure_sqlite_demo",
+           "metadata"]
+
+DEFAULT_SEED = 20261123
+
+
+class DemoDatabaseNotEmpty(RuntimeError):
+    """The target already holds demo PAS rows; refusing to load a second copy."""
+
+
+def _sqlite_bulk_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # A build is all-or-nothing (ensure_sqlite_demo renames only a finished file), so the
+    # rollback journal and fsyncs buy nothing and cost most of the load time.
+    cur = dbapi_conn.cursor()
+    for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=MEMORY",
+                   "cache_size=-262144"):
+        cur.execute(f"PRAGMA {pragma}")
+    cur.close()
+
+
+def _create_schema(conn: Connection) -> list[Index]:
+    """Create missing tables; return the indexes to build after loading (faster in bulk)."""
+    existing = set(inspect(conn).get_table_names())
+    for table in metadata.sorted_tables:
+        if table.name in existing and conn.execute(
+                select(literal(1)).select_from(table).limit(1)).first() is not None:
+            raise DemoDatabaseNotEmpty(f"table {table.name} already contains rows")
+    deferred: list[Index] = []
+    for table in metadata.sorted_tables:
+        if table.name not in existing:
+            conn.execute(CreateTable(table))
+            deferred.extend(table.indexes)
+    return deferred
+
+
+def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
+                   progress: bool = False) -> None:
+    """Create the demo PAS tables at `url` and load `patients` synthetic patients.
+
+    Deterministic: the same seed and scale give identical rows on every database.
+    Raises DemoDatabaseNotEmpty if any demo table already has rows.
+    """
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_bulk_pragmas)
+    try:
+        with engine.begin() as conn, _progress(progress, patients) as advance:
+            deferred = _create_schema(conn)
+            for batch in DemoPasGenerator(patients, seed).batches():
+                conn.execute(batch.table.insert(), batch.rows)
+                advance(batch.patients_done)
+            for index in deferred:
+                index.create(conn)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Any:
+    """Yield a callback taking "patients done so far"; draws a rich bar on stderr if enabled."""
+    if not enabled:
+        yield lambda _done: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("Building demo PAS (patients)", total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+def ensure_sqlite_demo(path: pathlib.Path, patients: int = 10_000,
+                       progress: bool = True) -> pathlib.Path:
+    """Return `path`, first building the SQLite demo PAS there if the file does not exist.
+
+    The build goes to `path.with_suffix('.tmp')` and is renamed into place only when complete,
+    so a first start that is killed half-way leaves no half-built database behind.
+    """
+    path = pathlib.Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)  # leftover of an interrupted build
+    try:
+        build_database(f"sqlite:///{tmp.resolve()}", patients=patients, progress=progress)
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
