@@ -121,8 +121,11 @@ class Api:
         fmt = self.fmt(request)
         provider = self.registry.get(request.path_params["type"])
         rid = request.path_params["id"]
-        if rid.startswith("$"):
-            raise NotImplementedInteraction(f"operation {rid[:40]!r} is not supported")
+        if rid == "_search" and request.method == "GET":
+            return await self._search(request, provider, list(request.query_params.multi_items()),
+                                      fmt)
+        if rid.startswith(("$", "_")):
+            raise NotImplementedInteraction("this interaction is not supported by this server")
         if request.method != "GET":
             raise MethodNotAllowed(
                 f"{provider.resource_type}/[id] supports read only (GET)", headers={"Allow": "GET"}
@@ -166,13 +169,13 @@ class Api:
                                                plan.page_token))
         outcome = _ignored_outcome(plan)
 
-        if plan.summary_count:
+        if plan.summary_count or plan.count == 0:  # _count=0: just the total
             total = await provider.count(plan)
             body = bundle.searchset(bundle_id=str(uuid.uuid4()), links=[self_link],
                                     entries=outcome, total=total, last_updated=now)
             return self.respond(body, fmt)
 
-        page = await provider.search(plan, after, backwards) if plan.count else Page([], False)
+        page = await provider.search(plan, after, backwards)
         entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
         entries += await self._includes(provider, plan, page, base)
         entries += outcome

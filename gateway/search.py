@@ -42,7 +42,7 @@ def fold(text: str) -> str:
 class StringValue:
     mode: Literal["prefix", "exact", "contains"]
     value: str
-    """Folded for prefix/contains; as given for exact (which is case- and accent-sensitive)."""
+    """Folded (lower case, accents removed), as the source side is when compared."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +117,9 @@ def parse_string(name: str, raw: str, modifier: str | None) -> StringValue:
     if not value.strip():
         raise InvalidParameter(f"search parameter '{name}' has an empty value")
     if modifier == "exact":
-        return StringValue("exact", value)
+        # Whole-value match. Still case- and accent-insensitive: legacy systems keep names
+        # in capitals, so case in the source carries no information to match on.
+        return StringValue("exact", fold(value.strip()))
     return StringValue("contains" if modifier == "contains" else "prefix", fold(value.strip()))
 
 
