@@ -470,9 +470,7 @@ class _Binder:
         if c.mode == "exact":
             eq: ColumnElement[bool] = folded == self.bind(c.value)
             return eq
-        pattern = c.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        pattern = pattern + "%" if c.mode == "prefix" else "%" + pattern + "%"
-        like: ColumnElement[bool] = folded.like(self.bind(pattern), escape="\\")
+        like: ColumnElement[bool] = folded.like(self.bind(_like_pattern(c)), escape="\\")
         return like
 
 
@@ -507,14 +505,60 @@ def _keyset(
     return order, sa.or_(*ors)
 
 
+def _collect(c: Criterion, shape: list[Any], values: list[Any]) -> None:
+    """The shape and bound values of a criteria tree, in the order _Binder binds them.
+
+    Cheap pure Python: a cached statement is found from the shape without building SQL.
+    """
+    if isinstance(c, And | Or):
+        shape.append((type(c).__name__, len(c.items)))
+        for i in c.items:
+            _collect(i, shape, values)
+    elif isinstance(c, Not):
+        shape.append("not")
+        _collect(c.item, shape, values)
+    elif isinstance(c, Nothing):
+        shape.append("nothing")
+    elif isinstance(c, Compare):
+        shape.append(("cmp", c.ref, c.op))
+        values.append(c.value)
+    elif isinstance(c, In):
+        shape.append(("in", c.ref, len(c.values)))
+        values.extend(c.values)
+    elif isinstance(c, IsNull):
+        shape.append(("null", c.ref, c.null))
+    else:
+        shape.append(("text", c.ref, c.mode))
+        values.append(_like_pattern(c))
+
+
+def _like_pattern(c: Text) -> str:
+    if c.mode == "exact":
+        return c.value
+    pattern = c.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return pattern + "%" if c.mode == "prefix" else "%" + pattern + "%"
+
+
 def _page_statement(p: Prepared, query: Query, dialect: str) -> tuple[Any, dict[str, Any]]:
-    b = _Binder(p)
-    where = [b.sql(query.criteria)] if query.criteria is not None else []
-    order, seek = _keyset(b, p, query, dialect)
-    limit = b.bind(query.count + 1)
-    shape = (tuple(b.shape), query.sort, query.backwards)
-    stmt = p.statements.get(shape)
+    shape: list[Any] = []
+    values: list[Any] = []
+    if query.criteria is not None:
+        _collect(query.criteria, shape, values)
+    if query.after is not None:
+        if len(query.after) != len(query.sort):
+            raise BackendError("a paging position does not fit this search")
+        for v in query.after:
+            shape.append(("after", v is None))
+            if v is not None:
+                values += [v, v]  # "beyond" then "equal", as _keyset binds them
+    values.append(query.count + 1)
+    key = (tuple(shape), query.sort, query.backwards)
+    stmt = p.statements.get(key)
     if stmt is None:
+        b = _Binder(p)
+        where = [b.sql(query.criteria)] if query.criteria is not None else []
+        order, seek = _keyset(b, p, query, dialect)
+        limit = b.bind(query.count + 1)
         cols = [p.columns[r].label(r) for r in p.top_fields]
         stmt = sa.select(*cols).select_from(p.base_from)
         conds = [*p.base_where, *where]
@@ -523,9 +567,11 @@ def _page_statement(p: Prepared, query: Query, dialect: str) -> tuple[Any, dict[
         if conds:
             stmt = stmt.where(*conds)
         stmt = stmt.order_by(*order).limit(limit)
+        if list(b.values.values()) != values:  # the two walks must agree, or binds are wrong
+            raise BackendError("internal error: statement parameters out of step")
         if len(p.statements) < 512:  # shapes are few; the bound keeps a hostile client honest
-            p.statements[shape] = stmt
-    return stmt, b.values
+            p.statements[key] = stmt
+    return stmt, {f"v{i}": v for i, v in enumerate(values)}
 
 
 def _count(conn: sa.Connection, p: Prepared, criteria: Criterion | None) -> int:
@@ -553,14 +599,20 @@ def _attach_children(conn: sa.Connection, p: Prepared, rows: list[Record]) -> No
         if not parent_values:
             continue
         by_parent: dict[Any, list[Record]] = {}
-        for chunk in _chunks(parent_values, 500):
+        stmt = p.statements.get(("child", name))
+        if stmt is None:
             cols = [p.columns[child_col].label("@parent"), *(p.columns[f].label(f) for f in fields)]
-            stmt = sa.select(*cols).where(
-                p.columns[child_col].in_(chunk),
-                *(_condition(p.columns, w) for w in spec.where),
+            stmt = (
+                sa.select(*cols)
+                .where(
+                    p.columns[child_col].in_(sa.bindparam("parents", expanding=True)),
+                    *(_condition(p.columns, w) for w in spec.where),
+                )
+                .order_by(p.columns[child_col], *(p.columns[o] for o in spec.order_by))
             )
-            order = [p.columns[child_col], *(p.columns[o] for o in spec.order_by)]
-            result = conn.execute(stmt.order_by(*order))
+            p.statements[("child", name)] = stmt
+        for chunk in _chunks(parent_values, 500):
+            result = conn.execute(stmt, {"parents": list(chunk)})
             keys = list(result.keys())
             for row in result.fetchall():
                 rec = dict(zip(keys, row, strict=True))
