@@ -119,6 +119,11 @@ class Page:
     more: bool
     """Whether more records lie beyond this page in the direction of travel."""
     total: int | None = None
+    start: tuple[Any, ...] | None = None
+    """Position of the first record, to page backwards from (None: the source cannot)."""
+    end: tuple[Any, ...] | None = None
+    """Position after the last record, to page forwards from: keyset values, or an opaque
+    continuation such as an HL7 v2 continuation pointer. Must be JSON-serialisable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +187,10 @@ class BackendRejected(BackendError):
 
 
 class UnsupportedCriteria(AdapterError):
-    """The backend cannot evaluate a criterion the mapping allowed (a mapping defect)."""
+    """The backend cannot answer this search (e.g. a date range over HL7 v2 Q22) → 400.
+
+    The message is shown to the client: name the parameter or construct, never a value.
+    """
 
 
 # --- the interface ----------------------------------------------------------------------------

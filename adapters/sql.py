@@ -289,7 +289,11 @@ class SqlAdapter(Adapter):
             total = None
             if query.with_total:
                 total = _count(conn, p, query.criteria)
-        return Page(records=rows, more=more, total=total)
+        page = Page(records=rows, more=more, total=total)
+        if rows:
+            page.start = tuple(rows[0].get(k.ref) for k in query.sort)
+            page.end = tuple(rows[-1].get(k.ref) for k in query.sort)
+        return page
 
     def _count_sync(self, p: Prepared, query: Count) -> int:
         with self.engine.connect() as conn:

@@ -105,6 +105,13 @@ class InvalidPageToken(BadRequest):
     error_code = "INVALID_PAGE_TOKEN"
 
 
+class UnsupportedSearch(BadRequest):
+    """A valid FHIR search that the system behind this resource cannot answer."""
+
+    issue_code = "not-supported"
+    error_code = "UNSUPPORTED_SEARCH"
+
+
 class InvalidId(BadRequest):
     error_code = "INVALID_RESOURCE_ID"
 

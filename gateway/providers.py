@@ -33,6 +33,7 @@ from gateway.errors import (
     InvalidId,
     ServiceUnavailable,
     UnknownResourceType,
+    UnsupportedSearch,
     UpstreamError,
 )
 from gateway.mapping.loader import CompiledMapping
@@ -162,7 +163,9 @@ def translate_backend_error(exc: Exception) -> Exception:
         return ServiceUnavailable(str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, BackendRejected | BackendError):
         return UpstreamError(str(exc))
-    return InternalError("the mapping asked the backend for something it cannot do")
+    if isinstance(exc, UnsupportedCriteria):
+        return UnsupportedSearch(str(exc))
+    return InternalError("the backend failed unexpectedly")
 
 
 class Registry:

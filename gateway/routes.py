@@ -185,12 +185,12 @@ class Api:
         if page.records:
             has_next = page.more if not backwards else True
             has_prev = (not first_page) if not backwards else page.more
-            if has_next:
+            if has_next and page.end is not None:
                 links.append(("next", self._page_link(base, provider, plan, fingerprint,
-                                                      page.records[-1], False)))
-            if has_prev:
+                                                      page.end, False)))
+            if has_prev and page.start is not None:
                 links.append(("previous", self._page_link(base, provider, plan, fingerprint,
-                                                          page.records[0], True)))
+                                                          page.start, True)))
         found: int | None = page.total
         if found is None and plan.total == "auto" and first_page and not page.more:
             found = len(page.records)
@@ -199,8 +199,7 @@ class Api:
         return self.respond(body, fmt)
 
     def _page_link(self, base: str, provider: Provider, plan: SearchPlan, fingerprint: str,
-                   record: dict[str, Any], backwards: bool) -> str:
-        position = tuple(record.get(k.ref) for k in plan.sort)
+                   position: tuple[Any, ...], backwards: bool) -> str:
         token = self.pager.token(fingerprint, position, backwards)
         return bundle.search_url(base, provider.resource_type, plan.used, token)
 
