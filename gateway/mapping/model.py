@@ -36,6 +36,9 @@ class Expr(_Strict):
     codemap: str | None = None
     part: Literal["code", "display", "system", "coding", "codeable-concept"] = "code"
     ref: str | None = None
+    where: dict[str, str] = Field(default_factory=dict)
+    """HL7 v2: pick the repetition whose other components hold these values
+    (``{field: PID-3.1, where: {PID-3.5: NH}}`` — the CX whose identifier type is NH)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> Expr:
@@ -44,13 +47,22 @@ class Expr(_Strict):
             raise ValueError("an expression needs exactly one of: column, field, function")
         if self.function and (self.transform or self.codemap):
             raise ValueError("a function's result cannot be transformed or code-mapped")
+        if self.where and not self.field:
+            raise ValueError("where: selects an HL7 v2 repetition; it goes with field")
         if self.part != "code" and not self.codemap:
             raise ValueError("part: display/system/coding/codeable-concept needs a codemap")
         return self
 
     @property
     def source_ref(self) -> str | None:
-        return self.column or self.field
+        return with_where(self.column or self.field, self.where)
+
+
+def with_where(ref: str | None, where: dict[str, str]) -> str | None:
+    """The record key of a reference narrowed by ``where``: ``PID-3.1[PID-3.5=NH]``."""
+    if ref is None or not where:
+        return ref
+    return ref + "[" + ",".join(f"{k}={v}" for k, v in sorted(where.items())) + "]"
 
 
 EXPR_KEYS = frozenset({"column", "field", "function"})
@@ -63,10 +75,12 @@ class TokenSystem(_Strict):
     check: Literal["nhs-number"] | None = None
     when: dict[str, str | list[str]] = Field(default_factory=dict)
     """Only rows where these references hold these values carry this system."""
+    where: dict[str, str] = Field(default_factory=dict)
+    """HL7 v2: the repetition whose other components hold these values (see Expr.where)."""
 
     @property
     def source_ref(self) -> str:
-        ref = self.column or self.field
+        ref = with_where(self.column or self.field, self.where)
         assert ref
         return ref
 
@@ -165,8 +179,10 @@ class MappingFile(_Strict):
                     f"types.{ref}: unknown storage type {kind!r} "
                     f"(one of: {', '.join(STORAGE_TYPES)})"
                 )
-        if "resourceType" in self.output or "id" in self.output or "meta" in self.output:
-            raise ValueError("output must not set resourceType, id or meta (they are derived)")
+        for key in ("resourceType", "id", "meta"):
+            if key in self.output:
+                raise ValueError(f"output.{key}: must not be set (resourceType, id and meta "
+                                 "are derived)")
         for name in self.search:
             if name.startswith("_"):
                 raise ValueError(f"search.{name}: parameters starting with '_' are built in")

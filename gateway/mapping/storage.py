@@ -138,3 +138,29 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
         ),
     }
     return table[name]
+
+
+def from_fhir(storage: Storage, value: Any, tz: ZoneInfo) -> Any:
+    """A FHIR value as the source stores it: the reverse of ``to_fhir``, for writes.
+
+    Raises ValueError when the value does not fit (a validation error for the client).
+    """
+    if value is None:
+        return None
+    name = storage.name
+    if name == "string":
+        return str(value)
+    if name == "integer":
+        return int(value)
+    text = str(value)
+    if storage.kind == "date":
+        day = dt.date.fromisoformat(text[:10])
+        return day.strftime("%Y%m%d") if name == "date:yyyymmdd" else day.isoformat()
+    moment = dt.datetime.fromisoformat(text)
+    # FHIR instants carry an offset; the source keeps wall-clock time in its own zone.
+    local = moment.astimezone(tz).replace(tzinfo=None) if moment.tzinfo else moment
+    if name == "datetime:yyyymmddhhmm":
+        return local.strftime("%Y%m%d%H%M")
+    if name == "datetime:yyyymmddhhmmss":
+        return local.strftime("%Y%m%d%H%M%S")
+    return local.strftime("%Y-%m-%d %H:%M:%S")

@@ -73,10 +73,38 @@ TRANSFORMS: dict[str, tuple[Transform, str]] = {
 }
 
 
+# The reverse of each transform, for writes: the source's own convention where the forward
+# direction loses information (names were upper case before title_case made them readable).
+INVERSES: dict[str, Transform] = {
+    "title_case": lambda v: str(v).upper(),
+    "upper": lambda v: v,
+    "lower": lambda v: v,
+    "string": lambda v: v,
+    "integer": lambda v: str(v),
+    "yes_no": lambda v: None if not isinstance(v, bool) else ("Y" if v else "N"),
+    "not": _not,
+    "digits": lambda v: v,
+    "no_spaces": lambda v: v,
+}
+
+
 def chain(names: list[str]) -> Transform:
     fns = [TRANSFORMS[n][0] for n in names]
     if len(fns) == 1:
         return fns[0]
+
+    def run(value: Any) -> Any:
+        for fn in fns:
+            if value is None:
+                return None
+            value = fn(value)
+        return value
+
+    return run
+
+
+def inverse_chain(names: list[str]) -> Transform:
+    fns = [INVERSES[n] for n in reversed(names)]
 
     def run(value: Any) -> Any:
         for fn in fns:
