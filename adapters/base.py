@@ -157,7 +157,8 @@ class AdapterError(Exception):
 
 
 class SourceConfigError(AdapterError):
-    """A mapping's ``source:`` block is wrong. ``path`` names the key (e.g. ``joins[1].on``)."""
+    """A mapping's ``source:`` block is wrong. ``path`` names the key (e.g. ``joins[1].on``),
+    or the reference or child name the rest of the mapping uses but the source lacks."""
 
     def __init__(self, message: str, path: str = "") -> None:
         super().__init__(message)
@@ -220,6 +221,10 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     async def fetch(self, prepared: Any, query: Query) -> Page: ...
+
+    def interactions(self, prepared: Any) -> frozenset[str]:
+        """FHIR interactions this source serves for a mapping (writes only if declared)."""
+        return frozenset({"read", "search-type"})
 
     async def count(self, prepared: Any, query: Count) -> int:
         raise UnsupportedCriteria(f"{self.name} adapter cannot count")

@@ -31,7 +31,16 @@ def _sql(name: str, connection: Any, _directory: Path) -> Adapter:
     )
 
 
-BUILTIN: dict[str, Factory] = {"sql": _sql}
+def _hl7v2(name: str, connection: Any, _directory: Path) -> Adapter:
+    from adapters.hl7v2.adapter import Hl7v2Adapter
+
+    options = dict(connection.options)
+    options.setdefault("reply_timeout", connection.timeout_seconds)
+    options.setdefault("pool_size", connection.pool_size)
+    return Hl7v2Adapter(connection.url, options=options, label=name)
+
+
+BUILTIN: dict[str, Factory] = {"sql": _sql, "hl7v2": _hl7v2}
 
 
 def factories() -> dict[str, Factory]:

@@ -48,11 +48,12 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
     out: dict[str, Any] = {
         "type": provider.resource_type,
         "profile": {"reference": provider.profile},
-        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "interaction": [{"code": c} for c in ("read", "search-type", "create", "update")
+                        if c in provider.interactions],
         "versioning": "no-version",
         "readHistory": False,
         "updateCreate": False,
-        "conditionalCreate": False,
+        "conditionalCreate": "create" in provider.interactions,
         "conditionalUpdate": False,
         "conditionalDelete": "not-supported",
         "searchParam": params,

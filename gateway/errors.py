@@ -116,6 +116,36 @@ class InvalidId(BadRequest):
     error_code = "INVALID_RESOURCE_ID"
 
 
+class ResourceInvalid(GatewayError):
+    """A resource sent to be written is not valid (→ 422, one issue per problem)."""
+
+    status = 422
+    issue_code = "invalid"
+    error_code = "INVALID_RESOURCE"
+
+    def __init__(self, problems: list[tuple[str, str]], **kw: Any) -> None:
+        super().__init__(f"the resource is not valid ({len(problems)} problem(s))", **kw)
+        self.problems = problems
+
+    def outcome(self) -> dict[str, Any]:
+        return operation_outcome([
+            issue("error", self.issue_code, self.error_code, message, expression=path)
+            for path, message in self.problems
+        ])
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    issue_code = "too-costly"
+    error_code = "PAYLOAD_TOO_LARGE"
+
+
+class PreconditionFailed(GatewayError):
+    status = 412
+    issue_code = "duplicate"
+    error_code = "MULTIPLE_MATCHES"
+
+
 class NotFound(GatewayError):
     status = 404
     issue_code = "not-found"
@@ -164,6 +194,13 @@ class UpstreamError(GatewayError):
     status = 502
     issue_code = "exception"
     error_code = "BACKEND_ERROR"
+
+
+class UpstreamRejected(UpstreamError):
+    """The backend refused the request (HL7 AE/AR): its reason, without patient data."""
+
+    issue_code = "processing"
+    error_code = "BACKEND_REJECTED"
 
 
 class UnmappableData(UpstreamError):

@@ -25,19 +25,24 @@ from adapters.base import (
     Query,
     SortKey,
     UnsupportedCriteria,
+    Write,
+    WriteResult,
     any_of,
 )
 from gateway.errors import (
     GatewayTimeout,
     InternalError,
     InvalidId,
+    ResourceInvalid,
     ServiceUnavailable,
     UnknownResourceType,
     UnsupportedSearch,
     UpstreamError,
+    UpstreamRejected,
 )
 from gateway.mapping.loader import CompiledMapping
 from gateway.mapping.model import SearchParam
+from gateway.mapping.reverse import ReverseContext, ReverseError, compile_reverse
 from gateway.plan import SearchContext, SearchPlan, plan_search
 from gateway.search import ID_RE
 
@@ -56,6 +61,12 @@ class Provider:
         self._build = mapping.build
         self._build_id = mapping.build_id
         self._build_lu = mapping.build_last_updated
+        self.interactions = mapping.adapter.interactions(mapping.prepared)
+        self._reverse = compile_reverse(
+            mapping.spec.output,
+            ReverseContext(mapping.codemaps, mapping.storage, mapping.tz),
+            self.resource_type,
+        )
 
     # -- records → resources (the hot path: plain dicts only)
 
@@ -142,6 +153,22 @@ class Provider:
     async def count(self, plan: SearchPlan) -> int:
         return await self._count(plan.criteria)
 
+    def to_record(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """The source record a resource becomes when written (reverse mapping)."""
+        try:
+            return self._reverse(resource)
+        except ReverseError as exc:
+            raise ResourceInvalid(exc.problems) from None
+
+    async def write(self, write: Write) -> WriteResult:
+        started = time.perf_counter()
+        try:
+            return await self.mapping.adapter.write(self.mapping.prepared, write)
+        except (BackendError, UnsupportedCriteria) as exc:
+            raise translate_backend_error(exc) from exc
+        finally:
+            adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
+
     def reference_values(self, rec: dict[str, Any], ref: str) -> Iterator[str]:
         """Values of a reference column in a record or any of its children."""
         value = rec.get(ref)
@@ -161,7 +188,9 @@ def translate_backend_error(exc: Exception) -> Exception:
         return GatewayTimeout(str(exc))
     if isinstance(exc, BackendUnavailable):
         return ServiceUnavailable(str(exc), headers={"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, BackendRejected | BackendError):
+    if isinstance(exc, BackendRejected):
+        return UpstreamRejected(str(exc))
+    if isinstance(exc, BackendError):
         return UpstreamError(str(exc))
     if isinstance(exc, UnsupportedCriteria):
         return UnsupportedSearch(str(exc))

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from adapters.base import In, Page, SortKey
-from gateway import bundle
+from adapters.base import In, Page, SortKey, Write
+from gateway import bundle, writes
 from gateway.bundle import Pager
 from gateway.capability import capability_statement
 from gateway.errors import (
@@ -28,6 +28,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     NotImplementedInteraction,
+    PreconditionFailed,
     UnsupportedMediaType,
     issue,
     operation_outcome,
@@ -88,10 +89,13 @@ class Api:
     async def type_level(self, request: Request) -> Response:
         fmt = self.fmt(request)
         provider = self.registry.get(request.path_params["type"])
+        if request.method == "POST" and "create" in provider.interactions:
+            return await self._create(request, provider, fmt)
         if request.method != "GET":
+            allowed = "GET, POST" if "create" in provider.interactions else "GET"
             raise MethodNotAllowed(
-                f"{provider.resource_type} supports read and search only (GET)",
-                headers={"Allow": "GET"},
+                f"{provider.resource_type} does not support {request.method} here",
+                headers={"Allow": allowed},
             )
         pairs = list(request.query_params.multi_items())
         return await self._search(request, provider, pairs, fmt)
@@ -126,9 +130,13 @@ class Api:
                                       fmt)
         if rid.startswith(("$", "_")):
             raise NotImplementedInteraction("this interaction is not supported by this server")
+        if request.method == "PUT" and "update" in provider.interactions:
+            return await self._update(request, provider, rid, fmt)
         if request.method != "GET":
+            allowed = "GET, PUT" if "update" in provider.interactions else "GET"
             raise MethodNotAllowed(
-                f"{provider.resource_type}/[id] supports read only (GET)", headers={"Allow": "GET"}
+                f"{provider.resource_type}/[id] does not support {request.method}",
+                headers={"Allow": allowed},
             )
         resource = await provider.read(rid)
         if resource is None:
@@ -149,6 +157,46 @@ class Api:
         self.fmt(request)
         self.registry.get(request.path_params["type"])
         raise NotImplementedInteraction("this interaction is not supported by this server")
+
+    # -- writes
+
+    async def _create(self, request: Request, provider: Provider, fmt: Format) -> Response:
+        resource = await writes.read_body(request)
+        writes.validate(resource, provider.resource_type)
+        base = self.base_url(request)
+        condition = request.headers.get("if-none-exist")
+        if condition:
+            # Conditional create: a resend of the same create finds the first one.
+            pairs = parse_qsl(condition.split("?", 1)[-1], keep_blank_values=True)
+            plan = self.registry.plan(provider, pairs, default_count=2, max_count=2,
+                                      strict=True)
+            plan.count = 2
+            found = await provider.search(plan)
+            if len(found.records) > 1:
+                raise PreconditionFailed("If-None-Exist matches more than one resource")
+            if found.records:
+                existing = provider.resource(found.records[0])
+                location = f"{base}/{provider.resource_type}/{existing['id']}"
+                return self.respond(existing, fmt, headers={"Location": location})
+        record = provider.to_record(resource)
+        result = await provider.write(Write("create", record))
+        location = f"{base}/{provider.resource_type}/{result.id}"
+        created = await provider.read(result.id)
+        return self.respond(created or resource, fmt, status=201, headers={"Location": location})
+
+    async def _update(self, request: Request, provider: Provider, rid: str, fmt: Format
+                      ) -> Response:
+        resource = await writes.read_body(request)
+        if resource.get("id") != rid:
+            raise BadRequest("the resource id must match the id in the URL")
+        writes.validate(resource, provider.resource_type)
+        if await provider.read(rid) is None:
+            raise NotFound(f"{provider.resource_type} with that id was not found "
+                           "(this server does not create by update)")
+        record = provider.to_record(resource)
+        await provider.write(Write("update", record, id=rid))
+        updated = await provider.read(rid)
+        return self.respond(updated or resource, fmt)
 
     # -- search
 
@@ -274,6 +322,8 @@ def _not_modified(request: Request, etag: str, when: dt.datetime) -> bool:
             since = parsedate_to_datetime(ims)
         except (TypeError, ValueError):
             return False
+        if since.tzinfo is None:  # "-0000" parses naive: RFC 5322 says it is still UTC
+            since = since.replace(tzinfo=dt.UTC)
         return when.replace(microsecond=0) <= since
     return False
 

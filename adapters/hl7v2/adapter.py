@@ -1,0 +1,579 @@
+"""HL7 v2 adapter: Care Connect over a PAS that speaks the NHS ITK HL7 v2.4 dialect over MLLP.
+
+Reads and searches become queries (QBP^Q21 Get Person Demographics, QBP^Q22 Find Candidates,
+QBP^ZV1 patient + visit); writes become ADT^A28 / ADT^A31. Replies are read with the fast
+ER7 reader (hl7apy builds the outgoing messages, where its validation is worth its cost).
+
+Records are keyed by the field paths the mapping uses: ``PID-5.1``; ``PID-3.1[PID-3.5=NH]``
+for the repetition whose component 5 is NH; children are the repetitions of a field
+(``repeat: PID-11``) or repeated segments (``segment: NK1``) of one reply group.
+
+What a query cannot express (date ranges over Q22, ``:contains``, OR across fields) is
+reported as UnsupportedCriteria → 400, never answered wrongly. Replies are checked: MSA-2 must
+echo our MSH-10 (the MLLP client does that), MSA-1 AE/AR/CE/CR become BackendRejected with
+the PAS's text minus anything that looks like patient data, QAK-2 NF is an empty result.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.base import (
+    Adapter,
+    And,
+    BackendError,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    Compare,
+    Count,
+    Criterion,
+    In,
+    Needs,
+    Nothing,
+    Page,
+    Query,
+    Record,
+    SourceConfigError,
+    Text,
+    UnsupportedCriteria,
+    Write,
+    WriteResult,
+)
+from adapters.hl7v2 import er7, messages
+from adapters.hl7v2.mllp import (
+    Endpoint,
+    MllpClient,
+    MllpProtocolError,
+    MllpTimeout,
+    MllpUnavailable,
+    client_ssl_context,
+)
+
+log = structlog.get_logger("adapters.hl7v2")
+
+# SEG-F, SEG-F.C or SEG-F.C.S, optionally narrowed: PID-3.1[PID-3.5=NH]
+_PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d{1,3})(?:\.(\d{1,3}))?(?:\.(\d{1,3}))?$")
+_REF = re.compile(r"^(?P<path>[A-Z0-9.\-]+)(?:\[(?P<where>[^\]]+)\])?$")
+_DIGITS = re.compile(r"\d{6,}")
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    segment: str
+    field: int
+    component: int = 1
+    subcomponent: int = 1
+
+    @property
+    def qpd(self) -> str:
+        """QPD-3 form: ``PID.5.1``."""
+        out = f"{self.segment}.{self.field}"
+        if self.component != 1 or self.subcomponent != 1:
+            out += f".{self.component}"
+        if self.subcomponent != 1:
+            out += f".{self.subcomponent}"
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRef:
+    path: Path
+    where: tuple[tuple[Path, str], ...] = ()
+
+
+def parse_path(text: str) -> Path:
+    m = _PATH.match(text)
+    if not m:
+        raise SourceConfigError(f"{text!r} is not an HL7 path like PID-5.1", text)
+    seg, f, c, s = m.groups()
+    return Path(seg, int(f), int(c or 1), int(s or 1))
+
+
+def parse_ref(ref: str) -> FieldRef:
+    m = _REF.match(ref)
+    if not m:
+        raise SourceConfigError(f"{ref!r} is not an HL7 field reference", ref)
+    where: list[tuple[Path, str]] = []
+    for cond in (m.group("where") or "").split(","):
+        if cond:
+            key, _, value = cond.partition("=")
+            where.append((parse_path(key), value))
+    path = parse_path(m.group("path"))
+    for w, _ in where:
+        if (w.segment, w.field) != (path.segment, path.field):
+            raise SourceConfigError(f"{ref!r}: where must test the same field", ref)
+    return FieldRef(path, tuple(where))
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChildSpec(_Strict):
+    repeat: str | None = None
+    """Each repetition of this field is a child record (``PID-11``)."""
+    segment: str | None = None
+    """Each such segment in the group is a child record (``NK1``)."""
+
+
+class WriteSpec(_Strict):
+    create: Literal["A28"] | None = None
+    update: Literal["A31"] | None = None
+
+
+class Hl7Source(_Strict):
+    connection: str
+    read: Literal["Q21", "ZV1"] | None = None
+    search: Literal["Q22", "ZV1"] = "Q22"
+    group: str = "PID"
+    id_type: str | None = None
+    """PID-3.5 identifier type of the resource id for Q21 reads (e.g. PI)."""
+    authority: str | None = None
+    wildcard: str = "*"
+    """Appended to a value for a prefix search (the PAS's own convention)."""
+    children: dict[str, ChildSpec] = Field(default_factory=dict)
+    write: WriteSpec | None = None
+    ignore_segments: list[str] = Field(default_factory=list)
+    """Z-segments and others read by nobody: listed so ignoring them is a decision."""
+
+
+class Hl7Options(_Strict):
+    connect_timeout: float = 5.0
+    reply_timeout: float = 15.0
+    retries: int = 2
+    pool_size: int = 2
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+    sending_application: str = "CCGATEWAY"
+    sending_facility: str = "RX1"
+    receiving_application: str = "PAS"
+    receiving_facility: str = "RX1"
+    charset: str = "UNICODE UTF-8"
+
+
+@dataclass
+class Prepared:
+    source: Hl7Source
+    key: FieldRef
+    key_ref: str
+    fields: dict[str, FieldRef]
+    child_fields: dict[str, dict[str, FieldRef]]
+    child_of_field: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+class Hl7v2Adapter(Adapter):
+    name = "hl7v2"
+
+    def __init__(self, url: str, *, options: dict[str, Any] | None = None,
+                 label: str = "hl7v2") -> None:
+        self.label = label
+        try:
+            self.options = Hl7Options.model_validate(options or {})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise SourceConfigError(f"connection '{label}': options: {err['msg']}") from None
+        parts = urlsplit(url)
+        if parts.scheme not in ("mllp", "mllps") or not parts.hostname or not parts.port:
+            raise SourceConfigError(
+                f"connection '{label}': url must be mllp://host:port or mllps://host:port"
+            )
+        ssl = None
+        if parts.scheme == "mllps":
+            o = self.options
+            ssl = client_ssl_context(ca_file=o.ca_file, cert_file=o.cert_file,
+                                     key_file=o.key_file, verify=o.verify)
+        self.endpoint = Endpoint(parts.hostname, parts.port, ssl)
+        o = self.options
+        self.client = MllpClient(self.endpoint, pool_size=o.pool_size,
+                                 connect_timeout=o.connect_timeout,
+                                 reply_timeout=o.reply_timeout, retries=o.retries)
+        self.header = messages.Header(
+            sending_application=o.sending_application, sending_facility=o.sending_facility,
+            receiving_application=o.receiving_application,
+            receiving_facility=o.receiving_facility, charset=o.charset,
+        )
+
+    # -- load time
+
+    def prepare(self, source: dict[str, Any], needs: Needs) -> Prepared:
+        try:
+            src = Hl7Source.model_validate(source)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            msg = {"missing": "required key is missing", "extra_forbidden": "unknown key"}.get(
+                err["type"], err["msg"])
+            raise SourceConfigError(msg, ".".join(str(p) for p in err["loc"])) from None
+        child_of_field: dict[tuple[str, int], str] = {}
+        for name, spec in src.children.items():
+            if bool(spec.repeat) == bool(spec.segment):
+                raise SourceConfigError("a child needs one of: repeat, segment",
+                                        f"children.{name}")
+            if spec.repeat:
+                p = parse_path(spec.repeat)
+                child_of_field[(p.segment, p.field)] = name
+        fields: dict[str, FieldRef] = {}
+        child_fields: dict[str, dict[str, FieldRef]] = {n: {} for n in src.children}
+        for ref in sorted(needs.fields | needs.criteria_refs | {needs.key}):
+            fr = parse_ref(ref)
+            owner = child_of_field.get((fr.path.segment, fr.path.field))
+            seg_child = next((n for n, s in src.children.items()
+                              if s.segment == fr.path.segment), None)
+            if (owner or seg_child) and not fr.where:
+                child_fields[owner or seg_child or ""][ref] = fr
+            else:
+                fields[ref] = fr
+        for name in needs.children:
+            if name not in src.children:
+                raise SourceConfigError(f"output repeats over child {name!r}, not declared",
+                                        name)
+        if needs.sort_refs:
+            raise SourceConfigError("an HL7 v2 source cannot sort; remove sort:", "sort")
+        key = parse_ref(needs.key)
+        if src.read == "Q21" and not src.id_type:
+            raise SourceConfigError("read: Q21 needs id_type (the PID-3.5 of the id)", "id_type")
+        return Prepared(src, key, needs.key, fields, child_fields, child_of_field)
+
+    def interactions(self, prepared: Prepared) -> frozenset[str]:
+        out = {"read", "search-type"}
+        w = prepared.source.write
+        if w and w.create:
+            out.add("create")
+        if w and w.update:
+            out.add("update")
+        return frozenset(out)
+
+    # -- queries
+
+    async def fetch(self, prepared: Prepared, query: Query) -> Page:
+        if query.backwards:
+            raise UnsupportedCriteria("this source pages forwards only")
+        ids = _key_lookup(prepared, query.criteria)
+        if ids is not None and prepared.source.read == "Q21":
+            records: list[Record] = []
+            for rid in ids[: query.count]:
+                records += await self._q21(prepared, rid)
+            return Page(records=records, more=False, total=len(records))
+        if isinstance(query.criteria, Nothing):
+            return Page(records=[], more=False, total=0)
+        pairs = _qpd_pairs(prepared, query.criteria)
+        continuation = str(query.after[0]) if query.after else None
+        return await self._search(prepared, pairs, query.count, continuation)
+
+    async def count(self, prepared: Prepared, query: Count) -> int:
+        if isinstance(query.criteria, Nothing):
+            return 0
+        page = await self._search(prepared, _qpd_pairs(prepared, query.criteria), 1, None)
+        return page.total if page.total is not None else len(page.records)
+
+    async def _q21(self, prepared: Prepared, rid: str) -> list[Record]:
+        src = prepared.source
+        control = messages.new_control_id()
+        msg = messages.qbp_q21(self.header, control, identifier=rid,
+                               identifier_type=src.id_type or "PI", authority=src.authority,
+                               query_tag=_tag())
+        reply = await self._send(msg, control, [rid])
+        return self._records(prepared, reply)
+
+    async def _search(self, prepared: Prepared, pairs: list[tuple[str, str]], count: int,
+                      continuation: str | None) -> Page:
+        control = messages.new_control_id()
+        build = messages.qbp_zv1 if prepared.source.search == "ZV1" else messages.qbp_q22
+        msg = build(self.header, control, criteria=pairs, quantity=max(count, 1),
+                    query_tag=_tag(), continuation=continuation)
+        reply = await self._send(msg, control, [v for _, v in pairs])
+        records = self._records(prepared, reply)[:count] if count else []
+        qak = reply.segment("QAK")
+        total = _int(qak.value(4)) if qak else None
+        remaining = _int(qak.value(6)) if qak else None
+        dsc = reply.segment("DSC")
+        pointer = dsc.value(1) if dsc else None
+        more = bool(pointer) and (remaining is None or remaining > 0)
+        page = Page(records=records, more=more, total=total)
+        if more and pointer:
+            page.end = (pointer,)
+        return page
+
+    async def _send(self, msg: bytes, control: str, sensitive: list[str]) -> er7.Message:
+        try:
+            raw = await self.client.send(msg, control)
+        except MllpTimeout as exc:
+            raise BackendTimeout(f"the '{self.label}' PAS did not answer in time",
+                                 correlation=control) from exc
+        except MllpUnavailable as exc:
+            raise BackendUnavailable(f"the '{self.label}' PAS is not reachable",
+                                     correlation=control) from exc
+        except MllpProtocolError as exc:
+            raise BackendError(f"the '{self.label}' PAS sent an unusable reply",
+                               correlation=control) from exc
+        try:
+            reply = er7.parse(raw)
+        except er7.Er7Error as exc:
+            raise BackendError(f"the '{self.label}' PAS sent a malformed reply",
+                               correlation=control) from exc
+        msa = reply.segment("MSA")
+        code = (msa.value(1) if msa else None) or ""
+        if code not in ("AA", "CA"):
+            raise BackendRejected(
+                _rejection(self.label, code, reply, sensitive), correlation=control
+            )
+        qak = reply.segment("QAK")
+        status = qak.value(2) if qak else None
+        if status in ("AE", "AR"):
+            raise BackendRejected(_rejection(self.label, status, reply, sensitive),
+                                  correlation=control)
+        return reply
+
+    def _records(self, prepared: Prepared, reply: er7.Message) -> list[Record]:
+        qak = reply.segment("QAK")
+        if qak is not None and qak.value(2) == "NF":
+            return []
+        out = []
+        for group in reply.groups(prepared.source.group):
+            rec = _extract(group, prepared.fields)
+            if rec.get(prepared.key_ref) is None:
+                continue  # a group without the id cannot become a resource
+            for name, spec in prepared.source.children.items():
+                rec["@" + name] = _children(group, spec, prepared.child_fields[name])
+            out.append(rec)
+        return out
+
+    # -- writes
+
+    async def write(self, prepared: Prepared, write: Write) -> WriteResult:
+        w = prepared.source.write
+        event = "A28" if write.interaction == "create" else "A31"
+        if w is None or (event == "A28" and not w.create) or (event == "A31" and not w.update):
+            raise UnsupportedCriteria(f"this source does not accept {write.interaction}")
+        record = dict(write.record)
+        if write.id is not None:
+            record[prepared.key_ref] = write.id
+        values = _adt_values(prepared, record)
+        control = write.idempotency_key or messages.new_control_id()
+        msg = messages.adt(self.header, control, event=event, values=values)
+        reply = await self._send(msg, control, [str(v) for v in values.values()])
+        if write.id is not None:
+            return WriteResult(id=write.id, created=False, correlation=control)
+        # The PAS contract: the ACK to A28 carries a PID with the allocated PAS number.
+        new_id = None
+        for group in reply.groups("PID"):
+            new_id = _extract(group, {prepared.key_ref: prepared.key}).get(prepared.key_ref)
+        if not new_id:
+            raise BackendError(f"the '{self.label}' PAS accepted the record but did not say "
+                               "which number it gave it", correlation=control)
+        return WriteResult(id=new_id, created=True, correlation=control)
+
+    async def ping(self) -> None:
+        # A connection is the cheapest proof of life that needs no PAS-side support.
+        reader_writer = None
+        try:
+            import asyncio
+
+            reader_writer = await asyncio.wait_for(
+                asyncio.open_connection(self.endpoint.host, self.endpoint.port,
+                                        ssl=self.endpoint.ssl), self.options.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            raise BackendUnavailable(f"the '{self.label}' PAS is not reachable") from exc
+        finally:
+            if reader_writer is not None:
+                reader_writer[1].close()
+                await reader_writer[1].wait_closed()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _tag() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _int(v: str | None) -> int | None:
+    return int(v) if v and v.isdigit() else None
+
+
+def _key_lookup(p: Prepared, c: Criterion | None) -> list[str] | None:
+    """The ids asked for, if the criteria are exactly 'id is one of ...'."""
+    if isinstance(c, Compare) and c.ref == p.key_ref and c.op == "=":
+        return [str(c.value)]
+    if isinstance(c, In) and c.ref == p.key_ref:
+        return [str(v) for v in c.values]
+    return None
+
+
+def _qpd_pairs(p: Prepared, c: Criterion | None) -> list[tuple[str, str]]:
+    """Criteria → QPD-3 ``@SEG.F.C^value`` pairs (an AND of simple conditions only)."""
+    leaves: list[Criterion] = []
+    stack = [c] if c is not None else []
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, And):
+            stack[:0] = list(item.items)
+        else:
+            leaves.append(item)
+    pairs: list[tuple[str, str]] = []
+    ranges: dict[str, dict[str, Any]] = {}
+    for leaf in leaves:
+        if isinstance(leaf, Compare) and leaf.op in (">=", "<"):
+            ranges.setdefault(leaf.ref, {})[leaf.op] = leaf.value
+            continue
+        if isinstance(leaf, In) and len(leaf.values) == 1:
+            leaf = Compare(leaf.ref, "=", leaf.values[0])
+        if isinstance(leaf, Compare) and leaf.op == "=":
+            pairs += _pairs_for(leaf.ref, str(leaf.value))
+        elif isinstance(leaf, Text) and leaf.mode in ("prefix", "exact"):
+            value = leaf.value.upper()
+            pairs += _pairs_for(leaf.ref, value + (p.source.wildcard if leaf.mode == "prefix"
+                                                   else ""))
+        else:
+            raise UnsupportedCriteria(_unsupported(leaf))
+    for ref, bounds in ranges.items():
+        lo, hi = bounds.get(">="), bounds.get("<")
+        if lo is None or hi is None or not _one_day(str(lo), str(hi)):
+            raise UnsupportedCriteria("this source matches dates exactly: search a full date "
+                                      "(YYYY-MM-DD) without a prefix")
+        pairs += _pairs_for(ref, str(lo))
+    if not pairs:
+        raise UnsupportedCriteria("this source needs at least one search parameter")
+    return pairs
+
+
+def _pairs_for(ref: str, value: str) -> list[tuple[str, str]]:
+    fr = parse_ref(ref)
+    return [(fr.path.qpd, value), *((w.qpd, v) for w, v in fr.where)]
+
+
+def _one_day(lo: str, hi: str) -> bool:
+    import datetime as dt
+
+    try:
+        d0 = dt.datetime.strptime(lo[:8], "%Y%m%d")
+        d1 = dt.datetime.strptime(hi[:8], "%Y%m%d")
+    except ValueError:
+        return False
+    return (d1 - d0).days == 1 and len(lo) == 8
+
+
+def _unsupported(leaf: Criterion) -> str:
+    if isinstance(leaf, Text):
+        return f"this source cannot search text with :{leaf.mode}"
+    if isinstance(leaf, In):
+        return "this source cannot search for several values at once"
+    return "this source cannot answer this combination of search parameters"
+
+
+def _value(seg: Any, path: Path, repetition: int = 0) -> str | None:
+    v: str | None = seg.value(path.field, path.component, path.subcomponent, repetition)
+    return v
+
+
+def _extract(group: list[Any], fields: dict[str, FieldRef]) -> Record:
+    by_name: dict[str, Any] = {}
+    for seg in group:
+        by_name.setdefault(seg.name, seg)
+    rec: Record = {}
+    for ref, fr in fields.items():
+        seg = by_name.get(fr.path.segment)
+        if seg is None:
+            continue
+        if not fr.where:
+            rec[ref] = _value(seg, fr.path)
+            continue
+        for r in range(seg.repetitions(fr.path.field)):
+            if all(_value(seg, w, r) == v for w, v in fr.where):
+                rec[ref] = _value(seg, fr.path, r)
+                break
+    return rec
+
+
+def _children(group: list[Any], spec: ChildSpec, fields: dict[str, FieldRef]) -> list[Record]:
+    out: list[Record] = []
+    if spec.segment:
+        for seg in group:
+            if seg.name == spec.segment:
+                out.append({ref: _value(seg, fr.path) for ref, fr in fields.items()})
+        return out
+    assert spec.repeat is not None
+    p = parse_path(spec.repeat)
+    seg = next((s for s in group if s.name == p.segment), None)
+    if seg is None:
+        return out
+    for r in range(seg.repetitions(p.field)):
+        out.append({ref: _value(seg, fr.path, r) for ref, fr in fields.items()})
+    return out
+
+
+def _adt_values(p: Prepared, record: Record) -> dict[str, str]:
+    """A reverse-mapped record → ``{"PID-3[0].1": ..., "PID-5.1": ...}`` for messages.adt."""
+    values: dict[str, str] = {}
+    reps: dict[tuple[str, int], list[tuple[tuple[Path, str], ...]]] = {}
+
+    def rep_index(path: Path, where: tuple[tuple[Path, str], ...]) -> int:
+        seen = reps.setdefault((path.segment, path.field), [])
+        if where not in seen:
+            seen.append(where)
+        return seen.index(where)
+
+    def put(path: Path, rep: int | None, value: Any) -> None:
+        at = f"{path.segment}-{path.field}" + (f"[{rep}]" if rep is not None else "")
+        at += f".{path.component}" + (f".{path.subcomponent}" if path.subcomponent != 1 else "")
+        values[at] = str(value)
+
+    for ref, value in record.items():
+        if ref.startswith("@") or value is None:
+            continue
+        fr = parse_ref(ref)
+        if fr.where:
+            i = rep_index(fr.path, fr.where)
+            put(fr.path, i, value)
+            for w, v in fr.where:
+                put(w, i, v)
+        else:
+            put(fr.path, None, value)
+    for name, spec in p.source.children.items():
+        rows = record.get("@" + name) or []
+        if spec.repeat:
+            rp = parse_path(spec.repeat)
+            base = len(reps.get((rp.segment, rp.field), []))
+            for i, row in enumerate(rows):
+                for ref, value in row.items():
+                    if value is not None:
+                        put(parse_ref(ref).path, base + i, value)
+        elif rows:
+            raise UnsupportedCriteria(f"this source cannot write repeated {spec.segment} "
+                                      "segments")
+    return values
+
+
+def _rejection(label: str, code: str, reply: er7.Message, sensitive: list[str]) -> str:
+    """The PAS's own words, minus anything that could be patient data."""
+    texts = []
+    msa = reply.segment("MSA")
+    if msa is not None and msa.value(3):
+        texts.append(msa.value(3) or "")
+    for err in reply.all("ERR"):
+        for f, c in ((3, 1), (3, 2), (8, 1)):
+            v = err.value(f, c)
+            if v:
+                texts.append(v)
+    text = " ".join(t for t in texts if t)
+    for s in sensitive:
+        if s and len(s) > 1:
+            text = re.sub(re.escape(s.rstrip("*")), "[redacted]", text, flags=re.IGNORECASE)
+    text = _DIGITS.sub("[redacted]", text)[:200]
+    return f"the '{label}' PAS rejected the request ({code or 'no MSA'})" + (
+        f": {text}" if text else "")
