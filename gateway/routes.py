@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from adapters.base import In, Page, SortKey, Write
+from adapters.base import Compare, In, Page, SortKey, Write
 from gateway import bundle, writes
 from gateway.bundle import Pager
 from gateway.capability import capability_statement
@@ -30,6 +30,7 @@ from gateway.errors import (
     NotImplementedInteraction,
     PreconditionFailed,
     UnsupportedMediaType,
+    UnsupportedSearch,
     issue,
     operation_outcome,
 )
@@ -299,8 +300,16 @@ class Api:
             return []
         # Not a client search: no search policy applies, only the link to this page.
         sub = SearchPlan(criteria=None, sort=(SortKey(source.key),), count=limit)
-        page = await source.search(sub, extra=In(ref, tuple(keys)))
-        return [source.resource(r) for r in page.records]
+        try:
+            page = await source.search(sub, extra=In(ref, tuple(keys)))
+            records = page.records
+        except UnsupportedSearch:
+            # A source that cannot ask for several at once (HL7 v2 queries): one by one.
+            records = []
+            for key in keys:
+                page = await source.search(sub, extra=Compare(ref, "=", key))
+                records += page.records[: max(0, limit - len(records))]
+        return [source.resource(r) for r in records]
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
