@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -80,6 +80,12 @@ class Condition(_Strict):
         if not _REF.match(v):
             raise ValueError("must be alias.COLUMN")
         return v
+
+    def model_post_init(self, _context: Any) -> None:
+        given = [k for k in ("equals", "in_", "is_null")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a condition needs exactly one of: equals, in, is_null")
 
 
 class Join(_Strict):
@@ -218,7 +224,8 @@ class SqlAdapter(Adapter):
             err = exc.errors()[0]
             msg = {"missing": "required key is missing", "extra_forbidden": "unknown key"}.get(
                 err["type"], err["msg"].removeprefix("Value error, "))
-            raise SourceConfigError(msg, ".".join(str(p) for p in err["loc"])) from None
+            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            raise SourceConfigError(msg, loc.lstrip(".")) from None
         return _prepare(src, needs, self.dialect)
 
     async def fetch(self, prepared: Prepared, query: Query) -> Page:
@@ -264,6 +271,9 @@ class SqlAdapter(Adapter):
         # Log the class and SQLSTATE only: driver messages can quote SQL and values.
         log.warning("sql_error", connection=self.label, error=type(orig).__name__,
                     sqlstate=sqlstate)
+        if (sqlstate or "").startswith("42") or "no such table" in text or "no such column" in text:
+            # The database answered: the mapping names something it does not have.
+            return BackendError(f"the '{self.label}' database does not match the mapping")
         if sqlstate == "57014" or "interrupted" in text or "timeout" in text:
             return BackendTimeout(f"the '{self.label}' database did not answer in time")
         if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
@@ -340,7 +350,7 @@ def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
         all_refs.update(w.column for w in c.where)
     all_refs.update(c.column for c in src.where)
     for ref in all_refs:
-        alias, col = _split(ref, "")
+        alias, col = _split(ref, ref)
         if alias not in aliases:
             raise SourceConfigError(f"{ref!r} uses an alias the source does not declare", ref)
         wanted[alias].add(col)
@@ -362,8 +372,7 @@ def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
             raise SourceConfigError(f"cannot sort by {ref!r}: it is a child column", "sort")
     for name in needs.children:
         if name not in src.children:
-            raise SourceConfigError(f"output repeats over child {name!r}, not declared",
-                                    "children")
+            raise SourceConfigError(f"output repeats over child {name!r}, not declared", name)
 
     def join_cond(on: dict[str, str], path: str) -> ColumnElement[bool]:
         if not on:
@@ -376,6 +385,9 @@ def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
         extra = [_condition(columns, w) for w in j.where]
         base = base.outerjoin(tables[j.alias], sa.and_(cond, *extra))
     for name, c in src.children.items():
+        if len(c.link) != 1:
+            raise SourceConfigError("a child links on exactly one column pair",
+                                    f"children.{name}.link")
         for a, b in c.link.items():
             if _split(a, "")[0] != c.alias or _split(b, "")[0] in alias_of_child:
                 raise SourceConfigError(
@@ -575,7 +587,22 @@ def _page_statement(p: Prepared, query: Query, dialect: str) -> tuple[Any, dict[
             raise BackendError("internal error: statement parameters out of step")
         if len(p.statements) < 512:  # shapes are few; the bound keeps a hostile client honest
             p.statements[key] = stmt
+    if dialect == "mssql":  # TOP n needs a literal n; a bound limit becomes a ROW_NUMBER() query
+        stmt = stmt.limit(query.count + 1)
     return stmt, {f"v{i}": v for i, v in enumerate(values)}
+
+
+def compile_page(p: Prepared, query: Query, dialect: sa.Dialect) -> tuple[str, dict[str, Any]]:
+    """The SQL text and bound values of one page query as ``dialect`` would run it.
+
+    For reviewing what a mapping sends to a database (e.g. T-SQL, with no server at hand).
+    Request values are only ever among the bound values, never in the text.
+    """
+    # a private statement cache: the mapping's own holds statements built for its database
+    stmt, params = _page_statement(replace(p, statements={}), query, dialect.name)
+    compiled = stmt.params(params).compile(dialect=dialect,
+                                           compile_kwargs={"render_postcompile": True})
+    return compiled.string, {k: v for k, v in params.items() if k in compiled.binds}
 
 
 def _count(conn: sa.Connection, p: Prepared, criteria: Criterion | None) -> int:

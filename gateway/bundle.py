@@ -1,26 +1,34 @@
-"""Searchset Bundles and their stateless, signed paging links.
+"""Searchset Bundles and their stateless, encrypted paging links.
 
 A paging link carries everything needed to serve the next page: the position (the sort-key
-values of the last record shown) and a fingerprint of the query, signed with the gateway's
-paging secret. Any replica sharing the secret can serve it; a tampered link, or one pasted
-onto a different query, is rejected with 400. Nothing is stored server-side.
+values of the last record shown, or a backend continuation pointer) and a fingerprint of the
+query. It is encrypted and authenticated (Fernet) with a key derived from the gateway's
+paging secret: encrypted because the position can hold a date of birth or an internal key,
+and URLs end up in proxy logs; authenticated so a tampered link, or one pasted onto a
+different query, is rejected with 400. Any replica sharing the secret can serve it; nothing
+is stored server-side. Links expire after ``PAGE_LINK_TTL`` seconds.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 from urllib.parse import urlencode
 
-from itsdangerous import BadData, URLSafeSerializer
+import orjson
+from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.errors import InvalidPageToken
 
+PAGE_LINK_TTL = 24 * 3600
+
 
 class Pager:
-    def __init__(self, secret: str) -> None:
-        self._s = URLSafeSerializer(secret, salt="careconnect-gateway.page",
-                                    serializer_kwargs={"default": str, "separators": (",", ":")})
+    def __init__(self, secret: str, ttl: int = PAGE_LINK_TTL) -> None:
+        key = hashlib.sha256(b"careconnect-gateway.page:" + secret.encode()).digest()
+        self._fernet = Fernet(base64.urlsafe_b64encode(key))
+        self._ttl = ttl
 
     @staticmethod
     def fingerprint(resource_type: str, used: list[tuple[str, str]]) -> str:
@@ -28,12 +36,15 @@ class Pager:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def token(self, fingerprint: str, after: tuple[Any, ...], backwards: bool) -> str:
-        return self._s.dumps([fingerprint, list(after), int(backwards)])
+        payload = orjson.dumps([fingerprint, list(after), int(backwards)], default=str)
+        return self._fernet.encrypt(payload).decode("ascii")
 
     def load(self, token: str, fingerprint: str) -> tuple[tuple[Any, ...], bool]:
         try:
-            fp, after, backwards = self._s.loads(token)
-        except (BadData, ValueError, TypeError):
+            fp, after, backwards = orjson.loads(
+                self._fernet.decrypt(token.encode("ascii"), ttl=self._ttl)
+            )
+        except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
             raise InvalidPageToken("the paging link is not valid (altered or expired)") from None
         if fp != fingerprint:
             raise InvalidPageToken("the paging link belongs to a different search")

@@ -287,7 +287,8 @@ def _criterion(
         alternatives = [_token(ctx, name, param, parse_token(name, v)) for v in values]
         found = any_of(alternatives)
         if modifier == "not":
-            return Or((Not(found), *(IsNull(r) for r in param.refs)))
+            # Null-safe leaves keep NOT two-valued: a resource without the value matches.
+            return Not(_null_safe(found))
         return found
     if param.type == "date":
         return any_of([_date(ctx, param, parse_date(name, v, ctx.tz)) for v in values])
@@ -300,6 +301,17 @@ def _criterion(
             raise InvalidParameter(f"'{name}:{restrict}' cannot take a {ref.type} reference")
         out.append(_reference(ctx, targets, ReferenceValue(ref.type or restrict, ref.id)))
     return any_of(out)
+
+
+def _null_safe(c: Criterion) -> Criterion:
+    """Make every comparison false, not unknown, where its column is empty."""
+    if isinstance(c, And | Or):
+        return type(c)(tuple(_null_safe(i) for i in c.items))
+    if isinstance(c, Not):
+        return Not(_null_safe(c.item))
+    if isinstance(c, Compare | In | Text):
+        return And((IsNull(c.ref, null=False), c))
+    return c
 
 
 def _string(param: SearchParam, value: StringValue) -> Criterion:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ValidationError
@@ -28,7 +28,14 @@ from gateway.mapping.codemaps import CodeMap, Target
 from gateway.mapping.compile import CompileContext, CompileError, compile_expr, compile_output
 from gateway.mapping.model import Connection, MappingFile, MappingSet
 from gateway.mapping.storage import Storage, make_storage
-from gateway.mapping.yamlfile import YamlError, line_of, load, split_path
+from gateway.mapping.yamlfile import (
+    YamlError,
+    line_of,
+    line_of_dotted,
+    line_of_value,
+    load,
+    split_path,
+)
 
 CONNECTIONS_FILE = "connections.yaml"
 _PASSWORD_IN_URL = re.compile(r"://[^/@:]+:[^/@]+@")
@@ -93,7 +100,11 @@ def _validation_problems(path: Path, doc: Any, exc: ValidationError, prefix: tup
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        out.append(Problem(path, line_of(doc, loc), f"{where}: {msg}"))
+        line = line_of(doc, loc)
+        if not err["loc"] and ": " in msg:  # a whole-file check naming the key it is about
+            where, msg = msg.split(": ", 1)
+            line = line_of_dotted(doc, where)
+        out.append(Problem(path, line, f"{where}: {msg}"))
     return out
 
 
@@ -153,13 +164,9 @@ class _CodeMapFile(BaseModel):
     source: str | None = None
     description: str | None = None
     target_system: str | None = None
-    unmapped: str = "omit"
+    unmapped: Literal["omit", "default", "error"] = "omit"
     default: _TargetSpec | None = None
     map: dict[str, _TargetSpec]
-
-    def model_post_init(self, _ctx: Any) -> None:
-        if self.unmapped not in ("omit", "default", "error"):
-            raise ValueError("unmapped must be one of: omit, default, error")
 
 
 def resolve_url(name: str, conn: Connection, demo_url: Callable[[], str] | None,
@@ -261,9 +268,34 @@ def load_directory(
         result = _compile(path, doc, spec, conn_name, adapter, codemaps, tzs[conn_name], problems)
         if result is not None:
             compiled.append(result)
-    if problems:
-        raise MappingError(problems)
+    if problems:  # a broken connection is met once per mapping using it: report it once
+        raise MappingError(list(dict.fromkeys(problems)))
     return LoadedSet(directory, compiled, adapters, codemaps, settings)
+
+
+def _semantic_problems(path: Path, doc: Any, spec: MappingFile,
+                       storage: Callable[[str], Storage], ctx: CompileContext) -> list[Problem]:
+    """Checks across sections that the schema alone cannot make."""
+    out: list[Problem] = []
+    if spec.id.transform or spec.id.codemap or spec.id.ref or spec.id.function:
+        out.append(Problem(path, line_of(doc, ["id"]),
+                           "id: reads the record key as it is (no transform, codemap, ref "
+                           "or function)"))
+    lu = spec.last_updated.source_ref if spec.last_updated is not None else None
+    if lu is not None and storage(lu).kind != "datetime":
+        out.append(Problem(path, line_of(doc, ["last_updated"]),
+                           "last_updated: its column must be declared as a datetime in types:"))
+    used = set(ctx.refs) | {r for refs in ctx.children.values() for r in refs}
+    used |= {r for p in spec.search.values() for r in p.refs}
+    used |= {r for p in spec.search.values() for s in p.systems or () for r in s.when}
+    for key in (spec.id, spec.last_updated):
+        if key is not None and key.source_ref:
+            used.add(key.source_ref)
+    for ref in spec.types:
+        if ref not in used:
+            out.append(Problem(path, line_of(doc, ["types", ref]),
+                               f"types.{ref}: declared but not used by the mapping"))
+    return out
 
 
 def _compile(
@@ -287,20 +319,27 @@ def _compile(
     try:
         build = compile_output(spec.output, ctx)
     except CompileError as exc:
-        problems.append(Problem(path, line_of(doc, ["output", *split_path(exc.path)]),
-                                f"output.{exc.path}: {exc.message}"))
-        return None
+        for err in ctx.errors or [exc]:
+            problems.append(Problem(path, line_of(doc, ["output", *split_path(err.path)]),
+                                    f"output.{err.path}: {err.message}"))
     try:
         build_id = compile_expr(spec.id, ctx, "id")
         build_lu = (compile_expr(spec.last_updated, ctx, "last_updated")
                     if spec.last_updated else None)
     except CompileError as exc:
         problems.append(Problem(path, line_of(doc, split_path(exc.path)), str(exc)))
-        return None
     for name, param in spec.search.items():
         if param.codemap and param.codemap not in codemaps:
             problems.append(Problem(path, line_of(doc, ["search", name, "codemap"]),
                                     f"search.{name}.codemap: unknown codemap {param.codemap!r}"))
+        if param.type == "date":
+            for ref in param.refs:
+                if storage(ref).kind not in ("date", "datetime"):
+                    problems.append(Problem(
+                        path, line_of(doc, ["search", name]),
+                        f"search.{name}: {ref} must be declared as a date or datetime in types:",
+                    ))
+    problems.extend(_semantic_problems(path, doc, spec, storage, ctx))
     if len(problems) > before:
         return None
 
@@ -326,8 +365,15 @@ def _compile(
     try:
         prepared = adapter.prepare(dict(spec.source), needs)
     except SourceConfigError as exc:
-        where = f"source.{exc.path}" if exc.path and not exc.path[0].isupper() else "source"
-        line = line_of(doc, split_path(where)) if where != "source" else line_of(doc, ["source"])
+        parts = split_path(exc.path)
+        if not parts or parts[0] in doc["source"]:
+            where = f"source.{exc.path}" if parts else "source"
+            line = line_of(doc, ["source", *parts])
+        elif parts[0] in doc:  # a top-level key the adapter checks (id, sort)
+            where, line = exc.path, line_of(doc, parts)
+        else:  # a reference or child name the source lacks: where the mapping uses it
+            where = "source"
+            line = line_of_value(doc, exc.path) or line_of(doc, ["source"])
         problems.append(Problem(path, line, f"{where}: {exc}"))
         return None
     return CompiledMapping(
