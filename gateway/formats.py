@@ -55,7 +55,8 @@ def negotiate(accept: str | None, format_param: str | None, pretty_param: str | 
         return Format(_kind(media) or "json", media, pretty)
     if not accept:
         return Format("json", DEFAULT.media_type, pretty)
-    best: tuple[float, int, str] | None = None
+    offers: list[tuple[float, int, str]] = []
+    refused: set[str] = set()
     for order, part in enumerate(accept.split(",")):
         media, *params = (p.strip() for p in part.split(";"))
         q = 1.0
@@ -67,11 +68,16 @@ def negotiate(accept: str | None, format_param: str | None, pretty_param: str | 
                     q = 0.0
         media = media.lower()
         if q <= 0:
-            continue
-        if media in ("*/*", "application/*"):
-            media = DEFAULT.media_type
-        elif media == "text/*":
-            media = "text/xml"
+            refused.add(media)
+        else:
+            offers.append((q, order, media))
+    best: tuple[float, int, str] | None = None
+    for q, order, media in offers:
+        if media in ("*/*", "application/*", "text/*"):
+            # A wildcard takes the first type we produce that was not refused by name.
+            preferred = ("text/xml",) if media == "text/*" else (
+                DEFAULT.media_type, "application/fhir+xml")
+            media = next((m for m in preferred if m not in refused), "")
         if _kind(media) is None:
             continue
         if best is None or (q, -order) > (best[0], -best[1]):

@@ -24,5 +24,6 @@ def configure(level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.BytesLoggerFactory(file=sys.stdout.buffer),
-        cache_logger_on_first_use=True,
+        # Not cached: a cached logger keeps the level and stream of the first configure().
+        cache_logger_on_first_use=False,
     )

@@ -23,11 +23,12 @@ from gateway.errors import (
     GatewayError,
     InternalError,
     MethodNotAllowed,
+    NotAcceptable,
     NotFound,
     issue,
     operation_outcome,
 )
-from gateway.formats import DEFAULT, Format, render
+from gateway.formats import DEFAULT, Format, negotiate, render
 from gateway.providers import adapter_seconds
 
 log = structlog.get_logger("gateway.request")
@@ -97,7 +98,13 @@ def _request_id(scope: Scope) -> str:
 
 def _format(request: Request) -> Format:
     fmt = getattr(request.state, "format", None)
-    return fmt if isinstance(fmt, Format) else DEFAULT
+    if isinstance(fmt, Format):
+        return fmt
+    try:  # no handler negotiated (no route matched): honour the client for the error too
+        return negotiate(request.headers.get("accept"), request.query_params.get("_format"),
+                         request.query_params.get("_pretty"))
+    except NotAcceptable:
+        return DEFAULT
 
 
 def outcome_response(request: Request, error: GatewayError) -> Response:
@@ -113,7 +120,7 @@ def outcome_response(request: Request, error: GatewayError) -> Response:
 
 async def gateway_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    if exc.status >= 500:
+    if exc.status >= 500 and exc.status != 501:  # 501: the client asked for what is not served
         log.warning("backend_error" if exc.status > 500 else "server_error",
                     error=type(exc).__name__, code=exc.error_code,
                     cause=type(exc.__cause__).__name__ if exc.__cause__ else None)

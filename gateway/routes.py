@@ -36,6 +36,7 @@ from gateway.errors import (
 )
 from gateway.formats import Format, negotiate, render
 from gateway.plan import Include, RevInclude, SearchPlan
+from gateway.profiles.operation import validate_endpoint
 from gateway.providers import Provider, Registry
 from gateway.settings import Settings
 
@@ -83,7 +84,7 @@ class Api:
 
     async def metadata(self, request: Request) -> Response:
         fmt = self.fmt(request)
-        if request.method != "GET":
+        if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
         return self.respond(capability_statement(self.registry, self.base_url(request)), fmt)
 
@@ -92,7 +93,7 @@ class Api:
         provider = self.registry.get(request.path_params["type"])
         if request.method == "POST" and "create" in provider.interactions:
             return await self._create(request, provider, fmt)
-        if request.method != "GET":
+        if request.method not in ("GET", "HEAD"):
             allowed = "GET, POST" if "create" in provider.interactions else "GET"
             raise MethodNotAllowed(
                 f"{provider.resource_type} does not support {request.method} here",
@@ -126,14 +127,14 @@ class Api:
         fmt = self.fmt(request)
         provider = self.registry.get(request.path_params["type"])
         rid = request.path_params["id"]
-        if rid == "_search" and request.method == "GET":
+        if rid == "_search" and request.method in ("GET", "HEAD"):
             return await self._search(request, provider, list(request.query_params.multi_items()),
                                       fmt)
         if rid.startswith(("$", "_")):
             raise NotImplementedInteraction("this interaction is not supported by this server")
         if request.method == "PUT" and "update" in provider.interactions:
             return await self._update(request, provider, rid, fmt)
-        if request.method != "GET":
+        if request.method not in ("GET", "HEAD"):
             allowed = "GET, PUT" if "update" in provider.interactions else "GET"
             raise MethodNotAllowed(
                 f"{provider.resource_type}/[id] does not support {request.method}",
@@ -163,7 +164,7 @@ class Api:
 
     async def _create(self, request: Request, provider: Provider, fmt: Format) -> Response:
         resource = await writes.read_body(request)
-        writes.validate(resource, provider.resource_type)
+        writes.validate(resource, provider.resource_type, provider.profile)
         base = self.base_url(request)
         condition = request.headers.get("if-none-exist")
         if condition:
@@ -190,7 +191,7 @@ class Api:
         resource = await writes.read_body(request)
         if resource.get("id") != rid:
             raise BadRequest("the resource id must match the id in the URL")
-        writes.validate(resource, provider.resource_type)
+        writes.validate(resource, provider.resource_type, provider.profile)
         if await provider.read(rid) is None:
             raise NotFound(f"{provider.resource_type} with that id was not found "
                            "(this server does not create by update)")
@@ -366,6 +367,9 @@ def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
         Route("/_ready", ready_endpoint(registry), methods=["GET"]),
         Route(f"{base}/metadata", api.metadata, methods=every),
         Route(f"{base}/{{type}}/_search", api.search_post, methods=["POST"]),
+        Route(f"{base}/{{type}}/$validate", validate_endpoint(api, instance=False), methods=every),
+        Route(f"{base}/{{type}}/{{id}}/$validate", validate_endpoint(api, instance=True),
+              methods=every),
         Route(f"{base}/{{type}}", api.type_level, methods=every),
         Route(f"{base}/{{type}}/{{id}}", api.instance, methods=every),
         Route(f"{base}/{{type}}/{{id}}/{{rest:path}}", api.deeper, methods=every),

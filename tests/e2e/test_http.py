@@ -32,8 +32,9 @@ SMITH_QUERY = {"family": "smith", "gender": "female"}
 # Values from the fixture patient 100001 (SMITH, JANE, 9990000018, born 1965-04-12): none of
 # them may ever appear in an error response, whatever the request contained.
 PHI = ("smith", "jane", "9990000018", "9990000019", "1965-04-12", "19650412", "1965-13-01")
-LEAKS = ("traceback", 'file "', "select ", " from ", "where ", "sqlalchemy", "sqlite",
-         "psycopg", "operationalerror", "patnt_refno", "surname")
+# Python tracebacks, SQL and driver text, source table and column names.
+LEAKS = ("traceback", 'file "', "select ", "from patients", "where p.", "sqlalchemy",
+         "sqlite3", "psycopg", "operationalerror", "patnt_refno", "surname", "p.nhs_number")
 
 
 def free_port() -> int:
@@ -195,7 +196,7 @@ ERRORS: list[tuple[str, str, dict[str, str], int, str]] = [
     ("GET", "/STU3/Patient/_history", {}, 501, "NOT_IMPLEMENTED"),
     ("GET", "/STU3/Patient/$everything", {}, 501, "NOT_IMPLEMENTED"),
     ("GET", "/STU3/Patient/100001/$everything", {}, 501, "NOT_IMPLEMENTED"),
-    ("POST", "/STU3/Patient/$validate", {}, 501, "NOT_IMPLEMENTED"),
+    ("POST", "/STU3/Patient/$match", {}, 501, "NOT_IMPLEMENTED"),
 ]
 
 

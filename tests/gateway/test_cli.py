@@ -1,0 +1,227 @@
+"""The ``careconnect-gateway`` command: arguments, settings precedence, refusing a broken
+mapping directory, ``mappings check``, ``demo build``, and a real ``serve`` subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import structlog
+import yaml
+
+from gateway import cli
+from gateway.settings import default_mappings_dir
+
+DEMO = default_mappings_dir()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key in list(os.environ):
+        if key.startswith("CCG_"):
+            monkeypatch.delenv(key)
+    saved = structlog.get_config()  # serve configures logging onto the captured stdout
+    yield
+    structlog.configure(**saved)
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def test_serve_defaults_leave_settings_to_the_environment() -> None:
+    args = cli.parser().parse_args(["serve"])
+    assert args.func is cli.cmd_serve
+    assert (args.host, args.port, args.mappings, args.base_path, args.demo_patients,
+            args.data_dir, args.log_level, args.proxy_headers) == (
+        None, None, None, None, None, None, None, False)
+
+
+def test_serve_flags(tmp_path: Path) -> None:
+    args = cli.parser().parse_args([
+        "serve", "--host", "0.0.0.0", "--port", "9090", "--mappings", str(tmp_path),
+        "--base-path", "/fhir", "--demo-patients", "300", "--data-dir", str(tmp_path / "d"),
+        "--log-level", "debug", "--proxy-headers"])
+    assert (args.host, args.port, args.mappings, args.base_path, args.demo_patients,
+            args.data_dir, args.log_level, args.proxy_headers) == (
+        "0.0.0.0", 9090, tmp_path, "/fhir", 300, tmp_path / "d", "debug", True)
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["serve", "--port", "eighty"],
+    ["serve", "--demo-patients", "many"],
+    ["serve", "--colour"],
+    ["mappings"],
+    ["demo"],
+    ["demo", "build", "--patients", "x"],
+    ["launch"],
+])
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "usage: careconnect-gateway" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--help"])
+    assert exit_.value.code == 0
+    assert "--demo-patients" in capsys.readouterr().out
+
+
+def test_other_commands_parse() -> None:
+    check = cli.parser().parse_args(["mappings", "check"])
+    assert (check.func, check.dir) == (cli.cmd_mappings_check, None)
+    build = cli.parser().parse_args(["demo", "build"])
+    assert (build.func, build.patients, build.path, build.url, build.data_dir) == (
+        cli.cmd_demo_build, 10_000, None, None, None)
+
+
+def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CCG_PORT", "9000")
+    monkeypatch.setenv("CCG_DEMO_PATIENTS", "700")
+    monkeypatch.setenv("CCG_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CCG_BASE_PATH", "/env")
+    from_env = cli._settings(cli.parser().parse_args(["serve"]))
+    assert (from_env.port, from_env.demo_patients, from_env.data_dir, from_env.base_path) == (
+        9000, 700, tmp_path, "/env")
+    flagged = cli._settings(cli.parser().parse_args(
+        ["serve", "--port", "9001", "--base-path", "/flag"]))
+    assert (flagged.port, flagged.demo_patients, flagged.base_path) == (9001, 700, "/flag")
+
+
+# --- a broken mapping directory ------------------------------------------------------------------
+
+
+def broken_copy(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """The demo mappings with two mistakes; returns the directory and file → broken line."""
+    root = tmp_path / "mappings"
+    shutil.copytree(DEMO.parent / "codemaps", root / "codemaps")
+    shutil.copytree(DEMO, root / "demo-pas")
+    lines: dict[str, int] = {}
+    for name, old, new in [
+        ("Patient.sql.yaml", "gender: {type: token,", "gender: {type: tokn,"),
+        ("Organization.sql.yaml", "name: {type: string, column: o.ORG_NAME,",
+         "name: {type: string, column: o.ORG_NAME, colour: red,"),
+    ]:
+        path = root / "demo-pas" / name
+        text = path.read_text()
+        assert text.count(old) == 1
+        path.write_text(text.replace(old, new))
+        lines[name] = text[: text.index(old)].count("\n") + 1
+    return root / "demo-pas", lines
+
+
+def problem_lines(text: str) -> dict[str, int]:
+    return {Path(m.group(1)).name: int(m.group(2))
+            for m in re.finditer(r"^\s*(\S+\.yaml):(\d+): \S", text, re.MULTILINE)}
+
+
+def test_serve_refuses_a_broken_mapping_directory(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    directory, broken = broken_copy(tmp_path)
+    code = cli.main(["serve", "--mappings", str(directory), "--data-dir", str(tmp_path / "d"),
+                     "--demo-patients", "300", "--port", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "refusing to start: 2 mapping problem(s)\n" in err
+    assert problem_lines(err) == broken
+    assert str(directory / "Patient.sql.yaml") in err
+    assert "serving" not in err
+
+
+def test_mappings_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CCG_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("CCG_DEMO_PATIENTS", "300")
+    directory, broken = broken_copy(tmp_path)
+    assert cli.main(["mappings", "check", str(directory)]) == 1
+    out = capsys.readouterr().out
+    assert problem_lines(out) == broken
+    assert out.rstrip().endswith("2 problem(s)")
+
+    assert cli.main(["mappings", "check"]) == 0
+    ok = capsys.readouterr().out.splitlines()
+    expected = []
+    for f in sorted(DEMO.glob("*.sql.yaml")):
+        doc = yaml.safe_load(f.read_text())
+        expected.append(f"ok  {f.name}: {doc['resource']} via {doc['source']['connection']} "
+                        f"({len(doc['search'])} search parameters)")
+    assert sorted(ok) == sorted(expected)
+
+
+def test_demo_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "pas.sqlite"
+    assert cli.main(["demo", "build", "--patients", "300", "--path", str(target)]) == 0
+    assert capsys.readouterr().out.strip() == str(target)
+    with sqlite3.connect(target) as db:
+        assert db.execute("SELECT COUNT(*) FROM PATIENTS").fetchone() == (300,)
+    # Without --path: named by size in the data directory.
+    assert cli.main(["demo", "build", "--patients", "300", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "demo-pas-300.sqlite")
+    assert (tmp_path / "demo-pas-300.sqlite").is_file()
+
+
+# --- the real thing ----------------------------------------------------------------------------
+
+
+def executable() -> list[str]:
+    script = Path(sys.executable).with_name("careconnect-gateway")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "gateway.cli"]
+
+
+def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCG_")}
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = subprocess.Popen(
+            [*executable(), "serve", "--port", str(port), "--data-dir", str(tmp_path / "d"),
+             "--demo-patients", "300"],
+            stdout=o, stderr=e, env=env, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        with httpx.Client(base_url=base, timeout=5) as c:
+            while True:
+                assert proc.poll() is None, err.read_text()
+                try:
+                    if c.get("/_health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the gateway did not come up in 20 s"
+                time.sleep(0.1)
+            r = c.get("/STU3/Patient", params={"family": "smith", "gender": "female"})
+            assert r.status_code == 200
+            bundle = r.json()
+            assert bundle["type"] == "searchset" and bundle["entry"]
+            assert {e["resource"]["resourceType"] for e in bundle["entry"]} == {"Patient"}
+            assert c.get("/_health").json() == {"status": "pass"}
+        assert (tmp_path / "d" / "demo-pas-300.sqlite").is_file()  # built on first start
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal so the parent sees it
+        assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"serving http://127.0.0.1:{port}/STU3" in err.read_text()
+    log = out.read_text()
+    assert '"event":"started"' in log
+    assert log.count('"event":"request"') == 3
+    assert "smith" not in log.lower()
