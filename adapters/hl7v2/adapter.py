@@ -354,7 +354,7 @@ class Hl7v2Adapter(Adapter):
 
     async def write(self, prepared: Prepared, write: Write) -> WriteResult:
         w = prepared.source.write
-        event = "A28" if write.interaction == "create" else "A31"
+        event: Literal["A28", "A31"] = "A28" if write.interaction == "create" else "A31"
         if w is None or (event == "A28" and not w.create) or (event == "A31" and not w.update):
             raise UnsupportedCriteria(f"this source does not accept {write.interaction}")
         record = dict(write.record)
