@@ -65,7 +65,27 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
               f"({len(m.spec.search)} search parameters)")
-    return 0
+    from gateway.profiles.golden import check_cli
+
+    return check_cli(loaded, getattr(args, "golden", None))
+
+
+def cmd_mappings_coverage(args: argparse.Namespace) -> int:
+    from adapters import registry as adapter_registry
+    from gateway.app import demo_database_url
+    from gateway.mapping.loader import MappingError, load_directory
+    from gateway.profiles.coverage import coverage_cli
+
+    settings = replace(_settings(args), progress=False)
+    directory = args.dir if args.dir is not None else settings.mappings_dir
+    try:
+        loaded = load_directory(directory, adapter_registry.create,
+                                demo_url=lambda: demo_database_url(settings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        return 1
+    return coverage_cli(loaded, args.html)
 
 
 def cmd_demo_build(args: argparse.Namespace) -> int:
@@ -79,6 +99,33 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
         path = args.path or settings.data_dir / f"demo-pas-{args.patients}.sqlite"
         ensure_sqlite_demo(path, patients=args.patients, progress=True)
         print(path)
+    return 0
+
+
+def cmd_pas_simulator(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from adapters.hl7v2.simulator import PasSimulator
+    from gateway.app import demo_database_url
+
+    if args.db is not None:
+        if not args.db.is_file():
+            print(f"no demo PAS database at {args.db}", file=sys.stderr)
+            return 2
+        url = f"sqlite:///{args.db.resolve()}"
+    else:
+        url = demo_database_url(_settings(argparse.Namespace()))
+
+    async def run() -> None:
+        async with PasSimulator(url, host=args.host, port=args.port,
+                                sex_codes=args.sex_codes) as sim:
+            print(f"PAS simulator (HL7 v2.4) listening on mllp://{args.host}:{sim.port}  "
+                  "(Ctrl-C stops it)", file=sys.stderr, flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
     return 0
 
 
@@ -103,7 +150,14 @@ def parser() -> argparse.ArgumentParser:
     msub = mappings.add_subparsers(dest="mappings_command", required=True)
     check = msub.add_parser("check", help="validate a mapping directory without serving")
     check.add_argument("dir", nargs="?", type=Path, help="mapping directory (default: the demo)")
+    check.add_argument("--golden", type=Path, help="golden inputs (<Type>/<case>.input.json) to "
+                       "map and validate against the profiles (default: DIR/golden, or the "
+                       "repository's tests/golden for the demo)")
     check.set_defaults(func=cmd_mappings_check)
+    cov = msub.add_parser("coverage", help="which profile elements each mapping fills")
+    cov.add_argument("dir", nargs="?", type=Path, help="mapping directory (default: the demo)")
+    cov.add_argument("--html", type=Path, help="also write a standalone HTML report here")
+    cov.set_defaults(func=cmd_mappings_coverage)
 
     demo = sub.add_parser("demo", help="the embedded demo PAS")
     dsub = demo.add_subparsers(dest="demo_command", required=True)
@@ -113,6 +167,16 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--url", help="SQLAlchemy URL of an empty database to fill instead")
     build.add_argument("--data-dir", type=Path)
     build.set_defaults(func=cmd_demo_build)
+
+    sim = sub.add_parser("pas-simulator",
+                         help="serve the demo PAS as an HL7 v2.4 PAS over MLLP (for testing)")
+    sim.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=2575, help="MLLP port (default 2575)")
+    sim.add_argument("--db", type=Path,
+                     help="demo PAS SQLite file (default: the embedded demo, built if missing)")
+    sim.add_argument("--sex-codes", choices=["hl7", "nhs"], default="hl7",
+                     help="PID-8 as HL7 M/F/O/U or NHS 1/2/9/X (default hl7)")
+    sim.set_defaults(func=cmd_pas_simulator)
     return p
 
 
