@@ -120,14 +120,28 @@ class fold(FunctionElement[str]):
     name = "ccg_fold"
 
 
-_ACCENTED = "ÀÁÂÃÄÅàáâãäåÈÉÊËèéêëÌÍÎÏìíîïÒÓÔÕÖØòóôõöøÙÚÛÜùúûüÝýÿÑñÇç"
-_PLAIN = "AAAAAAaaaaaaEEEEeeeeIIIIiiiiOOOOOOooooooUUUUuuuuYyyNnCc"
+@functools.cache
+def _pg_fold_table() -> tuple[str, str]:
+    """Non-ASCII letters (Latin, Greek, Cyrillic) and what gateway.search.fold makes of each.
+
+    Derived from the Python fold so both sides agree (Ø stays ø, Ř becomes r), and mapping
+    to lower case here too, as lower() under a C collation leaves non-ASCII letters alone.
+    """
+    from gateway.search import fold as fold_text  # the one definition of folding
+
+    pairs = [(c, fold_text(c)) for c in map(chr, [*range(0xC0, 0x250), *range(0x370, 0x530),
+                                                  *range(0x1E00, 0x1F00)])]
+    pairs = [(c, f) for c, f in pairs if len(f) == 1 and f != c and c.isalpha()]
+    return "".join(c for c, _ in pairs), "".join(f for _, f in pairs)
 
 
 @compiles(fold, "postgresql")
 def _fold_pg(element: fold, compiler: Any, **kw: Any) -> str:
-    arg = compiler.process(element.clauses, **kw)
-    return f"lower(translate({arg}, '{_ACCENTED}', '{_PLAIN}'))"
+    arg = compiler.process(element.clauses, **kw)  # a column: repeating it is harmless
+    accented, plain = _pg_fold_table()
+    # translate() with the long table is slow: only for values that are not plain ASCII
+    return (f"lower(CASE WHEN octet_length({arg}) = length({arg}) THEN {arg} "
+            f"ELSE translate({arg}, '{accented}', '{plain}') END)")
 
 
 @compiles(fold, "mssql")

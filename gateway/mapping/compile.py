@@ -47,6 +47,8 @@ class CompileContext:
     children: dict[str, set[str]] = field(default_factory=dict)
     references: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(element path, target resource type, child name or None) for each ``ref:`` expression."""
+    errors: list[CompileError] = field(default_factory=list)
+    """Every problem found in an output tree (compile_output raises the first)."""
     _child: str | None = None
 
 
@@ -137,14 +139,14 @@ def _codemap_step(cmap: CodeMap, part: str, path: str) -> Callable[[Any], Any]:
 
 def _compile_function(expr: Expr, ctx: CompileContext, path: str) -> Builder:
     assert expr.function is not None
+    refs = list(expr.args)
+    for r in refs:  # recorded first: a misspelt function must not make its columns look unused
+        _use(ctx, r)
     fn = FUNCTIONS.get(expr.function)
     if fn is None:
         raise CompileError(
             path, f"unknown function {expr.function!r} (one of: {', '.join(FUNCTIONS)})"
         )
-    refs = list(expr.args)
-    for r in refs:
-        _use(ctx, r)
     converters = [ctx.storage(r).to_fhir for r in refs]
 
     def call(rec: dict[str, Any]) -> Any:
@@ -167,13 +169,16 @@ def _use(ctx: CompileContext, ref: str) -> None:
 def compile_node(node: Any, ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
     """Return (builder, None) for a dynamic node or (None, constant) for a static one."""
     if isinstance(node, dict):
-        if EXPR_KEYS & node.keys():
+        # transform/codemap without column/field/function: a mistyped expression, not a literal
+        if EXPR_KEYS & node.keys() or {"transform", "codemap"} & node.keys():
             try:
                 expr = Expr.model_validate(node)
             except ValidationError as exc:
                 err = exc.errors()[0]
                 loc = ".".join(str(p) for p in err["loc"])
-                raise CompileError(path + (f".{loc}" if loc else ""), err["msg"]) from None
+                msg = ("unknown key" if err["type"] == "extra_forbidden"
+                       else err["msg"].removeprefix("Value error, "))
+                raise CompileError(path + (f".{loc}" if loc else ""), msg) from None
             return compile_expr(expr, ctx, path), None
         if "each" in node:
             raise CompileError(path, "'each' may only appear on an item of a list")
@@ -190,7 +195,11 @@ def _compile_dict(
 ) -> tuple[Builder | None, Any]:
     items: list[tuple[str, Builder | None, Any]] = []
     for key, value in node.items():
-        fn, const = compile_node(value, ctx, f"{path}.{key}" if path else key)
+        try:
+            fn, const = compile_node(value, ctx, f"{path}.{key}" if path else key)
+        except CompileError as exc:  # keep going: report every problem at once
+            ctx.errors.append(exc)
+            fn, const = None, None
         items.append((key, fn, const))
     if all(fn is None for _, fn, _ in items):
         return None, {k: c for k, _, c in items}
@@ -260,6 +269,8 @@ def compile_output(
     output: dict[str, Any], ctx: CompileContext
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     fn, const = _compile_dict(output, ctx, "")
+    if ctx.errors:
+        raise ctx.errors[0]
     if fn is None:
         return lambda rec: dict(const)
     build = fn

@@ -240,9 +240,15 @@ def load_directory(
 
     compiled: list[CompiledMapping] = []
     seen: dict[str, Path] = {}
-    for path in sorted(directory.glob("*.yaml")):
-        if path.name == CONNECTIONS_FILE:
-            continue
+    files = [p for p in sorted(directory.glob("*.yaml")) if p.name != CONNECTIONS_FILE]
+    for i, rel in enumerate(settings.include):
+        included = (directory / rel).resolve()
+        if not included.is_file():
+            problems.append(Problem(conn_path, line_of(conn_doc, ["include", i]),
+                                    f"include[{i}]: {rel} not found"))
+        else:
+            files.append(included)
+    for path in files:
         try:
             doc = load(path)
         except YamlError as exc:

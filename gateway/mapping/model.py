@@ -130,6 +130,8 @@ class SearchParam(_Strict):
 
     system: str | None = None
     """For a plain token parameter: the one system its codes belong to."""
+    where: dict[str, str] = Field(default_factory=dict)
+    """HL7 v2: narrow column/field/columns/target to a repetition (see Expr.where)."""
 
     @property
     def refs(self) -> list[str]:
@@ -138,13 +140,14 @@ class SearchParam(_Strict):
         if self.period:
             return [self.period.start, self.period.end]
         if self.targets:
-            return list(self.targets.values())
+            return [with_where(r, self.where) or r for r in self.targets.values()]
         single = self.column or self.field
-        return [single] if single else list(self.columns or [])
+        refs = [single] if single else list(self.columns or [])
+        return [with_where(r, self.where) or r for r in refs]
 
     def reference_targets(self) -> dict[str, str]:
         if self.targets:
-            return dict(self.targets)
+            return {t: with_where(r, self.where) or r for t, r in self.targets.items()}
         if self.target:
             return {self.target: self.refs[0]}
         return {}
@@ -213,4 +216,6 @@ class MappingSet(_Strict):
 
     connections: dict[str, Connection]
     codemaps: str = "../codemaps"
+    include: list[str] = Field(default_factory=list)
+    """Mapping files from elsewhere to load as if they were here (shared, not copied)."""
     base_url: str | None = None

@@ -62,7 +62,10 @@ def _date_compact(v: Any) -> str | None:
     s = _text(v)
     if s is None or len(s) < 8 or not s[:8].isdigit():
         return None
-    return f"{s[0:4]}-{s[4:6]}-{s[6:8]}"
+    try:  # 00000000, 19650230: legacy "not known" or garbage, never a FHIR date
+        return dt.date(int(s[0:4]), int(s[4:6]), int(s[6:8])).isoformat()
+    except ValueError:
+        return None
 
 
 def _date_iso(v: Any) -> str | None:
@@ -71,7 +74,12 @@ def _date_iso(v: Any) -> str | None:
     if isinstance(v, dt.date):
         return v.isoformat()
     s = _text(v)
-    return s[:10] if s and len(s) >= 10 else None
+    if not s or len(s) < 10:
+        return None
+    try:
+        return dt.date.fromisoformat(s[:10]).isoformat()
+    except ValueError:
+        return None
 
 
 def _day(t: dt.datetime) -> dt.datetime:

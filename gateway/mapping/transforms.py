@@ -22,7 +22,10 @@ def _title_case(value: Any) -> Any:
         w = m.group(0).lower()
         if "'" in w:
             head, tail = w.split("'", 1)
-            return head.capitalize() + "'" + tail.capitalize()
+            # O'BRIEN -> O'Brien, but ST JOHN'S -> St John's
+            return head.capitalize() + "'" + (tail.capitalize() if len(tail) > 1 else tail)
+        if w.startswith("mc") and len(w) > 2:  # MCDONALD -> McDonald (not Mac-: Machin, Mack)
+            return "Mc" + w[2:].capitalize()
         return w.capitalize()
 
     return _WORD.sub(cap, str(value))
@@ -61,7 +64,8 @@ def _no_spaces(value: Any) -> Any:
 
 
 TRANSFORMS: dict[str, tuple[Transform, str]] = {
-    "title_case": (_title_case, "SMITH-JONES -> Smith-Jones; O'BRIEN -> O'Brien"),
+    "title_case": (_title_case, "SMITH-JONES -> Smith-Jones; O'BRIEN -> O'Brien; "
+                   "MCDONALD -> McDonald"),
     "upper": (lambda v: str(v).upper(), "to upper case"),
     "lower": (lambda v: str(v).lower(), "to lower case"),
     "string": (_string, "any value as trimmed text (integers become their digits)"),

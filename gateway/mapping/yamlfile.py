@@ -45,6 +45,10 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
                 None, None, f"key {key_node.value!r} reads as a boolean in YAML; quote it",
                 key_node.start_mark)
         if not isinstance(key, str):
+            if str(key) != key_node.value:  # 01 is the integer 1 in YAML 1.1: "01" is lost
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} reads as {key!r} in YAML; quote it",
+                    key_node.start_mark)
             key = str(key)
         if key in out:
             raise yaml.constructor.ConstructorError(
@@ -108,3 +112,42 @@ def split_path(path: str) -> list[Any]:
             out.append(head)
         out.extend(int(i) for i in indexes if i.isdigit())
     return out
+
+
+def line_of_dotted(doc: Any, dotted: str) -> int:
+    """Like ``line_of`` for a dotted path whose keys may contain dots (``types.p.SURNAME``)."""
+    line = getattr(doc, "line", 0)
+    node, parts = doc, split_path(dotted)
+    while parts:
+        if isinstance(node, LineList) and isinstance(parts[0], int) and parts[0] < len(node):
+            line, node, parts = node.item_lines[parts[0]], node[parts[0]], parts[1:]
+            continue
+        if not isinstance(node, LineDict):
+            break
+        for n in range(len(parts), 0, -1):
+            key = ".".join(str(p) for p in parts[:n])
+            if key in node:
+                line, node, parts = node.key_lines.get(key, line), node[key], parts[n:]
+                break
+        else:
+            break
+    return line
+
+
+def line_of_value(doc: Any, value: str) -> int | None:
+    """The line of the first key or scalar equal to ``value``, in document order."""
+    if isinstance(doc, LineDict):
+        for key, v in doc.items():
+            if value in (key, v):
+                return doc.key_lines.get(key, doc.line)
+            found = line_of_value(v, value)
+            if found:
+                return found
+    elif isinstance(doc, LineList):
+        for i, v in enumerate(doc):
+            if v == value:
+                return doc.item_lines[i]
+            found = line_of_value(v, value)
+            if found:
+                return found
+    return None
