@@ -172,6 +172,7 @@ class Prepared:
     fields: dict[str, FieldRef]
     child_fields: dict[str, dict[str, FieldRef]]
     child_of_field: dict[tuple[str, int], str] = field(default_factory=dict)
+    read_segments: set[str] = field(default_factory=set)
 
 
 class Hl7v2Adapter(Adapter):
@@ -196,6 +197,7 @@ class Hl7v2Adapter(Adapter):
             ssl = client_ssl_context(ca_file=o.ca_file, cert_file=o.cert_file,
                                      key_file=o.key_file, verify=o.verify)
         self.endpoint = Endpoint(parts.hostname, parts.port, ssl)
+        self._warned: set[str] = set()
         o = self.options
         self.client = MllpClient(self.endpoint, pool_size=o.pool_size,
                                  connect_timeout=o.connect_timeout,
@@ -244,7 +246,11 @@ class Hl7v2Adapter(Adapter):
         key = parse_ref(needs.key)
         if src.read == "Q21" and not src.id_type:
             raise SourceConfigError("read: Q21 needs id_type (the PID-3.5 of the id)", "id_type")
-        return Prepared(src, key, needs.key, fields, child_fields, child_of_field)
+        read = {fr.path.segment for fr in fields.values()}
+        read |= {fr.path.segment for cf in child_fields.values() for fr in cf.values()}
+        read |= {s.segment for s in src.children.values() if s.segment}
+        read.add(src.group)
+        return Prepared(src, key, needs.key, fields, child_fields, child_of_field, read)
 
     def interactions(self, prepared: Prepared) -> frozenset[str]:
         out = {"read", "search-type"}
@@ -341,7 +347,9 @@ class Hl7v2Adapter(Adapter):
         if qak is not None and qak.value(2) == "NF":
             return []
         out = []
-        for group in reply.groups(prepared.source.group):
+        groups = reply.groups(prepared.source.group)
+        self._check_segments(prepared, groups)
+        for group in groups:
             rec = _extract(group, prepared.fields)
             if rec.get(prepared.key_ref) is None:
                 continue  # a group without the id cannot become a resource
@@ -349,6 +357,17 @@ class Hl7v2Adapter(Adapter):
                 rec["@" + name] = _children(group, spec, prepared.child_fields[name])
             out.append(rec)
         return out
+
+    def _check_segments(self, prepared: Prepared, groups: list[list[Any]]) -> None:
+        """Segments nobody reads must be ignored by decision (ignore_segments), not by
+        accident: an unexpected one (a new Z-segment from a PAS upgrade) is logged once."""
+        known = prepared.read_segments | set(prepared.source.ignore_segments)
+        for group in groups:
+            for seg in group:
+                if seg.name not in known and seg.name not in self._warned:
+                    self._warned.add(seg.name)
+                    log.warning("unmapped_segment", connection=self.label, segment=seg.name,
+                                hint="map it, or list it in the source's ignore_segments")
 
     # -- writes
 
@@ -361,7 +380,16 @@ class Hl7v2Adapter(Adapter):
         if write.id is not None:
             record[prepared.key_ref] = write.id
         values = _adt_values(prepared, record)
-        control = write.idempotency_key or messages.new_control_id()
+        if write.interaction == "update":
+            # FHIR update replaces the resource: a field the mapping reads that the new
+            # version lacks is cleared with the HL7 null "" (an absent field means "no change").
+            sent = {k.split(".")[0].split("[")[0] for k in values}
+            for fr in prepared.fields.values():
+                name = f"{fr.path.segment}-{fr.path.field}"
+                if fr.path.segment in ("PID", "PD1") and name not in sent:
+                    values[f"{name}.1"] = '""'
+                    sent.add(name)
+        control = messages.new_control_id()
         msg = messages.adt(self.header, control, event=event, values=values)
         reply = await self._send(msg, control, [str(v) for v in values.values()])
         if write.id is not None:
@@ -443,10 +471,16 @@ def _qpd_pairs(p: Prepared, c: Criterion | None) -> list[tuple[str, str]]:
             raise UnsupportedCriteria(_unsupported(leaf))
     for ref, bounds in ranges.items():
         lo, hi = bounds.get(">="), bounds.get("<")
-        if lo is None or hi is None or not _one_day(str(lo), str(hi)):
+        if p.source.search == "ZV1":
+            # The NHS visit query takes inclusive day ranges, either end open: from-to.
+            start = str(lo)[:8] if lo is not None else ""
+            end = _day_before(str(hi)) if hi is not None else ""
+            pairs += _pairs_for(ref, f"{start}-{end}")
+        elif lo is not None and hi is not None and _one_day(str(lo), str(hi)):
+            pairs += _pairs_for(ref, str(lo))
+        else:
             raise UnsupportedCriteria("this source matches dates exactly: search a full date "
                                       "(YYYY-MM-DD) without a prefix")
-        pairs += _pairs_for(ref, str(lo))
     if not pairs:
         raise UnsupportedCriteria("this source needs at least one search parameter")
     return pairs
@@ -466,6 +500,14 @@ def _one_day(lo: str, hi: str) -> bool:
     except ValueError:
         return False
     return (d1 - d0).days == 1 and len(lo) == 8
+
+
+def _day_before(bound: str) -> str:
+    """The last day included by an exclusive bound in YYYYMMDD[HHMM] form."""
+    import datetime as dt
+
+    moment = dt.datetime.strptime(bound[:12].ljust(12, "0"), "%Y%m%d%H%M")
+    return (moment - dt.timedelta(minutes=1)).strftime("%Y%m%d")
 
 
 def _unsupported(leaf: Criterion) -> str:
@@ -566,9 +608,10 @@ def _rejection(label: str, code: str, reply: er7.Message, sensitive: list[str]) 
     if msa is not None and msa.value(3):
         texts.append(msa.value(3) or "")
     for err in reply.all("ERR"):
-        for f, c in ((3, 1), (3, 2), (8, 1)):
-            v = err.value(f, c)
-            if v:
+        # v2.4 carries the code and text in ERR-1.4 (CE in a CM); v2.5+ in ERR-3 and ERR-8.
+        for f, c, sc in ((1, 4, 1), (1, 4, 2), (3, 1, 1), (3, 2, 1), (8, 1, 1)):
+            v = err.value(f, c, sc)
+            if v and v not in texts:
                 texts.append(v)
     text = " ".join(t for t in texts if t)
     for s in sensitive:
