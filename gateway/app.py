@@ -49,6 +49,12 @@ def build_app(settings: Settings | None = None) -> Starlette:
         urls=settings.connection_urls,
     )
     registry = Registry(Provider(m) for m in loaded.mappings)
+    if settings.validate_responses:
+        from gateway.profiles import runtime
+
+        app_validation: runtime.ResponseValidation | None = runtime.install(registry)
+    else:
+        app_validation = None
     api = Api(registry, settings, Pager(settings.paging_secret))
 
     @asynccontextmanager
@@ -67,4 +73,5 @@ def build_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.registry = registry
     app.state.settings = settings
+    app.state.response_validation = app_validation
     return app

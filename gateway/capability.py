@@ -98,6 +98,8 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "resource": [resource_capability(p, registry) for p in registry],
+                "operation": [{"name": "validate", "definition": {
+                    "reference": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}}],
             }
         ],
     }

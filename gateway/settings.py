@@ -46,6 +46,8 @@ class Settings:
     """Per-connection URL overrides (tests, tooling); deployments use each url_env instead."""
     log_level: str = "info"
     progress: bool = True
+    validate_responses: bool = False
+    """Validate every outgoing resource against its profile and log issues (no values)."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

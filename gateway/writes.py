@@ -96,10 +96,13 @@ def _pydantic_problems(resource_type: str, exc: Any) -> list[tuple[str, str]]:
     return problems
 
 
-def validate(resource: dict[str, Any], resource_type: str) -> None:
-    """STU3 structure (fhir.resources) plus the Care Connect checks the gateway owns."""
+def validate(resource: dict[str, Any], resource_type: str, profile: str | None = None) -> None:
+    """STU3 structure (fhir.resources) plus the Care Connect profile (errors block; warnings
+    do not); ``profile`` defaults to the one the resource claims, else its type's."""
     from fhir.resources.STU3 import get_fhir_model_class
     from pydantic import ValidationError
+
+    from gateway.profiles.validator import validate as profile_issues
 
     if resource.get("resourceType") != resource_type:
         raise ResourceInvalid([(f"{resource_type}.resourceType",
@@ -116,5 +119,9 @@ def validate(resource: dict[str, Any], resource_type: str) -> None:
         if not isinstance(value, str) or not nhs_number.is_valid(value):
             problems.append((f"{resource_type}.identifier[{i}].value",
                              "an NHS number must be 10 digits with a valid check digit"))
+    reported = {path for path, _ in problems}  # one issue per place: STU3 first, then profile
+    problems += [(i.expression, i.message) for i in profile_issues(resource, profile)
+                 if i.severity == "error" and i.expression not in reported]
+    problems = list(dict.fromkeys(problems))
     if problems:
         raise ResourceInvalid(problems)

@@ -1,0 +1,84 @@
+"""Profile validation speed: load time, and per-resource median µs for the demo's resources.
+
+    python bench/validate_bench.py [--patients 2000] [--rounds 5]
+
+Targets (from the "Care Connect profile validation" issue): loading all profiles ≤ 2 s;
+validating one Patient ≤ 1 ms (1000 µs) once profiles are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import ensure_demo
+
+LOAD_TARGET_S = 2.0
+PER_RESOURCE_TARGET_US = 1000.0
+
+
+async def _resources(db: Path, limit: int) -> dict[str, list[dict[str, object]]]:
+    from adapters.base import Query
+    from adapters.registry import create
+    from gateway.mapping.loader import load_directory
+    from gateway.providers import Provider
+    from gateway.settings import default_mappings_dir
+
+    loaded = load_directory(default_mappings_dir(), create, urls={"pas": f"sqlite:///{db}"})
+    out: dict[str, list[dict[str, object]]] = {}
+    for m in loaded.mappings:
+        provider = Provider(m)
+        page = await provider._fetch(Query(None, provider.key_sort, count=limit))
+        out[m.resource_type] = [provider.resource(r) for r in page.records]
+    for adapter in loaded.adapters.values():
+        await adapter.aclose()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--patients", type=int, default=2000, help="demo PAS size")
+    p.add_argument("--rounds", type=int, default=5, help="validations per resource")
+    args = p.parse_args()
+
+    from gateway import logging as gateway_logging
+    from gateway.profiles.validator import Profiles, validate
+
+    gateway_logging.configure("warning")
+    started = time.perf_counter()
+    profiles = Profiles()
+    load = time.perf_counter() - started
+    ok = load <= LOAD_TARGET_S
+    print(f"load all profiles: {load * 1000:8.1f} ms   (target ≤ {LOAD_TARGET_S * 1000:.0f} ms)"
+          f"  {'OK' if ok else 'MISSED'}")
+
+    db, _ = ensure_demo(args.patients, progress=False)
+    by_type = asyncio.run(_resources(db, args.patients))
+    print(f"{'resource':<14}{'count':>7}{'median µs':>12}{'p95 µs':>10}{'target µs':>11}")
+    for rtype, resources in sorted(by_type.items()):
+        times = []
+        errors = 0
+        for resource in resources:
+            errors += sum(i.severity == "error" for i in validate(resource, profiles=profiles))
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                validate(resource, profiles=profiles)
+                times.append(time.perf_counter() - t)
+        med = statistics.median(times) * 1e6
+        p95 = statistics.quantiles(times, n=20)[-1] * 1e6
+        hit = med <= PER_RESOURCE_TARGET_US
+        ok = ok and hit and errors == 0
+        print(f"{rtype:<14}{len(resources):>7}{med:>12.1f}{p95:>10.1f}"
+              f"{PER_RESOURCE_TARGET_US:>11.0f}  {'OK' if hit else 'MISSED'}"
+              + (f"  ({errors} profile errors!)" if errors else ""))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

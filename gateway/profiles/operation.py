@@ -1,0 +1,87 @@
+"""The STU3 ``$validate`` operation: ``[type]/$validate`` and ``[type]/[id]/$validate``.
+
+POST takes the resource itself (JSON or XML, read like any write body) or a ``Parameters``
+resource with a ``resource`` parameter (and optionally ``profile``). GET on an instance
+validates the stored resource as the gateway serves it. The answer is always 200 with an
+OperationOutcome listing the issues, or one "All OK" information issue when there are none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import writes
+from gateway.errors import MethodNotAllowed, NotFound
+from gateway.profiles.validator import Issue, validate
+
+if TYPE_CHECKING:
+    from gateway.routes import Api
+
+DEFINITION = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def outcome(issues: list[Issue]) -> dict[str, Any]:
+    if not issues:
+        return {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "information", "code": "informational", "diagnostics": "All OK"}]}
+    return {"resourceType": "OperationOutcome", "issue": [i.outcome_issue() for i in issues]}
+
+
+def _from_parameters(body: dict[str, Any]) -> tuple[Any, str | None]:
+    resource: Any = None
+    profile: str | None = None
+    for param in body.get("parameter") or ():
+        if not isinstance(param, dict):
+            continue
+        if param.get("name") == "resource":
+            resource = param.get("resource")
+        elif param.get("name") == "profile" and isinstance(param.get("valueUri"), str):
+            profile = param["valueUri"]
+    return resource, profile
+
+
+def validate_endpoint(api: Api, instance: bool) -> Endpoint:
+    """The handler for ``[type]/$validate`` (instance=False) or ``[type]/[id]/$validate``."""
+
+    async def endpoint(request: Request) -> Response:
+        fmt = api.fmt(request)
+        provider = api.registry.get(request.path_params["type"])
+        allowed = ("GET", "POST") if instance else ("POST",)
+        if request.method not in allowed:
+            raise MethodNotAllowed("$validate supports " + " and ".join(allowed),
+                                   headers={"Allow": ", ".join(allowed)})
+        rtype = provider.resource_type
+        rid = request.path_params.get("id")
+        issues: list[Issue] = []
+        profile: str | None = provider.profile
+        if request.method == "GET":
+            assert rid is not None
+            resource: Any = await provider.read(rid)
+            if resource is None:
+                raise NotFound(f"{rtype} with that id was not found")
+        else:
+            resource = await writes.read_body(request)
+            if resource.get("resourceType") == "Parameters":
+                resource, asked = _from_parameters(resource)
+                profile = asked or profile
+                if not isinstance(resource, dict):
+                    issues.append(Issue("error", "required",
+                                        "the Parameters need a 'resource' parameter",
+                                        "Parameters.parameter"))
+                    return api.respond(outcome(issues), fmt)
+            if resource.get("resourceType") != rtype:
+                issues.append(Issue("error", "invalid", f"the resource must be a {rtype}",
+                                    f"{rtype}.resourceType"))
+                return api.respond(outcome(issues), fmt)
+            if rid is not None and "id" in resource and resource["id"] != rid:
+                issues.append(Issue("error", "invalid",
+                                    "the resource id must match the id in the URL", f"{rtype}.id"))
+        issues += validate(resource, profile)
+        return api.respond(outcome(issues), fmt)
+
+    return endpoint

@@ -1,0 +1,34 @@
+"""The vendored data is what gateway.profiles.vendor makes from ../shared, and ships."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.profiles import vendor
+from gateway.profiles.validator import DATA_DIR
+
+SHARED = Path(__file__).resolve().parents[3].parent / "shared"
+
+
+def test_data_files_present_with_notice() -> None:
+    for name in ("structuredefinitions.json", "terminology.json", "base-stu3.json"):
+        json.loads((DATA_DIR / name).read_text())
+    notice = (DATA_DIR / "NOTICE.md").read_text()
+    assert "Apache License, Version 2.0" in notice and "HL7 UK" in notice
+    assert "reviewedprofilesrelease1" in notice
+    assert "79f29a65bf607f7058feebabd0c21ffed194ef4c" in notice
+    sds = json.loads((DATA_DIR / "structuredefinitions.json").read_text())
+    urls = set(sds["structureDefinitions"])
+    for t in ("Patient", "Practitioner", "Organization", "Location", "Encounter"):
+        assert f"{vendor.CC}CareConnect-{t}-1" in urls
+
+
+@pytest.mark.skipif(not (SHARED / "careconnect").is_dir(), reason="needs ../shared")
+def test_regenerating_from_shared_gives_the_committed_data(tmp_path: Path) -> None:
+    vendor.vendor(SHARED, tmp_path)
+    for name in ("structuredefinitions.json", "terminology.json", "base-stu3.json",
+                 "NOTICE.md"):
+        assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
