@@ -291,7 +291,7 @@ class Hl7v2Adapter(Adapter):
                                identifier_type=src.id_type or "PI", authority=src.authority,
                                query_tag=_tag())
         reply = await self._send(msg, control, [rid])
-        return self._records(prepared, reply)
+        return self.records(prepared, reply)
 
     async def _search(self, prepared: Prepared, pairs: list[tuple[str, str]], count: int,
                       continuation: str | None) -> Page:
@@ -300,7 +300,7 @@ class Hl7v2Adapter(Adapter):
         msg = build(self.header, control, criteria=pairs, quantity=max(count, 1),
                     query_tag=_tag(), continuation=continuation)
         reply = await self._send(msg, control, [v for _, v in pairs])
-        records = self._records(prepared, reply)[:count] if count else []
+        records = self.records(prepared, reply)[:count] if count else []
         qak = reply.segment("QAK")
         total = _int(qak.value(4)) if qak else None
         remaining = _int(qak.value(6)) if qak else None
@@ -342,7 +342,8 @@ class Hl7v2Adapter(Adapter):
                                   correlation=control)
         return reply
 
-    def _records(self, prepared: Prepared, reply: er7.Message) -> list[Record]:
+    def records(self, prepared: Prepared, reply: er7.Message) -> list[Record]:
+        """The records in a reply (or any message with the group segments, e.g. an ADT)."""
         qak = reply.segment("QAK")
         if qak is not None and qak.value(2) == "NF":
             return []
@@ -459,7 +460,10 @@ def _qpd_pairs(p: Prepared, c: Criterion | None) -> list[tuple[str, str]]:
         if isinstance(leaf, Compare) and leaf.op in (">=", "<"):
             ranges.setdefault(leaf.ref, {})[leaf.op] = leaf.value
             continue
-        if isinstance(leaf, In) and len(leaf.values) == 1:
+        if isinstance(leaf, In) and leaf.values and (len(leaf.values) == 1
+                                                     or leaf.ref != p.key_ref):
+            # Several local codes for one FHIR code (a code map that reads two code sets):
+            # ask in the first one the code map lists, the PAS's own.
             leaf = Compare(leaf.ref, "=", leaf.values[0])
         if isinstance(leaf, Compare) and leaf.op == "=":
             pairs += _pairs_for(leaf.ref, str(leaf.value))
