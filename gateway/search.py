@@ -202,6 +202,8 @@ def parse_date(name: str, raw: str, tz: ZoneInfo, now: dt.datetime | None = None
 def parse_reference(name: str, raw: str, allowed: tuple[str, ...]) -> ReferenceValue:
     _check_text(name, raw)
     parts = raw.rstrip("/").split("/")
+    if len(parts) == 1 and parts[0] != raw:  # "Patient/": a type without an id
+        raise InvalidParameter(f"search parameter '{name}' is not a valid reference")
     if len(parts) == 1:
         rtype, rid = None, parts[0]
     else:

@@ -147,3 +147,12 @@ def live_server(demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> Ite
 def anyio_backend() -> str:
     """Async tests run with anyio's pytest plugin (``pytest.mark.anyio``) on asyncio."""
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Apps configure structlog globally (level, stream): undo it so tests stay independent."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()

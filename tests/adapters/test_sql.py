@@ -1,0 +1,554 @@
+"""The SQL adapter on its own: keyset paging, children, EXISTS, bound values, timeouts, outages.
+
+Runs against small tables of its own, in a temporary SQLite file and in the suite's real
+PostgreSQL server; SQL Server statements are compiled with SQLAlchemy's mssql dialect.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import mssql
+from starlette.applications import Starlette
+
+from adapters.base import (
+    And,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Compare,
+    Count,
+    Criterion,
+    In,
+    IsNull,
+    Needs,
+    Not,
+    Or,
+    Query,
+    SortKey,
+    SourceConfigError,
+    Text,
+)
+from adapters.sql import Prepared, SqlAdapter, compile_page
+from gateway.search import fold
+from tests.pg import TempPostgres
+
+pytestmark = pytest.mark.anyio
+
+# --- test tables -----------------------------------------------------------------------------
+
+meta = sa.MetaData()
+items = sa.Table(
+    "ITEMS", meta,
+    sa.Column("ID", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("NAME", sa.String(40)),
+    sa.Column("SCORE", sa.Integer),
+)
+tags = sa.Table(
+    "TAGS", meta,
+    sa.Column("TAG_ID", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("ITEM_ID", sa.Integer, nullable=False),
+    sa.Column("POS", sa.Integer, nullable=False),
+    sa.Column("LABEL", sa.String(40), nullable=False),
+    sa.Column("ACTIVE", sa.String(1), nullable=False),
+)
+patients = sa.Table(
+    "PATIENTS", meta,
+    sa.Column("PATNT_REFNO", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("SURNAME", sa.String(80), nullable=False),
+)
+big = sa.Table(
+    "BIG", meta,
+    sa.Column("ID", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("K", sa.Integer, nullable=False),
+    sa.Column("NAME", sa.String(20), nullable=False),
+)
+
+NAMES = ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO"]
+ITEM_ROWS = [
+    {"ID": i,
+     "NAME": None if i % 7 == 0 else NAMES[i % 5],
+     "SCORE": None if i % 4 == 0 else (i * 7) % 5}
+    for i in range(1, 41)
+]
+TAG_ROWS: list[dict[str, Any]] = []
+for _item in range(1, 41, 3):  # every third item has tags, inserted out of order
+    for _pos, _label in [(3, "RED-3"), (1, "BLUE-1"), (2, "RED-2"), (0, "GONE-0")]:
+        TAG_ROWS.append({"TAG_ID": len(TAG_ROWS) + 1, "ITEM_ID": _item, "POS": _pos,
+                         "LABEL": f"{_label}#{_item}" if _item % 2 else _label,
+                         "ACTIVE": "N" if _label.startswith("GONE") else "Y"})
+
+HOSTILE = [
+    "'; DROP TABLE PATIENTS; --",
+    "Robert'); DROP TABLE PATIENTS;--",
+    "O'BRIEN",
+    "100%",
+    "%",
+    "_",
+    "_UNDERSCORE",
+    "A_B",
+    "AXB",
+    "AB",
+    "BACK\\SLASH",
+    "BACKSLASH",
+    "BACK\\\\DOUBLE",
+    "ZOË",
+    "ZOE",
+    "ÅNGSTRÖM",
+    "李",
+    "SMITH\" OR \"1\"=\"1",
+    "X' OR '1'='1",
+]
+# names whose letters lie outside ASCII and Latin-1: PostgreSQL must fold them as Python does
+INTERNATIONAL = ["SØRENSEN", "DVOŘÁK", "ŁUKASZEWSKI", "ŞAHIN", "NGUYỄN", "ŽIŽEK", "ĐORĐEVIĆ",
+                 "MÜLLER", "ÇELIK", "ÆBELØ", "ИВАНОВ", "ΠΑΠΑΔΌΠΟΥΛΟΥ"]
+PATIENT_ROWS = [{"PATNT_REFNO": i + 1, "SURNAME": s}
+                for i, s in enumerate([*HOSTILE, *INTERNATIONAL])]
+
+
+def _load(url: str) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            meta.create_all(conn)
+            conn.execute(items.insert(), ITEM_ROWS)
+            conn.execute(tags.insert(), TAG_ROWS)
+            conn.execute(patients.insert(), PATIENT_ROWS)
+            conn.execute(big.insert(), [{"ID": i, "K": 1, "NAME": f"N{i}"} for i in range(300)])
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('adapter') / 'tables.sqlite'}"
+    _load(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def pg_url(postgres_server: TempPostgres) -> str:
+    # unique: pytest may set this module fixture up again when it reorders parametrised tests
+    url = postgres_server.create_database(f"tests_adapters_sql_{uuid.uuid4().hex[:8]}")
+    _load(url)
+    return url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "pg"])
+def url(request: pytest.FixtureRequest) -> str:
+    value: str = request.getfixturevalue(f"{request.param}_url")
+    return value
+
+
+@pytest.fixture
+async def adapter(url: str) -> AsyncIterator[SqlAdapter]:
+    a = SqlAdapter(url, timeout_seconds=5, label="test")
+    yield a
+    await a.aclose()
+
+
+ITEMS_SOURCE: dict[str, Any] = {
+    "connection": "test", "table": "ITEMS", "alias": "t",
+    "children": {"tags": {"table": "TAGS", "alias": "g", "link": {"g.ITEM_ID": "t.ID"},
+                          "order_by": ["g.POS"],
+                          "where": [{"column": "g.ACTIVE", "equals": "Y"}]}},
+}
+ITEMS_NEEDS = Needs(
+    key="t.ID",
+    fields=frozenset({"t.ID", "t.NAME", "t.SCORE", "g.LABEL", "g.POS"}),
+    children=frozenset({"tags"}),
+    criteria_refs=frozenset({"t.NAME", "t.SCORE", "g.LABEL"}),
+    sort_refs=frozenset({"t.NAME", "t.SCORE"}),
+)
+PATIENTS_SOURCE: dict[str, Any] = {"connection": "test", "table": "PATIENTS", "alias": "p"}
+PATIENTS_NEEDS = Needs(key="p.PATNT_REFNO", fields=frozenset({"p.PATNT_REFNO", "p.SURNAME"}),
+                       children=frozenset(), criteria_refs=frozenset({"p.SURNAME"}),
+                       sort_refs=frozenset({"p.SURNAME"}))
+
+
+def prepared_items(a: SqlAdapter) -> Prepared:
+    return a.prepare(ITEMS_SOURCE, ITEMS_NEEDS)
+
+
+# --- keyset paging ---------------------------------------------------------------------------
+
+
+def oracle_order(rows: list[dict[str, Any]], sort: tuple[SortKey, ...]) -> list[int]:
+    """NULLs lowest: first ascending, last descending (the adapter's documented order)."""
+    out = list(rows)
+    for k in reversed(sort):
+        column = k.ref.split(".")[1]
+
+        def nulls_lowest(r: dict[str, Any], c: str = column) -> tuple[bool, Any]:
+            return (r[c] is not None, r[c] if r[c] is not None else 0)
+
+        out.sort(key=nulls_lowest, reverse=k.descending)
+    return [r["ID"] for r in out]
+
+
+def oracle_match(row: dict[str, Any], c: Criterion | None) -> bool:
+    if c is None:
+        return True
+    if isinstance(c, Or):
+        return any(oracle_match(row, i) for i in c.items)
+    if isinstance(c, And):
+        return all(oracle_match(row, i) for i in c.items)
+    if isinstance(c, IsNull):
+        return (row[c.ref.split(".")[1]] is None) == c.null
+    if isinstance(c, Compare):
+        v = row[c.ref.split(".")[1]]
+        assert c.op in (">=", "<")
+        return v is not None and (v >= c.value if c.op == ">=" else v < c.value)
+    raise AssertionError(c)
+
+
+SORTS = {
+    "score": (SortKey("t.SCORE"), SortKey("t.ID")),
+    "-score": (SortKey("t.SCORE", True), SortKey("t.ID")),
+    "name,-score": (SortKey("t.NAME"), SortKey("t.SCORE", True), SortKey("t.ID")),
+    "-name,score": (SortKey("t.NAME", True), SortKey("t.SCORE"), SortKey("t.ID")),
+    "-name,-score,-id": (SortKey("t.NAME", True), SortKey("t.SCORE", True),
+                         SortKey("t.ID", True)),
+}
+FILTERS: dict[str, Criterion | None] = {
+    "all": None,
+    "null-or-high": Or((IsNull("t.SCORE"), Compare("t.SCORE", ">=", 3))),
+    "low": Compare("t.SCORE", "<", 2),
+}
+
+
+@pytest.mark.parametrize("count", [3, 7])
+@pytest.mark.parametrize("filter_name", list(FILTERS))
+@pytest.mark.parametrize("sort_name", list(SORTS))
+async def test_keyset_paging_with_nulls(adapter: SqlAdapter, sort_name: str, filter_name: str,
+                                        count: int) -> None:
+    sort = SORTS[sort_name]
+    criteria = FILTERS[filter_name]
+    expected = oracle_order([r for r in ITEM_ROWS if oracle_match(r, criteria)], sort)
+    assert any(r["SCORE"] is None for r in ITEM_ROWS if r["ID"] in expected) or \
+        filter_name == "low"
+    p = prepared_items(adapter)
+
+    pages: list[list[int]] = []
+    ends: list[Any] = []
+    after = None
+    while True:
+        page = await adapter.fetch(p, Query(criteria, sort, count, after=after))
+        pages.append([r["t.ID"] for r in page.records])
+        ends.append(page)
+        if not page.more:
+            break
+        after = page.end
+        assert len(pages) < 50
+    assert [i for pg in pages for i in pg] == expected
+    assert all(len(pg) == count for pg in pages[:-1])
+    # page positions are the sort values of the first and last record
+    first = ends[0]
+    assert first.start == tuple(first.records[0][k.ref] for k in sort)
+    assert first.end == tuple(first.records[-1][k.ref] for k in sort)
+
+    # and backwards from the last page: the same pages in reverse
+    back = [pages[-1]]
+    start = ends[-1].start
+    while True:
+        page = await adapter.fetch(p, Query(criteria, sort, count, after=start, backwards=True))
+        back.append([r["t.ID"] for r in page.records])
+        if not page.more:
+            break
+        start = page.start
+    assert back == pages[::-1]
+
+
+async def test_a_position_of_the_wrong_length(adapter: SqlAdapter) -> None:
+    p = prepared_items(adapter)
+    with pytest.raises(BackendError):
+        await adapter.fetch(p, Query(None, SORTS["score"], 5, after=(1,)))
+
+
+# --- children and EXISTS ---------------------------------------------------------------------
+
+
+async def test_children_attached_in_order(adapter: SqlAdapter) -> None:
+    p = prepared_items(adapter)
+    page = await adapter.fetch(p, Query(None, (SortKey("t.ID"),), 100))
+    assert len(page.records) == 40
+    for rec in page.records:
+        wanted = sorted((t for t in TAG_ROWS if t["ITEM_ID"] == rec["t.ID"] and
+                         t["ACTIVE"] == "Y"), key=lambda t: t["POS"])
+        assert [(c["g.POS"], c["g.LABEL"]) for c in rec["@tags"]] == \
+            [(t["POS"], t["LABEL"]) for t in wanted]
+    assert page.records[0]["@tags"] and [c["g.POS"] for c in page.records[0]["@tags"]] == [1, 2, 3]
+    assert page.records[1]["@tags"] == []
+    # and not at all when not asked for
+    bare = await adapter.fetch(p, Query(None, (SortKey("t.ID"),), 5, children=False))
+    assert all("@tags" not in r for r in bare.records)
+
+
+@pytest.mark.parametrize(("criterion", "pred"), [
+    (Text("g.LABEL", "prefix", "red"), lambda t: t["LABEL"].startswith("RED")),
+    (Text("g.LABEL", "contains", "-2"), lambda t: "-2" in t["LABEL"]),
+    (Text("g.LABEL", "exact", "blue-1"), lambda t: t["LABEL"] == "BLUE-1"),
+    (Text("g.LABEL", "prefix", "gone"), lambda t: False),   # only on inactive child rows
+    (Compare("g.LABEL", "=", "RED-3"), lambda t: t["LABEL"] == "RED-3"),
+])
+async def test_child_criteria_are_exists(adapter: SqlAdapter, criterion: Criterion,
+                                         pred: Callable[[dict[str, Any]], bool]) -> None:
+    p = prepared_items(adapter)
+    expected = sorted({t["ITEM_ID"] for t in TAG_ROWS if t["ACTIVE"] == "Y" and pred(t)})
+    page = await adapter.fetch(p, Query(criterion, (SortKey("t.ID"),), 100))
+    got = [r["t.ID"] for r in page.records]
+    assert got == expected  # each parent once, however many children match
+    assert await adapter.count(p, Count(criterion)) == len(expected)
+    # with another condition on the parent, and negated
+    both = await adapter.fetch(p, Query(And((criterion, Compare("t.SCORE", ">=", 2))),
+                                        (SortKey("t.ID"),), 100))
+    assert [r["t.ID"] for r in both.records] == [
+        i for i in expected if (ITEM_ROWS[i - 1]["SCORE"] or -1) >= 2]
+    negated = await adapter.fetch(p, Query(Not(criterion), (SortKey("t.ID"),), 100))
+    assert [r["t.ID"] for r in negated.records] == [i for i in range(1, 41) if i not in expected]
+    sql, _ = compile_page(p, Query(criterion, (SortKey("t.ID"),), 10), adapter.engine.dialect)
+    assert "EXISTS" in sql.upper() and "JOIN" not in sql.upper()
+
+
+# --- values are bound, never SQL --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "value"), [
+    ("prefix", "_"), ("prefix", "%"), ("contains", "%"), ("contains", "_"), ("prefix", "a_"),
+    ("prefix", "back\\"), ("contains", "\\"), ("contains", "\\\\"), ("exact", "o'brien"),
+    ("prefix", "'; drop table patients; --"), ("contains", "drop table"), ("contains", "zoe"),
+    ("prefix", "angstrom"), ("exact", "李"), ("contains", "\" or \"1\"=\"1"),
+    ("prefix", "x' or '1'='1"), ("exact", "%"), ("exact", "_"), ("prefix", "ab"),
+])
+async def test_text_values_match_literally(adapter: SqlAdapter, mode: str, value: str) -> None:
+    p = adapter.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+    v = fold(value)
+    tests: dict[str, Callable[[str], bool]] = {
+        "prefix": lambda s: fold(s).startswith(v), "contains": lambda s: v in fold(s),
+        "exact": lambda s: fold(s) == v}
+    test = tests[mode]
+    expected = [r["PATNT_REFNO"] for r in PATIENT_ROWS if test(str(r["SURNAME"]))]
+    assert 0 < len(expected) < len(PATIENT_ROWS)
+    crit = Text("p.SURNAME", mode, v)  # type: ignore[arg-type]
+    page = await adapter.fetch(p, Query(crit, (SortKey("p.PATNT_REFNO"),), 100))
+    assert [r["p.PATNT_REFNO"] for r in page.records] == expected
+    await _tables_intact(adapter)
+
+
+async def test_other_criteria_are_bound(adapter: SqlAdapter) -> None:
+    p = adapter.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+    for value in HOSTILE:
+        page = await adapter.fetch(p, Query(Compare("p.SURNAME", "=", value),
+                                            (SortKey("p.PATNT_REFNO"),), 10))
+        assert [r["p.SURNAME"] for r in page.records] == [value]
+    page = await adapter.fetch(p, Query(In("p.SURNAME", tuple(HOSTILE[:3])),
+                                        (SortKey("p.PATNT_REFNO"),), 10))
+    assert [r["p.PATNT_REFNO"] for r in page.records] == [1, 2, 3]
+    # a keyset position is bound too
+    sort = (SortKey("p.SURNAME"), SortKey("p.PATNT_REFNO"))
+    page = await adapter.fetch(p, Query(None, sort, 100, after=(HOSTILE[0], 0)))
+    assert [r["p.SURNAME"] for r in page.records] == sorted(
+        str(r["SURNAME"]) for r in PATIENT_ROWS if str(r["SURNAME"]) >= HOSTILE[0])
+    await _tables_intact(adapter)
+
+
+@pytest.mark.parametrize("name", INTERNATIONAL)
+async def test_folding_agrees_with_python(adapter: SqlAdapter, name: str) -> None:
+    """Case and accents are folded in the database exactly as gateway.search.fold does."""
+    p = adapter.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+    me = next(r["PATNT_REFNO"] for r in PATIENT_ROWS if r["SURNAME"] == name)
+    for mode, value in (("exact", name.title()), ("prefix", name[:4].lower()),
+                        ("contains", name[2:6]), ("exact", fold(name))):
+        v = fold(value)
+        page = await adapter.fetch(p, Query(Text("p.SURNAME", mode, v),  # type: ignore[arg-type]
+                                            (SortKey("p.PATNT_REFNO"),), 100))
+        got = [r["p.PATNT_REFNO"] for r in page.records]
+        assert me in got, (mode, value)
+        if mode == "exact":
+            assert got == [me]
+
+
+async def _tables_intact(adapter: SqlAdapter) -> None:
+    def check() -> None:
+        names = set(sa.inspect(adapter.engine).get_table_names())
+        assert {"PATIENTS", "ITEMS", "TAGS", "BIG"} <= names
+        with adapter.engine.connect() as conn:
+            assert conn.execute(sa.text('SELECT count(*) FROM "PATIENTS"')).scalar_one() == \
+                len(PATIENT_ROWS)
+
+    check()
+
+
+async def test_wildcards_through_http(client: httpx.AsyncClient) -> None:
+    """On the demo: `_` and `%` are not wildcards, and hostile values find nothing."""
+    async def count(params: list[tuple[str, str]]) -> int:
+        r = await client.get("/STU3/Patient", params=[*params, ("_summary", "count")])
+        assert r.status_code == 200, r.text
+        total: int = r.json()["total"]
+        return total
+
+    everyone = await count([("gender", "male,female,other,unknown"), ("birthdate", "le2100")])
+    assert everyone == 1500
+    for value in ("_", "%", "%%", "_%", "\\", "'; DROP TABLE PATIENTS; --", "O'B%"):
+        for param in ("family", "family:contains", "name"):
+            assert await count([(param, value), ("gender", "male,female,other,unknown")]) == 0
+    assert await count([("family", "o'b"), ("gender", "male,female,other,unknown")]) > 0
+    assert await count([("gender", "male,female,other,unknown"), ("birthdate", "le2100")]) == \
+        everyone
+
+
+# --- SQL Server: the T-SQL the adapter sends ------------------------------------------------
+
+
+def test_sql_server_statements(sqlite_url: str) -> None:
+    a = SqlAdapter(sqlite_url)
+    try:
+        p = a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+    finally:
+        a.engine.dispose()
+    dialect = mssql.pyodbc.dialect(paramstyle="qmark")  # type: ignore[no-untyped-call]
+    hostile = "o'brien%_\\x"
+    sort = (SortKey("p.SURNAME", True), SortKey("p.PATNT_REFNO"))
+    query = Query(Text("p.SURNAME", "prefix", hostile), sort, 20,
+                  after=("SMITH'; --", 4711))
+    sql, params = compile_page(p, query, dialect)
+    assert sql.startswith("SELECT TOP 21 ")
+    assert "ROW_NUMBER" not in sql and "LIMIT" not in sql
+    assert "COLLATE Latin1_General_CI_AI" in sql
+    assert "LIKE ? ESCAPE" in sql
+    assert sql.count("?") == len(params) == 4  # pattern, then the position: beyond and equal
+    assert list(params.values()) == ["o'brien\\%\\_\\\\x%", "SMITH'; --", "SMITH'; --", 4711]
+    for fragment in ("o'brien", "SMITH", "4711", "--"):
+        assert fragment not in sql
+    # descending: NULLs last, so "beyond" a value includes the NULLs
+    assert "[p.SURNAME]" in sql and "IS NULL" in sql
+    assert "ORDER BY p.[SURNAME] DESC, p.[PATNT_REFNO] ASC" in sql
+
+    # backwards and without criteria: still TOP, still bound
+    sql, params = compile_page(p, Query(None, sort, 5, after=(None, 9), backwards=True), dialect)
+    assert sql.startswith("SELECT TOP 6 ") and sql.count("?") == len(params) == 1
+    assert "ORDER BY p.[SURNAME] ASC, p.[PATNT_REFNO] DESC" in sql
+
+    # a contains search on a child table: EXISTS with bound values
+    a = SqlAdapter(sqlite_url)
+    try:
+        items_p = prepared_items(a)
+    finally:
+        a.engine.dispose()
+    sql, params = compile_page(items_p, Query(Text("g.LABEL", "contains", "x%y"),
+                                              (SortKey("t.ID"),), 10), dialect)
+    assert sql.startswith("SELECT TOP 11 ") and "EXISTS (SELECT" in sql
+    assert "lower(g.[LABEL] COLLATE Latin1_General_CI_AI) LIKE ?" in sql
+    assert "x%y" not in sql and params == {"v0": "%x\\%y%"}
+    # compiling for another database leaves the mapping's own statement cache alone
+    assert items_p.statements == {}
+
+
+# --- timeouts ---------------------------------------------------------------------------------
+
+SLOW_SOURCE: dict[str, Any] = {
+    "connection": "test", "table": "BIG", "alias": "a",
+    # every row joins every row, twice: 300^3 = 27 million rows to filter
+    "joins": [{"table": "BIG", "alias": "b", "link": {"b.K": "a.K"}},
+              {"table": "BIG", "alias": "c", "link": {"c.K": "b.K"}}],
+}
+SLOW_NEEDS = Needs(key="a.ID", fields=frozenset({"a.ID"}), children=frozenset(),
+                   criteria_refs=frozenset({"b.NAME", "c.NAME"}))
+# spans two joined tables, so no database can filter either table before joining
+NEVER = Or((Text("c.NAME", "contains", "no such name"), Text("b.NAME", "contains", "nor this")))
+
+
+async def test_slow_query_times_out(url: str) -> None:
+    a = SqlAdapter(url, timeout_seconds=0.2, label="slow")
+    try:
+        p = a.prepare(SLOW_SOURCE, SLOW_NEEDS)
+        for call in (lambda: a.fetch(p, Query(NEVER, (SortKey("a.ID"),), 5)),
+                     lambda: a.count(p, Count(NEVER))):
+            started = time.monotonic()
+            with pytest.raises(BackendTimeout) as info:
+                await call()
+            elapsed = time.monotonic() - started
+            # stopped by the database itself (progress handler / statement_timeout), well
+            # before the caller's backstop at timeout + 1 s
+            assert elapsed < 1.0, elapsed
+            assert "no such name" not in str(info.value) and "SELECT" not in str(info.value)
+        # the adapter is still usable afterwards
+        plain = a.prepare({"connection": "test", "table": "BIG", "alias": "a"},
+                          Needs(key="a.ID", fields=frozenset({"a.ID", "a.NAME"}),
+                                children=frozenset()))
+        page = await a.fetch(plain, Query(Compare("a.ID", "=", 7), (SortKey("a.ID"),), 5))
+        assert page.records == [{"a.ID": 7, "a.NAME": "N7"}]
+        await a.ping()
+    finally:
+        await a.aclose()
+
+
+# --- unavailable -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    yield port  # nothing listens here now
+
+
+async def test_database_down(closed_port: int) -> None:
+    a = SqlAdapter(f"postgresql+psycopg://gateway@127.0.0.1:{closed_port}/pas",
+                   timeout_seconds=3, label="pas")
+    try:
+        p = a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable) as info:
+            await a.fetch(p, Query(None, (SortKey("p.PATNT_REFNO"),), 5))
+        assert time.monotonic() - started < 2
+        assert not isinstance(info.value, BackendTimeout)
+        message = str(info.value)
+        assert "pas" in message
+        assert "127.0.0.1" not in message and str(closed_port) not in message
+        with pytest.raises(BackendUnavailable):
+            await a.count(p, Count(None))
+        with pytest.raises(BackendUnavailable):
+            await a.ping()
+    finally:
+        await a.aclose()
+
+
+async def test_database_down_through_http(closed_port: int, make_app: Callable[..., Starlette]
+                                          ) -> None:
+    app = make_app(f"postgresql+psycopg://gateway@127.0.0.1:{closed_port}/pas")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            r = await c.get("/STU3/Patient", params={"identifier": "9990000018"})
+            assert r.status_code == 503
+            assert r.headers["retry-after"].isdigit()
+            body = r.json()
+            assert body["resourceType"] == "OperationOutcome"
+            assert body["issue"][0]["code"] == "transient"
+            assert body["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_UNAVAILABLE"
+            for secret in ("127.0.0.1", str(closed_port), "gateway@", "psycopg", "SELECT",
+                           "PATIENTS", "9990000018", "Traceback"):
+                assert secret not in r.text
+            r = await c.get("/STU3/Patient/100001")
+            assert r.status_code == 503 and "retry-after" in r.headers
+            r = await c.get("/_ready")
+            assert r.status_code == 503 and r.json()["status"] == "fail"
+
+
+async def test_ping(adapter: SqlAdapter) -> None:
+    await adapter.ping()
+
+
+def test_bad_url_is_a_config_error() -> None:
+    with pytest.raises(SourceConfigError) as info:
+        SqlAdapter("nosuchdriver://user:secret@host/db", label="pas")
+    assert "secret" not in str(info.value)
