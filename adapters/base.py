@@ -165,6 +165,15 @@ class SourceConfigError(AdapterError):
         self.path = path
 
 
+def source_config_error(exc: Any) -> SourceConfigError:
+    """A pydantic ValidationError on a source block, as our error naming the key's path."""
+    err = exc.errors()[0]
+    msg = {"missing": "required key is missing", "extra_forbidden": "unknown key"}.get(
+        err["type"], err["msg"].removeprefix("Value error, "))
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+    return SourceConfigError(msg, loc.lstrip("."))
+
+
 class BackendError(AdapterError):
     """The backend failed in a way that is not the client's fault (→ 502)."""
 

@@ -54,6 +54,7 @@ from adapters.base import (
     Record,
     SourceConfigError,
     Text,
+    source_config_error,
 )
 
 log = structlog.get_logger("adapters.sql")
@@ -235,11 +236,7 @@ class SqlAdapter(Adapter):
         try:
             src = SqlSource.model_validate(source)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            msg = {"missing": "required key is missing", "extra_forbidden": "unknown key"}.get(
-                err["type"], err["msg"].removeprefix("Value error, "))
-            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-            raise SourceConfigError(msg, loc.lstrip(".")) from None
+            raise source_config_error(exc) from None
         return _prepare(src, needs, self.dialect)
 
     async def fetch(self, prepared: Prepared, query: Query) -> Page:

@@ -46,6 +46,7 @@ from adapters.base import (
     UnsupportedCriteria,
     Write,
     WriteResult,
+    source_config_error,
 )
 from adapters.hl7v2 import er7, messages
 from adapters.hl7v2.mllp import (
@@ -214,10 +215,7 @@ class Hl7v2Adapter(Adapter):
         try:
             src = Hl7Source.model_validate(source)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            msg = {"missing": "required key is missing", "extra_forbidden": "unknown key"}.get(
-                err["type"], err["msg"])
-            raise SourceConfigError(msg, ".".join(str(p) for p in err["loc"])) from None
+            raise source_config_error(exc) from None
         child_of_field: dict[tuple[str, int], str] = {}
         for name, spec in src.children.items():
             if bool(spec.repeat) == bool(spec.segment):

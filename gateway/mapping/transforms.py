@@ -93,22 +93,16 @@ INVERSES: dict[str, Transform] = {
 
 
 def chain(names: list[str]) -> Transform:
-    fns = [TRANSFORMS[n][0] for n in names]
-    if len(fns) == 1:
-        return fns[0]
-
-    def run(value: Any) -> Any:
-        for fn in fns:
-            if value is None:
-                return None
-            value = fn(value)
-        return value
-
-    return run
+    return _compose([TRANSFORMS[n][0] for n in names])
 
 
 def inverse_chain(names: list[str]) -> Transform:
-    fns = [INVERSES[n] for n in reversed(names)]
+    return _compose([INVERSES[n] for n in reversed(names)])
+
+
+def _compose(fns: list[Transform]) -> Transform:
+    if len(fns) == 1:
+        return fns[0]
 
     def run(value: Any) -> Any:
         for fn in fns:
