@@ -137,7 +137,12 @@ def coverage(mapping: CompiledMapping, profiles: Profiles | None = None) -> Cove
     out.unknown = walk.unknown
     info = p.info[url]
     prohibited: list[str] = []
-    filled_ids = walk.hits | {info.elements[0]["id"]}
+    root = info.elements[0]["id"]
+    # id and meta (profile, lastUpdated) are filled by the gateway itself, not the mapping.
+    filled_ids = walk.hits | {root, f"{root}.id", f"{root}.meta"}
+    if mapping.spec.last_updated is not None:
+        filled_ids.add(f"{root}.meta.lastUpdated")
+    filled_ids.add(f"{root}.meta.profile")
     for el in info.elements[1:]:
         eid: str = el["id"]
         if any(eid.startswith(x + ".") or eid.startswith(x + ":") for x in prohibited):
