@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from adapters.text import fold
 from gateway.errors import InvalidParameter
 
 MAX_VALUE_LENGTH = 256
@@ -30,12 +31,6 @@ MODIFIERS: dict[str, frozenset[str]] = {
     "date": frozenset({"missing"}),
     "reference": frozenset({"missing"}),
 }
-
-
-def fold(text: str) -> str:
-    """Lower case without accents: how string search compares (the SQL side does the same)."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,9 +153,9 @@ from sqlalchemy.sql import ColumnElement
 from adapters.hl7v2 import er7, messages
 from adapters.hl7v2.mllp import MllpServer, Reply
 from adapters.sql import fold as sql_fold
+from adapters.text import fold
 from gateway import nhs_number
 from gateway.demo_pas import schema
-from gateway.search import fold
 
 log = structlog.get_logger("adapters.hl7v2.simulator")
 

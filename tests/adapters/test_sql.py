@@ -37,7 +37,7 @@ from adapters.base import (
     Text,
 )
 from adapters.sql import Prepared, SqlAdapter, compile_page
-from gateway.search import fold
+from adapters.text import fold
 from tests.pg import TempPostgres
 
 pytestmark = pytest.mark.anyio

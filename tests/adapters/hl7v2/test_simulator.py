@@ -23,8 +23,8 @@ from adapters.hl7v2.mllp import (
     MllpUnavailable,
 )
 from adapters.hl7v2.simulator import PasSimulator
+from adapters.text import fold
 from gateway.demo_pas import ensure_sqlite_demo, schema
-from gateway.search import fold
 
 pytestmark = pytest.mark.anyio
 
