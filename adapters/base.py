@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -194,6 +195,18 @@ class BackendTimeout(BackendUnavailable):
 
 class BackendRejected(BackendError):
     """The backend refused the request (HL7 AE/AR, constraint violation)."""
+
+
+backend_correlations: ContextVar[list[str] | None] = ContextVar("backend_correlations",
+                                                                default=None)
+"""Set per request by the gateway's audit layer; adapters note what they sent to it."""
+
+
+def note_correlation(value: str) -> None:
+    """Record a backend correlation id (an HL7 MSH-10) for the request's audit record."""
+    sink = backend_correlations.get()
+    if sink is not None:
+        sink.append(value)
 
 
 class UnsupportedCriteria(AdapterError):

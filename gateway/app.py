@@ -17,8 +17,14 @@ from starlette.middleware import Middleware
 
 from adapters import registry as adapter_registry
 from gateway import logging as gateway_logging
+from gateway.audit import AuditLayer, AuditTrail
+from gateway.audit import destination as audit_destination
+from gateway.auth.config import resolve_auth
+from gateway.auth.middleware import Authentication
 from gateway.bundle import Pager
+from gateway.compartment import CompartmentLayer
 from gateway.errors import GatewayError
+from gateway.limits import BodyLimit, ConcurrencyLimit, RateLimit
 from gateway.mapping.loader import load_directory
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
 from gateway.providers import Provider, Registry
@@ -48,6 +54,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
         demo_url=lambda: demo_database_url(settings),
         urls=settings.connection_urls,
     )
+    auth = resolve_auth(settings)  # AuthConfigError: refuse to start (after mapping errors)
     registry = Registry(Provider(m) for m in loaded.mappings)
     if settings.validate_responses:
         from gateway.profiles import runtime
@@ -56,6 +63,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
     else:
         app_validation = None
     api = Api(registry, settings, Pager(settings.paging_secret))
+    audit_trail = AuditTrail(audit_destination(settings),
+                             fhir_destination=settings.audit_fhir_log,
+                             fail_closed=settings.audit_fail_closed)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -63,10 +73,20 @@ def build_app(settings: Settings | None = None) -> Starlette:
                  mappings=str(loaded.directory))
         yield
         await registry.aclose()
+        audit_trail.close()
 
     app = Starlette(
         routes=routes(api, registry, settings.base_path.rstrip("/")),
-        middleware=[Middleware(RequestContext)],
+        middleware=[Middleware(RequestContext),
+                    # audit sees every outcome, including the limits' and authentication's
+                    Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
+                    Middleware(ConcurrencyLimit, max_in_flight=settings.max_in_flight),
+                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+                    Middleware(Authentication, config=auth, base_path=settings.base_path),
+                    # inside authentication: these need the principal it sets
+                    Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
+                               burst=settings.rate_limit_burst),
+                    Middleware(CompartmentLayer)],
         exception_handlers={GatewayError: gateway_error_handler,
                             HTTPException: http_error_handler},
         lifespan=lifespan,
@@ -74,4 +94,5 @@ def build_app(settings: Settings | None = None) -> Starlette:
     app.state.registry = registry
     app.state.settings = settings
     app.state.response_validation = app_validation
+    app.state.audit = audit_trail
     return app

@@ -27,6 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import build_app
+    from gateway.auth.errors import AuthConfigError
     from gateway.mapping.loader import MappingError
 
     settings = _settings(args)
@@ -37,11 +38,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
         return 2
-    url = f"http://{settings.host}:{settings.port}{settings.base_path}"
+    except AuthConfigError as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return 2
+    from gateway.auth.serve import banner, uvicorn_tls_options
+
+    scheme = "https" if settings.ssl_certfile else "http"
+    url = f"{scheme}://{settings.host}:{settings.port}{settings.base_path}"
     print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
           file=sys.stderr, flush=True)
+    print(banner(settings), file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                access_log=False, server_header=False, proxy_headers=args.proxy_headers)
+                access_log=False, server_header=False, proxy_headers=args.proxy_headers,
+                **uvicorn_tls_options(settings))
     return 0
 
 
@@ -177,6 +186,10 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--sex-codes", choices=["hl7", "nhs"], default="hl7",
                      help="PID-8 as HL7 M/F/O/U or NHS 1/2/9/X (default hl7)")
     sim.set_defaults(func=cmd_pas_simulator)
+
+    from gateway.auth.cli import register as register_auth_commands
+
+    register_auth_commands(sub)
     return p
 
 

@@ -29,6 +29,7 @@ from adapters.base import (
     WriteResult,
     any_of,
 )
+from gateway import audit, compartment
 from gateway.errors import (
     GatewayTimeout,
     InternalError,
@@ -85,11 +86,15 @@ class Provider:
             "meta": meta,
         }
         out.update(self._build(rec))
+        compartment.check_resource(self, rec, out)  # fails the request outside the compartment
+        audit.note_resource(self, rec, out)
         return out
 
     # -- backend calls, with errors translated at this boundary
 
     async def _fetch(self, query: Query) -> Page:
+        query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
+        audit.note_backend(self, "fetch", query)
         started = time.perf_counter()
         try:
             return await self.mapping.adapter.fetch(self.mapping.prepared, query)
@@ -99,9 +104,11 @@ class Provider:
             adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
 
     async def _count(self, criteria: Criterion | None) -> int:
+        query = compartment.restrict_count(self, Count(criteria))
+        audit.note_backend(self, "count", query)
         started = time.perf_counter()
         try:
-            return await self.mapping.adapter.count(self.mapping.prepared, Count(criteria))
+            return await self.mapping.adapter.count(self.mapping.prepared, query)
         except (BackendError, UnsupportedCriteria) as exc:
             raise translate_backend_error(exc) from exc
         finally:
@@ -161,9 +168,13 @@ class Provider:
             raise ResourceInvalid(exc.problems) from None
 
     async def write(self, write: Write) -> WriteResult:
+        compartment.check_write(self, write)
+        audit.note_backend(self, write.interaction, None)
         started = time.perf_counter()
         try:
-            return await self.mapping.adapter.write(self.mapping.prepared, write)
+            result = await self.mapping.adapter.write(self.mapping.prepared, write)
+            audit.note_written(self, result.id)
+            return result
         except (BackendError, UnsupportedCriteria) as exc:
             raise translate_backend_error(exc) from exc
         finally:
@@ -240,8 +251,10 @@ class Registry:
 
     def plan(self, provider: Provider, pairs: list[tuple[str, str]], *, default_count: int,
              max_count: int, strict: bool) -> SearchPlan:
-        return plan_search(self.search_context(provider), pairs, default_count=default_count,
+        plan = plan_search(self.search_context(provider), pairs, default_count=default_count,
                            max_count=max_count, strict=strict)
+        audit.note_search(provider.resource_type, plan.used)
+        return plan
 
     async def aclose(self) -> None:
         seen: set[int] = set()

@@ -20,7 +20,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Compare, In, Page, SortKey, Write
-from gateway import bundle, writes
+from gateway import bundle, compartment, writes
+from gateway.auth import authorize
+from gateway.auth.capability import with_security
 from gateway.bundle import Pager
 from gateway.capability import capability_statement
 from gateway.errors import (
@@ -38,6 +40,7 @@ from gateway.formats import Format, negotiate, render
 from gateway.plan import Include, RevInclude, SearchPlan
 from gateway.profiles.operation import validate_endpoint
 from gateway.providers import Provider, Registry
+from gateway.search import ID_RE
 from gateway.settings import Settings
 
 MAX_FORM_BYTES = 64 * 1024
@@ -86,7 +89,8 @@ class Api:
         fmt = self.fmt(request)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
-        return self.respond(capability_statement(self.registry, self.base_url(request)), fmt)
+        statement = capability_statement(self.registry, self.base_url(request))
+        return self.respond(with_security(statement, self.settings), fmt)
 
     async def type_level(self, request: Request) -> Response:
         fmt = self.fmt(request)
@@ -140,6 +144,7 @@ class Api:
                 f"{provider.resource_type}/[id] does not support {request.method}",
                 headers={"Allow": allowed},
             )
+        authorize.require(request, provider.resource_type, "r")
         resource = await provider.read(rid)
         if resource is None:
             raise NotFound(f"{provider.resource_type} with that id was not found")
@@ -163,7 +168,10 @@ class Api:
     # -- writes
 
     async def _create(self, request: Request, provider: Provider, fmt: Format) -> Response:
-        resource = await writes.read_body(request)
+        authorize.require(request, provider.resource_type, "c")
+        if request.headers.get("if-none-exist"):  # a search that can answer with a match
+            authorize.require(request, provider.resource_type, "s")
+        resource = await writes.read_body(request, self.settings.max_body_bytes)
         writes.validate(resource, provider.resource_type, provider.profile)
         base = self.base_url(request)
         condition = request.headers.get("if-none-exist")
@@ -179,16 +187,20 @@ class Api:
             if found.records:
                 existing = provider.resource(found.records[0])
                 location = f"{base}/{provider.resource_type}/{existing['id']}"
-                return self.respond(existing, fmt, headers={"Location": location})
+                return self.respond(authorize.written(request, provider.resource_type,
+                                                      existing, "exists"),
+                                    fmt, headers={"Location": location})
         record = provider.to_record(resource)
         result = await provider.write(Write("create", record))
         location = f"{base}/{provider.resource_type}/{result.id}"
         created = await provider.read(result.id)
-        return self.respond(created or resource, fmt, status=201, headers={"Location": location})
+        body = authorize.written(request, provider.resource_type, created or resource, "created")
+        return self.respond(body, fmt, status=201, headers={"Location": location})
 
     async def _update(self, request: Request, provider: Provider, rid: str, fmt: Format
                       ) -> Response:
-        resource = await writes.read_body(request)
+        authorize.require(request, provider.resource_type, "u")
+        resource = await writes.read_body(request, self.settings.max_body_bytes)
         if resource.get("id") != rid:
             raise BadRequest("the resource id must match the id in the URL")
         writes.validate(resource, provider.resource_type, provider.profile)
@@ -198,18 +210,23 @@ class Api:
         record = provider.to_record(resource)
         await provider.write(Write("update", record, id=rid))
         updated = await provider.read(rid)
-        return self.respond(updated or resource, fmt)
+        return self.respond(authorize.written(request, provider.resource_type,
+                                              updated or resource, "updated"), fmt)
 
     # -- search
 
     async def _search(
         self, request: Request, provider: Provider, pairs: list[tuple[str, str]], fmt: Format
     ) -> Response:
+        authorize.require(request, provider.resource_type, "s")
         s = self.settings
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
                                   max_count=s.max_count, strict=self.strict(request))
+        authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
-        fingerprint = Pager.fingerprint(provider.resource_type, plan.used)
+        # The compartment (patient/ tokens) is part of the query's identity: links cannot move.
+        fingerprint = Pager.fingerprint(provider.resource_type,
+                                        [*plan.used, *compartment.fingerprint_pairs()])
         after: tuple[Any, ...] | None = None
         backwards = False
         if plan.page_token:
@@ -260,34 +277,43 @@ class Api:
         limit = self.settings.include_limit
         seen: set[tuple[str, str]] = set()
         out: list[dict[str, Any]] = []
-        for inc in plan.includes:
-            for resource in await self._include(provider, inc, page, limit):
+        truncated: list[str] = []
+        for inc in dict.fromkeys(plan.includes):  # a repeated _include is fetched once
+            for resource in await self._include(provider, inc, page, limit, truncated):
                 key = (resource["resourceType"], resource["id"])
                 if key not in seen:
                     seen.add(key)
                     out.append(bundle.entry(base, resource, "include"))
         ids = [provider.record_id(r) for r in page.records]
-        for rev in plan.revincludes:
-            for resource in await self._revinclude(provider, rev, ids, limit):
+        for rev in dict.fromkeys(plan.revincludes):
+            for resource in await self._revinclude(provider, rev, ids, limit, truncated):
                 key = (resource["resourceType"], resource["id"])
                 if key not in seen:
                     seen.add(key)
                     out.append(bundle.entry(base, resource, "include"))
+        if truncated:  # never silently: say which includes were cut at the limit
+            oo = operation_outcome([issue(
+                "warning", "too-costly", "INCLUDE_LIMIT",
+                f"{', '.join(dict.fromkeys(truncated))} matched more than {limit} resources; "
+                f"only {limit} were included")])
+            out.append({"resource": oo, "search": {"mode": "outcome"}})
         return out
 
-    async def _include(self, provider: Provider, inc: Include, page: Page, limit: int
-                       ) -> list[dict[str, Any]]:
+    async def _include(self, provider: Provider, inc: Include, page: Page, limit: int,
+                       truncated: list[str]) -> list[dict[str, Any]]:
         targets = provider.params[inc.param].reference_targets()
         results: list[dict[str, Any]] = []
         for rtype, ref in targets.items():
             if inc.target not in ("*", rtype) or rtype not in self.registry:
                 continue
             ids = [v for r in page.records for v in provider.reference_values(r, ref)]
+            if len({i for i in ids if ID_RE.match(i)}) > limit:
+                truncated.append(f"_include={provider.resource_type}:{inc.param}:{rtype}")
             results += await self.registry.get(rtype).read_many(ids, limit)
         return results
 
-    async def _revinclude(self, provider: Provider, rev: RevInclude, ids: list[str], limit: int
-                          ) -> list[dict[str, Any]]:
+    async def _revinclude(self, provider: Provider, rev: RevInclude, ids: list[str], limit: int,
+                          truncated: list[str]) -> list[dict[str, Any]]:
         source = self.registry.get(rev.source_type)
         ref = source.params[rev.param].reference_targets()[provider.resource_type]
         storage = source.mapping.storage(ref)
@@ -304,12 +330,17 @@ class Api:
         try:
             page = await source.search(sub, extra=In(ref, tuple(keys)))
             records = page.records
+            more = page.more
         except UnsupportedSearch:
             # A source that cannot ask for several at once (HL7 v2 queries): one by one.
             records = []
+            more = False
             for key in keys:
                 page = await source.search(sub, extra=Compare(ref, "=", key))
+                more = more or page.more or len(records) + len(page.records) > limit
                 records += page.records[: max(0, limit - len(records))]
+        if more:
+            truncated.append(f"_revinclude={rev.source_type}:{rev.param}")
         return [source.resource(r) for r in records]
 
 

@@ -48,6 +48,46 @@ class Settings:
     progress: bool = True
     validate_responses: bool = False
     """Validate every outgoing resource against its profile and log issues (no values)."""
+    # -- audit and limits (gateway/audit.py, gateway/limits.py, docs/security.md)
+    audit_log: str = ""
+    """Audit trail destination: a file path, or stdout / stderr; unset: stderr (required with
+    CCG_ENV=production). Never the application log."""
+    audit_fhir_log: str = ""
+    """Optionally also FHIR STU3 AuditEvent JSON lines to this file."""
+    audit_fail_closed: bool = True
+    """A request whose audit record cannot be written fails (503) instead of being served."""
+    max_body_bytes: int = 1024 * 1024
+    """Largest request body accepted (413 beyond it), checked before anything reads it."""
+    max_in_flight: int = 256
+    """Most requests served at once (503 + Retry-After beyond it); 0 = no limit."""
+    rate_limit_per_minute: int = 1200
+    """Sustained requests per minute per client (client_id, else source IP); 0 = no limit."""
+    rate_limit_burst: int = 300
+    """Requests a client may send at once before the per-minute rate applies."""
+    # -- authentication and authorisation (gateway/auth, docs/security.md)
+    env: str = ""
+    """``production`` refuses the demo fallbacks even on the bundled demo mappings."""
+    auth_mode: str = ""
+    """jwt | api-key | mtls | insecure-demo; unset: jwt with the dev key on the demo only."""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    """This gateway's name(s) in the token ``aud`` (comma-separated)."""
+    jwt_jwks_url: str = ""
+    jwt_jwks_file: str = ""
+    jwt_algorithms: str = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,ES512"
+    jwt_leeway: int = 30
+    jwt_accept_typ_jwt: bool = False
+    jwt_jti_replay: bool = False
+    jwt_max_lifetime: int = 86_400
+    jwt_jwks_refresh_interval: int = 60
+    jwt_jwks_max_age: int = 3600
+    api_keys_file: str = ""
+    mtls_clients_file: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_ca_certs: str = ""
+    oauth_authorize_url: str = ""
+    oauth_token_url: str = ""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

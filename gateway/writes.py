@@ -60,8 +60,10 @@ def _xml_to_dict(body: bytes) -> dict[str, Any]:
     from lxml import etree
     from pydantic import ValidationError
 
+    # FHIR is UTF-8 only; forcing it also keeps the DOCTYPE check above honest (a UTF-16
+    # body would hide "<!DOCTYPE" from a byte search and have its entities expanded).
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             huge_tree=False, remove_comments=True)
+                             huge_tree=False, remove_comments=True, encoding="utf-8")
     try:
         root = etree.fromstring(body, parser=parser)
     except etree.XMLSyntaxError:

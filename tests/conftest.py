@@ -78,6 +78,7 @@ def gateway_settings(url: str, tmp: Path, **overrides: object) -> Settings:
         "paging_secret": "test-secret",
         "log_level": "warning",
         "progress": False,
+        "auth_mode": "insecure-demo",  # auth itself is tested in tests/gateway/auth
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -46,6 +46,7 @@ from adapters.base import (
     UnsupportedCriteria,
     Write,
     WriteResult,
+    note_correlation,
     source_config_error,
 )
 from adapters.hl7v2 import er7, messages
@@ -311,6 +312,7 @@ class Hl7v2Adapter(Adapter):
         return page
 
     async def _send(self, msg: bytes, control: str, sensitive: list[str]) -> er7.Message:
+        note_correlation(f"{self.label}:MSH-10={control}")
         try:
             raw = await self.client.send(msg, control)
         except MllpTimeout as exc:

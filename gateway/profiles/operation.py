@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import writes
+from gateway.auth import authorize
 from gateway.errors import MethodNotAllowed, NotFound
 from gateway.profiles.validator import Issue, validate
 
@@ -57,6 +58,8 @@ def validate_endpoint(api: Api, instance: bool) -> Endpoint:
                                    headers={"Allow": ", ".join(allowed)})
         rtype = provider.resource_type
         rid = request.path_params.get("id")
+        # Instance: reads (and so discloses) the stored one. Type: no stored data is touched.
+        authorize.require_any(request, rtype, "r" if instance else "cur")
         issues: list[Issue] = []
         profile: str | None = provider.profile
         if request.method == "GET":

@@ -207,7 +207,13 @@ def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
                     pass
                 assert time.monotonic() < deadline, "the gateway did not come up in 20 s"
                 time.sleep(0.1)
-            r = c.get("/STU3/Patient", params={"family": "smith", "gender": "female"})
+            # The demo trusts the local development key (README: dev-token)
+            token = subprocess.run(
+                [*executable(), "dev-token", "--scope", "user/*.read",
+                 "--data-dir", str(tmp_path / "d")],
+                env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+            r = c.get("/STU3/Patient", params={"family": "smith", "gender": "female"},
+                      headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 200
             bundle = r.json()
             assert bundle["type"] == "searchset" and bundle["entry"]

@@ -43,7 +43,7 @@ async def sim(db_url: str) -> AsyncIterator[PasSimulator]:
 def _app(db_url: str, sim: PasSimulator, tmp_path: Path, **extra: Any) -> Any:
     settings = Settings(
         mappings_dir=MAPPINGS, data_dir=tmp_path, paging_secret="test", log_level="warning",
-        progress=False,
+        progress=False, auth_mode="insecure-demo",
         connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}, **extra,
     )
     return build_app(settings)
@@ -99,7 +99,8 @@ async def test_hl7_and_sql_agree_on_every_mapped_element(
     from gateway.app import build_app as build
 
     sql_app = build(Settings(data_dir=tmp_path / "sql", paging_secret="t", log_level="warning",
-                             progress=False, connection_urls={"pas": db_url}))
+                             progress=False, connection_urls={"pas": db_url},
+                             auth_mode="insecure-demo"))
     async with sql_app.router.lifespan_context(sql_app):
         transport = httpx.ASGITransport(app=sql_app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as sql:
@@ -327,7 +328,8 @@ async def test_pas_down_is_503_with_retry_after(db_url: str, tmp_path: Path) -> 
         port = simulator.port
     app = build_app(Settings(
         mappings_dir=MAPPINGS, data_dir=tmp_path, paging_secret="t", log_level="warning",
-        progress=False, connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{port}"}))
+        progress=False, connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{port}"},
+        auth_mode="insecure-demo"))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:

@@ -3,6 +3,7 @@ reverse direction for token searches, and each ``part:`` an expression can take.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -199,10 +200,16 @@ async def test_an_unmappable_code_answers_502(demo_sqlite_url: str, tmp_path: Pa
     text = sex.read_text(encoding="utf-8")
     assert '  "2": {code: female, display: Female}\n' in text
     sex.write_text(text.replace('  "2": {code: female, display: Female}\n', ""), encoding="utf-8")
-    app = make_app(demo_sqlite_url, mappings_dir=tmp_path / "demo-pas")
+    # A copied mapping directory is a production configuration: insecure-demo is refused.
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text("keys: [{client_id: t, sha256: "
+                    "'" + hashlib.sha256(b"test-key").hexdigest() + "', scopes: system/*.read}]")
+    app = make_app(demo_sqlite_url, mappings_dir=tmp_path / "demo-pas", auth_mode="api-key",
+                   api_keys_file=str(keys))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway",
+                                     headers={"X-API-Key": "test-key"}) as client:
             female = await client.get("/STU3/Patient/100001")  # SEXXX_CODE 2
             male = await client.get("/STU3/Patient/100002")  # SEXXX_CODE 1
     assert male.status_code == 200

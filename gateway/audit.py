@@ -1,0 +1,594 @@
+"""The audit trail: one record per patient touched, for every access and every denial.
+
+The trail is a stream of its own, separate from the application log: its own structlog
+logger (``gateway.audit``), its own destination (setting ``audit_log``: a file path, or
+``stdout`` / ``stderr``; unset, ``stderr`` — so it never mixes with the application log on
+stdout — except that ``CCG_ENV=production`` requires it to be set), and optionally a second
+stream of FHIR STU3 ``AuditEvent`` resources (IHE Basic Audit Log Patterns shape) as JSON
+lines (setting ``audit_fhir_log``: a file path).
+
+Unlike the application log, the audit trail DOES contain identifiers — resource ids, patient
+ids, the search parameters with their values, the user — because that is its purpose. It is
+the protected audit log: send it to a store with access controls and retention fit for it.
+Resource content and bodies are never written.
+
+What a record holds: ``timestamp``, ``client_id``, ``user`` (sub), ``role``, ``auth_mode``,
+``interaction`` (read, search-type, create, update, capabilities, operation, ...),
+``resource_type``, ``entities`` (the ``Type/id`` of every resource served or written, for this
+record's patient), ``query`` (the search as normalised ``[name, value]`` pairs, as planned),
+``patient`` (this record's patient; null for a record about no patient), ``patient_count``,
+``context_patient`` (the token's patient claim), ``outcome`` (``status``, gateway ``code``,
+``result`` success/denied/failure), ``request_id``, ``source_ip``, ``method``, ``path`` and
+``backend`` (what was sent: HL7 MSH-10 control ids; for every query the adapter, connection
+and a value-free shape of the statement with its hash).
+
+Records are written before the response is released. When a record cannot be written and
+``audit_fail_closed`` is true (the default), the client gets 503 ``AUDIT_UNAVAILABLE``
+instead of the response: an access is never served unaudited. Writes (create, update) also
+get an ``attempt`` record BEFORE anything reaches the backend, so a broken sink stops a write
+before it happens rather than after.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable, MutableMapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import parse_qsl
+
+import orjson
+import structlog
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters.base import (
+    And,
+    Compare,
+    Count,
+    Criterion,
+    In,
+    IsNull,
+    Not,
+    Nothing,
+    Or,
+    Query,
+    Text,
+    backend_correlations,
+)
+from gateway import compartment
+from gateway.auth.errors import AuthConfigError
+from gateway.auth.principal import get_principal
+from gateway.errors import ERROR_CODE_SYSTEM, GatewayError
+
+if TYPE_CHECKING:
+    from gateway.providers import Provider
+    from gateway.settings import Settings
+
+app_log = structlog.get_logger("gateway.audit.sink")
+
+EXEMPT_PATHS = frozenset({"/_health", "/_ready"})
+MAX_QUERY_PAIRS = 50
+MAX_VALUE_CHARS = 256
+_XML_CODE = re.compile(
+    rb'gateway-error-code"\s*/>\s*<code value="([A-Za-z0-9_.\-]{1,64})"')
+
+
+class AuditConfigError(AuthConfigError):
+    """The audit settings are missing or wrong: the gateway refuses to start."""
+
+
+class AuditUnavailable(GatewayError):
+    status = 503
+    issue_code = "transient"
+    error_code = "AUDIT_UNAVAILABLE"
+
+
+# --- sinks ------------------------------------------------------------------------------------
+
+
+class JsonLinesSink:
+    """Appends one line per record to a file, or to the process's stdout / stderr.
+
+    Every write is flushed; any failure (closed stream, full disk, read-only path) raises.
+    ``stdout`` / ``stderr`` are looked up at each write, so a replaced stream is followed.
+    """
+
+    def __init__(self, destination: str) -> None:
+        self.destination = destination
+        self._lock = threading.Lock()
+        self._file: BinaryIO | None = None
+        if destination not in ("stdout", "stderr"):
+            path = Path(destination)
+            # Opened now: a destination that cannot be written stops the server starting.
+            # Unbuffered: a failed write raises now and leaves nothing behind to be retried
+            # into the next record.
+            self._file = path.open("ab", buffering=0)
+
+    def write(self, line: bytes) -> None:
+        with self._lock:
+            if self._file is not None:
+                data = memoryview(line + b"\n")
+                while data:
+                    written = self._file.write(data)
+                    if not written:
+                        raise OSError("the audit log accepted no bytes")
+                    data = data[written:]
+                return
+            stream: Any = sys.stdout if self.destination == "stdout" else sys.stderr
+            buffer = getattr(stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(line + b"\n")
+                buffer.flush()
+            else:
+                stream.write(line.decode("utf-8") + "\n")
+                stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class _SinkLogger:
+    """The structlog logger behind the audit stream: rendered bytes → the sink, or raise."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    def msg(self, message: bytes) -> None:
+        self.trail.sink.write(message)
+
+    info = warning = error = msg
+
+
+def _add_logger_name(_logger: Any, _method: str, event: MutableMapping[str, Any]
+                     ) -> MutableMapping[str, Any]:
+    event["logger"] = "gateway.audit"
+    return event
+
+
+class AuditTrail:
+    def __init__(self, destination: str = "stderr", *, fhir_destination: str = "",
+                 fail_closed: bool = True, source_id: str = "careconnect-gateway") -> None:
+        self.sink = JsonLinesSink(destination)
+        self.fhir_sink = JsonLinesSink(fhir_destination) if fhir_destination else None
+        self.fail_closed = fail_closed
+        self.source_id = source_id
+        self.logger = structlog.wrap_logger(
+            _SinkLogger(self),
+            processors=[
+                _add_logger_name,
+                structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            ],
+            # Its own wrapper: the application's log level never filters the audit trail.
+            wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+            cache_logger_on_first_use=False,
+        )
+
+    def emit(self, records: Iterable[dict[str, Any]]) -> None:
+        for record in records:
+            record["timestamp"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+            event = record.pop("event")
+            self.logger.info(event, **record)
+            if self.fhir_sink is not None:
+                record["event"] = event
+                self.fhir_sink.write(orjson.dumps(audit_event(record, self.source_id)))
+
+    def close(self) -> None:
+        self.sink.close()
+        if self.fhir_sink is not None:
+            self.fhir_sink.close()
+
+
+def destination(settings: Settings) -> str:
+    """Where the audit trail goes: the setting, or stderr when it is unset.
+
+    With ``CCG_ENV=production`` it must be set (the gateway refuses to start otherwise): a
+    production trail belongs in a protected store, and a container's stderr usually ends up
+    in the general log pipeline. Unset outside the bundled demo, it is stderr with a warning.
+    """
+    from gateway.auth.config import is_production, settings_env
+
+    chosen = settings.audit_log.strip()
+    if chosen:
+        return chosen
+    if settings_env(settings) == "production":
+        raise AuditConfigError(
+            "CCG_AUDIT_LOG is not set: in production choose where the audit trail goes (a file "
+            "on a protected volume, or stdout/stderr when a collector keeps it apart from the "
+            "application log)")
+    if is_production(settings):
+        app_log.warning("audit_trail_on_stderr",
+                        hint="set CCG_AUDIT_LOG to a protected destination; the audit trail "
+                             "contains patient identifiers")
+    return "stderr"
+
+
+# --- what the request touched (filled in by providers and the planner) -----------------------
+
+
+@dataclass
+class AuditContext:
+    entities: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    """(type, id) → the patients the resource belongs to (empty: not patient data)."""
+    query: list[tuple[str, str]] | None = None
+    query_type: str | None = None
+    backend: list[Any] = field(default_factory=list)
+    correlations: list[str] = field(default_factory=list)
+
+
+_ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None)
+
+
+def note_resource(provider: Provider, record: dict[str, Any], resource: dict[str, Any]
+                  ) -> None:
+    ctx = _ctx.get()
+    if ctx is None:
+        return
+    key = (resource["resourceType"], str(resource.get("id")))
+    patients = ctx.entities.setdefault(key, set())
+    lk = compartment.link(provider)
+    if lk.kind == "self":
+        patients.add(key[1])
+    elif lk.paths:
+        for path in lk.paths:
+            for value in compartment._values(resource, path):
+                if isinstance(value, str) and value.startswith("Patient/"):
+                    patients.add(value.removeprefix("Patient/"))
+    elif lk.refs:
+        for ref in lk.refs:
+            patients.update(provider.reference_values(record, ref))
+
+
+def note_written(provider: Provider, rid: str) -> None:
+    ctx = _ctx.get()
+    if ctx is not None:
+        patients = ctx.entities.setdefault((provider.resource_type, str(rid)), set())
+        if compartment.link(provider).kind == "self":
+            patients.add(str(rid))
+
+
+def note_search(resource_type: str, used: list[tuple[str, str]]) -> None:
+    ctx = _ctx.get()
+    if ctx is not None and ctx.query is None:
+        ctx.query = _normalise(used)
+        ctx.query_type = resource_type
+
+
+def note_backend(provider: Provider, operation: str, query: Query | Count | None) -> None:
+    ctx = _ctx.get()
+    if ctx is None:
+        return
+    shape = _shape(query.criteria) if query is not None else ""
+    if isinstance(query, Query):
+        shape += " order(" + ",".join(("-" if s.descending else "") + s.ref
+                                       for s in query.sort) + ")"
+    entry = {
+        "adapter": provider.mapping.adapter.name,
+        "connection": provider.mapping.connection,
+        "resource_type": provider.resource_type,
+        "operation": operation,
+        "shape": shape[:500],
+        "shape_id": hashlib.sha256(shape.encode()).hexdigest()[:12],
+    }
+    if len(ctx.backend) < 50:
+        ctx.backend.append(entry)
+
+
+def _shape(c: Criterion | None) -> str:
+    """The criteria without their values: what the statement looks like, never what it asks."""
+    if c is None:
+        return "all"
+    if isinstance(c, And | Or):
+        return f"{type(c).__name__.lower()}(" + ",".join(_shape(i) for i in c.items) + ")"
+    if isinstance(c, Not):
+        return f"not({_shape(c.item)})"
+    if isinstance(c, Nothing):
+        return "nothing"
+    if isinstance(c, Compare):
+        return f"{c.ref}{c.op}?"
+    if isinstance(c, In):
+        return f"{c.ref} in ?[{len(c.values)}]"
+    if isinstance(c, IsNull):
+        return f"{c.ref} is {'' if c.null else 'not '}null"
+    assert isinstance(c, Text)
+    return f"{c.ref} {c.mode} ?"
+
+
+def _normalise(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name, value in pairs:
+        if len(out) >= MAX_QUERY_PAIRS:
+            out.append(("(truncated)", "more parameters not recorded"))
+            break
+        if name in ("_format", "_pretty"):
+            continue
+        if name == "_page":
+            value = "(paging link)"
+        elif len(value) > MAX_VALUE_CHARS:
+            value = value[:MAX_VALUE_CHARS] + "...(truncated)"
+        out.append((name[:MAX_VALUE_CHARS], value))
+    return out
+
+
+# --- the ASGI layer ---------------------------------------------------------------------------
+
+
+def classify(method: str, path: str, base: str) -> tuple[str, str | None]:
+    """(interaction, resource type) of a request, from its method and path."""
+    if base and not path.startswith(base + "/"):
+        return "unknown", None
+    parts = [p for p in path[len(base):].split("/") if p]
+    if not parts:
+        return "unknown", None
+    if parts == ["metadata"]:
+        return "capabilities", None
+    rtype = parts[0] if parts[0][:1].isupper() else None
+    if len(parts) == 1:
+        return ("create" if method == "POST" else "search-type"), rtype
+    if parts[1] == "_search":
+        return "search-type", rtype
+    if parts[1].startswith("$") or (len(parts) > 2 and parts[2].startswith("$")):
+        return "operation", rtype
+    if len(parts) == 2:
+        return {"PUT": "update", "DELETE": "delete", "PATCH": "patch"}.get(method, "read"), rtype
+    return ("history" if parts[2] == "_history" else "unknown"), rtype
+
+
+def _target(path: str, base: str, rtype: str | None) -> str | None:
+    """``Type/id`` of an instance-level request (``[type]/[id]...``), else None."""
+    rest = path[len(base):] if base and path.startswith(base + "/") else path
+    parts = [p for p in rest.split("/") if p]
+    if rtype and len(parts) >= 2 and not parts[1].startswith(("_", "$")):
+        return f"{rtype}/{parts[1][:64]}"
+    return None
+
+
+def _result(status: int) -> str:
+    if status < 400:
+        return "success"
+    if status in (401, 403, 429):
+        return "denied"
+    return "failure"
+
+
+def _error_code(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
+    if status < 400 or not body:
+        return None
+    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+    try:
+        if b"xml" in ctype:
+            m = _XML_CODE.search(body[:65536])
+            return m.group(1).decode() if m else None
+        doc = orjson.loads(body[:1 << 20])
+        code = doc["issue"][0]["details"]["coding"][0]["code"]
+        return str(code)[:64] if isinstance(code, str) else None
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+
+
+class AuditLayer:
+    def __init__(self, app: ASGIApp, trail: AuditTrail, base_path: str = "") -> None:
+        self.app = app
+        self.trail = trail
+        self.base = base_path.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        ctx = AuditContext()
+        token = _ctx.set(ctx)
+        corr_token = backend_correlations.set(ctx.correlations)
+        method = scope["method"]
+        interaction, rtype = classify(method, scope["path"], self.base)
+        started: Message | None = None
+        body: list[Message] = []
+
+        async def buffer(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = message
+            else:
+                body.append(message)
+
+        try:
+            if interaction in ("create", "update", "delete", "patch") and not self._write(
+                    self._records(scope, ctx, interaction, rtype, 0, None, "attempt")):
+                await self._unavailable(scope, receive, send)
+                return
+            try:
+                await self.app(scope, receive, buffer)
+            except Exception:
+                # RequestContext answers 500; the record says so. If it cannot be written,
+                # the original error still propagates (and the sink failure is logged).
+                self._write(self._records(scope, ctx, interaction, rtype, 500,
+                                          "INTERNAL_SERVER_ERROR", "access"))
+                raise
+        finally:
+            _ctx.reset(token)
+            backend_correlations.reset(corr_token)
+        status = started["status"] if started else 500
+        content = b"".join(m.get("body", b"") for m in body) if status >= 400 else b""
+        code = _error_code(status, list(started.get("headers", [])) if started else [], content)
+        state["audit_written"] = self._write(
+            self._records(scope, ctx, interaction, rtype, status, code, "access"))
+        if not state["audit_written"] and self.trail.fail_closed:
+            await self._unavailable(scope, receive, send)
+            return
+        if started is not None:
+            await send(started)
+        for message in body:
+            await send(message)
+
+    def _write(self, records: list[dict[str, Any]]) -> bool:
+        try:
+            self.trail.emit(records)
+            return True
+        except Exception as exc:  # any sink failure: the caller fails closed (or logs)
+            app_log.error("audit_write_failed", error=type(exc).__name__,
+                          fail_closed=self.trail.fail_closed)
+            return False
+
+    async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from gateway.middleware import outcome_response
+
+        response = outcome_response(Request(scope, receive),
+                                    AuditUnavailable("the audit trail cannot be written; "
+                                                     "the request was not served"))
+        await response(scope, receive, send)
+
+    def _records(self, scope: Scope, ctx: AuditContext, interaction: str, rtype: str | None,
+                 status: int, code: str | None, event: str) -> list[dict[str, Any]]:
+        principal = get_principal(scope)
+        state = scope.get("state") or {}
+        client = scope.get("client")
+        query = ctx.query
+        if query is None:
+            query = _normalise(parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                                         keep_blank_values=True))
+        common: dict[str, Any] = {
+            "event": event,
+            "request_id": state.get("request_id"),
+            "client_id": principal.client_id if principal else None,
+            "user": principal.subject if principal else None,
+            "role": principal.role if principal else None,
+            "auth_mode": principal.mode if principal else None,
+            "scopes": principal.scope_text if principal else None,
+            "context_patient": principal.patient if principal else None,
+            "source_ip": client[0] if client else None,
+            "method": scope["method"],
+            "path": scope["path"][:512],
+            "interaction": interaction,
+            "resource_type": ctx.query_type or rtype,
+            "query": [list(p) for p in query],
+            "outcome": {"status": status, "code": code,
+                        "result": "attempt" if event == "attempt" else _result(status)},
+            "backend": {"sent": list(ctx.correlations), "queries": list(ctx.backend)},
+        }
+        target = _target(scope["path"], self.base, rtype)
+        common["target"] = target
+        by_patient: dict[str | None, list[str]] = {}
+        for (etype, eid), patients in ctx.entities.items():
+            for p in patients or (None,):
+                by_patient.setdefault(p, []).append(f"{etype}/{eid}")
+        if not any(p is not None for p in by_patient):
+            # Nothing about a patient was served (not found, denied, a count): the record is
+            # still about the patient the request aimed at, or the token's compartment.
+            restricted = principal.patient if principal and principal.patient_restricted else None
+            aimed = (target.removeprefix("Patient/") if target and target.startswith("Patient/")
+                     else restricted)
+            if aimed is not None:  # its own record; non-patient entities keep theirs
+                first: dict[str | None, list[str]] = {aimed: []}
+                by_patient = first | by_patient
+        if not by_patient:
+            by_patient[None] = []
+        count = sum(1 for p in by_patient if p is not None)
+        out = []
+        for patient, entities in by_patient.items():
+            out.append({**common, "patient": patient, "patient_count": count,
+                        "entities": entities})
+        return out
+
+
+# --- FHIR STU3 AuditEvent (IHE BALP shape) ---------------------------------------------------
+
+_ACTIONS = {"create": "C", "update": "U", "delete": "D", "read": "R", "search-type": "E",
+            "capabilities": "R", "operation": "E"}
+_REST = {"read": "read", "search-type": "search-type", "create": "create", "update": "update",
+         "capabilities": "capabilities", "delete": "delete", "patch": "patch",
+         "history": "history-instance"}
+
+
+def audit_event(record: dict[str, Any], source_id: str) -> dict[str, Any]:
+    """An audit record as a FHIR STU3 AuditEvent, shaped as IHE BALP's RESTful events."""
+    status = record["outcome"]["status"]
+    # STU3 AuditEventOutcome: 0 success, 4 minor failure (client), 8 serious failure (server)
+    outcome = "0" if status < 400 else ("4" if status < 500 else "8")
+    interaction = record["interaction"]
+    subtype = [{"system": "http://hl7.org/fhir/restful-interaction", "code": _REST[interaction]}
+               ] if interaction in _REST else []
+    agents: list[dict[str, Any]] = []
+    if record.get("client_id"):
+        agents.append({
+            "role": [{"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
+                                  "code": "110150", "display": "Application"}]}],
+            "userId": {"value": record["client_id"]},
+            "requestor": record.get("user") is None,
+            "network": {"address": record["source_ip"], "type": "2"}
+            if record.get("source_ip") else None,
+        })
+    if record.get("user"):
+        agent: dict[str, Any] = {"userId": {"value": record["user"]}, "requestor": True}
+        if record.get("role"):
+            agent["role"] = [{"text": record["role"]}]
+        agents.append(agent)
+    if not agents:
+        agents.append({"requestor": True, "userId": {"value": "anonymous"},
+                       "network": {"address": record["source_ip"], "type": "2"}
+                       if record.get("source_ip") else None})
+    for a in agents:
+        if a.get("network") is None:
+            a.pop("network", None)
+    entities: list[dict[str, Any]] = []
+    if record.get("patient"):
+        entities.append({
+            "reference": {"reference": f"Patient/{record['patient']}"},
+            "type": {"system": "http://hl7.org/fhir/audit-entity-type", "code": "1"},
+            "role": {"system": "http://hl7.org/fhir/object-role", "code": "1"},
+        })
+    for ref in record.get("entities", []):
+        if ref == f"Patient/{record.get('patient')}":
+            continue
+        entities.append({
+            "reference": {"reference": ref},
+            "type": {"system": "http://hl7.org/fhir/audit-entity-type", "code": "2"},
+            "role": {"system": "http://hl7.org/fhir/object-role", "code": "4"},
+        })
+    if record.get("query"):
+        import base64
+        from urllib.parse import urlencode
+
+        text = urlencode([tuple(p) for p in record["query"]])
+        entities.append({
+            "type": {"system": "http://hl7.org/fhir/audit-entity-type", "code": "2"},
+            "role": {"system": "http://hl7.org/fhir/object-role", "code": "24"},
+            "query": base64.b64encode(text.encode()).decode("ascii"),
+        })
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://hl7.org/fhir/audit-event-type", "code": "rest",
+                 "display": "RESTful Operation"},
+        "action": _ACTIONS.get(interaction, "E"),
+        "recorded": record["timestamp"],
+        "outcome": outcome,
+        "agent": agents,
+        "source": {"site": source_id, "identifier": {"value": source_id},
+                   "type": [{"system": "http://hl7.org/fhir/security-source-type",
+                             "code": "4", "display": "Application Server"}]},
+    }
+    if subtype:
+        event["subtype"] = subtype
+    if record["outcome"].get("code"):
+        event["outcomeDesc"] = record["outcome"]["code"]
+    if entities:
+        event["entity"] = entities
+    if record.get("request_id"):
+        event["extension"] = [{"url": ERROR_CODE_SYSTEM.rsplit("/", 2)[0]
+                               + "/StructureDefinition/request-id",
+                               "valueString": record["request_id"]}]
+    return event
+
+
+__all__ = ["AuditLayer", "AuditTrail", "AuditUnavailable", "audit_event",
+           "classify", "note_backend", "note_resource", "note_search", "note_written"]
