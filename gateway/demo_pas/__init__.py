@@ -73,6 +73,9 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
             advance(patients, "Indexing demo PAS")  # ~10% of a large build: say so
             for index in deferred:
                 index.create(conn)
+            # Planner statistics, as a DBA would keep them: without them SQLite sorts every
+            # match of a broad search by key instead of walking the key (1 s vs 0.4 ms at 1M).
+            conn.exec_driver_sql("ANALYZE")
     finally:
         engine.dispose()
 

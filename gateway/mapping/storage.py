@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -58,6 +59,7 @@ def _integer(v: Any) -> Any:
     return v
 
 
+@lru_cache(maxsize=65536)  # ~40k distinct days in a PAS; each parsed once
 def _date_compact(v: Any) -> str | None:
     s = _text(v)
     if s is None or len(s) < 8 or not s[:8].isdigit():
@@ -93,6 +95,7 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
         # Legacy systems store wall-clock time; FHIR dateTime with a time needs an offset.
         return naive.replace(tzinfo=tz).isoformat()
 
+    @lru_cache(maxsize=65536)  # time-zone localisation is the costly part: once per value
     def datetime_compact(v: Any) -> str | None:
         s = _text(v)
         if s is None or not s.isdigit() or len(s) < 12:
@@ -106,6 +109,7 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
             return None
         return localise(naive)
 
+    @lru_cache(maxsize=65536)
     def datetime_iso(v: Any) -> str | None:
         if isinstance(v, dt.datetime):
             return v.isoformat() if v.tzinfo else localise(v)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 Transform = Callable[[Any], Any]
@@ -16,6 +17,9 @@ Transform = Callable[[Any], Any]
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
 
 
+# Names and places repeat across records: converting each distinct value once is cheaper
+# than a regex with a Python callback per word every time.
+@lru_cache(maxsize=65536)
 def _title_case(value: Any) -> Any:
     # Legacy PAS store names in capitals; "O'BRIEN-SMITH" -> "O'Brien-Smith".
     def cap(m: re.Match[str]) -> str:
