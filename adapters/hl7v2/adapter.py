@@ -61,6 +61,8 @@ from adapters.hl7v2.mllp import (
 
 log = structlog.get_logger("adapters.hl7v2")
 
+_PROTOCOL = frozenset({"MSH", "MSA", "ERR", "QAK", "QPD", "RCP", "DSC", "EVN"})
+
 # SEG-F, SEG-F.C or SEG-F.C.S, optionally narrowed: PID-3.1[PID-3.5=NH]
 _PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d{1,3})(?:\.(\d{1,3}))?(?:\.(\d{1,3}))?$")
 _REF = re.compile(r"^(?P<path>[A-Z0-9.\-]+)(?:\[(?P<where>[^\]]+)\])?$")
@@ -362,7 +364,8 @@ class Hl7v2Adapter(Adapter):
     def _check_segments(self, prepared: Prepared, groups: list[list[Any]]) -> None:
         """Segments nobody reads must be ignored by decision (ignore_segments), not by
         accident: an unexpected one (a new Z-segment from a PAS upgrade) is logged once."""
-        known = prepared.read_segments | set(prepared.source.ignore_segments)
+        # The query protocol's own segments (DSC follows the last group) are no one's data.
+        known = prepared.read_segments | set(prepared.source.ignore_segments) | _PROTOCOL
         for group in groups:
             for seg in group:
                 if seg.name not in known and seg.name not in self._warned:

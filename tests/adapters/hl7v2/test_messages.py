@@ -3,6 +3,7 @@ the right values at the right paths; values with delimiters in them round-trip."
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -379,3 +380,27 @@ def test_ack_echoes_any_control_id() -> None:
 def test_refuses_what_it_cannot_send(build: Any) -> None:
     with pytest.raises(ValueError):
         build()
+
+
+# --- the fast query writer against hl7apy, its oracle -------------------------------------------
+
+_TS = re.compile(r"\|\d{14}[+-]\d{4}\|")
+
+
+@given(
+    trigger=st.sampled_from(["Q22", "ZV1"]),
+    values=st.lists(st.text(min_size=1, max_size=20).filter(lambda v: v.strip()), min_size=1,
+                    max_size=4),
+    quantity=st.one_of(st.none(), st.integers(min_value=0, max_value=500)),
+    continuation=st.one_of(st.none(), st.text(alphabet="abcXYZ019-_|^", min_size=1,
+                                              max_size=12)),
+)
+@settings(max_examples=60, deadline=None)
+def test_fast_queries_equal_what_hl7apy_builds(
+    trigger: str, values: list[str], quantity: int | None, continuation: str | None
+) -> None:
+    params = messages._criteria([("PID.5.1", v) for v in values])
+    fast = messages._query(HEADER, "CID1", trigger, "TAG1", params, quantity, continuation)
+    slow = messages._query_hl7apy(HEADER, "CID1", trigger, "TAG1", params, quantity,
+                                  continuation)
+    assert _TS.sub("|TS|", fast.decode("utf-8")) == _TS.sub("|TS|", slow.decode("utf-8"))
