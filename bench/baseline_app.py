@@ -231,9 +231,13 @@ def child_sql(n: int) -> tuple[str, str, str]:
 
 
 def fold(value: Any) -> Any:
+    """Lower case without accents (the gateway's rule), with the obvious ASCII shortcut."""
     if value is None:
         return None
-    decomposed = unicodedata.normalize("NFKD", str(value))
+    s = value if isinstance(value, str) else str(value)
+    if s.isascii():
+        return s.lower()
+    decomposed = unicodedata.normalize("NFKD", s)
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
 
 

@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import DATA_DIR, ensure_demo, gateway_env, taskset
 from http_bench import Server, lua_script, port_free, workload
 
-IDLE = ("Condition.wait", "Runner.run ", "select (selectors", "Event.wait (threading")
+# leaf frames of waiting threads: anyio workers, ThreadPoolExecutor workers (blocked in a C
+# queue get), the event loop in epoll
+IDLE = ("Condition.wait", "Runner.run ", "select (selectors", "Event.wait (threading",
+        "_worker (concurrent")
 
 
 def summarise(collapsed: Path, top: int) -> str:

@@ -8,7 +8,8 @@ straight into the Starlette app that ``careconnect-gateway serve`` runs, so ever
 is the gateway's own work (routing, middleware, logging, planning, SQL adapter, mapping,
 rendering). The SQL adapter normally hands each query to a worker thread; here
 ``anyio.to_thread.run_sync`` is replaced (in this process only) by a direct call so that
-cProfile, which follows one thread, sees the database work too. The thread hop itself is
+cProfile, which follows one thread, sees the database work too (an adapter with its own
+thread pool gets an inline executor instead). The thread hop itself is
 therefore *not* in these figures (http_bench.py includes it).
 
 Prints: µs per request without the profiler, then the profiled share of the main
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import cProfile
 import io
 import logging
@@ -61,6 +63,18 @@ COMPONENTS = [
     ("    render (orjson)", "gateway/formats.py", "render"),
     ("    ETag/Last-Modified (format_datetime)", "email/utils.py", "format_datetime"),
 ]
+
+
+class InlineExecutor(concurrent.futures.Executor):
+    """An executor that runs each call at once in the calling thread (for cProfile)."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the awaiting coroutine, as a pool would
+            future.set_exception(exc)
+        return future
 
 
 def make_scope(path: str) -> dict[str, Any]:
@@ -112,6 +126,11 @@ def main() -> int:
 
     anyio.to_thread.run_sync = inline  # type: ignore[assignment]
     app = build_app(Settings.from_env(log_level=args.log_level, paging_secret="bench"))
+    # adapters with their own thread pool (loop.run_in_executor): run those calls inline too
+    for provider in app.state.registry:
+        adapter = provider.mapping.adapter
+        if hasattr(adapter, "_executor"):
+            adapter._executor = InlineExecutor()
     # the request log goes to stdout: send it to /dev/null so the report stays readable
     devnull = open(os.devnull, "wb")  # noqa: SIM115
     sys.stdout.flush()
