@@ -261,21 +261,6 @@ class Adapter(abc.ABC):
         pass
 
 
-def refs_in(criterion: Criterion | None) -> set[str]:
-    """Every source reference a criterion touches."""
-    out: set[str] = set()
-    stack: list[Criterion] = [criterion] if criterion is not None else []
-    while stack:
-        c = stack.pop()
-        if isinstance(c, And | Or):
-            stack.extend(c.items)
-        elif isinstance(c, Not):
-            stack.append(c.item)
-        elif not isinstance(c, Nothing):
-            out.add(c.ref)
-    return out
-
-
 def all_of(items: Sequence[Criterion]) -> Criterion | None:
     if not items:
         return None
