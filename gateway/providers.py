@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -95,34 +96,29 @@ class Provider:
     async def _fetch(self, query: Query) -> Page:
         query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
         audit.note_backend(self, "fetch", query)
-        started = time.perf_counter()
-        try:
+        with _backend_call():
             return await self.mapping.adapter.fetch(self.mapping.prepared, query)
-        except (BackendError, UnsupportedCriteria) as exc:
-            raise translate_backend_error(exc) from exc
-        finally:
-            adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
 
     async def _count(self, criteria: Criterion | None) -> int:
         query = compartment.restrict_count(self, Count(criteria))
         audit.note_backend(self, "count", query)
-        started = time.perf_counter()
-        try:
+        with _backend_call():
             return await self.mapping.adapter.count(self.mapping.prepared, query)
-        except (BackendError, UnsupportedCriteria) as exc:
-            raise translate_backend_error(exc) from exc
-        finally:
-            adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
 
-    def _ids(self, ids: Iterable[str]) -> Criterion:
-        storage = self.mapping.storage(self.key)
+    def parse_keys(self, ref: str, ids: Iterable[str]) -> tuple[Any, ...]:
+        """Ids as stored in ``ref``'s column; ids that cannot exist there are left out."""
+        storage = self.mapping.storage(ref)
         keys = []
         for i in ids:
             try:
                 keys.append(storage.parse_key(i))
             except ValueError:
                 continue
-        return any_of([In(self.key, tuple(keys))] if keys else [])
+        return tuple(keys)
+
+    def _ids(self, ids: Iterable[str]) -> Criterion:
+        keys = self.parse_keys(self.key, ids)
+        return any_of([In(self.key, keys)] if keys else [])
 
     async def read(self, rid: str) -> dict[str, Any] | None:
         if not ID_RE.match(rid):
@@ -170,15 +166,10 @@ class Provider:
     async def write(self, write: Write) -> WriteResult:
         compartment.check_write(self, write)
         audit.note_backend(self, write.interaction, None)
-        started = time.perf_counter()
-        try:
+        with _backend_call():
             result = await self.mapping.adapter.write(self.mapping.prepared, write)
-            audit.note_written(self, result.id)
-            return result
-        except (BackendError, UnsupportedCriteria) as exc:
-            raise translate_backend_error(exc) from exc
-        finally:
-            adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
+        audit.note_written(self, result.id)
+        return result
 
     def reference_values(self, rec: dict[str, Any], ref: str) -> Iterator[str]:
         """Values of a reference column in a record or any of its children."""
@@ -192,6 +183,18 @@ class Provider:
                     v = row.get(ref)
                     if v is not None:
                         yield str(v)
+
+
+@contextmanager
+def _backend_call() -> Iterator[None]:
+    """Time a backend call for the request log, and translate its errors at this boundary."""
+    started = time.perf_counter()
+    try:
+        yield
+    except (BackendError, UnsupportedCriteria) as exc:
+        raise translate_backend_error(exc) from exc
+    finally:
+        adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
 
 
 def translate_backend_error(exc: Exception) -> Exception:

@@ -316,19 +316,13 @@ class Api:
                           truncated: list[str]) -> list[dict[str, Any]]:
         source = self.registry.get(rev.source_type)
         ref = source.params[rev.param].reference_targets()[provider.resource_type]
-        storage = source.mapping.storage(ref)
-        keys = []
-        for i in ids:
-            try:
-                keys.append(storage.parse_key(i))
-            except ValueError:
-                continue
+        keys = source.parse_keys(ref, ids)
         if not keys:
             return []
         # Not a client search: no search policy applies, only the link to this page.
         sub = SearchPlan(criteria=None, sort=(SortKey(source.key),), count=limit)
         try:
-            page = await source.search(sub, extra=In(ref, tuple(keys)))
+            page = await source.search(sub, extra=In(ref, keys))
             records = page.records
             more = page.more
         except UnsupportedSearch:
