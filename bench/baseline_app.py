@@ -10,9 +10,10 @@ Database access is **plain sqlite3** from the standard library (no SQLAlchemy), 
 database file, issuing the *same SQL text* the gateway's SQL adapter issues for these
 requests: one SELECT on PATIENTS (keyset order by PATNT_REFNO, ``LIMIT count+1``), then one
 ``IN (...)`` query per child table (PATIENT_IDS, ADDRESSES, current GP_REGISTRATIONS). The
-``family`` search uses the same ``ccg_fold()`` SQL function (a Python function registered on
-each connection, lower case without accents), because the gateway does; anything cheaper
-would not be the same query.
+``family`` search uses the same predicate: SQLite's own ``LIKE`` for an ASCII value on ASCII
+rows, and the same ``ccg_fold()`` SQL function (a Python function registered on each
+connection, lower case without accents) for the others, because the gateway does; anything
+cheaper would not be the same query.
 
 The Patient resource is built by hand-written code (no mapping engine, no pydantic) that
 follows mappings/demo-pas/Patient.sql.yaml; the code maps are read from the same
@@ -453,9 +454,17 @@ def build(db_path: str, db_mode: str = "thread") -> Starlette:
         after: int | None = None
         for key, raw in request.query_params.multi_items():
             if key == "family":
-                pattern = fold(raw.strip()).replace("\\", "\\\\").replace("%", "\\%")
-                where.append('ccg_fold(p."SURNAME") LIKE ? ESCAPE \'\\\'')
-                params.append(pattern.replace("_", "\\_") + "%")
+                value = fold(raw.strip())
+                pattern = value.replace("\\", "\\\\").replace("%", "\\%")
+                pattern = pattern.replace("_", "\\_") + "%"
+                if value.isascii():  # the gateway's SQLite form: its own LIKE for ASCII rows
+                    where.append('(p."SURNAME" LIKE ? ESCAPE \'\\\' OR length(CAST(p."SURNAME" '
+                                 'AS BLOB)) != length(p."SURNAME") AND ccg_fold(p."SURNAME") '
+                                 'LIKE ? ESCAPE \'\\\')')
+                    params += [pattern, pattern]
+                else:
+                    where.append('ccg_fold(p."SURNAME") LIKE ? ESCAPE \'\\\'')
+                    params.append(pattern)
             elif key == "gender":
                 local = SEX.reverse.get(raw, [])
                 if len(local) == 1:

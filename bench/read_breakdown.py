@@ -80,7 +80,7 @@ def main() -> int:
     from profile_inprocess import call
     from starlette.concurrency import run_in_threadpool
 
-    from adapters.sql import _attach_children, _page_statement
+    from adapters.sql import _page_statement
     from gateway.app import build_app
     from gateway.settings import Settings
 
@@ -144,7 +144,7 @@ def main() -> int:
     add("main statement: build + execute + rows as dicts", timed(main_exec, n, nb), "gateway")
 
     def children(i: int) -> None:
-        _attach_children(conn, prepared, [dict(records[i % count])])
+        adapter._attach_children(conn, prepared, [dict(records[i % count])])
 
     add("children: _attach_children (3 statements built + executed)", timed(children, n, nb),
         "gateway")

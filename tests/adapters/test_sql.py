@@ -375,6 +375,52 @@ async def test_folding_agrees_with_python(adapter: SqlAdapter, name: str) -> Non
             assert got == [me]
 
 
+TRICKY = ["Smi\u0301th", "SMITH", "smíth", "ﬁsher", "FISHER", "\u212aelvin", "KELVIN", "Straße",
+          "İnce", "INCE", "Æbelø", "o\u0308ller", "Öller", "ZOË", "zoe", "Jo_nes", "Jo%nes",
+          "MC\\DONALD", "ẞIG", "Ǆemal", "DŽEMAL"]
+
+
+def test_sqlite_ascii_shortcut_agrees_with_the_fold(tmp_path: Any) -> None:
+    """For ASCII search values SQLite compares ASCII columns with its own LIKE/NOCASE and
+    folds only the others: the answers must be exactly the fold's, name by name."""
+    import random
+
+    url = f"sqlite:///{tmp_path / 'names.sqlite'}"
+    engine = sa.create_engine(url)
+    rng = random.Random(7)
+    alphabet = ["a", "B", "s", "M", "i", "t", "H", "í", "\u0301", "ﬁ", "\u212a", "ß", "İ", "_", "%",
+                "\\", "ø", "Ö", " ", "'"]
+    names = [*TRICKY, *("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))
+                        for _ in range(300))]
+    with engine.begin() as conn:
+        meta.create_all(conn, tables=[patients])
+        conn.execute(patients.insert(), [{"PATNT_REFNO": i, "SURNAME": n}
+                                         for i, n in enumerate(names)])
+    engine.dispose()
+    a = SqlAdapter(url)
+    p = a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+    values = sorted({fold(n)[i:i + k] for n in names for k in (1, 2, 3) for i in range(3)
+                     if fold(n)[i:i + k].isascii() and fold(n)[i:i + k]})
+    oracle: dict[str, Callable[[str, str], bool]] = {
+        "prefix": lambda s, v: fold(s).startswith(v), "contains": lambda s, v: v in fold(s),
+        "exact": lambda s, v: fold(s) == v}
+    try:
+        checked = 0
+        for mode, test in oracle.items():
+            for v in [*values, *(fold(n) for n in TRICKY if fold(n).isascii())]:
+                expected = [i for i, n in enumerate(names) if test(n, v)]
+                page = a._fetch_sync(p, Query(Text("p.SURNAME", mode, v),  # type: ignore[arg-type]
+                                              (SortKey("p.PATNT_REFNO"),), 1000))
+                assert [r["p.PATNT_REFNO"] for r in page.records] == expected, (mode, v)
+                checked += bool(expected)
+        assert checked > 100
+        # and the shortcut is really in the statement SQLite runs
+        direct = [d for _, d in a._direct.values() if d is not None]
+        assert any("LIKE" in d.sql and "ccg_fold" in d.sql and "CAST" in d.sql for d in direct)
+    finally:
+        a.engine.dispose()
+
+
 async def _tables_intact(adapter: SqlAdapter) -> None:
     def check() -> None:
         names = set(sa.inspect(adapter.engine).get_table_names())
@@ -402,6 +448,79 @@ async def test_wildcards_through_http(client: httpx.AsyncClient) -> None:
     assert await count([("family", "o'b"), ("gender", "male,female,other,unknown")]) > 0
     assert await count([("gender", "male,female,other,unknown"), ("birthdate", "le2100")]) == \
         everyone
+
+
+# --- statements run on the DBAPI cursor -------------------------------------------------------
+
+
+async def test_direct_rows_equal_sqlalchemy_rows(adapter: SqlAdapter) -> None:
+    p = prepared_items(adapter)
+    queries = [
+        Query(None, (SortKey("t.ID"),), 7, children=True),
+        Query(Text("g.LABEL", "prefix", "red"), SORTS["-name,score"], 5, children=True,
+              with_total=True),
+        Query(Or((IsNull("t.SCORE"), Compare("t.SCORE", ">=", 3))), SORTS["score"], 4,
+              after=(3, 9)),
+    ]
+    for query in queries:
+        page = await adapter.fetch(p, query)
+        assert page.records
+        # the same statements through SQLAlchemy's own execution
+        with adapter.engine.connect() as conn:
+            from adapters.sql import _page_statement
+
+            stmt, params = _page_statement(p, query, adapter.dialect)
+            expected = [dict(r._mapping) for r in conn.execute(stmt, params)][: query.count]
+            if query.backwards:
+                expected.reverse()
+        assert [{k: v for k, v in r.items() if not k.startswith("@")} for r in page.records] \
+            == expected
+        if query.children:
+            # a child's rows: active tags only, in POS order (the mapping's where + order_by)
+            tagged = [r for r in page.records if r["@tags"]]
+            assert tagged and all([t["g.POS"] for t in r["@tags"]] == [1, 2, 3] for r in tagged)
+    # every statement went the direct way: none needs SQLAlchemy's execution on these dialects
+    assert adapter._direct and all(d is not None for _, d in adapter._direct.values())
+
+
+async def test_direct_errors_are_translated_and_the_pool_recovers(url: str) -> None:
+    a = SqlAdapter(url, timeout_seconds=5, label="pas", pool_size=1)
+    try:
+        wrong = a.prepare({"connection": "test", "table": "ITEMS", "alias": "t"},
+                          Needs(key="t.ID", fields=frozenset({"t.ID", "t.NO_SUCH_COLUMN"}),
+                                children=frozenset()))
+        with pytest.raises(BackendError) as info:
+            await a.fetch(wrong, Query(Compare("t.ID", "=", 1), (SortKey("t.ID"),), 1))
+        assert not isinstance(info.value, BackendUnavailable | BackendTimeout)
+        assert "does not match the mapping" in str(info.value)
+        assert "NO_SUCH_COLUMN" not in str(info.value) and "SELECT" not in str(info.value)
+        # the one pooled connection was given back clean (PostgreSQL: not in a failed
+        # transaction), so the next statement on it works
+        p = prepared_items(a)
+        page = await a.fetch(p, Query(Compare("t.ID", "=", 4), (SortKey("t.ID"),), 1,
+                                      children=True))
+        assert [r["t.ID"] for r in page.records] == [4]
+    finally:
+        await a.aclose()
+
+
+def test_statements_sqlalchemy_must_finish_are_not_run_directly(sqlite_url: str) -> None:
+    from adapters.sql import _Direct, _page_statement
+
+    a = SqlAdapter(sqlite_url)
+    try:
+        p = a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+    finally:
+        a.engine.dispose()
+    query = Query(Text("p.SURNAME", "prefix", "o'b"), (SortKey("p.PATNT_REFNO"),), 20)
+    stmt, params = _page_statement(p, query, "mssql")  # TOP n: rendered at execution
+    t_sql = mssql.pyodbc.dialect(paramstyle="qmark")  # type: ignore[no-untyped-call]
+    assert _Direct.compile(stmt, t_sql) is None
+    stmt, params = _page_statement(p, query, "sqlite")
+    direct = _Direct.compile(stmt, a.engine.dialect)
+    assert direct is not None and "o'b" not in direct.sql
+    # positional, in placeholder order; SQLite's LIMIT comes with an OFFSET the statement fixes
+    assert direct.arguments(params) == ["o'b%", 21, 0]
 
 
 # --- SQL Server: the T-SQL the adapter sends ------------------------------------------------
