@@ -216,6 +216,7 @@ class SqlAdapter(Adapter):
         self._pool_size = pool_size
         self._executor = self._new_executor()
         self._direct: dict[int, tuple[Any, _Direct | None]] = {}
+        self._reads = _KeyReads(self)
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
     def _new_executor(self) -> ThreadPoolExecutor:
@@ -252,6 +253,8 @@ class SqlAdapter(Adapter):
         return _prepare(src, needs, self.dialect)
 
     async def fetch(self, prepared: Prepared, query: Query) -> Page:
+        if _by_key(prepared, query):
+            return await self._reads.read(prepared, query)
         page: Page = await self._run(self._fetch_sync, prepared, query)
         return page
 
@@ -445,6 +448,127 @@ class _Direct:
         if self.order is None:
             return values
         return [values[name] for name in self.order]
+
+
+# --- reads by key, coalesced ------------------------------------------------------------------
+
+_MAX_KEYS = 100
+
+
+def _by_key(p: Prepared, q: Query) -> bool:
+    """A read (or _include) by record key: nothing but ``key IN (...)``, in key order."""
+    c = q.criteria
+    return (isinstance(c, In) and c.ref == p.key and 0 < len(c.values) <= q.count
+            and len(c.values) <= _MAX_KEYS and q.after is None and not q.with_total
+            and len(q.sort) == 1 and q.sort[0].ref == p.key and not q.sort[0].descending)
+
+
+@dataclass(slots=True)
+class _Waiting:
+    query: Query
+    future: asyncio.Future[Page]
+
+
+class _KeyReads:
+    """Reads by key run one statement at a time per mapping; those arriving meanwhile share
+    the next one (``key IN (...)`` over all their keys), then each takes its own records.
+
+    A lone read runs at once, as before. Under concurrent load this replaces many
+    statements and thread hops with one: the FHIR server a trust puts in front of its PAS
+    sends it fewer queries. Reads restricted further (a patient compartment) or paged are
+    never mixed with others: only the plain key lookup qualifies.
+    """
+
+    def __init__(self, adapter: SqlAdapter) -> None:
+        self.adapter = adapter
+        self.busy: set[tuple[int, bool]] = set()
+        self.queues: dict[tuple[int, bool], list[_Waiting]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def read(self, p: Prepared, query: Query) -> Page:
+        slot = (id(p), query.children)
+        if slot in self.busy:
+            future: asyncio.Future[Page] = asyncio.get_running_loop().create_future()
+            self.queues.setdefault(slot, []).append(_Waiting(query, future))
+            return await future
+        self.busy.add(slot)
+        try:
+            page: Page = await self.adapter._run(self.adapter._fetch_sync, p, query)
+        finally:
+            self._next(slot, p)
+        return page
+
+    def _next(self, slot: tuple[int, bool], p: Prepared) -> None:
+        waiting = self.queues.pop(slot, [])
+        waiting = [w for w in waiting if not w.future.done()]  # cancelled: client gone
+        if not waiting:
+            self.busy.discard(slot)
+            return
+        task = asyncio.get_running_loop().create_task(self._batch(slot, p, waiting))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _batch(self, slot: tuple[int, bool], p: Prepared, waiting: list[_Waiting]
+                     ) -> None:
+        taken: list[_Waiting] = []
+        keys: dict[Any, None] = {}
+        for w in waiting:  # up to _MAX_KEYS keys; the rest wait for the next statement
+            assert isinstance(w.query.criteria, In)
+            if taken and len(keys) + len(w.query.criteria.values) > _MAX_KEYS:
+                self.queues.setdefault(slot, []).append(w)
+                continue
+            taken.append(w)
+            keys.update(dict.fromkeys(w.query.criteria.values))
+        try:
+            if len(taken) == 1:
+                _settle(taken[0], await self.adapter._run(self.adapter._fetch_sync, p,
+                                                          taken[0].query))
+                return
+            query = replace(taken[0].query, criteria=In(p.key, tuple(keys)),
+                            count=sum(w.query.count for w in taken))
+            page: Page = await self.adapter._run(self.adapter._fetch_sync, p, query)
+            alone = _share(p.key, page, taken)
+            for w in alone:  # rare: the database's keys did not compare equal to the asked
+                _settle(w, await self.adapter._run(self.adapter._fetch_sync, p, w.query))
+        except Exception as exc:
+            for w in taken:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+        finally:
+            for w in taken:
+                if not w.future.done():  # this task was cancelled (shutdown)
+                    w.future.cancel()
+            self._next(slot, p)
+
+
+def _settle(w: _Waiting, page: Page) -> None:
+    if not w.future.done():
+        w.future.set_result(page)
+
+
+def _share(key: str, page: Page, taken: list[_Waiting]) -> list[_Waiting]:
+    """Give each read its own records (key order); return the reads that must run alone."""
+    given: set[int] = set()
+    results: list[tuple[_Waiting, list[Record], bool]] = []
+    for w in taken:
+        assert isinstance(w.query.criteria, In)
+        wanted = set(w.query.criteria.values)
+        mine = [r for r in page.records if r.get(key) in wanted]
+        results.append((w, mine[: w.query.count], len(mine) > w.query.count))
+        given.update(id(r) for r in mine)
+    if page.more or len(given) < len(page.records):
+        return taken  # a record nobody asked for: key types differ (e.g. padded CHAR keys)
+    seen: set[int] = set()
+    for w, mine, more in results:
+        # a record shared by two reads is copied: callers may treat records as their own
+        records = [dict(r) if id(r) in seen else r for r in mine]
+        seen.update(id(r) for r in mine)
+        out = Page(records=records, more=more)
+        if records:
+            out.start = (records[0].get(key),)
+            out.end = (records[-1].get(key),)
+        _settle(w, out)
+    return []
 
 
 # --- building -------------------------------------------------------------------------------

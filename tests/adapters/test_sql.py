@@ -523,6 +523,81 @@ def test_statements_sqlalchemy_must_finish_are_not_run_directly(sqlite_url: str)
     assert direct.arguments(params) == ["o'b%", 21, 0]
 
 
+# --- reads by key, coalesced ------------------------------------------------------------------
+
+
+def _key_read(*ids: Any) -> Query:
+    return Query(In("t.ID", ids), (SortKey("t.ID"),), count=len(ids))
+
+
+async def test_concurrent_key_reads_share_statements(url: str) -> None:
+    import asyncio
+
+    a = SqlAdapter(url, timeout_seconds=5, label="test")
+    statements: list[str] = []
+    if a.dialect == "sqlite":  # count what really reaches the database
+        sa.event.listen(a.engine, "connect",
+                        lambda conn, _rec: conn.set_trace_callback(statements.append))
+    try:
+        p = prepared_items(a)
+        asked = [_key_read(i) for i in range(1, 41)] + [
+            _key_read(4), _key_read(4, 7), _key_read(999), _key_read(7, 1, 13)]
+        alone = [await a.fetch(p, q) for q in asked]
+        statements.clear()
+        together = await asyncio.gather(*(a.fetch(p, q) for q in asked))
+        for q, one, many in zip(asked, alone, together, strict=True):
+            assert many.records == one.records, q
+            assert (many.more, many.start, many.end) == (one.more, one.start, one.end)
+        # two reads of item 4: equal records, but each its own
+        assert together[3].records[0] is not together[40].records[0]
+        assert together[42].records == []  # no such item: found by nobody
+        if a.dialect == "sqlite":
+            selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+            # one lone read, then one batch for all the others (each: items + tags)
+            assert 0 < len(selects) <= 4 * 2, len(selects)
+    finally:
+        await a.aclose()
+
+
+async def test_coalesced_reads_fail_together_and_recover(url: str) -> None:
+    import asyncio
+
+    a = SqlAdapter(url, timeout_seconds=5, label="pas")
+    try:
+        wrong = a.prepare({"connection": "test", "table": "ITEMS", "alias": "t"},
+                          Needs(key="t.ID", fields=frozenset({"t.ID", "t.NO_SUCH_COLUMN"}),
+                                children=frozenset()))
+        results = await asyncio.gather(*(a.fetch(wrong, _key_read(i)) for i in range(1, 9)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, BackendError) and not isinstance(r, BackendUnavailable)
+                   for r in results), results
+        # a cancelled read does not stop the others
+        p = prepared_items(a)
+        tasks = [asyncio.ensure_future(a.fetch(p, _key_read(i))) for i in range(1, 9)]
+        await asyncio.sleep(0)
+        tasks[3].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[3], asyncio.CancelledError)
+        assert [d.records[0]["t.ID"] for i, d in enumerate(done)
+                if i != 3 and not isinstance(d, BaseException)] == [1, 2, 3, 5, 6, 7, 8]
+        assert not a._reads.busy and not a._reads.queues and not a._reads.tasks
+    finally:
+        await a.aclose()
+
+
+async def test_coalesced_reads_whose_keys_compare_unequal_run_alone(sqlite_url: str) -> None:
+    """SQLite finds INTEGER 4 for '4', but '4' != 4 in Python: those reads go alone."""
+    import asyncio
+
+    a = SqlAdapter(sqlite_url, timeout_seconds=5, label="test")
+    try:
+        p = prepared_items(a)
+        pages = await asyncio.gather(*(a.fetch(p, _key_read(str(i))) for i in (4, 5, 6, 7)))
+        assert [pg.records[0]["t.ID"] for pg in pages] == [4, 5, 6, 7]
+    finally:
+        await a.aclose()
+
+
 # --- SQL Server: the T-SQL the adapter sends ------------------------------------------------
 
 
