@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import cProfile
 import io
 import logging
@@ -65,16 +64,14 @@ COMPONENTS = [
 ]
 
 
-class InlineExecutor(concurrent.futures.Executor):
-    """An executor that runs each call at once in the calling thread (for cProfile)."""
+class InlineWorkers:
+    """adapters.threads.Workers, but each call runs at once in the calling thread (cProfile)."""
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # handed to the awaiting coroutine, as a pool would
-            future.set_exception(exc)
-        return future
+    async def run(self, _timeout: float, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    def close(self) -> None:
+        pass
 
 
 def make_scope(path: str) -> dict[str, Any]:
@@ -126,11 +123,11 @@ def main() -> int:
 
     anyio.to_thread.run_sync = inline  # type: ignore[assignment]
     app = build_app(Settings.from_env(log_level=args.log_level, paging_secret="bench"))
-    # adapters with their own thread pool (loop.run_in_executor): run those calls inline too
+    # adapters with their own worker threads (adapters.threads): run those calls inline too
     for provider in app.state.registry:
         adapter = provider.mapping.adapter
-        if hasattr(adapter, "_executor"):
-            adapter._executor = InlineExecutor()
+        if hasattr(adapter, "_workers"):
+            adapter._workers = InlineWorkers()
     # the request log goes to stdout: send it to /dev/null so the report stays readable
     devnull = open(os.devnull, "wb")  # noqa: SIM115
     sys.stdout.flush()
