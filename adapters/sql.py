@@ -20,7 +20,7 @@ import functools
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -344,24 +344,25 @@ class SqlAdapter(Adapter):
             (child_col, parent_col), *rest = spec.link.items()
             if rest:
                 raise BackendError("children joined on more than one column are not supported")
-            parent_values = list({r[parent_col] for r in rows if r.get(parent_col) is not None})
-            for r in rows:
-                r["@" + name] = []
-            if not parent_values:
-                continue
+            slot = "@" + name
             by_parent: dict[Any, list[Record]] = {}
-            for chunk in _chunks(parent_values, _BUCKETS[-1]):
+            parents = list({r[parent_col] for r in rows} - {None})
+            for start in range(0, len(parents), _BUCKETS[-1]):
+                chunk = parents[start:start + _BUCKETS[-1]]
                 # IN lists of a few fixed sizes, padded with a repeat: a statement per size is
                 # compiled once and reused (an expanding parameter is re-rendered every time).
-                size = next(b for b in _BUCKETS if b >= len(chunk))
+                size = _BUCKET_OF[len(chunk)]
                 stmt = _child_statement(p, name, spec, fields, child_col, size)
-                padded = [*chunk, *([chunk[-1]] * (size - len(chunk)))]
-                for parent, *values in self._rows(
-                        conn, stmt, {f"k{i}": v for i, v in enumerate(padded)}):
-                    by_parent.setdefault(parent, []).append(
-                        dict(zip(fields, values, strict=True)))
+                chunk += [chunk[-1]] * (size - len(chunk))
+                for row in self._rows(conn, stmt, dict(zip(_KEY_NAMES[size], chunk, strict=True))):
+                    rec = dict(zip(fields, row[1:], strict=True))
+                    found = by_parent.get(row[0])
+                    if found is None:
+                        by_parent[row[0]] = [rec]
+                    else:
+                        found.append(rec)
             for r in rows:
-                r["@" + name] = by_parent.get(r.get(parent_col), [])
+                r[slot] = by_parent.get(r[parent_col], [])
 
     # -- running one statement
 
@@ -898,9 +899,5 @@ def _child_statement(p: Prepared, name: str, spec: Child, fields: list[str], chi
 
 
 _BUCKETS = (1, 2, 5, 10, 21, 50, 101, 200, 500)
-
-
-def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(values), size):
-        yield values[i : i + size]
-
+_BUCKET_OF = [0, *(next(b for b in _BUCKETS if b >= n) for n in range(1, _BUCKETS[-1] + 1))]
+_KEY_NAMES = {size: tuple(f"k{i}" for i in range(size)) for size in _BUCKETS}

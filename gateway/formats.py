@@ -9,6 +9,7 @@ flavour the client asked for (STU3-era ``application/json+fhir`` or ``applicatio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -46,6 +47,7 @@ def _kind(media_type: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=256)  # clients send a handful of distinct Accept headers, again and again
 def negotiate(accept: str | None, format_param: str | None, pretty_param: str | None) -> Format:
     pretty = pretty_param == "true"
     if format_param:
