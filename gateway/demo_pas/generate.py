@@ -509,7 +509,7 @@ class DemoPasGenerator:
             rows.append({
                 "LOCTN_REFNO": refno, "LOCTN_CODE": code, "LOCTN_NAME": name,
                 "LOCTY_CODE": "SITE", "PARENT_REFNO": None, "ORGAN_REFNO": TRUST_ORGAN_REFNO,
-                "ADDR_LINE1": line1, "ADDR_LINE2": town, "ADDR_LINE3": None, "PCODE": pcode,
+                "ADDR_LINE1": line1, "ADDR_LINE2": None, "ADDR_LINE3": town, "PCODE": pcode,
                 "TEL_NO": f"0113 496 0{s + 1:03d}", "ACTIVE_FLAG": "Y",
                 "MODIF_DTTM": "2019-04-01 09:00:00"})
             refno += 1

@@ -273,6 +273,14 @@ def test_values_fit_declared_lengths(db: sqlite3.Connection) -> None:
                 assert (longest or 0) <= col.type.length, f"{table.name}.{col.name}"
 
 
+def test_addresses_keep_the_town_in_the_third_line(db: sqlite3.Connection) -> None:
+    """Organisations and sites store the town in ADDR_LINE3, as the mappings read it."""
+    for table in ("ORGANISATIONS", "LOCATIONS"):
+        rows = db.execute(f'SELECT "ADDR_LINE1", "ADDR_LINE3" FROM "{table}" '
+                          'WHERE "PCODE" IS NOT NULL').fetchall()
+        assert rows and all(line1 and town for line1, town in rows), table
+
+
 def test_names_look_like_a_uk_pas(db: sqlite3.Connection) -> None:
     surnames = Counter(_col(db, 'SELECT SURNAME FROM "PATIENTS"'))
     assert surnames.most_common(1)[0][0] == "SMITH"
