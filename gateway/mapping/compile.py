@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from gateway.mapping.codemaps import CodeMap, Target
 from gateway.mapping.functions import FUNCTIONS
 from gateway.mapping.model import EXPR_KEYS, Expr
-from gateway.mapping.storage import Storage
-from gateway.mapping.transforms import TRANSFORMS, chain
+from gateway.mapping.storage import Storage, text
+from gateway.mapping.transforms import TRANSFORMS, chain, compose
 
 Builder = Callable[[dict[str, Any]], Any]
 
@@ -50,6 +50,8 @@ class CompileContext:
     errors: list[CompileError] = field(default_factory=list)
     """Every problem found in an output tree (compile_output raises the first)."""
     _child: str | None = None
+    _reads: set[str] = field(default_factory=set)
+    """References read by the ``each`` item being compiled (child and parent ones)."""
 
 
 def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
@@ -78,63 +80,80 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
         ctx.references.append((path, expr.ref, ctx._child))
         steps.append(lambda v: prefix + str(v))
 
-    if not steps:
+    step = compose(steps) if steps else None
+    if convert is text:
+        # Most reads are of text columns holding str values: those are trimmed here (as
+        # storage.text would) rather than through another call.
+        if step is None:
+            def get_text(rec: dict[str, Any]) -> Any:
+                v = rec.get(ref)
+                if v.__class__ is str:
+                    return v.strip() or None
+                return None if v is None else convert(v)
+
+            return get_text
+
+        def get_text_step(rec: dict[str, Any]) -> Any:
+            v = rec.get(ref)
+            if v.__class__ is str:
+                v = v.strip()
+                return step(v) if v else None
+            v = None if v is None else convert(v)
+            return None if v is None else step(v)
+
+        return get_text_step
+    if step is None:
         def get(rec: dict[str, Any]) -> Any:
             v = rec.get(ref)
             return None if v is None else convert(v)
 
         return get
 
-    def get_chain(rec: dict[str, Any]) -> Any:
+    def get_step(rec: dict[str, Any]) -> Any:
         v = rec.get(ref)
-        if v is None:
-            return None
-        v = convert(v)
-        for step in steps:
-            if v is None:
-                return None
-            v = step(v)
-        return v
+        v = None if v is None else convert(v)
+        return None if v is None else step(v)
 
-    return get_chain
+    return get_step
 
 
 def _codemap_step(cmap: CodeMap, part: str, path: str) -> Callable[[Any], Any]:
     system = cmap.target_system
     if part in ("system", "coding", "codeable-concept") and not system:
         raise CompileError(path, f"codemap {cmap.name!r} declares no target_system")
-    if part == "system":
-        return lambda v: system if cmap.lookup(v) is not None else None
-    if part == "display":
-        def display(v: Any) -> Any:
-            t = cmap.lookup(v)
-            return None if t is None else t.display
+    # Built once per target; resources are never mutated after building, so the same small
+    # dict can be shared by every resource that carries this code.
+    built: dict[Target, Any] = {}
 
-        return display
-    if part in ("coding", "codeable-concept"):
-        # Built once per target code; resources are never mutated after building, so the
-        # same small dict can be shared by every resource that carries this code.
-        built: dict[Target, dict[str, Any]] = {}
-
-        def coding(v: Any) -> Any:
-            t = cmap.lookup(v)
-            if t is None:
-                return None
-            out = built.get(t)
-            if out is None:
+    def result(t: Target) -> Any:
+        out = built.get(t)
+        if out is None:
+            if part == "system":
+                out = system
+            elif part == "display":
+                out = t.display
+            elif part in ("coding", "codeable-concept"):
                 c: dict[str, Any] = {"system": system, "code": t.code}
                 if t.display:
                     c["display"] = t.display
-                out = built[t] = {"coding": [c]} if part == "codeable-concept" else c
+                out = {"coding": [c]} if part == "codeable-concept" else c
+            else:
+                out = t.code
+            built[t] = out
+        return out
+
+    # The answer for every listed local code, looked up by the key CodeMap.lookup uses; any
+    # other value goes through lookup for its unmapped policy (default, error or omit+log).
+    listed = {local: result(t) for local, t in cmap.entries.items()}
+
+    def step(v: Any) -> Any:
+        out = listed.get((v if v.__class__ is str else str(v)).strip())
+        if out is not None:
             return out
-
-        return coding
-
-    def code(v: Any) -> Any:
         t = cmap.lookup(v)
-        return None if t is None else t.code
+        return None if t is None else result(t)
 
-    return code
+    return step
 
 
 def _compile_function(expr: Expr, ctx: CompileContext, path: str) -> Builder:
@@ -164,6 +183,7 @@ def _use(ctx: CompileContext, ref: str) -> None:
         ctx.refs.add(ref)
     else:
         ctx.children[ctx._child].add(ref)
+        ctx._reads.add(ref)
 
 
 def compile_node(node: Any, ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
@@ -203,6 +223,25 @@ def _compile_dict(
         items.append((key, fn, const))
     if all(fn is None for _, fn, _ in items):
         return None, {k: c for k, _, c in items}
+    first_dynamic = next(i for i, (_, fn, _) in enumerate(items) if fn is not None)
+    if all(fn is not None for _, fn, _ in items[first_dynamic:]):
+        # Literals (if any) before expressions, as nearly every element is written: a copy
+        # of the literals when the first expression has a value keeps the key order, and
+        # nothing at all is built for an element that turns out empty.
+        literals = {k: c for k, _, c in items[:first_dynamic]}
+        exprs = [(k, fn) for k, fn, _ in items[first_dynamic:] if fn is not None]
+
+        def build_tail(rec: dict[str, Any]) -> Any:
+            out = None
+            for key, fn in exprs:
+                v = fn(rec)
+                if v is not None:
+                    if out is None:
+                        out = literals.copy()
+                    out[key] = v
+            return out
+
+        return build_tail, None
 
     def build(rec: dict[str, Any]) -> Any:
         out: dict[str, Any] = {}
@@ -221,10 +260,10 @@ def _compile_dict(
 
 
 def _compile_list(node: list[Any], ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
+    # (None, None, literal) | (None, builder, None) | ("@child", builder, references read)
     parts: list[tuple[str | None, Builder | None, Any]] = []
     for i, item in enumerate(node):
         ipath = f"{path}[{i}]"
-        child = None
         if isinstance(item, dict) and "each" in item:
             child = item["each"]
             if not isinstance(child, str):
@@ -233,31 +272,60 @@ def _compile_list(node: list[Any], ctx: CompileContext, path: str) -> tuple[Buil
                 raise CompileError(ipath + ".each", "children cannot be nested")
             item = {k: v for k, v in item.items() if k != "each"}
             ctx.children.setdefault(child, set())
-            ctx._child = child
+            ctx._child, ctx._reads = child, set()
             try:
                 fn, const = compile_node(item, ctx, ipath)
             finally:
                 ctx._child = None
             if fn is None:
                 raise CompileError(ipath, "an 'each' item must read something from the child")
-        else:
-            fn, const = compile_node(item, ctx, ipath)
-        parts.append((child, fn, const))
+            parts.append(("@" + child, fn, frozenset(ctx._reads)))
+            continue
+        fn, const = compile_node(item, ctx, ipath)
+        parts.append((None, fn, const))
     if all(fn is None for _, fn, _ in parts):
         return None, [c for _, _, c in parts]
 
+    # An 'each' item sees the child row's values over the parent record's ({**rec, **row});
+    # when the row holds every reference the item reads (so unless it reads a parent column) it
+    # gives the same values alone, without a copy of the record for every row.
+    each_key, each_fn, reads = parts[0]
+    if len(parts) == 1 and each_key is not None and each_fn is not None:
+        # one item per child row (addresses)
+        def build_each(rec: dict[str, Any]) -> Any:
+            out = []
+            for row in rec.get(each_key) or ():
+                v = each_fn(row if row.keys() >= reads else {**rec, **row})
+                if v is not None:
+                    out.append(v)
+            return out or None
+
+        return build_each, None
+    if all(key is None and fn is not None for key, fn, _ in parts):
+        fns = [fn for _, fn, _ in parts if fn is not None]
+
+        def build_items(rec: dict[str, Any]) -> Any:
+            out = []
+            for fn in fns:
+                v = fn(rec)
+                if v is not None:
+                    out.append(v)
+            return out or None
+
+        return build_items, None
+
     def build(rec: dict[str, Any]) -> Any:
         out: list[Any] = []
-        for child, fn, const in parts:
+        for key, fn, const in parts:
             if fn is None:
                 out.append(const)
-            elif child is None:
+            elif key is None:
                 v = fn(rec)
                 if v is not None:
                     out.append(v)
             else:
-                for row in rec.get("@" + child) or ():
-                    v = fn({**rec, **row})
+                for row in rec.get(key) or ():
+                    v = fn(row if row.keys() >= const else {**rec, **row})
                     if v is not None:
                         out.append(v)
         return out or None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -48,10 +48,11 @@ def _ceil(t: dt.datetime, unit: dt.timedelta) -> dt.datetime:
     return t if not rem else t + (unit - rem)
 
 
-def _text(v: Any) -> str | None:
+def text(v: Any) -> str | None:
+    """The ``string`` storage's converter: trimmed text, a blank value as ``None``."""
     if v is None:
         return None
-    s = str(v).strip()
+    s = (v if v.__class__ is str else str(v)).strip()
     return s or None
 
 
@@ -61,11 +62,13 @@ def _integer(v: Any) -> Any:
 
 @lru_cache(maxsize=65536)  # ~40k distinct days in a PAS; each parsed once
 def _date_compact(v: Any) -> str | None:
-    s = _text(v)
+    s = text(v)
     if s is None or len(s) < 8 or not s[:8].isdigit():
         return None
     try:  # 00000000, 19650230: legacy "not known" or garbage, never a FHIR date
-        return dt.date(int(s[0:4]), int(s[4:6]), int(s[6:8])).isoformat()
+        if s.isascii():  # YYYYMMDD is ISO 8601 basic format: parsed in C, twice as fast
+            return dt.date.fromisoformat(s[:8]).isoformat()
+        return dt.date(int(s[0:4]), int(s[4:6]), int(s[6:8])).isoformat()  # other digits
     except ValueError:
         return None
 
@@ -75,7 +78,7 @@ def _date_iso(v: Any) -> str | None:
         return v.date().isoformat()
     if isinstance(v, dt.date):
         return v.isoformat()
-    s = _text(v)
+    s = text(v)
     if not s or len(s) < 10:
         return None
     try:
@@ -88,18 +91,48 @@ def _day(t: dt.datetime) -> dt.datetime:
     return _ceil(t, dt.timedelta(days=1))
 
 
+# One converter (and value cache) per storage type and zone, shared by every column declared
+# with it: values recur across columns (an address's end date is the next one's start).
+@cache
 def make_storage(name: str, tz: ZoneInfo) -> Storage:
     """Build the converter for one storage type in the source's local time zone."""
 
+    offsets: dict[dt.timedelta | None, str] = {}
+
+    def offset(naive: dt.datetime) -> str:
+        """The text ``isoformat`` gives the offset of local time ``naive`` ("+01:00")."""
+        off = tz.utcoffset(naive)
+        suffix = offsets.get(off)
+        if suffix is None:  # a handful per zone: formatted once, as isoformat would
+            aware = naive.replace(tzinfo=tz).isoformat()
+            suffix = offsets[off] = aware[len(naive.isoformat()):]
+        return suffix
+
     def localise(naive: dt.datetime) -> str:
         # Legacy systems store wall-clock time; FHIR dateTime with a time needs an offset.
-        return naive.replace(tzinfo=tz).isoformat()
+        # ``naive.replace(tzinfo=tz).isoformat()``, but that costs 1.3 µs where the naive
+        # text and the offset's ready-made text cost 0.4 µs.
+        if naive.__class__ is not dt.datetime:  # a driver's subclass may format differently
+            return naive.replace(tzinfo=tz).isoformat()
+        return naive.isoformat() + offset(naive)
 
-    @lru_cache(maxsize=65536)  # time-zone localisation is the costly part: once per value
+    @lru_cache(maxsize=65536)  # parsing and localising cost ~0.7 µs: once per value
     def datetime_compact(v: Any) -> str | None:
-        s = _text(v)
+        s = text(v)
         if s is None or not s.isdigit() or len(s) < 12:
             return None
+        if not s.isascii() or s[8:10] >= "24":  # other Unicode digits, or not an hour
+            return compact_by_fields(s)
+        # ASCII digits: ISO 8601 basic format, checked by the C parser; the text is the
+        # digits themselves, which is what isoformat would print.
+        sec = s[12:14] if len(s) >= 14 else "00"
+        try:
+            naive = dt.datetime.fromisoformat(f"{s[:8]}T{s[8:12]}{sec}")
+        except ValueError:
+            return None
+        return f"{s[:4]}-{s[4:6]}-{s[6:8]}T{s[8:10]}:{s[10:12]}:{sec}{offset(naive)}"
+
+    def compact_by_fields(s: str) -> str | None:
         try:
             naive = dt.datetime(
                 int(s[0:4]), int(s[4:6]), int(s[6:8]), int(s[8:10]), int(s[10:12]),
@@ -109,11 +142,16 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
             return None
         return localise(naive)
 
-    @lru_cache(maxsize=65536)
     def datetime_iso(v: Any) -> str | None:
         if isinstance(v, dt.datetime):
+            # Not through the cache: datetimes that are equal as instants, or that differ
+            # only in fold, would share one entry there but need different text.
             return v.isoformat() if v.tzinfo else localise(v)
-        s = _text(v)
+        return datetime_iso_text(v)
+
+    @lru_cache(maxsize=65536)
+    def datetime_iso_text(v: Any) -> str | None:
+        s = text(v)
         if s is None:
             return None
         try:
@@ -130,7 +168,7 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
     minute = dt.timedelta(minutes=1)
     second = dt.timedelta(seconds=1)
     table: dict[str, Storage] = {
-        "string": Storage("string", "string", _text, lambda t: t.isoformat(), str),
+        "string": Storage("string", "string", text, lambda t: t.isoformat(), str),
         "integer": Storage("integer", "integer", _integer, lambda t: t.toordinal(), as_int),
         "date:yyyymmdd": Storage(
             name, "date", _date_compact, lambda t: _day(t).strftime("%Y%m%d"), str

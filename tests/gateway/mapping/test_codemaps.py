@@ -4,6 +4,7 @@ reverse direction for token searches, and each ``part:`` an expression can take.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+import structlog
+import structlog.testing
 from starlette.applications import Starlette
 
 import gateway.mapping.codemaps as codemaps_module
@@ -60,6 +63,23 @@ def test_omit_leaves_the_element_out_and_logs_the_map_not_the_value(
     monkeypatch.setattr(codemaps_module, "log", Log())
     assert sex_map("omit").lookup("Q") is None
     assert logged == [("unmapped_code", {"codemap": "sex"})]  # never the value itself
+
+
+@pytest.mark.parametrize(("level", "lines"), [
+    (logging.DEBUG, [{"event": "unmapped_code", "codemap": "sex", "log_level": "debug"}]),
+    (logging.INFO, []),
+    (logging.WARNING, []),
+])
+def test_the_unmapped_code_line_follows_the_configured_level(level: int,
+                                                             lines: list[object]) -> None:
+    before = structlog.get_config()
+    try:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
+        with structlog.testing.capture_logs() as logs:
+            assert sex_map("omit").lookup("Q") is None
+        assert logs == lines
+    finally:
+        structlog.configure(**before)
 
 
 def test_default_uses_the_declared_target() -> None:
@@ -177,6 +197,34 @@ def test_every_part_raises_for_an_unmapped_value_under_error(part: str) -> None:
     with pytest.raises(UnmappableData):
         fn({"p.SEX": "Q"})
     assert fn({"p.SEX": None}) is None  # an empty value is not unmapped
+
+
+@pytest.mark.parametrize("part", ["code", "display", "system", "coding", "codeable-concept"])
+def test_every_part_of_a_default_target_and_of_codes_stored_as_numbers(part: str) -> None:
+    fn = build({"column": "p.SEX", "codemap": "sex", "part": part},
+               sex_map("default", Target("unknown", "Unknown")))
+    unknown, male = fn({"p.SEX": "Q"}), fn({"p.SEX": 1})
+    assert unknown == {"code": "unknown", "display": "Unknown", "system": SEX,
+                       "coding": {"system": SEX, "code": "unknown", "display": "Unknown"},
+                       "codeable-concept": {"coding": [
+                           {"system": SEX, "code": "unknown", "display": "Unknown"}]}}[part]
+    assert male == fn({"p.SEX": " M "}) == build({"column": "p.SEX", "codemap": "sex",
+                                                  "part": part})({"p.SEX": "1"})
+
+
+def test_an_unmapped_code_is_logged_every_time_it_is_met(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    logged: list[str] = []
+
+    class Log:
+        def debug(self, event: str, **kw: object) -> None:
+            logged.append(event)
+
+    monkeypatch.setattr(codemaps_module, "log", Log())
+    fn = build({"column": "p.SEX", "codemap": "sex", "part": "coding"}, sex_map("omit"))
+    assert [fn({"p.SEX": "Q"}), fn({"p.SEX": "Q"}), fn({"p.SEX": "2"})] == [
+        None, None, {"system": SEX, "code": "female", "display": "Female"}]
+    assert logged == ["unmapped_code", "unmapped_code"]
 
 
 @pytest.mark.parametrize("part", ["system", "coding", "codeable-concept"])

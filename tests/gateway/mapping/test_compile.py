@@ -198,6 +198,44 @@ def test_a_child_value_shadows_a_parent_value_of_the_same_name() -> None:
     assert fn({"k.V": "parent", "@c": [{"k.V": "child"}]}) == {"x": [{"value": "child"}]}
 
 
+def test_a_parent_value_shows_where_the_child_row_lacks_the_column() -> None:
+    # A row that holds every column its item reads is used as it is; one that lacks one
+    # is read over the parent record, so the parent's value shows through.
+    fn = build({"x": [{"each": "c", "value": {"column": "k.V"}, "id": {"column": "k.ID"}}]})
+    rec = {"k.V": "parent", "@c": [{"k.ID": "1", "k.V": "child"}, {"k.ID": "2"}]}
+    assert fn(rec) == {"x": [{"value": "child", "id": "1"}, {"value": "parent", "id": "2"}]}
+    assert rec == {"k.V": "parent", "@c": [{"k.ID": "1", "k.V": "child"}, {"k.ID": "2"}]}
+
+
+def test_a_list_mixing_each_items_literals_and_expressions_keeps_its_order() -> None:
+    fn = build({"x": [
+        {"each": "c", "value": {"column": "k.V"}},
+        "literal",
+        {"column": "p.A"},
+        {"each": "c", "other": {"column": "k.W"}, "parent": {"column": "p.A"}},
+    ]})
+    rec = {"p.A": "a", "@c": [{"k.V": "v1", "k.W": "w1"}, {"k.V": None, "k.W": "w2"}]}
+    assert fn(rec) == {"x": [{"value": "v1"}, "literal", "a", {"other": "w1", "parent": "a"},
+                             {"other": "w2", "parent": "a"}]}
+    assert fn({}) == {"x": ["literal"]}
+
+
+def test_literals_keep_their_place_among_expressions() -> None:
+    fn = build({"a": {"column": "p.A"}, "lit": 1, "b": {"column": "p.B"}})
+    assert list(fn({"p.A": "x", "p.B": "y"})) == ["a", "lit", "b"]
+    assert list(fn({"p.B": "y"})) == ["lit", "b"]
+    fn = build({"c": {"lit": 1, "a": {"column": "p.A"}, "b": {"column": "p.B"}}})
+    assert list(fn({"p.A": "x", "p.B": "y"})["c"]) == ["lit", "a", "b"]
+    assert list(fn({"p.B": "y"})["c"]) == ["lit", "b"]
+    assert fn({}) == {}
+
+
+def test_text_values_that_are_not_str() -> None:
+    fn = build({"a": {"column": "p.A"}, "b": {"column": "p.B", "transform": "upper"}})
+    assert fn({"p.A": 12, "p.B": 3.5}) == {"a": "12", "b": "3.5"}
+    assert fn({"p.A": " x ", "p.B": "  "}) == {"a": "x"}
+
+
 def test_references_inside_each_name_their_child() -> None:
     ctx = context()
     compile_output({"generalPractitioner": [

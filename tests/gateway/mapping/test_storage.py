@@ -105,6 +105,73 @@ def test_datetime_iso() -> None:
     assert to_fhir("datetime:iso", " ") is None
 
 
+def reference_compact(stored: str) -> str | None:
+    """The plain reading of YYYYMMDDHHMM[SS] the fast path must agree with."""
+    s = stored.strip()
+    if not s.isdigit() or len(s) < 12:
+        return None
+    try:
+        naive = dt.datetime(int(s[0:4]), int(s[4:6]), int(s[6:8]), int(s[8:10]),
+                            int(s[10:12]), int(s[12:14]) if len(s) >= 14 else 0)
+    except ValueError:
+        return None
+    return naive.replace(tzinfo=LONDON).isoformat()
+
+
+def test_compact_dates_and_times_agree_with_reading_the_digits_one_by_one() -> None:
+    minute = make_storage("datetime:yyyymmddhhmm", LONDON).to_fhir
+    day = make_storage("date:yyyymmdd", LONDON).to_fhir
+    times = ["0000", "2359", "2400", "0160", "9999", "000000", "235959", "000060", "00001",
+             "0000001234", "013000"]
+    for year in ("0000", "0001", "1847", "1900", "2000", "2023", "2024", "9999"):
+        for month in range(14):
+            for d in range(33):
+                date = f"{year}{month:02d}{d:02d}"
+                ok = reference_compact(date + "0000")
+                assert day(date) == (ok[:10] if ok else None), date
+                for t in times:
+                    assert minute(date + t) == reference_compact(date + t), date + t
+
+
+def digits(s: str, zero: int) -> str:
+    return s.translate({ord("0") + i: zero + i for i in range(10)})
+
+
+@pytest.mark.parametrize("stored", [
+    digits("202401151030", 0x0660),  # Arabic-Indic digits: int() reads them, as it always did
+    digits("202401151030", 0xFF10),  # full-width digits
+    "\u00b202401151030",  # a digit to isdigit() but not to int()
+    "184001011200",  # before standard time: London's local mean time, -00:01:15
+    "202410270130",  # ambiguous: the first (BST)
+])
+def test_compact_times_beyond_the_fast_path(stored: str) -> None:
+    assert to_fhir("datetime:yyyymmddhhmm", stored) == reference_compact(stored)
+    assert to_fhir("date:yyyymmdd", stored) == ((reference_compact(stored) or "")[:10] or None)
+
+
+def test_datetime_iso_offsets_are_those_of_the_instant() -> None:
+    class Stamp(dt.datetime):  # a driver's own datetime type formats as it likes
+        def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+            return "stamp" + super().isoformat(sep, timespec)
+
+    assert to_fhir("datetime:iso", "1840-01-01 12:00:00") == "1840-01-01T12:00:00-00:01:15"
+    assert to_fhir("datetime:iso", "2025-06-01 10:15:00.5") == "2025-06-01T10:15:00.500000+01:00"
+    assert to_fhir("datetime:iso", dt.datetime(2024, 10, 27, 1, 30, fold=1)) == (
+        "2024-10-27T01:30:00+00:00")  # the second 01:30 of the autumn change, if so marked
+    assert to_fhir("datetime:iso", Stamp(2025, 6, 1, 10, 15)) == "stamp2025-06-01T10:15:00+01:00"
+
+
+def test_datetimes_that_compare_equal_keep_their_own_text() -> None:
+    # Equal as instants, or differing only in fold: one key to a value cache, two texts.
+    utc = dt.datetime(2025, 6, 1, 9, 15, tzinfo=dt.UTC)
+    bst = dt.datetime(2025, 6, 1, 10, 15, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    assert [to_fhir("datetime:iso", utc), to_fhir("datetime:iso", bst)] == [
+        "2025-06-01T09:15:00+00:00", "2025-06-01T10:15:00+01:00"]
+    first, second = (dt.datetime(2024, 10, 27, 1, 45, fold=f) for f in (0, 1))
+    assert [to_fhir("datetime:iso", first), to_fhir("datetime:iso", second)] == [
+        "2024-10-27T01:45:00+01:00", "2024-10-27T01:45:00+00:00"]
+
+
 def test_string_and_integer() -> None:
     assert to_fhir("string", "  SMITH  ") == "SMITH"
     assert to_fhir("string", "   ") is None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from gateway.mapping import transforms
 from gateway.mapping.transforms import TRANSFORMS, chain
 
 
@@ -29,6 +32,17 @@ def t(name: str, value: object) -> object:
 ])
 def test_title_case(stored: str, shown: str) -> None:
     assert t("title_case", stored) == shown
+
+
+def test_title_case_agrees_with_its_word_rules_on_any_text() -> None:
+    # Plain ASCII text takes a shortcut (str.title); it must give what the rules give.
+    rules = transforms._title_case.__wrapped__
+    rnd = random.Random(7)
+    alphabet = [*"abmcxzABMCXZ '-.,09_\t", "Mc", "mc", "MC", "é", "ß", "İ"]
+    for _ in range(20_000):
+        s = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12)))
+        assert rules(s) == transforms._WORD.sub(transforms._cap, s), s
+    assert t("title_case", 42) == "42"
 
 
 def test_every_transform_is_documented() -> None:
