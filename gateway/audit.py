@@ -1,7 +1,7 @@
 """The audit trail: one record per patient touched, for every access and every denial.
 
-The trail is a stream of its own, separate from the application log: its own structlog
-logger (``gateway.audit``), its own destination (setting ``audit_log``: a file path, or
+The trail is a stream of its own, separate from the application log: its own JSON lines
+(``"logger": "gateway.audit"``), its own destination (setting ``audit_log``: a file path, or
 ``stdout`` / ``stderr``; unset, ``stderr`` — so it never mixes with the application log on
 stdout — except that ``CCG_ENV=production`` requires it to be set), and optionally a second
 stream of FHIR STU3 ``AuditEvent`` resources (IHE Basic Audit Log Patterns shape) as JSON
@@ -31,15 +31,12 @@ before it happens rather than after.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import logging
 import re
 import sys
 import threading
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl
@@ -64,6 +61,7 @@ from adapters.base import (
     backend_correlations,
 )
 from gateway import compartment
+from gateway import logging as gateway_logging
 from gateway.auth.errors import AuthConfigError
 from gateway.auth.principal import get_principal
 from gateway.errors import ERROR_CODE_SYSTEM, GatewayError
@@ -105,7 +103,8 @@ class JsonLinesSink:
         self.destination = destination
         self._lock = threading.Lock()
         self._file: BinaryIO | None = None
-        if destination not in ("stdout", "stderr"):
+        self._stream = destination in ("stdout", "stderr")
+        if not self._stream:
             path = Path(destination)
             # Opened now: a destination that cannot be written stops the server starting.
             # Unbuffered: a failed write raises now and leaves nothing behind to be retried
@@ -114,13 +113,15 @@ class JsonLinesSink:
 
     def write(self, line: bytes) -> None:
         with self._lock:
-            if self._file is not None:
-                data = memoryview(line + b"\n")
+            if not self._stream:
+                if self._file is None:  # closed: never fall through to stderr (the app log)
+                    raise ValueError("the audit log is closed")
+                data: bytes | memoryview = line + b"\n"
                 while data:
                     written = self._file.write(data)
                     if not written:
                         raise OSError("the audit log accepted no bytes")
-                    data = data[written:]
+                    data = memoryview(data)[written:] if written < len(data) else b""
                 return
             stream: Any = sys.stdout if self.destination == "stdout" else sys.stderr
             buffer = getattr(stream, "buffer", None)
@@ -138,24 +139,6 @@ class JsonLinesSink:
                 self._file = None
 
 
-class _SinkLogger:
-    """The structlog logger behind the audit stream: rendered bytes → the sink, or raise."""
-
-    def __init__(self, trail: AuditTrail) -> None:
-        self.trail = trail
-
-    def msg(self, message: bytes) -> None:
-        self.trail.sink.write(message)
-
-    info = warning = error = msg
-
-
-def _add_logger_name(_logger: Any, _method: str, event: MutableMapping[str, Any]
-                     ) -> MutableMapping[str, Any]:
-    event["logger"] = "gateway.audit"
-    return event
-
-
 class AuditTrail:
     def __init__(self, destination: str = "stderr", *, fhir_destination: str = "",
                  fail_closed: bool = True, source_id: str = "careconnect-gateway") -> None:
@@ -163,24 +146,20 @@ class AuditTrail:
         self.fhir_sink = JsonLinesSink(fhir_destination) if fhir_destination else None
         self.fail_closed = fail_closed
         self.source_id = source_id
-        self.logger = structlog.wrap_logger(
-            _SinkLogger(self),
-            processors=[
-                _add_logger_name,
-                structlog.processors.JSONRenderer(serializer=orjson.dumps),
-            ],
-            # Its own wrapper: the application's log level never filters the audit trail.
-            wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
-            cache_logger_on_first_use=False,
-        )
 
     def emit(self, records: Iterable[dict[str, Any]]) -> None:
+        """Write each record, or raise. The application's log level never filters these."""
         for record in records:
-            record["timestamp"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-            event = record.pop("event")
-            self.logger.info(event, **record)
+            text, us = gateway_logging.utc_now()  # as datetime.now(UTC).isoformat("ms")
+            record["timestamp"] = f"{text}.{us // 1000:03d}+00:00"
+            # The line the trail's structlog logger used to make (the record's keys, then event
+            # and logger; the same JSON), without building a logger per record.
+            record["event"] = record.pop("event")
+            record["logger"] = "gateway.audit"
+            line = gateway_logging.render_json(None, "info", record)
+            del record["logger"]
+            self.sink.write(line)
             if self.fhir_sink is not None:
-                record["event"] = event
                 self.fhir_sink.write(orjson.dumps(audit_event(record, self.source_id)))
 
     def close(self) -> None:
@@ -216,14 +195,18 @@ def destination(settings: Settings) -> str:
 # --- what the request touched (filled in by providers and the planner) -----------------------
 
 
-@dataclass
 class AuditContext:
-    entities: dict[tuple[str, str], set[str]] = field(default_factory=dict)
-    """(type, id) → the patients the resource belongs to (empty: not patient data)."""
-    query: list[tuple[str, str]] | None = None
-    query_type: str | None = None
-    backend: list[Any] = field(default_factory=list)
-    correlations: list[str] = field(default_factory=list)
+    """What the request touched; one per request (plain slots: made on every request)."""
+
+    __slots__ = ("backend", "correlations", "entities", "query", "query_type")
+
+    def __init__(self) -> None:
+        self.entities: dict[tuple[str, str], set[str]] = {}
+        """(type, id) → the patients the resource belongs to (empty: not patient data)."""
+        self.query: list[tuple[str, str]] | None = None
+        self.query_type: str | None = None
+        self.backend: list[Any] = []
+        self.correlations: list[str] = []
 
 
 _ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None)
@@ -278,26 +261,43 @@ def note_backend(provider: Provider, operation: str, query: Query | Count | None
         "resource_type": provider.resource_type,
         "operation": operation,
         "shape": shape[:500],
-        "shape_id": hashlib.sha256(shape.encode()).hexdigest()[:12],
+        "shape_id": _shape_id(shape),
     }
     if len(ctx.backend) < 50:
         ctx.backend.append(entry)
+
+
+_SHAPE_IDS: dict[str, str] = {}
+_MAX_SHAPE_IDS = 4096
+
+
+def _shape_id(shape: str) -> str:
+    """The hash of a shape, cached: a few shapes recur on every request. Shapes hold no
+    values, so neither does the cache; bounded (emptied when full; long shapes not kept)."""
+    found = _SHAPE_IDS.get(shape)
+    if found is None:
+        found = hashlib.sha256(shape.encode()).hexdigest()[:12]
+        if len(shape) <= 512:
+            if len(_SHAPE_IDS) >= _MAX_SHAPE_IDS:
+                _SHAPE_IDS.clear()
+            _SHAPE_IDS[shape] = found
+    return found
 
 
 def _shape(c: Criterion | None) -> str:
     """The criteria without their values: what the statement looks like, never what it asks."""
     if c is None:
         return "all"
+    if isinstance(c, In):  # the commonest first (a read): the types are disjoint
+        return f"{c.ref} in ?[{len(c.values)}]"
+    if isinstance(c, Compare):
+        return f"{c.ref}{c.op}?"
     if isinstance(c, And | Or):
         return f"{type(c).__name__.lower()}(" + ",".join(_shape(i) for i in c.items) + ")"
     if isinstance(c, Not):
         return f"not({_shape(c.item)})"
     if isinstance(c, Nothing):
         return "nothing"
-    if isinstance(c, Compare):
-        return f"{c.ref}{c.op}?"
-    if isinstance(c, In):
-        return f"{c.ref} in ?[{len(c.values)}]"
     if isinstance(c, IsNull):
         return f"{c.ref} is {'' if c.null else 'not '}null"
     assert isinstance(c, Text)
@@ -325,32 +325,40 @@ def _normalise(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def classify(method: str, path: str, base: str) -> tuple[str, str | None]:
     """(interaction, resource type) of a request, from its method and path."""
+    interaction, rtype, _target = _classify(method, path, base)
+    return interaction, rtype
+
+
+_INSTANCE = {"PUT": "update", "DELETE": "delete", "PATCH": "patch"}
+_WRITES = frozenset({"create", "update", "delete", "patch"})
+
+
+def _classify(method: str, path: str, base: str) -> tuple[str, str | None, str | None]:
+    """``classify``, plus the ``Type/id`` of an instance-level request (``[type]/[id]...``)
+    or None: one pass over the path."""
     if base and not path.startswith(base + "/"):
-        return "unknown", None
-    parts = [p for p in path[len(base):].split("/") if p]
+        return "unknown", None, None
+    rest = path[len(base):].strip("/")
+    parts = rest.split("/") if rest else []
+    if "//" in rest:  # empty segments do not count
+        parts = [p for p in parts if p]
     if not parts:
-        return "unknown", None
-    if parts == ["metadata"]:
-        return "capabilities", None
-    rtype = parts[0] if parts[0][:1].isupper() else None
+        return "unknown", None, None
+    first = parts[0]
+    rtype = first if first[0].isupper() else None  # segments are never empty here
     if len(parts) == 1:
-        return ("create" if method == "POST" else "search-type"), rtype
+        if first == "metadata":
+            return "capabilities", None, None
+        return ("create" if method == "POST" else "search-type"), rtype, None
+    target = (f"{rtype}/{parts[1][:64]}" if rtype and not parts[1].startswith(("_", "$"))
+              else None)
     if parts[1] == "_search":
-        return "search-type", rtype
+        return "search-type", rtype, target
     if parts[1].startswith("$") or (len(parts) > 2 and parts[2].startswith("$")):
-        return "operation", rtype
+        return "operation", rtype, target
     if len(parts) == 2:
-        return {"PUT": "update", "DELETE": "delete", "PATCH": "patch"}.get(method, "read"), rtype
-    return ("history" if parts[2] == "_history" else "unknown"), rtype
-
-
-def _target(path: str, base: str, rtype: str | None) -> str | None:
-    """``Type/id`` of an instance-level request (``[type]/[id]...``), else None."""
-    rest = path[len(base):] if base and path.startswith(base + "/") else path
-    parts = [p for p in rest.split("/") if p]
-    if rtype and len(parts) >= 2 and not parts[1].startswith(("_", "$")):
-        return f"{rtype}/{parts[1][:64]}"
-    return None
+        return _INSTANCE.get(method, "read"), rtype, target
+    return ("history" if parts[2] == "_history" else "unknown"), rtype, target
 
 
 def _result(status: int) -> str:
@@ -391,7 +399,7 @@ class AuditLayer:
         token = _ctx.set(ctx)
         corr_token = backend_correlations.set(ctx.correlations)
         method = scope["method"]
-        interaction, rtype = classify(method, scope["path"], self.base)
+        interaction, rtype, target = _classify(method, scope["path"], self.base)
         started: Message | None = None
         body: list[Message] = []
 
@@ -403,8 +411,9 @@ class AuditLayer:
                 body.append(message)
 
         try:
-            if interaction in ("create", "update", "delete", "patch") and not self._write(
-                    self._records(scope, ctx, interaction, rtype, 0, None, "attempt")):
+            if interaction in _WRITES and not self._write(
+                    self._records(scope, ctx, interaction, rtype, target, 0, None,
+                                  "attempt")):
                 await self._unavailable(scope, receive, send)
                 return
             try:
@@ -412,17 +421,20 @@ class AuditLayer:
             except Exception:
                 # RequestContext answers 500; the record says so. If it cannot be written,
                 # the original error still propagates (and the sink failure is logged).
-                self._write(self._records(scope, ctx, interaction, rtype, 500,
+                self._write(self._records(scope, ctx, interaction, rtype, target, 500,
                                           "INTERNAL_SERVER_ERROR", "access"))
                 raise
         finally:
             _ctx.reset(token)
             backend_correlations.reset(corr_token)
         status = started["status"] if started else 500
-        content = b"".join(m.get("body", b"") for m in body) if status >= 400 else b""
-        code = _error_code(status, list(started.get("headers", [])) if started else [], content)
+        code = None
+        if status >= 400:  # only an error's body is read (for its code)
+            content = b"".join(m.get("body", b"") for m in body)
+            code = _error_code(status, list(started.get("headers", [])) if started else [],
+                               content)
         state["audit_written"] = self._write(
-            self._records(scope, ctx, interaction, rtype, status, code, "access"))
+            self._records(scope, ctx, interaction, rtype, target, status, code, "access"))
         if not state["audit_written"] and self.trail.fail_closed:
             await self._unavailable(scope, receive, send)
             return
@@ -449,14 +461,16 @@ class AuditLayer:
         await response(scope, receive, send)
 
     def _records(self, scope: Scope, ctx: AuditContext, interaction: str, rtype: str | None,
-                 status: int, code: str | None, event: str) -> list[dict[str, Any]]:
+                 target: str | None, status: int, code: str | None, event: str
+                 ) -> list[dict[str, Any]]:
         principal = get_principal(scope)
         state = scope.get("state") or {}
         client = scope.get("client")
         query = ctx.query
         if query is None:
-            query = _normalise(parse_qsl(scope.get("query_string", b"").decode("latin-1"),
-                                         keep_blank_values=True))
+            qs = scope.get("query_string", b"")
+            query = _normalise(parse_qsl(qs.decode("latin-1"), keep_blank_values=True)
+                               ) if qs else []
         common: dict[str, Any] = {
             "event": event,
             "request_id": state.get("request_id"),
@@ -471,18 +485,17 @@ class AuditLayer:
             "path": scope["path"][:512],
             "interaction": interaction,
             "resource_type": ctx.query_type or rtype,
-            "query": [list(p) for p in query],
+            "query": [list(p) for p in query] if query else [],
             "outcome": {"status": status, "code": code,
                         "result": "attempt" if event == "attempt" else _result(status)},
             "backend": {"sent": list(ctx.correlations), "queries": list(ctx.backend)},
         }
-        target = _target(scope["path"], self.base, rtype)
         common["target"] = target
         by_patient: dict[str | None, list[str]] = {}
         for (etype, eid), patients in ctx.entities.items():
             for p in patients or (None,):
                 by_patient.setdefault(p, []).append(f"{etype}/{eid}")
-        if not any(p is not None for p in by_patient):
+        if len(by_patient) == (None in by_patient):  # no patient among them
             # Nothing about a patient was served (not found, denied, a count): the record is
             # still about the patient the request aimed at, or the token's compartment.
             restricted = principal.patient if principal and principal.patient_restricted else None
@@ -493,7 +506,12 @@ class AuditLayer:
                 by_patient = first | by_patient
         if not by_patient:
             by_patient[None] = []
-        count = sum(1 for p in by_patient if p is not None)
+        count = len(by_patient) - (None in by_patient)
+        if len(by_patient) == 1:  # the common case: one record, the common dict itself
+            ((patient, entities),) = by_patient.items()
+            common["patient"], common["patient_count"], common["entities"] = (
+                patient, count, entities)
+            return [common]
         out = []
         for patient, entities in by_patient.items():
             out.append({**common, "patient": patient, "patient_count": count,

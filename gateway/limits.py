@@ -59,7 +59,6 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
         for key, value in scope["headers"]:
             if key == b"content-length":
                 if not value.isdigit():
@@ -68,7 +67,8 @@ class BodyLimit:
                     await _reject(scope, receive, send, BadRequest("invalid Content-Length"))
                     return
                 if int(value) > limit:
-                    await _reject(scope, receive, send, too_large)
+                    await _reject(scope, receive, send, PayloadTooLarge(
+                        f"the request body is larger than {limit} bytes"))
                     return
         seen = 0
         started = False

@@ -7,10 +7,10 @@ OperationOutcome in the format the client negotiated.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import traceback
-import uuid
 from typing import Any
 
 import structlog
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import logging as gateway_logging
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -45,7 +46,7 @@ class RequestContext:
             return
         rid = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid
-        structlog.contextvars.bind_contextvars(request_id=rid)
+        rid_token = gateway_logging.current_request_id.set(rid)  # on every line logged now
         token = adapter_seconds.set(0.0)
         started = time.perf_counter()
         status = 500
@@ -74,16 +75,15 @@ class RequestContext:
                 await send({"type": "http.response.body", "body": body})
         finally:
             route = scope.get("route")
-            log.info(
-                "request",
-                method=scope["method"],
-                route=getattr(route, "path", None) or "unmatched",
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                adapter_ms=round(adapter_seconds.get() * 1000, 2),
-            )
+            gateway_logging.info(log, "request", {
+                "method": scope["method"],
+                "route": getattr(route, "path", None) or "unmatched",
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "adapter_ms": round(adapter_seconds.get() * 1000, 2),
+            })
             adapter_seconds.reset(token)
-            structlog.contextvars.unbind_contextvars("request_id")
+            gateway_logging.current_request_id.reset(rid_token)
 
 
 def _request_id(scope: Scope) -> str:
@@ -93,7 +93,9 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID.match(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    # 128 random bits, as uuid4 (same 32-hex shape) at a quarter of its cost: unique across
+    # processes and replicas with overwhelming probability, and it reveals nothing.
+    return os.urandom(16).hex()
 
 
 def _format(request: Request) -> Format:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 PRINCIPAL_SCOPE_KEY = "principal"
@@ -136,7 +137,7 @@ class Principal:
                 granted_by_patient = True
         return granted_by_patient
 
-    @property
+    @cached_property  # asked on every request (compartment, audit); the principal is immutable
     def patient_restricted(self) -> bool:
         """True when some access is granted only through patient/ scopes.
 
@@ -155,7 +156,7 @@ class Principal:
                     return True
         return False
 
-    @property
+    @cached_property  # in every audit record; a principal is immutable (and often reused)
     def scope_text(self) -> str:
         return " ".join(str(s) for s in self.scopes)
 
@@ -163,6 +164,11 @@ class Principal:
 def get_principal(scope_or_state: Mapping[str, Any] | Any) -> Principal | None:
     """The principal of a request: pass an ASGI scope, a ``Request`` or ``request.state``."""
     state: Any = scope_or_state
+    if type(scope_or_state) is dict:  # an ASGI scope, the common case: no ABC checks
+        state = scope_or_state.get("state")
+        if type(state) is dict:
+            value = state.get(PRINCIPAL_SCOPE_KEY)
+            return value if isinstance(value, Principal) else None
     if isinstance(scope_or_state, Mapping):
         state = scope_or_state.get("state") or {}
         value = state.get(PRINCIPAL_SCOPE_KEY) if isinstance(state, Mapping) else None

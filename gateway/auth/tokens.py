@@ -15,15 +15,23 @@ Checked, in this order, each failure a 401 ``invalid_token`` with a reason:
 7. optionally, ``jti`` not seen before (replay cache, see ``ReplayCache``);
 8. a client identity (``client_id``, else ``azp``, else ``sub``), a well-formed ``patient``
    claim, and a ``patient`` claim whenever a ``patient/`` scope is granted.
+
+A token that passed is remembered (``JwtVerifier.principal``), so a client that sends the same
+token on every request pays for the signature once: by the SHA-256 of the whole token, at most
+``VERIFIED_CACHE_ENTRIES`` tokens, each until its ``exp`` or for ``VERIFIED_CACHE_TTL`` seconds,
+whichever is sooner, and only while the JWKS still gives the very key that verified it (a
+rotated-out key, or a JWKS that cannot be loaded, is noticed as before). Failures are never
+remembered, and nothing is when the ``jti`` replay cache is on (every use must reach it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 
@@ -35,6 +43,8 @@ from gateway.auth.principal import Principal, parse_scopes
 MAX_TOKEN_BYTES = 16 * 1024
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")
+VERIFIED_CACHE_ENTRIES = 1024
+VERIFIED_CACHE_TTL = 60.0
 
 
 class ReplayCache:
@@ -70,18 +80,39 @@ class ReplayCache:
         return False
 
 
+class _Verified(NamedTuple):
+    principal: Principal
+    kid: str | None
+    alg: str
+    key: Any
+    """The key that verified the token: the entry holds only while the JWKS still gives it."""
+    until: float
+
+
 class JwtVerifier:
     def __init__(self, config: JwtConfig, jwks: JwksSource | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 cache_entries: int = VERIFIED_CACHE_ENTRIES,
+                 cache_ttl: float = VERIFIED_CACHE_TTL) -> None:
         self.config = config
         self.jwks = jwks or JwksSource(
             url=config.jwks_url, file=config.jwks_file,
             refresh_interval=config.jwks_refresh_interval, max_age=config.jwks_max_age)
         self.clock = clock
         self.replay = ReplayCache() if config.jti_replay else None
+        self.cache_entries = cache_entries
+        self.cache_ttl = cache_ttl
+        # Verified tokens by SHA-256 (see the module doc); none with the replay cache on.
+        self._verified: dict[bytes, _Verified] | None = (
+            {} if self.replay is None and cache_entries > 0 else None)
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims, or InvalidToken / AuthorizationServerUnavailable."""
+        claims, _kid, _alg, _key = await self._verify(token)
+        return claims
+
+    async def _verify(self, token: str) -> tuple[dict[str, Any], str | None, str, Any]:
+        """``verify``, plus the kid, algorithm and key that verified the token."""
         cfg = self.config
         if len(token) > MAX_TOKEN_BYTES:
             raise InvalidToken("the token is too large")
@@ -149,10 +180,32 @@ class JwtVerifier:
             now = self.clock()
             if self.replay.seen(f"{cfg.issuer}\x00{jti}", exp + cfg.leeway, now):
                 raise InvalidToken("the token has already been used (jti)")
-        return claims
+        return claims, kid, alg, key
 
     async def principal(self, token: str) -> Principal:
-        return principal_from_claims(await self.verify(token))
+        cache = self._verified
+        if cache is None:
+            return principal_from_claims(await self.verify(token))
+        digest = hashlib.sha256(token.encode()).digest()
+        now = self.clock()
+        hit = cache.get(digest)
+        if hit is not None:
+            if now < hit.until:
+                try:
+                    key = await self.jwks.key_for(hit.kid, hit.alg)
+                except JwksUnavailable:
+                    raise AuthorizationServerUnavailable() from None
+                if key is hit.key:
+                    return hit.principal
+            cache.pop(digest, None)  # expired, or the key changed: verify afresh
+        claims, kid, alg, key = await self._verify(token)
+        principal = principal_from_claims(claims)
+        until = min(float(claims["exp"]), now + self.cache_ttl)
+        if until > now:
+            while len(cache) >= self.cache_entries:
+                del cache[next(iter(cache))]  # the oldest
+            cache[digest] = _Verified(principal, kid, alg, key, until)
+        return principal
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:

@@ -377,3 +377,80 @@ async def test_an_authentication_failure_is_audited(
     assert denied["client_id"] is None and denied["target"] == "Patient/100001"
     assert denied["patient"] == "100001" and denied["entities"] == []
     assert metadata["interaction"] == "capabilities" and metadata["patient"] is None
+
+
+# --- the record line, the sink after close, the shape hashes -----------------------------------
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    msg = info = write
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_record_line_is_the_one_the_structlog_logger_wrote() -> None:
+    """The trail used to render records through a structlog logger of its own; the line is
+    unchanged, to the byte (key order included)."""
+    import logging
+
+    def logger_name(_l: Any, _m: str, event: dict[str, Any]) -> dict[str, Any]:
+        event["logger"] = "gateway.audit"
+        return event
+
+    before = Lines()
+    old = structlog.wrap_logger(
+        before, processors=[logger_name, structlog.processors.JSONRenderer(
+            serializer=orjson.dumps)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+        cache_logger_on_first_use=False)
+    trail = AuditTrail(os.devnull)
+    trail.sink.close()
+    trail.sink = now = Lines()  # type: ignore[assignment]
+    record: dict[str, Any] = {
+        "event": "access", "request_id": "r-1", "client_id": None, "source_ip": "203.0.113.7",
+        "query": [["family", "Smïth"], ["_count", "5"]], "path": "/STU3/Patient",
+        "outcome": {"status": 200, "code": None, "result": "success"},
+        "backend": {"sent": [], "queries": [{"shape": "p.X in ?[1]", "shape_id": "abc"}]},
+        "patient": "100001", "patient_count": 1, "entities": ["Patient/100001"],
+        "odd": {"frozen": frozenset({"x"})},  # not JSON: the renderer's fallback, both ways
+    }
+    trail.emit([record])
+    old.info(record["event"], **{k: v for k, v in record.items() if k != "event"})
+    assert now.lines == before.lines
+    assert list(orjson.loads(now.lines[0]))[-3:] == ["timestamp", "event", "logger"]
+
+
+def test_a_closed_file_sink_raises_and_never_falls_back_to_stderr(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sink = JsonLinesSink(str(tmp_path / "a.jsonl"))
+    sink.close()
+    with pytest.raises(ValueError, match="closed"):
+        sink.write(b'{"patient":"100001"}')
+    assert capsys.readouterr().err == ""
+
+
+async def test_a_request_after_the_trail_closed_is_not_served(
+        api: httpx.AsyncClient, app: Starlette, capfd: pytest.CaptureFixture[str]) -> None:
+    app.state.audit.close()  # as at shutdown
+    r = await api.get("/STU3/Patient/100001", headers=as_("clinician"))
+    assert r.status_code == 503
+    assert "100001" not in capfd.readouterr().err  # the record did not go to stderr
+
+
+def test_shape_hashes_are_cached_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    monkeypatch.setattr(audit, "_SHAPE_IDS", {})
+    monkeypatch.setattr(audit, "_MAX_SHAPE_IDS", 3)
+    shapes = [f"p.X in ?[{n}] order(p.X)" for n in range(5)] + ["s.Y=?" * 200]
+    for shape in shapes * 2:
+        assert audit._shape_id(shape) == hashlib.sha256(shape.encode()).hexdigest()[:12]
+        assert len(audit._SHAPE_IDS) <= 3
+    assert shapes[-1] not in audit._SHAPE_IDS  # a long shape is hashed, not kept

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import structlog
 
@@ -102,3 +104,82 @@ def test_build_app_configures_its_level(capfd: pytest.CaptureFixture[str],
     assert warned[0]["level"] == "warning"
     build_app(gateway_settings(demo_sqlite_url, tmp_path, log_level="error", paging_secret=""))
     assert lines(capfd) == []
+
+
+# --- the request line's shortcut (gateway.logging.info) ----------------------------------------
+
+
+def without_timestamp(line: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in line.items() if k != "timestamp"]
+
+
+def test_the_shortcut_writes_the_line_structlog_writes(capfd: pytest.CaptureFixture[str]) -> None:
+    gateway_logging.configure("info")
+    log = structlog.get_logger("gateway.request")
+    fields = {"method": "GET", "route": "/STU3/{type}/{id}", "status": 200,
+              "duration_ms": 1.25, "adapter_ms": 0.5}
+    token = gateway_logging.current_request_id.set("req-9")
+    structlog.contextvars.bind_contextvars(tenant="t1")
+    try:
+        log.info("request", **fields)
+        gateway_logging.info(log, "request", dict(fields))
+    finally:
+        gateway_logging.current_request_id.reset(token)
+    via_structlog, shortcut = lines(capfd)
+    assert without_timestamp(shortcut) == without_timestamp(via_structlog)  # keys in order
+    assert list(shortcut)[-4:] == ["request_id", "tenant", "level", "timestamp"]
+    assert shortcut["request_id"] == "req-9" and shortcut["level"] == "info"
+    assert shortcut["timestamp"].endswith("Z")
+    gateway_logging.info(log, "request", dict(fields))  # outside a request: no request id
+    (outside,) = lines(capfd)
+    assert "request_id" not in outside
+
+
+def test_the_shortcut_follows_the_level_and_reconfiguration(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    log = structlog.get_logger("gateway.request")
+    gateway_logging.configure("warning")
+    gateway_logging.info(log, "request", {"status": 200})
+    assert lines(capfd) == []
+    gateway_logging.configure("info")
+    with structlog.testing.capture_logs() as captured:  # edits the processors in place
+        gateway_logging.info(log, "request", {"status": 201})
+    assert [(e["event"], e["status"]) for e in captured] == [("request", 201)]
+    assert lines(capfd) == []
+    structlog.configure(processors=[structlog.processors.JSONRenderer(serializer=orjson.dumps)])
+    gateway_logging.info(log, "request", {"status": 202})
+    assert lines(capfd) == [{"status": 202, "event": "request"}]
+
+
+@pytest.mark.parametrize("ns", [
+    1_700_000_000_000_000_000,  # a whole second: no fraction, as datetime.isoformat()
+    1_700_000_000_000_000_999,  # under a microsecond: floored, as datetime.now()
+    1_700_000_000_123_456_789,
+    1_700_000_059_999_999_999,
+    1_700_000_060_000_001_000,
+])
+def test_timestamps_are_datetime_isoformat_to_the_byte(
+        monkeypatch: pytest.MonkeyPatch, ns: int) -> None:
+    from gateway.audit import AuditTrail
+
+    monkeypatch.setattr(gateway_logging.time, "time_ns", lambda: ns)
+    when = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=ns // 1000)
+    stamp = gateway_logging._timestamp(None, "info", {})["timestamp"]
+    assert stamp == when.isoformat().replace("+00:00", "Z")  # structlog's TimeStamper
+    record: dict[str, Any] = {"event": "access"}
+    trail = AuditTrail(os.devnull)
+    trail.emit([record])
+    trail.close()
+    assert record["timestamp"] == when.isoformat(timespec="milliseconds")  # as it always was
+
+
+def test_the_json_renderer_is_structlogs() -> None:
+    class Custom:
+        def __structlog__(self) -> str:
+            return "custom!"
+
+    event = {"event": "x", "when": dt.date(2026, 1, 2), "odd": {1, 2}, "obj": Custom(),
+             "text": "Smïth", "n": 1.5, "none": None, "nested": {"a": [1, "b"]}}
+    reference = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+    assert gateway_logging.render_json(None, "info", dict(event)) == reference(
+        None, "info", dict(event))

@@ -127,6 +127,19 @@ async def test_request_ids_differ_and_a_valid_one_is_kept(
     assert HEX32.fullmatch(ids[0]) and HEX32.fullmatch(ids[1]) and ids[0] != ids[1]
     assert ids[2] == "upstream-7"
     assert "request_id" not in structlog.contextvars.get_contextvars()
+    assert gateway_logging.current_request_id.get() is None  # reset after each request
+
+
+async def test_generated_request_ids_are_random_and_unique() -> None:
+    ids = set()
+    for _ in range(2000):
+        sent = await call(RequestContext(ok_app), http_scope())
+        (rid,) = header(sent[0], b"x-request-id")
+        assert HEX32.fullmatch(rid.decode())
+        ids.add(rid)
+    assert len(ids) == 2000
+    # 128 random bits each: every hex digit position varies (no counter, no fixed prefix)
+    assert all(len({rid[i] for rid in ids}) > 8 for i in range(32))
 
 
 async def test_no_phi_in_the_log_at_info_level(

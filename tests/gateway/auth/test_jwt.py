@@ -368,3 +368,103 @@ def test_no_secret_in_error_output(rs_key: SigningKey) -> None:
             _algorithms(alg)
     with pytest.raises(AuthConfigError, match="unknown algorithm"):
         _algorithms("RS1")
+
+
+# --- verified tokens are remembered (JwtVerifier.principal), within limits ---------------------
+
+
+def counting(verifier: JwtVerifier) -> list[str]:
+    """Record every full verification the verifier makes."""
+    calls: list[str] = []
+    inner = verifier._verify
+
+    async def spy(token: str) -> Any:
+        calls.append(token)
+        return await inner(token)
+
+    verifier._verify = spy  # type: ignore[method-assign]
+    return calls
+
+
+def keys_file(tmp_path: Path, *keys: SigningKey) -> Path:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(jwks(*keys)))
+    return path
+
+
+async def test_a_verified_token_is_remembered_and_another_is_verified_afresh(
+        tmp_path: Path, rs_key: SigningKey) -> None:
+    now = [time.time()]
+    config = JwtConfig(ISSUER, (AUDIENCE,), None, keys_file(tmp_path, rs_key), ("RS256",))
+    verifier = JwtVerifier(config, clock=lambda: now[0])
+    calls = counting(verifier)
+    token = sign(rs_key, claims())
+    first = await verifier.principal(token)
+    assert await verifier.principal(token) is first
+    assert len(calls) == 1
+    other = sign(rs_key, claims(client_id="other-app"))
+    assert (await verifier.principal(other)).client_id == "other-app"
+    assert len(calls) == 2
+    now[0] += 61  # past the TTL: verified again
+    assert await verifier.principal(token) == first
+    assert len(calls) == 3
+
+
+async def test_a_remembered_token_is_not_used_past_its_expiry(
+        tmp_path: Path, rs_key: SigningKey) -> None:
+    config = JwtConfig(ISSUER, (AUDIENCE,), None, keys_file(tmp_path, rs_key), ("RS256",),
+                       leeway=0)
+    verifier = JwtVerifier(config)
+    now = int(time.time())
+    token = sign(rs_key, claims(iat=now, nbf=now, exp=now + 1))
+    assert (await verifier.principal(token)).client_id == "ward-app"
+    while time.time() <= now + 1:  # until exp has passed (real time: PyJWT's clock too)
+        time.sleep(0.05)
+    with pytest.raises(InvalidToken, match="expired"):
+        await verifier.principal(token)
+
+
+async def test_a_remembered_token_fails_once_its_key_leaves_the_jwks(
+        tmp_path: Path, rs_key: SigningKey) -> None:
+    path = keys_file(tmp_path, rs_key)
+    clock = [1000.0]
+    source = JwksSource(file=path, refresh_interval=60, max_age=3600, clock=lambda: clock[0])
+    verifier = JwtVerifier(JwtConfig(ISSUER, (AUDIENCE,), None, path, ("RS256",)), source)
+    token = sign(rs_key, claims())
+    await verifier.principal(token)
+    await verifier.principal(token)
+    path.write_text(json.dumps(jwks(rsa_key("rsa-2"))))  # the issuer rotates rsa-1 out
+    clock[0] += 3600  # the JWKS is re-read when too old, as for any token
+    with pytest.raises(InvalidToken, match="not known"):
+        await verifier.principal(token)
+
+
+async def test_the_remembered_tokens_are_bounded_and_failures_not_kept(
+        tmp_path: Path, rs_key: SigningKey) -> None:
+    config = JwtConfig(ISSUER, (AUDIENCE,), None, keys_file(tmp_path, rs_key), ("RS256",))
+    verifier = JwtVerifier(config, cache_entries=3)
+    calls = counting(verifier)
+    tokens = [sign(rs_key, claims()) for _ in range(5)]
+    for token in tokens:
+        await verifier.principal(token)
+    assert verifier._verified is not None and len(verifier._verified) == 3
+    await verifier.principal(tokens[-1])  # among the newest: remembered
+    assert len(calls) == 5
+    await verifier.principal(tokens[0])  # the oldest was dropped: verified again
+    assert len(calls) == 6
+    bad = sign(rs_key, claims(scope="patient/*.read"))  # no patient claim: refused
+    for _ in range(2):
+        with pytest.raises(InvalidToken, match="patient claim"):
+            await verifier.principal(bad)
+    assert len(calls) == 8
+
+
+async def test_nothing_is_remembered_with_the_replay_cache_on(
+        tmp_path: Path, rs_key: SigningKey) -> None:
+    config = JwtConfig(ISSUER, (AUDIENCE,), None, keys_file(tmp_path, rs_key), ("RS256",),
+                       jti_replay=True)
+    verifier = JwtVerifier(config)
+    token = sign(rs_key, claims())
+    await verifier.principal(token)
+    with pytest.raises(InvalidToken, match="already been used"):
+        await verifier.principal(token)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 
 import pytest
 
@@ -102,6 +102,19 @@ def test_get_principal_from_scope_request_and_state() -> None:
     assert get_principal(state) is p
     assert get_principal(SimpleNamespace(state=state)) is p
     assert p.scope_text == "user/*.rs"
+    # any Mapping, not only dicts, for the scope and for its state
+    assert get_principal({"state": MappingProxyType({PRINCIPAL_SCOPE_KEY: p})}) is p
+    assert get_principal(MappingProxyType({"state": {PRINCIPAL_SCOPE_KEY: p}})) is p
+    assert get_principal({"state": None}) is None
+
+
+def test_derived_properties_are_computed_once_and_equality_is_unchanged() -> None:
+    p = principal("patient/*.read user/Practitioner.read", "1")
+    assert p.patient_restricted and p.patient_restricted  # cached after the first use
+    assert p.scope_text == "patient/*.rs user/Practitioner.rs"
+    assert {"patient_restricted", "scope_text"} <= set(vars(p))
+    fresh = principal("patient/*.read user/Practitioner.read", "1")
+    assert fresh == p and hash(fresh) == hash(p)  # a cached value is not a field
 
 
 @pytest.mark.parametrize(("path", "root", "expected"), [
