@@ -77,7 +77,8 @@ class RequestContext:
             route = scope.get("route")
             gateway_logging.info(log, "request", {
                 "method": scope["method"],
-                "route": getattr(route, "path", None) or "unmatched",
+                # the template without convertors: /STU3/{type}/{id}
+                "route": getattr(route, "path_format", None) or "unmatched",
                 "status": status,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 "adapter_ms": round(adapter_seconds.get() * 1000, 2),

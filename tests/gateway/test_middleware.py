@@ -90,7 +90,7 @@ REQUESTS: list[tuple[str, str, dict[str, str], str, int, bool]] = [
     ("GET", "/STU3/Encounter?patient=100001&_count=0", {}, "/STU3/{type}", 200, True),
     ("GET", "/STU3/Patient?family=smith", {}, "/STU3/{type}", 400, False),
     ("DELETE", "/STU3/Patient/100001", {}, "/STU3/{type}/{id}", 405, False),
-    ("GET", "/STU3/Patient/100001/_history", {}, "/STU3/{type}/{id}/{rest:path}", 501, False),
+    ("GET", "/STU3/Patient/100001/_history", {}, "/STU3/{type}/{id}/{rest}", 501, False),
     ("GET", "/STU3/metadata", {}, "/STU3/metadata", 200, False),
     ("GET", "/_health", {}, "/_health", 200, False),
     ("GET", "/nope", {}, "unmatched", 404, False),
