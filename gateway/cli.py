@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +43,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 2
     from gateway.auth.serve import banner, uvicorn_tls_options
+
+    # Everything built so far (fhir.resources' models, mappings, code maps) lives as long as
+    # the process, yet every full collection walked it: under load those took 9% of the time,
+    # up to 36 ms each (the p99 of a read). Frozen, the collector leaves it alone.
+    gc.collect()
+    gc.freeze()
 
     scheme = "https" if settings.ssl_certfile else "http"
     url = f"{scheme}://{settings.host}:{settings.port}{settings.base_path}"
