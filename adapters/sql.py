@@ -230,7 +230,7 @@ class SqlAdapter(Adapter):
                 return 1 if deadline.deadline and time.monotonic() > deadline.deadline else 0
 
             # Checked every 1,000 VM steps (~2% overhead): a timeout stops even short scans.
-            dbapi_conn.set_progress_handler(interrupt, 1_000)
+            dbapi_conn.set_progress_handler(interrupt, 10_000)
         elif self.dialect == "postgresql":
             cur = dbapi_conn.cursor()
             cur.execute(f"SET statement_timeout = {int(self.timeout * 1000)}")

@@ -62,6 +62,8 @@ class CodeMap:
     entries: dict[str, Target]
     default: Target | None = None
     source: str = ""
+    no_target: frozenset[str] = frozenset()
+    """Local codes listed with no target: a decision, so left out without a log line."""
     _reverse: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +79,8 @@ class CodeMap:
         hit = self.entries.get(key)
         if hit is not None:
             return hit
+        if key in self.no_target:
+            return None
         if self.unmapped == "default":
             return self.default
         if self.unmapped == "error":

@@ -145,7 +145,9 @@ def load_codemaps(directory: Path, problems: list[Problem]) -> dict[str, CodeMap
             name=spec.name,
             target_system=spec.target_system,
             unmapped=spec.unmapped,
-            entries={str(k): Target(v.code, v.display) for k, v in spec.map.items()},
+            entries={str(k): Target(v.code, v.display) for k, v in spec.map.items()
+                     if v is not None},
+            no_target=frozenset(str(k) for k, v in spec.map.items() if v is None),
             default=Target(spec.default.code, spec.default.display) if spec.default else None,
             source=spec.source or "",
         )
@@ -166,7 +168,8 @@ class _CodeMapFile(BaseModel):
     target_system: str | None = None
     unmapped: Literal["omit", "default", "error"] = "omit"
     default: _TargetSpec | None = None
-    map: dict[str, _TargetSpec]
+    map: dict[str, _TargetSpec | None]
+    """``CODE: null`` lists a local code that deliberately has no target (omitted, not logged)."""
 
 
 def resolve_url(name: str, conn: Connection, demo_url: Callable[[], str] | None,

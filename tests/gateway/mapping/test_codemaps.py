@@ -65,6 +65,44 @@ def test_omit_leaves_the_element_out_and_logs_the_map_not_the_value(
     assert logged == [("unmapped_code", {"codemap": "sex"})]  # never the value itself
 
 
+@pytest.mark.parametrize("policy", ["omit", "default", "error"])
+def test_a_code_listed_without_target_is_left_out_silently(
+        policy: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    logged: list[str] = []
+
+    class Log:
+        def debug(self, event: str, **kw: object) -> None:
+            logged.append(event)
+
+    monkeypatch.setattr(codemaps_module, "log", Log())
+    (tmp_path / "kind.yaml").write_text(
+        "name: kind\ntarget_system: http://hl7.org/fhir/address-type\n"
+        f"unmapped: {policy}\n" + ("default: {code: both}\n" if policy == "default" else "")
+        + "map:\n  CORR: {code: postal}\n  HOME: null\n")
+    problems: list[object] = []
+    cmap = codemaps_module_load(tmp_path, problems)["kind"]
+    assert not problems
+    assert cmap.lookup("HOME") is None and cmap.lookup(" HOME ") is None
+    assert cmap.lookup("CORR") == Target("postal")
+    assert logged == []  # a decision, not an unknown code
+    assert cmap.local_codes("postal") == ("CORR",)
+    assert [t.code for t in cmap.target_codes()] == ["postal"]
+    if policy == "omit":
+        assert cmap.lookup("Q") is None and logged == ["unmapped_code"]  # unknown: logged
+    # through a compiled expression too (its table of listed codes)
+    text = make_storage("string", ZoneInfo("Europe/London"))
+    build = compile_expr(Expr.model_validate({"column": "a.T", "codemap": "kind"}),
+                         CompileContext(codemaps={"kind": cmap}, storage=lambda _r: text),
+                         "type")
+    assert build({"a.T": "HOME"}) is None and build({"a.T": "CORR"}) == "postal"
+
+
+def codemaps_module_load(directory: Path, problems: list[object]) -> dict[str, CodeMap]:
+    from gateway.mapping.loader import load_codemaps
+
+    return load_codemaps(directory, problems)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("level", "lines"), [
     (logging.DEBUG, [{"event": "unmapped_code", "codemap": "sex", "log_level": "debug"}]),
     (logging.INFO, []),
