@@ -71,6 +71,7 @@ class CodeMap:
         self.unmapped: str = doc.get("unmapped", "omit")
         self.codes: dict[str, tuple[str, str | None]] = {
             str(k): (v["code"], v.get("display")) for k, v in doc["map"].items()
+            if v is not None  # CODE: null: listed on purpose with no target
         }
         default = doc.get("default")
         self.default = (default["code"], default.get("display")) if default else None
@@ -114,6 +115,7 @@ LANGUAGE = CodeMap("language")
 NNN_STATUS = CodeMap("nhs-number-verification-status")
 SEX = CodeMap("sex")
 ADDRESS_USE = CodeMap("address-use")
+ADDRESS_TYPE = CodeMap("address-type")
 MARITAL = CodeMap("marital-status")
 
 # --- value conversions (what the legacy columns hold → FHIR) ---------------------------------
@@ -365,6 +367,9 @@ def patient(r: tuple[Any, ...], ids: list[tuple[Any, ...]], addrs: list[tuple[An
         use = ADDRESS_USE.code(adtyp) if adtyp is not None else None
         if use is not None:
             a["use"] = use
+        kind = ADDRESS_TYPE.code(adtyp) if adtyp is not None else None
+        if kind is not None:
+            a["type"] = kind
         lines = [x for x in (title(l1), title(l2)) if x is not None]
         if lines:
             a["line"] = lines
