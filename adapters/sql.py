@@ -311,7 +311,7 @@ class SqlAdapter(Adapter):
         stmt, params = _page_statement(p, query, self.dialect)
         with self.engine.connect() as conn:
             keys = p.top_fields  # the statement selects these, labelled, in this order
-            rows = [dict(zip(keys, row, strict=True))
+            rows = [dict(zip(keys, row))  # noqa: B905 - the statement selects exactly these
                     for row in self._rows(conn, stmt, params)]
             more = len(rows) > query.count
             rows = rows[: query.count]
@@ -355,10 +355,11 @@ class SqlAdapter(Adapter):
                 stmt = _child_statement(p, name, spec, fields, child_col, size)
                 chunk += [chunk[-1]] * (size - len(chunk))
                 for row in self._rows(conn, stmt, dict(zip(_KEY_NAMES[size], chunk, strict=True))):
-                    rec = dict(zip(fields, row[1:], strict=True))
-                    found = by_parent.get(row[0])
+                    # the parent key is selected last: zip stops before it, no slice needed
+                    rec = dict(zip(fields, row))  # noqa: B905
+                    found = by_parent.get(row[-1])
                     if found is None:
-                        by_parent[row[0]] = [rec]
+                        by_parent[row[-1]] = [rec]
                     else:
                         found.append(rec)
             for r in rows:
@@ -885,7 +886,7 @@ def _child_statement(p: Prepared, name: str, spec: Child, fields: list[str], chi
                      size: int) -> Any:
     stmt = p.statements.get(("child", name, size))
     if stmt is None:
-        cols = [p.columns[child_col].label("@parent"), *(p.columns[f].label(f) for f in fields)]
+        cols = [*(p.columns[f].label(f) for f in fields), p.columns[child_col].label("@parent")]
         stmt = (
             sa.select(*cols)
             .where(
