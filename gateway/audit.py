@@ -112,24 +112,29 @@ class JsonLinesSink:
             self._file = path.open("ab", buffering=0)
 
     def write(self, line: bytes) -> None:
+        self.write_lines([line])
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        """All of a request's records in one write: one system call, not one per record."""
+        data = b"\n".join(lines) + b"\n"
         with self._lock:
             if not self._stream:
                 if self._file is None:  # closed: never fall through to stderr (the app log)
                     raise ValueError("the audit log is closed")
-                data: bytes | memoryview = line + b"\n"
-                while data:
-                    written = self._file.write(data)
+                view: bytes | memoryview = data
+                while view:
+                    written = self._file.write(view)
                     if not written:
                         raise OSError("the audit log accepted no bytes")
-                    data = memoryview(data)[written:] if written < len(data) else b""
+                    view = memoryview(view)[written:] if written < len(view) else b""
                 return
             stream: Any = sys.stdout if self.destination == "stdout" else sys.stderr
             buffer = getattr(stream, "buffer", None)
             if buffer is not None:
-                buffer.write(line + b"\n")
+                buffer.write(data)
                 buffer.flush()
             else:
-                stream.write(line.decode("utf-8") + "\n")
+                stream.write(data.decode("utf-8"))
                 stream.flush()
 
     def close(self) -> None:
@@ -149,6 +154,8 @@ class AuditTrail:
 
     def emit(self, records: Iterable[dict[str, Any]]) -> None:
         """Write each record, or raise. The application's log level never filters these."""
+        lines: list[bytes] = []
+        events: list[bytes] = []
         for record in records:
             text, us = gateway_logging.utc_now()  # as datetime.now(UTC).isoformat("ms")
             record["timestamp"] = f"{text}.{us // 1000:03d}+00:00"
@@ -156,11 +163,14 @@ class AuditTrail:
             # and logger; the same JSON), without building a logger per record.
             record["event"] = record.pop("event")
             record["logger"] = "gateway.audit"
-            line = gateway_logging.render_json(None, "info", record)
+            lines.append(gateway_logging.render_json(None, "info", record))
             del record["logger"]
-            self.sink.write(line)
             if self.fhir_sink is not None:
-                self.fhir_sink.write(orjson.dumps(audit_event(record, self.source_id)))
+                events.append(orjson.dumps(audit_event(record, self.source_id)))
+        if lines:
+            self.sink.write_lines(lines)
+        if events and self.fhir_sink is not None:
+            self.fhir_sink.write_lines(events)
 
     def close(self) -> None:
         self.sink.close()

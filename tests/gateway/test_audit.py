@@ -189,6 +189,9 @@ class FullDisk:
     def write(self, line: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def write_lines(self, lines: list[bytes]) -> None:
+        self.write(b"\n".join(lines))
+
     def close(self) -> None:
         pass
 
@@ -264,6 +267,29 @@ def test_the_sink_raises_on_a_closed_file(tmp_path: Path) -> None:
     sink._file.close()  # type: ignore[union-attr]
     with pytest.raises(ValueError):
         sink.write(b"{}")
+
+
+def test_a_requests_records_go_in_one_write(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    writes: list[int] = []
+    real = trail.sink._file
+    assert real is not None
+
+    class Counting:  # the real file underneath; counts the system calls asked of it
+        def write(self, data: bytes | memoryview) -> int | None:
+            writes.append(len(data))
+            return real.write(data)
+
+        def close(self) -> None:
+            real.close()
+
+    trail.sink._file = Counting()  # type: ignore[assignment]
+    trail.emit([{"event": "access", "patient": str(i), "outcome": "success"} for i in range(17)])
+    trail.close()
+    lines = path.read_bytes().splitlines()
+    assert [orjson.loads(line)["patient"] for line in lines] == [str(i) for i in range(17)]
+    assert len(writes) == 1
 
 
 @pytest.mark.parametrize(("method", "path", "expected"), [
@@ -388,6 +414,9 @@ class Lines:
 
     def write(self, line: bytes) -> None:
         self.lines.append(line)
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        self.lines.extend(lines)
 
     msg = info = write
 
