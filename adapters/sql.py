@@ -7,8 +7,10 @@ Paging is keyset ("seek") paging over the sort keys, which always end with the r
 page 500 costs what page 1 costs. NULLs sort first ascending, last descending, on every
 dialect.
 
-Blocking DBAPI drivers run in worker threads (bounded by the pool size) so the event loop
-never waits on the database. Each statement has a timeout, enforced by the database where it
+Blocking DBAPI drivers run in worker threads (as many as pooled connections, see
+adapters.threads) so the event loop never waits on the database. A reused statement is
+compiled once and run on the driver's cursor; concurrent reads by key share one statement
+(see _KeyReads). Each statement has a timeout, enforced by the database where it
 can (PostgreSQL ``statement_timeout``, SQLite progress handler, ODBC query timeout) and by the
 caller as a backstop.
 """
@@ -311,8 +313,9 @@ class SqlAdapter(Adapter):
         stmt, params = _page_statement(p, query, self.dialect)
         with self.engine.connect() as conn:
             keys = p.top_fields  # the statement selects these, labelled, in this order
+            # SQL Server's page statement is built per call (TOP n): SQLAlchemy runs it
             rows = [dict(zip(keys, row))  # noqa: B905 - the statement selects exactly these
-                    for row in self._rows(conn, stmt, params)]
+                    for row in self._rows(conn, stmt, params, reused=self.dialect != "mssql")]
             more = len(rows) > query.count
             rows = rows[: query.count]
             if query.backwards:
@@ -367,7 +370,8 @@ class SqlAdapter(Adapter):
 
     # -- running one statement
 
-    def _rows(self, conn: sa.Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
+    def _rows(self, conn: sa.Connection, stmt: Any, params: dict[str, Any],
+              reused: bool = True) -> Sequence[Any]:
         """The rows of one statement, as tuples in the order of its select list.
 
         A statement the adapter reuses is compiled once and run straight on the DBAPI cursor:
@@ -376,6 +380,8 @@ class SqlAdapter(Adapter):
         direct path cannot run exactly as SQLAlchemy would (bind processors, values rendered
         into the SQL at execution, e.g. SQL Server's TOP) goes through SQLAlchemy.
         """
+        if not reused:
+            return conn.execute(stmt, params).fetchall()
         entry = self._direct.get(id(stmt))
         if entry is None or entry[0] is not stmt:
             entry = (stmt, _Direct.compile(stmt, self.engine.dialect))
