@@ -55,21 +55,27 @@ def ms(seconds: float) -> str:
 
 async def run(args: argparse.Namespace, db: Path) -> list[dict[str, Any]]:
     import httpx
-    from sqlalchemy import event
 
     apply_gateway_env(CCG_PAS_URL=f"sqlite:///{db.resolve()}", CCG_AUDIT_LOG=os.devnull)
     from gateway.app import build_app
     from gateway.settings import Settings
 
     app = build_app(Settings.from_env(log_level="warning", paging_secret="bench"))
-    engine = app.state.registry.get("Patient").mapping.adapter.engine
+    adapter = app.state.registry.get("Patient").mapping.adapter
+    engine = adapter.engine
     captured: list[tuple[str, Any]] = []
+    # Reused statements run on the DBAPI cursor (no SQLAlchemy execute event): note the SQL
+    # and values the adapter hands the driver, for EXPLAIN QUERY PLAN below.
+    from adapters.sql import _Direct
+    rows_of = adapter._rows
 
-    def capture(_c: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, _many: bool) -> None:
-        if 'FROM "PATIENTS"' in stmt:
-            captured.append((stmt, params))
+    def capture(conn: Any, stmt: Any, params: Any, reused: bool = True) -> Any:
+        direct = _Direct.compile(stmt, engine.dialect)
+        if direct is not None and 'FROM "PATIENTS"' in direct.sql:
+            captured.append((direct.sql, tuple(direct.arguments(params))))
+        return rows_of(conn, stmt, params, reused)
 
-    event.listen(engine, "before_cursor_execute", capture)
+    adapter._rows = capture
 
     def plan_of(stmt: str, params: Any) -> list[str]:
         with engine.connect() as conn:
