@@ -51,12 +51,12 @@ class Pager:
         return tuple(after), bool(backwards)
 
 
-def search_url(base: str, resource_type: str, used: list[tuple[str, str]],
+def search_url(base: str, resource_type: str, used: list[tuple[str, str]] | str,
                page: str | None = None) -> str:
-    params = list(used)
+    """``used`` as pairs, or already urlencoded (a search's links all share it)."""
+    query = used if isinstance(used, str) else urlencode(used)
     if page is not None:
-        params.append(("_page", page))
-    query = urlencode(params)
+        query += ("&" if query else "") + urlencode([("_page", page)])
     return f"{base}/{resource_type}" + (f"?{query}" if query else "")
 
 

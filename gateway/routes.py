@@ -12,7 +12,7 @@ import hashlib
 import uuid
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import anyio
 from starlette.convertors import Convertor, register_url_convertor
@@ -233,7 +233,8 @@ class Api:
         if plan.page_token:
             after, backwards = self.pager.load(plan.page_token, fingerprint)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        self_link = ("self", bundle.search_url(base, provider.resource_type, plan.used,
+        used = urlencode(plan.used)  # shared by the self, next and previous links
+        self_link = ("self", bundle.search_url(base, provider.resource_type, used,
                                                plan.page_token))
         outcome = _ignored_outcome(plan)
 
@@ -254,10 +255,10 @@ class Api:
             has_next = page.more if not backwards else True
             has_prev = (not first_page) if not backwards else page.more
             if has_next and page.end is not None:
-                links.append(("next", self._page_link(base, provider, plan, fingerprint,
+                links.append(("next", self._page_link(base, provider, used, fingerprint,
                                                       page.end, False)))
             if has_prev and page.start is not None:
-                links.append(("previous", self._page_link(base, provider, plan, fingerprint,
+                links.append(("previous", self._page_link(base, provider, used, fingerprint,
                                                           page.start, True)))
         found: int | None = page.total
         if found is None and plan.total == "auto" and first_page and not page.more:
@@ -266,10 +267,10 @@ class Api:
                                 total=found, last_updated=now)
         return self.respond(body, fmt)
 
-    def _page_link(self, base: str, provider: Provider, plan: SearchPlan, fingerprint: str,
+    def _page_link(self, base: str, provider: Provider, used: str, fingerprint: str,
                    position: tuple[Any, ...], backwards: bool) -> str:
         token = self.pager.token(fingerprint, position, backwards)
-        return bundle.search_url(base, provider.resource_type, plan.used, token)
+        return bundle.search_url(base, provider.resource_type, used, token)
 
     async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str
                         ) -> list[dict[str, Any]]:

@@ -284,7 +284,8 @@ def test_backend_timeout_is_504(http: httpx.Client, app: Starlette) -> None:
     try:
         for a in adapters:
             a.timeout = 1e-6  # the SQLite progress handler interrupts the statement
-        r = http.get("/STU3/Patient", params={"name:contains": "a", "gender": "female"})
+        # a name nobody has: a scan long enough to reach the first check (10,000 VM steps)
+        r = http.get("/STU3/Patient", params={"name:contains": "zqxj", "gender": "female"})
     finally:
         for a, t in saved.items():
             a.timeout = t
