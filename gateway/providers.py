@@ -64,6 +64,8 @@ class Provider:
         self._build_id = mapping.build_id
         self._build_lu = mapping.build_last_updated
         self.interactions = mapping.adapter.interactions(mapping.prepared)
+        self.compartment_link: compartment.Link | None = None
+        """How its resources belong to a patient (worked out by compartment.link, once)."""
         self._reverse = compile_reverse(
             mapping.spec.output,
             ReverseContext(mapping.codemaps, mapping.storage, mapping.tz),
