@@ -387,7 +387,7 @@ class SqlAdapter(Adapter):
             entry = (stmt, _Direct.compile(stmt, self.engine.dialect))
             # Only reused statements come here (cached per shape, so few); the entry keeps
             # the statement alive, so its id cannot be taken by another.
-            if entry[1] is not None and len(self._direct) < 4096:
+            if len(self._direct) < 4096:
                 self._direct[id(stmt)] = entry
         direct = entry[1]
         if direct is None:
