@@ -390,7 +390,7 @@ def main() -> int:
                       CCG_LOG_LEVEL=args.gateway_log_level, CCG_DATA_DIR=str(args.data_dir))
     env.pop("CCG_PORT", None)
     headers: dict[str, str] = {}
-    if args.auth == "jwt":  # the demo's development key: a real RS256 check per request
+    if args.auth == "jwt":  # the demo's development key (ES256), verified by the gateway
         env.pop("CCG_AUTH_MODE", None)
         token = subprocess.run([sys.executable, "-m", "gateway.cli", "dev-token", "--data-dir",
                                 str(args.data_dir), "--lifetime", "86400"], env=env, cwd=REPO,
