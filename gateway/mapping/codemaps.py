@@ -13,37 +13,13 @@ The reverse direction (FHIR code → local codes) serves token searches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from logging import CRITICAL, ERROR, INFO, WARNING
 from typing import Any, Literal
 
-import structlog
-
 from gateway.errors import UnmappableData
+from gateway.logging import DebugLog
 
-
-class _DebugLog:
-    """``structlog.get_logger(name).debug``, not even called when the set-up drops it.
-
-    The gateway configures structlog without caching loggers (a cached one would keep the
-    first set-up's level and stream), so every call through the lazy proxy binds a new
-    logger, ~2 µs, only for a filtering logger to drop the line. Under ``omit`` that is paid
-    for every unmapped code met, which for a map that leaves most codes out on purpose
-    (address type) is nearly every resource. Checking the configured class costs ~0.2 µs.
-    """
-
-    # structlog's level-filtering classes above debug (one class per level, made once).
-    _DROPPING = frozenset(structlog.make_filtering_bound_logger(level)
-                          for level in (INFO, WARNING, ERROR, CRITICAL))
-
-    def __init__(self, name: str) -> None:
-        self._proxy = structlog.get_logger(name)
-
-    def debug(self, event: str, **kw: Any) -> None:
-        if structlog.get_config()["wrapper_class"] not in self._DROPPING:
-            self._proxy.debug(event, **kw)
-
-
-log = _DebugLog("gateway.codemaps")
+# unmapped codes under omit are met on hot paths: a debug line must cost nothing when off
+log = DebugLog("gateway.codemaps")
 
 Policy = Literal["omit", "default", "error"]
 
