@@ -217,17 +217,18 @@ def _in(n: int) -> str:
 
 
 def child_sql(n: int) -> tuple[str, str, str]:
-    ids = ('SELECT i."PATNT_REFNO" AS "@parent", i."END_DTTM" AS "i.END_DTTM", '
-           'i."IDENTIFIER" AS "i.IDENTIFIER", i."START_DTTM" AS "i.START_DTTM" \n'
+    # the parent key last, as the gateway selects it
+    ids = ('SELECT i."END_DTTM" AS "i.END_DTTM", i."IDENTIFIER" AS "i.IDENTIFIER", '
+           'i."START_DTTM" AS "i.START_DTTM", i."PATNT_REFNO" AS "@parent" \n'
            'FROM "PATIENT_IDS" AS i \nWHERE i."PATNT_REFNO" IN ' + _in(n) +
            ' ORDER BY i."PATNT_REFNO", i."START_DTTM"')
-    addr = ('SELECT a."PATNT_REFNO" AS "@parent", a."ADTYP_CODE" AS "a.ADTYP_CODE", '
-            'a."END_DTTM" AS "a.END_DTTM", a."LINE1" AS "a.LINE1", a."LINE2" AS "a.LINE2", '
-            'a."LINE3" AS "a.LINE3", a."LINE4" AS "a.LINE4", a."PCODE" AS "a.PCODE", '
-            'a."START_DTTM" AS "a.START_DTTM" \nFROM "ADDRESSES" AS a \n'
+    addr = ('SELECT a."ADTYP_CODE" AS "a.ADTYP_CODE", a."END_DTTM" AS "a.END_DTTM", '
+            'a."LINE1" AS "a.LINE1", a."LINE2" AS "a.LINE2", a."LINE3" AS "a.LINE3", '
+            'a."LINE4" AS "a.LINE4", a."PCODE" AS "a.PCODE", a."START_DTTM" AS "a.START_DTTM", '
+            'a."PATNT_REFNO" AS "@parent" \nFROM "ADDRESSES" AS a \n'
             'WHERE a."PATNT_REFNO" IN ' + _in(n) + ' ORDER BY a."PATNT_REFNO", a."START_DTTM"')
-    gp = ('SELECT r."PATNT_REFNO" AS "@parent", r."ORGAN_REFNO" AS "r.ORGAN_REFNO", '
-          'r."PROCA_REFNO" AS "r.PROCA_REFNO" \nFROM "GP_REGISTRATIONS" AS r \n'
+    gp = ('SELECT r."ORGAN_REFNO" AS "r.ORGAN_REFNO", r."PROCA_REFNO" AS "r.PROCA_REFNO", '
+          'r."PATNT_REFNO" AS "@parent" \nFROM "GP_REGISTRATIONS" AS r \n'
           'WHERE r."PATNT_REFNO" IN ' + _in(n) + ' AND r."END_DTTM" IS NULL '
           'ORDER BY r."PATNT_REFNO"')
     return ids, addr, gp
@@ -270,7 +271,7 @@ class Db:
                 children[k] = ([], [], [])
             for slot, sql in enumerate(child_sql(len(keys))):
                 for row in c.execute(sql, keys):
-                    children[row[0]][slot].append(row)
+                    children[row[-1]][slot].append(row)
         return rows, more, children
 
 
@@ -313,7 +314,7 @@ def patient(r: tuple[Any, ...], ids: list[tuple[Any, ...]], addrs: list[tuple[An
     pasid = text(g(13))
     if pasid is not None:
         ident.append({"system": "https://fhir.demo-trust.nhs.uk/Id/pas-number", "value": pasid})
-    for _, end, value, start in ids:
+    for end, value, start, _ in ids:
         v, p = text(value), period(start, end)
         if v is None and p is None:
             continue
@@ -362,7 +363,7 @@ def patient(r: tuple[Any, ...], ids: list[tuple[Any, ...]], addrs: list[tuple[An
         out["deceasedDateTime"] = death
 
     address = []
-    for _, adtyp, end, l1, l2, l3, l4, pcode, start in addrs:
+    for adtyp, end, l1, l2, l3, l4, pcode, start, _ in addrs:
         a: dict[str, Any] = {}
         use = ADDRESS_USE.code(adtyp) if adtyp is not None else None
         if use is not None:
@@ -389,10 +390,10 @@ def patient(r: tuple[Any, ...], ids: list[tuple[Any, ...]], addrs: list[tuple[An
         out["maritalStatus"] = marital
 
     gp = []
-    for _, _organ, proca in gps:
+    for _organ, proca, _ in gps:
         if proca is not None:
             gp.append({"reference": f"Practitioner/{proca}"})
-    for _, organ, _proca in gps:
+    for organ, _proca, _ in gps:
         if organ is not None:
             gp.append({"reference": f"Organization/{organ}"})
     if gp:

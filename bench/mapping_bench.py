@@ -83,12 +83,13 @@ def as_baseline_rows(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     for rec in records:
         row = tuple(rec[f"p.{c}"] for c in PATIENT_COLS)
         key = rec["p.PATNT_REFNO"]
-        ids = [(key, r["i.END_DTTM"], r["i.IDENTIFIER"], r["i.START_DTTM"])
+        # the parent key last, as both servers select it
+        ids = [(r["i.END_DTTM"], r["i.IDENTIFIER"], r["i.START_DTTM"], key)
                for r in rec["@other_ids"]]
-        addrs = [(key, r["a.ADTYP_CODE"], r["a.END_DTTM"], r["a.LINE1"], r["a.LINE2"],
-                  r["a.LINE3"], r["a.LINE4"], r["a.PCODE"], r["a.START_DTTM"])
+        addrs = [(r["a.ADTYP_CODE"], r["a.END_DTTM"], r["a.LINE1"], r["a.LINE2"],
+                  r["a.LINE3"], r["a.LINE4"], r["a.PCODE"], r["a.START_DTTM"], key)
                  for r in rec["@addresses"]]
-        gps = [(key, r["r.ORGAN_REFNO"], r["r.PROCA_REFNO"]) for r in rec["@gp"]]
+        gps = [(r["r.ORGAN_REFNO"], r["r.PROCA_REFNO"], key) for r in rec["@gp"]]
         out.append((row, ids, addrs, gps))
     return out
 
