@@ -111,9 +111,6 @@ class JsonLinesSink:
             # into the next record.
             self._file = path.open("ab", buffering=0)
 
-    def write(self, line: bytes) -> None:
-        self.write_lines([line])
-
     def write_lines(self, lines: list[bytes]) -> None:
         """All of a request's records in one write: one system call, not one per record."""
         data = b"\n".join(lines) + b"\n"
@@ -505,7 +502,7 @@ class AuditLayer:
         for (etype, eid), patients in ctx.entities.items():
             for p in patients or (None,):
                 by_patient.setdefault(p, []).append(f"{etype}/{eid}")
-        if len(by_patient) == (None in by_patient):  # no patient among them
+        if not any(p is not None for p in by_patient):
             # Nothing about a patient was served (not found, denied, a count): the record is
             # still about the patient the request aimed at, or the token's compartment.
             restricted = principal.patient if principal and principal.patient_restricted else None
@@ -516,7 +513,7 @@ class AuditLayer:
                 by_patient = first | by_patient
         if not by_patient:
             by_patient[None] = []
-        count = len(by_patient) - (None in by_patient)
+        count = sum(1 for p in by_patient if p is not None)
         if len(by_patient) == 1:  # the common case: one record, the common dict itself
             ((patient, entities),) = by_patient.items()
             common["patient"], common["patient_count"], common["entities"] = (

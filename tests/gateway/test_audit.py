@@ -186,11 +186,8 @@ async def test_fhir_audit_events_are_valid_stu3(api: httpx.AsyncClient, audit_pa
 
 
 class FullDisk:
-    def write(self, line: bytes) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     def write_lines(self, lines: list[bytes]) -> None:
-        self.write(b"\n".join(lines))
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     def close(self) -> None:
         pass
@@ -263,10 +260,10 @@ def test_the_stream_follows_a_replaced_stderr(capsys: pytest.CaptureFixture[str]
 
 def test_the_sink_raises_on_a_closed_file(tmp_path: Path) -> None:
     sink = JsonLinesSink(str(tmp_path / "a.jsonl"))
-    sink.write(b"{}")
+    sink.write_lines([b"{}"])
     sink._file.close()  # type: ignore[union-attr]
     with pytest.raises(ValueError):
-        sink.write(b"{}")
+        sink.write_lines([b"{}"])
 
 
 def test_a_requests_records_go_in_one_write(tmp_path: Path) -> None:
@@ -461,7 +458,7 @@ def test_a_closed_file_sink_raises_and_never_falls_back_to_stderr(
     sink = JsonLinesSink(str(tmp_path / "a.jsonl"))
     sink.close()
     with pytest.raises(ValueError, match="closed"):
-        sink.write(b'{"patient":"100001"}')
+        sink.write_lines([b'{"patient":"100001"}'])
     assert capsys.readouterr().err == ""
 
 
