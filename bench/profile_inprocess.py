@@ -42,8 +42,8 @@ COMPONENTS = [
     ("whole request (Starlette app)", "starlette/applications.py", "__call__"),
     ("  RequestContext middleware (incl. everything below)", "gateway/middleware.py",
      "__call__"),
-    ("    request log line (structlog)", "structlog/_native.py", "meth"),
-    ("    request id (uuid4)", "gateway/middleware.py", "_request_id"),
+    ("    request log line (gateway.logging.info)", "gateway/logging.py", "info"),
+    ("    request id (os.urandom)", "gateway/middleware.py", "_request_id"),
     ("  routing (Router.__call__ → endpoint)", "starlette/routing.py", "handle"),
     ("    search planning (plan_search)", "gateway/plan.py", "plan_search"),
     ("    SQL adapter: fetch (pool, statements, children)", "adapters/sql.py", "_fetch_sync"),
@@ -52,15 +52,15 @@ COMPONENTS = [
      "do_ping"),
     ("      main statement build (_page_statement)", "adapters/sql.py", "_page_statement"),
     ("      child queries (_attach_children)", "adapters/sql.py", "_attach_children"),
-    ("      Connection.execute (SQLAlchemy, all statements)", "sqlalchemy/engine/base.py",
-     "execute"),
+    ("      statements run (SqlAdapter._rows: cursor or SQLAlchemy)", "adapters/sql.py",
+     "_rows"),
     ("        sqlite3 cursor.execute (the database itself)", "~", "<method 'execute' of "
      "'sqlite3.Cursor' objects>"),
     ("          ccg_fold() SQL function, per row (_py_fold)", "adapters/sql.py", "_py_fold"),
     ("    mapping: Provider.resource", "gateway/providers.py", "resource"),
     ("    paging link (Pager.token: Fernet)", "gateway/bundle.py", "token"),
     ("    render (orjson)", "gateway/formats.py", "render"),
-    ("    ETag/Last-Modified (format_datetime)", "email/utils.py", "format_datetime"),
+    ("    Last-Modified (http_date)", "gateway/routes.py", "http_date"),
 ]
 
 
