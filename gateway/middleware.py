@@ -7,7 +7,6 @@ OperationOutcome in the format the client negotiated.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import traceback
@@ -31,6 +30,7 @@ from gateway.errors import (
 )
 from gateway.formats import DEFAULT, Format, negotiate, render
 from gateway.providers import adapter_seconds
+from gateway.randomness import random_hex
 
 log = structlog.get_logger("gateway.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -94,9 +94,9 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID.match(candidate):
                 return candidate
             break
-    # 128 random bits, as uuid4 (same 32-hex shape) at a quarter of its cost: unique across
+    # 128 random bits, as uuid4 (same 32-hex shape) at a fraction of its cost: unique across
     # processes and replicas with overwhelming probability, and it reveals nothing.
-    return os.urandom(16).hex()
+    return random_hex(16)
 
 
 def _format(request: Request) -> Format:
