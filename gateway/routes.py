@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import uuid
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -41,6 +40,7 @@ from gateway.formats import Format, negotiate, render
 from gateway.plan import Include, RevInclude, SearchPlan
 from gateway.profiles.operation import validate_endpoint
 from gateway.providers import Provider, Registry
+from gateway.randomness import uuid4
 from gateway.search import ID_RE
 from gateway.settings import Settings
 
@@ -225,22 +225,23 @@ class Api:
                                   max_count=s.max_count, strict=self.strict(request))
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
+        used = urlencode(plan.used)  # shared by the self, next and previous links
         # The compartment (patient/ tokens) is part of the query's identity: links cannot move.
+        extra = compartment.fingerprint_pairs()
         fingerprint = Pager.fingerprint(provider.resource_type,
-                                        [*plan.used, *compartment.fingerprint_pairs()])
+                                        f"{used}&{urlencode(extra)}" if extra else used)
         after: tuple[Any, ...] | None = None
         backwards = False
         if plan.page_token:
             after, backwards = self.pager.load(plan.page_token, fingerprint)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        used = urlencode(plan.used)  # shared by the self, next and previous links
         self_link = ("self", bundle.search_url(base, provider.resource_type, used,
                                                plan.page_token))
         outcome = _ignored_outcome(plan)
 
         if plan.summary_count or plan.count == 0:  # _count=0: just the total
             total = await provider.count(plan)
-            body = bundle.searchset(bundle_id=str(uuid.uuid4()), links=[self_link],
+            body = bundle.searchset(bundle_id=uuid4(), links=[self_link],
                                     entries=outcome, total=total, last_updated=now)
             return self.respond(body, fmt)
 
@@ -263,7 +264,7 @@ class Api:
         found: int | None = page.total
         if found is None and plan.total == "auto" and first_page and not page.more:
             found = len(page.records)
-        body = bundle.searchset(bundle_id=str(uuid.uuid4()), links=links, entries=entries,
+        body = bundle.searchset(bundle_id=uuid4(), links=links, entries=entries,
                                 total=found, last_updated=now)
         return self.respond(body, fmt)
 
