@@ -153,9 +153,11 @@ class AuditTrail:
         """Write each record, or raise. The application's log level never filters these."""
         lines: list[bytes] = []
         events: list[bytes] = []
+        # One instant for the records written together (a search's, one per patient).
+        text, us = gateway_logging.utc_now()  # as datetime.now(UTC).isoformat("ms")
+        stamp = f"{text}.{us // 1000:03d}+00:00"
         for record in records:
-            text, us = gateway_logging.utc_now()  # as datetime.now(UTC).isoformat("ms")
-            record["timestamp"] = f"{text}.{us // 1000:03d}+00:00"
+            record["timestamp"] = stamp
             # The line the trail's structlog logger used to make (the record's keys, then event
             # and logger; the same JSON), without building a logger per record.
             record["event"] = record.pop("event")
