@@ -13,7 +13,8 @@ requests: one SELECT on PATIENTS (keyset order by PATNT_REFNO, ``LIMIT count+1``
 ``family`` search uses the same predicate: SQLite's own ``LIKE`` for an ASCII value on ASCII
 rows, and the same ``ccg_fold()`` SQL function (a Python function registered on each
 connection, lower case without accents) for the others, because the gateway does; anything
-cheaper would not be the same query.
+cheaper would not be the same query. Connections get the gateway's settings too (a memory
+map of the file, ``PRAGMA mmap_size``), so the database does the same work on both sides.
 
 The Patient resource is built by hand-written code (no mapping engine, no pydantic) that
 follows mappings/demo-pas/Patient.sql.yaml; the code maps are read from the same
@@ -255,6 +256,8 @@ class Db:
         if c is None:
             c = sqlite3.connect(self.path, check_same_thread=False)
             c.create_function("ccg_fold", 1, fold, deterministic=True)
+            # The gateway's SQLite connection settings (adapters/sql.py): the same reads.
+            c.execute("PRAGMA mmap_size = 268435456")
             self._local.conn = c
         return c
 

@@ -523,6 +523,20 @@ def test_statements_sqlalchemy_must_finish_are_not_run_directly(sqlite_url: str)
     assert direct.arguments(params) == ["o'b%", 21, 0]
 
 
+def test_sqlite_connections_read_through_a_memory_map(sqlite_url: str) -> None:
+    from adapters.sql import SQLITE_MMAP_BYTES
+
+    a = SqlAdapter(sqlite_url)
+    try:
+        with a.engine.connect() as conn:
+            mapped = conn.exec_driver_sql("PRAGMA mmap_size").scalar_one()
+            rows = conn.exec_driver_sql('SELECT count(*) FROM "PATIENTS"').scalar_one()
+    finally:
+        a.engine.dispose()
+    assert mapped == SQLITE_MMAP_BYTES
+    assert rows > 0
+
+
 # --- reads by key, coalesced ------------------------------------------------------------------
 
 
