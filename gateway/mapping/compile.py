@@ -2,8 +2,9 @@
 
 This is the outgoing hot path. Everything that can be decided at load time is: which keys
 are constants, which expressions read which reference, which converter, transform and code
-map apply. At run time a builder is a few nested closures over dict look-ups; no pydantic
-model is constructed.
+map apply. The result is a tree of small closures over dict look-ups, each describing itself;
+``codegen`` then inlines the tree into one function per mapping (the closures stay the
+reference the tests compare it with). No pydantic model is constructed.
 
 Rules (documented for operations staff in mappings/README.md):
 
@@ -22,6 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gateway.mapping import codegen
+from gateway.mapping.codegen import describe
 from gateway.mapping.codemaps import CodeMap, Target
 from gateway.mapping.functions import FUNCTIONS
 from gateway.mapping.model import EXPR_KEYS, Expr
@@ -91,7 +94,7 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
                     return v.strip() or None
                 return None if v is None else convert(v)
 
-            return get_text
+            return describe(get_text, "expr", ref, convert, True, None)
 
         def get_text_step(rec: dict[str, Any]) -> Any:
             v = rec.get(ref)
@@ -101,20 +104,20 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
             v = None if v is None else convert(v)
             return None if v is None else step(v)
 
-        return get_text_step
+        return describe(get_text_step, "expr", ref, convert, True, step)
     if step is None:
         def get(rec: dict[str, Any]) -> Any:
             v = rec.get(ref)
             return None if v is None else convert(v)
 
-        return get
+        return describe(get, "expr", ref, convert, False, None)
 
     def get_step(rec: dict[str, Any]) -> Any:
         v = rec.get(ref)
         v = None if v is None else convert(v)
         return None if v is None else step(v)
 
-    return get_step
+    return describe(get_step, "expr", ref, convert, False, step)
 
 
 def _codemap_step(cmap: CodeMap, part: str, path: str) -> Callable[[Any], Any]:
@@ -241,7 +244,7 @@ def _compile_dict(
                     out[key] = v
             return out
 
-        return build_tail, None
+        return describe(build_tail, "tail", literals, exprs), None
 
     def build(rec: dict[str, Any]) -> Any:
         out: dict[str, Any] = {}
@@ -256,7 +259,7 @@ def _compile_dict(
                     hit = True
         return out if hit else None
 
-    return build, None
+    return describe(build, "dict", items), None
 
 
 def _compile_list(node: list[Any], ctx: CompileContext, path: str) -> tuple[Builder | None, Any]:
@@ -300,7 +303,7 @@ def _compile_list(node: list[Any], ctx: CompileContext, path: str) -> tuple[Buil
                     out.append(v)
             return out or None
 
-        return build_each, None
+        return describe(build_each, "each", each_key, each_fn, reads), None
     if all(key is None and fn is not None for key, fn, _ in parts):
         fns = [fn for _, fn, _ in parts if fn is not None]
 
@@ -312,7 +315,7 @@ def _compile_list(node: list[Any], ctx: CompileContext, path: str) -> tuple[Buil
                     out.append(v)
             return out or None
 
-        return build_items, None
+        return describe(build_items, "items", fns), None
 
     def build(rec: dict[str, Any]) -> Any:
         out: list[Any] = []
@@ -330,7 +333,12 @@ def _compile_list(node: list[Any], ctx: CompileContext, path: str) -> tuple[Buil
                         out.append(v)
         return out or None
 
-    return build, None
+    return describe(build, "list", parts), None
+
+
+GENERATE = True
+"""Inline the closures into one function (codegen); False keeps the closures (tests run the
+compiler's rules both ways)."""
 
 
 def compile_output(
@@ -341,5 +349,8 @@ def compile_output(
         raise ctx.errors[0]
     if fn is None:
         return lambda rec: dict(const)
+    if GENERATE:
+        generated, _source = codegen.generate(fn, or_empty=True)
+        return generated
     build = fn
     return lambda rec: build(rec) or {}

@@ -34,6 +34,12 @@ TYPES = {
 }
 
 
+@pytest.fixture(autouse=True, params=["generated", "closures"])
+def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rule holds for the generated function and for the closures it inlines."""
+    monkeypatch.setattr("gateway.mapping.compile.GENERATE", request.param == "generated")
+
+
 def context(**codemaps: CodeMap) -> CompileContext:
     storages = {ref: make_storage(kind, LONDON) for ref, kind in TYPES.items()}
     text = make_storage("string", LONDON)
