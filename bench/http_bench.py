@@ -455,7 +455,9 @@ def main() -> int:
             row: dict[str, Any] = {"scenario": scen, "path_example": paths[scen][0]}
             runs: dict[str, list[dict[str, Any]]] = {gw.name: [], bl.name: []}
             for rnd in range(args.rounds):  # gateway and baseline alternate, round by round
-                for server in (gw, bl):
+                # ... and take turns going first, so a machine slowing down or speeding up
+                # over a round does not always favour the same one
+                for server in ((gw, bl) if rnd % 2 == 0 else (bl, gw)):
                     runs[server.name].append(measure(server, scen, rnd))
             for name, rs in runs.items():
                 med = statistics.median_low([r["rps"] for r in rs])
@@ -468,10 +470,22 @@ def main() -> int:
     print()
     print(out)
     for r in results:
+        ratios = [g / b for g, b in zip(r["gateway"]["rounds_rps"], r["baseline"]["rounds_rps"],
+                                        strict=True)]
+        r["round_ratios"] = [round(x, 3) for x in ratios]
+        low, high = bootstrap_median_ci(ratios)
+        r["round_ratio_median"], r["round_ratio_ci95"] = statistics.median(ratios), [low, high]
+        print(f"{SCENARIOS[r['scenario']]}: round ratios "
+              f"{', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x"
+              + (f", 95% CI {low:.2f}-{high:.2f}x (bootstrap over rounds)"
+                 if len(ratios) >= 5 else ""))
         if r["scenario"] in ("a", "b"):
             ratio = r["gateway"]["rps"] / r["baseline"]["rps"]
+            steady = ("" if len(ratios) < 5 else
+                      "; reliably (the 95% interval of the round ratios' median is >= 1.0)"
+                      if low >= 1.0 else "; not reliably (the interval reaches below 1.0)")
             print(f"target >= 1.0x baseline on {SCENARIOS[r['scenario']]}: "
-                  f"{'MET' if ratio >= 1.0 else 'NOT MET'} ({ratio:.2f}x)")
+                  f"{'MET' if ratio >= 1.0 else 'NOT MET'} ({ratio:.2f}x){steady}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     res_dir = args.data_dir / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
@@ -486,6 +500,18 @@ def main() -> int:
     (res_dir / f"http-{stamp}.md").write_text(out + "\n")
     print(f"\nresults: {res_dir / f'http-{stamp}.json'}")
     return 0
+
+
+def bootstrap_median_ci(values: list[float], resamples: int = 2000,
+                        seed: int = 1) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval for the median of ``values`` (paired round
+    ratios): how far the median could move with other rounds on this machine."""
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
+                     for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 @contextlib.contextmanager
