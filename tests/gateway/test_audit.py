@@ -91,6 +91,9 @@ async def test_one_record_per_patient_with_the_normalised_search(
     patients.discard(None)
     assert len(patients) == records[0]["patient_count"] >= 2
     assert len({rec["request_id"] for rec in records}) == 1
+    # every line has the same fields in the same order, ending timestamp, event, logger
+    assert len({tuple(rec) for rec in records}) == 1
+    assert list(records[0])[-3:] == ["timestamp", "event", "logger"]
     for rec in records:
         assert rec["query"] == [["date", "ge2020"], ["_include", "Encounter:patient"],
                                 ["_include", "Encounter:practitioner"], ["_count", "5"]]
