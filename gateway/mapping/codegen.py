@@ -60,21 +60,7 @@ def _emit(w: _Writer, fn: Builder, rec: str, depth: int) -> str:
     if ir is None:
         w.line(depth, f"{out} = {w.const(fn)}({rec})")
         return out
-    kind = ir[0]
-    if kind == "expr":
-        _emit_expr(w, ir, rec, depth, out)
-    elif kind == "tail":
-        _emit_tail(w, ir, rec, depth, out)
-    elif kind == "dict":
-        _emit_dict(w, ir, rec, depth, out)
-    elif kind == "each":
-        _emit_each(w, ir, rec, depth, out)
-    elif kind == "items":
-        _emit_items(w, ir, rec, depth, out)
-    elif kind == "list":
-        _emit_list(w, ir, rec, depth, out)
-    else:  # pragma: no cover - every kind compile.py describes is handled above
-        raise AssertionError(kind)
+    _EMITTERS[ir[0]](w, ir, rec, depth, out)
     return out
 
 
@@ -173,6 +159,13 @@ def _emit_list(w: _Writer, ir: tuple[Any, ...], rec: str, depth: int, out: str) 
         else:
             _emit_rows(w, key, fn, const, rec, depth, out)
     w.line(depth, f"{out} = {out} or None")
+
+
+_EMITTERS: dict[str, Callable[[_Writer, tuple[Any, ...], str, int, str], None]] = {
+    "expr": _emit_expr, "tail": _emit_tail, "dict": _emit_dict,
+    "each": _emit_each, "items": _emit_items, "list": _emit_list,
+}
+"""One per kind of closure compile.py describes."""
 
 
 def generate(fn: Builder, name: str = "build", *, or_empty: bool = False
