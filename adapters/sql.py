@@ -348,6 +348,7 @@ class SqlAdapter(Adapter):
         return int(conn.execute(stmt, params).scalar_one())
 
     def _attach_children(self, conn: sa.Connection, p: Prepared, rows: list[Record]) -> None:
+        keys_of: dict[str, list[Any]] = {}  # children usually share the parent key: once
         for name, spec in p.source.children.items():
             fields = p.child_fields.get(name)
             if not fields:
@@ -357,7 +358,9 @@ class SqlAdapter(Adapter):
                 raise BackendError("children joined on more than one column are not supported")
             slot = "@" + name
             by_parent: dict[Any, list[Record]] = {}
-            parents = list({r[parent_col] for r in rows} - {None})
+            parents = keys_of.get(parent_col)
+            if parents is None:
+                parents = keys_of[parent_col] = list({r[parent_col] for r in rows} - {None})
             for start in range(0, len(parents), _BUCKETS[-1]):
                 chunk = parents[start:start + _BUCKETS[-1]]
                 # IN lists of a few fixed sizes, padded with a repeat: a statement per size is
