@@ -10,7 +10,9 @@ An adapter is about as small as an httpx transport:
 
 Records are flat ``dict[str, Any]`` keyed by the source reference the mapping used
 (``"p.SURNAME"`` for SQL, ``"PID-5.1"`` for HL7 v2); one-to-many children sit under
-``"@<child name>"`` as lists of such dicts.
+``"@<child name>"`` as lists of such dicts. An adapter may instead declare a :class:`Layout`
+for a prepared mapping (``layout(prepared)``) and return each record as a tuple laid out so:
+no dict per row, and the compiled mapping reads values by position.
 
 Criteria arrive as a small, closed expression tree (below), already typed and converted to
 the source's storage format by the gateway. Adapters never see FHIR parameters, and never
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Record = dict[str, Any]
+Row = tuple[Any, ...]
+"""A record in its adapter's :class:`Layout`: a tuple, children as sequences of tuples."""
 
 # --- criteria: a closed expression tree -------------------------------------------------------
 
@@ -114,9 +118,50 @@ class Query:
     children: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where each reference sits in a record an adapter returns as a tuple (a :data:`Row`).
+
+    The top-level references come first, in ``fields`` order; then one position per child,
+    in ``children`` order, holding a sequence of that child's rows. A child row holds the
+    child's references in the order given for it, and may carry more values after them
+    (an adapter's own bookkeeping, never read). Records are read-only.
+    """
+
+    fields: tuple[str, ...]
+    children: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(child name, its references), in position order after ``fields``."""
+
+    def position(self, ref: str) -> int | None:
+        """The position of a top-level reference, or None."""
+        return self.fields.index(ref) if ref in self.fields else None
+
+    def child_position(self, name: str) -> int | None:
+        """The position of a child's rows in a record, or None."""
+        for i, (child, _) in enumerate(self.children):
+            if child == name:
+                return len(self.fields) + i
+        return None
+
+    def as_dict(self, row: Row) -> Record:
+        """The same record in the dict form (for tests, tools and non-hot paths)."""
+        out: Record = dict(zip(self.fields, row))  # noqa: B905 - children follow the fields
+        for i, (name, fields) in enumerate(self.children):
+            rows = row[len(self.fields) + i]
+            out["@" + name] = [dict(zip(fields, r)) for r in rows]  # noqa: B905 - see above
+        return out
+
+    def as_row(self, rec: Record) -> Row:
+        """A dict-form record in this layout (missing values: None; missing children: none)."""
+        return (*(rec.get(f) for f in self.fields),
+                *(tuple(tuple(r.get(f) for f in fields) for r in rec.get("@" + name) or ())
+                  for name, fields in self.children))
+
+
 @dataclass(slots=True)
 class Page:
-    records: list[Record]
+    records: list[Any]
+    """Dicts (:data:`Record`), or tuples (:data:`Row`) when the adapter declares a layout."""
     more: bool
     """Whether more records lie beyond this page in the direction of travel."""
     total: int | None = None
@@ -243,6 +288,10 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     async def fetch(self, prepared: Any, query: Query) -> Page: ...
+
+    def layout(self, prepared: Any) -> Layout | None:
+        """How this mapping's records are laid out as tuples, or None: they are dicts."""
+        return None
 
     def interactions(self, prepared: Any) -> frozenset[str]:
         """FHIR interactions this source serves for a mapping (writes only if declared)."""

@@ -22,7 +22,7 @@ import functools
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,13 +48,14 @@ from adapters.base import (
     Criterion,
     In,
     IsNull,
+    Layout,
     Needs,
     Not,
     Nothing,
     Or,
     Page,
     Query,
-    Record,
+    Row,
     SourceConfigError,
     Text,
     source_config_error,
@@ -182,6 +183,11 @@ class Prepared:
     base_from: FromClause
     base_where: list[ColumnElement[bool]]
     statements: dict[Any, Any]
+    layout: Layout
+    """Records are tuples: ``top_fields``, then each child's rows (``child_fields`` order,
+    the parent key after them) in the order the source declares its children."""
+    positions: dict[str, int]
+    """Position of each top-level field in a record."""
 
 
 SQLITE_MMAP_BYTES = 256 * 1024 * 1024
@@ -258,6 +264,9 @@ class SqlAdapter(Adapter):
             raise source_config_error(exc) from None
         return _prepare(src, needs, self.dialect)
 
+    def layout(self, prepared: Prepared) -> Layout:
+        return prepared.layout
+
     async def fetch(self, prepared: Prepared, query: Query) -> Page:
         if _by_key(prepared, query):
             return await self._reads.read(prepared, query)
@@ -320,23 +329,24 @@ class SqlAdapter(Adapter):
     def _fetch_sync(self, p: Prepared, query: Query) -> Page:
         stmt, params = _page_statement(p, query, self.dialect)
         with self.engine.connect() as conn:
-            keys = p.top_fields  # the statement selects these, labelled, in this order
+            # Records are the rows as the statement selects them (p.top_fields, in order):
             # SQL Server's page statement is built per call (TOP n): SQLAlchemy runs it
-            rows = [dict(zip(keys, row))  # noqa: B905 - the statement selects exactly these
-                    for row in self._rows(conn, stmt, params, reused=self.dialect != "mssql")]
+            rows = self._rows(conn, stmt, params, reused=self.dialect != "mssql")
             more = len(rows) > query.count
             rows = rows[: query.count]
             if query.backwards:
                 rows.reverse()
-            if query.children and rows:
-                self._attach_children(conn, p, rows)
+            if rows and p.layout.children:
+                rows = (self._with_children(conn, p, rows) if query.children
+                        else [r + ((),) * len(p.layout.children) for r in rows])
             total = None
             if query.with_total:
                 total = self._count(conn, p, query.criteria)
         page = Page(records=rows, more=more, total=total)
         if rows:
-            page.start = tuple(rows[0].get(k.ref) for k in query.sort)
-            page.end = tuple(rows[-1].get(k.ref) for k in query.sort)
+            at = [p.positions[k.ref] for k in query.sort]
+            page.start = tuple(rows[0][i] for i in at)
+            page.end = tuple(rows[-1][i] for i in at)
         return page
 
     def _count_sync(self, p: Prepared, query: Count) -> int:
@@ -347,42 +357,44 @@ class SqlAdapter(Adapter):
         stmt, params = _count_statement(p, criteria, self.dialect)  # built per call: not hot
         return int(conn.execute(stmt, params).scalar_one())
 
-    def _attach_children(self, conn: sa.Connection, p: Prepared, rows: list[Record]) -> None:
+    def _with_children(self, conn: sa.Connection, p: Prepared, rows: list[Row]
+                       ) -> list[Row]:
+        """The rows, each followed by its children's rows (in p.layout.children order)."""
         keys_of: dict[str, list[Any]] = {}  # children usually share the parent key: once
-        for name, spec in p.source.children.items():
-            fields = p.child_fields.get(name)
-            if not fields:
+        columns: list[list[Any]] = []
+        for name, fields in p.layout.children:
+            if not fields:  # nothing read from it: no query, no rows
+                columns.append([()] * len(rows))
                 continue
-            (child_col, parent_col), *rest = spec.link.items()
-            if rest:
-                raise BackendError("children joined on more than one column are not supported")
-            slot = "@" + name
-            by_parent: dict[Any, list[Record]] = {}
+            spec = p.source.children[name]
+            (child_col, parent_col), = spec.link.items()  # one pair (checked in _prepare)
+            by_parent: dict[Any, list[Row]] = {}
             parents = keys_of.get(parent_col)
             if parents is None:
-                parents = keys_of[parent_col] = list({r[parent_col] for r in rows} - {None})
+                at = p.positions[parent_col]
+                parents = keys_of[parent_col] = list({r[at] for r in rows} - {None})
             for start in range(0, len(parents), _BUCKETS[-1]):
                 chunk = parents[start:start + _BUCKETS[-1]]
                 # IN lists of a few fixed sizes, padded with a repeat: a statement per size is
                 # compiled once and reused (an expanding parameter is re-rendered every time).
                 size = _BUCKET_OF[len(chunk)]
-                stmt = _child_statement(p, name, spec, fields, child_col, size)
+                stmt = _child_statement(p, name, spec, list(fields), child_col, size)
                 chunk += [chunk[-1]] * (size - len(chunk))
+                # a child row is the selected tuple itself: its fields, then the parent key
                 for row in self._rows(conn, stmt, dict(zip(_KEY_NAMES[size], chunk, strict=True))):
-                    # the parent key is selected last: zip stops before it, no slice needed
-                    rec = dict(zip(fields, row))  # noqa: B905
                     found = by_parent.get(row[-1])
                     if found is None:
-                        by_parent[row[-1]] = [rec]
+                        by_parent[row[-1]] = [row]
                     else:
-                        found.append(rec)
-            for r in rows:
-                r[slot] = by_parent.get(r[parent_col], [])
+                        found.append(row)
+            at = p.positions[parent_col]
+            columns.append([by_parent.get(r[at], ()) for r in rows])
+        return list(map(tuple.__add__, rows, zip(*columns, strict=True)))
 
     # -- running one statement
 
     def _rows(self, conn: sa.Connection, stmt: Any, params: dict[str, Any],
-              reused: bool = True) -> Sequence[Any]:
+              reused: bool = True) -> list[Row]:
         """The rows of one statement, as tuples in the order of its select list.
 
         A statement the adapter reuses is compiled once and run straight on the DBAPI cursor:
@@ -392,7 +404,7 @@ class SqlAdapter(Adapter):
         into the SQL at execution, e.g. SQL Server's TOP) goes through SQLAlchemy.
         """
         if not reused:
-            return conn.execute(stmt, params).fetchall()
+            return [tuple(r) for r in conn.execute(stmt, params)]
         entry = self._direct.get(id(stmt))
         if entry is None or entry[0] is not stmt:
             entry = (stmt, _Direct.compile(stmt, self.engine.dialect))
@@ -402,13 +414,13 @@ class SqlAdapter(Adapter):
                 self._direct[id(stmt)] = entry
         direct = entry[1]
         if direct is None:
-            return conn.execute(stmt, params).fetchall()
+            return [tuple(r) for r in conn.execute(stmt, params)]
         dbapi_conn = conn.connection.driver_connection
         assert dbapi_conn is not None
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute(direct.sql, direct.arguments(params))
-            out: Sequence[Any] = cursor.fetchall()
+            out: list[Row] = cursor.fetchall()
             return out
         except self._dbapi_error as exc:
             # The same wrapper SQLAlchemy would raise, so one translation serves both paths.
@@ -536,7 +548,7 @@ class _KeyReads:
             query = replace(taken[0].query, criteria=In(p.key, tuple(keys)),
                             count=sum(w.query.count for w in taken))
             page: Page = await self.adapter._run(self.adapter._fetch_sync, p, query)
-            alone = _share(p.key, page, taken)
+            alone = _share(p, page, taken)
             for w in alone:  # rare: the database's keys did not compare equal to the asked
                 _settle(w, await self.adapter._run(self.adapter._fetch_sync, p, w.query))
         except Exception as exc:
@@ -555,27 +567,24 @@ def _settle(w: _Waiting, page: Page) -> None:
         w.future.set_result(page)
 
 
-def _share(key: str, page: Page, taken: list[_Waiting]) -> list[_Waiting]:
+def _share(p: Prepared, page: Page, taken: list[_Waiting]) -> list[_Waiting]:
     """Give each read its own records (key order); return the reads that must run alone."""
+    at = p.positions[p.key]
     given: set[int] = set()
-    results: list[tuple[_Waiting, list[Record], bool]] = []
+    results: list[tuple[_Waiting, list[Row], bool]] = []
     for w in taken:
         assert isinstance(w.query.criteria, In)
         wanted = set(w.query.criteria.values)
-        mine = [r for r in page.records if r.get(key) in wanted]
+        mine = [r for r in page.records if r[at] in wanted]
         results.append((w, mine[: w.query.count], len(mine) > w.query.count))
         given.update(id(r) for r in mine)
     if page.more or len(given) < len(page.records):
         return taken  # a record nobody asked for: key types differ (e.g. padded CHAR keys)
-    seen: set[int] = set()
-    for w, mine, more in results:
-        # a record shared by two reads is copied: callers may treat records as their own
-        records = [dict(r) if id(r) in seen else r for r in mine]
-        seen.update(id(r) for r in mine)
-        out = Page(records=records, more=more)
-        if records:
-            out.start = (records[0].get(key),)
-            out.end = (records[-1].get(key),)
+    for w, mine, more in results:  # records are read-only tuples: two reads may share one
+        out = Page(records=mine, more=more)
+        if mine:
+            out.start = (mine[0][at],)
+            out.end = (mine[-1][at],)
         _settle(w, out)
     return []
 
@@ -687,6 +696,9 @@ def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
         base_from=base,
         base_where=[_condition(columns, w) for w in src.where],
         statements={},
+        layout=Layout(tuple(top), tuple((name, tuple(sorted(child_fields[name])))
+                                        for name in src.children)),
+        positions={r: i for i, r in enumerate(top)},
     )
 
 

@@ -221,7 +221,7 @@ class AuditContext:
 _ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None)
 
 
-def note_resource(provider: Provider, record: dict[str, Any], resource: dict[str, Any]
+def note_resource(provider: Provider, record: Any, resource: dict[str, Any]
                   ) -> None:
     ctx = _ctx.get()
     if ctx is None:

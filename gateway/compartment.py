@@ -285,7 +285,7 @@ def restrict_count(provider: Provider, query: Count) -> Count:
     return Count(restrict(query.criteria, extra))
 
 
-def _holds(provider: Provider, record: dict[str, Any], patient: str, refs: tuple[str, ...]
+def _holds(provider: Provider, record: Any, patient: str, refs: tuple[str, ...]
            ) -> bool:
     for ref in refs:
         try:
@@ -298,7 +298,7 @@ def _holds(provider: Provider, record: dict[str, Any], patient: str, refs: tuple
     return False
 
 
-def check_resource(provider: Provider, record: dict[str, Any], resource: dict[str, Any]
+def check_resource(provider: Provider, record: Any, resource: dict[str, Any]
                    ) -> None:
     """Fail the request if a resource outside the compartment is about to be served."""
     r = current()

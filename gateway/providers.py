@@ -64,6 +64,9 @@ class Provider:
         self._build_id = mapping.build_id
         self._build_lu = mapping.build_last_updated
         self.interactions = mapping.adapter.interactions(mapping.prepared)
+        self.layout = mapping.adapter.layout(mapping.prepared)
+        """Records are tuples laid out so, or dicts (None)."""
+        self._places: dict[str, tuple[int | None, list[tuple[int, int]]]] = {}
         self.compartment_link: compartment.Link | None = None
         """How its resources belong to a patient (worked out by compartment.link, once)."""
         self._reverse = compile_reverse(
@@ -74,10 +77,14 @@ class Provider:
 
     # -- records → resources (the hot path: plain dicts only)
 
-    def record_id(self, rec: dict[str, Any]) -> str:
+    def as_record(self, rec: dict[str, Any]) -> Any:
+        """A record in the dict form (a golden file's input) as this adapter lays them out."""
+        return rec if self.layout is None else self.layout.as_row(rec)
+
+    def record_id(self, rec: Any) -> str:
         return str(self._build_id(rec))
 
-    def resource(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def resource(self, rec: Any) -> dict[str, Any]:
         meta: dict[str, Any] = {"profile": [self.profile]}
         if self._build_lu is not None:
             updated = self._build_lu(rec)
@@ -173,8 +180,11 @@ class Provider:
         audit.note_written(self, result.id)
         return result
 
-    def reference_values(self, rec: dict[str, Any], ref: str) -> Iterator[str]:
+    def reference_values(self, rec: Any, ref: str) -> Iterator[str]:
         """Values of a reference column in a record or any of its children."""
+        if not isinstance(rec, dict):  # a tuple in the adapter's layout
+            yield from self._row_values(rec, ref)
+            return
         value = rec.get(ref)
         if value is not None:
             yield str(value)
@@ -185,6 +195,24 @@ class Provider:
                     v = row.get(ref)
                     if v is not None:
                         yield str(v)
+
+
+    def _row_values(self, rec: tuple[Any, ...], ref: str) -> Iterator[str]:
+        places = self._places.get(ref)
+        if places is None:
+            assert self.layout is not None
+            top = self.layout.position(ref)
+            inner = [(self.layout.child_position(name) or 0, fields.index(ref))
+                     for name, fields in self.layout.children if ref in fields]
+            places = self._places[ref] = (top, inner)
+        top, inner = places
+        if top is not None and rec[top] is not None:
+            yield str(rec[top])
+            return
+        for at, i in inner:
+            for row in rec[at]:
+                if row[i] is not None:
+                    yield str(row[i])
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapters.base import Layout
 from gateway.mapping import codegen
 from gateway.mapping.codegen import describe
 from gateway.mapping.codemaps import CodeMap, Target
@@ -31,7 +32,7 @@ from gateway.mapping.model import EXPR_KEYS, Expr
 from gateway.mapping.storage import Storage, text
 from gateway.mapping.transforms import TRANSFORMS, chain, compose
 
-Builder = Callable[[dict[str, Any]], Any]
+Builder = Callable[[Any], Any]
 
 
 class CompileError(Exception):
@@ -94,7 +95,7 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
                     return v.strip() or None
                 return None if v is None else convert(v)
 
-            return describe(get_text, "expr", ref, convert, True, None)
+            return describe(get_text, "expr", ref, convert, True, None, path)
 
         def get_text_step(rec: dict[str, Any]) -> Any:
             v = rec.get(ref)
@@ -104,20 +105,20 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
             v = None if v is None else convert(v)
             return None if v is None else step(v)
 
-        return describe(get_text_step, "expr", ref, convert, True, step)
+        return describe(get_text_step, "expr", ref, convert, True, step, path)
     if step is None:
         def get(rec: dict[str, Any]) -> Any:
             v = rec.get(ref)
             return None if v is None else convert(v)
 
-        return describe(get, "expr", ref, convert, False, None)
+        return describe(get, "expr", ref, convert, False, None, path)
 
     def get_step(rec: dict[str, Any]) -> Any:
         v = rec.get(ref)
         v = None if v is None else convert(v)
         return None if v is None else step(v)
 
-    return describe(get_step, "expr", ref, convert, False, step)
+    return describe(get_step, "expr", ref, convert, False, step, path)
 
 
 def _codemap_step(cmap: CodeMap, part: str, path: str) -> Callable[[Any], Any]:
@@ -178,7 +179,7 @@ def _compile_function(expr: Expr, ctx: CompileContext, path: str) -> Builder:
             args.append(None if v is None else conv(v))
         return fn(*args)
 
-    return call
+    return describe(call, "call", fn, tuple(refs), tuple(converters), path)
 
 
 def _use(ctx: CompileContext, ref: str) -> None:
@@ -341,16 +342,46 @@ GENERATE = True
 compiler's rules both ways)."""
 
 
+Compiled = tuple[Builder | None, Any]
+"""An output tree compiled to closures: (builder, None), or (None, the constant output)."""
+
+
 def compile_output(
-    output: dict[str, Any], ctx: CompileContext
-) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    fn, const = _compile_dict(output, ctx, "")
+    output: dict[str, Any], ctx: CompileContext, layout: Layout | None = None
+) -> Callable[[Any], dict[str, Any]]:
+    """The builder for an output tree, reading dict records (or tuples in ``layout``)."""
+    return finish_output(compile_tree(output, ctx), layout)
+
+
+def compile_tree(output: dict[str, Any], ctx: CompileContext) -> Compiled:
+    compiled = _compile_dict(output, ctx, "")
     if ctx.errors:
         raise ctx.errors[0]
+    return compiled
+
+
+def finish_output(compiled: Compiled, layout: Layout | None = None
+                  ) -> Callable[[Any], dict[str, Any]]:
+    """One function for the tree (or its closures, with ``GENERATE`` off), for records in
+    ``layout`` when one is given. Raises codegen.LayoutError for a reference outside it."""
+    fn, const = compiled
     if fn is None:
         return lambda rec: dict(const)
     if GENERATE:
-        generated, _source = codegen.generate(fn, or_empty=True)
+        generated, _source = codegen.generate(fn, or_empty=True, layout=layout)
         return generated
     build = fn
+    if layout is not None:
+        as_dict = layout.as_dict
+        return lambda rec: build(as_dict(rec)) or {}
     return lambda rec: build(rec) or {}
+
+
+def finish_expr(fn: Builder, layout: Layout | None) -> Builder:
+    """A single expression (an id, a last-updated time) for records in ``layout``."""
+    if layout is None:
+        return fn
+    if GENERATE:
+        return codegen.generate(fn, layout=layout)[0]
+    as_dict = layout.as_dict
+    return lambda rec: fn(as_dict(rec))

@@ -24,8 +24,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ValidationError
 
 from adapters.base import Adapter, Needs, SourceConfigError
+from gateway.mapping.codegen import LayoutError
 from gateway.mapping.codemaps import CodeMap, Target
-from gateway.mapping.compile import CompileContext, CompileError, compile_expr, compile_output
+from gateway.mapping.compile import (
+    CompileContext,
+    CompileError,
+    compile_expr,
+    compile_tree,
+    finish_expr,
+    finish_output,
+)
 from gateway.mapping.model import Connection, MappingFile, MappingSet
 from gateway.mapping.storage import Storage, make_storage
 from gateway.mapping.yamlfile import (
@@ -64,9 +72,10 @@ class CompiledMapping:
     connection: str
     adapter: Adapter
     prepared: Any
-    build: Callable[[dict[str, Any]], dict[str, Any]]
-    build_id: Callable[[dict[str, Any]], Any]
-    build_last_updated: Callable[[dict[str, Any]], Any] | None
+    build: Callable[[Any], dict[str, Any]]
+    """Record → resource body; records are dicts, or tuples in ``adapter.layout(prepared)``."""
+    build_id: Callable[[Any], Any]
+    build_last_updated: Callable[[Any], Any] | None
     storage: Callable[[str], Storage]
     codemaps: dict[str, CodeMap]
     tz: ZoneInfo
@@ -326,7 +335,7 @@ def _compile(
     ctx = CompileContext(codemaps=codemaps, storage=storage)
     before = len(problems)
     try:
-        build = compile_output(spec.output, ctx)
+        tree = compile_tree(spec.output, ctx)
     except CompileError as exc:
         for err in ctx.errors or [exc]:
             problems.append(Problem(path, line_of(doc, ["output", *split_path(err.path)]),
@@ -384,6 +393,15 @@ def _compile(
             where = "source"
             line = line_of_value(doc, exc.path) or line_of(doc, ["source"])
         problems.append(Problem(path, line, f"{where}: {exc}"))
+        return None
+    layout = adapter.layout(prepared)
+    try:
+        build = finish_output(tree, layout)
+        build_id = finish_expr(build_id, layout)
+        build_lu = finish_expr(build_lu, layout) if build_lu is not None else None
+    except LayoutError as exc:  # read where the records do not hold it (another child's)
+        problems.append(Problem(path, line_of(doc, ["output", *split_path(exc.path)]),
+                                f"output.{exc.path}: {exc}"))
         return None
     return CompiledMapping(
         file=path,

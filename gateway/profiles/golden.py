@@ -58,7 +58,7 @@ def run_golden(mappings: Iterable[CompiledMapping], golden: Path) -> list[CaseRe
             result = CaseResult(m.resource_type, case.name.removesuffix(".input.json"))
             try:
                 record = json.loads(case.read_text(encoding="utf-8"))
-                resource = provider.resource(record)
+                resource = provider.resource(provider.as_record(record))
             except GatewayError as exc:
                 result.failure = f"the mapping failed on this record: {exc.error_code}"
             except Exception as exc:  # a bad record or a mapping bug: reported, not raised

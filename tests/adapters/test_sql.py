@@ -31,6 +31,7 @@ from adapters.base import (
     Needs,
     Not,
     Or,
+    Page,
     Query,
     SortKey,
     SourceConfigError,
@@ -173,6 +174,12 @@ PATIENTS_NEEDS = Needs(key="p.PATNT_REFNO", fields=frozenset({"p.PATNT_REFNO", "
                        sort_refs=frozenset({"p.SURNAME"}))
 
 
+def _d(p: Prepared, page: Page) -> Page:
+    """The page with its records in the dict form (the adapter returns tuples)."""
+    page.records = [p.layout.as_dict(r) for r in page.records]
+    return page
+
+
 def prepared_items(a: SqlAdapter) -> Prepared:
     return a.prepare(ITEMS_SOURCE, ITEMS_NEEDS)
 
@@ -240,7 +247,7 @@ async def test_keyset_paging_with_nulls(adapter: SqlAdapter, sort_name: str, fil
     ends: list[Any] = []
     after = None
     while True:
-        page = await adapter.fetch(p, Query(criteria, sort, count, after=after))
+        page = _d(p, await adapter.fetch(p, Query(criteria, sort, count, after=after)))
         pages.append([r["t.ID"] for r in page.records])
         ends.append(page)
         if not page.more:
@@ -258,7 +265,8 @@ async def test_keyset_paging_with_nulls(adapter: SqlAdapter, sort_name: str, fil
     back = [pages[-1]]
     start = ends[-1].start
     while True:
-        page = await adapter.fetch(p, Query(criteria, sort, count, after=start, backwards=True))
+        page = _d(p, await adapter.fetch(p, Query(criteria, sort, count, after=start,
+                                                  backwards=True)))
         back.append([r["t.ID"] for r in page.records])
         if not page.more:
             break
@@ -269,15 +277,30 @@ async def test_keyset_paging_with_nulls(adapter: SqlAdapter, sort_name: str, fil
 async def test_a_position_of_the_wrong_length(adapter: SqlAdapter) -> None:
     p = prepared_items(adapter)
     with pytest.raises(BackendError):
-        await adapter.fetch(p, Query(None, SORTS["score"], 5, after=(1,)))
+        _d(p, await adapter.fetch(p, Query(None, SORTS["score"], 5, after=(1,))))
 
 
 # --- children and EXISTS ---------------------------------------------------------------------
 
 
+async def test_records_are_tuples_in_the_declared_layout(adapter: SqlAdapter) -> None:
+    p = prepared_items(adapter)
+    layout = adapter.layout(p)
+    assert layout.fields == tuple(p.top_fields) and [n for n, _ in layout.children] == ["tags"]
+    page = await adapter.fetch(p, Query(In("t.ID", (1, 2)), (SortKey("t.ID"),), 5))
+    first, second = page.records
+    assert type(first) is tuple and len(first) == len(layout.fields) + 1
+    assert first[layout.fields.index("t.ID")] == 1 and second[-1] == ()  # item 2: no tags
+    (tag_fields,) = (f for _, f in layout.children)
+    assert [row[tag_fields.index("g.POS")] for row in first[-1]] == [1, 2, 3]
+    # a child row carries the parent key after its own columns; the dict form drops it
+    own = tuple(row[: len(tag_fields)] for row in first[-1])
+    assert layout.as_row(layout.as_dict(first)) == (*first[:-1], own)
+
+
 async def test_children_attached_in_order(adapter: SqlAdapter) -> None:
     p = prepared_items(adapter)
-    page = await adapter.fetch(p, Query(None, (SortKey("t.ID"),), 100))
+    page = _d(p, await adapter.fetch(p, Query(None, (SortKey("t.ID"),), 100)))
     assert len(page.records) == 40
     for rec in page.records:
         wanted = sorted((t for t in TAG_ROWS if t["ITEM_ID"] == rec["t.ID"] and
@@ -286,9 +309,9 @@ async def test_children_attached_in_order(adapter: SqlAdapter) -> None:
             [(t["POS"], t["LABEL"]) for t in wanted]
     assert page.records[0]["@tags"] and [c["g.POS"] for c in page.records[0]["@tags"]] == [1, 2, 3]
     assert page.records[1]["@tags"] == []
-    # and not at all when not asked for
-    bare = await adapter.fetch(p, Query(None, (SortKey("t.ID"),), 5, children=False))
-    assert all("@tags" not in r for r in bare.records)
+    # and not fetched when not asked for (the layout keeps its place, empty)
+    bare = _d(p, await adapter.fetch(p, Query(None, (SortKey("t.ID"),), 5, children=False)))
+    assert len(bare.records) == 5 and all(r["@tags"] == [] for r in bare.records)
 
 
 @pytest.mark.parametrize(("criterion", "pred"), [
@@ -302,16 +325,16 @@ async def test_child_criteria_are_exists(adapter: SqlAdapter, criterion: Criteri
                                          pred: Callable[[dict[str, Any]], bool]) -> None:
     p = prepared_items(adapter)
     expected = sorted({t["ITEM_ID"] for t in TAG_ROWS if t["ACTIVE"] == "Y" and pred(t)})
-    page = await adapter.fetch(p, Query(criterion, (SortKey("t.ID"),), 100))
+    page = _d(p, await adapter.fetch(p, Query(criterion, (SortKey("t.ID"),), 100)))
     got = [r["t.ID"] for r in page.records]
     assert got == expected  # each parent once, however many children match
     assert await adapter.count(p, Count(criterion)) == len(expected)
     # with another condition on the parent, and negated
-    both = await adapter.fetch(p, Query(And((criterion, Compare("t.SCORE", ">=", 2))),
-                                        (SortKey("t.ID"),), 100))
+    both = _d(p, await adapter.fetch(p, Query(And((criterion, Compare("t.SCORE", ">=", 2))),
+                                        (SortKey("t.ID"),), 100)))
     assert [r["t.ID"] for r in both.records] == [
         i for i in expected if (ITEM_ROWS[i - 1]["SCORE"] or -1) >= 2]
-    negated = await adapter.fetch(p, Query(Not(criterion), (SortKey("t.ID"),), 100))
+    negated = _d(p, await adapter.fetch(p, Query(Not(criterion), (SortKey("t.ID"),), 100)))
     assert [r["t.ID"] for r in negated.records] == [i for i in range(1, 41) if i not in expected]
     sql, _ = compile_page(p, Query(criterion, (SortKey("t.ID"),), 10), adapter.engine.dialect)
     assert "EXISTS" in sql.upper() and "JOIN" not in sql.upper()
@@ -337,7 +360,7 @@ async def test_text_values_match_literally(adapter: SqlAdapter, mode: str, value
     expected = [r["PATNT_REFNO"] for r in PATIENT_ROWS if test(str(r["SURNAME"]))]
     assert 0 < len(expected) < len(PATIENT_ROWS)
     crit = Text("p.SURNAME", mode, v)  # type: ignore[arg-type]
-    page = await adapter.fetch(p, Query(crit, (SortKey("p.PATNT_REFNO"),), 100))
+    page = _d(p, await adapter.fetch(p, Query(crit, (SortKey("p.PATNT_REFNO"),), 100)))
     assert [r["p.PATNT_REFNO"] for r in page.records] == expected
     await _tables_intact(adapter)
 
@@ -345,15 +368,15 @@ async def test_text_values_match_literally(adapter: SqlAdapter, mode: str, value
 async def test_other_criteria_are_bound(adapter: SqlAdapter) -> None:
     p = adapter.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
     for value in HOSTILE:
-        page = await adapter.fetch(p, Query(Compare("p.SURNAME", "=", value),
-                                            (SortKey("p.PATNT_REFNO"),), 10))
+        page = _d(p, await adapter.fetch(p, Query(Compare("p.SURNAME", "=", value),
+                                            (SortKey("p.PATNT_REFNO"),), 10)))
         assert [r["p.SURNAME"] for r in page.records] == [value]
-    page = await adapter.fetch(p, Query(In("p.SURNAME", tuple(HOSTILE[:3])),
-                                        (SortKey("p.PATNT_REFNO"),), 10))
+    page = _d(p, await adapter.fetch(p, Query(In("p.SURNAME", tuple(HOSTILE[:3])),
+                                        (SortKey("p.PATNT_REFNO"),), 10)))
     assert [r["p.PATNT_REFNO"] for r in page.records] == [1, 2, 3]
     # a keyset position is bound too
     sort = (SortKey("p.SURNAME"), SortKey("p.PATNT_REFNO"))
-    page = await adapter.fetch(p, Query(None, sort, 100, after=(HOSTILE[0], 0)))
+    page = _d(p, await adapter.fetch(p, Query(None, sort, 100, after=(HOSTILE[0], 0))))
     assert [r["p.SURNAME"] for r in page.records] == sorted(
         str(r["SURNAME"]) for r in PATIENT_ROWS if str(r["SURNAME"]) >= HOSTILE[0])
     await _tables_intact(adapter)
@@ -367,8 +390,8 @@ async def test_folding_agrees_with_python(adapter: SqlAdapter, name: str) -> Non
     for mode, value in (("exact", name.title()), ("prefix", name[:4].lower()),
                         ("contains", name[2:6]), ("exact", fold(name))):
         v = fold(value)
-        page = await adapter.fetch(p, Query(Text("p.SURNAME", mode, v),  # type: ignore[arg-type]
-                                            (SortKey("p.PATNT_REFNO"),), 100))
+        page = _d(p, await adapter.fetch(p, Query(Text("p.SURNAME", mode, v),  # type: ignore[arg-type]
+                                            (SortKey("p.PATNT_REFNO"),), 100)))
         got = [r["p.PATNT_REFNO"] for r in page.records]
         assert me in got, (mode, value)
         if mode == "exact":
@@ -411,7 +434,8 @@ def test_sqlite_ascii_shortcut_agrees_with_the_fold(tmp_path: Any) -> None:
                 expected = [i for i, n in enumerate(names) if test(n, v)]
                 page = a._fetch_sync(p, Query(Text("p.SURNAME", mode, v),  # type: ignore[arg-type]
                                               (SortKey("p.PATNT_REFNO"),), 1000))
-                assert [r["p.PATNT_REFNO"] for r in page.records] == expected, (mode, v)
+                assert [r[p.positions["p.PATNT_REFNO"]] for r in page.records] == expected, \
+                    (mode, v)
                 checked += bool(expected)
         assert checked > 100
         # and the shortcut is really in the statement SQLite runs
@@ -463,7 +487,7 @@ async def test_direct_rows_equal_sqlalchemy_rows(adapter: SqlAdapter) -> None:
               after=(3, 9)),
     ]
     for query in queries:
-        page = await adapter.fetch(p, query)
+        page = _d(p, await adapter.fetch(p, query))
         assert page.records
         # the same statements through SQLAlchemy's own execution
         with adapter.engine.connect() as conn:
@@ -490,15 +514,15 @@ async def test_direct_errors_are_translated_and_the_pool_recovers(url: str) -> N
                           Needs(key="t.ID", fields=frozenset({"t.ID", "t.NO_SUCH_COLUMN"}),
                                 children=frozenset()))
         with pytest.raises(BackendError) as info:
-            await a.fetch(wrong, Query(Compare("t.ID", "=", 1), (SortKey("t.ID"),), 1))
+            _d(wrong, await a.fetch(wrong, Query(Compare("t.ID", "=", 1), (SortKey("t.ID"),), 1)))
         assert not isinstance(info.value, BackendUnavailable | BackendTimeout)
         assert "does not match the mapping" in str(info.value)
         assert "NO_SUCH_COLUMN" not in str(info.value) and "SELECT" not in str(info.value)
         # the one pooled connection was given back clean (PostgreSQL: not in a failed
         # transaction), so the next statement on it works
         p = prepared_items(a)
-        page = await a.fetch(p, Query(Compare("t.ID", "=", 4), (SortKey("t.ID"),), 1,
-                                      children=True))
+        page = _d(p, await a.fetch(p, Query(Compare("t.ID", "=", 4), (SortKey("t.ID"),), 1,
+                                      children=True)))
         assert [r["t.ID"] for r in page.records] == [4]
     finally:
         await a.aclose()
@@ -556,14 +580,13 @@ async def test_concurrent_key_reads_share_statements(url: str) -> None:
         p = prepared_items(a)
         asked = [_key_read(i) for i in range(1, 41)] + [
             _key_read(4), _key_read(4, 7), _key_read(999), _key_read(7, 1, 13)]
-        alone = [await a.fetch(p, q) for q in asked]
+        alone = [_d(p, await a.fetch(p, q)) for q in asked]
         statements.clear()
-        together = await asyncio.gather(*(a.fetch(p, q) for q in asked))
+        together = [_d(p, page) for page in
+                    await asyncio.gather(*(a.fetch(p, q) for q in asked))]
         for q, one, many in zip(asked, alone, together, strict=True):
             assert many.records == one.records, q
             assert (many.more, many.start, many.end) == (one.more, one.start, one.end)
-        # two reads of item 4: equal records, but each its own
-        assert together[3].records[0] is not together[40].records[0]
         assert together[42].records == []  # no such item: found by nobody
         if a.dialect == "sqlite":
             selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
@@ -592,7 +615,7 @@ async def test_coalesced_reads_fail_together_and_recover(url: str) -> None:
         tasks[3].cancel()
         done = await asyncio.gather(*tasks, return_exceptions=True)
         assert isinstance(done[3], asyncio.CancelledError)
-        assert [d.records[0]["t.ID"] for i, d in enumerate(done)
+        assert [_d(p, d).records[0]["t.ID"] for i, d in enumerate(done)
                 if i != 3 and not isinstance(d, BaseException)] == [1, 2, 3, 5, 6, 7, 8]
         assert not a._reads.busy and not a._reads.queues and not a._reads.tasks
     finally:
@@ -607,7 +630,7 @@ async def test_coalesced_reads_whose_keys_compare_unequal_run_alone(sqlite_url: 
     try:
         p = prepared_items(a)
         pages = await asyncio.gather(*(a.fetch(p, _key_read(str(i))) for i in (4, 5, 6, 7)))
-        assert [pg.records[0]["t.ID"] for pg in pages] == [4, 5, 6, 7]
+        assert [_d(p, pg).records[0]["t.ID"] for pg in pages] == [4, 5, 6, 7]
     finally:
         await a.aclose()
 
@@ -691,7 +714,8 @@ async def test_slow_query_times_out(url: str) -> None:
         plain = a.prepare({"connection": "test", "table": "BIG", "alias": "a"},
                           Needs(key="a.ID", fields=frozenset({"a.ID", "a.NAME"}),
                                 children=frozenset()))
-        page = await a.fetch(plain, Query(Compare("a.ID", "=", 7), (SortKey("a.ID"),), 5))
+        page = _d(plain, await a.fetch(plain, Query(Compare("a.ID", "=", 7),
+                                                    (SortKey("a.ID"),), 5)))
         assert page.records == [{"a.ID": 7, "a.NAME": "N7"}]
         await a.ping()
     finally:
@@ -716,7 +740,7 @@ async def test_database_down(closed_port: int) -> None:
         p = a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
         started = time.monotonic()
         with pytest.raises(BackendUnavailable) as info:
-            await a.fetch(p, Query(None, (SortKey("p.PATNT_REFNO"),), 5))
+            _d(p, await a.fetch(p, Query(None, (SortKey("p.PATNT_REFNO"),), 5)))
         assert time.monotonic() - started < 2
         assert not isinstance(info.value, BackendTimeout)
         message = str(info.value)

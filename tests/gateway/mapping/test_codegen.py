@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from adapters import registry
-from adapters.base import Query, SortKey
+from adapters.base import Layout, Query, SortKey
 from gateway.mapping import codegen
 from gateway.mapping.codemaps import CodeMap, Target
 from gateway.mapping.compile import CompileContext, _compile_dict, compile_output
@@ -126,3 +126,38 @@ def test_an_undescribed_builder_is_called_as_it_is() -> None:
     assert source.count("c0(rec)") == 2  # the same builder, called twice
     assert built({"x": 1}) == [1, 1]
     assert built({}) is None
+
+
+# --- records as tuples (an adapter's Layout) ------------------------------------------------
+
+ADDRESS = {"line": [{"each": "addresses", "text": {"column": "a.LINE1"},
+                     "of": {"column": "p.NAME"}}],
+           "name": {"column": "p.NAME"}}
+LAYOUT = Layout(("p.ID", "p.NAME"), (("ids", ("i.VALUE",)), ("addresses", ("a.LINE1",))))
+
+
+def test_a_layout_is_read_by_position() -> None:
+    built, _const = _compile_dict(ADDRESS, _context(), "")
+    assert built is not None
+    fn, source = codegen.generate(built, layout=LAYOUT)
+    assert ".get(" not in source and "**" not in source  # no look-ups, no merged records
+    assert "rec[1]" in source and "rec[3]" in source  # p.NAME; the addresses' rows
+    # a child row carries its parent key after its own columns: never read
+    rec = (1, "Ann", (), (("1 High St", 1), ("2 Low Rd", 1)))
+    assert fn(rec) == {"line": [{"text": "1 High St", "of": "Ann"},
+                                {"text": "2 Low Rd", "of": "Ann"}], "name": "Ann"}
+    dict_fn, _ = codegen.generate(built)
+    assert dict_fn(LAYOUT.as_dict(rec)) == fn(rec)
+
+
+@pytest.mark.parametrize(("column", "message"), [
+    ("i.VALUE", "i.VALUE is a column of a child: read it inside an 'each' over that child"),
+    ("x.NOWHERE", "x.NOWHERE is not in the records the source returns"),
+])
+def test_a_reference_outside_the_layout_is_refused(column: str, message: str) -> None:
+    output = {"line": [{"each": "addresses", "text": {"column": column}}]}
+    built, _const = _compile_dict(output, _context(), "")
+    assert built is not None
+    with pytest.raises(codegen.LayoutError) as info:
+        codegen.generate(built, layout=LAYOUT)
+    assert (str(info.value), info.value.path) == (message, "line[0].text")

@@ -241,6 +241,17 @@ def test_each_naming_an_undeclared_child(demo_copy: Path) -> None:
         "source: output repeats over child 'adresses', not declared")
 
 
+def test_a_column_of_one_child_read_inside_another(demo_copy: Path) -> None:
+    # The SQL adapter's records hold each child's columns in that child's rows only.
+    f = demo_copy / "Patient.sql.yaml"
+    edit(f, "        - {column: a.LINE1, transform: title_case}",
+         "        - {column: i.IDENTIFIER, transform: title_case}")
+    assert one_problem(demo_copy) == (
+        "Patient.sql.yaml", line_with(f, "{column: i.IDENTIFIER, transform: title_case}"),
+        "output.address[0].line[0]: i.IDENTIFIER is a column of a child: read it inside an "
+        "'each' over that child")
+
+
 def test_an_id_read_from_a_child(demo_copy: Path) -> None:
     f = demo_copy / "Patient.sql.yaml"
     edit(f, "id: {column: p.PATNT_REFNO}", "id: {column: a.PATNT_REFNO}")
