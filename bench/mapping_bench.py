@@ -55,7 +55,7 @@ DISTINCT_SEARCH = [("gender", "male"), ("birthdate", "ge1900")]
 
 
 def fetch_records(db: Path, n: int, search: list[tuple[str, str]] | None = None
-                  ) -> tuple[Any, list[dict[str, Any]]]:
+                  ) -> tuple[Any, list[Any]]:
     apply_gateway_env(CCG_PAS_URL=f"sqlite:///{db.resolve()}", CCG_AUDIT_LOG=os.devnull)
     from gateway.app import build_app
     from gateway.settings import Settings
@@ -64,7 +64,7 @@ def fetch_records(db: Path, n: int, search: list[tuple[str, str]] | None = None
     registry = app.state.registry
     provider = registry.get("Patient")
 
-    async def go() -> list[dict[str, Any]]:
+    async def go() -> list[Any]:
         plan = registry.plan(provider, [*(search or SEARCH), ("_count", str(n))],
                              default_count=20,
                              max_count=max(500, n), strict=True)
@@ -75,12 +75,12 @@ def fetch_records(db: Path, n: int, search: list[tuple[str, str]] | None = None
     return provider, asyncio.run(go())
 
 
-def as_baseline_rows(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+def as_baseline_rows(provider: Any, records: list[Any]) -> list[tuple[Any, ...]]:
     """The same records in the shape bench/baseline_app.py gets from sqlite3 (tuples)."""
     from baseline_app import PATIENT_COLS
 
     out = []
-    for rec in records:
+    for rec in (provider.layout.as_dict(r) for r in records):
         row = tuple(rec[f"p.{c}"] for c in PATIENT_COLS)
         key = rec["p.PATNT_REFNO"]
         # the parent key last, as both servers select it
@@ -134,7 +134,7 @@ def main() -> int:
     import baseline_app
     from fhir.resources.STU3.patient import Patient
 
-    rows = as_baseline_rows(records)
+    rows = as_baseline_rows(provider, records)
     for r, res in zip(rows, resources, strict=True):
         if baseline_app.patient(*r) != res:
             raise SystemExit(f"baseline mapping differs from the gateway for Patient/{res['id']}")
@@ -161,7 +161,7 @@ def main() -> int:
     # Other records, each mapped once: value caches in the mapping (if any) see mostly new
     # values, as a server does across a large PAS; the repeated passes above cannot show that.
     _, distinct = fetch_records(db, args.distinct, DISTINCT_SEARCH) if args.distinct else (0, [])
-    distinct_rows = as_baseline_rows(distinct)
+    distinct_rows = as_baseline_rows(provider, distinct)
     results = []
     wait_quiet()
     gc.collect()
