@@ -372,27 +372,32 @@ def _reference(ctx: SearchContext, targets: dict[str, str], value: ReferenceValu
 def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion:
     """Compare a search range [lo, hi) with a target.
 
-    A point target is one stored value t; a period target is [start, end] with end empty while
-    it is ongoing. Stored values are discrete (days, minutes), so "the target range ends after
-    x" is ``end >= x`` with x rounded up to the storage precision.
+    A stored value t stands for the range [t, t + unit) of its storage's precision (a day, a
+    minute). A point target is one stored value; a period target is [start, end + unit), end
+    empty while it is ongoing. "Starts before x" is ``t < bound(x)`` (``bound`` rounds up to
+    the storage precision); "ends after x" is ``t >= _ends_after(x)``: the two comparisons
+    every prefix is made of, exact for discrete stored values even when the search value is
+    more precise than the storage (a minute searched against dates of birth).
     """
+    lo, hi = _clip(value.low), _clip(value.high)
+    p = value.prefix
     if param.period:
         start, end = param.period.start, param.period.end
         s_store, e_store = ctx.storage(start), ctx.storage(end)
-        sl, sh = s_store.bound(_clip(value.low)), s_store.bound(_clip(value.high))
-        el, eh = e_store.bound(_clip(value.low)), e_store.bound(_clip(value.high))
+        sl, sh = s_store.bound(lo), s_store.bound(hi)
         ongoing = IsNull(end)
         ended = IsNull(end, null=False)
-        within = And((Compare(start, ">=", sl), ended, Compare(end, "<", eh)))
-        p = value.prefix
+        # start within and end within [lo, hi)
+        within = And((Compare(start, ">=", sl), ended,
+                      Compare(end, "<", _ends_after(e_store, hi))))
         if p == "eq":
             return within
         if p == "ne":
             return Not(within)
         if p == "gt":
-            return Or((ongoing, Compare(end, ">=", eh)))
+            return Or((ongoing, Compare(end, ">=", _ends_after(e_store, hi))))
         if p == "ge":
-            return Or((ongoing, Compare(end, ">=", eh), within))
+            return Or((ongoing, Compare(end, ">=", _ends_after(e_store, hi)), within))
         if p == "lt":
             return Compare(start, "<", sl)
         if p == "le":
@@ -400,25 +405,44 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
         if p == "sa":
             return Compare(start, ">=", sh)
         if p == "eb":
-            return And((ended, Compare(end, "<", el)))
+            return And((ended, Compare(end, "<", _ends_after(e_store, lo))))
         # ap: overlaps the widened range
-        return And((Compare(start, "<", sh), Or((ongoing, Compare(end, ">=", el)))))
+        return And((Compare(start, "<", sh),
+                    Or((ongoing, Compare(end, ">=", _ends_after(e_store, lo))))))
 
     ref = param.refs[0]
     store = ctx.storage(ref)
-    lo, hi = store.bound(_clip(value.low)), store.bound(_clip(value.high))
-    p = value.prefix
-    if p in ("eq", "ap"):
-        return And((Compare(ref, ">=", lo), Compare(ref, "<", hi)))
+    if p in ("eq", "ap"):  # [t, t + unit) within [lo, hi)
+        return And((Compare(ref, ">=", store.bound(lo)),
+                    Compare(ref, "<", _ends_after(store, hi))))
     if p == "ne":
-        return Or((Compare(ref, "<", lo), Compare(ref, ">=", hi)))
-    if p in ("gt", "sa"):
-        return Compare(ref, ">=", hi)
-    if p in ("lt", "eb"):
-        return Compare(ref, "<", lo)
+        return Or((Compare(ref, "<", store.bound(lo)),
+                   Compare(ref, ">=", _ends_after(store, hi))))
+    if p == "gt":  # ends after the value's range
+        return Compare(ref, ">=", _ends_after(store, hi))
+    if p == "sa":  # starts after it
+        return Compare(ref, ">=", store.bound(hi))
+    if p == "lt":  # starts before it
+        return Compare(ref, "<", store.bound(lo))
+    if p == "eb":  # ends before it starts
+        return Compare(ref, "<", _ends_after(store, lo))
+    # ge: gt, or within; le: lt, or within (bound rounds up, so it keeps the order of times)
     if p == "ge":
-        return Compare(ref, ">=", lo)
-    return Compare(ref, "<", hi)  # le
+        return Compare(ref, ">=", store.bound(min(lo, _last_start(store, hi))))
+    return Compare(ref, "<", store.bound(max(lo, _last_start(store, hi))))
+
+
+_TICK = dt.timedelta(microseconds=1)
+
+
+def _last_start(store: Storage, x: dt.datetime) -> dt.datetime:
+    """A time whose rounding up is the least stored value whose range ends after ``x``."""
+    return x if store.unit is None else _clip(x - store.unit + _TICK)
+
+
+def _ends_after(store: Storage, x: dt.datetime) -> Any:
+    """The least stored value t whose range [t, t + unit) ends after ``x``."""
+    return store.bound(_last_start(store, x))
 
 
 def _clip(t: dt.datetime) -> dt.datetime:

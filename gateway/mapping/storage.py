@@ -40,6 +40,8 @@ class Storage:
     """
     parse_key: Callable[[str], Any]
     """Turn a FHIR id or token code into the stored type (raises ValueError if impossible)."""
+    unit: dt.timedelta | None = None
+    """The precision of a stored date or time: a stored value t stands for [t, t + unit)."""
 
 
 def _ceil(t: dt.datetime, unit: dt.timedelta) -> dt.datetime:
@@ -165,26 +167,28 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
             raise ValueError("not an integer key")
         return int(code)
 
+    day = dt.timedelta(days=1)
     minute = dt.timedelta(minutes=1)
     second = dt.timedelta(seconds=1)
     table: dict[str, Storage] = {
         "string": Storage("string", "string", text, lambda t: t.isoformat(), str),
         "integer": Storage("integer", "integer", _integer, lambda t: t.toordinal(), as_int),
         "date:yyyymmdd": Storage(
-            name, "date", _date_compact, lambda t: _day(t).strftime("%Y%m%d"), str
+            name, "date", _date_compact, lambda t: _day(t).strftime("%Y%m%d"), str, day
         ),
-        "date:iso": Storage(name, "date", _date_iso, lambda t: _day(t).strftime("%Y-%m-%d"), str),
+        "date:iso": Storage(name, "date", _date_iso, lambda t: _day(t).strftime("%Y-%m-%d"), str,
+                            day),
         "datetime:yyyymmddhhmm": Storage(
             name, "datetime", datetime_compact,
-            lambda t: _ceil(t, minute).strftime("%Y%m%d%H%M"), str,
+            lambda t: _ceil(t, minute).strftime("%Y%m%d%H%M"), str, minute,
         ),
         "datetime:yyyymmddhhmmss": Storage(
             name, "datetime", datetime_compact,
-            lambda t: _ceil(t, second).strftime("%Y%m%d%H%M%S"), str,
+            lambda t: _ceil(t, second).strftime("%Y%m%d%H%M%S"), str, second,
         ),
         "datetime:iso": Storage(
             name, "datetime", datetime_iso,
-            lambda t: _ceil(t, second).strftime("%Y-%m-%d %H:%M:%S"), str,
+            lambda t: _ceil(t, second).strftime("%Y-%m-%d %H:%M:%S"), str, second,
         ),
     }
     return table[name]
