@@ -118,6 +118,7 @@ SEX = CodeMap("sex")
 ADDRESS_USE = CodeMap("address-use")
 ADDRESS_TYPE = CodeMap("address-type")
 MARITAL = CodeMap("marital-status")
+ID_SYSTEM = CodeMap("patient-identifier-system")
 
 # --- value conversions (what the legacy columns hold → FHIR) ---------------------------------
 
@@ -220,7 +221,8 @@ def _in(n: int) -> str:
 def child_sql(n: int) -> tuple[str, str, str]:
     # the parent key last, as the gateway selects it
     ids = ('SELECT i."END_DTTM" AS "i.END_DTTM", i."IDENTIFIER" AS "i.IDENTIFIER", '
-           'i."START_DTTM" AS "i.START_DTTM", i."PATNT_REFNO" AS "@parent" \n'
+           'i."PITYP_CODE" AS "i.PITYP_CODE", i."START_DTTM" AS "i.START_DTTM", '
+           'i."PATNT_REFNO" AS "@parent" \n'
            'FROM "PATIENT_IDS" AS i \nWHERE i."PATNT_REFNO" IN ' + _in(n) +
            ' ORDER BY i."PATNT_REFNO", i."START_DTTM"')
     addr = ('SELECT a."ADTYP_CODE" AS "a.ADTYP_CODE", a."END_DTTM" AS "a.END_DTTM", '
@@ -317,11 +319,12 @@ def patient(r: tuple[Any, ...], ids: list[tuple[Any, ...]], addrs: list[tuple[An
     pasid = text(g(13))
     if pasid is not None:
         ident.append({"system": "https://fhir.demo-trust.nhs.uk/Id/pas-number", "value": pasid})
-    for end, value, start, _ in ids:
+    for end, value, kind, start, _ in ids:
         v, p = text(value), period(start, end)
-        if v is None and p is None:
+        system = ID_SYSTEM.code(kind)
+        if v is None and p is None and system is None:
             continue
-        item = {"system": "https://fhir.demo-trust.nhs.uk/Id/old-hospital-number"}
+        item = {"system": system} if system is not None else {}
         if v is not None:
             item["value"] = v
         if p is not None:

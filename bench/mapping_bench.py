@@ -84,7 +84,7 @@ def as_baseline_rows(provider: Any, records: list[Any]) -> list[tuple[Any, ...]]
         row = tuple(rec[f"p.{c}"] for c in PATIENT_COLS)
         key = rec["p.PATNT_REFNO"]
         # the parent key last, as both servers select it
-        ids = [(r["i.END_DTTM"], r["i.IDENTIFIER"], r["i.START_DTTM"], key)
+        ids = [(r["i.END_DTTM"], r["i.IDENTIFIER"], r["i.PITYP_CODE"], r["i.START_DTTM"], key)
                for r in rec["@other_ids"]]
         addrs = [(r["a.ADTYP_CODE"], r["a.END_DTTM"], r["a.LINE1"], r["a.LINE2"],
                   r["a.LINE3"], r["a.LINE4"], r["a.PCODE"], r["a.START_DTTM"], key)

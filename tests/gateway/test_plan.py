@@ -30,6 +30,8 @@ GENDER_SYSTEM = "http://hl7.org/fhir/administrative-gender"
 NHS = "https://fhir.nhs.uk/Id/nhs-number"
 PAS = "https://fhir.demo-trust.nhs.uk/Id/pas-number"
 OLD = "https://fhir.demo-trust.nhs.uk/Id/old-hospital-number"
+SITE2 = "https://fhir.demo-trust.nhs.uk/Id/second-site-number"
+ID_SYSTEM = {"OLDHN": OLD, "MRN2": SITE2}
 SEX = {"male": "1", "female": "2", "other": "9", "unknown": "X"}
 ALL_GENDERS = ("gender", "male,female,other,unknown")
 
@@ -387,17 +389,24 @@ async def test_identifier_old_hospital_number_in_child_table(api: httpx.AsyncCli
     assert await found(api, "Patient", [("identifier", f"{PAS}|D0000005")]) == {"100005"}
     # without a system: any system's number
     assert await found(api, "Patient", [("identifier", "D0000005")]) == {"100001", "100005"}
-    other = next(i for i in db.patient_ids if i["PATNT_REFNO"] != 100001)
-    expected = ids({i["PATNT_REFNO"] for i in db.patient_ids
-                    if i["IDENTIFIER"] == other["IDENTIFIER"]})
-    assert await found(api, "Patient", [("identifier", f"{OLD}|{other['IDENTIFIER']}")]) \
-        == expected
+    # each number under its own type's system only: old numbers, the second site's numbers
+    for kind in ("OLDHN", "MRN2"):
+        other = next(i for i in db.patient_ids
+                     if i["PATNT_REFNO"] != 100001 and i["PITYP_CODE"] == kind)
+        expected = ids({i["PATNT_REFNO"] for i in db.patient_ids
+                        if i["IDENTIFIER"] == other["IDENTIFIER"] and i["PITYP_CODE"] == kind})
+        for system in (OLD, SITE2):
+            got = await found(api, "Patient", [("identifier", f"{system}|{other['IDENTIFIER']}")])
+            assert got == (expected if system == ID_SYSTEM[kind] else set()), (kind, system)
 
 
 @pytest.mark.parametrize(("system", "pred"), [
     (NHS, lambda db, p: p["NHS_NUMBER"] is not None),
     (PAS, lambda db, p: True),
-    (OLD, lambda db, p: p["PATNT_REFNO"] in {i["PATNT_REFNO"] for i in db.patient_ids}),
+    (OLD, lambda db, p: p["PATNT_REFNO"] in {i["PATNT_REFNO"] for i in db.patient_ids
+                                              if i["PITYP_CODE"] == "OLDHN"}),
+    (SITE2, lambda db, p: p["PATNT_REFNO"] in {i["PATNT_REFNO"] for i in db.patient_ids
+                                               if i["PITYP_CODE"] == "MRN2"}),
 ])
 async def test_identifier_system_only(api: httpx.AsyncClient, db: Demo, system: str,
                                       pred: Callable[[Demo, dict[str, Any]], bool]) -> None:
