@@ -175,8 +175,6 @@ def _py_fold(value: Any) -> Any:
 class Prepared:
     source: SqlSource
     key: str
-    top_fields: list[str]
-    child_fields: dict[str, list[str]]
     alias_of_child: dict[str, str]
     tables: dict[str, FromClause]
     columns: dict[str, ColumnElement[Any]]
@@ -184,8 +182,8 @@ class Prepared:
     base_where: list[ColumnElement[bool]]
     statements: dict[Any, Any]
     layout: Layout
-    """Records are tuples: ``top_fields``, then each child's rows (``child_fields`` order,
-    the parent key after them) in the order the source declares its children."""
+    """Records are tuples: the selected top-level fields, then each child's rows (its fields,
+    then the parent key) in the order the source declares its children."""
     positions: dict[str, int]
     """Position of each top-level field in a record."""
 
@@ -329,7 +327,7 @@ class SqlAdapter(Adapter):
     def _fetch_sync(self, p: Prepared, query: Query) -> Page:
         stmt, params = _page_statement(p, query, self.dialect)
         with self.engine.connect() as conn:
-            # Records are the rows as the statement selects them (p.top_fields, in order):
+            # Records are the rows as the statement selects them (p.layout.fields, in order):
             # SQL Server's page statement is built per call (TOP n): SQLAlchemy runs it
             rows = self._rows(conn, stmt, params, reused=self.dialect != "mssql")
             more = len(rows) > query.count
@@ -378,7 +376,7 @@ class SqlAdapter(Adapter):
                 # IN lists of a few fixed sizes, padded with a repeat: a statement per size is
                 # compiled once and reused (an expanding parameter is re-rendered every time).
                 size = _BUCKET_OF[len(chunk)]
-                stmt = _child_statement(p, name, spec, list(fields), child_col, size)
+                stmt = _child_statement(p, name, spec, fields, child_col, size)
                 chunk += [chunk[-1]] * (size - len(chunk))
                 # a child row is the selected tuple itself: its fields, then the parent key
                 for row in self._rows(conn, stmt, dict(zip(_KEY_NAMES[size], chunk, strict=True))):
@@ -688,8 +686,6 @@ def _prepare(src: SqlSource, needs: Needs, dialect: str) -> Prepared:
     return Prepared(
         source=src,
         key=needs.key,
-        top_fields=top,
-        child_fields={k: sorted(v) for k, v in child_fields.items()},
         alias_of_child=alias_of_child,
         tables=tables,
         columns=columns,
@@ -869,7 +865,7 @@ def _page_statement(p: Prepared, query: Query, dialect: str) -> tuple[Any, dict[
         where = [b.sql(query.criteria)] if query.criteria is not None else []
         order, seek = _keyset(b, p, query, dialect)
         limit = b.bind(query.count + 1)
-        cols = [p.columns[r].label(r) for r in p.top_fields]
+        cols = [p.columns[r].label(r) for r in p.layout.fields]
         stmt = sa.select(*cols).select_from(p.base_from)
         conds = [*p.base_where, *where]
         if seek is not None:
@@ -911,7 +907,7 @@ def _count_statement(p: Prepared, criteria: Criterion | None, dialect: str
     return stmt, b.values
 
 
-def _child_statement(p: Prepared, name: str, spec: Child, fields: list[str], child_col: str,
+def _child_statement(p: Prepared, name: str, spec: Child, fields: tuple[str, ...], child_col: str,
                      size: int) -> Any:
     stmt = p.statements.get(("child", name, size))
     if stmt is None:
