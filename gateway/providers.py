@@ -202,8 +202,9 @@ class Provider:
         if places is None:
             assert self.layout is not None
             top = self.layout.position(ref)
-            inner = [(self.layout.child_position(name) or 0, fields.index(ref))
-                     for name, fields in self.layout.children if ref in fields]
+            first = len(self.layout.fields)  # children's rows follow the top-level fields
+            inner = [(first + i, fields.index(ref))
+                     for i, (_, fields) in enumerate(self.layout.children) if ref in fields]
             places = self._places[ref] = (top, inner)
         top, inner = places
         if top is not None and rec[top] is not None:
