@@ -71,14 +71,19 @@ Value = StringValue | TokenValue | DateValue | ReferenceValue | MissingValue
 
 
 def split_values(raw: str) -> list[str]:
-    """Split on unescaped commas; unescape ``\\,`` ``\\|`` ``\\$`` ``\\\\``."""
+    """Split on unescaped commas; unescape ``\\,`` and ``\\$``.
+
+    ``\\|`` and ``\\\\`` stay escaped: a token's ``|`` separates system and code only when
+    it is not escaped, which the token parser can tell only if an escaped backslash still
+    reads as one. ``_unescape`` finishes the job in each type's parser.
+    """
     out: list[str] = []
     buf: list[str] = []
     i = 0
     while i < len(raw):
         ch = raw[i]
         if ch == "\\" and i + 1 < len(raw) and raw[i + 1] in ",$|\\":
-            buf.append("\\" + raw[i + 1] if raw[i + 1] == "|" else raw[i + 1])
+            buf.append(raw[i:i + 2] if raw[i + 1] in "|\\" else raw[i + 1])
             i += 2
             continue
         if ch == ",":
@@ -89,6 +94,14 @@ def split_values(raw: str) -> list[str]:
         i += 1
     out.append("".join(buf))
     return out
+
+
+_ESCAPED = re.compile(r"\\([\\|])")
+
+
+def _unescape(value: str) -> str:
+    """``\\|`` → ``|`` and ``\\\\`` → ``\\``, left to right (what split_values left)."""
+    return _ESCAPED.sub(r"\1", value) if "\\" in value else value
 
 
 def _check_text(name: str, value: str) -> str:
@@ -108,7 +121,7 @@ def parse_missing(name: str, raw: str) -> MissingValue:
 
 
 def parse_string(name: str, raw: str, modifier: str | None) -> StringValue:
-    value = _check_text(name, raw).replace("\\|", "|")
+    value = _unescape(_check_text(name, raw))
     if not value.strip():
         raise InvalidParameter(f"search parameter '{name}' has an empty value")
     if modifier == "exact":
@@ -132,11 +145,11 @@ def parse_token(name: str, raw: str) -> TokenValue:
             break
         i += 1
     if idx < 0:
-        code = raw.replace("\\|", "|")
+        code = _unescape(raw)
         if not code:
             raise InvalidParameter(f"search parameter '{name}' has an empty value")
         return TokenValue(None, code)
-    system, code = raw[:idx].replace("\\|", "|"), raw[idx + 1 :].replace("\\|", "|")
+    system, code = _unescape(raw[:idx]), _unescape(raw[idx + 1 :])
     if not system and not code:
         raise InvalidParameter(f"search parameter '{name}' has an empty value")
     return TokenValue(system, code or None)

@@ -41,8 +41,8 @@ D = dt.datetime
     (r"a\,b", ["a,b"]),                 # escaped comma: one value
     (r"a\,b,c", ["a,b", "c"]),
     (r"a\$b", ["a$b"]),
-    (r"a\\b", ["a\\b"]),                # escaped backslash
-    (r"a\\,b", ["a\\", "b"]),           # escaped backslash, then a real comma
+    (r"a\\b", [r"a\\b"]),               # escaped backslash: kept escaped for the parsers
+    (r"a\\,b", [r"a\\", "b"]),          # escaped backslash, then a real comma
     (r"s\|c", [r"s\|c"]),               # \| kept escaped for the token parser
     (r"a\x", [r"a\x"]),                 # not an escape: kept as is
     ("a\\", ["a\\"]),                   # trailing backslash kept
@@ -148,6 +148,22 @@ def test_token_via_split_values() -> None:
     # what the planner does: split on commas, then parse each alternative
     values = [parse_token("identifier", v) for v in split_values(r"s|a\,b,s2|c\|d")]
     assert values == [TokenValue("s", "a,b"), TokenValue("s2", "c|d")]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (r"a\\|b", TokenValue("a\\", "b")),      # an escaped backslash, then the separator
+    (r"a\\\|b", TokenValue(None, "a\\|b")),   # an escaped backslash, then an escaped bar
+    (r"a\|b\\|c", TokenValue("a|b\\", "c")),
+    (r"s|a\\b", TokenValue("s", "a\\b")),
+])
+def test_token_escapes_via_split_values(raw: str, expected: TokenValue) -> None:
+    (value,) = split_values(raw)
+    assert parse_token("identifier", value) == expected
+
+
+def test_string_escapes_via_split_values() -> None:
+    values = [parse_string("family", v, "exact") for v in split_values(r"a\\b,c\|d\,e")]
+    assert values == [StringValue("exact", "a\\b"), StringValue("exact", "c|d,e")]
 
 
 # --- date ------------------------------------------------------------------------------------
