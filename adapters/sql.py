@@ -18,6 +18,7 @@ caller as a backstop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import re
 import threading
@@ -523,7 +524,10 @@ class _KeyReads:
         if not waiting:
             self.busy.discard(slot)
             return
-        task = asyncio.get_running_loop().create_task(self._batch(slot, p, waiting))
+        # In a context of its own: this runs for the waiting reads, not for the read that
+        # finished (whose request id would otherwise label the batch's log lines).
+        task = asyncio.get_running_loop().create_task(self._batch(slot, p, waiting),
+                                                      context=contextvars.Context())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -623,6 +623,40 @@ async def test_coalesced_reads_fail_together_and_recover(url: str) -> None:
         await a.aclose()
 
 
+async def test_a_coalesced_batch_logs_under_no_request_id(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The batch serves the reads that waited, not the read before it: its log lines must
+    not carry that read's request id."""
+    import asyncio
+    import json
+
+    from gateway import logging as gateway_logging
+
+    gateway_logging.configure("info")
+    a = SqlAdapter(url, timeout_seconds=5, label="pas")
+    try:
+        wrong = a.prepare({"connection": "test", "table": "ITEMS", "alias": "t"},
+                          Needs(key="t.ID", fields=frozenset({"t.ID", "t.NO_SUCH_COLUMN"}),
+                                children=frozenset()))
+
+        async def read(i: int) -> BaseException | None:
+            gateway_logging.current_request_id.set(f"req-{i}")
+            try:
+                await a.fetch(wrong, _key_read(i))
+            except BackendError as exc:
+                return exc
+            return None
+
+        results = await asyncio.gather(*(read(i) for i in range(1, 9)))
+        assert all(isinstance(r, BackendError) for r in results)
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                 if '"sql_error"' in line]
+        # the first read alone, under its own id; then the others together, under none
+        assert [line.get("request_id") for line in lines] == ["req-1", None]
+    finally:
+        await a.aclose()
+
+
 async def test_coalesced_reads_whose_keys_compare_unequal_run_alone(sqlite_url: str) -> None:
     """SQLite finds INTEGER 4 for '4', but '4' != 4 in Python: those reads go alone."""
     import asyncio
