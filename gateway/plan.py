@@ -385,19 +385,20 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
         start, end = param.period.start, param.period.end
         s_store, e_store = ctx.storage(start), ctx.storage(end)
         sl, sh = s_store.bound(lo), s_store.bound(hi)
+        # the least stored end whose unit ends after lo, after hi
+        el, eh = _ends_after(e_store, lo), _ends_after(e_store, hi)
         ongoing = IsNull(end)
         ended = IsNull(end, null=False)
         # start within and end within [lo, hi)
-        within = And((Compare(start, ">=", sl), ended,
-                      Compare(end, "<", _ends_after(e_store, hi))))
+        within = And((Compare(start, ">=", sl), ended, Compare(end, "<", eh)))
         if p == "eq":
             return within
         if p == "ne":
             return Not(within)
         if p == "gt":
-            return Or((ongoing, Compare(end, ">=", _ends_after(e_store, hi))))
+            return Or((ongoing, Compare(end, ">=", eh)))
         if p == "ge":
-            return Or((ongoing, Compare(end, ">=", _ends_after(e_store, hi)), within))
+            return Or((ongoing, Compare(end, ">=", eh), within))
         if p == "lt":
             return Compare(start, "<", sl)
         if p == "le":
@@ -405,10 +406,9 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
         if p == "sa":
             return Compare(start, ">=", sh)
         if p == "eb":
-            return And((ended, Compare(end, "<", _ends_after(e_store, lo))))
+            return And((ended, Compare(end, "<", el)))
         # ap: overlaps the widened range
-        return And((Compare(start, "<", sh),
-                    Or((ongoing, Compare(end, ">=", _ends_after(e_store, lo))))))
+        return And((Compare(start, "<", sh), Or((ongoing, Compare(end, ">=", el)))))
 
     ref = param.refs[0]
     store = ctx.storage(ref)
