@@ -44,6 +44,7 @@ from adapters.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    Chain,
     Compare,
     Count,
     Criterion,
@@ -172,7 +173,7 @@ def _py_fold(value: Any) -> Any:
 # --- prepared mapping -------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a Chain's target is part of a shape key
 class Prepared:
     source: SqlSource
     key: str
@@ -187,6 +188,8 @@ class Prepared:
     then the parent key) in the order the source declares its children."""
     positions: dict[str, int]
     """Position of each top-level field in a record."""
+    owner: Any = None
+    """The adapter that prepared it: a Chain joins only mappings on one database."""
 
 
 SQLITE_MMAP_BYTES = 256 * 1024 * 1024
@@ -261,7 +264,14 @@ class SqlAdapter(Adapter):
             src = SqlSource.model_validate(source)
         except ValidationError as exc:
             raise source_config_error(exc) from None
-        return _prepare(src, needs, self.dialect)
+        prepared = _prepare(src, needs, self.dialect)
+        prepared.owner = self
+        return prepared
+
+    def chains(self, prepared: Prepared, target: Any) -> bool:
+        # Same adapter, same engine: the other mapping's tables are a subquery away.
+        return (isinstance(target, Prepared) and target.owner is self
+                and prepared.owner is self)
 
     def layout(self, prepared: Prepared) -> Layout:
         return prepared.layout
@@ -746,8 +756,10 @@ class _Binder:
         extra = [_condition(self.p.columns, w) for w in spec.where]
         return sa.exists().where(link, *extra, expr)
 
-    def _leaf(self, c: Compare | In | Text | IsNull) -> ColumnElement[bool]:
+    def _leaf(self, c: Compare | In | Text | IsNull | Chain) -> ColumnElement[bool]:
         col = self.p.columns[c.ref]
+        if isinstance(c, Chain):
+            return self._chain(c, col)
         if isinstance(c, Compare):
             self.shape.append(("cmp", c.ref, c.op))
             v = self.bind(c.value)
@@ -782,6 +794,33 @@ class _Binder:
                                     else col.like(v, escape="\\"))
         non_ascii = sa.func.length(sa.cast(col, sa.LargeBinary)) != sa.func.length(col)
         return sa.or_(raw, sa.and_(non_ascii, match))
+
+
+    def _chain(self, c: Chain, col: ColumnElement[Any]) -> ColumnElement[bool]:
+        """``col IN (SELECT target_ref FROM <target> WHERE <its criteria>)``: one statement.
+
+        Uncorrelated, so each database runs the subquery once (SQLite builds a temporary
+        index of it, PostgreSQL a hashed semi-join), whatever the outer query scans. Values
+        are bound in the order _collect lists them (the target's criteria inline).
+        """
+        t: Prepared = c.target
+        self.shape.append(("chain", c.ref, t, c.target_ref, c.criteria is None))
+        sub = _Binder(t, self.dialect)
+        sub.values, sub.shape = self.values, self.shape  # one numbering, one shape
+        tcol = t.columns[c.target_ref]
+        froms: list[FromClause] = [t.base_from]
+        conds: list[ColumnElement[bool]] = [*t.base_where, tcol.is_not(None)]
+        child = t.alias_of_child.get(c.target_ref.split(".", 1)[0])
+        if child is not None:  # the reference sits in a child row (Patient's GP registration)
+            spec = t.source.children[child]
+            froms.append(t.tables[spec.alias])
+            conds += [t.columns[a] == t.columns[b] for a, b in spec.link.items()]
+            conds += [_condition(t.columns, w) for w in spec.where]
+        if c.criteria is not None:
+            conds.append(sub.sql(c.criteria))
+        # never correlated with the outer query, even when both read the same table
+        subquery = sa.select(tcol).select_from(*froms).where(*conds).correlate(None)
+        return sa.and_(col.is_not(None), col.in_(subquery))
 
 
 def _keyset(
@@ -837,6 +876,10 @@ def _collect(c: Criterion, shape: list[Any], values: list[Any]) -> None:
         values.extend(c.values)
     elif isinstance(c, IsNull):
         shape.append(("null", c.ref, c.null))
+    elif isinstance(c, Chain):
+        shape.append(("chain", c.ref, c.target, c.target_ref, c.criteria is None))
+        if c.criteria is not None:
+            _collect(c.criteria, shape, values)
     else:
         shape.append(("text", c.ref, c.mode, c.value.isascii()))
         values.append(_like_pattern(c))

@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.base import (
     And,
+    Chain,
     Compare,
     Count,
     Criterion,
@@ -309,6 +310,8 @@ def _shape(c: Criterion | None) -> str:
         return "nothing"
     if isinstance(c, IsNull):
         return f"{c.ref} is {'' if c.null else 'not '}null"
+    if isinstance(c, Chain):
+        return f"{c.ref} in {c.target_ref}({_shape(c.criteria)})"
     assert isinstance(c, Text)
     return f"{c.ref} {c.mode} ?"
 

@@ -76,6 +76,22 @@ class RevInclude:
     param: str
 
 
+@dataclass(frozen=True)
+class Chained:
+    """What one chained parameter or ``_has`` adds to a plan (made by gateway.chain)."""
+
+    criterion: Criterion | None
+    """Answered in this source's own query (a :class:`adapters.base.Chain`), or None."""
+    deferred: Any = None
+    """Else: resolved through the other type's search before the query runs."""
+    searched: frozenset[str] = frozenset()
+    """Types whose records decide the match: the client needs search on each."""
+    policy_name: str = ""
+    """How it counts for a search policy (a parameter of type reference)."""
+    note: str | None = None
+    """Said to the client in an information entry (how it was resolved)."""
+
+
 @dataclass
 class SearchPlan:
     criteria: Criterion | None
@@ -89,6 +105,13 @@ class SearchPlan:
     """(name[:modifier], raw value) pairs that shaped the query, in request order."""
     ignored: list[str] = field(default_factory=list)
     page_token: str | None = None
+    deferred: list[Any] = field(default_factory=list)
+    """Chains resolved through another type's search (gateway.chain.resolve) before the
+    query runs; their criteria are then ANDed into ``criteria``."""
+    searched_types: set[str] = field(default_factory=set)
+    """Other types a chain or ``_has`` searched (authorisation: search on each)."""
+    notes: list[str] = field(default_factory=list)
+    """Information for the client about how the search was answered."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +130,8 @@ class SearchContext:
     """Whether a resource type is served (so a reference to it can be included)."""
     revinclude_sources: Callable[[str, str], SearchParam | None]
     """The reference parameter ``param`` of provider ``type``, if it exists."""
+    chain: Callable[[str, str], Chained] | None = None
+    """Plans a chained parameter (``patient.family``) or ``_has`` (gateway.chain)."""
 
 
 def plan_search(
@@ -134,14 +159,21 @@ def plan_search(
                 used.append((key, raw))
             continue
         if name == "_id":
-            if modifier:
-                raise InvalidParameter("'_id' takes no modifier")
-            ids = split_values(raw)
-            if not all(ID_RE.match(i) for i in ids):
-                raise InvalidParameter("'_id' is not a valid resource id")
-            criteria.append(any_of([_key_equals(ctx, ctx.key_ref, i) for i in ids]))
+            criteria.append(id_criterion(ctx, modifier, raw))
             used.append((key, raw))
             used_types[name] = "token"
+            continue
+        if ctx.chain is not None and (name == "_has" or "." in key):
+            term = ctx.chain(key, raw)
+            if term.criterion is not None:
+                criteria.append(term.criterion)
+            if term.deferred is not None:
+                plan.deferred.append(term.deferred)
+            if term.note:
+                plan.notes.append(term.note)
+            plan.searched_types |= term.searched
+            used.append((key, raw))
+            used_types[term.policy_name] = "reference"
             continue
         param = ctx.params.get(name)
         if param is None:
@@ -263,6 +295,23 @@ def _check_policy(ctx: SearchContext, policy: SearchPolicy, used: dict[str, str]
 
 
 # --- one parameter → criteria -----------------------------------------------------------------
+
+
+def id_criterion(ctx: SearchContext, modifier: str, raw: str) -> Criterion:
+    """``_id=a,b``: the record key is one of them."""
+    if modifier:
+        raise InvalidParameter("'_id' takes no modifier")
+    ids = split_values(raw)
+    if not all(ID_RE.match(i) for i in ids):
+        raise InvalidParameter("'_id' is not a valid resource id")
+    return any_of([_key_equals(ctx, ctx.key_ref, i) for i in ids])
+
+
+def param_criterion(
+    ctx: SearchContext, name: str, param: SearchParam, modifier: str | None, raw: str
+) -> Criterion:
+    """One declared parameter's criteria (also a chained parameter's, on its target)."""
+    return _criterion(ctx, name, param, modifier, raw)
 
 
 def _criterion(
@@ -453,10 +502,13 @@ def _clip(t: dt.datetime) -> dt.datetime:
 __all__ = [
     "FORMAT_PARAMETERS",
     "RESULT_PARAMETERS",
+    "Chained",
     "Include",
     "MissingValue",
     "RevInclude",
     "SearchContext",
     "SearchPlan",
+    "id_criterion",
+    "param_criterion",
     "plan_search",
 ]

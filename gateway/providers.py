@@ -30,7 +30,7 @@ from adapters.base import (
     WriteResult,
     any_of,
 )
-from gateway import audit, compartment
+from gateway import audit, chain, compartment
 from gateway.errors import (
     GatewayTimeout,
     InternalError,
@@ -149,6 +149,7 @@ class Provider:
         backwards: bool = False,
         extra: Criterion | None = None,
     ) -> Page:
+        await chain.resolve(plan)  # chains this source cannot join: through their target
         criteria = plan.criteria
         if extra is not None:
             criteria = extra if criteria is None else And((criteria, extra))
@@ -163,6 +164,7 @@ class Provider:
         return await self._fetch(query)
 
     async def count(self, plan: SearchPlan) -> int:
+        await chain.resolve(plan)
         return await self._count(plan.criteria)
 
     def to_record(self, resource: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +283,7 @@ class Registry:
             tz=m.tz,
             include_targets=lambda t: t in self._providers,
             revinclude_sources=revinclude_source,
+            chain=lambda key, raw: chain.plan_chain(self, provider, key, raw),
         )
 
     def plan(self, provider: Provider, pairs: list[tuple[str, str]], *, default_count: int,

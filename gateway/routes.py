@@ -342,12 +342,15 @@ class Api:
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
-    if not plan.ignored:
+    issues = [issue("information", "informational", "CHAIN_RESOLVED_BY_SEARCH", note)
+              for note in plan.notes]  # how a chained parameter was answered (gateway.chain)
+    if plan.ignored:
+        names = ", ".join(sorted(set(plan.ignored)))
+        issues.insert(0, issue("warning", "not-supported", "UNKNOWN_PARAMETER",
+                               f"search parameters ignored: {names}"))
+    if not issues:
         return []
-    names = ", ".join(sorted(set(plan.ignored)))
-    oo = operation_outcome([issue("warning", "not-supported", "UNKNOWN_PARAMETER",
-                                  f"search parameters ignored: {names}")])
-    return [{"resource": oo, "search": {"mode": "outcome"}}]
+    return [{"resource": operation_outcome(issues), "search": {"mode": "outcome"}}]
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

@@ -11,6 +11,7 @@ read (``GET [type]/[id]``)    ``r``
 search (GET/POST, paging)     ``s``
 ``_include=[type]:[param]``   ``r`` on every type the include can add
 ``_revinclude=[type]:[p]``    ``s`` on the including (source) type
+chained ``p.x``, ``_has``     ``s`` on each type a chain or ``_has`` looks into
 create                        ``c`` (conditional create: also ``s``)
 update                        ``u``
 ``[type]/$validate``          any of ``c``, ``u``, ``r`` (touches no stored data)
@@ -77,7 +78,7 @@ def include_types(registry: Registry, provider: Provider, plan: SearchPlan
     for inc in plan.includes:
         targets = provider.params[inc.param].reference_targets()
         read |= {t for t in targets if inc.target in ("*", t) and t in registry}
-    search = {rev.source_type for rev in plan.revincludes}
+    search = {rev.source_type for rev in plan.revincludes} | plan.searched_types
     return read, search
 
 
