@@ -2,7 +2,9 @@
 
 Each resource lists the interactions its provider serves, the search parameters its mapping
 declares, the ``_include`` values whose target type is served, and the ``_revinclude`` values
-that other providers' reference parameters make possible. Nothing else is claimed.
+that other providers' reference parameters make possible; a reference parameter's
+documentation lists the chains it takes and the resource's the ``_has`` it answers (STU3
+CapabilityStatement has no element for either). Nothing else is claimed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime as dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from gateway.chain import chain_names, has_names
 from gateway.providers import Provider, Registry
 
 FHIR_VERSION = "3.0.2"
@@ -31,8 +34,12 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
     includes: list[str] = []
     for name, p in sorted(provider.params.items()):
         entry: dict[str, Any] = {"name": name, "type": p.type}
-        if p.description:
-            entry["documentation"] = p.description
+        doc = p.description or ""
+        chains = chain_names(registry, provider, name) if p.type == "reference" else []
+        if chains:  # STU3 has no chain element here (SearchParameter.chain is not served)
+            doc += (". " if doc else "") + "Chains (one level): " + ", ".join(chains)
+        if doc:
+            entry["documentation"] = doc
         params.append(entry)
         if p.type == "reference":
             served = [t for t in p.reference_targets() if t in registry]
@@ -70,6 +77,10 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
             + (f" unless searching by {' or '.join(policy.unless_any_of)}"
                if policy.unless_any_of else "")
         )
+    has = has_names(registry, provider)
+    if has:
+        notes.append("_has supports: " + ", ".join(f"_has:{h}:<parameter>" for h in has)
+                     + " (one level)")
     if notes:
         out["documentation"] = ". ".join(notes) + "."
     if includes:

@@ -258,14 +258,13 @@ async def _resolve(d: Deferred) -> Criterion:
 
 
 def chain_names(registry: Registry, provider: Provider, name: str) -> list[str]:
-    """The parameters a reference parameter of ``provider`` can be chained into."""
+    """The chained parameters a reference parameter of ``provider`` takes, as a client
+    writes them: ``patient.family``; ``general-practitioner:Practitioner.family`` when the
+    reference may point to several served types."""
     param = provider.params[name]
-    out: list[str] = []
     targets = [t for t in param.reference_targets() if t in registry]
-    for t in targets:
-        names = ["_id", *sorted(registry.get(t).params)]
-        out += names if len(targets) == 1 else [f"{t}.{n}" for n in names]
-    return out
+    return [f"{name}.{n}" if len(targets) == 1 else f"{name}:{t}.{n}"
+            for t in targets for n in ["_id", *sorted(registry.get(t).params)]]
 
 
 def has_names(registry: Registry, provider: Provider) -> list[str]:
