@@ -40,6 +40,7 @@ from adapters.base import (
     Compare,
     Count,
     Criterion,
+    Nothing,
     SortKey,
     all_of,
     any_of,
@@ -221,7 +222,10 @@ async def resolve(plan: SearchPlan) -> None:
     if not plan.deferred:
         return
     found = [await _resolve(d) for d in plan.deferred]
-    plan.criteria = all_of([c for c in (plan.criteria, *found) if c is not None])
+    if any(isinstance(c, Nothing) for c in found):
+        plan.criteria = Nothing()  # a chain found nothing: no query (HL7 v2 takes no AND false)
+    else:
+        plan.criteria = all_of([c for c in (plan.criteria, *found) if c is not None])
     plan.deferred = []
 
 
