@@ -480,3 +480,44 @@ async def test_capability_statement_lists_what_works(api: httpx.AsyncClient) -> 
         r = await api.get("/STU3/Encounter", params={name: value, "_count": "1"})
         assert r.status_code == 200, (name, r.text)
 
+
+
+# --- _revinclude onto Patient, for every type that refers to one -------------------------------
+
+
+async def test_revinclude_of_every_type_onto_patient(
+        demo_url: str, make_app: Callable[..., Starlette], oracle: Oracle) -> None:
+    """Every ``_revinclude`` the CapabilityStatement offers on Patient brings exactly what a
+    search of that type by the patient finds, and is capped with a warning, never cut
+    silently. Generic: types that refer to Patient join the loop as their mappings arrive."""
+    busiest = oracle.rows('SELECT "PATNT_REFNO", count(*) FROM "PROVIDER_SPELLS" '
+                          'GROUP BY "PATNT_REFNO" ORDER BY count(*) DESC, "PATNT_REFNO"')[0]
+    pid, n = str(busiest[0]), busiest[1]
+    assert n >= 2
+    app = make_app(demo_url, include_limit=n - 1)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            cs = (await c.get("/STU3/metadata")).json()
+            patient = next(r for r in cs["rest"][0]["resource"] if r["type"] == "Patient")
+            offered = patient["searchRevInclude"]
+            assert "Encounter:patient" in offered
+            capped = 0
+            for rev in offered:
+                rtype, param = rev.split(":")
+                by_search = await found(c, rtype, [(param, f"Patient/{pid}")])
+                r = await c.get("/STU3/Patient", params={"_id": pid, "_revinclude": rev})
+                assert r.status_code == 200, r.text
+                entries = r.json()["entry"]
+                included = {e["resource"]["id"] for e in entries
+                            if e["search"]["mode"] == "include"}
+                warnings = [i for e in entries if e["search"]["mode"] == "outcome"
+                            for i in e["resource"]["issue"]
+                            if i["details"]["coding"][0]["code"] == "INCLUDE_LIMIT"]
+                if len(by_search) > n - 1:
+                    capped += 1
+                    assert len(included) == n - 1 and included < by_search
+                    assert warnings and f"_revinclude={rev}" in warnings[0]["diagnostics"]
+                else:
+                    assert included == by_search and not warnings
+            assert capped  # Encounter:patient at least: the cap was exercised
