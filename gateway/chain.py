@@ -89,8 +89,9 @@ class _Part:
     ref: str
     """This source's reference that takes what is found."""
     storage: Storage
-    target_ref: str | None
-    """None: the found records' ids; else the values of this reference in them (``_has``)."""
+    target_ref: str
+    """What is taken from the found records, as stored: their key (a chained parameter) or
+    their reference to this type (``_has``)."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,9 @@ def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chai
         if rtype not in targets:
             raise UnknownChain(f"'{name}' does not refer to {_safe(rtype)}")
         targets = {rtype: targets[rtype]}
-    found = [(registry.get(t), ref) for t, ref in targets.items()
-             if t in registry and _has_param(registry.get(t), tname)]
+    # (a target source, this source's reference column) for every source that has the param
+    found = [(source, ref) for t, ref in targets.items() if t in registry
+             for source in _sources(registry.get(t)) if _has_param(source, tname)]
     if not found:
         raise UnknownChain(
             f"'{name}' refers to {', '.join(targets)}: none has a search parameter "
@@ -141,7 +143,7 @@ def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chai
             for t, ref in found]), None, searched, label)
     # one of them cannot be joined: all go through their target's search
     parts = tuple(_Part(t, _target_criteria(registry, t, tname, tmod, raw), ref,
-                        provider.mapping.storage(ref), None) for t, ref in found)
+                        provider.mapping.storage(ref), t.key) for t, ref in found)
     return Chained(None, Deferred(label, parts), searched, label, _note(label, searched))
 
 
@@ -154,29 +156,42 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
     _, rtype, name, tname, *mod = parts
     if rtype not in registry:
         raise UnknownChain(f"'_has': this server does not serve {_safe(rtype)}")
-    target = registry.get(rtype)
-    param = target.params.get(name)
-    if param is None:
+    # (a source of the other type, its reference column to this type)
+    found: list[tuple[Provider, str]] = []
+    for source in _sources(registry.get(rtype)):
+        param = source.params.get(name)
+        if param is None:
+            continue
+        if param.type != "reference":
+            raise ChainOnNonReference(f"'_has': {rtype} '{name}' is a {param.type} "
+                                      "parameter, not a reference")
+        target_ref = param.reference_targets().get(provider.resource_type)
+        if target_ref is None:
+            raise UnknownChain(
+                f"'_has': {rtype} '{name}' does not refer to {provider.resource_type}")
+        if not _has_param(source, tname):
+            raise UnknownChain(
+                f"'_has': '{_safe(tname)}' is not a search parameter of {rtype}")
+        found.append((source, target_ref))
+    if not found:
         raise UnknownChain(f"'_has': '{_safe(name)}' is not a search parameter of {rtype}")
-    if param.type != "reference":
-        raise ChainOnNonReference(f"'_has': {rtype} '{name}' is a {param.type} parameter, "
-                                  "not a reference")
-    target_ref = param.reference_targets().get(provider.resource_type)
-    if target_ref is None:
-        raise UnknownChain(
-            f"'_has': {rtype} '{name}' does not refer to {provider.resource_type}")
-    if not _has_param(target, tname):
-        raise UnknownChain(f"'_has': '{_safe(tname)}' is not a search parameter of {rtype}")
-    criteria = _target_criteria(registry, target, tname, mod[0] if mod else "", raw)
+    modifier = mod[0] if mod else ""
     label = f"_has:{rtype}:{name}:{tname}"
     searched = frozenset({rtype})
-    if _joinable(provider, target):
-        chain = Chain(provider.key, target.mapping.prepared, target_ref,
-                      _confined(target, criteria))
-        return Chained(chain, None, searched, label)
-    part = _Part(target, criteria, provider.key, provider.mapping.storage(provider.key),
-                 target_ref)
-    return Chained(None, Deferred(label, (part,)), searched, label, _note(label, searched))
+    if all(_joinable(provider, s) for s, _ in found):
+        return Chained(any_of([
+            Chain(provider.key, s.mapping.prepared, ref,
+                  _confined(s, _target_criteria(registry, s, tname, modifier, raw)))
+            for s, ref in found]), None, searched, label)
+    keys = provider.mapping.storage(provider.key)
+    deferred = tuple(_Part(s, _target_criteria(registry, s, tname, modifier, raw),
+                           provider.key, keys, ref) for s, ref in found)
+    return Chained(None, Deferred(label, deferred), searched, label, _note(label, searched))
+
+
+def _sources(provider: Any) -> list[Provider]:
+    """The per-source providers of a type (one, unless several mappings serve it)."""
+    return list(getattr(provider, "sources", [provider]))
 
 
 def _has_param(target: Provider, name: str) -> bool:
@@ -240,12 +255,8 @@ async def _resolve(d: Deferred) -> Criterion:
             raise ChainTooBroad(
                 f"'{d.label}' matches more than {MAX_CHAIN_MATCHES} {target.resource_type} "
                 "resources, and this source cannot join them in one query: narrow it")
-        values: list[str] = []
-        for rec in page.records:
-            if part.target_ref is None:
-                values.append(target.record_id(rec))
-            else:
-                values += target.reference_values(rec, part.target_ref)
+        values = [v for rec in page.records for v in target.reference_values(rec,
+                                                                            part.target_ref)]
         keys: dict[Any, None] = {}
         for v in values:
             try:
