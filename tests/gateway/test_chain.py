@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from tests.security.principals import as_, install, patient_token, user_token
 pytestmark = pytest.mark.anyio
 
 NHS = "https://fhir.nhs.uk/Id/nhs-number"
+MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
 Params = list[tuple[str, str]]
 
 
@@ -521,3 +523,68 @@ async def test_revinclude_of_every_type_onto_patient(
                 else:
                     assert included == by_search and not warnings
             assert capped  # Encounter:patient at least: the cap was exercised
+
+
+# --- two connections: no join, the chain resolved through the target's search ----------------
+
+
+@pytest.fixture
+async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The demo mappings with Encounter on a second connection (the same database, another
+    adapter): the SQL adapter cannot join across connections."""
+    import hashlib
+    import shutil
+
+    here = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS / "demo-pas", here / "demo-pas")
+    shutil.copytree(MAPPINGS / "codemaps", here / "codemaps")
+    conn = here / "demo-pas" / "connections.yaml"
+    conn.write_text(conn.read_text().replace(
+        "codemaps: ../codemaps",
+        "  other:\n    adapter: sql\n    url_env: CCG_OTHER_URL\n    timezone: Europe/London\n"
+        "codemaps: ../codemaps"))
+    enc = here / "demo-pas" / "Encounter.sql.yaml"
+    enc.write_text(enc.read_text().replace("connection: pas", "connection: other"))
+    # a copied mapping directory is a production configuration: an API key, not the demo mode
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text("keys: [{client_id: t, sha256: '"
+                    + hashlib.sha256(b"test-key").hexdigest() + "', scopes: system/*.read}]")
+    app = build_app(gateway_settings(demo_url, tmp_path, mappings_dir=here / "demo-pas",
+                                     connection_urls={"pas": demo_url, "other": demo_url},
+                                     auth_mode="api-key", api_keys_file=str(keys)))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw",
+                                     headers={"X-API-Key": "test-key"}) as c:
+            yield c
+
+
+async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) -> None:
+    rows = oracle.rows(SPELLS_WITH_PATIENT)
+    nhs = next(n for _, _, n, _, _, _ in rows if n)
+    expected = {str(s) for s, _, n, _, _, _ in rows if n == nhs}
+    r = await split_api.get("/STU3/Encounter", params={"patient.identifier": f"{NHS}|{nhs}"})
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    assert {e["resource"]["id"] for e in bundle["entry"]
+            if e["search"]["mode"] == "match"} == expected
+    notes = [i for e in bundle["entry"] if e["search"]["mode"] == "outcome"
+             for i in e["resource"]["issue"]]
+    assert [(n["severity"], n["details"]["coding"][0]["code"]) for n in notes] == [
+        ("information", "CHAIN_RESOLVED_BY_SEARCH")]
+    # several patients (an OR of their keys), paged: as the join would answer
+    few = {str(s) for s, _, _, surname, _, _ in rows if fold(surname).startswith("smith")}
+    assert len(few) > 1
+    assert await found(split_api, "Encounter", [("patient.family", "smith"),
+                                                ("_count", "3")]) == few
+    # _has the other way round, with the Patient two-type rule
+    ongoing = oracle.ids(
+        'SELECT p."PATNT_REFNO" FROM "PATIENTS" p WHERE p."SEXXX_CODE" = \'2\' AND EXISTS '
+        '(SELECT 1 FROM "PROVIDER_SPELLS" s WHERE s."PATNT_REFNO" = p."PATNT_REFNO" '
+        'AND s."SPELL_STATUS" = \'A\')')
+    assert await found(split_api, "Patient", [("_has:Encounter:patient:status", "in-progress"),
+                                              ("gender", "female")]) == ongoing
+    # more than the bound: refused, never cut
+    r = await split_api.get("/STU3/Encounter", params={"patient.gender": "female"})
+    assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
+        "CHAIN_TOO_BROAD")
