@@ -800,8 +800,13 @@ class _Binder:
         """``col IN (SELECT target_ref FROM <target> WHERE <its criteria>)``: one statement.
 
         Uncorrelated, so each database runs the subquery once (SQLite builds a temporary
-        index of it, PostgreSQL a hashed semi-join), whatever the outer query scans. Values
-        are bound in the order _collect lists them (the target's criteria inline).
+        index of it, PostgreSQL plans a semi-join), whatever the outer query scans: at worst
+        one pass over the target's matching rows. A selective target (an NHS number) is a
+        few index seeks. A correlated EXISTS was measured too: faster for a broad ``_has``
+        target when the reference column is indexed (0.03 against 2.3 ms, 10,000 patients,
+        SQLite), but one probe per outer row, which without an index on the reference
+        column (GP_REGISTRATIONS.PROCA_REFNO) is a scan per row: not a risk worth taking.
+        Values are bound in the order _collect lists them (the target's criteria inline).
         """
         t: Prepared = c.target
         self.shape.append(("chain", c.ref, t, c.target_ref, c.criteria is None))
