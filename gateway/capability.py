@@ -13,7 +13,7 @@ import datetime as dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from gateway.chain import chain_names, has_names
+from gateway.chain import MAX_CHAIN_MATCHES, chain_joined, chain_names, has_names
 from gateway.providers import Provider, Registry
 
 FHIR_VERSION = "3.0.2"
@@ -38,6 +38,9 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
         chains = chain_names(registry, provider, name) if p.type == "reference" else []
         if chains:  # STU3 has no chain element here (SearchParameter.chain is not served)
             doc += (". " if doc else "") + "Chains (one level): " + ", ".join(chains)
+            if not chain_joined(registry, provider, name):
+                doc += (f" (resolved through a search of the target, at most "
+                        f"{MAX_CHAIN_MATCHES} matches)")
         if doc:
             entry["documentation"] = doc
         params.append(entry)
@@ -79,8 +82,10 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
         )
     has = has_names(registry, provider)
     if has:
-        notes.append("_has supports: " + ", ".join(f"_has:{h}:<parameter>" for h in has)
-                     + " (one level)")
+        notes.append("_has supports: " + ", ".join(
+            f"_has:{h}:<parameter>" + ("" if joined else
+                                        f" (through a search, at most {MAX_CHAIN_MATCHES})")
+            for h, joined in has) + " (one level)")
     if notes:
         out["documentation"] = ". ".join(notes) + "."
     if includes:

@@ -282,9 +282,18 @@ def chain_names(registry: Registry, provider: Provider, name: str) -> list[str]:
             for t in targets for n in ["_id", *sorted(registry.get(t).params)]]
 
 
-def has_names(registry: Registry, provider: Provider) -> list[str]:
-    """``_has`` prefixes that work on ``provider``: ``Encounter:patient``."""
-    return [f"{other.resource_type}:{n}"
+def chain_joined(registry: Registry, provider: Provider, name: str) -> bool:
+    """Whether every chain of this reference parameter is answered in the same query."""
+    targets = [t for t in provider.params[name].reference_targets() if t in registry]
+    return all(_joinable(s, t) for s in _sources(provider) for rtype in targets
+               for t in _sources(registry.get(rtype)))
+
+
+def has_names(registry: Registry, provider: Provider) -> list[tuple[str, bool]]:
+    """``_has`` prefixes that work on ``provider`` (``Encounter:patient``), each with whether
+    it is answered in the same query."""
+    return [(f"{other.resource_type}:{n}",
+             all(_joinable(s, o) for s in _sources(provider) for o in _sources(other)))
             for other in registry
             for n, p in sorted(other.params.items())
             if p.type == "reference" and provider.resource_type in p.reference_targets()]
@@ -297,6 +306,7 @@ __all__ = [
     "ChainTooDeep",
     "Deferred",
     "UnknownChain",
+    "chain_joined",
     "chain_names",
     "has_names",
     "plan_chain",

@@ -209,3 +209,18 @@ async def test_compartment_confines_the_resolving_search(
     assert other["SPELL_NUMBER"] in _spells(r.json())
     r = await api.get("/STU3/Encounter", params=params, headers=as_("P"))
     assert r.status_code == 200 and _matches(r.json()) == []
+
+
+async def test_capability_statement_says_how_chains_are_answered(api: httpx.AsyncClient) -> None:
+    cs = (await api.get("/STU3/metadata")).json()
+    resources = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    patient_param = next(p for p in resources["Encounter"]["searchParam"]
+                         if p["name"] == "patient")
+    assert "patient.identifier" in patient_param["documentation"]
+    assert f"at most {MAX_CHAIN_MATCHES} matches" in patient_param["documentation"]
+    assert "_has:Encounter:patient:<parameter> (through a search" in resources["Patient"][
+        "documentation"]
+    # SQL into SQL on one connection is joined: no such remark
+    location = {p["name"]: p for p in resources["Location"]["searchParam"]}
+    assert "partof.name" in location["partof"]["documentation"]
+    assert "at most" not in location["partof"]["documentation"]
