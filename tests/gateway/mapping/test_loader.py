@@ -559,3 +559,25 @@ def test_serve_exits_with_the_problems(demo_copy: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert "refusing to start: 1 mapping problem(s)" in err
     assert f"{f}:{line_with(f, 'connection: epr')}: source.connection: unknown connection" in err
+
+
+# --- a token system read through a code map --------------------------------------------------
+
+
+def test_a_token_systems_codemap_must_exist(demo_copy: Path) -> None:
+    f = demo_copy / "Condition.sql.yaml"
+    edit(f, "column: c.CTV3_CODE, codemap: ctv3-snomed}", "column: c.CTV3_CODE, codemap: ctv3}")
+    assert one_problem(demo_copy) == (
+        "Condition.sql.yaml", line_with(f, "codemap: ctv3}"),
+        "search.code.systems[3].codemap: unknown codemap 'ctv3'")
+
+
+def test_a_token_systems_codemap_must_translate_into_that_system(demo_copy: Path) -> None:
+    # readv2-snomed gives SNOMED CT codes: declaring them as Read v2 would search wrongly.
+    f = demo_copy / "Condition.sql.yaml"
+    edit(f, '{system: "http://snomed.info/sct", column: c.READ_CODE, codemap: readv2-snomed}',
+         '{system: "http://read.info/readv2", column: c.READ_CODE, codemap: readv2-snomed}')
+    assert one_problem(demo_copy) == (
+        "Condition.sql.yaml", line_with(f, "codemap: readv2-snomed}"),
+        "search.code.systems[2].codemap: 'readv2-snomed' translates into "
+        "'http://snomed.info/sct', not 'http://read.info/readv2'")
