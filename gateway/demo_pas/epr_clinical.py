@@ -297,10 +297,17 @@ def _ord(yyyymmdd: str) -> int:
     return dt.date(int(yyyymmdd[:4]), int(yyyymmdd[4:6]), int(yyyymmdd[6:8])).toordinal()
 
 
+@lru_cache(maxsize=65536)
+def _iso_day(ordinal: int) -> str:
+    d = dt.date.fromordinal(ordinal)
+    return f"{d.year:04d}-{d.month:02d}-{d.day:02d} "
+
+
+_HMS = [f"{h:02d}:{m:02d}:" for h in range(24) for m in range(60)]
+
+
 def _iso(ordinal: int, second: int) -> str:
-    d = dt.date.fromordinal(min(ordinal, _REF_ORD))
-    return (f"{d.year:04d}-{d.month:02d}-{d.day:02d} "
-            f"{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}")
+    return f"{_iso_day(min(ordinal, _REF_ORD))}{_HMS[second // 60]}{second % 60:02d}"
 
 
 class _Weighted:
