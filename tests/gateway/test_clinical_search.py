@@ -230,3 +230,35 @@ async def test_revinclude_of_the_record_onto_the_patient(client: httpx.AsyncClie
         n = db.execute(text(f'SELECT COUNT(*) FROM "{table}" WHERE "PATNT_REFNO" = 100001 '
                             f'AND "{flag}" = \'N\'')).scalar()
         assert n and counts.get(rtype) == n, rtype
+
+
+# --- a patient/ token sees its own record and nothing else ---------------------------------------
+
+async def test_patient_tokens_are_confined_to_their_own_record(
+        demo_url: str, tmp_path: Path, db: Any) -> None:
+    from tests.security.principals import as_, install, patient_token
+
+    app = build_app(gateway_settings(demo_url, tmp_path, auth_mode="insecure-demo"))
+    install(app, {"P": patient_token("100001")})
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            for rtype, table, key, flag in (
+                    ("Condition", "PROBLEMS", "PROBL_REFNO", "DELETED_FLAG"),
+                    ("AllergyIntolerance", "ALLERGIES", "ALLGY_REFNO", "DELETED_FLAG"),
+                    ("Flag", "ALERTS", "ALERT_REFNO", "ARCHV_FLAG"),
+                    ("Procedure", "PROCEDURES", "PROCD_REFNO", "DELETED_FLAG")):
+                own = ids(db, f'SELECT "{key}" FROM "{table}" WHERE "PATNT_REFNO" = 100001 '
+                              f'AND "{flag}" = \'N\'')
+                other = min(int(i) for i in ids(
+                    db, f'SELECT "{key}" FROM "{table}" WHERE "PATNT_REFNO" <> 100001 '
+                        f'AND "{flag}" = \'N\''))
+                # No patient filter at all: still only the token's patient.
+                r = await c.get(f"/STU3/{rtype}", params={"_count": "100"}, headers=as_("P"))
+                assert r.status_code == 200, r.text
+                got = {e["resource"]["id"] for e in r.json().get("entry", ())
+                       if e["search"]["mode"] == "match"}
+                assert got == own and own, rtype
+                # Another patient's record by id is simply not there.
+                r = await c.get(f"/STU3/{rtype}/{other}", headers=as_("P"))
+                assert r.status_code == 404, rtype
