@@ -341,3 +341,18 @@ def test_settings_public_base_url_is_the_implementation_url(demo_sqlite_url: str
     with LiveServer(app) as s, httpx.Client(base_url=s.url) as c:
         cs = c.get("/STU3/metadata").json()
     assert cs["implementation"]["url"] == "https://fhir.trust.example/STU3"
+
+
+def test_the_clinical_types_are_listed_with_their_profiles(app: Starlette) -> None:
+    by_type = resources(capability_statement(app.state.registry, BASE))
+    for rtype in ("Condition", "AllergyIntolerance", "Flag", "Procedure", "PractitionerRole"):
+        assert by_type[rtype]["profile"]["reference"] == (
+            f"https://fhir.hl7.org.uk/STU3/StructureDefinition/CareConnect-{rtype}-1")
+    # Care Connect's explore pages: every SHALL/SHOULD/MAY parameter is claimed.
+    wanted = {"Condition": {"asserted-date", "category", "clinical-status", "patient"},
+              "AllergyIntolerance": {"clinical-status", "date", "patient"},
+              "Procedure": {"date", "patient", "subject"},
+              "Flag": {"date", "patient", "status"},
+              "PractitionerRole": {"identifier", "organization", "practitioner"}}
+    for rtype, names in wanted.items():
+        assert names <= {p["name"] for p in by_type[rtype]["searchParam"]}, rtype
