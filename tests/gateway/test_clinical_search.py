@@ -102,6 +102,14 @@ async def test_condition_code_in_its_own_scheme(client: httpx.AsyncClient, db: A
                    AND "READ_CODE" = '1Z12.'""")
     assert unmapped and await found(client, "/STU3/Condition", code=f"{READ2}|1Z12.") == unmapped
     assert await found(client, "/STU3/Condition", code=f"{SNOMED}|1Z12.") == set()
+    # "Has a SNOMED CT code": everything but the codes the trust has not mapped.
+    mapped = ids(db, """SELECT "PROBL_REFNO" FROM "PROBLEMS" WHERE "DELETED_FLAG" = 'N'
+                 AND "READ_CODE" <> '1Z12.' AND "CTV3_CODE" IS NULL""") | ids(
+        db, """SELECT "PROBL_REFNO" FROM "PROBLEMS" WHERE "DELETED_FLAG" = 'N'
+        AND "CTV3_CODE" <> 'XaIIt' AND "READ_CODE" IS NULL""")
+    got = await found(client, "/STU3/Condition", code=f"{SNOMED}|", patient="100001")
+    assert got == mapped & await found(client, "/STU3/Condition", patient="100001")
+    assert got and not got & unmapped
 
 
 async def test_condition_status_category_and_dates(client: httpx.AsyncClient, db: Any) -> None:
