@@ -35,9 +35,9 @@ log = structlog.get_logger("gateway.app")
 
 
 def demo_database_url(settings: Settings) -> str:
-    from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas import demo_file_name, ensure_sqlite_demo
 
-    path = settings.data_dir / f"demo-pas-{settings.demo_patients}.sqlite"
+    path = settings.data_dir / demo_file_name(settings.demo_patients)
     ensure_sqlite_demo(path, patients=settings.demo_patients, progress=settings.progress)
     return f"sqlite:///{path}"
 

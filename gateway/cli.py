@@ -109,14 +109,14 @@ def cmd_mappings_coverage(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_build(args: argparse.Namespace) -> int:
-    from gateway.demo_pas import build_database, ensure_sqlite_demo
+    from gateway.demo_pas import build_database, demo_file_name, ensure_sqlite_demo
 
     if args.url:
         build_database(args.url, patients=args.patients, progress=True)
         print(f"built demo PAS with {args.patients} patients at the given URL")
     else:
         settings = _settings(args)
-        path = args.path or settings.data_dir / f"demo-pas-{args.patients}.sqlite"
+        path = args.path or settings.data_dir / demo_file_name(args.patients)
         ensure_sqlite_demo(path, patients=args.patients, progress=True)
         print(path)
     return 0

@@ -384,7 +384,20 @@ def _token(ctx: SearchContext, name: str, param: SearchParam, value: TokenValue)
                 for ref, v in s.when.items()
             ]
             if value.code is None:
-                out.append(all_of([IsNull(s.source_ref, null=False), *only]) or Nothing())
+                has: Criterion = IsNull(s.source_ref, null=False)
+                if s.codemap:  # "has a code in this system": a local code the map translates
+                    cmap = ctx.codemaps[s.codemap]
+                    mapped = tuple(cmap.entries)
+                    if cmap.unmapped != "default":
+                        has = In(s.source_ref, mapped) if mapped else Nothing()
+                out.append(all_of([has, *only]) or Nothing())
+                continue
+            if s.codemap:
+                local = ctx.codemaps[s.codemap].local_codes(value.code)
+                if local:
+                    match = (In(s.source_ref, local) if len(local) > 1
+                             else Compare(s.source_ref, "=", local[0]))
+                    out.append(all_of([match, *only]) or Nothing())
                 continue
             if s.check == "nhs-number" and not nhs_number.is_valid(value.code):
                 if value.system == s.system:

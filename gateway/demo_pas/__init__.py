@@ -7,22 +7,26 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Index, create_engine, event, inspect, literal, select
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateTable
 
 # Import names, not the `generate` function: binding it here would shadow the submodule.
+from gateway.demo_pas import epr_clinical  # registers the EPR tables on metadata
 from gateway.demo_pas.generate import FIXTURE_PATIENTS, DemoPasGenerator
 from gateway.demo_pas.schema import metadata
 
-__all__ = ["FIXTURE_PATIENTS", "DemoDatabaseNotEmpty", "build_database", "ensure_sqlite_demo",
-           "metadata"]
+__all__ = ["FIXTURE_PATIENTS", "DemoDatabaseNotEmpty", "build_database", "demo_file_name",
+           "ensure_sqlite_demo", "metadata", "schema_fingerprint"]
 
 DEFAULT_SEED = 20261123
+_SQLITE = sqlite.dialect()
 
 
 class DemoDatabaseNotEmpty(RuntimeError):
@@ -67,7 +71,7 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
     try:
         with engine.begin() as conn, _progress(progress, patients) as advance:
             deferred = _create_schema(conn)
-            for batch in DemoPasGenerator(patients, seed).batches():
+            for batch in epr_clinical.extend(DemoPasGenerator(patients, seed).batches(), seed):
                 conn.execute(batch.table.insert(), batch.rows)
                 advance(batch.patients_done, None)
             advance(patients, "Indexing demo PAS")  # ~10% of a large build: say so
@@ -78,6 +82,19 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
             conn.exec_driver_sql("ANALYZE")
     finally:
         engine.dispose()
+
+
+def schema_fingerprint() -> str:
+    """A short hash of the demo tables' DDL: it changes whenever a table or column does."""
+    ddl = "\n".join(str(CreateTable(t).compile(dialect=_SQLITE)).strip()
+                    for t in sorted(metadata.sorted_tables, key=lambda t: t.name))
+    return hashlib.sha256(ddl.encode()).hexdigest()[:10]
+
+
+def demo_file_name(patients: int) -> str:
+    """The cached demo database's file name: a new schema gets a new file, so an upgraded
+    gateway builds the new tables instead of serving an old file that lacks them."""
+    return f"demo-pas-{patients}-{schema_fingerprint()}.sqlite"
 
 
 Advance = Callable[[int, str | None], None]

@@ -350,6 +350,20 @@ def _compile(
         if param.codemap and param.codemap not in codemaps:
             problems.append(Problem(path, line_of(doc, ["search", name, "codemap"]),
                                     f"search.{name}.codemap: unknown codemap {param.codemap!r}"))
+        for i, system in enumerate(param.systems or ()):
+            if system.codemap is None:
+                continue
+            at = ["search", name, "systems", i, "codemap"]
+            cmap = codemaps.get(system.codemap)
+            if cmap is None:
+                problems.append(Problem(path, line_of(doc, at),
+                                        f"search.{name}.systems[{i}].codemap: unknown codemap "
+                                        f"{system.codemap!r}"))
+            elif cmap.target_system != system.system:
+                problems.append(Problem(path, line_of(doc, at),
+                                        f"search.{name}.systems[{i}].codemap: {system.codemap!r} "
+                                        f"translates into {cmap.target_system!r}, not "
+                                        f"{system.system!r}"))
         if param.type == "date":
             for ref in param.refs:
                 if storage(ref).kind not in ("date", "datetime"):

@@ -77,6 +77,9 @@ class TokenSystem(_Strict):
     """Only rows where these references hold these values carry this system."""
     where: dict[str, str] = Field(default_factory=dict)
     """HL7 v2: the repetition whose other components hold these values (see Expr.where)."""
+    codemap: str | None = None
+    """The column holds local codes this code map translates into ``system``: a search code is
+    turned into the local codes that map to it (Read v2 stored, SNOMED CT searched)."""
 
     @property
     def source_ref(self) -> str:

@@ -42,7 +42,8 @@ NS = {"f": "http://hl7.org/fhir"}
 F = "{http://hl7.org/fhir}"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[2]
-RESOURCE_PROFILES = ["Patient", "Practitioner", "Organization", "Location", "Encounter"]
+RESOURCE_PROFILES = ["Patient", "Practitioner", "Organization", "Location", "Encounter",
+                     "Condition", "AllergyIntolerance", "Flag", "Procedure", "PractitionerRole"]
 CC = "https://fhir.hl7.org.uk/STU3/StructureDefinition/"
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
 

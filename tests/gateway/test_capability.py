@@ -123,10 +123,15 @@ def test_demo_includes_by_name(app: Starlette) -> None:
         "Patient:general-practitioner", "Patient:general-practitioner:Practitioner",
         "Patient:general-practitioner:Organization"]
     assert sorted(by_type["Patient"]["searchRevInclude"]) == [
-        "Encounter:patient", "Encounter:subject"]
+        "AllergyIntolerance:patient", "Condition:patient", "Condition:subject",
+        "Encounter:patient", "Encounter:subject", "Flag:patient", "Flag:subject",
+        "Procedure:patient", "Procedure:subject"]
     assert sorted(by_type["Practitioner"]["searchRevInclude"]) == [
-        "Encounter:practitioner", "Patient:general-practitioner"]
-    assert "searchRevInclude" not in by_type["Encounter"]
+        "AllergyIntolerance:recorder", "Condition:asserter", "Encounter:practitioner",
+        "Flag:author", "Patient:general-practitioner", "PractitionerRole:practitioner",
+        "Procedure:performer"]
+    assert sorted(by_type["Encounter"]["searchRevInclude"]) == [
+        "Condition:context", "Condition:encounter", "Procedure:context", "Procedure:encounter"]
     assert "searchInclude" not in by_type["Organization"]
 
 
@@ -157,6 +162,9 @@ def test_policy_and_sort_are_documented(app: Starlette) -> None:
     assert "at least 2 parameters of different types unless searching by identifier or _id" \
         in patient
     for rtype, doc in MAPPINGS.items():
+        if not doc.get("sort"):  # PractitionerRole: nothing to sort by
+            assert "_sort supports" not in by_type[rtype].get("documentation", "")
+            continue
         assert f"_sort supports: {', '.join(doc['sort'])} " in by_type[rtype]["documentation"]
 
 
@@ -229,7 +237,9 @@ def test_every_claimed_sort_works(http: httpx.Client,
                                   served: dict[str, dict[str, Any]]) -> None:
     for rtype, entry in served.items():
         m = re.search(r"_sort supports: ([^(]+) \(", entry.get("documentation", ""))
-        assert m, rtype
+        assert bool(m) == bool(MAPPINGS[rtype].get("sort")), rtype
+        if m is None:
+            continue
         for key in m.group(1).split(", "):
             for sort in (key, "-" + key):
                 criteria = {"family": "smith", "gender": "female"} if rtype == "Patient" else {}
@@ -334,3 +344,18 @@ def test_settings_public_base_url_is_the_implementation_url(demo_sqlite_url: str
     with LiveServer(app) as s, httpx.Client(base_url=s.url) as c:
         cs = c.get("/STU3/metadata").json()
     assert cs["implementation"]["url"] == "https://fhir.trust.example/STU3"
+
+
+def test_the_clinical_types_are_listed_with_their_profiles(app: Starlette) -> None:
+    by_type = resources(capability_statement(app.state.registry, BASE))
+    for rtype in ("Condition", "AllergyIntolerance", "Flag", "Procedure", "PractitionerRole"):
+        assert by_type[rtype]["profile"]["reference"] == (
+            f"https://fhir.hl7.org.uk/STU3/StructureDefinition/CareConnect-{rtype}-1")
+    # Care Connect's explore pages: every SHALL/SHOULD/MAY parameter is claimed.
+    wanted = {"Condition": {"asserted-date", "category", "clinical-status", "patient"},
+              "AllergyIntolerance": {"clinical-status", "date", "patient"},
+              "Procedure": {"date", "patient", "subject"},
+              "Flag": {"date", "patient", "status"},
+              "PractitionerRole": {"identifier", "organization", "practitioner"}}
+    for rtype, names in wanted.items():
+        assert names <= {p["name"] for p in by_type[rtype]["searchParam"]}, rtype

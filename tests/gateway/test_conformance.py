@@ -47,6 +47,11 @@ SAMPLES: list[tuple[str, str, int | None]] = [
     ("Encounter", "/STU3/Encounter?_count=100", 300),
     ("Organization", "/STU3/Organization?_count=100", None),
     ("Location", "/STU3/Location?_count=100", None),
+    ("Condition", "/STU3/Condition?_count=100", 300),
+    ("AllergyIntolerance", "/STU3/AllergyIntolerance?_count=100", 300),
+    ("Flag", "/STU3/Flag?_count=100", 300),
+    ("Procedure", "/STU3/Procedure?_count=100", 300),
+    ("PractitionerRole", "/STU3/PractitionerRole?_count=100", None),
 ]
 TYPES = [rtype for rtype, _, _ in SAMPLES]
 
@@ -125,7 +130,10 @@ async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 async def served(demo_url: str, tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[Served]:
-    app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance")))
+    # One client reads back every reference the sample holds (over a thousand): a burst the
+    # per-client rate limit (tested in test_limits) would rightly refuse.
+    app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance"),
+                                     rate_limit_burst=100_000))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -275,8 +283,9 @@ def _references(node: Any) -> Iterator[str]:
 async def test_every_reference_resolves(served: Served) -> None:
     references = sorted({ref for r in served.everything() for ref in _references(r)})
     targets = {ref.split("/")[0] for ref in references}
-    # Patients point at GPs and practices; encounters at patients, consultants and wards...
-    assert targets == {"Patient", "Practitioner", "Organization", "Location"}
+    # Patients point at GPs and practices; encounters at patients, consultants and wards;
+    # conditions and procedures at the spell they were recorded in...
+    assert targets == {"Patient", "Practitioner", "Organization", "Location", "Encounter"}
     failed = []
     for ref in references:
         rtype, rid = ref.split("/")

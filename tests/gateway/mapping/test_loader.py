@@ -67,7 +67,8 @@ def one_problem(directory: Path) -> tuple[str, int, str]:
 def test_the_demo_mappings_load(demo_sqlite_url: str) -> None:
     loaded = load_directory(DEMO, create, urls={"pas": demo_sqlite_url})
     assert sorted(m.resource_type for m in loaded.mappings) == [
-        "Encounter", "Location", "Organization", "Patient", "Practitioner"]
+        "AllergyIntolerance", "Condition", "Encounter", "Flag", "Location", "Organization",
+        "Patient", "Practitioner", "PractitionerRole", "Procedure"]
     assert {m.connection for m in loaded.mappings} == {"pas"}
     assert list(loaded.adapters) == ["pas"]  # one adapter shared by every mapping
     assert len({id(m.adapter) for m in loaded.mappings}) == 1
@@ -292,7 +293,7 @@ def test_a_url_without_a_password_is_fine(demo_copy: Path) -> None:
     edit(demo_copy / "connections.yaml", "    url_env: CCG_PAS_URL",
          "    url: postgresql+psycopg://gateway@pas-db/pas\n    url_env: CCG_PAS_URL")
     loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
-    assert len(loaded.mappings) == 5
+    assert len(loaded.mappings) == len(list(DEMO.glob("*.sql.yaml"))) == 10
 
 
 def test_two_files_mapping_the_same_resource(demo_copy: Path) -> None:
@@ -511,7 +512,7 @@ def test_mappings_check_passes_on_the_demo(demo_sqlite_url: str, tmp_path: Path,
                         f"({len(doc['search'])} search parameters)")
     # (Further lines, such as checks of golden cases, may follow the one per mapping.)
     assert sorted(line for line in out if line.endswith("search parameters)")) == expected
-    assert len(expected) == 5
+    assert len(expected) == 10
     assert not (tmp_path / "data").exists()  # CCG_PAS_URL set: no embedded demo was built
 
 
@@ -558,3 +559,25 @@ def test_serve_exits_with_the_problems(demo_copy: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert "refusing to start: 1 mapping problem(s)" in err
     assert f"{f}:{line_with(f, 'connection: epr')}: source.connection: unknown connection" in err
+
+
+# --- a token system read through a code map --------------------------------------------------
+
+
+def test_a_token_systems_codemap_must_exist(demo_copy: Path) -> None:
+    f = demo_copy / "Condition.sql.yaml"
+    edit(f, "column: c.CTV3_CODE, codemap: ctv3-snomed}", "column: c.CTV3_CODE, codemap: ctv3}")
+    assert one_problem(demo_copy) == (
+        "Condition.sql.yaml", line_with(f, "codemap: ctv3}"),
+        "search.code.systems[3].codemap: unknown codemap 'ctv3'")
+
+
+def test_a_token_systems_codemap_must_translate_into_that_system(demo_copy: Path) -> None:
+    # readv2-snomed gives SNOMED CT codes: declaring them as Read v2 would search wrongly.
+    f = demo_copy / "Condition.sql.yaml"
+    edit(f, '{system: "http://snomed.info/sct", column: c.READ_CODE, codemap: readv2-snomed}',
+         '{system: "http://read.info/readv2", column: c.READ_CODE, codemap: readv2-snomed}')
+    assert one_problem(demo_copy) == (
+        "Condition.sql.yaml", line_with(f, "codemap: readv2-snomed}"),
+        "search.code.systems[2].codemap: 'readv2-snomed' translates into "
+        "'http://snomed.info/sct', not 'http://read.info/readv2'")
