@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -91,3 +92,12 @@ def test_the_other_transforms() -> None:
     assert t("digits", "n/a") is None
     assert t("no_spaces", " LS6  1LJ ") == "LS61LJ"
     assert t("no_spaces", "   ") is None
+
+
+@pytest.mark.parametrize(("stored", "expected"), [
+    ("5.4", 5.4), ("137", 137), ("-0.5", -0.5), (" 0.05 ", 0.05), ("0", 0),
+    ("<0.1", None), ("POSITIVE", None), ("1e5", None), ("01.5", None), ("5.", None), ("", None),
+])
+def test_decimal(stored: str, expected: Any) -> None:
+    result = TRANSFORMS["decimal"][0](stored)
+    assert result == expected and type(result) is type(expected)
