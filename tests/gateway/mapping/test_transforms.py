@@ -47,8 +47,8 @@ def test_title_case_agrees_with_its_word_rules_on_any_text() -> None:
 
 
 def test_every_transform_is_documented() -> None:
-    assert set(TRANSFORMS) == {"title_case", "upper", "lower", "string", "integer", "yes_no",
-                               "not", "digits", "no_spaces"}
+    assert set(TRANSFORMS) == {"title_case", "upper", "lower", "string", "integer", "decimal",
+                               "yes_no", "not", "digits", "no_spaces"}
     for fn, doc in TRANSFORMS.values():
         assert callable(fn)
         assert doc
