@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Index, create_engine, event, inspect, literal
 from sqlalchemy.schema import CreateTable
 
 # Import names, not the `generate` function: binding it here would shadow the submodule.
+from gateway.demo_pas.epr_medres import with_medication_and_results
 from gateway.demo_pas.generate import FIXTURE_PATIENTS, DemoPasGenerator
 from gateway.demo_pas.schema import metadata
 
@@ -67,7 +68,8 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
     try:
         with engine.begin() as conn, _progress(progress, patients) as advance:
             deferred = _create_schema(conn)
-            for batch in DemoPasGenerator(patients, seed).batches():
+            batches = DemoPasGenerator(patients, seed).batches()
+            for batch in with_medication_and_results(batches, seed):
                 conn.execute(batch.table.insert(), batch.rows)
                 advance(batch.patients_done, None)
             advance(patients, "Indexing demo PAS")  # ~10% of a large build: say so
