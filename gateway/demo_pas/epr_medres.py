@@ -557,6 +557,7 @@ class MedicationAndResults:
         side = "L" if r() < 0.7 else "R"
         site = {"ARM": f"{side}ARM", "THIGH": f"{side}THI", "NOSE": "NOSE"}[where]
         minute = 540 + int(r() * 480)
+        recorded = min(_REF_ORD, day + (0 if primary else int(r() * 200)))
         reason = None if not_given else _given_reason(r())
         self.out[med.immunisations].append({
             "IMMUN_REFNO": self.next["immun"], "PATNT_REFNO": p.refno, "VACC_CODE": code,
@@ -571,10 +572,9 @@ class MedicationAndResults:
             "PRIMARY_SRC": "Y" if primary else "N",
             "PROCA_REFNO": (p.gp if p.gp is not None else None) if primary else None,
             "LOCTN_REFNO": None,
-            "RECORDED_DTTM": _dttm(min(_REF_ORD, day + (0 if primary else int(r() * 200))),
-                                   minute),
+            "RECORDED_DTTM": _dttm(recorded, minute),
             "DEL_FLAG": "Y" if r() < 0.005 else "N",
-            "MODIF_DTTM": _modif(day, minute)})
+            "MODIF_DTTM": _modif(recorded, minute)})
         self.next["immun"] += 1
 
 

@@ -473,9 +473,12 @@ def test_codemap_targets_exist_in_care_connect_reference() -> None:
         system = doc.get("target_system", "")
         if system.startswith("https://fhir.hl7.org.uk/"):
             assert system in reference, f"{name}: no Care Connect CodeSystem {system}"
-        if system not in reference:
+        # SNOMED CT is open: the reference enumerates a few of its concepts, not all
+        if system not in reference or system == "http://snomed.info/sct":
             continue
         for key, target in doc["map"].items():
+            if target is None:  # listed on purpose with no target
+                continue
             assert target["code"] in reference[system], (name, key, target["code"])
             expected = reference[system][target["code"]]
             if "display" in target and expected is not None:
