@@ -369,8 +369,8 @@ class MedicationAndResults:
                     if panel == "CRP" and r() < 0.3:
                         continue
                     self._report(p, panel, day, 420 + int(r() * 180), refno, cons,
-                                 status="P" if disch is None and day == last and r() < 0.5
-                                 else "F", ill=0.5)
+                                 status="P" if disch is None and day >= _REF_ORD - 2
+                                 and r() < 0.7 else "F", ill=0.5)
             if r() < 0.15 or rich:
                 self._report(p, "MRSA", admit, 600, refno, cons, status="F")
 
