@@ -31,7 +31,8 @@ from gateway.demo_pas.generate import FIRST_PATNT_REFNO, REFERENCE_DATE, Batch, 
 Row = dict[str, Any]
 
 RICH_PATIENT = FIRST_PATNT_REFNO  # 100001
-LAB_ORGAN_REFNO = 1  # the trust's own laboratory
+TRUST_ORGAN_REFNO = 1  # the trust, whose laboratory reports the tests
+HOSPITAL_SITE = 1  # LOCATIONS: Demo General Infirmary
 _REF_ORD = REFERENCE_DATE.toordinal()
 _STREAM = "epr-medication-results"
 
@@ -425,7 +426,9 @@ class MedicationAndResults:
             "REPORT_ID": f"{'OB' if not lab else 'LB'}{refno:08d}", "REPTY_CODE": repty,
             "SPECIMEN": specimen, "COLLECTED_DTTM": _dttm(day, minute),
             "REPORTED_DTTM": _dttm(reported, rep_min) if status == "F" or lab else None,
-            "PROCA_REFNO": who, "ORGAN_REFNO": LAB_ORGAN_REFNO if lab else None,
+            # the trust answers for its laboratory's reports and for observations on its wards
+            "PROCA_REFNO": who,
+            "ORGAN_REFNO": TRUST_ORGAN_REFNO if lab or spell is not None else None,
             "PRVSP_REFNO": spell, "REPORT_STATUS": status,
             "DEL_FLAG": "N", "MODIF_DTTM": _modif(reported, rep_min)})
         self.next["reprt"] += 1
@@ -558,6 +561,7 @@ class MedicationAndResults:
         site = {"ARM": f"{side}ARM", "THIGH": f"{side}THI", "NOSE": "NOSE"}[where]
         minute = 540 + int(r() * 480)
         recorded = min(_REF_ORD, day + (0 if primary else int(r() * 200)))
+        hospital = code in ("HEPB", "COVID") and bool(self.nurses)
         reason = None if not_given else _given_reason(r())
         self.out[med.immunisations].append({
             "IMMUN_REFNO": self.next["immun"], "PATNT_REFNO": p.refno, "VACC_CODE": code,
@@ -570,8 +574,11 @@ class MedicationAndResults:
             "ROUTE_CODE": None if not_given else route,
             "DOSE_VALUE": None if not_given else dose, "DOSE_UNIT": None if not_given else "ml",
             "PRIMARY_SRC": "Y" if primary else "N",
-            "PROCA_REFNO": (p.gp if p.gp is not None else None) if primary else None,
-            "LOCTN_REFNO": None,
+            # hepatitis B (occupational health) and COVID-19 (the hospital hub) are given at
+            # the main site by its nurses; the rest at the GP practice
+            "PROCA_REFNO": (self.nurses[p.refno % len(self.nurses)] if hospital else p.gp)
+            if primary else None,
+            "LOCTN_REFNO": HOSPITAL_SITE if primary and hospital else None,
             "RECORDED_DTTM": _dttm(recorded, minute),
             "DEL_FLAG": "Y" if r() < 0.005 else "N",
             "MODIF_DTTM": _modif(recorded, minute)})

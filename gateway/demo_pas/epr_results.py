@@ -40,7 +40,7 @@ result_reports = Table(
     _dttm("COLLECTED_DTTM", nullable=False),
     _dttm("REPORTED_DTTM"),
     Column("PROCA_REFNO", Integer),  # who took the observations or requested the test
-    Column("ORGAN_REFNO", Integer),  # the laboratory that reported it
+    Column("ORGAN_REFNO", Integer),  # the organisation answering for it (lab or ward)
     Column("PRVSP_REFNO", Integer),  # the spell it was taken in, if any
     Column("REPORT_STATUS", String(1), nullable=False),
     Column("DEL_FLAG", CHAR(1), nullable=False),
