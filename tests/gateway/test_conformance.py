@@ -47,6 +47,12 @@ SAMPLES: list[tuple[str, str, int | None]] = [
     ("Encounter", "/STU3/Encounter?_count=100", 300),
     ("Organization", "/STU3/Organization?_count=100", None),
     ("Location", "/STU3/Location?_count=100", None),
+    # The EPR half: medicines and results (the first records, and the rich patient's all).
+    ("Medication", "/STU3/Medication?_count=100", None),
+    ("MedicationRequest", "/STU3/MedicationRequest?_count=100", 300),
+    ("MedicationStatement", "/STU3/MedicationStatement?_count=100", 300),
+    ("Immunization", "/STU3/Immunization?_count=100", 300),
+    ("Observation", "/STU3/Observation?_count=100", 400),
 ]
 TYPES = [rtype for rtype, _, _ in SAMPLES]
 
@@ -125,7 +131,9 @@ async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 async def served(demo_url: str, tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[Served]:
-    app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance")))
+    # Every reference is read back, one request each: more than the per-client rate allows.
+    app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance"),
+                                     rate_limit_per_minute=100_000, rate_limit_burst=10_000))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -275,8 +283,10 @@ def _references(node: Any) -> Iterator[str]:
 async def test_every_reference_resolves(served: Served) -> None:
     references = sorted({ref for r in served.everything() for ref in _references(r)})
     targets = {ref.split("/")[0] for ref in references}
-    # Patients point at GPs and practices; encounters at patients, consultants and wards...
-    assert targets == {"Patient", "Practitioner", "Organization", "Location"}
+    # Patients point at GPs and practices; encounters at patients, consultants and wards;
+    # orders at medicines and spells, statements at the orders they came from...
+    assert targets == {"Patient", "Practitioner", "Organization", "Location", "Encounter",
+                       "Medication", "MedicationRequest"}
     failed = []
     for ref in references:
         rtype, rid = ref.split("/")

@@ -49,6 +49,13 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
     ("/STU3/Organization?_count=100", 10_000, 1),
     ("/STU3/Practitioner?_count=50", 100, 40),  # the demo has fewer than 100: all of them
     ("/STU3/Encounter?_count=50", 100, 100),
+    ("/STU3/Medication?_count=100", 10_000, 70),
+    ("/STU3/MedicationRequest?_count=100", 200, 200),
+    ("/STU3/MedicationStatement?_count=100", 200, 200),
+    ("/STU3/Immunization?_count=100", 200, 200),
+    ("/STU3/Immunization?notgiven=true&_count=100", 100, 20),
+    ("/STU3/Observation?_count=100", 300, 300),
+    ("/STU3/Observation?patient=100001&_count=100", 10_000, 200),
 ])
 async def test_served_resources_conform(client: httpx.AsyncClient, path: str, limit: int,
                                         at_least: int) -> None:
