@@ -179,6 +179,7 @@ def _local_code(cmap: CodeMap, part: str, value: Any, state: _State, path: str) 
 
 
 def _dict(node: dict[str, Any], ctx: ReverseContext) -> Reader:
+    node = {k: v for k, v in node.items() if k != "requires"}  # an output-only guard
     readers = {k: _node(v, ctx) for k, v in node.items()}
     literal_keys = {k for k, v in node.items() if not isinstance(v, dict | list)}
 

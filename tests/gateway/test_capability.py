@@ -70,7 +70,10 @@ def expected_revincludes(rtype: str, served: set[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def app(demo_sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Starlette:
-    return build_app(gateway_settings(demo_sqlite_url, tmp_path_factory.mktemp("cap")))
+    # Every claim of fifteen types is tried by one client: more than the per-client rate
+    # limit (tested in test_limits) allows in a burst.
+    return build_app(gateway_settings(demo_sqlite_url, tmp_path_factory.mktemp("cap"),
+                                      rate_limit_per_minute=100_000, rate_limit_burst=100_000))
 
 
 def resources(statement: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -125,13 +128,19 @@ def test_demo_includes_by_name(app: Starlette) -> None:
     assert sorted(by_type["Patient"]["searchRevInclude"]) == [
         "AllergyIntolerance:patient", "Condition:patient", "Condition:subject",
         "Encounter:patient", "Encounter:subject", "Flag:patient", "Flag:subject",
-        "Procedure:patient", "Procedure:subject"]
+        "Immunization:patient", "MedicationRequest:patient", "MedicationRequest:subject",
+        "MedicationStatement:patient", "MedicationStatement:subject", "Observation:patient",
+        "Observation:subject", "Procedure:patient", "Procedure:subject"]
     assert sorted(by_type["Practitioner"]["searchRevInclude"]) == [
         "AllergyIntolerance:recorder", "Condition:asserter", "Encounter:practitioner",
-        "Flag:author", "Patient:general-practitioner", "PractitionerRole:practitioner",
-        "Procedure:performer"]
+        "Flag:author", "Immunization:practitioner", "MedicationRequest:requester",
+        "MedicationStatement:source", "Observation:performer", "Patient:general-practitioner",
+        "PractitionerRole:practitioner", "Procedure:performer"]
     assert sorted(by_type["Encounter"]["searchRevInclude"]) == [
-        "Condition:context", "Condition:encounter", "Procedure:context", "Procedure:encounter"]
+        "Condition:context", "Condition:encounter", "MedicationRequest:context",
+        "Observation:context", "Observation:encounter", "Procedure:context",
+        "Procedure:encounter"]
+    assert "searchRevInclude" not in by_type["MedicationStatement"]
     assert "searchInclude" not in by_type["Organization"]
 
 
@@ -162,8 +171,8 @@ def test_policy_and_sort_are_documented(app: Starlette) -> None:
     assert "at least 2 parameters of different types unless searching by identifier or _id" \
         in patient
     for rtype, doc in MAPPINGS.items():
-        if not doc.get("sort"):  # PractitionerRole: nothing to sort by
-            assert "_sort supports" not in by_type[rtype].get("documentation", "")
+        if not doc.get("sort"):  # nothing to sort by (PractitionerRole, Medication)
+            assert "_sort supports" not in by_type[rtype].get("documentation", ""), rtype
             continue
         assert f"_sort supports: {', '.join(doc['sort'])} " in by_type[rtype]["documentation"]
 

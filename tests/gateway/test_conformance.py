@@ -52,6 +52,12 @@ SAMPLES: list[tuple[str, str, int | None]] = [
     ("Flag", "/STU3/Flag?_count=100", 300),
     ("Procedure", "/STU3/Procedure?_count=100", 300),
     ("PractitionerRole", "/STU3/PractitionerRole?_count=100", None),
+    # The EPR half: medicines and results (the first records, and the rich patient's all).
+    ("Medication", "/STU3/Medication?_count=100", None),
+    ("MedicationRequest", "/STU3/MedicationRequest?_count=100", 300),
+    ("MedicationStatement", "/STU3/MedicationStatement?_count=100", 300),
+    ("Immunization", "/STU3/Immunization?_count=100", 300),
+    ("Observation", "/STU3/Observation?_count=100", 400),
 ]
 TYPES = [rtype for rtype, _, _ in SAMPLES]
 
@@ -133,7 +139,7 @@ async def served(demo_url: str, tmp_path_factory: pytest.TempPathFactory
     # One client reads back every reference the sample holds (over a thousand): a burst the
     # per-client rate limit (tested in test_limits) would rightly refuse.
     app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance"),
-                                     rate_limit_burst=100_000))
+                                     rate_limit_per_minute=100_000, rate_limit_burst=100_000))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -284,8 +290,10 @@ async def test_every_reference_resolves(served: Served) -> None:
     references = sorted({ref for r in served.everything() for ref in _references(r)})
     targets = {ref.split("/")[0] for ref in references}
     # Patients point at GPs and practices; encounters at patients, consultants and wards;
-    # conditions and procedures at the spell they were recorded in...
-    assert targets == {"Patient", "Practitioner", "Organization", "Location", "Encounter"}
+    # conditions and procedures at the spell they were recorded in; orders at medicines and
+    # spells, statements at the orders they came from...
+    assert targets == {"Patient", "Practitioner", "Organization", "Location", "Encounter",
+                       "Medication", "MedicationRequest"}
     failed = []
     for ref in references:
         rtype, rid = ref.split("/")

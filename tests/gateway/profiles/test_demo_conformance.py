@@ -60,6 +60,13 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
     ("/STU3/AllergyIntolerance?patient=100001", 100, 23),
     ("/STU3/Flag?patient=100001", 100, 20),
     ("/STU3/Procedure?patient=100001", 100, 38),
+    ("/STU3/Medication?_count=100", 10_000, 70),
+    ("/STU3/MedicationRequest?_count=100", 200, 200),
+    ("/STU3/MedicationStatement?_count=100", 200, 200),
+    ("/STU3/Immunization?_count=100", 200, 200),
+    ("/STU3/Immunization?notgiven=true&_count=100", 100, 20),
+    ("/STU3/Observation?_count=100", 300, 300),
+    ("/STU3/Observation?patient=100001&_count=100", 10_000, 200),
 ])
 async def test_served_resources_conform(client: httpx.AsyncClient, path: str, limit: int,
                                         at_least: int) -> None:
