@@ -744,6 +744,11 @@ class _Binder:
         spec = self.p.source.children[child]
         link = sa.and_(*(self.p.columns[a] == self.p.columns[b] for a, b in spec.link.items()))
         extra = [_condition(self.p.columns, w) for w in spec.where]
+        if isinstance(c, IsNull) and c.null:
+            # "Missing" on a child column: no child row holds a value -- a record without
+            # any child row (no current GP registration) is missing it too.
+            col = self.p.columns[c.ref]
+            return ~sa.exists().where(link, *extra, col.is_not(None))
         return sa.exists().where(link, *extra, expr)
 
     def _leaf(self, c: Compare | In | Text | IsNull) -> ColumnElement[bool]:

@@ -145,16 +145,19 @@ def plan_search(
             continue
         param = ctx.params.get(name)
         if param is None:
-            if strict:
-                raise UnknownParameter(
-                    f"unknown search parameter '{name}' for {ctx.resource_type}"
-                )
             ignored.append(name)
             continue
         criteria.append(_criterion(ctx, name, param, modifier or None, raw))
         used.append((key, raw))
         used_types[name] = param.type
 
+    if ignored and strict:
+        # Named all at once, before the search policy: a misspelt parameter is the problem
+        # to report, not the "two parameters" rule it happens to break.
+        names = ", ".join(f"'{n}'" for n in dict.fromkeys(ignored))
+        raise UnknownParameter(
+            f"unknown or unsupported search parameter(s) {names} for {ctx.resource_type} "
+            "(send 'Prefer: handling=lenient' to have them ignored)")
     if ctx.policy and not plan.page_token:
         _check_policy(ctx, ctx.policy, used_types)
 
@@ -384,6 +387,7 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
     if param.period:
         start, end = param.period.start, param.period.end
         s_store, e_store = ctx.storage(start), ctx.storage(end)
+        lo, hi = _as_served(s_store, lo, hi)
         sl, sh = s_store.bound(lo), s_store.bound(hi)
         # the least stored end whose unit ends after lo, after hi
         el, eh = _ends_after(e_store, lo), _ends_after(e_store, hi)
@@ -412,6 +416,7 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
 
     ref = param.refs[0]
     store = ctx.storage(ref)
+    lo, hi = _as_served(store, lo, hi)
     if p in ("eq", "ap"):  # [t, t + unit) within [lo, hi)
         return And((Compare(ref, ">=", store.bound(lo)),
                     Compare(ref, "<", _ends_after(store, hi))))
@@ -433,6 +438,26 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
 
 
 _TICK = dt.timedelta(microseconds=1)
+
+
+def _as_served(store: Storage, lo: dt.datetime, hi: dt.datetime
+               ) -> tuple[dt.datetime, dt.datetime]:
+    """A search value more precise than the storage, on one of its stored values, as that value.
+
+    A minute-precision column is served with ``:00`` seconds (FHIR dateTime needs them), so a
+    client searching with the exact value it was given (``eq2020-03-01T10:30:00``) asks for a
+    second the stored minute only partly covers; it means the minute. Values between stored
+    values keep their own precision (``10:30:20`` still finds nothing stored at 10:30).
+    """
+    unit = store.unit
+    if unit is None or hi - lo >= unit or _ceil_to(lo, unit) != lo:
+        return lo, hi
+    return lo, _clip(lo + unit)
+
+
+def _ceil_to(t: dt.datetime, unit: dt.timedelta) -> dt.datetime:
+    rem = (t - dt.datetime(1, 1, 1)) % unit
+    return t if not rem else t + (unit - rem)
 
 
 def _last_start(store: Storage, x: dt.datetime) -> dt.datetime:

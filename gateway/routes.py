@@ -81,7 +81,9 @@ class Api:
         for part in prefer.split(","):
             key, _, value = part.strip().partition("=")
             if key.strip().lower() == "handling":
-                return value.strip().strip('"').lower() == "strict"
+                handling = value.strip().strip('"').lower()
+                if handling in ("strict", "lenient"):
+                    return handling == "strict"
         return self.settings.strict_search
 
     # -- interactions
@@ -246,8 +248,11 @@ class Api:
             return self.respond(body, fmt)
 
         page = await provider.search(plan, after, backwards)
-        entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
-        entries += await self._includes(provider, plan, page, base)
+        matches = [provider.resource(r) for r in page.records]
+        entries = [bundle.entry(base, r, "match") for r in matches]
+        # bdl-7: a resource already in the Bundle as a match is not included again
+        entries += await self._includes(provider, plan, page, base,
+                                        {(r["resourceType"], r["id"]) for r in matches})
         entries += outcome
 
         links = [self_link]
@@ -273,12 +278,11 @@ class Api:
         token = self.pager.token(fingerprint, position, backwards)
         return bundle.search_url(base, provider.resource_type, used, token)
 
-    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str
-                        ) -> list[dict[str, Any]]:
+    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str,
+                        seen: set[tuple[str, str]]) -> list[dict[str, Any]]:
         if not page.records or not (plan.includes or plan.revincludes):
             return []
         limit = self.settings.include_limit
-        seen: set[tuple[str, str]] = set()
         out: list[dict[str, Any]] = []
         truncated: list[str] = []
         for inc in dict.fromkeys(plan.includes):  # a repeated _include is fetched once

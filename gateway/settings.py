@@ -39,8 +39,9 @@ class Settings:
     max_count: int = 500
     include_limit: int = 500
     """Most resources one _include or _revinclude may add to a page."""
-    strict_search: bool = False
-    """Default for unknown search parameters when the client sends no Prefer: handling."""
+    strict_search: bool = True
+    """Default for unknown search parameters when the client sends no Prefer: handling:
+    strict (400 naming them), as a misspelt parameter must not widen a clinical search."""
     paging_secret: str = ""
     connection_urls: dict[str, str] = field(default_factory=dict)
     """Per-connection URL overrides (tests, tooling); deployments use each url_env instead."""
