@@ -6,7 +6,7 @@ raises MappingError (with file:line for every problem) and the server does not s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,6 +40,23 @@ def demo_database_url(settings: Settings) -> str:
     path = settings.data_dir / f"demo-pas-{settings.demo_patients}.sqlite"
     ensure_sqlite_demo(path, patients=settings.demo_patients, progress=settings.progress)
     return f"sqlite:///{path}"
+
+
+def patient_id_check(registry: Registry) -> Callable[[str], bool]:
+    """Whether a token's ``patient`` claim is an id the Patient mapping serves: its key
+    storage takes it and gives it back unchanged (``0100001`` is not ``100001``)."""
+    if "Patient" not in registry:
+        return lambda _claim: True
+    provider = registry.get("Patient")
+    storage = provider.mapping.storage(provider.key)
+
+    def check(claim: str) -> bool:
+        try:
+            return str(storage.parse_key(claim)) == claim
+        except ValueError:
+            return False
+
+    return check
 
 
 def build_app(settings: Settings | None = None) -> Starlette:
@@ -77,12 +94,15 @@ def build_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=routes(api, registry, settings.base_path.rstrip("/")),
-        middleware=[Middleware(RequestContext),
+        middleware=[Middleware(RequestContext, cacheable=frozenset({
+                        "/_health", "/_ready",
+                        settings.base_path.rstrip("/") + "/metadata"})),
                     # audit sees every outcome, including the limits' and authentication's
                     Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
                     Middleware(ConcurrencyLimit, max_in_flight=settings.max_in_flight),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
-                    Middleware(Authentication, config=auth, base_path=settings.base_path),
+                    Middleware(Authentication, config=auth, base_path=settings.base_path,
+                               patient_id=patient_id_check(registry)),
                     # inside authentication: these need the principal it sets
                     Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
                                burst=settings.rate_limit_burst),

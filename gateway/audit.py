@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 import structlog
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.base import (
@@ -427,6 +427,11 @@ class AuditLayer:
                 return
             try:
                 await self.app(scope, receive, buffer)
+            except ClientDisconnect:
+                # Not a server failure: the client left before its request was complete.
+                self._write(self._records(scope, ctx, interaction, rtype, target, 499,
+                                          "CLIENT_CLOSED_REQUEST", "access"))
+                raise
             except Exception:
                 # RequestContext answers 500; the record says so. If it cannot be written,
                 # the original error still propagates (and the sink failure is logged).

@@ -117,6 +117,9 @@ class Api:
             raise UnsupportedMediaType(
                 "POST _search takes application/x-www-form-urlencoded parameters"
             )
+        # Before the body is read: a client without the scope never holds the server's
+        # attention for as long as it takes to send one (issue 13).
+        authorize.require(request, provider.resource_type, "s")
         body = b""
         async for chunk in request.stream():
             body += chunk
