@@ -24,6 +24,7 @@ from adapters.base import (
     In,
     Page,
     Query,
+    QueryTooLarge,
     SortKey,
     UnsupportedCriteria,
     Write,
@@ -37,6 +38,7 @@ from gateway.errors import (
     InvalidId,
     ResourceInvalid,
     ServiceUnavailable,
+    TooManyValues,
     UnknownResourceType,
     UnsupportedSearch,
     UpstreamError,
@@ -237,6 +239,8 @@ def translate_backend_error(exc: Exception) -> Exception:
         return UpstreamRejected(str(exc))
     if isinstance(exc, BackendError):
         return UpstreamError(str(exc))
+    if isinstance(exc, QueryTooLarge):
+        return TooManyValues(str(exc))
     if isinstance(exc, UnsupportedCriteria):
         return UnsupportedSearch(str(exc))
     return InternalError("the backend failed unexpectedly")

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Compare, In, Page, SortKey, Write
-from gateway import bundle, compartment, writes
+from gateway import bundle, compartment, cost, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.bundle import Pager
@@ -184,8 +184,11 @@ class Api:
         if condition:
             # Conditional create: a resend of the same create finds the first one.
             pairs = parse_qsl(condition.split("?", 1)[-1], keep_blank_values=True)
+            s = self.settings
+            cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
             plan = self.registry.plan(provider, pairs, default_count=2, max_count=2,
                                       strict=True)
+            cost.check_cost(plan.criteria, provider.key, s.search_cost_budget)
             plan.count = 2
             found = await provider.search(plan)
             if len(found.records) > 1:
@@ -226,8 +229,10 @@ class Api:
     ) -> Response:
         authorize.require(request, provider.resource_type, "s")
         s = self.settings
+        cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
                                   max_count=s.max_count, strict=self.strict(request))
+        cost.check_cost(plan.criteria, provider.key, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
         used = urlencode(plan.used)  # shared by the self, next and previous links

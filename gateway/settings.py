@@ -59,6 +59,13 @@ class Settings:
     """A request whose audit record cannot be written fails (503) instead of being served."""
     max_body_bytes: int = 1024 * 1024
     """Largest request body accepted (413 beyond it), checked before anything reads it."""
+    max_search_parameters: int = 50
+    """Most search parameters in one request (400 TOO_MANY_PARAMETERS); 0 = no cap."""
+    max_values_per_parameter: int = 100
+    """Most comma-separated values in one search parameter (400 TOO_MANY_VALUES); 0 = no cap."""
+    search_cost_budget: int = 5000
+    """Largest estimated search cost (gateway/cost.py) sent to a backend (400
+    SEARCH_TOO_COSTLY beyond it); 0 = no budget."""
     max_in_flight: int = 256
     """Most requests served at once (503 + Retry-After beyond it); 0 = no limit."""
     rate_limit_per_minute: int = 1200
