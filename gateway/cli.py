@@ -68,9 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
+    from gateway.server import uvicorn_options
+
+    tls = uvicorn_tls_options(settings)
+    options = {**tls, **uvicorn_options(settings.header_timeout_seconds, tls.get("http"))}
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 access_log=False, server_header=False, proxy_headers=args.proxy_headers,
-                **uvicorn_tls_options(settings))
+                **options)
     return 0
 
 
