@@ -89,6 +89,9 @@ class SearchPlan:
     """(name[:modifier], raw value) pairs that shaped the query, in request order."""
     ignored: list[str] = field(default_factory=list)
     page_token: str | None = None
+    exact: list[tuple[str, ...]] = field(default_factory=list)
+    """Each ``:exact`` parameter's values as sent: a match must carry one of them, exactly
+    (case and accents), as a value of the served resource (see ``matches_exactly``)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ def plan_search(
             ignored.append(name)
             continue
         criteria.append(_criterion(ctx, name, param, modifier or None, raw))
+        if modifier == "exact" and param.type == "string":
+            plan.exact.append(tuple(v.strip() for v in split_values(raw)))
         used.append((key, raw))
         used_types[name] = param.type
 
@@ -437,6 +442,31 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
     return Compare(ref, "<", store.bound(max(lo, _last_start(store, hi))))
 
 
+def matches_exactly(resource: dict[str, Any], exact: list[tuple[str, ...]]) -> bool:
+    """Whether the resource carries, for every ``:exact`` parameter, one of its values exactly.
+
+    STU3 ``:exact`` is case- and accent-sensitive. The backend finds the values equal when
+    case and accents are ignored (its column may hold ``SMITH`` for a served ``Smith``);
+    this keeps those whose served values hold the searched value as it was sent.
+    """
+    if not exact:
+        return True
+    served: set[str] = set()
+    _strings(resource, served)
+    return all(any(v in served for v in values) for values in exact)
+
+
+def _strings(node: Any, out: set[str]) -> None:
+    if isinstance(node, str):
+        out.add(node)
+    elif isinstance(node, dict):
+        for v in node.values():
+            _strings(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _strings(v, out)
+
+
 _TICK = dt.timedelta(microseconds=1)
 
 
@@ -483,5 +513,6 @@ __all__ = [
     "RevInclude",
     "SearchContext",
     "SearchPlan",
+    "matches_exactly",
     "plan_search",
 ]

@@ -37,7 +37,7 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render
-from gateway.plan import Include, RevInclude, SearchPlan
+from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
 from gateway.profiles.operation import validate_endpoint
 from gateway.providers import Provider, Registry
 from gateway.randomness import uuid4
@@ -257,6 +257,8 @@ class Api:
 
         page = await provider.search(plan, after, backwards)
         matches = [provider.resource(r) for r in page.records]
+        if plan.exact:  # :exact is case- and accent-sensitive on what is served
+            matches = [r for r in matches if matches_exactly(r, plan.exact)]
         entries = [bundle.entry(base, r, "match") for r in matches]
         # bdl-7: a resource already in the Bundle as a match is not included again
         entries += await self._includes(provider, plan, page, base,
