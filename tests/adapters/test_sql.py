@@ -888,3 +888,20 @@ def test_too_many_values_for_the_database_is_found_before_it_is_asked(
         assert len(p.statements) == 1
     finally:
         a.engine.dispose()
+
+
+def test_the_statement_cache_bound_is_a_connection_option(tmp_path: Any) -> None:
+    from adapters.registry import create
+    from gateway.mapping.model import Connection
+
+    def connection(**options: Any) -> Any:
+        return Connection.model_validate({"adapter": "sql", "url": "sqlite://",
+                                          "options": options})
+
+    adapter = create("pas", connection(statement_cache_bytes=4096), tmp_path)
+    assert isinstance(adapter, SqlAdapter)
+    assert adapter.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS).statements.max_bytes == 4096
+    for bad in ({"statement_cache_bytes": "lots"}, {"statement_cache_bytes": -1},
+                {"colour": "red"}):
+        with pytest.raises(SourceConfigError):
+            create("pas", connection(**bad), tmp_path)
