@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.auth.errors import AuthConfigError
     from gateway.mapping.loader import MappingError
 
+    workers = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if workers not in ("", "1"):
+        # Limits, rate buckets and caches live in this process: several workers would each
+        # grant a client the full allowance. Run more instances behind the load balancer.
+        print("refusing to start: WEB_CONCURRENCY is set to "
+              f"{workers[:20]!r}; the gateway runs as one process (unset it, or set it to 1, "
+              "and run more instances instead)", file=sys.stderr)
+        return 2
     settings = _settings(args)
     try:
         app = build_app(settings)
@@ -59,9 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
+    from gateway.server import uvicorn_options
+
+    tls = uvicorn_tls_options(settings)
+    options = {**tls, **uvicorn_options(settings.header_timeout_seconds, tls.get("http"))}
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 access_log=False, server_header=False, proxy_headers=args.proxy_headers,
-                **uvicorn_tls_options(settings))
+                **options)
     return 0
 
 

@@ -24,19 +24,21 @@ from adapters.base import (
     In,
     Page,
     Query,
+    QueryTooLarge,
     SortKey,
     UnsupportedCriteria,
     Write,
     WriteResult,
     any_of,
 )
-from gateway import audit, chain, compartment
+from gateway import audit, chain, compartment, limits
 from gateway.errors import (
     GatewayTimeout,
     InternalError,
     InvalidId,
     ResourceInvalid,
     ServiceUnavailable,
+    TooManyValues,
     UnknownResourceType,
     UnsupportedSearch,
     UpstreamError,
@@ -105,14 +107,16 @@ class Provider:
     async def _fetch(self, query: Query) -> Page:
         query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
         audit.note_backend(self, "fetch", query)
-        with _backend_call():
-            return await self.mapping.adapter.fetch(self.mapping.prepared, query)
+        async with limits.backend_slot():  # the client's own queue (gateway/limits.py)
+            with _backend_call():
+                return await self.mapping.adapter.fetch(self.mapping.prepared, query)
 
     async def _count(self, criteria: Criterion | None) -> int:
         query = compartment.restrict_count(self, Count(criteria))
         audit.note_backend(self, "count", query)
-        with _backend_call():
-            return await self.mapping.adapter.count(self.mapping.prepared, query)
+        async with limits.backend_slot():
+            with _backend_call():
+                return await self.mapping.adapter.count(self.mapping.prepared, query)
 
     def parse_keys(self, ref: str, ids: Iterable[str]) -> tuple[Any, ...]:
         """Ids as stored in ``ref``'s column; ids that cannot exist there are left out."""
@@ -176,9 +180,11 @@ class Provider:
 
     async def write(self, write: Write) -> WriteResult:
         compartment.check_write(self, write)
+        audit.before_write()  # the attempt record, or no write at all
         audit.note_backend(self, write.interaction, None)
-        with _backend_call():
-            result = await self.mapping.adapter.write(self.mapping.prepared, write)
+        async with limits.backend_slot():
+            with _backend_call():
+                result = await self.mapping.adapter.write(self.mapping.prepared, write)
         audit.note_written(self, result.id)
         return result
 
@@ -239,6 +245,8 @@ def translate_backend_error(exc: Exception) -> Exception:
         return UpstreamRejected(str(exc))
     if isinstance(exc, BackendError):
         return UpstreamError(str(exc))
+    if isinstance(exc, QueryTooLarge):
+        return TooManyValues(str(exc))
     if isinstance(exc, UnsupportedCriteria):
         return UnsupportedSearch(str(exc))
     return InternalError("the backend failed unexpectedly")

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Compare, In, Page, SortKey, Write
-from gateway import bundle, compartment, writes
+from gateway import bundle, compartment, cost, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.bundle import Pager
@@ -37,7 +37,7 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render
-from gateway.plan import Include, RevInclude, SearchPlan
+from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
 from gateway.profiles.operation import validate_endpoint
 from gateway.providers import Provider, Registry
 from gateway.randomness import uuid4
@@ -81,7 +81,9 @@ class Api:
         for part in prefer.split(","):
             key, _, value = part.strip().partition("=")
             if key.strip().lower() == "handling":
-                return value.strip().strip('"').lower() == "strict"
+                handling = value.strip().strip('"').lower()
+                if handling in ("strict", "lenient"):
+                    return handling == "strict"
         return self.settings.strict_search
 
     # -- interactions
@@ -115,6 +117,9 @@ class Api:
             raise UnsupportedMediaType(
                 "POST _search takes application/x-www-form-urlencoded parameters"
             )
+        # Before the body is read: a client without the scope never holds the server's
+        # attention for as long as it takes to send one (issue 13).
+        authorize.require(request, provider.resource_type, "s")
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -179,8 +184,11 @@ class Api:
         if condition:
             # Conditional create: a resend of the same create finds the first one.
             pairs = parse_qsl(condition.split("?", 1)[-1], keep_blank_values=True)
+            s = self.settings
+            cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
             plan = self.registry.plan(provider, pairs, default_count=2, max_count=2,
                                       strict=True)
+            cost.check_cost(plan.criteria, provider.key, s.search_cost_budget)
             plan.count = 2
             found = await provider.search(plan)
             if len(found.records) > 1:
@@ -221,8 +229,10 @@ class Api:
     ) -> Response:
         authorize.require(request, provider.resource_type, "s")
         s = self.settings
+        cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
                                   max_count=s.max_count, strict=self.strict(request))
+        cost.check_cost(plan.criteria, provider.key, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
         used = urlencode(plan.used)  # shared by the self, next and previous links
@@ -246,8 +256,13 @@ class Api:
             return self.respond(body, fmt)
 
         page = await provider.search(plan, after, backwards)
-        entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
-        entries += await self._includes(provider, plan, page, base)
+        matches = [provider.resource(r) for r in page.records]
+        if plan.exact:  # :exact is case- and accent-sensitive on what is served
+            matches = [r for r in matches if matches_exactly(r, plan.exact)]
+        entries = [bundle.entry(base, r, "match") for r in matches]
+        # bdl-7: a resource already in the Bundle as a match is not included again
+        entries += await self._includes(provider, plan, page, base,
+                                        {(r["resourceType"], r["id"]) for r in matches})
         entries += outcome
 
         links = [self_link]
@@ -273,12 +288,11 @@ class Api:
         token = self.pager.token(fingerprint, position, backwards)
         return bundle.search_url(base, provider.resource_type, used, token)
 
-    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str
-                        ) -> list[dict[str, Any]]:
+    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str,
+                        seen: set[tuple[str, str]]) -> list[dict[str, Any]]:
         if not page.records or not (plan.includes or plan.revincludes):
             return []
         limit = self.settings.include_limit
-        seen: set[tuple[str, str]] = set()
         out: list[dict[str, Any]] = []
         truncated: list[str] = []
         for inc in dict.fromkeys(plan.includes):  # a repeated _include is fetched once

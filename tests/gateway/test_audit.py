@@ -367,6 +367,29 @@ async def test_a_failing_sink_stops_a_write_before_the_backend(
     assert len(sim.received) == before  # no A28 was sent: nothing was written unaudited
 
 
+async def test_the_attempt_record_names_the_caller(
+    hl7: tuple[httpx.AsyncClient, Any, Starlette], tmp_path: Path
+) -> None:
+    # issue 13: attempts were written before authentication ran, naming nobody
+    from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
+
+    api, _sim, _app = hl7
+    r = await api.post("/STU3/Patient", json=NEW_PATIENT,
+                       headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 201, r.text
+    attempt, access = _records(tmp_path / "audit.jsonl")
+    assert attempt["event"] == "attempt" and access["event"] == "access"
+    assert attempt["outcome"]["result"] == "attempt"
+    assert attempt["client_id"] == "insecure-demo" == access["client_id"]
+    assert attempt["scopes"] == access["scopes"] and attempt["scopes"]
+    assert attempt["auth_mode"] == "insecure-demo"
+    # a write refused before it reaches the backend has no attempt: it attempted nothing
+    r = await api.post("/STU3/Patient", json={"resourceType": "Patient", "gender": "x"},
+                       headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code in (400, 422)
+    assert [x["event"] for x in _records(tmp_path / "audit.jsonl")][2:] == ["access"]
+
+
 def test_production_must_choose_the_audit_destination(tmp_path: Path) -> None:
     from gateway.audit import AuditConfigError, destination
     from gateway.auth.errors import AuthConfigError

@@ -293,13 +293,22 @@ async def test_case_and_accent_insensitive(api: httpx.AsyncClient, db: Demo, val
 
 
 @pytest.mark.parametrize(("value", "expect_some"), [
-    ("smith", True), ("SMITH", True), ("Brontë", True), ("bronte", True), ("smi", False),
-    ("smith-jones", True),
+    ("Smith", True), ("smith", False), ("SMITH", False), ("Brontë", True), ("Bronte", False),
+    ("bronte", False), ("Smi", False), ("Smith-Jones", True), ("smith-jones", False),
 ])
 async def test_family_exact(api: httpx.AsyncClient, db: Demo, value: str,
                             expect_some: bool) -> None:
-    # whole-value match, case- and accent-insensitive
-    expected = patients_where(db, lambda p: fold(p["SURNAME"]) == fold(value))
+    # STU3 :exact: the whole value, case and accents as given, as the server serves it (the
+    # PAS keeps SMITH; the resource says Smith, read back here by id)
+    candidates = patients_where(db, lambda p: fold(p["SURNAME"]) == fold(value))
+    expected = set()
+    ordered = sorted(candidates)
+    for start in range(0, len(ordered), 100):  # read back by id, a hundred at a time
+        r = await get(api, "Patient", [("_id", ",".join(ordered[start:start + 100])),
+                                       ("_count", "500")])
+        for e in r.json().get("entry", []):
+            if e["resource"]["name"][0]["family"] == value:
+                expected.add(e["resource"]["id"])
     assert bool(expected) == expect_some
     assert await found(api, "Patient", [("family:exact", value), ALL_GENDERS]) == expected
 
@@ -739,9 +748,12 @@ async def test_other_resources_have_no_rule(api: httpx.AsyncClient, db: Demo) ->
     assert r.json()["total"] == len(db.spells)
 
 
+LENIENT = {"Prefer": "handling=lenient"}
+
+
 async def test_unknown_parameter_is_ignored_leniently(api: httpx.AsyncClient) -> None:
     r = await get(api, "Patient", [("identifier", f"{NHS}|9990000018"), ("colour", "blue"),
-                                   ("_elements", "name")])
+                                   ("_elements", "name")], headers=LENIENT)
     assert r.status_code == 200, r.text
     bundle = r.json()
     assert match_ids(bundle) == ["100001"]
@@ -757,8 +769,29 @@ async def test_unknown_parameter_is_ignored_leniently(api: httpx.AsyncClient) ->
     assert oo["issue"][0]["details"]["coding"][0]["code"] == "UNKNOWN_PARAMETER"
     assert "colour" in oo["issue"][0]["diagnostics"]
     # an ignored parameter does not count towards the Care Connect rule
-    assert await error_code(api, "Patient", [("family", "smith"), ("colour", "blue")]) == \
-        "INSUFFICIENT_SEARCH_CRITERIA"
+    assert await error_code(api, "Patient", [("family", "smith"), ("colour", "blue")],
+                            headers=LENIENT) == "INSUFFICIENT_SEARCH_CRITERIA"
+
+
+@pytest.mark.parametrize(("rtype", "params"), [
+    ("Encounter", [("paitent", "100001")]),
+    ("Patient", [("famly", "smith"), ("gender", "female")]),
+    ("Patient", [("famly", "smith"), ("gendr", "female"), ("identifier", "9990000018")]),
+])
+async def test_unknown_parameter_is_refused_by_default(api: httpx.AsyncClient, rtype: str,
+                                                       params: Params) -> None:
+    # A misspelt parameter must not widen a clinical search (issue 13): strict by default,
+    # every unknown name in the message, before the "two parameters" rule.
+    r = await get(api, rtype, params)
+    assert r.status_code == 400, r.text
+    issue = r.json()["issue"][0]
+    assert issue["details"]["coding"][0]["code"] == "UNKNOWN_PARAMETER"
+    for name, _ in params:
+        if name not in ("gender", "identifier"):
+            assert f"'{name}'" in issue["diagnostics"]
+    # a header that says something else about handling leaves the default alone
+    r = await get(api, rtype, params, headers={"Prefer": "return=minimal"})
+    assert r.status_code == 400
 
 
 @pytest.mark.parametrize("prefer", ["handling=strict", "return=minimal, handling=strict",
@@ -946,3 +979,49 @@ async def test_post_search_same_as_get(api: httpx.AsyncClient, db: Demo) -> None
                                                        "_count": "500"})
     assert r.status_code == 200, r.text
     assert set(match_ids(r.json())) == expected
+
+
+async def test_date_searched_with_the_served_value_finds_the_resource(
+        api: httpx.AsyncClient, db: Demo) -> None:
+    # DTTM_OF_DEATH is stored to the minute and served with ":00" seconds: searching with the
+    # very value the server returned must find the resource (issue 13).
+    dead = sorted(k for k, p in db.patients.items() if p["DTTM_OF_DEATH"] is not None)[:5]
+    assert dead
+    for pid in dead:
+        r = await api.get(f"/STU3/Patient/{pid}")
+        served = r.json()["deceasedDateTime"]
+        assert served[16:19] == ":00", served  # minute precision, served with seconds
+        for value in (served, "eq" + served, "le" + served, "ge" + served):
+            assert str(pid) in await found(api, "Patient", [("death-date", value),
+                                                            ALL_GENDERS]), value
+        # a second inside the stored minute is not the stored value: not equal to it
+        inside = served[:17] + "30" + served[19:]
+        assert str(pid) not in await found(api, "Patient", [("death-date", inside),
+                                                            ALL_GENDERS])
+
+
+async def test_general_practitioner_missing_counts_patients_without_a_registration(
+        api: httpx.AsyncClient, db: Demo) -> None:
+    # The GP is a child row (the current registration): a patient with no such row has no
+    # general-practitioner, so :missing=true finds them (issue 13: it returned none).
+    def has_gp(pid: int) -> bool:
+        return any(r["PROCA_REFNO"] is not None or r["ORGAN_REFNO"] is not None
+                   for r in db.current_gp(pid))
+
+    without = patients_where(db, lambda p: not has_gp(p["PATNT_REFNO"])
+                             and p["SEXXX_CODE"] == "2")
+    assert without
+    assert await found(api, "Patient", [("general-practitioner:missing", "true"),
+                                        ("gender", "female")]) == without
+    with_gp = patients_where(db, lambda p: has_gp(p["PATNT_REFNO"]) and p["SEXXX_CODE"] == "2")
+    assert await found(api, "Patient", [("general-practitioner:missing", "false"),
+                                        ("gender", "female")]) == with_gp
+
+
+async def test_revinclude_never_repeats_a_match(api: httpx.AsyncClient) -> None:
+    # bdl-7: Location?_revinclude=Location:partof finds sites' wards, which are matches too.
+    r = await get(api, "Location", [("_revinclude", "Location:partof"), ("_count", "500")])
+    assert r.status_code == 200, r.text
+    urls = [e["fullUrl"] for e in r.json()["entry"] if e["search"]["mode"] != "outcome"]
+    assert len(urls) == len(set(urls))
+    assert any(e["search"]["mode"] == "match" for e in r.json()["entry"])
