@@ -27,7 +27,8 @@ from gateway.errors import GatewayError
 from gateway.limits import BodyLimit, ConcurrencyLimit, RateLimit
 from gateway.mapping.loader import load_directory
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
-from gateway.providers import Provider, Registry
+from gateway.providers import Provider
+from gateway.registry import Registry
 from gateway.routes import Api, routes
 from gateway.settings import Settings
 

@@ -65,9 +65,10 @@ from gateway import logging as gateway_logging
 from gateway.auth.errors import AuthConfigError
 from gateway.auth.principal import get_principal
 from gateway.errors import ERROR_CODE_SYSTEM, GatewayError
+from gateway.middleware import outcome_response
 
 if TYPE_CHECKING:
-    from gateway.providers import Provider
+    from gateway.compartment import Source as Provider
     from gateway.settings import Settings
 
 app_log = structlog.get_logger("gateway.audit.sink")
@@ -462,8 +463,6 @@ class AuditLayer:
             return False
 
     async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from gateway.middleware import outcome_response
-
         response = outcome_response(Request(scope, receive),
                                     AuditUnavailable("the audit trail cannot be written; "
                                                      "the request was not served"))

@@ -11,7 +11,7 @@ import datetime as dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from gateway.providers import Provider, Registry
+from gateway.registry import Registry, TypeProvider
 
 FHIR_VERSION = "3.0.2"
 FORMATS = ["application/fhir+json", "application/fhir+xml", "json", "xml"]
@@ -24,7 +24,7 @@ def _software_version() -> str:
         return "0+unknown"
 
 
-def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any]:
+def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
         {"name": "_id", "type": "token", "documentation": "The logical id of the resource"}
     ]
@@ -58,8 +58,8 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
         "conditionalDelete": "not-supported",
         "searchParam": params,
     }
-    sortable = provider.mapping.spec.sort
-    policy = provider.mapping.spec.search_policy
+    sortable = provider.sortable
+    policy = provider.policy
     notes = []
     if sortable:
         notes.append("_sort supports: " + ", ".join(sortable) + " (prefix - for descending)")

@@ -29,8 +29,8 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import DEFAULT, Format, negotiate, render
-from gateway.providers import adapter_seconds
 from gateway.randomness import random_hex
+from gateway.timing import adapter_seconds
 
 log = structlog.get_logger("gateway.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

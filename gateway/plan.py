@@ -107,6 +107,8 @@ class SearchContext:
     """Whether a resource type is served (so a reference to it can be included)."""
     revinclude_sources: Callable[[str, str], SearchParam | None]
     """The reference parameter ``param`` of provider ``type``, if it exists."""
+    id_prefix: str = ""
+    """The source's id prefix (one of several sources of a type): ``_id`` values carry it."""
 
 
 def plan_search(
@@ -139,7 +141,9 @@ def plan_search(
             ids = split_values(raw)
             if not all(ID_RE.match(i) for i in ids):
                 raise InvalidParameter("'_id' is not a valid resource id")
-            criteria.append(any_of([_key_equals(ctx, ctx.key_ref, i) for i in ids]))
+            pre = ctx.id_prefix
+            criteria.append(any_of([_key_equals(ctx, ctx.key_ref, i.removeprefix(pre))
+                                    for i in ids if i.startswith(pre)]))
             used.append((key, raw))
             used_types[name] = "token"
             continue

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from adapters.base import Compare, In, Page, SortKey, Write
+from adapters.base import Page, Write
 from gateway import bundle, compartment, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
@@ -32,15 +32,14 @@ from gateway.errors import (
     NotImplementedInteraction,
     PreconditionFailed,
     UnsupportedMediaType,
-    UnsupportedSearch,
     issue,
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render
 from gateway.plan import Include, RevInclude, SearchPlan
 from gateway.profiles.operation import validate_endpoint
-from gateway.providers import Provider, Registry
 from gateway.randomness import uuid4
+from gateway.registry import Registry, TypeProvider, adapters
 from gateway.search import ID_RE
 from gateway.settings import Settings
 
@@ -168,7 +167,7 @@ class Api:
 
     # -- writes
 
-    async def _create(self, request: Request, provider: Provider, fmt: Format) -> Response:
+    async def _create(self, request: Request, provider: TypeProvider, fmt: Format) -> Response:
         authorize.require(request, provider.resource_type, "c")
         if request.headers.get("if-none-exist"):  # a search that can answer with a match
             authorize.require(request, provider.resource_type, "s")
@@ -198,7 +197,7 @@ class Api:
         body = authorize.written(request, provider.resource_type, created or resource, "created")
         return self.respond(body, fmt, status=201, headers={"Location": location})
 
-    async def _update(self, request: Request, provider: Provider, rid: str, fmt: Format
+    async def _update(self, request: Request, provider: TypeProvider, rid: str, fmt: Format
                       ) -> Response:
         authorize.require(request, provider.resource_type, "u")
         resource = await writes.read_body(request, self.settings.max_body_bytes)
@@ -217,7 +216,7 @@ class Api:
     # -- search
 
     async def _search(
-        self, request: Request, provider: Provider, pairs: list[tuple[str, str]], fmt: Format
+        self, request: Request, provider: TypeProvider, pairs: list[tuple[str, str]], fmt: Format
     ) -> Response:
         authorize.require(request, provider.resource_type, "s")
         s = self.settings
@@ -248,6 +247,7 @@ class Api:
         page = await provider.search(plan, after, backwards)
         entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
         entries += await self._includes(provider, plan, page, base)
+        entries += provider.page_outcome(page)  # a source that did not answer: said so
         entries += outcome
 
         links = [self_link]
@@ -268,12 +268,12 @@ class Api:
                                 total=found, last_updated=now)
         return self.respond(body, fmt)
 
-    def _page_link(self, base: str, provider: Provider, used: str, fingerprint: str,
+    def _page_link(self, base: str, provider: TypeProvider, used: str, fingerprint: str,
                    position: tuple[Any, ...], backwards: bool) -> str:
         token = self.pager.token(fingerprint, position, backwards)
         return bundle.search_url(base, provider.resource_type, used, token)
 
-    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str
+    async def _includes(self, provider: TypeProvider, plan: SearchPlan, page: Page, base: str
                         ) -> list[dict[str, Any]]:
         if not page.records or not (plan.includes or plan.revincludes):
             return []
@@ -302,43 +302,26 @@ class Api:
             out.append({"resource": oo, "search": {"mode": "outcome"}})
         return out
 
-    async def _include(self, provider: Provider, inc: Include, page: Page, limit: int,
+    async def _include(self, provider: TypeProvider, inc: Include, page: Page, limit: int,
                        truncated: list[str]) -> list[dict[str, Any]]:
         targets = provider.params[inc.param].reference_targets()
         results: list[dict[str, Any]] = []
-        for rtype, ref in targets.items():
+        for rtype in targets:
             if inc.target not in ("*", rtype) or rtype not in self.registry:
                 continue
-            ids = [v for r in page.records for v in provider.reference_values(r, ref)]
+            ids = [v for r in page.records for v in provider.reference_ids(r, inc.param, rtype)]
             if len({i for i in ids if ID_RE.match(i)}) > limit:
                 truncated.append(f"_include={provider.resource_type}:{inc.param}:{rtype}")
             results += await self.registry.get(rtype).read_many(ids, limit)
         return results
 
-    async def _revinclude(self, provider: Provider, rev: RevInclude, ids: list[str], limit: int,
-                          truncated: list[str]) -> list[dict[str, Any]]:
+    async def _revinclude(self, provider: TypeProvider, rev: RevInclude, ids: list[str],
+                          limit: int, truncated: list[str]) -> list[dict[str, Any]]:
         source = self.registry.get(rev.source_type)
-        ref = source.params[rev.param].reference_targets()[provider.resource_type]
-        keys = source.parse_keys(ref, ids)
-        if not keys:
-            return []
-        # Not a client search: no search policy applies, only the link to this page.
-        sub = SearchPlan(criteria=None, sort=(SortKey(source.key),), count=limit)
-        try:
-            page = await source.search(sub, extra=In(ref, keys))
-            records = page.records
-            more = page.more
-        except UnsupportedSearch:
-            # A source that cannot ask for several at once (HL7 v2 queries): one by one.
-            records = []
-            more = False
-            for key in keys:
-                page = await source.search(sub, extra=Compare(ref, "=", key))
-                more = more or page.more or len(records) + len(page.records) > limit
-                records += page.records[: max(0, limit - len(records))]
+        found, more = await source.revinclude(rev.param, provider.resource_type, ids, limit)
         if more:
             truncated.append(f"_revinclude={rev.source_type}:{rev.param}")
-        return [source.resource(r) for r in records]
+        return found
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
@@ -385,8 +368,7 @@ async def health(request: Request) -> Response:
 def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
         checks: dict[str, str] = {}
-        adapters = {p.mapping.connection: p.mapping.adapter for p in registry}
-        for name, adapter in adapters.items():
+        for name, adapter in adapters(registry).items():
             try:
                 with anyio.fail_after(timeout):
                     await adapter.ping()

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from gateway.app import build_app
 from gateway.capability import FHIR_VERSION, capability_statement
 from gateway.errors import InvalidParameter
-from gateway.providers import Registry
+from gateway.registry import Registry
 from gateway.settings import default_mappings_dir
 from tests.conftest import LiveServer, gateway_settings
 
