@@ -1,7 +1,7 @@
 """The CapabilityStatement, generated from what is registered and mapped — never hand-written.
 
 Each resource lists the interactions its provider serves, the search parameters its mapping
-declares, the ``_include`` values whose target type is served, and the ``_revinclude`` values
+declares (for a type with several sources: those every source declares), the ``_include`` values whose target type is served, and the ``_revinclude`` values
 that other providers' reference parameters make possible. Nothing else is claimed.
 """
 
@@ -31,8 +31,11 @@ def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str,
     includes: list[str] = []
     for name, p in sorted(provider.params.items()):
         entry: dict[str, Any] = {"name": name, "type": p.type}
-        if p.description:
-            entry["documentation"] = p.description
+        # Several sources: each one's description, once (they say what the value means there).
+        described = dict.fromkeys(d for s in provider.sources
+                                  if (d := s.params[name].description))
+        if described:
+            entry["documentation"] = "; ".join(described)
         params.append(entry)
         if p.type == "reference":
             served = [t for t in p.reference_targets() if t in registry]

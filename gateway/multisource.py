@@ -15,7 +15,8 @@ mapping file of its own. The composite answers as one provider (routes do not kn
   and a walk to the end yields the merged set exactly once.
 * **a failing source** (502/503/504) gives a partial page with an OperationOutcome warning
   entry naming the source, never a silent gap; its position does not move, so the next page
-  asks it again. Under ``Prefer: handling=strict`` the error is the answer.
+  asks it again. Under ``Prefer: handling=strict``, or when no source answered, the error is
+  the answer.
 * **what is claimed** is what every source supports: a parameter, a ``_sort`` key or an
   interaction only one source has is not the type's (so the CapabilityStatement, generated
   from this, does not list it, and a search treats it as unknown).
@@ -225,6 +226,9 @@ class MultiSource:
                     raise
                 failed.append((source_name(source), exc))
                 pages.append(None)
+        if failed and all(p is None for p in pages) and len(failed) == sum(
+                st is not DONE for st in states):
+            raise failed[0][1]  # nothing answered: an error, not an empty page with warnings
         runs = [
             [(self._merge_key(i, r, plan.parts[i].sort), i, r) for r in page.records]
             if page is not None else []

@@ -279,7 +279,7 @@ def test_errors_follow_the_negotiated_format(http: httpx.Client) -> None:
 
 
 def test_backend_timeout_is_504(http: httpx.Client, app: Starlette) -> None:
-    adapters = {p.mapping.adapter for p in app.state.registry}
+    adapters = {p.mapping.adapter for p in app.state.registry.sources()}
     saved = {a: a.timeout for a in adapters}
     try:
         for a in adapters:

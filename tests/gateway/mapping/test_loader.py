@@ -67,7 +67,8 @@ def one_problem(directory: Path) -> tuple[str, int, str]:
 def test_the_demo_mappings_load(demo_sqlite_url: str) -> None:
     loaded = load_directory(DEMO, create, urls={"pas": demo_sqlite_url})
     assert sorted(m.resource_type for m in loaded.mappings) == [
-        "Encounter", "Location", "Organization", "Patient", "Practitioner"]
+        "Encounter", "Encounter", "Encounter", "Location", "Organization", "Patient",
+        "Practitioner"]
     assert {m.connection for m in loaded.mappings} == {"pas"}
     assert list(loaded.adapters) == ["pas"]  # one adapter shared by every mapping
     assert len({id(m.adapter) for m in loaded.mappings}) == 1
@@ -292,7 +293,7 @@ def test_a_url_without_a_password_is_fine(demo_copy: Path) -> None:
     edit(demo_copy / "connections.yaml", "    url_env: CCG_PAS_URL",
          "    url: postgresql+psycopg://gateway@pas-db/pas\n    url_env: CCG_PAS_URL")
     loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
-    assert len(loaded.mappings) == 5
+    assert len(loaded.mappings) == 7
 
 
 def test_two_files_mapping_the_same_resource(demo_copy: Path) -> None:
@@ -567,7 +568,7 @@ def test_mappings_check_passes_on_the_demo(demo_sqlite_url: str, tmp_path: Path,
                         f"({len(doc['search'])} search parameters)")
     # (Further lines, such as checks of golden cases, may follow the one per mapping.)
     assert sorted(line for line in out if line.endswith("search parameters)")) == expected
-    assert len(expected) == 5
+    assert len(expected) == 7
     assert not (tmp_path / "data").exists()  # CCG_PAS_URL set: no embedded demo was built
 
 
