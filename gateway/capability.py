@@ -1,8 +1,10 @@
 """The CapabilityStatement, generated from what is registered and mapped — never hand-written.
 
 Each resource lists the interactions its provider serves, the search parameters its mapping
-declares (for a type with several sources: those every source declares), the ``_include`` values whose target type is served, and the ``_revinclude`` values
-that other providers' reference parameters make possible. Nothing else is claimed.
+declares (for a type with several sources: those every source declares), the ``_include``
+values whose target type is served, and the ``_revinclude`` values that other providers'
+reference parameters make possible; the operations come from the operation registry.
+Nothing else is claimed.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 ``<golden>/<ResourceType>/<case>.input.json`` holds a raw source record (``"p.SURNAME"`` keys,
 children under ``"@addresses"``); a source with an ``id_prefix`` (one of several sources of
-its type) has its own directory, ``<ResourceType>.<prefix>`` (``Encounter.op``). ``careconnect-gateway mappings check`` maps each with the
-mapping for its resource type and validates the result against the mapping's profile.
+its type) has its own directory, ``<ResourceType>.<prefix>`` (``Encounter.op``).
+``careconnect-gateway mappings check`` maps each with its mapping and validates the result
+against the mapping's profile.
 """
 
 from __future__ import annotations

@@ -354,7 +354,8 @@ def test_sources_of_one_type_share_a_profile(demo_copy: Path) -> None:
     shutil.copy(demo_copy / "Location.sql.yaml", demo_copy / "Location.x.yaml")
     f = demo_copy / "Location.x.yaml"
     edit(f, "resource: Location\n", "resource: Location\nid_prefix: cp-\n")
-    edit(f, "StructureDefinition/CareConnect-Location-1", "StructureDefinition/CareConnect-Location-2")
+    edit(f, "StructureDefinition/CareConnect-Location-1",
+         "StructureDefinition/CareConnect-Location-2")
     assert one_problem(demo_copy) == (
         "Location.x.yaml", line_with(f, "profile:"),
         "profile: every source of Location must declare the same profile as Location.sql.yaml")
