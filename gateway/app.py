@@ -27,6 +27,10 @@ from gateway.errors import GatewayError
 from gateway.limits import BodyLimit, ConcurrencyLimit, RateLimit
 from gateway.mapping.loader import load_directory
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
+from gateway.operations import OperationRegistry
+from gateway.operations.everything import Everything
+from gateway.operations.structured import load_operations
+from gateway.operations.validate import Validate
 from gateway.providers import Provider
 from gateway.registry import Registry
 from gateway.routes import Api, routes
@@ -63,7 +67,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
-    api = Api(registry, settings, Pager(settings.paging_secret))
+    operations = OperationRegistry([Validate(), Everything(),
+                                    *load_operations(loaded.directory, registry)])
+    api = Api(registry, settings, Pager(settings.paging_secret), operations)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
                              fail_closed=settings.audit_fail_closed)
@@ -93,6 +99,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.registry = registry
+    app.state.operations = operations
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail

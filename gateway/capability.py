@@ -13,6 +13,7 @@ import datetime as dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from gateway.operations import OperationRegistry
 from gateway.registry import Registry, TypeProvider
 
 FHIR_VERSION = "3.0.2"
@@ -84,7 +85,15 @@ def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str,
     return out
 
 
-def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
+def operation_capability(operations: OperationRegistry | None, base_url: str
+                         ) -> list[dict[str, Any]]:
+    """Every registered operation, by name, with its OperationDefinition."""
+    return [{"name": op.name, "definition": {"reference": op.definition_reference(base_url)}}
+            for op in operations or ()]
+
+
+def capability_statement(registry: Registry, base_url: str,
+                         operations: OperationRegistry | None = None) -> dict[str, Any]:
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -103,8 +112,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "resource": [resource_capability(p, registry) for p in registry],
-                "operation": [{"name": "validate", "definition": {
-                    "reference": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}}],
+                "operation": operation_capability(operations, base_url),
             }
         ],
     }

@@ -73,7 +73,9 @@ class Registry:
         )
 
     def plan(self, provider: TypeProvider, pairs: list[tuple[str, str]], *, default_count: int,
-             max_count: int, strict: bool) -> SearchPlan:
+             max_count: int, strict: bool, note: bool = True) -> SearchPlan:
+        """Plan a search on a type (each source on its own columns); ``note``: it is the
+        request's own search, for the audit record."""
         plan: SearchPlan
         if isinstance(provider, MultiSource):
             # Each source plans against its own columns, limited to what every source has.
@@ -87,7 +89,8 @@ class Registry:
         else:
             plan = plan_search(self.search_context(provider), pairs, default_count=default_count,
                                max_count=max_count, strict=strict)
-        audit.note_search(provider.resource_type, plan.used)
+        if note:
+            audit.note_search(provider.resource_type, plan.used)
         return plan
 
     async def aclose(self) -> None:

@@ -36,8 +36,9 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render
+from gateway.operations import OperationRegistry
+from gateway.operations.base import Invocation, Level
 from gateway.plan import Include, RevInclude, SearchPlan
-from gateway.profiles.operation import validate_endpoint
 from gateway.randomness import uuid4
 from gateway.registry import Registry, TypeProvider, adapters
 from gateway.search import ID_RE
@@ -47,10 +48,12 @@ MAX_FORM_BYTES = 64 * 1024
 
 
 class Api:
-    def __init__(self, registry: Registry, settings: Settings, pager: Pager) -> None:
+    def __init__(self, registry: Registry, settings: Settings, pager: Pager,
+                 operations: OperationRegistry | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.pager = pager
+        self.operations = operations or OperationRegistry(())
 
     # -- helpers
 
@@ -89,7 +92,7 @@ class Api:
         fmt = self.fmt(request)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
-        statement = capability_statement(self.registry, self.base_url(request))
+        statement = capability_statement(self.registry, self.base_url(request), self.operations)
         return self.respond(with_security(statement, self.settings), fmt)
 
     async def type_level(self, request: Request) -> Response:
@@ -129,7 +132,10 @@ class Api:
 
     async def instance(self, request: Request) -> Response:
         fmt = self.fmt(request)
-        provider = self.registry.get(request.path_params["type"])
+        rtype = request.path_params["type"]
+        if rtype == "OperationDefinition" and rtype not in self.registry:
+            return await self.operation_definition(request)  # this server's own operations
+        provider = self.registry.get(rtype)
         rid = request.path_params["id"]
         if rid == "_search" and request.method in ("GET", "HEAD"):
             return await self._search(request, provider, list(request.query_params.multi_items()),
@@ -158,6 +164,34 @@ class Api:
             if _not_modified(request, etag, when):
                 return Response(status_code=304, headers=headers)
         return self.respond(resource, fmt, headers=headers)
+
+    async def operation(self, request: Request) -> Response:
+        """``$name`` at system, type or instance level: dispatched to the operation registry."""
+        self.fmt(request)
+        params = request.path_params
+        name = params["op"][1:]
+        rtype, rid = params.get("type"), params.get("id")
+        level: Level = "instance" if rid is not None else "type" if rtype else "system"
+        provider = self.registry.get(rtype) if rtype else None
+        op = self.operations.find(name, level, rtype)
+        if op is None:
+            raise NotImplementedInteraction(
+                f"operation ${name} is not supported here" if name.isalnum() or "-" in name
+                else "this operation is not supported here")
+        if request.method not in op.methods:
+            allowed = ", ".join(op.methods)
+            raise MethodNotAllowed(f"${name} supports {allowed}", headers={"Allow": allowed})
+        return await op.run(self, Invocation(request, level, provider, rid))
+
+    async def operation_definition(self, request: Request) -> Response:
+        """``OperationDefinition/[id]``: the definitions of this server's own operations."""
+        fmt = self.fmt(request)
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("OperationDefinition supports GET", headers={"Allow": "GET"})
+        found = self.operations.definition(request.path_params["id"], self.base_url(request))
+        if found is None:
+            raise NotFound("OperationDefinition with that id was not found")
+        return self.respond(found, fmt)
 
     async def deeper(self, request: Request) -> Response:
         """``[type]/[id]/_history``, ``[type]/[id]/$op`` and the like: recognised, not served."""
@@ -396,8 +430,13 @@ class _Id(_TypeName):
     regex = "[A-Za-z0-9.-]{1,64}"  # a FHIR id (ID_RE)
 
 
+class _Op(_TypeName):
+    regex = r"\$[A-Za-z][A-Za-z0-9-]{0,63}"  # an operation: $everything
+
+
 register_url_convertor("fhir_type", _TypeName())
 register_url_convertor("fhir_id", _Id())
+register_url_convertor("fhir_op", _Op())
 
 
 def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
@@ -412,9 +451,10 @@ def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
         Route("/_ready", ready_endpoint(registry), methods=["GET"]),
         Route(f"{base}/metadata", api.metadata, methods=every),
         Route(f"{base}/{{type}}/_search", api.search_post, methods=["POST"]),
-        Route(f"{base}/{{type}}/$validate", validate_endpoint(api, instance=False), methods=every),
-        Route(f"{base}/{{type}}/{{id}}/$validate", validate_endpoint(api, instance=True),
-              methods=every),
+        # Operations: one dispatcher for every level, to the operation registry.
+        Route(f"{base}/{{op:fhir_op}}", api.operation, methods=every),
+        Route(f"{base}/{{type:fhir_type}}/{{op:fhir_op}}", api.operation, methods=every),
+        Route(f"{base}/{{type:fhir_type}}/{{id}}/{{op:fhir_op}}", api.operation, methods=every),
         Route(f"{base}/{{type}}", api.type_level, methods=every),
         Route(f"{base}/{{type}}/{{id}}", api.instance, methods=every),
         Route(f"{base}/{{type}}/{{id}}/{{rest:path}}", api.deeper, methods=every),

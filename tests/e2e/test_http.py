@@ -195,7 +195,8 @@ ERRORS: list[tuple[str, str, dict[str, str], int, str]] = [
     ("GET", "/STU3/Patient/100001/_history/1", {}, 501, "NOT_IMPLEMENTED"),
     ("GET", "/STU3/Patient/_history", {}, 501, "NOT_IMPLEMENTED"),
     ("GET", "/STU3/Patient/$everything", {}, 501, "NOT_IMPLEMENTED"),
-    ("GET", "/STU3/Patient/100001/$everything", {}, 501, "NOT_IMPLEMENTED"),
+    ("GET", "/STU3/Patient/100001/$lastn", {}, 501, "NOT_IMPLEMENTED"),
+    ("GET", "/STU3/Encounter/1/$everything", {}, 501, "NOT_IMPLEMENTED"),
     ("POST", "/STU3/Patient/$match", {}, 501, "NOT_IMPLEMENTED"),
 ]
 
