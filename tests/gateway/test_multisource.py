@@ -116,7 +116,7 @@ async def test_an_unsorted_walk_of_everything_has_each_once(
         client: tuple[httpx.AsyncClient, str]) -> None:
     c, url = client
     rows = encounters(url)
-    ids, pages = await walk(c, "/STU3/Encounter?_count=500")
+    ids, _ = await walk(c, "/STU3/Encounter?_count=500")
     assert len(ids) == len(set(ids))
     assert set(ids) == {r["id"] for r in rows}
     # key order, one source after another (ties at "no sort key" go to source order)
