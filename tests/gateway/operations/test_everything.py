@@ -194,7 +194,7 @@ async def _compare_statement_counts(c: httpx.AsyncClient, url: str, app: Starlet
 
 async def test_audited_as_one_record_access(
         gw: tuple[httpx.AsyncClient, str, Starlette], tmp_path: Path) -> None:
-    c, url, _ = gw
+    c, _, _ = gw
     r = await c.get("/STU3/Patient/100001/$everything?_count=100")
     assert r.status_code == 200
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
