@@ -97,12 +97,7 @@ class Everything(Operation):
                     raise InvalidParameter("'_count' must be a positive integer")
                 count = min(int(raw), s.max_count)
 
-        patient_provider = ctx.registry.get("Patient")
-        patient = await patient_provider.read(pid)
-        if patient is None:
-            raise NotFound("Patient with that id was not found")
         secs, denied = record.sections(ctx.registry, types, principal)
-
         base = ctx.base_url(request)
         path = f"Patient/{pid}/$everything"
         query = urlencode(used)
@@ -119,30 +114,46 @@ class Everything(Operation):
 
         date_pairs = [("date", f"ge{start}")] if start else []
         date_pairs += [("date", f"le{end}")] if end else []
-        entries: list[dict[str, Any]] = []
+        plans = [record.section_plan(ctx.registry, source, pid, count, date_pairs=date_pairs,
+                                     since=since) for source in secs[at:]]
+        failed: list[str] = []
+        # The patient and every remaining section at once (each at most a page): one round
+        # trip to the database threads instead of one per section; the statements are the
+        # same ones, never more than one per section.
+        patient, pages = await record.gather(
+            ctx.registry.get("Patient").read(pid),
+            [record.fetch(source, plan, after if i == 0 else None, strict, failed)
+             for i, (source, plan) in enumerate(zip(secs[at:], plans, strict=True))])
+        if patient is None:
+            raise NotFound("Patient with that id was not found")
         served: list[dict[str, Any]] = []
         if not page_token and (types is None or "Patient" in types):
             served.append(patient)
-        failed: list[str] = []
         touched: dict[str, None] = {"Patient": None}
         room = count
-        while room > 0 and at < len(secs):
-            source = secs[at]
-            plan = record.section_plan(ctx.registry, source, pid, room, date_pairs=date_pairs,
-                                       since=since)
-            page = await record.fetch(source, plan, after, strict, failed)
+        next_at: int | None = None
+        next_after: list[Any] | None = None
+        for i, page in enumerate(pages):
+            source = secs[at + i]
             if page is None:  # said so in a warning; the walk goes on past it
-                at, after = at + 1, None
                 continue
-            for rec in page.records:
+            taken = page.records[:room]
+            for rec in taken:
                 served.append(source.resource(rec))
-            if page.records:
+            if taken:
                 touched[source.resource_type] = None
-            room -= len(page.records)
-            if page.more and page.end is not None:
-                after = page.end
+            room -= len(taken)
+            if len(taken) < len(page.records):  # the page is full inside this section
+                next_at = at + i
+                next_after = list(source.position(taken[-1], plans[i].sort)) if taken else (
+                    list(after) if i == 0 and after else None)
                 break
-            at, after = at + 1, None
+            if page.more and page.end is not None:
+                next_at, next_after = at + i, list(page.end)
+                break
+            if room == 0 and at + i + 1 < len(secs):
+                next_at, next_after = at + i + 1, None
+                break
         entries = [bundle.entry(base, r, "match") for r in served]
         included = await record.referenced(ctx.registry, served, principal, types)
         entries += [bundle.entry(base, r, "include") for r in included]
@@ -158,8 +169,8 @@ class Everything(Operation):
         entries += record.warnings(notes, "NOT_INCLUDED")
 
         links = [("self", bundle.search_url(base, path, query, page_token))]
-        if at < len(secs):
-            token = ctx.pager.token(fingerprint, (at, list(after) if after else None), False)
+        if next_at is not None:
+            token = ctx.pager.token(fingerprint, (next_at, next_after), False)
             links.append(("next", bundle.search_url(base, path, query, token)))
         audit.note_operation("everything", pid, list(touched))
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Iterator
-from typing import Any
+import time
+from collections.abc import Awaitable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import anyio
 
 from adapters.base import Compare, Criterion, Nothing, Page, all_of, any_of
 from gateway import compartment
@@ -22,6 +25,9 @@ from gateway.multisource import SOURCE_FAILURES, source_name
 from gateway.plan import SearchPlan, plan_search
 from gateway.providers import Provider
 from gateway.registry import Registry
+from gateway.timing import adapter_seconds
+
+T = TypeVar("T")
 
 REFERENCED = ("Practitioner", "Organization", "Location", "Medication")
 """Types a record brings along when its resources refer to them (STU3 $everything)."""
@@ -103,6 +109,30 @@ async def fetch(source: Provider, plan: SearchPlan, after: tuple[Any, ...] | Non
         failed.append(f"{source.resource_type} source '{source_name(source)}' did not answer "
                       f"({exc.error_code})")
         return None
+
+
+async def gather(first: Awaitable[T], rest: list[Awaitable[Page | None]]
+                 ) -> tuple[T, list[Page | None]]:
+    """``first`` and ``rest`` concurrently (the adapters run them on their threads); the
+    first error, if any, is raised as itself (not as a group)."""
+    results: list[Any] = [None] * (1 + len(rest))
+    errors: list[BaseException] = []
+
+    async def one(i: int, aw: Awaitable[Any]) -> None:
+        try:
+            results[i] = await aw
+        except Exception as exc:  # re-raised below, the first one, as it was
+            errors.append(exc)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i, aw in enumerate([first, *rest]):
+            tg.start_soon(one, i, aw)
+    # The tasks' own timing stays in their contexts: the request log gets the wall time.
+    adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
+    if errors:
+        raise errors[0]
+    return results[0], results[1:]
 
 
 def references(node: Any) -> Iterator[str]:
