@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baseline_app import (  # noqa: E402 - a sibling script
+from baseline_app import (
     IDX,
     MEDIA,
     CodeMap,

@@ -36,8 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import DATA_DIR, ensure_demo, gateway_env, machine, taskset, versions  # noqa: E402
-from http_bench import Server, port_free, run_httpx  # noqa: E402
+from _common import DATA_DIR, ensure_demo, gateway_env, machine, taskset, versions
+from http_bench import Server, port_free, run_httpx
 
 
 def patients(db: Path) -> tuple[str, int, str, int]:
@@ -65,9 +65,9 @@ def normalise(body: dict[str, Any]) -> list[Any]:
 async def gateway_statements(db: Path, paths: list[str]) -> list[tuple[int, int]]:
     """(statements, entries) per path, the gateway in-process on the same database."""
     import httpx
+    from _common import apply_gateway_env
     from sqlalchemy import event
 
-    from _common import apply_gateway_env
     from gateway.app import build_app
     from gateway.settings import Settings
 
@@ -95,12 +95,10 @@ def baseline_statements(db: Path, pid: str) -> tuple[int, int]:
     import everything_baseline as eb
 
     seen: list[str] = []
-    app = eb.build(str(db))
-    del app
     d = eb.Db(str(db))
     d.conn().set_trace_callback(seen.append)
     # the same work the route does, on this thread's (traced) connection
-    rows, _more, children = d.patients('p."PATNT_REFNO" IN (?)', [int(pid)], 1)
+    d.patients('p."PATNT_REFNO" IN (?)', [int(pid)], 1)
     n = 1
     conn = d.conn()
     for sql, params in ((eb.SQL_AE, ["N", int(pid)]), (eb.SQL_OP, [int(pid)]),
