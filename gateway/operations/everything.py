@@ -165,6 +165,17 @@ class Everything(Operation):
                          f"{', '.join(denied)}")
         if ignored:
             notes.append(f"parameters ignored: {', '.join(sorted(set(ignored)))}")
+        # Never silently broader than asked: say which types the dates could not narrow.
+        if start or end:
+            wide = sorted({s.resource_type for s in secs if "date" not in s.params})
+            if wide:
+                notes.append(f"start/end do not apply to (no date parameter): {', '.join(wide)}")
+        if since is not None:
+            wide = sorted({s.resource_type for s in secs
+                           if record.since_criterion(s, since) is None})
+            if wide:
+                notes.append(f"_since does not apply to (no last-updated time): "
+                             f"{', '.join(wide)}")
         entries += record.warnings(failed)
         entries += record.warnings(notes, "NOT_INCLUDED")
 

@@ -261,3 +261,40 @@ def test_over_real_http(demo_sqlite_url: str, make_app: Callable[..., Starlette]
         assert {"name": "everything", "definition": {
             "reference": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}} in \
             cs["rest"][0]["operation"]
+
+
+async def test_types_the_dates_cannot_narrow_are_named(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from gateway.auth.apikeys import sha256_hex
+
+    repo = Path(__file__).resolve().parents[3]
+    demo = tmp_path / "demo-pas"
+    shutil.copytree(repo / "mappings" / "demo-pas", demo)
+    shutil.copytree(repo / "mappings" / "codemaps", tmp_path / "codemaps")
+    ae = demo / "Encounter.ae.sql.yaml"  # the A&E source without its last-updated column
+    text = ae.read_text()
+    assert text.count("last_updated: {column: e.MODIF_DTTM}\n") == 1
+    ae.write_text(text.replace("last_updated: {column: e.MODIF_DTTM}\n", "").replace(
+        "  e.MODIF_DTTM: datetime:iso\n", ""))
+    key = "k3y-everything-test-0123456789abcdef0123456789abcdef"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"client_id": "t", "sha256": sha256_hex(key),
+                                              "scopes": "system/*.read"}]}))
+    app = make_app(demo_sqlite_url, mappings_dir=demo, auth_mode="api-key",
+                   api_keys_file=str(keys), audit_log=str(tmp_path / "audit.jsonl"))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw",
+            headers={"X-API-Key": key}) as c:
+        r = await c.get("/STU3/Patient/100001/$everything?_since=2099-01-01T00:00:00Z")
+        plain = await c.get("/STU3/Patient/100001/$everything")
+    entries = r.json()["entry"]
+    ids = [e["resource"]["id"] for e in entries if e["search"]["mode"] == "match"]
+    assert ids[0] == "100001" and all(i.startswith("ae-") for i in ids[1:]) and len(ids) > 1
+    notes = [i["diagnostics"] for e in entries if e["search"]["mode"] == "outcome"
+             for i in e["resource"]["issue"]]
+    assert notes == ["_since does not apply to (no last-updated time): Encounter"]
+    assert not [e for e in plain.json()["entry"] if e["search"]["mode"] == "outcome"]
