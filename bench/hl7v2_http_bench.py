@@ -129,7 +129,7 @@ def capture(db: Path, paths: dict[str, list[str]]) -> dict[str, Any]:
                                  "pas": f"sqlite:///{db.resolve()}"}))
             sent: list[bytes] = []
             seen: set[int] = set()
-            for provider in app.state.registry:
+            for provider in app.state.registry.sources():
                 adapter = provider.mapping.adapter
                 client = getattr(adapter, "client", None)
                 if client is None or id(client) in seen:

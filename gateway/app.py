@@ -37,7 +37,12 @@ from gateway.limits import (
 )
 from gateway.mapping.loader import load_directory
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
-from gateway.providers import Provider, Registry
+from gateway.operations import OperationRegistry
+from gateway.operations.everything import Everything
+from gateway.operations.structured import load_operations
+from gateway.operations.validate import Validate
+from gateway.providers import Provider
+from gateway.registry import Registry
 from gateway.routes import Api, routes
 from gateway.settings import Settings
 
@@ -68,14 +73,20 @@ def patient_id_check(registry: Registry) -> Callable[[str], bool]:
     storage takes it and gives it back unchanged (``0100001`` is not ``100001``)."""
     if "Patient" not in registry:
         return lambda _claim: True
-    provider = registry.get("Patient")
-    storage = provider.mapping.storage(provider.key)
+    # Several Patient sources: the claim is one source's id (its prefix, then its key).
+    keys = [(s.id_prefix, s.mapping.storage(s.key)) for s in registry.get("Patient").sources]
 
     def check(claim: str) -> bool:
-        try:
-            return str(storage.parse_key(claim)) == claim
-        except ValueError:
-            return False
+        for prefix, storage in keys:
+            key = claim.removeprefix(prefix)
+            if not claim.startswith(prefix):
+                continue
+            try:
+                if str(storage.parse_key(key)) == key:
+                    return True
+            except ValueError:
+                continue
+        return False
 
     return check
 
@@ -100,7 +111,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
-    api = Api(registry, settings, Pager(settings.paging_secret))
+    operations = OperationRegistry([Validate(), Everything(),
+                                    *load_operations(loaded.directory, registry)])
+    api = Api(registry, settings, Pager(settings.paging_secret), operations)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
                              fail_closed=settings.audit_fail_closed,
@@ -151,6 +164,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.registry = registry
+    app.state.operations = operations
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail

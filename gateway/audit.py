@@ -17,10 +17,12 @@ What a record holds: ``timestamp``, ``client_id``, ``user`` (sub), ``role``, ``a
 ``resource_type``, ``entities`` (the ``Type/id`` of every resource served or written, for this
 record's patient), ``query`` (the search as normalised ``[name, value]`` pairs, as planned),
 ``patient`` (this record's patient; null for a record about no patient), ``patient_count``,
-``context_patient`` (the token's patient claim), ``outcome`` (``status``, gateway ``code``,
-``result`` success/denied/failure), ``request_id``, ``source_ip``, ``method``, ``path`` and
-``backend`` (what was sent: HL7 MSH-10 control ids; for every query the adapter, connection
-and a value-free shape of the statement with its hash).
+``context_patient`` (the token's patient claim), ``operation`` (for a record operation such
+as ``$everything``: its name and every resource type it touched), ``outcome``
+(``status``, gateway ``code``, ``result`` success/denied/failure), ``request_id``,
+``source_ip``, ``method``, ``path`` and ``backend`` (what was sent: HL7 MSH-10 control ids;
+for every query the adapter, connection and a value-free shape of the statement with its
+hash).
 
 Records are written before the response is released. When a record cannot be written and
 ``audit_fail_closed`` is true (the default), the client gets 503 ``AUDIT_UNAVAILABLE``
@@ -67,9 +69,10 @@ from gateway import logging as gateway_logging
 from gateway.auth.errors import AuthConfigError
 from gateway.auth.principal import get_principal
 from gateway.errors import ERROR_CODE_SYSTEM, GatewayError
+from gateway.middleware import outcome_response
 
 if TYPE_CHECKING:
-    from gateway.providers import Provider
+    from gateway.compartment import Source as Provider
     from gateway.settings import Settings
 
 app_log = structlog.get_logger("gateway.audit.sink")
@@ -273,7 +276,8 @@ def destination(settings: Settings) -> str:
 class AuditContext:
     """What the request touched; one per request (plain slots: made on every request)."""
 
-    __slots__ = ("attempt", "backend", "correlations", "entities", "query", "query_type")
+    __slots__ = ("attempt", "backend", "correlations", "entities", "operation", "query",
+                 "query_type")
 
     def __init__(self) -> None:
         self.attempt: Any = None
@@ -284,6 +288,8 @@ class AuditContext:
         self.query_type: str | None = None
         self.backend: list[Any] = []
         self.correlations: list[str] = []
+        self.operation: tuple[str, str, list[str]] | None = None
+        """(operation, its patient, the types it touched): a record access, one record."""
 
 
 _ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None)
@@ -333,6 +339,14 @@ def note_search(resource_type: str, used: list[tuple[str, str]]) -> None:
     if ctx is not None and ctx.query is None:
         ctx.query = _normalise(used)
         ctx.query_type = resource_type
+
+
+def note_operation(name: str, patient: str, types: list[str]) -> None:
+    """An operation that returns one patient's record: audited as one access to that
+    patient, listing every type touched (the referenced practitioners and places too)."""
+    ctx = _ctx.get()
+    if ctx is not None:
+        ctx.operation = (name, patient, types)
 
 
 def note_backend(provider: Provider, operation: str, query: Query | Count | None) -> None:
@@ -558,8 +572,6 @@ class AuditLayer:
             return False
 
     async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from gateway.middleware import outcome_response
-
         response = outcome_response(Request(scope, receive),
                                     AuditUnavailable("the audit trail cannot be written; "
                                                      "the request was not served"))
@@ -600,6 +612,11 @@ class AuditLayer:
         for (etype, eid), patients in ctx.entities.items():
             for p in patients or (None,):
                 by_patient.setdefault(p, []).append(f"{etype}/{eid}")
+        if ctx.operation is not None:
+            name, subject, types = ctx.operation
+            common["operation"] = {"name": name, "types": types}
+            if set(by_patient) <= {subject, None}:  # one record access, not one per kind
+                by_patient = {subject: [e for ents in by_patient.values() for e in ents]}
         if not any(p is not None for p in by_patient):
             # Nothing about a patient was served (not found, denied, a count): the record is
             # still about the patient the request aimed at, or the token's compartment.
@@ -714,4 +731,5 @@ def audit_event(record: dict[str, Any], source_id: str) -> dict[str, Any]:
 
 
 __all__ = ["AuditLayer", "AuditTrail", "AuditUnavailable", "audit_event",
-           "classify", "note_backend", "note_resource", "note_search", "note_written"]
+           "classify", "note_backend", "note_operation", "note_resource", "note_search",
+           "note_written"]

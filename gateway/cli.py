@@ -98,6 +98,20 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
               f"({len(m.spec.search)} search parameters)")
+    from gateway.operations.structured import load_operations
+    from gateway.providers import Provider
+    from gateway.registry import Registry
+
+    try:
+        operations = load_operations(loaded.directory,
+                                     Registry(Provider(m) for m in loaded.mappings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    for op in operations:
+        print(f"ok  operation ${op.name}: {len(op.spec.sections)} section(s)")
     from gateway.profiles.golden import check_cli
 
     return check_cli(loaded, getattr(args, "golden", None))

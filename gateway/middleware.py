@@ -29,8 +29,8 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import DEFAULT, Format, negotiate, render
-from gateway.providers import adapter_seconds
 from gateway.randomness import random_hex
+from gateway.timing import adapter_seconds
 
 log = structlog.get_logger("gateway.request")
 CLIENT_CLOSED_REQUEST = 499

@@ -135,6 +135,8 @@ class SearchContext:
     """The reference parameter ``param`` of provider ``type``, if it exists."""
     chain: Callable[[str, str], Chained] | None = None
     """Plans a chained parameter (``patient.family``) or ``_has`` (gateway.chain)."""
+    id_prefix: str = ""
+    """The source's id prefix (one of several sources of a type): ``_id`` values carry it."""
 
 
 def plan_search(
@@ -312,7 +314,9 @@ def id_criterion(ctx: SearchContext, modifier: str, raw: str) -> Criterion:
     ids = split_values(raw)
     if not all(ID_RE.match(i) for i in ids):
         raise InvalidParameter("'_id' is not a valid resource id")
-    return any_of([_key_equals(ctx, ctx.key_ref, i) for i in ids])
+    pre = ctx.id_prefix  # one of several sources: only its own ids, without the prefix
+    return any_of([_key_equals(ctx, ctx.key_ref, i.removeprefix(pre))
+                   for i in ids if i.startswith(pre)])
 
 
 def param_criterion(

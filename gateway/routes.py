@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from adapters.base import Compare, In, Page, SortKey, Write
+from adapters.base import Page, Write
 from gateway import bundle, compartment, cost, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
@@ -32,15 +32,15 @@ from gateway.errors import (
     NotImplementedInteraction,
     PreconditionFailed,
     UnsupportedMediaType,
-    UnsupportedSearch,
     issue,
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render
+from gateway.operations import OperationRegistry
+from gateway.operations.base import Invocation, Level
 from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
-from gateway.profiles.operation import validate_endpoint
-from gateway.providers import Provider, Registry
 from gateway.randomness import uuid4
+from gateway.registry import Registry, TypeProvider, adapters
 from gateway.search import ID_RE
 from gateway.settings import Settings
 
@@ -48,10 +48,12 @@ MAX_FORM_BYTES = 64 * 1024
 
 
 class Api:
-    def __init__(self, registry: Registry, settings: Settings, pager: Pager) -> None:
+    def __init__(self, registry: Registry, settings: Settings, pager: Pager,
+                 operations: OperationRegistry | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.pager = pager
+        self.operations = operations or OperationRegistry(())
 
     # -- helpers
 
@@ -92,7 +94,7 @@ class Api:
         fmt = self.fmt(request)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
-        statement = capability_statement(self.registry, self.base_url(request))
+        statement = capability_statement(self.registry, self.base_url(request), self.operations)
         return self.respond(with_security(statement, self.settings), fmt)
 
     async def type_level(self, request: Request) -> Response:
@@ -135,7 +137,10 @@ class Api:
 
     async def instance(self, request: Request) -> Response:
         fmt = self.fmt(request)
-        provider = self.registry.get(request.path_params["type"])
+        rtype = request.path_params["type"]
+        if rtype == "OperationDefinition" and rtype not in self.registry:
+            return await self.operation_definition(request)  # this server's own operations
+        provider = self.registry.get(rtype)
         rid = request.path_params["id"]
         if rid == "_search" and request.method in ("GET", "HEAD"):
             return await self._search(request, provider, list(request.query_params.multi_items()),
@@ -165,6 +170,34 @@ class Api:
                 return Response(status_code=304, headers=headers)
         return self.respond(resource, fmt, headers=headers)
 
+    async def operation(self, request: Request) -> Response:
+        """``$name`` at system, type or instance level: dispatched to the operation registry."""
+        self.fmt(request)
+        params = request.path_params
+        name = params["op"][1:]
+        rtype, rid = params.get("type"), params.get("id")
+        level: Level = "instance" if rid is not None else "type" if rtype else "system"
+        provider = self.registry.get(rtype) if rtype else None
+        op = self.operations.find(name, level, rtype)
+        if op is None:
+            raise NotImplementedInteraction(
+                f"operation ${name} is not supported here" if name.isalnum() or "-" in name
+                else "this operation is not supported here")
+        if request.method not in op.methods:
+            allowed = ", ".join(op.methods)
+            raise MethodNotAllowed(f"${name} supports {allowed}", headers={"Allow": allowed})
+        return await op.run(self, Invocation(request, level, provider, rid))
+
+    async def operation_definition(self, request: Request) -> Response:
+        """``OperationDefinition/[id]``: the definitions of this server's own operations."""
+        fmt = self.fmt(request)
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("OperationDefinition supports GET", headers={"Allow": "GET"})
+        found = self.operations.definition(request.path_params["id"], self.base_url(request))
+        if found is None:
+            raise NotFound("OperationDefinition with that id was not found")
+        return self.respond(found, fmt)
+
     async def deeper(self, request: Request) -> Response:
         """``[type]/[id]/_history``, ``[type]/[id]/$op`` and the like: recognised, not served."""
         self.fmt(request)
@@ -173,7 +206,7 @@ class Api:
 
     # -- writes
 
-    async def _create(self, request: Request, provider: Provider, fmt: Format) -> Response:
+    async def _create(self, request: Request, provider: TypeProvider, fmt: Format) -> Response:
         authorize.require(request, provider.resource_type, "c")
         if request.headers.get("if-none-exist"):  # a search that can answer with a match
             authorize.require(request, provider.resource_type, "s")
@@ -188,7 +221,7 @@ class Api:
             cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
             plan = self.registry.plan(provider, pairs, default_count=2, max_count=2,
                                       strict=True)
-            cost.check_cost(plan.criteria, provider.key, s.search_cost_budget)
+            _check_cost(provider, plan, s.search_cost_budget)
             plan.count = 2
             found = await provider.search(plan)
             if len(found.records) > 1:
@@ -206,7 +239,7 @@ class Api:
         body = authorize.written(request, provider.resource_type, created or resource, "created")
         return self.respond(body, fmt, status=201, headers={"Location": location})
 
-    async def _update(self, request: Request, provider: Provider, rid: str, fmt: Format
+    async def _update(self, request: Request, provider: TypeProvider, rid: str, fmt: Format
                       ) -> Response:
         authorize.require(request, provider.resource_type, "u")
         resource = await writes.read_body(request, self.settings.max_body_bytes)
@@ -225,14 +258,14 @@ class Api:
     # -- search
 
     async def _search(
-        self, request: Request, provider: Provider, pairs: list[tuple[str, str]], fmt: Format
+        self, request: Request, provider: TypeProvider, pairs: list[tuple[str, str]], fmt: Format
     ) -> Response:
         authorize.require(request, provider.resource_type, "s")
         s = self.settings
         cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
                                   max_count=s.max_count, strict=self.strict(request))
-        cost.check_cost(plan.criteria, provider.key, s.search_cost_budget)
+        _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
         used = urlencode(plan.used)  # shared by the self, next and previous links
@@ -263,6 +296,7 @@ class Api:
         # bdl-7: a resource already in the Bundle as a match is not included again
         entries += await self._includes(provider, plan, page, base,
                                         {(r["resourceType"], r["id"]) for r in matches})
+        entries += provider.page_outcome(page)  # a source that did not answer: said so
         entries += outcome
 
         links = [self_link]
@@ -283,12 +317,12 @@ class Api:
                                 total=found, last_updated=now)
         return self.respond(body, fmt)
 
-    def _page_link(self, base: str, provider: Provider, used: str, fingerprint: str,
+    def _page_link(self, base: str, provider: TypeProvider, used: str, fingerprint: str,
                    position: tuple[Any, ...], backwards: bool) -> str:
         token = self.pager.token(fingerprint, position, backwards)
         return bundle.search_url(base, provider.resource_type, used, token)
 
-    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str,
+    async def _includes(self, provider: TypeProvider, plan: SearchPlan, page: Page, base: str,
                         seen: set[tuple[str, str]]) -> list[dict[str, Any]]:
         if not page.records or not (plan.includes or plan.revincludes):
             return []
@@ -316,43 +350,33 @@ class Api:
             out.append({"resource": oo, "search": {"mode": "outcome"}})
         return out
 
-    async def _include(self, provider: Provider, inc: Include, page: Page, limit: int,
+    async def _include(self, provider: TypeProvider, inc: Include, page: Page, limit: int,
                        truncated: list[str]) -> list[dict[str, Any]]:
         targets = provider.params[inc.param].reference_targets()
         results: list[dict[str, Any]] = []
-        for rtype, ref in targets.items():
+        for rtype in targets:
             if inc.target not in ("*", rtype) or rtype not in self.registry:
                 continue
-            ids = [v for r in page.records for v in provider.reference_values(r, ref)]
+            ids = [v for r in page.records for v in provider.reference_ids(r, inc.param, rtype)]
             if len({i for i in ids if ID_RE.match(i)}) > limit:
                 truncated.append(f"_include={provider.resource_type}:{inc.param}:{rtype}")
             results += await self.registry.get(rtype).read_many(ids, limit)
         return results
 
-    async def _revinclude(self, provider: Provider, rev: RevInclude, ids: list[str], limit: int,
-                          truncated: list[str]) -> list[dict[str, Any]]:
+    async def _revinclude(self, provider: TypeProvider, rev: RevInclude, ids: list[str],
+                          limit: int, truncated: list[str]) -> list[dict[str, Any]]:
         source = self.registry.get(rev.source_type)
-        ref = source.params[rev.param].reference_targets()[provider.resource_type]
-        keys = source.parse_keys(ref, ids)
-        if not keys:
-            return []
-        # Not a client search: no search policy applies, only the link to this page.
-        sub = SearchPlan(criteria=None, sort=(SortKey(source.key),), count=limit)
-        try:
-            page = await source.search(sub, extra=In(ref, keys))
-            records = page.records
-            more = page.more
-        except UnsupportedSearch:
-            # A source that cannot ask for several at once (HL7 v2 queries): one by one.
-            records = []
-            more = False
-            for key in keys:
-                page = await source.search(sub, extra=Compare(ref, "=", key))
-                more = more or page.more or len(records) + len(page.records) > limit
-                records += page.records[: max(0, limit - len(records))]
+        found, more = await source.revinclude(rev.param, provider.resource_type, ids, limit)
         if more:
             truncated.append(f"_revinclude={rev.source_type}:{rev.param}")
-        return [source.resource(r) for r in records]
+        return found
+
+
+def _check_cost(provider: TypeProvider, plan: SearchPlan, budget: int) -> None:
+    """Each source's own plan against the budget (one source: the plan itself)."""
+    parts: list[SearchPlan] = getattr(plan, "parts", None) or [plan]
+    for source, part in zip(provider.sources, parts, strict=True):
+        cost.check_cost(part.criteria, source.key, budget)
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
@@ -402,8 +426,7 @@ async def health(request: Request) -> Response:
 def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
         checks: dict[str, str] = {}
-        adapters = {p.mapping.connection: p.mapping.adapter for p in registry}
-        for name, adapter in adapters.items():
+        for name, adapter in adapters(registry).items():
             try:
                 with anyio.fail_after(timeout):
                     await adapter.ping()
@@ -431,8 +454,13 @@ class _Id(_TypeName):
     regex = "[A-Za-z0-9.-]{1,64}"  # a FHIR id (ID_RE)
 
 
+class _Op(_TypeName):
+    regex = r"\$[A-Za-z][A-Za-z0-9-]{0,63}"  # an operation: $everything
+
+
 register_url_convertor("fhir_type", _TypeName())
 register_url_convertor("fhir_id", _Id())
+register_url_convertor("fhir_op", _Op())
 
 
 def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
@@ -447,9 +475,10 @@ def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
         Route("/_ready", ready_endpoint(registry), methods=["GET"]),
         Route(f"{base}/metadata", api.metadata, methods=every),
         Route(f"{base}/{{type}}/_search", api.search_post, methods=["POST"]),
-        Route(f"{base}/{{type}}/$validate", validate_endpoint(api, instance=False), methods=every),
-        Route(f"{base}/{{type}}/{{id}}/$validate", validate_endpoint(api, instance=True),
-              methods=every),
+        # Operations: one dispatcher for every level, to the operation registry.
+        Route(f"{base}/{{op:fhir_op}}", api.operation, methods=every),
+        Route(f"{base}/{{type:fhir_type}}/{{op:fhir_op}}", api.operation, methods=every),
+        Route(f"{base}/{{type:fhir_type}}/{{id}}/{{op:fhir_op}}", api.operation, methods=every),
         Route(f"{base}/{{type}}", api.type_level, methods=every),
         Route(f"{base}/{{type}}/{{id}}", api.instance, methods=every),
         Route(f"{base}/{{type}}/{{id}}/{{rest:path}}", api.deeper, methods=every),

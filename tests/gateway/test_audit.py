@@ -138,8 +138,10 @@ async def test_a_patient_restricted_count_is_about_the_patient(
     assert r.status_code == 200
     [rec] = _records(audit_path)
     assert rec["patient"] == "100001" and rec["entities"] == []
-    assert rec["backend"]["queries"][0]["operation"] == "count"
-    assert rec["backend"]["queries"][0]["shape"] == "s.PATNT_REFNO=?"
+    # one count per Encounter source, each confined to the patient
+    assert [q["operation"] for q in rec["backend"]["queries"]] == ["count"] * 3
+    assert sorted(q["shape"] for q in rec["backend"]["queries"]) == [
+        "e.PATNT_REFNO=?", "o.PATNT_REFNO=?", "s.PATNT_REFNO=?"]
 
 
 async def test_health_probes_are_not_audited(api: httpx.AsyncClient, audit_path: Path) -> None:

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from gateway.app import build_app
 from gateway.capability import FHIR_VERSION, capability_statement
 from gateway.errors import InvalidParameter
-from gateway.providers import Registry
+from gateway.registry import Registry
 from gateway.settings import default_mappings_dir
 from tests.conftest import LiveServer, gateway_settings
 
@@ -28,15 +28,29 @@ BASE = "http://fhir.example/STU3"
 
 
 def mapping_files() -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+    """Each type's mapping as the YAML says; a type with several files: what they all share
+    (a parameter every file declares with the same type and targets; every description)."""
+    files: dict[str, list[dict[str, Any]]] = {}
     for f in sorted(default_mappings_dir().glob("*.yaml")):
         doc = yaml.safe_load(f.read_text())
         if isinstance(doc, dict) and "resource" in doc:
-            out[doc["resource"]] = doc
+            files.setdefault(doc["resource"], []).append(doc)
+    out: dict[str, dict[str, Any]] = {}
+    for rtype, docs in files.items():
+        first = docs[0]
+        search: dict[str, Any] = {}
+        for name, spec in first.get("search", {}).items():
+            specs = [d.get("search", {}).get(name) for d in docs]
+            if all(s is not None and s["type"] == spec["type"] for s in specs) and (
+                    spec["type"] != "reference"
+                    or all(set(targets(s)) == set(targets(spec)) for s in specs)):
+                descriptions = list(dict.fromkeys(s["description"] for s in specs
+                                                  if s.get("description")))
+                search[name] = {**spec, "description": "; ".join(descriptions) or None}
+        sort = [n for n in first.get("sort", []) if all(n in d.get("sort", []) for d in docs)]
+        out[rtype] = {**first, "search": search, "sort": sort}
     return out
 
-
-MAPPINGS = mapping_files()
 
 
 def targets(spec: dict[str, Any]) -> list[str]:
@@ -44,6 +58,9 @@ def targets(spec: dict[str, Any]) -> list[str]:
     if "targets" in spec:
         return list(spec["targets"])
     return [spec["target"]]
+
+
+MAPPINGS = mapping_files()
 
 
 def expected_includes(rtype: str, served: set[str]) -> list[str]:
