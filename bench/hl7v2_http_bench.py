@@ -117,8 +117,8 @@ def pool_size() -> int:
 
 def capture(db: Path, paths: dict[str, list[str]]) -> dict[str, Any]:
     """Serve every path in process (simulator + app) and record the MLLP messages it sends."""
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
 
     async def go() -> dict[str, Any]:

@@ -12,7 +12,7 @@ Every builder returns the ER7 bytes of one message — segments each ended by ``
 in the character set of ``Header.charset`` (MSH-18; ``UnicodeEncodeError``, a ``ValueError``,
 if a value cannot be written in it) — ready for :func:`mllp.frame`.
 
-Conventions (the PAS contract in :mod:`adapters.hl7v2.simulator` relies on them):
+Conventions (the PAS contract in :mod:`gateway.demo_pas.hl7v2` relies on them):
 
 * MSH-7 is local time with its UTC offset; MSH-10 is the caller's control id, 1 to 20
   characters (MSH-10 is ST 20 in v2.4); MSH-11 the processing id; MSH-12 the version;

@@ -10,8 +10,13 @@ never reused, because a late or stray reply on it would be read as the answer to
 request (another patient's data).
 
 Retries resend the same bytes (same MSH-10) on a fresh connection, only after the connection
-was lost or timed out; the PAS queries this transport carries are read-only, so a duplicate
-is harmless, while a protocol error (a reply for another message) is never retried.
+was lost or timed out, and only for a message the caller marks idempotent (a query, a full
+update): a message that is not (ADT^A28 adds a person) is resent only when it never left
+this side, since a PAS need not recognise a resent MSH-10. A protocol error (a reply for
+another message) is never retried. Every error says whether the message may have reached the
+PAS (``sent``), so a write's caller can tell "not applied" from "outcome unknown". An optional
+``deadline`` (event-loop time) bounds the whole call: the wait for a pooled connection,
+connecting, each attempt and the pauses between them.
 
 Errors never contain message content (PHI): only endpoints, control ids and error types.
 """
@@ -69,7 +74,12 @@ _CR = CARRIAGE_RETURN[0]
 
 
 class MllpError(Exception):
-    """Base of the transport's errors. Messages never contain message content (PHI)."""
+    """Base of the transport's errors. Messages never contain message content (PHI).
+
+    ``sent`` is True when the message's bytes were handed to a connection before the failure:
+    the peer may have received and processed it."""
+
+    sent: bool = False
 
 
 class MllpUnavailable(MllpError):
@@ -82,6 +92,11 @@ class MllpTimeout(MllpError):
 
 class MllpProtocolError(MllpError):
     """Bad framing, a reply that is not HL7, has no MSA, or acknowledges another message."""
+
+
+def _sent(exc: MllpError, sent: bool) -> MllpError:
+    exc.sent = sent
+    return exc
 
 
 # --- framing ----------------------------------------------------------------------------------
@@ -372,26 +387,35 @@ class MllpClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def send(self, message: bytes, control_id: str) -> bytes:
+    async def send(self, message: bytes, control_id: str, *, idempotent: bool = True,
+                   deadline: float | None = None) -> bytes:
         """Send one message and return the raw reply payload (unframed bytes).
 
         The reply's MSA-2 must equal ``control_id`` (this message's MSH-10). On
         MllpUnavailable or MllpTimeout the same bytes are resent on a fresh connection up to
-        ``retries`` times, after a full-jitter exponential backoff; MllpProtocolError is
-        raised at once.
+        ``retries`` times, after a full-jitter exponential backoff — for a message that is
+        not ``idempotent`` only if it was never sent; MllpProtocolError is raised at once.
+        ``deadline`` (``loop.time()``) ends all of it: past it, MllpTimeout.
         """
         framed = frame(message)
         attempt = 0
+        sent = False
+        loop = asyncio.get_running_loop()
         while True:
             if self._closed:
                 raise MllpUnavailable("MLLP client is closed")
             try:
-                return await self._exchange(framed, control_id, fresh=attempt > 0)
+                return await self._exchange(framed, control_id, fresh=attempt > 0,
+                                            deadline=deadline)
             except (MllpUnavailable, MllpTimeout) as exc:
-                if attempt >= self.retries or self._closed:
+                sent = sent or exc.sent
+                exc.sent = sent
+                if attempt >= self.retries or self._closed or (sent and not idempotent):
                     raise
                 delay = self._rng.uniform(
                     0.0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+                if deadline is not None and loop.time() + delay >= deadline:
+                    raise
                 attempt += 1
                 log.info("mllp_retry", endpoint=str(self.endpoint), control_id=control_id,
                          attempt=attempt, error=type(exc).__name__, delay=round(delay, 3))
@@ -406,27 +430,47 @@ class MllpClient:
 
     # internals
 
-    async def _exchange(self, framed: bytes, control_id: str, *, fresh: bool) -> bytes:
-        async with self._slots:
+    async def _exchange(self, framed: bytes, control_id: str, *, fresh: bool,
+                        deadline: float | None = None) -> bytes:
+        loop = asyncio.get_running_loop()
+
+        def left(limit: float) -> float:
+            return limit if deadline is None else max(0.0, min(limit, deadline - loop.time()))
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise MllpTimeout(f"no connection to {self.endpoint} free before the deadline"
+                              ) from None
+        try:
             if self._closed:  # closed while this send waited for a slot
                 raise MllpUnavailable("MLLP client is closed")
             conn = None if fresh else self._take_idle()
             if conn is None:
-                conn = await self._connect()
+                conn = await self._connect(left(self.connect_timeout))
                 if self._closed:  # closed while connecting: aclose() did not see this one
                     conn.abort()
                     raise MllpUnavailable("MLLP client is closed")
             keep = False
+            written = False
+            timeout = left(self.reply_timeout)
             try:
                 try:
-                    async with asyncio.timeout(self.reply_timeout):
+                    async with asyncio.timeout(timeout):
                         conn.write(framed)
+                        written = True
                         reply = await conn.next_frame()
                 except TimeoutError:
-                    raise MllpTimeout(
-                        f"no reply from {self.endpoint} within {self.reply_timeout:g} s"
+                    raise _sent(MllpTimeout(
+                        f"no reply from {self.endpoint} within {timeout:g} s"), written
                     ) from None
-                self._check_reply(reply, control_id)
+                except MllpError as exc:
+                    raise _sent(exc, written) from None
+                try:
+                    self._check_reply(reply, control_id)
+                except MllpError as exc:
+                    raise _sent(exc, True) from None
                 keep = True
                 return reply
             finally:
@@ -435,6 +479,8 @@ class MllpClient:
                     self._idle.append(conn)
                 else:
                     self._discard(conn, report=keep)
+        finally:
+            self._slots.release()
 
     def _take_idle(self) -> _Connection | None:
         now = asyncio.get_running_loop().time()
@@ -452,11 +498,12 @@ class MllpClient:
             log.warning("mllp_unsolicited_data", endpoint=str(self.endpoint))
         conn.abort()
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, timeout: float | None = None) -> _Connection:
         ep = self.endpoint
         loop = asyncio.get_running_loop()
+        timeout = self.connect_timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout):
                 if ep.ssl is not None:
                     _, conn = await loop.create_connection(
                         lambda: _Connection(self.max_frame_bytes), ep.host, ep.port,
@@ -465,8 +512,7 @@ class MllpClient:
                     _, conn = await loop.create_connection(
                         lambda: _Connection(self.max_frame_bytes), ep.host, ep.port)
         except TimeoutError:
-            raise MllpTimeout(
-                f"could not connect to {ep} within {self.connect_timeout:g} s") from None
+            raise MllpTimeout(f"could not connect to {ep} within {timeout:g} s") from None
         except _ssl.SSLCertVerificationError as exc:
             raise MllpUnavailable(
                 f"TLS handshake with {ep} failed: certificate not trusted") from exc
