@@ -46,17 +46,19 @@ def deceased_flag(indicator: Any, date_of_death: Any) -> bool | None:
     return True if flag == "Y" else None
 
 
-def visit_status(admitted: Any, discharged: Any) -> str | None:
+def visit_status(admitted: Any, discharged: Any, expected: Any = None) -> str:
     """STU3 ``Encounter.status`` of an inpatient visit from its dates: discharged →
-    ``finished``; admitted in the past → ``in-progress``, in the future → ``planned``."""
+    ``finished``; admitted in the past → ``in-progress``, in the future → ``planned``; not
+    admitted but an expected admission date (a pre-admission) → ``planned``; else
+    ``unknown`` (the element is required, and nothing better is known)."""
     if discharged:
         return "finished"
     if not admitted:
-        return None
+        return "planned" if expected else "unknown"
     try:
         start = dt.datetime.fromisoformat(str(admitted))
     except ValueError:
-        return None
+        return "unknown"
     now = dt.datetime.now(start.tzinfo) if start.tzinfo else dt.datetime.now()
     return "planned" if start > now else "in-progress"
 

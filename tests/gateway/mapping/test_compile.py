@@ -411,4 +411,5 @@ def test_deceased_flag_and_visit_status() -> None:
     assert visit_status("2024-01-10T09:30:00+00:00", "2024-01-12T10:00:00+00:00") == "finished"
     assert visit_status("2024-01-10T09:30:00+00:00", None) == "in-progress"
     assert visit_status("2999-01-10T09:30:00+00:00", None) == "planned"
-    assert visit_status(None, None) is None and visit_status("garbage", None) is None
+    assert visit_status(None, None, "2030-01-01") == "planned"  # a pre-admission
+    assert visit_status(None, None) == "unknown" and visit_status("garbage", None) == "unknown"
