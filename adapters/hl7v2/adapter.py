@@ -703,8 +703,11 @@ def _qpd_pairs(p: Prepared, dialect: Dialect, c: Criterion | None
             leaf = Compare(leaf.ref, "=", leaf.values[0])
         if isinstance(leaf, Compare) and leaf.op == "=":
             value = str(leaf.value)
-            if (dialect.matching == "prefix" or not dialect.identifier_qualifiers) \
-                    and leaf.ref in p.fields:
+            # An identifier asked for bare, or of a PAS that prefix-matches, may match another
+            # identifier (or a longer number): the reply is checked. (Whole codes such as a
+            # sex are not: a prefix of a code list's code is that code.)
+            if (parse_ref(leaf.ref).where and leaf.ref in p.fields
+                    and (dialect.matching == "prefix" or not dialect.identifier_qualifiers)):
                 filters.append(_Filter(leaf.ref, value, False))
             pairs += _pairs_for(leaf.ref, value, dialect)
         elif isinstance(leaf, Text) and leaf.mode in ("prefix", "exact"):

@@ -455,6 +455,9 @@ class MllpClient:
             keep = False
             written = False
             timeout = left(self.reply_timeout)
+            if timeout <= 0:  # the deadline passed while connecting: do not send at all
+                conn.abort()
+                raise MllpTimeout(f"the deadline passed before sending to {self.endpoint}")
             try:
                 try:
                     async with asyncio.timeout(timeout):
