@@ -26,10 +26,15 @@ _lock = threading.Lock()  # storage converters also run in worker threads
 
 def note(where: str, reason: str) -> None:
     """Count one value left out at ``where`` (no PHI: a type, field path or segment name) for
-    ``reason`` (a short fixed phrase), and log it."""
+    ``reason`` (a short fixed phrase), and log it the first time for each (where, reason);
+    after that the count says how often (this runs per value, on hot paths)."""
+    key = (where, reason)
     with _lock:
-        COUNTS[(where, reason)] += 1
-    log.warning("value_not_mapped", where=where, reason=reason)
+        COUNTS[key] += 1
+        first = COUNTS[key] == 1
+    if first:
+        log.warning("value_not_mapped", where=where, reason=reason,
+                    hint="counted in adapters.dropped.COUNTS from now on")
 
 
 def snapshot() -> dict[tuple[str, str], int]:
