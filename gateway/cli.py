@@ -153,8 +153,8 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import demo_database_url
+    from gateway.demo_pas.hl7v2 import PasSimulator
 
     if args.db is not None:
         if not args.db.is_file():
@@ -166,8 +166,9 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with PasSimulator(url, host=args.host, port=args.port,
-                                sex_codes=args.sex_codes) as sim:
-            print(f"PAS simulator (HL7 v2.4) listening on mllp://{args.host}:{sim.port}  "
+                                sex_codes=args.sex_codes, dialect=args.dialect) as sim:
+            print(f"PAS simulator (HL7 v2.4, {args.dialect} dialect) listening on "
+                  f"mllp://{args.host}:{sim.port}  "
                   "(Ctrl-C stops it)", file=sys.stderr, flush=True)
             await asyncio.Event().wait()
 
@@ -223,6 +224,10 @@ def parser() -> argparse.ArgumentParser:
                      help="demo PAS SQLite file (default: the embedded demo, built if missing)")
     sim.add_argument("--sex-codes", choices=["hl7", "nhs"], default="hl7",
                      help="PID-8 as HL7 M/F/O/U or NHS 1/2/9/X (default hl7)")
+    sim.add_argument("--dialect", choices=["demo", "itk", "strict"], default="demo",
+                     help="how this PAS speaks HL7 v2 (gateway/demo_pas/hl7v2/profiles.py): "
+                          "demo (default), itk (plain ACKs, ITK sample style), strict "
+                          "(CX-5 identifiers, native prefix match, no qualifiers)")
     sim.set_defaults(func=cmd_pas_simulator)
 
     from gateway.auth.cli import register as register_auth_commands

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import anyio
+import structlog
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +28,8 @@ from gateway.bundle import Pager
 from gateway.capability import capability_statement
 from gateway.errors import (
     BadRequest,
+    GatewayError,
+    GatewayTimeout,
     MethodNotAllowed,
     NotFound,
     NotImplementedInteraction,
@@ -45,6 +48,8 @@ from gateway.search import ID_RE
 from gateway.settings import Settings
 
 MAX_FORM_BYTES = 64 * 1024
+
+log = structlog.get_logger("gateway.routes")
 
 
 class Api:
@@ -233,11 +238,17 @@ class Api:
                                                       existing, "exists"),
                                     fmt, headers={"Location": location})
         record = provider.to_record(resource)
-        result = await provider.write(Write("create", record))
-        location = f"{base}/{provider.resource_type}/{result.id}"
-        created = await provider.read(result.id)
-        body = authorize.written(request, provider.resource_type, created or resource, "created")
-        return self.respond(body, fmt, status=201, headers={"Location": location})
+        try:
+            result = await provider.write(Write("create", record))
+        except GatewayTimeout as exc:  # sent, unanswered: it may have been applied
+            raise writes.WriteOutcomeUnknown("create") from exc
+        # Applied: from here on the answer is 201, whatever the read-back does.
+        created, warning = await _read_back(provider, result.id, record, resource, "create")
+        headers = {"Warning": warning} if warning else {}
+        if result.id:
+            headers["Location"] = f"{base}/{provider.resource_type}/{result.id}"
+        body = authorize.written(request, provider.resource_type, created, "created")
+        return self.respond(body, fmt, status=201, headers=headers)
 
     async def _update(self, request: Request, provider: TypeProvider, rid: str, fmt: Format
                       ) -> Response:
@@ -250,10 +261,14 @@ class Api:
             raise NotFound(f"{provider.resource_type} with that id was not found "
                            "(this server does not create by update)")
         record = provider.to_record(resource)
-        await provider.write(Write("update", record, id=rid))
-        updated = await provider.read(rid)
-        return self.respond(authorize.written(request, provider.resource_type,
-                                              updated or resource, "updated"), fmt)
+        try:
+            await provider.write(Write("update", record, id=rid))
+        except GatewayTimeout as exc:
+            raise writes.WriteOutcomeUnknown("update") from exc
+        updated, warning = await _read_back(provider, rid, record, resource, "update")
+        return self.respond(authorize.written(request, provider.resource_type, updated,
+                                              "updated"), fmt,
+                            headers={"Warning": warning} if warning else None)
 
     # -- search
 
@@ -377,6 +392,32 @@ def _check_cost(provider: TypeProvider, plan: SearchPlan, budget: int) -> None:
     parts: list[SearchPlan] = getattr(plan, "parts", None) or [plan]
     for source, part in zip(provider.sources, parts, strict=True):
         cost.check_cost(part.criteria, source.key, budget)
+
+
+async def _read_back(provider: TypeProvider, rid: str, record: dict[str, Any],
+                     resource: dict[str, Any], interaction: str
+                     ) -> tuple[dict[str, Any], str | None]:
+    """The written resource as the backend now serves it; if that read fails (the write is
+    applied all the same), the resource as sent and mapped, with a Warning header value."""
+    if rid:
+        try:
+            found = await provider.read(rid)
+        except GatewayError:
+            found = None
+        if found is not None:
+            return found, None
+    shown: dict[str, Any] = {**resource, "id": rid} if rid else dict(resource)
+    if rid:
+        try:
+            shown = provider.resource(provider.as_record({**record, provider.key: rid}))
+        except Exception:  # the mapping cannot show it: the client's own resource will do
+            log.warning("write_read_back_unmapped", resource_type=provider.resource_type)
+    if not rid:
+        shown.pop("id", None)
+        return shown, (f'199 careconnect-gateway "the {interaction} was accepted by the '
+                       'system behind this server, which did not say the new id: search '
+                       'by the identifier sent"')
+    return shown, writes.not_read_back_warning(interaction)
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:

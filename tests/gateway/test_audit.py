@@ -322,9 +322,9 @@ def test_query_values_are_bounded() -> None:
 
 @pytest.fixture
 async def hl7(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any, Starlette]]:
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
     from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
 
     db = tmp_path / "pas.sqlite"

@@ -275,8 +275,8 @@ def hl7_db(tmp_path: Path) -> str:
 @pytest.fixture
 async def hl7_api(hl7_db: str, tmp_path: Path
                   ) -> AsyncIterator[tuple[httpx.AsyncClient, Starlette, Any]]:
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
 
     async with PasSimulator(hl7_db) as sim:

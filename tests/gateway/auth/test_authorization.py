@@ -189,9 +189,9 @@ async def test_without_an_authentication_layer_nothing_is_served() -> None:
 
 @pytest.fixture
 async def hl7(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Callable[..., str]]]:
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
     from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
     from tests.adapters.hl7v2.test_adapter import MAPPINGS
 

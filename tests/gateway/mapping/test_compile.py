@@ -23,7 +23,13 @@ from gateway.mapping.compile import (
     compile_tree,
     finish_output,
 )
-from gateway.mapping.functions import FUNCTIONS, days_between, minutes_between
+from gateway.mapping.functions import (
+    FUNCTIONS,
+    days_between,
+    deceased_flag,
+    minutes_between,
+    visit_status,
+)
 from gateway.mapping.model import Expr
 from gateway.mapping.storage import Storage, make_storage
 
@@ -299,7 +305,8 @@ def test_references_inside_each_name_their_child() -> None:
      "unknown transform 'titlecase' (one of: title_case, upper, lower, string, integer, decimal, "
      "yes_no, not, digits, no_spaces)"),
     ({"length": {"value": {"function": "los", "args": ["s.A"]}}}, "length.value",
-     "unknown function 'los' (one of: minutes_between, days_between)"),
+     "unknown function 'los' (one of: minutes_between, days_between, deceased_flag, "
+     "visit_status)"),
     ({"gender": {"colum": "p.SEX", "codemap": "address-use"}}, "gender.colum", "unknown key"),
     ({"gender": {"column": "p.SEX", "transfrom": "upper"}}, "gender.transfrom", "unknown key"),
     ({"gender": {"codemap": "address-use"}}, "gender",
@@ -392,7 +399,20 @@ def test_days_between_counts_calendar_days() -> None:
 
 def test_the_function_registry() -> None:
     assert dict(FUNCTIONS) == {"minutes_between": minutes_between,
-                               "days_between": days_between}
+                               "days_between": days_between,
+                               "deceased_flag": deceased_flag, "visit_status": visit_status}
+
+
+def test_deceased_flag_and_visit_status() -> None:
+    assert deceased_flag("Y", None) is True
+    assert deceased_flag("y ", "") is True
+    assert deceased_flag("Y", "2024-01-10") is None  # the date gives deceasedDateTime
+    assert deceased_flag("N", None) is None and deceased_flag(None, None) is None
+    assert visit_status("2024-01-10T09:30:00+00:00", "2024-01-12T10:00:00+00:00") == "finished"
+    assert visit_status("2024-01-10T09:30:00+00:00", None) == "in-progress"
+    assert visit_status("2999-01-10T09:30:00+00:00", None) == "planned"
+    assert visit_status(None, None, "2030-01-01") == "planned"  # a pre-admission
+    assert visit_status(None, None) == "unknown" and visit_status("garbage", None) == "unknown"
 
 
 # --- requires: an element output only when its named keys have values ------------------------

@@ -199,7 +199,7 @@ def test_unknown_function(demo_copy: Path) -> None:
     assert one_problem(demo_copy) == (
         "Encounter.sql.yaml", line_with(f, "minutes_betwen"),
         "output.length.value: unknown function 'minutes_betwen' "
-        "(one of: minutes_between, days_between)")
+        "(one of: minutes_between, days_between, deceased_flag, visit_status)")
 
 
 def test_unknown_storage_type(demo_copy: Path) -> None:
