@@ -409,7 +409,8 @@ async def _read_back(provider: TypeProvider, rid: str, record: dict[str, Any],
     shown: dict[str, Any] = {**resource, "id": rid} if rid else dict(resource)
     if rid:
         try:
-            shown = provider.resource(provider.as_record({**record, provider.key: rid}))
+            source = provider.sources[0]  # writes are offered only where a type has one
+            shown = source.resource(source.as_record({**record, source.key: rid}))
         except Exception:  # the mapping cannot show it: the client's own resource will do
             log.warning("write_read_back_unmapped", resource_type=provider.resource_type)
     if not rid:
