@@ -63,6 +63,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
     else:
         app_validation = None
     api = Api(registry, settings, Pager(settings.paging_secret))
+    from gateway.adt.app import AdtPart  # the ADT feed and Subscription, when configured
+
+    adt_part = AdtPart.build(settings)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
                              fail_closed=settings.audit_fail_closed)
@@ -71,12 +74,14 @@ def build_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         log.info("started", resources=[p.resource_type for p in registry],
                  mappings=str(loaded.directory))
+        await adt_part.start()
         yield
+        await adt_part.stop()
         await registry.aclose()
         audit_trail.close()
 
     app = Starlette(
-        routes=routes(api, registry, settings.base_path.rstrip("/")),
+        routes=[*adt_part.routes(), *routes(api, registry, settings.base_path.rstrip("/"))],
         middleware=[Middleware(RequestContext),
                     # audit sees every outcome, including the limits' and authentication's
                     Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
@@ -86,7 +91,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     # inside authentication: these need the principal it sets
                     Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
                                burst=settings.rate_limit_burst),
-                    Middleware(CompartmentLayer)],
+                    Middleware(CompartmentLayer), *adt_part.middleware()],
         exception_handlers={GatewayError: gateway_error_handler,
                             HTTPException: http_error_handler},
         lifespan=lifespan,
@@ -95,4 +100,5 @@ def build_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail
+    app.state.capability_extra = adt_part.capability()
     return app

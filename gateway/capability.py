@@ -10,6 +10,7 @@ CapabilityStatement has no element for either). Nothing else is claimed.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -95,7 +96,8 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
     return out
 
 
-def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
+def capability_statement(registry: Registry, base_url: str,
+                         extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -113,7 +115,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "resource": [resource_capability(p, registry) for p in registry],
+                "resource": [*(resource_capability(p, registry) for p in registry), *extra],
                 "operation": [{"name": "validate", "definition": {
                     "reference": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}}],
             }
