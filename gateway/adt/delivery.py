@@ -101,7 +101,8 @@ class Deliverer:
     async def _attempt(self, due: Due) -> None:
         error = await self._post(due)
         if error is None:
-            await asyncio.to_thread(self.store.delivered, due.id, due.subscription_id)
+            await asyncio.to_thread(self.store.delivered, due.id, due.subscription_id,
+                                    recovered=due.subscription.get("status") == "error")
             log.info("notification_delivered", notification=due.notification_id,
                      attempts=due.attempts + 1)
             return

@@ -68,7 +68,7 @@ class AdtListener:
         if rec.conflict:
             return answer(msg, "AE", error="205", text="this message control id was received "
                           "before with different content")
-        log.info("adt_recorded", event=incoming.event, control_id=incoming.control_id,
+        log.info("adt_recorded", adt_event=incoming.event, control_id=incoming.control_id,
                  seq=rec.seq, duplicate=rec.duplicate, notifications=rec.notifications)
         if rec.notifications:
             for cb in self.on_recorded:

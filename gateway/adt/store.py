@@ -286,11 +286,14 @@ class AdtStore:
         return [Due(r.id, r.subscription_id, r.seq, r.patient_key, r.attempts, r.endpoint,
                     orjson.loads(r.sub), r.event, orjson.loads(r.resources)) for r in rows]
 
-    def delivered(self, nid: int, sub_id: str) -> None:
+    def delivered(self, nid: int, sub_id: str, *, recovered: bool = False) -> None:
+        """Delivered; ``recovered``: the Subscription said error, and is active again."""
         with self.engine.begin() as conn:
             conn.execute(notifications.update().where(notifications.c.id == nid)
                          .values(status="delivered", attempts=notifications.c.attempts + 1,
                                  finished_at=time.time(), last_error=None))
+            if recovered:
+                self._set_subscription_status(conn, sub_id, "active", None)
 
     def failed(self, nid: int, sub_id: str, error: str, retry_at: float | None) -> None:
         """A failed attempt: retry at ``retry_at``, or dead-letter it (None)."""
