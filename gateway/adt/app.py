@@ -49,7 +49,8 @@ class AdtPart:
         adt = AdtSettings.from_env(settings)
         if adt.mode == "off":
             return cls(settings, adt)
-        return cls(settings, adt, AdtStore(adt.store_url))
+        return cls(settings, adt, AdtStore(adt.store_url,
+                                            sqlite_synchronous=adt.sqlite_synchronous))
 
     def routes(self) -> list[BaseRoute]:
         if self.store is None:

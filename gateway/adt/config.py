@@ -67,6 +67,9 @@ class AdtSettings:
     listen_port: int = 2576
     store_url: str = ""
     """SQLAlchemy URL of the durable store; unset: SQLite ``adt.sqlite`` in the data dir."""
+    sqlite_synchronous: str = "FULL"
+    """FULL (an fsync per commit: ACKed messages survive power loss) or NORMAL (they survive
+    the process dying, not the machine); SQLite store only."""
     mappings_dir: Path = field(default_factory=default_adt_mappings)
     allowed_endpoints: tuple[Endpoint, ...] = ()
     max_attempts: int = 10
@@ -87,6 +90,8 @@ class AdtSettings:
             values["listen_host"], values["listen_port"] = host or "127.0.0.1", int(port)
         if "CCG_ADT_STORE_URL" in env:
             values["store_url"] = env["CCG_ADT_STORE_URL"]
+        if "CCG_ADT_SQLITE_SYNCHRONOUS" in env:
+            values["sqlite_synchronous"] = env["CCG_ADT_SQLITE_SYNCHRONOUS"].upper()
         if "CCG_ADT_MAPPINGS" in env:
             values["mappings_dir"] = Path(env["CCG_ADT_MAPPINGS"])
         if "CCG_SUBSCRIPTION_ALLOWED_ENDPOINTS" in env:

@@ -5,12 +5,15 @@ a message the PAS saw ACKed is on disk with its notifications. A message it did 
 ACKed (the gateway died first) it resends with the same MSH-10, and the store answers that
 as a duplicate — AA again, recorded once. One connection is served one message at a time
 (MLLP is synchronous), so the PAS's order per connection is the order of record; writes go
-through a single thread, so it is also the order of the sequence numbers delivery follows.
+through a single writer, so it is also the order of the sequence numbers delivery follows.
+Messages arriving on several connections at once share a transaction (group commit): one
+fsync for the batch, each ACKed when it is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +22,7 @@ import structlog
 from adapters.hl7v2 import er7
 from adapters.hl7v2.mllp import MllpServer
 from gateway.adt.events import Mapper, Refused, answer
-from gateway.adt.store import AdtStore, Recorded
+from gateway.adt.store import AdtStore, Incoming, Recorded
 
 log = structlog.get_logger("gateway.adt.listener")
 
@@ -31,6 +34,9 @@ class AdtListener:
         self.store = store
         self.server = MllpServer(self.handle, host=host, port=port, ssl=ssl)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adt-store")
+        self._queue: asyncio.Queue[tuple[Incoming, asyncio.Future[Recorded]]] | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self.max_batch = 256
         self.on_recorded: list[Any] = []
         """Callbacks (no arguments) after each new message is committed (wakes delivery)."""
 
@@ -39,11 +45,42 @@ class AdtListener:
         return self.server.port
 
     async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._batcher = asyncio.create_task(self._write_batches())
         await self.server.start()
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
         self._writer.shutdown(wait=True)
+
+    async def _write_batches(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await loop.run_in_executor(
+                    self._writer, self.store.record_many, [m for m, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), rec in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(rec)
+
+    async def _record(self, incoming: Incoming) -> Recorded:
+        assert self._queue is not None
+        fut: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        await self._queue.put((incoming, fut))
+        return await fut
 
     async def handle(self, raw: bytes) -> bytes | None:
         try:
@@ -57,10 +94,8 @@ class AdtListener:
             log.warning("adt_refused", code=exc.code, error=exc.error, reason=exc.text,
                         control_id=msg.control_id, message_type=msg.message_type)
             return answer(msg, exc.code, error=exc.error, text=exc.text)
-        loop = asyncio.get_running_loop()
         try:
-            rec: Recorded = await loop.run_in_executor(self._writer, self.store.record,
-                                                       incoming)
+            rec = await self._record(incoming)
         except Exception as exc:  # the store is down: refuse, so the PAS resends later
             log.error("adt_store_failed", error=type(exc).__name__, control_id=incoming.control_id)
             return answer(msg, "AR", error="207", text="the message could not be recorded; "

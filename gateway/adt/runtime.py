@@ -49,7 +49,7 @@ class Feed:
 
 def build_feed(settings: Settings, adt: AdtSettings, store: AdtStore | None = None,
                *, base_url: str = "") -> Feed:
-    store = store or AdtStore(adt.store_url)
+    store = store or AdtStore(adt.store_url, sqlite_synchronous=adt.sqlite_synchronous)
     mapper = build_mapper(settings, adt)
     listener = AdtListener(mapper, store, host=adt.listen_host, port=adt.listen_port)
     deliverer = Deliverer(store, adt, base_url=base_url)

@@ -114,23 +114,32 @@ class Due:
         return f"{self.subscription_id}-{self.seq}"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # an ACK promises the message survives power loss
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+def _sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: an ACKed message survives power loss (an fsync per commit). NORMAL: it
+        # survives the process being killed, not the machine losing power.
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+    return apply
 
 
 class AdtStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL") -> None:
+        if sqlite_synchronous not in SYNCHRONOUS:
+            raise ValueError(f"sqlite_synchronous is one of {', '.join(SYNCHRONOUS)}")
         self.url = url
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False}
         self.engine: Engine = sa.create_engine(url, **kwargs)
         if url.startswith("sqlite"):
-            sa_event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa_event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         metadata.create_all(self.engine)
         self._subs: list[tuple[str, criteria_mod.Criteria]] | None = None
         self._subs_checked = 0.0
@@ -141,38 +150,50 @@ class AdtStore:
     # -- the feed
 
     def record(self, msg: Incoming) -> Recorded:
+        return self.record_many([msg])[0]
+
+    def record_many(self, batch: list[Incoming]) -> list[Recorded]:
+        """Record messages in one transaction (group commit: one fsync for the batch), in
+        order. A batch that fails as a whole (a concurrent writer recorded one of them
+        first) is retried one message per transaction."""
         subs = self._active_subscriptions()
-        with self.engine.begin() as conn:
-            prior = conn.execute(
-                sa.select(messages.c.seq, messages.c.digest).where(
-                    messages.c.sender == msg.sender, messages.c.control_id == msg.control_id)
-            ).first()
-            if prior is not None:
-                return Recorded(prior.seq, True, conflict=prior.digest != msg.digest)
-            try:
-                res = conn.execute(messages.insert().values(
-                    sender=msg.sender, control_id=msg.control_id, digest=msg.digest,
-                    event=msg.event, patient_key=msg.patient_key, received_at=time.time(),
-                    resources=orjson.dumps(msg.resources),
-                ))
-                key = res.inserted_primary_key
-                assert key is not None
-                seq = int(key[0])
-            except IntegrityError:  # a concurrent connection recorded it first
-                return Recorded(0, True)
-            if msg.retired and msg.patient_key:
-                self._merge(conn, msg.retired, msg.patient_key, seq)
-            rows = []
-            if msg.patient_key:
-                now = time.time()
-                for sub_id, crit in subs:
-                    if any(crit.matches(r) for r in msg.resources):
-                        rows.append({"subscription_id": sub_id, "seq": seq,
-                                     "patient_key": msg.patient_key, "status": "pending",
-                                     "attempts": 0, "next_attempt_at": now})
-            if rows:
-                conn.execute(notifications.insert(), rows)
-        return Recorded(int(seq), False, notifications=len(rows))
+        try:
+            with self.engine.begin() as conn:
+                return [self._record_in(conn, msg, subs) for msg in batch]
+        except IntegrityError:
+            if len(batch) == 1:
+                return [Recorded(0, True)]
+            return [self.record(m) for m in batch]
+
+    def _record_in(self, conn: sa.Connection, msg: Incoming,
+                   subs: list[tuple[str, criteria_mod.Criteria]]) -> Recorded:
+        prior = conn.execute(
+            sa.select(messages.c.seq, messages.c.digest).where(
+                messages.c.sender == msg.sender, messages.c.control_id == msg.control_id)
+        ).first()
+        if prior is not None:
+            return Recorded(prior.seq, True, conflict=prior.digest != msg.digest)
+        res = conn.execute(messages.insert().values(
+            sender=msg.sender, control_id=msg.control_id, digest=msg.digest,
+            event=msg.event, patient_key=msg.patient_key, received_at=time.time(),
+            resources=orjson.dumps(msg.resources),
+        ))
+        key = res.inserted_primary_key
+        assert key is not None
+        seq = int(key[0])
+        if msg.retired and msg.patient_key:
+            self._merge(conn, msg.retired, msg.patient_key, seq)
+        rows = []
+        if msg.patient_key:
+            now = time.time()
+            for sub_id, crit in subs:
+                if any(crit.matches(r) for r in msg.resources):
+                    rows.append({"subscription_id": sub_id, "seq": seq,
+                                 "patient_key": msg.patient_key, "status": "pending",
+                                 "attempts": 0, "next_attempt_at": now})
+        if rows:
+            conn.execute(notifications.insert(), rows)
+        return Recorded(seq, False, notifications=len(rows))
 
     def _merge(self, conn: sa.Connection, retired: str, survivor: str, seq: int) -> None:
         if retired == survivor:
