@@ -22,7 +22,7 @@ from gateway.adt import criteria
 from gateway.adt.config import AdtSettings
 from gateway.adt.store import AdtStore
 from gateway.auth import authorize
-from gateway.errors import InvalidParameter, MethodNotAllowed, NotFound
+from gateway.errors import GatewayError, InvalidParameter, MethodNotAllowed, NotFound
 from gateway.formats import negotiate, render
 from gateway.search import ID_RE
 
@@ -32,6 +32,22 @@ STATUSES = ("requested", "active", "error", "off")
 
 def _bad(message: str, expression: str) -> InvalidParameter:
     return InvalidParameter(message, expression=expression)
+
+
+class SubscriptionLimit(GatewayError):
+    status = 422
+    issue_code = "too-costly"
+    error_code = "SUBSCRIPTION_LIMIT"
+
+
+def end_of(resource: dict[str, Any]) -> float | None:
+    end = resource.get("end")
+    if not end:
+        return None
+    when = dt.datetime.fromisoformat(str(end).replace("Z", "+00:00"))
+    if when.tzinfo is None:  # a date or a local dateTime: read as UTC
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
 
 
 def checked(resource: dict[str, Any], settings: AdtSettings) -> dict[str, Any]:
@@ -55,14 +71,12 @@ def checked(resource: dict[str, Any], settings: AdtSettings) -> dict[str, Any]:
     if resource.get("status") not in ("requested", "active"):
         raise _bad("a new Subscription's status is requested (or active)",
                    "Subscription.status")
-    end = resource.get("end")
-    if end:
-        try:
-            when = dt.datetime.fromisoformat(str(end).replace("Z", "+00:00"))
-        except ValueError:
-            raise _bad("Subscription.end is not a dateTime", "Subscription.end") from None
-        if when.tzinfo is not None and when < dt.datetime.now(dt.UTC):
-            raise _bad("Subscription.end is in the past", "Subscription.end")
+    try:
+        end = end_of(resource)
+    except ValueError:
+        raise _bad("Subscription.end is not a dateTime", "Subscription.end") from None
+    if end is not None and end < dt.datetime.now(dt.UTC).timestamp():
+        raise _bad("Subscription.end is in the past", "Subscription.end")
     out = dict(resource)
     out["id"] = str(uuid.uuid4())
     out["status"] = "active"
@@ -94,8 +108,13 @@ class SubscriptionApi:
             principal = authorize.require(request, "Subscription", "c")
             body = await writes.read_body(request, self.max_body_bytes)
             resource = checked(body, self.settings)
+            held = await asyncio.to_thread(self.store.count_subscriptions, principal.client_id)
+            if held >= self.settings.max_subscriptions_per_client:
+                raise SubscriptionLimit(
+                    f"this client already has {held} active Subscriptions, the most allowed "
+                    "(CCG_SUBSCRIPTION_MAX_PER_CLIENT); delete one first")
             await asyncio.to_thread(self.store.add_subscription, resource["id"], resource,
-                                    principal.client_id)
+                                    principal.client_id, end_of(resource))
             loc = f"{self._base(request, base)}/Subscription/{resource['id']}"
             return self._respond(request, authorize.written(request, "Subscription",
                                                             resource, "created"), 201,

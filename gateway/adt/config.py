@@ -77,6 +77,7 @@ class AdtSettings:
     backoff_max_seconds: float = 300.0
     delivery_timeout: float = 10.0
     delivery_concurrency: int = 8
+    max_subscriptions_per_client: int = 50
     processing_ids: frozenset[str] = frozenset({"P", "T"})
 
     @classmethod
@@ -100,8 +101,11 @@ class AdtSettings:
                 if e.strip())
         for name, conv in (("max_attempts", int), ("backoff_seconds", float),
                            ("backoff_max_seconds", float), ("delivery_timeout", float),
-                           ("delivery_concurrency", int)):
-            raw = env.get(f"CCG_SUBSCRIPTION_{name.upper()}")
+                           ("delivery_concurrency", int),
+                           ("max_subscriptions_per_client", int)):
+            env_name = "MAX_PER_CLIENT" if name == "max_subscriptions_per_client" \
+                else name.upper()
+            raw = env.get(f"CCG_SUBSCRIPTION_{env_name}")
             if raw is not None:
                 values[name] = conv(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -57,6 +57,7 @@ subscriptions = sa.Table(
     sa.Column("resource", sa.LargeBinary, nullable=False),
     sa.Column("owner", sa.String(200)),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("end_at", sa.Float),
 )
 
 notifications = sa.Table(
@@ -224,36 +225,47 @@ class AdtStore:
         if self._subs is None or now - self._subs_checked > 0.5:
             with self.engine.connect() as conn:
                 rows = conn.execute(sa.select(subscriptions.c.id, subscriptions.c.criteria)
-                                    .where(subscriptions.c.status == "active")).all()
+                                    .where(subscriptions.c.status == "active",
+                                           sa.or_(subscriptions.c.end_at.is_(None),
+                                                  subscriptions.c.end_at > time.time()))).all()
             self._subs = [(r.id, criteria_mod.parse(r.criteria)) for r in rows]
             self._subs_checked = now
         return self._subs
 
-    def add_subscription(self, sub_id: str, resource: dict[str, Any], owner: str | None) -> None:
+    def add_subscription(self, sub_id: str, resource: dict[str, Any], owner: str | None,
+                         end_at: float | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(subscriptions.insert().values(
                 id=sub_id, status=resource["status"], criteria=resource["criteria"],
                 endpoint=resource["channel"]["endpoint"], resource=orjson.dumps(resource),
-                owner=owner, created_at=time.time()))
+                owner=owner, created_at=time.time(), end_at=end_at))
         self._subs = None
+
+    def count_subscriptions(self, owner: str | None) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                sa.select(sa.func.count()).select_from(subscriptions).where(
+                    subscriptions.c.owner == owner, subscriptions.c.status == "active")
+            ).scalar_one())
 
     def get_subscription(self, sub_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(subscriptions.c.resource, subscriptions.c.status)
+            row = conn.execute(sa.select(subscriptions.c.resource, subscriptions.c.status,
+                                         subscriptions.c.end_at)
                                .where(subscriptions.c.id == sub_id)).first()
         if row is None or row.status == "deleted":
             return None
-        out: dict[str, Any] = orjson.loads(row.resource)
-        return out
+        return _as_served(row.resource, row.end_at)
 
     def search_subscriptions(self, status: Iterable[str] | None = None,
                              limit: int = 100) -> list[dict[str, Any]]:
-        q = sa.select(subscriptions.c.resource).where(subscriptions.c.status != "deleted")
+        q = sa.select(subscriptions.c.resource, subscriptions.c.end_at).where(
+            subscriptions.c.status != "deleted")
         if status is not None:
             q = q.where(subscriptions.c.status.in_(list(status)))
         with self.engine.connect() as conn:
             rows = conn.execute(q.order_by(subscriptions.c.created_at).limit(limit)).all()
-        return [orjson.loads(r.resource) for r in rows]
+        return [_as_served(r.resource, r.end_at) for r in rows]
 
     def delete_subscription(self, sub_id: str) -> bool:
         with self.engine.begin() as conn:
@@ -341,6 +353,14 @@ class AdtStore:
             rows = conn.execute(sa.select(notifications.c.status, sa.func.count())
                                 .group_by(notifications.c.status)).all()
         return {str(r[0]): int(r[1]) for r in rows}
+
+
+def _as_served(raw: bytes, end_at: float | None) -> dict[str, Any]:
+    """The stored Subscription; past its end, status off (STU3: the server turns it off)."""
+    out: dict[str, Any] = orjson.loads(raw)
+    if end_at is not None and end_at <= time.time():
+        out["status"] = "off"
+    return out
 
 
 StoreFactory = Callable[[str], AdtStore]

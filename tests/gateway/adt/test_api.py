@@ -4,6 +4,7 @@ audit, checks on create; merges answered at read time; the CapabilityStatement."
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from gateway.adt.store import AdtStore, Incoming
 from gateway.app import build_app
 from gateway.auth.devkeys import mint_dev_token
 from tests.conftest import LiveServer, gateway_settings
+from tests.gateway.adt.conftest import GOLDEN, Receiver, Sender, er7_bytes, msa
 
 PAS = "https://fhir.demo-trust.nhs.uk/Id/pas-number"
 
@@ -161,3 +163,69 @@ def test_merged_patient_answers_replaced_by(gateway: tuple[LiveServer, Path]) ->
     # without read permission the merge is not disclosed
     r = httpx.get(f"{base}/Patient/D0000002", headers=token(tmp, "user/Encounter.rs"))
     assert r.status_code == 403
+
+
+def test_serve_runs_the_listener_when_configured(demo_sqlite_url: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 receiver: Receiver) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("CCG_ADT_MODE", "serve")
+    monkeypatch.setenv("CCG_ADT_LISTEN", f"127.0.0.1:{port}")
+    monkeypatch.setenv("CCG_ADT_STORE_URL", f"sqlite:///{tmp_path / 'adt.sqlite'}")
+    monkeypatch.setenv("CCG_SUBSCRIPTION_ALLOWED_ENDPOINTS", "http://127.0.0.1:*")
+    app = build_app(gateway_settings(demo_sqlite_url, tmp_path, auth_mode=""))
+    with LiveServer(app) as server:
+        r = httpx.post(f"{server.url}/STU3/Subscription",
+                       headers=token(tmp_path, "user/Subscription.*"),
+                       content=json.dumps(sub(endpoint=receiver.url,
+                                              criteria="Patient?identifier="
+                                              "https://fhir.nhs.uk/Id/nhs-number|3333333333")))
+        assert r.status_code == 201
+        sender = Sender(port)
+        try:
+            reply = sender.send(er7_bytes(GOLDEN / "itk-a28.hl7"))
+        finally:
+            sender.close()
+        assert reply is not None and msa(reply)[1] == "AA"
+        (got,) = receiver.wait_for(1)
+    assert got.body is not None
+    assert got.body["entry"][0]["resource"]["id"] == "R1234567"
+    assert got.headers["x-adt-event"] == "A28"
+
+
+def test_subscriptions_per_client_are_bounded(gateway: tuple[LiveServer, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    server, tmp = gateway
+    h = token(tmp, "user/Subscription.*")
+    url = f"{server.url}/STU3/Subscription"
+    statuses = [httpx.post(url, content=json.dumps(sub()), headers=h).status_code
+                for _ in range(51)]
+    assert statuses == [201] * 50 + [422], statuses
+    r = httpx.post(url, content=json.dumps(sub()), headers=h)
+    assert code(r) == "SUBSCRIPTION_LIMIT"
+
+
+def test_a_subscription_past_its_end_is_off_and_not_fed(tmp_path: Path) -> None:
+    import time
+
+    from gateway.adt.api import checked, end_of
+    from tests.gateway.adt.conftest import adt_settings
+
+    store = AdtStore(f"sqlite:///{tmp_path / 'a.sqlite'}")
+    try:
+        res = checked(sub(end="2999-01-01T00:00:00Z", criteria="Patient"), adt_settings(tmp_path))
+        store.add_subscription(res["id"], res, "c", time.time() + 0.3)
+        assert end_of(res) is not None
+        rec = store.record(Incoming("P^R", "X1", "d", "A08", "D1",
+                                    [{"resourceType": "Patient", "id": "D1"}]))
+        assert rec.notifications == 1
+        time.sleep(0.6)  # past its end (and past the half-second subscription cache)
+        rec = store.record(Incoming("P^R", "X2", "d", "A08", "D1",
+                                    [{"resourceType": "Patient", "id": "D1"}]))
+        assert rec.notifications == 0
+        got = store.get_subscription(res["id"])
+        assert got is not None and got["status"] == "off"
+    finally:
+        store.close()
