@@ -75,6 +75,13 @@ notifications = sa.Table(
 )
 
 
+# Built once: the per-message statements are the hot path of the listener.
+_PRIOR = sa.select(messages.c.seq, messages.c.digest).where(
+    messages.c.sender == sa.bindparam("s"), messages.c.control_id == sa.bindparam("c"))
+_INSERT = messages.insert()
+_NOTIFY = notifications.insert()
+
+
 @dataclass(frozen=True)
 class Incoming:
     """One ADT message, mapped, ready to record."""
@@ -168,17 +175,13 @@ class AdtStore:
 
     def _record_in(self, conn: sa.Connection, msg: Incoming,
                    subs: list[tuple[str, criteria_mod.Criteria]]) -> Recorded:
-        prior = conn.execute(
-            sa.select(messages.c.seq, messages.c.digest).where(
-                messages.c.sender == msg.sender, messages.c.control_id == msg.control_id)
-        ).first()
+        prior = conn.execute(_PRIOR, {"s": msg.sender, "c": msg.control_id}).first()
         if prior is not None:
             return Recorded(prior.seq, True, conflict=prior.digest != msg.digest)
-        res = conn.execute(messages.insert().values(
-            sender=msg.sender, control_id=msg.control_id, digest=msg.digest,
-            event=msg.event, patient_key=msg.patient_key, received_at=time.time(),
-            resources=orjson.dumps(msg.resources),
-        ))
+        res = conn.execute(_INSERT, {
+            "sender": msg.sender, "control_id": msg.control_id, "digest": msg.digest,
+            "event": msg.event, "patient_key": msg.patient_key, "received_at": time.time(),
+            "resources": orjson.dumps(msg.resources)})
         key = res.inserted_primary_key
         assert key is not None
         seq = int(key[0])
@@ -193,7 +196,7 @@ class AdtStore:
                                  "patient_key": msg.patient_key, "status": "pending",
                                  "attempts": 0, "next_attempt_at": now})
         if rows:
-            conn.execute(notifications.insert(), rows)
+            conn.execute(_NOTIFY, rows)
         return Recorded(seq, False, notifications=len(rows))
 
     def _merge(self, conn: sa.Connection, retired: str, survivor: str, seq: int) -> None:
