@@ -78,6 +78,9 @@ class AdtSettings:
     delivery_timeout: float = 10.0
     delivery_concurrency: int = 8
     max_subscriptions_per_client: int = 50
+    retention_days: float = 7.0
+    """Delivered notifications and their messages are forgotten after this (dead letters are
+    kept); also how long a resent message is recognised as one."""
     processing_ids: frozenset[str] = frozenset({"P", "T"})
 
     @classmethod
@@ -91,6 +94,8 @@ class AdtSettings:
             values["listen_host"], values["listen_port"] = host or "127.0.0.1", int(port)
         if "CCG_ADT_STORE_URL" in env:
             values["store_url"] = env["CCG_ADT_STORE_URL"]
+        if "CCG_ADT_RETENTION_DAYS" in env:
+            values["retention_days"] = float(env["CCG_ADT_RETENTION_DAYS"])
         if "CCG_ADT_SQLITE_SYNCHRONOUS" in env:
             values["sqlite_synchronous"] = env["CCG_ADT_SQLITE_SYNCHRONOUS"].upper()
         if "CCG_ADT_MAPPINGS" in env:

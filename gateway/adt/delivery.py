@@ -72,8 +72,13 @@ class Deliverer:
         await self._client.aclose()
 
     async def _run(self) -> None:
+        pruned_at = 0.0
         while True:
             try:
+                if self.clock() - pruned_at > 3600:  # hourly: the store's disk is bounded
+                    pruned_at = self.clock()
+                    await asyncio.to_thread(self.store.prune, pruned_at
+                                            - self.settings.retention_days * 86400)
                 n = await self.run_once()
             except Exception as exc:  # the store is briefly unavailable: try again
                 log.error("delivery_loop_failed", error=type(exc).__name__)

@@ -351,6 +351,20 @@ class AdtStore:
                 notifications.c.status == "dead").order_by(notifications.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
+    def prune(self, before: float) -> int:
+        """Forget what finished before ``before``: delivered and cancelled notifications, and
+        messages none of whose notifications is still pending or dead. Dead letters stay
+        until an operator deals with them. A message forgotten can no longer be recognised
+        as a resend, so keep more than the PAS's resend horizon (days, not minutes)."""
+        n = notifications
+        with self.engine.begin() as conn:
+            gone = conn.execute(n.delete().where(n.c.status.in_(["delivered", "cancelled"]),
+                                                 n.c.finished_at < before)).rowcount
+            keep = sa.select(n.c.seq).where(n.c.status.in_(["pending", "dead"]))
+            gone += conn.execute(messages.delete().where(
+                messages.c.received_at < before, messages.c.seq.not_in(keep))).rowcount
+        return int(gone)
+
     def outbox_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(notifications.c.status, sa.func.count())

@@ -146,3 +146,26 @@ async def test_nothing_is_sent_outside_the_allow_list(tmp_path: Path, store: Adt
 ])
 def test_allow_list(allowed: str, url: str, ok: bool) -> None:
     assert Endpoint.parse(allowed).allows(url) is ok
+
+
+async def test_prune_keeps_pending_and_dead(tmp_path: Path, store: AdtStore,
+                                            receiver: Receiver) -> None:
+    import time
+
+    settings = adt_settings(tmp_path, max_attempts=1)
+    subscribe(store, settings, receiver.url)
+    store.record(event("P1", 0))
+    d = Deliverer(store, settings)
+    try:
+        await drain(d, lambda: len(receiver.got) == 1)
+        receiver.status = 500
+        store.record(event("P2", 0))  # will be dead-lettered
+        await drain(d, lambda: store.outbox_counts().get("dead") == 1)
+    finally:
+        await d.stop()
+    store.record(event("P3", 0))  # pending (nobody delivers it)
+    assert store.message_count() == 3
+    gone = store.prune(time.time() + 1)
+    assert gone == 2  # P1's notification and its message
+    assert store.outbox_counts() == {"dead": 1, "pending": 1}
+    assert store.message_count() == 2
