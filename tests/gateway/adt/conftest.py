@@ -21,6 +21,7 @@ from gateway.adt.events import Mapper
 from gateway.adt.runtime import build_mapper
 from gateway.adt.store import AdtStore
 from gateway.settings import Settings
+from tests.pg import TempPostgres
 
 REPO = Path(__file__).resolve().parents[3]
 GOLDEN = REPO / "tests" / "golden" / "adt"
@@ -60,6 +61,19 @@ def store(tmp_path: Path) -> Iterator[AdtStore]:
     s = AdtStore(f"sqlite:///{tmp_path / 'adt.sqlite'}")
     yield s
     s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AdtStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'adt.sqlite'}"
+    else:
+        pg: TempPostgres = request.getfixturevalue("postgres_server")
+        url = pg.create_database(f"adt_{tmp_path.name[-12:].lower().replace('-', '_')}")
+    s = AdtStore(url)
+    yield s
+    s.close()
+
 
 
 # --- an MLLP sender that shares no code with the gateway's MLLP module ----------------------

@@ -52,7 +52,8 @@ async def drain(d: Deliverer, until: Any, timeout: float = 20.0) -> None:
 
 
 async def test_in_order_per_patient_with_retries_and_stable_ids(
-        tmp_path: Path, store: AdtStore, receiver: Receiver) -> None:
+        tmp_path: Path, any_store: AdtStore, receiver: Receiver) -> None:
+    store = any_store  # SQLite and PostgreSQL
     settings = adt_settings(tmp_path)
     sid = subscribe(store, settings, receiver.url, headers=["Authorization: Bearer s3cret"])
     for n in range(5):

@@ -4,7 +4,7 @@ real PostgreSQL: ACK codes, ACK only after the commit, duplicates recorded once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,21 +14,8 @@ from gateway.adt.events import Mapper
 from gateway.adt.listener import AdtListener
 from gateway.adt.store import AdtStore, messages
 from tests.gateway.adt.conftest import GOLDEN, Sender, adt_message, er7_bytes, err_code, msa
-from tests.pg import TempPostgres
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AdtStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'adt.sqlite'}"
-    else:
-        pg: TempPostgres = request.getfixturevalue("postgres_server")
-        url = pg.create_database(f"adt_{tmp_path.name[-12:].lower().replace('-', '_')}")
-    s = AdtStore(url)
-    yield s
-    s.close()
 
 
 @pytest.fixture
