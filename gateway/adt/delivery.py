@@ -8,6 +8,9 @@ A crash between the subscriber's 2xx and our commit resends the same notificatio
 ``X-Notification-Id`` header and the Bundle id (``<subscription>-<seq>``) are the same every
 time, for the subscriber to deduplicate on.
 
+One process delivers per store at a time (a lease in the store): two could otherwise send a
+patient's notifications out of order.
+
 Nothing is sent to an endpoint outside the configured allow-list (checked again before each
 attempt, so narrowing the list stops delivery) and redirects are not followed.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +53,12 @@ def notification_bundle(due: Due, base_url: str) -> dict[str, Any]:
 
 class Deliverer:
     def __init__(self, store: AdtStore, settings: AdtSettings, *, base_url: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, holder: str | None = None) -> None:
         self.store = store
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        """Who delivers (the lease holder): host and listen address for the listener."""
+        # long enough to cover one round of attempts, each up to the timeout
+        self.lease_ttl = settings.delivery_timeout * 9 + 30
         self.settings = settings
         self.base_url = base_url.rstrip("/")
         self.clock = clock
@@ -79,7 +88,9 @@ class Deliverer:
                     pruned_at = self.clock()
                     await asyncio.to_thread(self.store.prune, pruned_at
                                             - self.settings.retention_days * 86400)
-                n = await self.run_once()
+                held = await asyncio.to_thread(self.store.acquire_lease, "delivery",
+                                               self.holder, self.lease_ttl)
+                n = await self.run_once() if held else 0
             except Exception as exc:  # the store is briefly unavailable: try again
                 log.error("delivery_loop_failed", error=type(exc).__name__)
                 n = 0

@@ -52,7 +52,10 @@ def build_feed(settings: Settings, adt: AdtSettings, store: AdtStore | None = No
     store = store or AdtStore(adt.store_url, sqlite_synchronous=adt.sqlite_synchronous)
     mapper = build_mapper(settings, adt)
     listener = AdtListener(mapper, store, host=adt.listen_host, port=adt.listen_port)
-    deliverer = Deliverer(store, adt, base_url=base_url)
+    import socket
+
+    deliverer = Deliverer(store, adt, base_url=base_url,
+                          holder=f"{socket.gethostname()}:{adt.listen_host}:{adt.listen_port}")
     listener.on_recorded.append(deliverer.wake)
     return Feed(listener, deliverer, store)
 

@@ -75,6 +75,13 @@ notifications = sa.Table(
 )
 
 
+leases = sa.Table(
+    "adt_lease", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+)
+
 # Built once: the per-message statements are the hot path of the listener.
 _PRIOR = sa.select(messages.c.seq, messages.c.digest).where(
     messages.c.sender == sa.bindparam("s"), messages.c.control_id == sa.bindparam("c"))
@@ -364,6 +371,28 @@ class AdtStore:
             gone += conn.execute(messages.delete().where(
                 messages.c.received_at < before, messages.c.seq.not_in(keep))).rowcount
         return int(gone)
+
+    def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl`` seconds; False if another holds it.
+
+        Delivery takes one, so two processes on one store never deliver at once (which could
+        reorder a patient's notifications); a holder that died loses it when it expires, and
+        the same holder restarting (same host and listen address) takes it back at once."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            n = conn.execute(leases.update().where(
+                leases.c.name == name,
+                sa.or_(leases.c.holder == holder, leases.c.expires < now),
+            ).values(holder=holder, expires=now + ttl)).rowcount
+            if n:
+                return True
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(leases.insert().values(name=name, holder=holder,
+                                                    expires=now + ttl))
+            return True
+        except IntegrityError:
+            return False
 
     def outbox_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:

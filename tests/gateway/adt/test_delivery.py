@@ -170,3 +170,39 @@ async def test_prune_keeps_pending_and_dead(tmp_path: Path, store: AdtStore,
     assert gone == 2  # P1's notification and its message
     assert store.outbox_counts() == {"dead": 1, "pending": 1}
     assert store.message_count() == 2
+
+
+def test_one_delivery_lease_per_store(any_store: AdtStore) -> None:
+    import time
+
+    assert any_store.acquire_lease("delivery", "host-a:2576", 0.5)
+    assert not any_store.acquire_lease("delivery", "host-b:2576", 0.5)
+    assert any_store.acquire_lease("delivery", "host-a:2576", 0.5)  # renewal, or a restart
+    time.sleep(0.7)
+    assert any_store.acquire_lease("delivery", "host-b:2576", 0.5)  # host-a died: it expired
+    assert not any_store.acquire_lease("delivery", "host-a:2576", 0.5)
+
+
+async def test_a_second_deliverer_on_the_store_stays_idle(tmp_path: Path, store: AdtStore,
+                                                          receiver: Receiver) -> None:
+    settings = adt_settings(tmp_path)
+    subscribe(store, settings, receiver.url)
+    assert store.acquire_lease("delivery", "someone-else", 60)
+    store.record(event("P1", 0))
+    d = Deliverer(store, settings, holder="me")
+    await d.start()
+    try:
+        await asyncio.sleep(1.0)
+        assert receiver.got == []  # the other holder delivers, not this one
+    finally:
+        await d.stop()
+    d2 = Deliverer(store, settings, holder="someone-else")
+    await d2.start()
+    try:
+        for _ in range(200):  # the event loop must run the deliverer meanwhile
+            if receiver.got:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await d2.stop()
+    assert len(receiver.got) == 1
