@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.settings import PACKAGE_DIR, Settings
@@ -65,6 +66,11 @@ class AdtSettings:
     store); serve: serve also runs the listener and the delivery worker."""
     listen_host: str = "127.0.0.1"
     listen_port: int = 2576
+    tls_cert_file: str = ""
+    """With a key: the listener speaks MLLP over TLS (1.2+)."""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    """With TLS: the PAS must present a certificate from this CA (mutual TLS)."""
     store_url: str = ""
     """SQLAlchemy URL of the durable store; unset: SQLite ``adt.sqlite`` in the data dir."""
     sqlite_synchronous: str = "FULL"
@@ -94,6 +100,9 @@ class AdtSettings:
             values["listen_host"], values["listen_port"] = host or "127.0.0.1", int(port)
         if "CCG_ADT_STORE_URL" in env:
             values["store_url"] = env["CCG_ADT_STORE_URL"]
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            if f"CCG_ADT_{name.upper()}" in env:
+                values[name] = env[f"CCG_ADT_{name.upper()}"]
         if "CCG_ADT_RETENTION_DAYS" in env:
             values["retention_days"] = float(env["CCG_ADT_RETENTION_DAYS"])
         if "CCG_ADT_SQLITE_SYNCHRONOUS" in env:
@@ -122,6 +131,17 @@ class AdtSettings:
             out = cls(**{**out.__dict__, "store_url":
                          f"sqlite:///{settings.data_dir / 'adt.sqlite'}"})
         return out
+
+    def ssl_context(self) -> Any:
+        """The listener's TLS context, or None for plain MLLP."""
+        if not (self.tls_cert_file or self.tls_key_file):
+            return None
+        from adapters.hl7v2.mllp import server_ssl_context
+
+        if not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("CCG_ADT_TLS_CERT_FILE and CCG_ADT_TLS_KEY_FILE go together")
+        return server_ssl_context(cert_file=self.tls_cert_file, key_file=self.tls_key_file,
+                                  client_ca_file=self.tls_client_ca_file or None)
 
     def endpoint_allowed(self, url: str) -> bool:
         return any(e.allows(url) for e in self.allowed_endpoints)

@@ -51,7 +51,8 @@ def build_feed(settings: Settings, adt: AdtSettings, store: AdtStore | None = No
                *, base_url: str = "") -> Feed:
     store = store or AdtStore(adt.store_url, sqlite_synchronous=adt.sqlite_synchronous)
     mapper = build_mapper(settings, adt)
-    listener = AdtListener(mapper, store, host=adt.listen_host, port=adt.listen_port)
+    listener = AdtListener(mapper, store, host=adt.listen_host, port=adt.listen_port,
+                           ssl=adt.ssl_context())
     import socket
 
     deliverer = Deliverer(store, adt, base_url=base_url,
