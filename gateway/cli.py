@@ -227,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
                          "Subscription notifications")
     adt.add_argument("--listen", help="host:port (default CCG_ADT_LISTEN or 127.0.0.1:2576)")
     adt.add_argument("--mappings-adt", type=Path, help="HL7 v2 mapping directory with "
-                     "adt-events.yaml (default CCG_ADT_MAPPINGS or mappings/demo-hl7v2)")
+                     "adt/events.yaml (default CCG_ADT_MAPPINGS or mappings/demo-hl7v2)")
     adt.add_argument("--data-dir", type=Path, help="where the default SQLite store is kept")
     adt.add_argument("--log-level", help="debug, info, warning, error (default info)")
     adt.set_defaults(func=cmd_adt_listener)
