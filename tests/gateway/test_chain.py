@@ -138,6 +138,42 @@ async def test_chain_across_encounter_sources(api: httpx.AsyncClient, oracle: Or
         assert any(i.startswith("op-") for i in got) and any(i.startswith("ae-") for i in got)
 
 
+# PROBLEMS.PRVSP_REFNO, under Condition's 'encounter': the keys of inpatient spells only.
+CONDITIONS_OF_SPELLS = ('SELECT c."PROBL_REFNO" FROM "PROBLEMS" c JOIN "PROVIDER_SPELLS" s '
+                        'ON s."PRVSP_REFNO" = c."PRVSP_REFNO" WHERE c."DELETED_FLAG" = \'N\'')
+
+
+async def test_references_hold_the_unprefixed_sources_keys(api: httpx.AsyncClient,
+                                                           oracle: Oracle) -> None:
+    """A reference column holds the keys of its target's unprefixed source (an output
+    reference carries no prefix): a chain onto Encounter, or a _has from it, never joins the
+    outpatient or A&E keys, whose numbers the spells' share."""
+    finished = oracle.ids(CONDITIONS_OF_SPELLS + ' AND s."SPELL_STATUS" = \'D\'')
+    # conditions whose spell number is also a finished clinic attendance's number
+    same_number = oracle.ids(
+        'SELECT c."PROBL_REFNO" FROM "PROBLEMS" c JOIN "OUTPATIENT_ATTENDANCES" o '
+        'ON o."OPATT_REFNO" = c."PRVSP_REFNO" WHERE c."DELETED_FLAG" = \'N\' '
+        'AND o."ATTND_CODE" IN (\'5\', \'6\')')
+    assert finished and same_number - finished  # the wrong join would show
+    assert await found(api, "Condition", [("encounter.status", "finished")]) == finished
+    # an id of a prefixed source, chained or plain: no PROBLEMS row refers to it
+    (op,) = oracle.rows('SELECT min("OPATT_REFNO") FROM "OUTPATIENT_ATTENDANCES"')[0]
+    assert oracle.ids(CONDITIONS_OF_SPELLS + ' AND s."PRVSP_REFNO" = :k', k=op)
+    for params in ([("encounter._id", f"op-{op}")], [("encounter", f"op-{op}")],
+                   [("encounter", f"Encounter/op-{op}")]):
+        assert await found(api, "Condition", params) == set(), params
+    assert await found(api, "Condition", [("encounter._id", str(op))]) == oracle.ids(
+        CONDITIONS_OF_SPELLS + ' AND s."PRVSP_REFNO" = :k', k=op)
+    # _has the other way: spells only, never an attendance with a spell's number
+    spells = oracle.ids('SELECT DISTINCT c."PRVSP_REFNO" FROM "PROBLEMS" c WHERE '
+                        'c."DELETED_FLAG" = \'N\' AND c."PROBL_TYPE" = \'DX\' '
+                        'AND c."PRVSP_REFNO" IS NOT NULL')
+    assert spells
+    got = await search(api, "Encounter", [("_has:Condition:encounter:category",
+                                           "encounter-diagnosis")], all_sources=True)
+    assert set(got) == spells
+
+
 async def test_patient_identifier_nhs_number(api: httpx.AsyncClient, oracle: Oracle) -> None:
     # the NHS numbers of the three patients with the most spells
     busiest = oracle.rows(
