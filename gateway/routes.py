@@ -79,14 +79,8 @@ class Api:
                         media_type=fmt.content_type)
 
     def strict(self, request: Request) -> bool:
-        prefer = request.headers.get("prefer", "")
-        for part in prefer.split(","):
-            key, _, value = part.strip().partition("=")
-            if key.strip().lower() == "handling":
-                handling = value.strip().strip('"').lower()
-                if handling in ("strict", "lenient"):
-                    return handling == "strict"
-        return self.settings.strict_search
+        handling = _prefer_handling(request)
+        return self.settings.strict_search if handling is None else handling == "strict"
 
     # -- interactions
 
@@ -264,7 +258,9 @@ class Api:
         s = self.settings
         cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
-                                  max_count=s.max_count, strict=self.strict(request))
+                                  max_count=s.max_count, strict=self.strict(request),
+                                  # a source failing: a partial page, unless asked for strict
+                                  whole=_prefer_handling(request) == "strict")
         _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
@@ -370,6 +366,17 @@ class Api:
         if more:
             truncated.append(f"_revinclude={rev.source_type}:{rev.param}")
         return found
+
+
+def _prefer_handling(request: Request) -> str | None:
+    """``strict`` or ``lenient`` as the client's ``Prefer: handling`` says, or None."""
+    for part in request.headers.get("prefer", "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == "handling":
+            handling = value.strip().strip('"').lower()
+            if handling in ("strict", "lenient"):
+                return handling
+    return None
 
 
 def _check_cost(provider: TypeProvider, plan: SearchPlan, budget: int) -> None:
