@@ -317,6 +317,14 @@ async def _resolve(d: Deferred) -> Criterion:
     return any_of(out)
 
 
+def deferred_searches(plan: SearchPlan) -> Iterator[tuple[Criterion, str]]:
+    """(criteria, key reference) of each search ``resolve`` will run on another type, so
+    that its cost is checked with the plan's own before anything runs."""
+    for d in plan.deferred:
+        for part in d.parts:
+            yield part.criteria, part.target.key
+
+
 # --- what the CapabilityStatement says -------------------------------------------------------
 
 
@@ -356,6 +364,7 @@ __all__ = [
     "UnknownChain",
     "chain_joined",
     "chain_names",
+    "deferred_searches",
     "has_names",
     "plan_chain",
     "resolve",

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Page, Write
-from gateway import bundle, compartment, cost, writes
+from gateway import bundle, chain, compartment, cost, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.bundle import Pager
@@ -384,6 +384,9 @@ def _check_cost(provider: TypeProvider, plan: SearchPlan, budget: int) -> None:
     parts: list[SearchPlan] = getattr(plan, "parts", None) or [plan]
     for source, part in zip(provider.sources, parts, strict=True):
         cost.check_cost(part.criteria, source.key, budget)
+        # a chain that cannot be joined runs as the other type's own search first
+        for criteria, key in chain.deferred_searches(part):
+            cost.check_cost(criteria, key, budget)
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:

@@ -644,8 +644,8 @@ async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
         "codemaps: ../codemaps",
         "  other:\n    adapter: sql\n    url_env: CCG_OTHER_URL\n    timezone: Europe/London\n"
         "codemaps: ../codemaps"))
-    enc = here / "demo-pas" / "Encounter.sql.yaml"
-    enc.write_text(enc.read_text().replace("connection: pas", "connection: other"))
+    for enc in (here / "demo-pas").glob("Encounter*.sql.yaml"):  # all three sources
+        enc.write_text(enc.read_text().replace("connection: pas", "connection: other"))
     # a copied mapping directory is a production configuration: an API key, not the demo mode
     keys = tmp_path / "api-keys.yaml"
     keys.write_text("keys: [{client_id: t, sha256: '"
@@ -663,7 +663,7 @@ async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
 async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) -> None:
     rows = oracle.rows(SPELLS_WITH_PATIENT)
     nhs = next(n for _, _, n, _, _, _ in rows if n)
-    # the spells through the search of Patient; the attendances (still on 'pas') joined
+    # every source's through the search of Patient
     patient = oracle.rows('SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "NHS_NUMBER" = :n',
                           n=nhs)[0][0]
     expected = {e for e, p, _, _ in all_encounters(oracle) if p == patient}
@@ -687,6 +687,11 @@ async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) 
     ongoing = female & {str(p) for _, p, st, _ in all_encounters(oracle) if st == "in-progress"}
     assert await found(split_api, "Patient", [("_has:Encounter:patient:status", "in-progress"),
                                               ("gender", "female")]) == ongoing
+    # a costly chain is refused before the Patient search it would run first (issue 13)
+    addresses = ",".join(f"a{i}" for i in range(50))
+    r = await split_api.get("/STU3/Encounter", params={"patient.address": addresses})
+    assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
+        "SEARCH_TOO_COSTLY"), r.text
     # more than the bound: refused, never cut
     r = await split_api.get("/STU3/Encounter", params={"patient.gender": "female"})
     assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
