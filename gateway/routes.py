@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Page, Write
-from gateway import bundle, compartment, cost, writes
+from gateway import bundle, chain, compartment, cost, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.bundle import Pager
@@ -84,14 +84,8 @@ class Api:
                         media_type=fmt.content_type)
 
     def strict(self, request: Request) -> bool:
-        prefer = request.headers.get("prefer", "")
-        for part in prefer.split(","):
-            key, _, value = part.strip().partition("=")
-            if key.strip().lower() == "handling":
-                handling = value.strip().strip('"').lower()
-                if handling in ("strict", "lenient"):
-                    return handling == "strict"
-        return self.settings.strict_search
+        handling = _prefer_handling(request)
+        return self.settings.strict_search if handling is None else handling == "strict"
 
     # -- interactions
 
@@ -280,7 +274,9 @@ class Api:
         s = self.settings
         cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
-                                  max_count=s.max_count, strict=self.strict(request))
+                                  max_count=s.max_count, strict=self.strict(request),
+                                  # a source failing: a partial page, unless asked for strict
+                                  whole=_prefer_handling(request) == "strict")
         _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
@@ -388,11 +384,25 @@ class Api:
         return found
 
 
+def _prefer_handling(request: Request) -> str | None:
+    """``strict`` or ``lenient`` as the client's ``Prefer: handling`` says, or None."""
+    for part in request.headers.get("prefer", "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == "handling":
+            handling = value.strip().strip('"').lower()
+            if handling in ("strict", "lenient"):
+                return handling
+    return None
+
+
 def _check_cost(provider: TypeProvider, plan: SearchPlan, budget: int) -> None:
     """Each source's own plan against the budget (one source: the plan itself)."""
     parts: list[SearchPlan] = getattr(plan, "parts", None) or [plan]
     for source, part in zip(provider.sources, parts, strict=True):
         cost.check_cost(part.criteria, source.key, budget)
+        # a chain that cannot be joined runs as the other type's own search first
+        for criteria, key in chain.deferred_searches(part):
+            cost.check_cost(criteria, key, budget)
 
 
 async def _read_back(provider: TypeProvider, rid: str, record: dict[str, Any],
