@@ -38,6 +38,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement, FromClause
 from sqlalchemy.sql.functions import FunctionElement
 
+from adapters import observe
 from adapters.base import (
     Adapter,
     And,
@@ -354,6 +355,10 @@ class SqlAdapter(Adapter):
 
     def _count(self, conn: sa.Connection, p: Prepared, criteria: Criterion | None) -> int:
         stmt, params = _count_statement(p, criteria, self.dialect)  # built per call: not hot
+        hook = observe.statement
+        if hook is not None:
+            with hook(self.label, self.dialect, str(stmt.compile(dialect=self.engine.dialect))):
+                return int(conn.execute(stmt, params).scalar_one())
         return int(conn.execute(stmt, params).scalar_one())
 
     def _with_children(self, conn: sa.Connection, p: Prepared, rows: list[Row]
@@ -402,6 +407,14 @@ class SqlAdapter(Adapter):
         direct path cannot run exactly as SQLAlchemy would (bind processors, values rendered
         into the SQL at execution, e.g. SQL Server's TOP) goes through SQLAlchemy.
         """
+        hook = observe.statement
+        if hook is not None:  # tracing: a span per statement, its text with placeholders
+            with hook(self.label, self.dialect, str(stmt.compile(dialect=self.engine.dialect))):
+                return self._rows_unobserved(conn, stmt, params, reused)
+        return self._rows_unobserved(conn, stmt, params, reused)
+
+    def _rows_unobserved(self, conn: sa.Connection, stmt: Any, params: dict[str, Any],
+                         reused: bool) -> list[Row]:
         if not reused:
             return [tuple(r) for r in conn.execute(stmt, params)]
         entry = self._direct.get(id(stmt))

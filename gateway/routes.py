@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Compare, In, Page, SortKey, Write
-from gateway import bundle, compartment, writes
+from gateway import bundle, compartment, lifecycle, tracing, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.bundle import Pager
@@ -246,7 +246,9 @@ class Api:
             return self.respond(body, fmt)
 
         page = await provider.search(plan, after, backwards)
-        entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
+        with tracing.traced("map page", {"fhir.resource_type": provider.resource_type,
+                                         "ccg.records": len(page.records)}):
+            entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
         entries += await self._includes(provider, plan, page, base)
         entries += outcome
 
@@ -384,6 +386,9 @@ async def health(request: Request) -> Response:
 
 def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
+        if lifecycle.draining():  # shutting down: out of the load balancer before it stops
+            return JSONResponse({"status": "fail", "checks": {"shutdown": "draining"}},
+                                status_code=503)
         checks: dict[str, str] = {}
         adapters = {p.mapping.connection: p.mapping.adapter for p in registry}
         for name, adapter in adapters.items():

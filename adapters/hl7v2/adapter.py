@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters import observe
 from adapters.base import (
     Adapter,
     And,
@@ -205,7 +206,8 @@ class Hl7v2Adapter(Adapter):
         o = self.options
         self.client = MllpClient(self.endpoint, pool_size=o.pool_size,
                                  connect_timeout=o.connect_timeout,
-                                 reply_timeout=o.reply_timeout, retries=o.retries)
+                                 reply_timeout=o.reply_timeout, retries=o.retries,
+                                 label=label)
         self.header = messages.Header(
             sending_application=o.sending_application, sending_facility=o.sending_facility,
             receiving_application=o.receiving_application,
@@ -314,6 +316,14 @@ class Hl7v2Adapter(Adapter):
         return page
 
     async def _send(self, msg: bytes, control: str, sensitive: list[str]) -> er7.Message:
+        hook = observe.exchange
+        if hook is None:
+            return await self._send_unobserved(msg, control, sensitive)
+        with hook(self.label, _message_type(msg), control):
+            return await self._send_unobserved(msg, control, sensitive)
+
+    async def _send_unobserved(self, msg: bytes, control: str, sensitive: list[str]
+                               ) -> er7.Message:
         note_correlation(f"{self.label}:MSH-10={control}")
         try:
             raw = await self.client.send(msg, control)
@@ -428,6 +438,13 @@ class Hl7v2Adapter(Adapter):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _message_type(msg: bytes) -> str:
+    """MSH-9 as ``QBP^Q22^QBP_Q21`` (our own message: the type is from the mapping)."""
+    msh = msg.split(b"\r", 1)[0]
+    fields = msh.split(msh[3:4]) if len(msh) > 3 else []
+    return fields[8].decode("ascii", "replace")[:40] if len(fields) > 8 else "unknown"
 
 
 def _tag() -> str:

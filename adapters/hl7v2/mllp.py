@@ -33,6 +33,7 @@ from typing import cast
 
 import structlog
 
+from adapters import observe
 from adapters.hl7v2 import er7
 
 __all__ = [
@@ -346,12 +347,15 @@ class MllpClient:
         rng: random.Random | None = None,
         idle_timeout: float = 60.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        label: str = "mllp",
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         if retries < 0:
             raise ValueError("retries must not be negative")
         self.endpoint = endpoint
+        self.label = label
+        """The connection's name in the mappings (for metrics)."""
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
@@ -393,6 +397,8 @@ class MllpClient:
                 delay = self._rng.uniform(
                     0.0, min(self.backoff_cap, self.backoff_base * 2**attempt))
                 attempt += 1
+                if observe.event is not None:
+                    observe.event(self.label, "mllp_retry")
                 log.info("mllp_retry", endpoint=str(self.endpoint), control_id=control_id,
                          attempt=attempt, error=type(exc).__name__, delay=round(delay, 3))
                 await asyncio.sleep(delay)

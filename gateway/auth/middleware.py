@@ -59,11 +59,14 @@ def route_path(scope: Scope) -> str:
 
 
 class Authentication:
-    def __init__(self, app: ASGIApp, config: AuthConfig, base_path: str) -> None:
+    def __init__(self, app: ASGIApp, config: AuthConfig, base_path: str,
+                 shared_state: Any = None, public: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.config = config
-        self.public = frozenset({"/_health", "/_ready", f"{base_path.rstrip('/')}/metadata"})
-        self.jwt = JwtVerifier(config.jwt) if config.jwt is not None else None
+        self.public = frozenset({"/_health", "/_ready", f"{base_path.rstrip('/')}/metadata",
+                                 *public})
+        self.jwt = (JwtVerifier(config.jwt, shared_replay=shared_state)
+                    if config.jwt is not None else None)
         self.api_keys = ApiKeyAuthenticator(config.api_keys) if config.mode == "api-key" else None
         self.mtls = MtlsAuthenticator(config.mtls_clients) if config.mode == "mtls" else None
 

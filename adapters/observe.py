@@ -1,0 +1,22 @@
+"""Optional observers of backend work, installed by the gateway (metrics, traces).
+
+Adapters call these module-level hooks around a unit of backend work; unset (None), a hook
+costs one attribute read. The gateway installs ``exchange`` always (metrics per HL7 v2
+exchange) and ``statement`` only while tracing is on (a span per SQL statement).
+
+* ``statement(connection, dialect, sql)`` — a context manager around one SQL statement;
+  ``sql`` is the statement text with placeholders, never the values.
+* ``exchange(connection, message_type, control_id)`` — a context manager around one HL7 v2
+  request/reply (retries included); an exception leaving it is the exchange's outcome.
+* ``event(connection, name)`` — a countable occurrence: ``mllp_retry``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+statement: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
+exchange: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
+event: Callable[[str, str], None] | None = None
