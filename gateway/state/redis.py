@@ -54,7 +54,7 @@ class RedisState:
         self._bucket = self.client.register_script(TOKEN_BUCKET)
         self._errors = (exceptions.RedisError, OSError, TimeoutError)
         self._down_until = 0.0
-        self._warned_at = -WARN_EVERY
+        self._warned_at: dict[str, float] = {}
         self.local = LocalState()
         """The fallback for rate limits while Redis cannot be reached."""
 
@@ -66,8 +66,8 @@ class RedisState:
         if exc is not None:
             self._down_until = now + RETRY_AFTER_FAILURE
         metrics.SHARED_STATE_FALLBACKS.labels(store, action).inc()
-        if now - self._warned_at >= WARN_EVERY:
-            self._warned_at = now
+        if now - self._warned_at.get(store, -WARN_EVERY) >= WARN_EVERY:  # a minute per store
+            self._warned_at[store] = now
             log.warning("shared_state_unavailable", store=store, action=action,
                         error=type(exc).__name__ if exc else "recently_failed")
 
