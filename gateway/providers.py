@@ -241,7 +241,6 @@ def _timed_call(mapping: CompiledMapping, operation: str) -> Iterator[None]:
         yield
     except (BackendError, UnsupportedCriteria) as exc:
         error = exc
-        tracing.record_error(exc)
         raise translate_backend_error(exc) from exc
     except BaseException as exc:
         error = exc
