@@ -120,7 +120,8 @@ def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, A
             install_drain(settings.shutdown_drain_seconds)
             return app
 
-        uvicorn.Server(uvicorn.Config(single, factory=True, **common)).run()
+        # workers=1 given: uvicorn would otherwise read WEB_CONCURRENCY (the gateway does not)
+        uvicorn.Server(uvicorn.Config(single, factory=True, workers=1, **common)).run()
         return
     from uvicorn.supervisors import Multiprocess
 
