@@ -228,6 +228,7 @@ class SqlAdapter(Adapter):
         # As many threads as connections: no thread waits for a connection.
         self._workers = Workers(pool_size, f"sql-{label}")
         self._direct: dict[int, tuple[Any, _Direct | None]] = {}
+        self._texts: dict[int, tuple[Any, str]] = {}
         self._reads = _KeyReads(self)
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
@@ -357,6 +358,7 @@ class SqlAdapter(Adapter):
         stmt, params = _count_statement(p, criteria, self.dialect)  # built per call: not hot
         hook = observe.statement
         if hook is not None:
+            # a new statement object per count: compiled here, not cached
             with hook(self.label, self.dialect, str(stmt.compile(dialect=self.engine.dialect))):
                 return int(conn.execute(stmt, params).scalar_one())
         return int(conn.execute(stmt, params).scalar_one())
@@ -409,9 +411,19 @@ class SqlAdapter(Adapter):
         """
         hook = observe.statement
         if hook is not None:  # tracing: a span per statement, its text with placeholders
-            with hook(self.label, self.dialect, str(stmt.compile(dialect=self.engine.dialect))):
+            with hook(self.label, self.dialect, self._statement_text(stmt)):
                 return self._rows_unobserved(conn, stmt, params, reused)
         return self._rows_unobserved(conn, stmt, params, reused)
+
+    def _statement_text(self, stmt: Any) -> str:
+        """The SQL text of a statement (placeholders, no values), compiled once per statement
+        object: compiling is most of the cost of a statement's span."""
+        entry = self._texts.get(id(stmt))
+        if entry is None or entry[0] is not stmt:
+            entry = (stmt, str(stmt.compile(dialect=self.engine.dialect)))
+            if len(self._texts) < 4096:  # the entry keeps stmt alive: its id stays its own
+                self._texts[id(stmt)] = entry
+        return entry[1]
 
     def _rows_unobserved(self, conn: sa.Connection, stmt: Any, params: dict[str, Any],
                          reused: bool) -> list[Row]:

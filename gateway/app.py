@@ -59,7 +59,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
     )
     auth = resolve_auth(settings)  # AuthConfigError: refuse to start (after mapping errors)
     registry = Registry(Provider(m) for m in loaded.mappings)
-    observability.install([p.resource_type for p in registry], settings.otel_traces)
+    observability.install([p.resource_type for p in registry], settings.otel_traces,
+                          record_metrics=settings.metrics)
     if tracing.enabled():  # the trace id on every log line of a traced request
         gateway_logging.configure(settings.log_level, extra=(tracing.add_trace_id,))
     shared = shared_state.create(settings.redis_url, settings.redis_timeout_ms)

@@ -74,6 +74,7 @@ SHUTTING_DOWN = Gauge(
 KNOWN_RESOURCE_TYPES: frozenset[str] = frozenset()
 """Set by the app builder from the registry: any other ``{type}`` is labelled ``other``."""
 
+_recording = True
 _request_children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 _adapter_children: dict[tuple[str, str, str], Any] = {}
 
@@ -81,6 +82,12 @@ _adapter_children: dict[tuple[str, str, str], Any] = {}
 def set_resource_types(types: Iterable[str]) -> None:
     global KNOWN_RESOURCE_TYPES
     KNOWN_RESOURCE_TYPES = frozenset(types)
+
+
+def set_recording(on: bool) -> None:
+    """``CCG_METRICS=false``: requests and adapter calls are not counted (nor served)."""
+    global _recording
+    _recording = on
 
 
 def _interaction(path_format: str, method: str, params: dict[str, Any]) -> str:
@@ -114,6 +121,8 @@ def classify(scope: Scope) -> tuple[str, str, str]:
 
 def observe_request(scope: Scope, status: int, seconds: float) -> None:
     """Count one finished request (called once per request by ``RequestContext``)."""
+    if not _recording:
+        return
     params = scope.get("path_params") or {}
     method = scope["method"]
     key = (getattr(scope.get("route"), "path_format", None), params.get("type"), method,
@@ -133,6 +142,8 @@ def observe_request(scope: Scope, status: int, seconds: float) -> None:
 
 def observe_adapter(connection: str, adapter: str, operation: str, seconds: float,
                     error: BaseException | None) -> None:
+    if not _recording:
+        return
     key = (connection, adapter, operation)
     child = _adapter_children.get(key)
     if child is None:

@@ -16,9 +16,10 @@ from adapters import observe
 from gateway import metrics, tracing
 
 
-def install(resource_types: list[str], traces: str) -> None:
+def install(resource_types: list[str], traces: str, record_metrics: bool = True) -> None:
     """Once per app: bounded resource-type labels, adapter hooks, tracing if asked for."""
     metrics.set_resource_types(resource_types)
+    metrics.set_recording(record_metrics)
     observe.exchange = _exchange
     observe.event = _event
     tracing.configure(traces)
