@@ -61,8 +61,8 @@ REFUSALS = Counter(
 AUDIT_FAILURES = Counter(
     "ccg_audit_write_failures", "Audit records that could not be written")
 UNMAPPED_DROPPED = Counter(
-    "ccg_mapping_values_dropped", "Source values dropped by a code map's unmapped policy",
-    ["resource_type"])
+    "ccg_mapping_values_dropped", "Source values left out by a code map's unmapped policy "
+    "(omit), by code map", ["codemap"])
 SHARED_STATE_FALLBACKS = Counter(
     "ccg_shared_state_fallbacks", "Shared-state operations that could not reach Redis, by "
     "store and what happened instead (local: served from process memory; refused: failed "

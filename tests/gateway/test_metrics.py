@@ -134,3 +134,21 @@ def test_metrics_on_a_separate_port_only(demo_sqlite_url: str,
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_values_left_out_by_a_code_map_are_counted() -> None:
+    from prometheus_client import REGISTRY
+
+    from gateway.mapping.codemaps import CodeMap, Target
+
+    cm = CodeMap("test-sex", "http://example.org/sex", "omit", {"1": Target("male")})
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("ccg_mapping_values_dropped_total",
+                                         {"codemap": "test-sex"}) or 0.0
+
+    before = dropped()
+    assert cm.lookup("1") == Target("male")
+    assert cm.lookup("7") is None
+    assert cm.lookup("8") is None
+    assert dropped() - before == 2
