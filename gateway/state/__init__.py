@@ -1,5 +1,5 @@
-"""State that several gateway processes must share: per-client rate limits and the JWT
-``jti`` replay cache.
+"""State that several gateway processes must share: per-client rate limits, per-client
+concurrency (requests in flight) and the JWT ``jti`` replay cache.
 
 Two stores behind one small interface:
 
@@ -16,7 +16,13 @@ behaviour is fixed and declared:
 * replay protection fails CLOSED: the request is refused with 503 ``SHARED_STATE_UNAVAILABLE``
   (a token that cannot be checked for replay is not accepted);
 * rate limiting degrades to this process's local buckets, with a warning in the log (at most
-  one a minute) and ``ccg_shared_state_fallbacks_total{store="rate_limit",action="local"}``.
+  one a minute) and ``ccg_shared_state_fallbacks_total{store="rate_limit",action="local"}``;
+* per-client concurrency degrades to this process's own counts the same way
+  (``store="concurrency"``).
+
+Concurrency is counted in leases: ``acquire`` takes one (or answers None at the limit) and
+``release`` gives it back. In Redis a lease also ends by itself after ``lease_seconds``, so a
+process that dies with requests in flight does not hold its client's slots for ever.
 
 After a failure Redis is not asked again for ``RETRY_AFTER_FAILURE`` seconds, so an outage
 costs each request nothing but the fallback, not a timeout.
@@ -47,6 +53,12 @@ class SharedState(Protocol):
     async def seen(self, key: str, expires_at: float) -> bool:
         """Record ``key`` until ``expires_at`` (Unix time); True if it was already there.
         Raises SharedStateUnavailable when that cannot be known."""
+
+    async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
+        """A lease on one of ``limit`` slots for ``key``, or None when all are taken."""
+
+    async def release(self, key: str, lease: str) -> None:
+        """Give a lease back (a lease already expired is ignored)."""
 
     async def aclose(self) -> None: ...
 

@@ -13,6 +13,7 @@ class LocalState:
         self.max_keys = max_keys
         self._buckets: dict[tuple[float, int], TokenBuckets] = {}
         self._replay = ReplayCache(max_replay_entries)
+        self._in_flight: dict[str, int] = {}
 
     async def take(self, key: str, rate: float, burst: int) -> float:
         return self.take_now(key, rate, burst)
@@ -22,6 +23,26 @@ class LocalState:
         if buckets is None:
             buckets = self._buckets[(rate, burst)] = TokenBuckets(rate, burst, self.max_keys)
         return buckets.take(key)
+
+    async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
+        return self.acquire_now(key, limit)
+
+    def acquire_now(self, key: str, limit: int) -> str | None:
+        held = self._in_flight.get(key, 0)
+        if held >= limit:
+            return None
+        self._in_flight[key] = held + 1
+        return key
+
+    async def release(self, key: str, lease: str) -> None:
+        self.release_now(key)
+
+    def release_now(self, key: str) -> None:
+        held = self._in_flight.get(key, 0) - 1
+        if held > 0:
+            self._in_flight[key] = held
+        else:  # no entry for a client with nothing in flight: the table stays bounded
+            self._in_flight.pop(key, None)
 
     async def seen(self, key: str, expires_at: float) -> bool:
         return self._replay.seen(key, expires_at, time.time())

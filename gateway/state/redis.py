@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import secrets
 import time
 from typing import Any
 
@@ -38,6 +40,20 @@ return tostring(wait)
 """
 
 
+# Leases on a client's concurrency slots: a sorted set of lease ids scored by when each
+# ends (Redis's clock). Ended leases go first; the key lives as long as its newest lease.
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+
 def _key(kind: str, raw: str) -> str:
     # Fixed length whatever the client sent; no client string in Redis's key space.
     return f"ccg:{kind}:{hashlib.sha256(raw.encode()).hexdigest()[:40]}"
@@ -52,6 +68,7 @@ class RedisState:
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry_on_timeout=False, health_check_interval=30)
         self._bucket = self.client.register_script(TOKEN_BUCKET)
+        self._acquire = self.client.register_script(ACQUIRE)
         self._errors = (exceptions.RedisError, OSError, TimeoutError)
         self._down_until = 0.0
         self._warned_at: dict[str, float] = {}
@@ -81,6 +98,27 @@ class RedisState:
         else:
             self._failed("rate_limit", "local", None)
         return self.local.take_now(key, rate, burst)
+
+    async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
+        if self._available():
+            lease = "r:" + secrets.token_hex(8)
+            try:
+                got = await self._acquire(keys=[_key("cc", key)],
+                                          args=[limit, max(1, int(lease_seconds * 1000)), lease])
+                return lease if int(got) == 1 else None
+            except self._errors as exc:
+                self._failed("concurrency", "local", exc)
+        else:
+            self._failed("concurrency", "local", None)
+        local = self.local.acquire_now(key, limit)
+        return None if local is None else "l:" + local
+
+    async def release(self, key: str, lease: str) -> None:
+        if lease.startswith("l:"):  # taken locally while Redis was away
+            self.local.release_now(key)
+            return
+        with contextlib.suppress(*self._errors):  # else the lease ends by itself
+            await self.client.zrem(_key("cc", key), lease)
 
     async def seen(self, key: str, expires_at: float) -> bool:
         if not self._available():

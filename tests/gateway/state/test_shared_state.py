@@ -122,3 +122,47 @@ async def test_a_gateway_with_redis_down_refuses_tokens_it_cannot_check(
     assert r.headers["retry-after"] == "1"
     codes = [c["code"] for i in r.json()["issue"] for c in i["details"]["coding"]]
     assert codes == ["SHARED_STATE_UNAVAILABLE"]
+
+
+async def test_concurrency_leases_are_shared_and_end_by_themselves(
+        redis_server: TempRedis) -> None:
+    one, two = RedisState(redis_server.url), RedisState(redis_server.url)
+    client = f"client:{uuid.uuid4()}"
+    try:
+        a = await one.acquire(client, 2, 30)
+        b = await two.acquire(client, 2, 30)
+        assert a and b and a != b
+        assert await one.acquire(client, 2, 30) is None  # both slots held, across processes
+        assert await two.acquire(f"client:{uuid.uuid4()}", 2, 30) is not None  # per client
+        await two.release(client, a)
+        c = await two.acquire(client, 2, 30)
+        assert c is not None
+        assert 0 < await one.client.pttl(_key("cc", client)) <= 30_000
+        # a lease nobody gives back (its process died) ends by itself
+        short = f"client:{uuid.uuid4()}"
+        assert await one.acquire(short, 1, 0.2) is not None
+        assert await two.acquire(short, 1, 0.2) is None
+        time.sleep(0.3)
+        assert await two.acquire(short, 1, 0.2) is not None
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_concurrency_with_redis_down_is_counted_locally() -> None:
+    dead = RedisState(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    try:
+        before = fallbacks("concurrency", "local")
+        first = await dead.acquire("client:y", 1, 30)
+        assert first is not None
+        assert await dead.acquire("client:y", 1, 30) is None
+        await dead.release("client:y", first)
+        assert await dead.acquire("client:y", 1, 30) is not None
+        assert fallbacks("concurrency", "local") == before + 3
+    finally:
+        await dead.aclose()
+    local = LocalState()
+    lease = await local.acquire("k", 1, 30)
+    assert lease is not None and await local.acquire("k", 1, 30) is None
+    await local.release("k", lease)
+    assert local._in_flight == {}  # nothing kept for a client with nothing in flight
