@@ -13,7 +13,9 @@ including the SQL threads and the span exporter's) per request, the median over 
 
 ``base`` = the gateway at ``--base-rev`` (``git archive``), ``off`` = this tree with
 ``CCG_METRICS=false`` (traces off), ``metrics`` = as shipped, ``traces`` = metrics plus
-OpenTelemetry traces exported over OTLP/HTTP to a local sink that discards them.
+OpenTelemetry traces exported over OTLP/HTTP to a local sink that discards them, ``traces 10%``
+the same with the standard sampler settings keeping one trace in ten
+(``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.1``).
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def main() -> int:
         "metrics": (REPO, env),
         "traces": (REPO, {**env, "CCG_OTEL_TRACES": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT":
                           f"http://127.0.0.1:{sink.server_address[1]}"}),
+        "traces 10%": (REPO, {**env, "CCG_OTEL_TRACES": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT":
+                              f"http://127.0.0.1:{sink.server_address[1]}",
+                              "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                              "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
     }
     results: dict[str, list[float]] = {k: [] for k in configs}
     for rnd in range(args.rounds):

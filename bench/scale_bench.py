@@ -12,7 +12,9 @@ cores with the gateway, so "2 workers" means 2 gateway processes plus the genera
    ``off`` = this tree with metrics and traces off (``CCG_METRICS=false``),
    ``metrics`` = this tree as shipped (metrics on, traces off),
    ``traces`` = metrics and OpenTelemetry traces on, exported over OTLP/HTTP in batches to a
-   local sink that accepts and discards them (the export's CPU is on the same machine).
+   local sink that accepts and discards them (the export's CPU is on the same machine);
+   ``traces10`` = the same, sampling one trace in ten (OTEL_TRACES_SAMPLER=
+   parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1).
    The servers run side by side; rounds interleave them (ABCD ABCD ...) so drift in what
    else the machine does spreads over all; the figure is the median over rounds.
 2. **workers** — ``--workers 1`` against ``--workers 2`` (metrics on), same scenarios.
@@ -244,6 +246,10 @@ def main() -> int:
                 Gateway("metrics", REPO, env, 1, tmp),
                 Gateway("traces", REPO, {**env, "CCG_OTEL_TRACES": "otlp",
                                          "OTEL_EXPORTER_OTLP_ENDPOINT": otlp}, 1, tmp),
+                Gateway("traces10", REPO, {**env, "CCG_OTEL_TRACES": "otlp",
+                                           "OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
+                                           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                           "OTEL_TRACES_SAMPLER_ARG": "0.1"}, 1, tmp),
             ]
             for gw in gateways:
                 gw.wait()

@@ -225,15 +225,12 @@ def _backend_call(provider: Provider, operation: str) -> Iterator[None]:
     mapping = provider.mapping
     if tracing.enabled():
         name = observability.adapter_name(mapping.adapter)
-        with (observability.backend_span(mapping.connection, name, operation),
-              _timed_call(mapping, operation)):
-            yield
+        with observability.backend_span(mapping.connection, name, operation):
+            yield from _timed_call(mapping, operation)
         return
-    with _timed_call(mapping, operation):
-        yield
+    yield from _timed_call(mapping, operation)  # a plain generator: no second context manager
 
 
-@contextmanager
 def _timed_call(mapping: CompiledMapping, operation: str) -> Iterator[None]:
     started = time.perf_counter()
     error: BaseException | None = None
