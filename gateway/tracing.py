@@ -90,10 +90,20 @@ def disable() -> None:
     observe.statement = None
 
 
+def _unsampled() -> bool:
+    """Inside a request whose trace is not kept (sampled out): its children would not be
+    either, and even a non-recording span costs its creation and context switch."""
+    from opentelemetry import trace
+
+    current = trace.get_current_span()
+    return current is not trace.INVALID_SPAN and not current.is_recording()
+
+
 def span(name: str, attributes: dict[str, Any] | None = None) -> AbstractContextManager[Any]:
-    """A child span of the current one (a shared no-op while tracing is off)."""
+    """A child span of the current one (a shared no-op while tracing is off, and inside a
+    request that is not sampled)."""
     tracer = _tracer
-    if tracer is None:
+    if tracer is None or _unsampled():
         return _NOOP
     # No exception events and no status text from an exception: its message can quote data.
     return tracer.start_as_current_span(  # type: ignore[no-any-return]
@@ -184,7 +194,7 @@ class TracingLayer:
 
 def traced(name: str, attributes: dict[str, Any]) -> AbstractContextManager[Any]:
     """``span`` that also marks the span failed (error class only) when the block raises."""
-    if _tracer is None:
+    if _tracer is None or _unsampled():
         return _NOOP
     return _traced(name, attributes)
 

@@ -158,3 +158,51 @@ def test_sigterm_drains_then_stops(pair: tuple[Gateway, Gateway], data_dir: Path
     assert "draining: not ready for 2 s" in gw.log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{gw.url}/_health", timeout=2)
+
+
+def test_workers_share_a_port_a_paging_secret_and_their_metrics(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``serve --workers 2`` with no paging secret configured: the parent makes one for both
+    workers (every next link opens, whichever worker takes it), and /metrics, from whichever
+    worker answers, counts the requests of both."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    data = tmp_path_factory.mktemp("workers")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCG_", "PROMETHEUS_"))}
+    env.update({"CCG_DATA_DIR": str(data), "CCG_DEMO_PATIENTS": "300",
+                "CCG_PROGRESS": "false", "CCG_AUTH_MODE": "insecure-demo",
+                "CCG_AUDIT_LOG": str(data / "audit.jsonl"), "CCG_LOG_LEVEL": "warning"})
+    port = free_port()
+    with (data / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
+             "--workers", "2"], env=env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT)
+    gw = Gateway.__new__(Gateway)
+    gw.port, gw.url, gw.log, gw.proc = port, f"http://127.0.0.1:{port}", data / "serve.log", proc
+    try:
+        gw.wait_ready()
+        first = httpx.get(f"{gw.url}/STU3/Patient",
+                          params={"gender": "female", "birthdate": "ge1900", "_count": "2"})
+        assert first.status_code == 200
+        next_url = next(link["url"] for link in first.json()["link"]
+                        if link["relation"] == "next")
+        n = 20
+        # fresh connections: the kernel spreads them over both workers
+        codes = [httpx.get(next_url).status_code for _ in range(n)]
+        assert codes == [200] * n
+        # (which worker served what is not visible from outside; the sum is the same from
+        # every scrape, and correct, only if the workers' files are added up)
+        totals = []
+        for _ in range(6):
+            total = 0.0
+            text = httpx.get(f"{gw.url}/metrics").text
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if (s.name == "ccg_http_requests_total"
+                            and s.labels.get("interaction") == "search"):
+                        total += s.value
+            totals.append(total)
+        assert totals == [n + 1] * 6
+    finally:
+        gw.stop()

@@ -211,3 +211,24 @@ def test_the_otlp_exporter_is_set_up_from_the_setting() -> None:
     finally:
         tracing.disable()
     assert not tracing.enabled()
+
+
+async def test_a_sampled_out_request_has_no_spans_but_still_a_trace_id(
+        tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.use_provider(provider)
+    try:
+        missing = tmp_path / "nothing-here" / "pas.sqlite"
+        app = build_app(gateway_settings(f"sqlite:///{missing}", tmp_path,
+                                         audit_log=str(tmp_path / "audit.jsonl")))
+        async for c in _client(app):
+            r = await c.get("/STU3/Patient/100001")
+    finally:
+        tracing.disable()
+    assert r.status_code == 503
+    assert memory.get_finished_spans() == ()
+    assert "(trace id " in r.json()["issue"][0]["diagnostics"]  # for the support call
