@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if settings.workers > 1:  # before anything imports gateway.metrics
         settings = workers.prepare_multiprocess(settings)
+    elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # set by hand: it must exist
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
     from gateway.app import build_app
     from gateway.auth.errors import AuthConfigError

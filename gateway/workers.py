@@ -89,6 +89,7 @@ def prepare_multiprocess(settings: Settings) -> Settings:
     """Before anything imports ``gateway.metrics``: what every worker must share."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
         for stale in Path(directory).glob("*.db"):  # a previous run's values
             stale.unlink(missing_ok=True)
     else:
