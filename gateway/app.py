@@ -92,11 +92,11 @@ def build_app(settings: Settings | None = None) -> Starlette:
     if settings.metrics and not settings.metrics_port:  # else: on its own port (cli.py)
         app_routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
     # Traces off: not even a layer to pass through.
-    tracing_layer = [Middleware(tracing.TracingLayer, classify=metrics.classify)
-                     if tracing.enabled() else None]
+    tracing_layers = ([Middleware(tracing.TracingLayer, classify=metrics.classify)]
+                      if tracing.enabled() else [])
     app = Starlette(
         routes=app_routes,
-        middleware=[*(m for m in tracing_layer if m is not None),
+        middleware=[*tracing_layers,
                     Middleware(RequestContext),
                     # audit sees every outcome, including the limits' and authentication's
                     Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
