@@ -9,6 +9,8 @@ exchange) and ``statement`` only while tracing is on (a span per SQL statement).
 * ``exchange(connection, message_type, control_id)`` — a context manager around one HL7 v2
   request/reply (retries included); an exception leaving it is the exchange's outcome.
 * ``event(connection, name)`` — a countable occurrence: ``mllp_retry``.
+* ``pool_wait(connection, seconds)`` — how long a call waited for a free connection (SQL: a
+  worker thread with its pooled connection; HL7 v2: one of the MLLP client's connections).
 """
 
 from __future__ import annotations
@@ -20,3 +22,4 @@ from typing import Any
 statement: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
 exchange: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
 event: Callable[[str, str], None] | None = None
+pool_wait: Callable[[str, float], None] | None = None

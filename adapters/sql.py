@@ -292,11 +292,15 @@ class SqlAdapter(Adapter):
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             # the caller's backstop: the database's own statement timeout should come first
-            return await self._workers.run(self.timeout + 1.0, self._guarded, fn, *args)
+            return await self._workers.run(self.timeout + 1.0, self._guarded,
+                                           time.perf_counter(), fn, *args)
         except TimeoutError as exc:
             raise BackendTimeout(f"the '{self.label}' database did not answer in time") from exc
 
-    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _guarded(self, queued: float, fn: Callable[..., Any], *args: Any) -> Any:
+        hook = observe.pool_wait
+        if hook is not None:  # queued behind busy connections (plus the hop to the thread)
+            hook(self.label, time.perf_counter() - queued)
         self._deadline.deadline = time.monotonic() + self.timeout
         try:
             return fn(*args)

@@ -49,12 +49,16 @@ ADAPTER_SECONDS = Histogram(
 ADAPTER_ERRORS = Counter(
     "ccg_adapter_errors", "Backend calls that failed, by error class",
     ["connection", "adapter", "operation", "error"])
+POOL_WAIT = Histogram(
+    "ccg_adapter_pool_wait_seconds", "Time a backend call waited for a free connection",
+    ["connection"], buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+                             10.0))
 MLLP_EXCHANGES = Histogram(
     "ccg_mllp_exchange_duration_seconds", "One MLLP request/reply exchange (including retries)",
     ["connection", "message_type", "outcome"], buckets=_LATENCY_BUCKETS)
 MLLP_EVENTS = Counter(
-    "ccg_mllp_events", "MLLP retries, timeouts and negative acknowledgements",
-    ["connection", "event"])
+    "ccg_mllp_events", "MLLP retries, timeouts, rejections (NAK), unreachable PAS and "
+    "unusable replies", ["connection", "event"])
 REFUSALS = Counter(
     "ccg_refusals", "Requests refused to protect the service (rate limit, load shedding)",
     ["reason"])

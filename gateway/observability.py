@@ -22,6 +22,7 @@ def install(resource_types: list[str], traces: str, record_metrics: bool = True)
     metrics.set_recording(record_metrics)
     observe.exchange = _exchange
     observe.event = _event
+    observe.pool_wait = _pool_wait
     tracing.configure(traces)
 
 
@@ -41,7 +42,20 @@ def _exchange(connection: str, message_type: str, control_id: str) -> Iterator[N
         metrics.MLLP_EXCHANGES.labels(connection, message_type, outcome).observe(
             time.perf_counter() - started)
         if outcome != "ok":
-            metrics.MLLP_EVENTS.labels(connection, outcome).inc()
+            metrics.MLLP_EVENTS.labels(connection, _EVENT_NAMES.get(outcome, "error")).inc()
+
+
+# the adapter's errors for an exchange, as the event an operator looks for
+_EVENT_NAMES = {"BackendTimeout": "timeout", "BackendRejected": "nak",
+                "BackendUnavailable": "unavailable", "BackendError": "unusable_reply"}
+_pool_children: dict[str, Any] = {}
+
+
+def _pool_wait(connection: str, seconds: float) -> None:
+    child = _pool_children.get(connection)
+    if child is None:
+        child = _pool_children[connection] = metrics.POOL_WAIT.labels(connection)
+    child.observe(seconds)
 
 
 def _event(connection: str, name: str) -> None:

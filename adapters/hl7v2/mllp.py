@@ -24,6 +24,7 @@ import random
 import re
 import socket
 import ssl as _ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -413,7 +414,10 @@ class MllpClient:
     # internals
 
     async def _exchange(self, framed: bytes, control_id: str, *, fresh: bool) -> bytes:
+        queued = time.perf_counter()
         async with self._slots:
+            if observe.pool_wait is not None:  # waited for one of pool_size connections
+                observe.pool_wait(self.label, time.perf_counter() - queued)
             if self._closed:  # closed while this send waited for a slot
                 raise MllpUnavailable("MLLP client is closed")
             conn = None if fresh else self._take_idle()

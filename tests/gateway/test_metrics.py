@@ -152,3 +152,41 @@ def test_values_left_out_by_a_code_map_are_counted() -> None:
     assert cm.lookup("7") is None
     assert cm.lookup("8") is None
     assert dropped() - before == 2
+
+
+async def test_pool_waits_and_mllp_naks_are_counted(tmp_path: Path) -> None:
+    """HL7 v2 demo: the PAS simulator NAKs one query; every call's wait for a connection
+    is observed, for the SQL and the MLLP connection alike."""
+    from adapters.hl7v2.simulator import PasSimulator
+    from gateway.app import build_app
+    from gateway.demo_pas import ensure_sqlite_demo
+    from tests.conftest import gateway_settings
+
+    db = tmp_path / "pas.sqlite"
+    ensure_sqlite_demo(db, patients=300, progress=False)
+    mappings = Path(__file__).resolve().parents[2] / "mappings" / "demo-hl7v2"
+    async with PasSimulator(f"sqlite:///{db}") as sim:
+        app = build_app(gateway_settings(
+            f"sqlite:///{db}", tmp_path, mappings_dir=mappings,
+            audit_log=str(tmp_path / "audit.jsonl"),
+            connection_urls={"pas": f"sqlite:///{db}",
+                             "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
+        async with app.router.lifespan_context(app), await _client(app) as c:
+            before = await scrape(c)
+            sim.faults.nak_ae_count = 1
+            nak = await c.get("/STU3/Patient", params={"family": "smith", "gender": "female"})
+            ok = await c.get("/STU3/Patient", params={"family": "smith", "gender": "female"})
+            org = await c.get("/STU3/Organization", params={"name": "a"})
+            after = await scrape(c)
+    assert nak.status_code == 502 and ok.status_code == 200 and org.status_code == 200
+    events = "ccg_mllp_events_total"
+    labels = {"connection": "pas-hl7", "event": "nak"}
+    assert sample(after, events, labels) - sample(before, events, labels) == 1
+    exchanges = "ccg_mllp_exchange_duration_seconds_count"
+    for outcome, n in (("BackendRejected", 1), ("ok", 1)):
+        labels = {"connection": "pas-hl7", "outcome": outcome}
+        assert sample(after, exchanges, labels) - sample(before, exchanges, labels) == n
+    waits = "ccg_adapter_pool_wait_seconds_count"
+    for connection in ("pas-hl7", "pas"):
+        assert (sample(after, waits, {"connection": connection})
+                - sample(before, waits, {"connection": connection})) >= 1
