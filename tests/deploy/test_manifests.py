@@ -351,3 +351,13 @@ def test_the_image_builds_with_docker() -> None:  # pragma: no cover - no engine
                           "careconnect-gateway:test", str(ROOT)], capture_output=True,
                          text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_env_example_names_every_setting() -> None:
+    text = (DEPLOY / "gateway.env.example").read_text()
+    named = set(re.findall(r"^#?(CCG_[A-Z_]+)=", text, flags=re.M))
+    # every new scale-out and observability setting is documented there, and nothing unknown
+    assert {"CCG_WORKERS", "CCG_REDIS_URL", "CCG_REDIS_TIMEOUT_MS", "CCG_METRICS",
+            "CCG_METRICS_PORT", "CCG_METRICS_HOST", "CCG_OTEL_TRACES",
+            "CCG_SHUTDOWN_DRAIN_SECONDS", "CCG_SHUTDOWN_TIMEOUT"} <= named
+    assert named - SETTINGS <= url_envs(ROOT / "mappings" / "demo-pas")
