@@ -11,6 +11,8 @@ exchange) and ``statement`` only while tracing is on (a span per SQL statement).
 * ``event(connection, name)`` — a countable occurrence: ``mllp_retry``.
 * ``pool_wait(connection, seconds)`` — how long a call waited for a free connection (SQL: a
   worker thread with its pooled connection; HL7 v2: one of the MLLP client's connections).
+* ``dropped(where, reason)`` — one source value left out (``adapters.dropped.note``): a
+  place from the configuration and a fixed phrase, never the value.
 """
 
 from __future__ import annotations
@@ -23,3 +25,4 @@ statement: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
 exchange: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
 event: Callable[[str, str], None] | None = None
 pool_wait: Callable[[str, float], None] | None = None
+dropped: Callable[[str, str], None] | None = None

@@ -28,6 +28,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import workers
 
+    concurrency = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if concurrency not in ("", "1"):
+        # uvicorn's variable: set by someone expecting worker processes. The gateway's own
+        # setting is --workers (CCG_WORKERS), which comes with shared state (CCG_REDIS_URL).
+        print("refusing to start: WEB_CONCURRENCY is set to "
+              f"{concurrency[:20]!r}; the gateway does not read it (unset it, or set it to 1, "
+              "and use --workers / CCG_WORKERS with CCG_REDIS_URL)", file=sys.stderr)
+        return 2
     settings = _settings(args)
     if settings.workers < 1:
         print("refusing to start: --workers must be at least 1", file=sys.stderr)
@@ -92,6 +100,20 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
               f"({len(m.spec.search)} search parameters)")
+    from gateway.operations.structured import load_operations
+    from gateway.providers import Provider
+    from gateway.registry import Registry
+
+    try:
+        operations = load_operations(loaded.directory,
+                                     Registry(Provider(m) for m in loaded.mappings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    for op in operations:
+        print(f"ok  operation ${op.name}: {len(op.spec.sections)} section(s)")
     from gateway.profiles.golden import check_cli
 
     return check_cli(loaded, getattr(args, "golden", None))
@@ -116,14 +138,14 @@ def cmd_mappings_coverage(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_build(args: argparse.Namespace) -> int:
-    from gateway.demo_pas import build_database, ensure_sqlite_demo
+    from gateway.demo_pas import build_database, demo_file_name, ensure_sqlite_demo
 
     if args.url:
         build_database(args.url, patients=args.patients, progress=True)
         print(f"built demo PAS with {args.patients} patients at the given URL")
     else:
         settings = _settings(args)
-        path = args.path or settings.data_dir / f"demo-pas-{args.patients}.sqlite"
+        path = args.path or settings.data_dir / demo_file_name(args.patients)
         ensure_sqlite_demo(path, patients=args.patients, progress=True)
         print(path)
     return 0
@@ -133,8 +155,8 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import demo_database_url
+    from gateway.demo_pas.hl7v2 import PasSimulator
 
     if args.db is not None:
         if not args.db.is_file():
@@ -146,8 +168,9 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with PasSimulator(url, host=args.host, port=args.port,
-                                sex_codes=args.sex_codes) as sim:
-            print(f"PAS simulator (HL7 v2.4) listening on mllp://{args.host}:{sim.port}  "
+                                sex_codes=args.sex_codes, dialect=args.dialect) as sim:
+            print(f"PAS simulator (HL7 v2.4, {args.dialect} dialect) listening on "
+                  f"mllp://{args.host}:{sim.port}  "
                   "(Ctrl-C stops it)", file=sys.stderr, flush=True)
             await asyncio.Event().wait()
 
@@ -206,6 +229,10 @@ def parser() -> argparse.ArgumentParser:
                      help="demo PAS SQLite file (default: the embedded demo, built if missing)")
     sim.add_argument("--sex-codes", choices=["hl7", "nhs"], default="hl7",
                      help="PID-8 as HL7 M/F/O/U or NHS 1/2/9/X (default hl7)")
+    sim.add_argument("--dialect", choices=["demo", "itk", "strict"], default="demo",
+                     help="how this PAS speaks HL7 v2 (gateway/demo_pas/hl7v2/profiles.py): "
+                          "demo (default), itk (plain ACKs, ITK sample style), strict "
+                          "(CX-5 identifiers, native prefix match, no qualifiers)")
     sim.set_defaults(func=cmd_pas_simulator)
 
     from gateway.auth.cli import register as register_auth_commands

@@ -67,6 +67,10 @@ AUDIT_FAILURES = Counter(
 UNMAPPED_DROPPED = Counter(
     "ccg_mapping_values_dropped", "Source values left out by a code map's unmapped policy "
     "(omit), by code map", ["codemap"])
+DROPPED_VALUES = Counter(
+    "ccg_dropped_values", "Source values read but left out of a resource because they could "
+    "not be mapped (adapters.dropped), by where (a storage type, a mapping field or segment "
+    "from the configuration) and why", ["where", "reason"])
 SHARED_STATE_FALLBACKS = Counter(
     "ccg_shared_state_fallbacks", "Shared-state operations that could not reach Redis, by "
     "store and what happened instead (local: served from process memory; refused: failed "

@@ -23,6 +23,7 @@ def install(resource_types: list[str], traces: str, record_metrics: bool = True)
     observe.exchange = _exchange
     observe.event = _event
     observe.pool_wait = _pool_wait
+    observe.dropped = _dropped
     tracing.configure(traces)
 
 
@@ -47,7 +48,8 @@ def _exchange(connection: str, message_type: str, control_id: str) -> Iterator[N
 
 # the adapter's errors for an exchange, as the event an operator looks for
 _EVENT_NAMES = {"BackendTimeout": "timeout", "BackendRejected": "nak",
-                "BackendUnavailable": "unavailable", "BackendError": "unusable_reply"}
+                "BackendUnavailable": "unavailable", "BackendError": "unusable_reply",
+                "WriteOutcomeUnknown": "write_outcome_unknown"}
 _pool_children: dict[str, Any] = {}
 
 
@@ -56,6 +58,10 @@ def _pool_wait(connection: str, seconds: float) -> None:
     if child is None:
         child = _pool_children[connection] = metrics.POOL_WAIT.labels(connection)
     child.observe(seconds)
+
+
+def _dropped(where: str, reason: str) -> None:
+    metrics.DROPPED_VALUES.labels(where, reason).inc()
 
 
 def _event(connection: str, name: str) -> None:

@@ -111,10 +111,13 @@ def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, A
 
     if settings.metrics and settings.metrics_port:
         metrics.serve_separately(settings.metrics_host, settings.metrics_port)
+    from gateway.server import uvicorn_options
+
     common: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_config": None,
         "access_log": False, "server_header": False, "proxy_headers": proxy_headers,
         "timeout_graceful_shutdown": settings.shutdown_timeout, **tls,
+        **uvicorn_options(settings.header_timeout_seconds, tls.get("http")),
     }
     if settings.workers <= 1:
         def single() -> Any:
@@ -126,7 +129,29 @@ def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, A
         return
     from uvicorn.supervisors import Multiprocess
 
+    # The workers are spawned with a pickled config: a class made at run time (the header
+    # deadline's protocol) cannot travel, so each worker builds its own by name.
+    common["http"] = "gateway.workers:HttpProtocol"
     config = uvicorn.Config("gateway.workers:worker_app", factory=True,
                             workers=settings.workers, **common)
     sock = config.bind_socket()
     Multiprocess(config, sockets=[sock]).run()
+
+
+_http_protocol: Any = None
+
+
+def __getattr__(name: str) -> Any:
+    """``HttpProtocol``: uvicorn's HTTP protocol with the header deadline (and mTLS's hook),
+    built in a worker from its ``CCG_*`` settings (uvicorn imports it by name)."""
+    global _http_protocol
+    if name != "HttpProtocol":
+        raise AttributeError(name)
+    if _http_protocol is None:
+        from gateway.auth.serve import uvicorn_tls_options
+        from gateway.server import uvicorn_options
+
+        settings = Settings.from_env(progress=False)
+        _http_protocol = uvicorn_options(settings.header_timeout_seconds,
+                                         uvicorn_tls_options(settings).get("http"))["http"]
+    return _http_protocol

@@ -200,8 +200,18 @@ def test_kubernetes_settings_secrets_and_mounts() -> None:
 def test_the_overlay_lists_the_example_mappings() -> None:
     prod = kustomization(K8S / "overlays" / "production")
     gens = {g["name"]: g.get("files", []) for g in prod["configMapGenerator"]}
+    demo = ROOT / "mappings" / "demo-pas"
     assert sorted(gens["careconnect-gateway-mappings"]) == sorted(
-        f"mappings/{p.name}" for p in (ROOT / "mappings" / "demo-pas").iterdir())
+        f"mappings/{p.name}" for p in demo.iterdir() if p.is_file())
+    # a ConfigMap is flat: the operations directory is its own, projected back into place
+    operations = sorted(p.name for p in (demo / "operations").iterdir())
+    assert sorted(gens["careconnect-gateway-operations"]) == [
+        f"mappings/operations/{name}" for name in operations]
+    deployment_patch = next(p for p in prod["patches"] if p["target"]["kind"] == "Deployment")
+    ops = yaml.safe_load(deployment_patch["patch"])
+    items = next(op["value"]["configMap"]["items"] for op in ops
+                 if op["path"].endswith("/projected/sources/-"))
+    assert items == [{"key": n, "path": f"operations/{n}"} for n in operations]
     assert sorted(gens["careconnect-gateway-codemaps"]) == sorted(
         f"codemaps/{p.name}" for p in (ROOT / "mappings" / "codemaps").iterdir())
 
@@ -238,7 +248,7 @@ def test_kustomize_renders_the_production_overlay(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     docs = [d for d in yaml.safe_load_all(run.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment",
+    assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "ConfigMap", "Deployment",
                      "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget",
                      "Service", "ServiceAccount"]
     assert {d["metadata"]["namespace"] for d in docs} == {"careconnect"}
@@ -250,7 +260,11 @@ def test_kustomize_renders_the_production_overlay(tmp_path: Path) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     # the generated (hashed) ConfigMap names are the ones the Deployment mounts
-    assert volumes["mappings"]["configMap"]["name"] in names
+    sources = [s["configMap"] for s in volumes["mappings"]["projected"]["sources"]]
+    assert len(sources) == 2 and all(s["name"] in names for s in sources)
+    operations_cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"]
+                         == sources[1]["name"])
+    assert set(operations_cm["data"]) == {i["key"] for i in sources[1]["items"]}
     assert volumes["codemaps"]["configMap"]["name"] in names
     assert pod["containers"][0]["envFrom"][0]["configMapRef"]["name"] in names
     assert pod["containers"][0]["image"] == "registry.trust.nhs.uk/careconnect-gateway:0.1.0"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -174,7 +175,8 @@ def test_workers_share_a_port_a_paging_secret_and_their_metrics(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CCG_", "PROMETHEUS_"))}
     env.update({"CCG_DATA_DIR": str(data), "CCG_DEMO_PATIENTS": "300",
                 "CCG_PROGRESS": "false", "CCG_AUTH_MODE": "insecure-demo",
-                "CCG_AUDIT_LOG": str(data / "audit.jsonl"), "CCG_LOG_LEVEL": "warning"})
+                "CCG_AUDIT_LOG": str(data / "audit.jsonl"), "CCG_LOG_LEVEL": "warning",
+                "CCG_HEADER_TIMEOUT_SECONDS": "1"})
     port = free_port()
     with (data / "serve.log").open("wb") as log:
         proc = subprocess.Popen(
@@ -207,5 +209,15 @@ def test_workers_share_a_port_a_paging_secret_and_their_metrics(
                         total += s.value
             totals.append(total)
         assert totals == [n + 1] * 6
+        # the header deadline (gateway/server.py) holds in the workers too: their protocol
+        # is built in each worker, by name (a run-time class cannot be pickled to them)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /_health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            started = time.monotonic()
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+        assert time.monotonic() - started < 8
     finally:
         gw.stop()

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.hl7v2.simulator import PasSimulator
 from gateway.demo_pas import ensure_sqlite_demo
+from gateway.demo_pas.hl7v2 import PasSimulator
 from tests.redis_server import free_port
 
 MAPPINGS = Path(__file__).resolve().parents[2] / "mappings" / "demo-hl7v2"

@@ -157,9 +157,9 @@ def test_values_left_out_by_a_code_map_are_counted() -> None:
 async def test_pool_waits_and_mllp_naks_are_counted(tmp_path: Path) -> None:
     """HL7 v2 demo: the PAS simulator NAKs one query; every call's wait for a connection
     is observed, for the SQL and the MLLP connection alike."""
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
     from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from tests.conftest import gateway_settings
 
     db = tmp_path / "pas.sqlite"

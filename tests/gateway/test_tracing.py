@@ -18,10 +18,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from starlette.applications import Starlette
 
-from adapters.hl7v2.simulator import PasSimulator
 from gateway import tracing
 from gateway.app import build_app
 from gateway.demo_pas import ensure_sqlite_demo
+from gateway.demo_pas.hl7v2 import PasSimulator
 from tests.conftest import gateway_settings
 
 pytestmark = pytest.mark.anyio
