@@ -154,6 +154,31 @@ def test_values_left_out_by_a_code_map_are_counted() -> None:
     assert dropped() - before == 2
 
 
+def test_source_values_that_cannot_be_mapped_are_counted(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> None:
+    """adapters.dropped (an HL7 date/time that is none, a group without its id) is exported as
+    ccg_dropped_values_total{where, reason}: a place from the configuration, never the value."""
+    from zoneinfo import ZoneInfo
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    from gateway.mapping.storage import make_storage
+
+    make_app(demo_sqlite_url)  # the app builder installs the adapters' hooks
+    labels = {"where": "datetime:hl7", "reason": "not an HL7 date/time"}
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("ccg_dropped_values_total", labels) or 0.0
+
+    storage = make_storage("datetime:hl7", ZoneInfo("Europe/London"))
+    before = counted()
+    assert storage.to_fhir("20240131101500") is not None
+    assert storage.to_fhir("20241399887766") is None
+    assert storage.to_fhir("20241399887766") is None  # cached, and counted again
+    assert counted() - before == 2
+    assert "20241399887766" not in generate_latest(REGISTRY).decode()
+
+
 async def test_pool_waits_and_mllp_naks_are_counted(tmp_path: Path) -> None:
     """HL7 v2 demo: the PAS simulator NAKs one query; every call's wait for a connection
     is observed, for the SQL and the MLLP connection alike."""
