@@ -41,6 +41,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement, FromClause
 from sqlalchemy.sql.functions import FunctionElement
 
+from adapters import observe
 from adapters.base import (
     Adapter,
     And,
@@ -284,6 +285,7 @@ class SqlAdapter(Adapter):
         # Compiled forms live exactly as long as their statement (in a mapping's cache).
         self._direct: weakref.WeakKeyDictionary[Any, _Direct | None] = (
             weakref.WeakKeyDictionary())
+        self._texts: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._reads = _KeyReads(self)
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
@@ -355,11 +357,15 @@ class SqlAdapter(Adapter):
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             # the caller's backstop: the database's own statement timeout should come first
-            return await self._workers.run(self.timeout + 1.0, self._guarded, fn, *args)
+            return await self._workers.run(self.timeout + 1.0, self._guarded,
+                                           time.perf_counter(), fn, *args)
         except TimeoutError as exc:
             raise BackendTimeout(f"the '{self.label}' database did not answer in time") from exc
 
-    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _guarded(self, queued: float, fn: Callable[..., Any], *args: Any) -> Any:
+        hook = observe.pool_wait
+        if hook is not None:  # queued behind busy connections (plus the hop to the thread)
+            hook(self.label, time.perf_counter() - queued)
         self._deadline.deadline = time.monotonic() + self.timeout
         try:
             return fn(*args)
@@ -448,6 +454,11 @@ class SqlAdapter(Adapter):
         self._check_binds(conn, params)
         if not p.statements.fits(len(params) * NODE_BYTES):
             conn = conn.execution_options(compiled_cache=None)
+        hook = observe.statement
+        if hook is not None:
+            # a new statement object per count: compiled here, not cached
+            with hook(self.label, self.dialect, str(stmt.compile(dialect=self.engine.dialect))):
+                return int(conn.execute(stmt, params).scalar_one())
         return int(conn.execute(stmt, params).scalar_one())
 
     def _with_children(self, conn: sa.Connection, p: Prepared, rows: list[Row]
@@ -496,6 +507,23 @@ class SqlAdapter(Adapter):
         direct path cannot run exactly as SQLAlchemy would (bind processors, values rendered
         into the SQL at execution, e.g. SQL Server's TOP) goes through SQLAlchemy.
         """
+        hook = observe.statement
+        if hook is not None:  # tracing: a span per statement, its text with placeholders
+            with hook(self.label, self.dialect, self._statement_text(stmt)):
+                return self._rows_unobserved(conn, stmt, params, reused)
+        return self._rows_unobserved(conn, stmt, params, reused)
+
+    def _statement_text(self, stmt: Any) -> str:
+        """The SQL text of a statement (placeholders, no values), compiled once per statement
+        object: compiling is most of the cost of a statement's span."""
+        try:
+            return self._texts[stmt]
+        except KeyError:  # lives as long as the statement, like its compiled direct form
+            text = self._texts[stmt] = str(stmt.compile(dialect=self.engine.dialect))
+            return text
+
+    def _rows_unobserved(self, conn: sa.Connection, stmt: Any, params: dict[str, Any],
+                         reused: bool) -> list[Row]:
         if not reused:
             return [tuple(r) for r in conn.execute(stmt, params)]
         try:

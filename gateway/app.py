@@ -15,9 +15,12 @@ import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.routing import Route
 
 from adapters import registry as adapter_registry
 from gateway import logging as gateway_logging
+from gateway import metrics, observability, tracing
+from gateway import state as shared_state
 from gateway.audit import AuditLayer, AuditTrail, DenialCounter
 from gateway.audit import destination as audit_destination
 from gateway.auth.config import resolve_auth
@@ -105,6 +108,15 @@ def build_app(settings: Settings | None = None) -> Starlette:
     )
     auth = resolve_auth(settings)  # AuthConfigError: refuse to start (after mapping errors)
     registry = Registry(Provider(m) for m in loaded.mappings)
+    observability.install([p.resource_type for p in registry], settings.otel_traces,
+                          record_metrics=settings.metrics)
+    if tracing.enabled():  # the trace id on every log line of a traced request
+        gateway_logging.configure(settings.log_level, extra=(tracing.add_trace_id,))
+    shared = shared_state.create(settings.redis_url, settings.redis_timeout_ms)
+    if not settings.redis_url and settings.workers > 1:
+        log.warning("local_shared_state", workers=settings.workers,
+                    hint="rate limits and the jti replay cache are per process: set "
+                         "CCG_REDIS_URL to share them between workers and replicas")
     if settings.validate_responses:
         from gateway.profiles import runtime
 
@@ -134,11 +146,19 @@ def build_app(settings: Settings | None = None) -> Starlette:
         if sweeper is not None:
             sweeper.cancel()
         await registry.aclose()
+        await shared.aclose()
         audit_trail.close()
 
+    app_routes = routes(api, registry, settings.base_path.rstrip("/"))
+    if settings.metrics and not settings.metrics_port:  # else: on its own port (cli.py)
+        app_routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
+    # Traces off: not even a layer to pass through.
+    tracing_layers = ([Middleware(tracing.TracingLayer, classify=metrics.classify)]
+                      if tracing.enabled() else [])
     app = Starlette(
-        routes=[*adt_part.routes(), *routes(api, registry, settings.base_path.rstrip("/"))],
-        middleware=[Middleware(RequestContext, cacheable=frozenset({
+        routes=[*adt_part.routes(), *app_routes],
+        middleware=[*tracing_layers,
+                    Middleware(RequestContext, cacheable=frozenset({
                         "/_health", "/_ready",
                         settings.base_path.rstrip("/") + "/metadata"})),
                     # audit sees every outcome, including the limits' and authentication's
@@ -153,10 +173,14 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                timeout=settings.body_timeout_seconds),
                     Middleware(Authentication, config=auth, base_path=settings.base_path,
-                               patient_id=patient_id_check(registry)),
+                               patient_id=patient_id_check(registry),
+                               shared_state=shared if settings.redis_url else None,
+                               public=frozenset({"/metrics"})),
                     # inside authentication: these need the principal it sets
                     Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
-                               burst=settings.rate_limit_burst),
+                               burst=settings.rate_limit_burst,
+                               shared=shared if settings.redis_url else None),
+                    # per process (also with Redis): see deploy/README.md "Shared state"
                     Middleware(ClientConcurrency,
                                slots=(CountedSlots(settings.max_in_flight_per_client)
                                       if settings.max_in_flight_per_client > 0 else None),
@@ -174,4 +198,5 @@ def build_app(settings: Settings | None = None) -> Starlette:
     app.state.response_validation = app_validation
     app.state.audit = audit_trail
     app.state.capability_extra = adt_part.capability()
+    app.state.shared_state = shared
     return app

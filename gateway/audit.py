@@ -64,7 +64,7 @@ from adapters.base import (
     Text,
     backend_correlations,
 )
-from gateway import compartment
+from gateway import compartment, metrics, tracing
 from gateway import logging as gateway_logging
 from gateway.auth.errors import AuthConfigError
 from gateway.auth.principal import get_principal
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
 app_log = structlog.get_logger("gateway.audit.sink")
 
-EXEMPT_PATHS = frozenset({"/_health", "/_ready"})
+EXEMPT_PATHS = frozenset({"/_health", "/_ready", "/metrics"})
 MAX_QUERY_PAIRS = 50
 MAX_VALUE_CHARS = 256
 _XML_CODE = re.compile(
@@ -564,9 +564,11 @@ class AuditLayer:
 
     def _write(self, records: list[dict[str, Any]]) -> bool:
         try:
-            self.trail.emit(records)
+            with tracing.traced("audit write", {"ccg.audit.records": len(records)}):
+                self.trail.emit(records)
             return True
         except Exception as exc:  # any sink failure: the caller fails closed (or logs)
+            metrics.AUDIT_FAILURES.inc()
             app_log.error("audit_write_failed", error=type(exc).__name__,
                           fail_closed=self.trail.fail_closed)
             return False

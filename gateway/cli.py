@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from dataclasses import replace
@@ -21,60 +20,63 @@ def _settings(args: argparse.Namespace) -> Settings:
         "base_path": getattr(args, "base_path", None),
         "log_level": getattr(args, "log_level", None),
         "data_dir": getattr(args, "data_dir", None),
+        "workers": getattr(args, "workers", None),
     }
     return Settings.from_env(**overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from gateway import workers
+
+    concurrency = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if concurrency not in ("", "1"):
+        # uvicorn's variable: set by someone expecting worker processes. The gateway's own
+        # setting is --workers (CCG_WORKERS), which comes with shared state (CCG_REDIS_URL).
+        print("refusing to start: WEB_CONCURRENCY is set to "
+              f"{concurrency[:20]!r}; the gateway does not read it (unset it, or set it to 1, "
+              "and use --workers / CCG_WORKERS with CCG_REDIS_URL)", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    if settings.workers < 1:
+        print("refusing to start: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if settings.workers > 1:  # before anything imports gateway.metrics
+        settings = workers.prepare_multiprocess(settings)
+    elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # set by hand: it must exist
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
     from gateway.app import build_app
     from gateway.auth.errors import AuthConfigError
     from gateway.mapping.loader import MappingError
+    from gateway.tracing import TracingUnavailable
 
-    workers = os.environ.get("WEB_CONCURRENCY", "").strip()
-    if workers not in ("", "1"):
-        # Limits, rate buckets and caches live in this process: several workers would each
-        # grant a client the full allowance. Run more instances behind the load balancer.
-        print("refusing to start: WEB_CONCURRENCY is set to "
-              f"{workers[:20]!r}; the gateway runs as one process (unset it, or set it to 1, "
-              "and run more instances instead)", file=sys.stderr)
-        return 2
-    settings = _settings(args)
     try:
+        # With workers, this checks the configuration (and builds the demo PAS and the dev
+        # key) once, before any worker starts; each worker then builds its own app.
         app = build_app(settings)
     except MappingError as exc:
         print(f"refusing to start: {len(exc.problems)} mapping problem(s)", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
         return 2
-    except AuthConfigError as exc:
+    except (AuthConfigError, TracingUnavailable) as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 2
     from gateway.auth.serve import banner, uvicorn_tls_options
 
-    # Everything built so far (fhir.resources' models, mappings, code maps) lives as long as
-    # the process, yet every full collection walked it: under load those took 9% of the time,
-    # up to 36 ms each (the p99 of a read). Frozen, the collector leaves it alone.
-    gc.collect()
-    gc.freeze()
-    # A search page allocates thousands of short-lived dicts; at the default 700 the young
-    # generation was collected ~200 times a second under load (GC 184 ms in 8 s of family
-    # searches; 45 ms at 10,000). Nearly all of it is freed by reference counting anyway.
-    gc.set_threshold(10_000, 20, 100)
+    if settings.workers > 1:
+        del app
+    else:
+        workers.tune_gc()
 
     scheme = "https" if settings.ssl_certfile else "http"
     url = f"{scheme}://{settings.host}:{settings.port}{settings.base_path}"
-    print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
+    print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)"
+          + (f"  with {settings.workers} workers" if settings.workers > 1 else ""),
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
-    from gateway.server import uvicorn_options
-
-    tls = uvicorn_tls_options(settings)
-    options = {**tls, **uvicorn_options(settings.header_timeout_seconds, tls.get("http"))}
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                access_log=False, server_header=False, proxy_headers=args.proxy_headers,
-                **options)
+    workers.serve(app if settings.workers == 1 else None, settings,
+                  proxy_headers=args.proxy_headers, tls=uvicorn_tls_options(settings))
     return 0
 
 
@@ -215,6 +217,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo-patients", type=int, help="size of the demo PAS (default 10000)")
     serve.add_argument("--data-dir", type=Path, help="where the demo PAS database is kept")
     serve.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    serve.add_argument("--workers", type=int,
+                       help="worker processes (default 1; in production about one per core, "
+                            "with CCG_REDIS_URL so they share rate limits and the replay cache)")
     serve.add_argument("--proxy-headers", action="store_true",
                        help="trust X-Forwarded-* from the proxy in front")
     serve.set_defaults(func=cmd_serve)

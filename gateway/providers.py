@@ -31,7 +31,7 @@ from adapters.base import (
     WriteResult,
     any_of,
 )
-from gateway import audit, chain, compartment, limits
+from gateway import audit, chain, compartment, limits, metrics, observability, tracing
 from gateway.errors import (
     GatewayTimeout,
     InternalError,
@@ -114,14 +114,14 @@ class Provider:
         query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
         audit.note_backend(self, "fetch", query)
         async with limits.backend_slot():  # the client's own queue (gateway/limits.py)
-            with _backend_call():
+            with _backend_call(self, "fetch"):
                 return await self.mapping.adapter.fetch(self.mapping.prepared, query)
 
     async def _count(self, criteria: Criterion | None) -> int:
         query = compartment.restrict_count(self, Count(criteria))
         audit.note_backend(self, "count", query)
         async with limits.backend_slot():
-            with _backend_call():
+            with _backend_call(self, "count"):
                 return await self.mapping.adapter.count(self.mapping.prepared, query)
 
     def parse_keys(self, ref: str, ids: Iterable[str]) -> tuple[Any, ...]:
@@ -151,7 +151,9 @@ class Provider:
         if not wanted:
             return []
         page = await self._fetch(Query(self._ids(wanted), self.key_sort, count=len(wanted)))
-        return [self.resource(r) for r in page.records]
+        with tracing.traced("map batch", {"fhir.resource_type": self.resource_type,
+                                          "ccg.records": len(page.records)}):
+            return [self.resource(r) for r in page.records]
 
     async def search(
         self,
@@ -231,7 +233,7 @@ class Provider:
         audit.before_write()  # the attempt record, or no write at all
         audit.note_backend(self, write.interaction, None)
         async with limits.backend_slot():
-            with _backend_call():
+            with _backend_call(self, write.interaction):
                 result = await self.mapping.adapter.write(self.mapping.prepared, write)
         audit.note_written(self, result.id)
         return result
@@ -273,15 +275,34 @@ class Provider:
 
 
 @contextmanager
-def _backend_call() -> Iterator[None]:
-    """Time a backend call for the request log, and translate its errors at this boundary."""
+def _backend_call(provider: Provider, operation: str) -> Iterator[None]:
+    """Time a backend call (request log, metrics; a span while tracing), and translate its
+    errors at this boundary."""
+    mapping = provider.mapping
+    if tracing.enabled():
+        name = observability.adapter_name(mapping.adapter)
+        with observability.backend_span(mapping.connection, name, operation):
+            yield from _timed_call(mapping, operation)
+        return
+    yield from _timed_call(mapping, operation)  # a plain generator: no second context manager
+
+
+def _timed_call(mapping: CompiledMapping, operation: str) -> Iterator[None]:
     started = time.perf_counter()
+    error: BaseException | None = None
     try:
         yield
     except (BackendError, UnsupportedCriteria) as exc:
+        error = exc
         raise translate_backend_error(exc) from exc
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        adapter_seconds.set(adapter_seconds.get() + elapsed)
+        metrics.observe_adapter(mapping.connection, observability.adapter_name(mapping.adapter),
+                                operation, elapsed, error)
 
 
 def translate_backend_error(exc: Exception) -> Exception:

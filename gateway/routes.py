@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Page, Write
-from gateway import bundle, chain, compartment, cost, writes
+from gateway import bundle, chain, compartment, cost, lifecycle, tracing, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.bundle import Pager
@@ -301,7 +301,9 @@ class Api:
             return self.respond(body, fmt)
 
         page = await provider.search(plan, after, backwards)
-        matches = [provider.resource(r) for r in page.records]
+        with tracing.traced("map page", {"fhir.resource_type": provider.resource_type,
+                                         "ccg.records": len(page.records)}):
+            matches = [provider.resource(r) for r in page.records]
         if plan.exact:  # :exact is case- and accent-sensitive on what is served
             matches = [r for r in matches if matches_exactly(r, plan.exact)]
         entries = [bundle.entry(base, r, "match") for r in matches]
@@ -478,6 +480,9 @@ async def health(request: Request) -> Response:
 
 def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
+        if lifecycle.draining():  # shutting down: out of the load balancer before it stops
+            return JSONResponse({"status": "fail", "checks": {"shutdown": "draining"}},
+                                status_code=503)
         checks: dict[str, str] = {}
         for name, adapter in adapters(registry).items():
             try:

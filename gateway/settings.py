@@ -91,6 +91,28 @@ class Settings:
     """Seconds from the start of a request until its body must have arrived (408 beyond)."""
     header_timeout_seconds: int = 10
     """Seconds a connection may take to send a request's headers before it is closed."""
+    # -- scale-out and observability (gateway/state, gateway/metrics.py, gateway/tracing.py)
+    redis_url: str = ""
+    """Redis for the state workers and replicas share (rate limits, jti replay cache);
+    unset: process memory, correct for a single process only."""
+    redis_timeout_ms: int = 250
+    """How long one Redis call may take before the declared fallback applies."""
+    workers: int = 1
+    """Worker processes (``serve --workers``); more than 1 needs CCG_REDIS_URL to share
+    limits and the replay cache, and CCG_PAGING_SECRET to share paging links."""
+    metrics: bool = True
+    """Prometheus metrics (``/metrics``, outside FHIR authentication)."""
+    metrics_port: int = 0
+    """Serve ``/metrics`` only on this separate port (0: at ``/metrics`` on the main port)."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the separate metrics port."""
+    otel_traces: str = ""
+    """OpenTelemetry traces: ``otlp`` (OTEL_EXPORTER_OTLP_* configure it), ``console``, or
+    unset (off). Needs the ``[otel]`` extra."""
+    shutdown_drain_seconds: int = 0
+    """On SIGTERM: seconds of readiness false (503) while still serving, before stopping."""
+    shutdown_timeout: int = 30
+    """Then at most this long for the requests in flight to finish."""
     # -- authentication and authorisation (gateway/auth, docs/security.md)
     env: str = ""
     """``production`` refuses the demo fallbacks even on the bundled demo mappings."""

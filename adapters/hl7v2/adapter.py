@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters import dropped
+from adapters import dropped, observe
 from adapters.base import (
     Adapter,
     And,
@@ -284,7 +284,8 @@ class Hl7v2Adapter(Adapter):
         o = self.options
         self.client = MllpClient(self.endpoint, pool_size=o.pool_size,
                                  connect_timeout=o.connect_timeout,
-                                 reply_timeout=o.reply_timeout, retries=o.retries)
+                                 reply_timeout=o.reply_timeout, retries=o.retries,
+                                 label=label)
         self.dialect = o.dialect
         try:
             check_charset(o.charset, o.dialect.version)
@@ -447,6 +448,17 @@ class Hl7v2Adapter(Adapter):
 
     async def _send(self, msg: bytes, control: str, sensitive: list[str], *, deadline: float,
                     idempotent: bool = True, write: bool = False) -> er7.Message:
+        hook = observe.exchange
+        if hook is None:
+            return await self._send_unobserved(msg, control, sensitive, deadline=deadline,
+                                               idempotent=idempotent, write=write)
+        with hook(self.label, _message_type(msg), control):
+            return await self._send_unobserved(msg, control, sensitive, deadline=deadline,
+                                               idempotent=idempotent, write=write)
+
+    async def _send_unobserved(self, msg: bytes, control: str, sensitive: list[str], *,
+                               deadline: float, idempotent: bool = True, write: bool = False
+                               ) -> er7.Message:
         """One exchange. For a ``write``, a failure after the message may have reached the PAS
         is :class:`WriteOutcomeUnknown`; one before it is BackendUnavailable (not applied)."""
         note_correlation(f"{self.label}:MSH-10={control}")
@@ -643,6 +655,13 @@ class Hl7v2Adapter(Adapter):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _message_type(msg: bytes) -> str:
+    """MSH-9 as ``QBP^Q22^QBP_Q21`` (our own message: the type is from the mapping)."""
+    msh = msg.split(b"\r", 1)[0]
+    fields = msh.split(msh[3:4]) if len(msh) > 3 else []
+    return fields[8].decode("ascii", "replace")[:40] if len(fields) > 8 else "unknown"
 
 
 def _tag() -> str:
