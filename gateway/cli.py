@@ -59,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
+    print(f"Audit trail: {app.state.audit.sink.destination}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 access_log=False, server_header=False, proxy_headers=args.proxy_headers,
                 **uvicorn_tls_options(settings))
