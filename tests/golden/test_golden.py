@@ -8,7 +8,6 @@ serves for it. See README.md for (re)writing the expected files with ``CCG_UPDAT
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,10 @@ import pytest
 from adapters.registry import create
 from gateway.mapping.loader import load_directory
 from gateway.providers import Provider
+from tests.reference import update_golden
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-UPDATE = os.environ.get("CCG_UPDATE_GOLDEN") == "1"
 CASES = sorted(HERE.glob("*/*.input.json"))
 
 
@@ -54,7 +53,7 @@ def test_golden(case: Path, providers: dict[str, Provider]) -> None:
     provider = providers[case.parent.name]
     resource = provider.resource(provider.as_record(record))
     expected_file = case.with_name(case.name.replace(".input.", ".expected."))
-    if UPDATE:
+    if update_golden():
         expected_file.write_text(json.dumps(resource, indent=2, ensure_ascii=False) + "\n",
                                  encoding="utf-8")
     if not expected_file.is_file():
