@@ -69,6 +69,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
+        audit_trail.open()  # closed by the end of a previous lifespan
         log.info("started", resources=[p.resource_type for p in registry],
                  mappings=str(loaded.directory))
         yield

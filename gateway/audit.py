@@ -104,12 +104,17 @@ class JsonLinesSink:
         self._lock = threading.Lock()
         self._file: BinaryIO | None = None
         self._stream = destination in ("stdout", "stderr")
-        if not self._stream:
-            path = Path(destination)
-            # Opened now: a destination that cannot be written stops the server starting.
-            # Unbuffered: a failed write raises now and leaves nothing behind to be retried
-            # into the next record.
-            self._file = path.open("ab", buffering=0)
+        # Opened now: a destination that cannot be written stops the server starting.
+        self.open()
+
+    def open(self) -> None:
+        """(Re)open the file after a ``close``: an app may serve more than once (a lifespan
+        each time); a no-op for an open file or a stream."""
+        with self._lock:
+            if not self._stream and self._file is None:
+                # Unbuffered: a failed write raises now and leaves nothing behind to be
+                # retried into the next record.
+                self._file = Path(self.destination).open("ab", buffering=0)  # noqa: SIM115
 
     def write_lines(self, lines: list[bytes]) -> None:
         """All of a request's records in one write: one system call, not one per record."""
@@ -170,6 +175,12 @@ class AuditTrail:
             self.sink.write_lines(lines)
         if events and self.fhir_sink is not None:
             self.fhir_sink.write_lines(events)
+
+    def open(self) -> None:
+        for sink in (self.sink, self.fhir_sink):
+            reopen = getattr(sink, "open", None)  # any object with write_lines may be a sink
+            if reopen is not None:
+                reopen()
 
     def close(self) -> None:
         self.sink.close()

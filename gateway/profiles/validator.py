@@ -209,7 +209,8 @@ class _Walker:
             n = counts.get(element, 0)
             if n < element.min:
                 self.add("error", "required",
-                         f"{element.id}: minimum required = {element.min}, found {n}",
+                         f"{element.id}: minimum required = {element.min}, found {n}"
+                         + _add_hint(cx, element),
                          f"{path}.{element.name}" if n == 0 else path)
             elif element.max is not None and n > element.max:
                 self.add("error", "structure",
@@ -218,7 +219,8 @@ class _Walker:
                 for s in element.slicing.slices:
                     if s.element.min > 0:
                         self.add("error", "required", f"{s.element.id}: minimum required = "
-                                 f"{s.element.min}, found 0", f"{path}.{element.name}")
+                                 f"{s.element.min}, found 0" + _slice_hint(element, s),
+                                 f"{path}.{element.name}")
         rule = _RULES.get(cx.type)
         if rule is not None:
             rule(self, obj, path)
@@ -354,8 +356,8 @@ class _Walker:
             n = counts.get(s, 0)
             if n < s.element.min:
                 self.add("error", "required",
-                         f"{s.element.id}: minimum required = {s.element.min}, found {n}",
-                         path)
+                         f"{s.element.id}: minimum required = {s.element.min}, found {n}"
+                         + _slice_hint(prop.element, s), path)
             elif s.element.max is not None and n > s.element.max:
                 self.add("error", "structure",
                          f"{s.element.id}: maximum allowed = {s.element.max}, found {n}", path)
@@ -435,6 +437,37 @@ def _matches(value: Any, pattern: Any) -> bool:
     return bool(value == pattern)
 
 
+# -- what to add, for a missing element ---------------------------------------------------------
+
+
+def _value_hint(key: str, prop: Prop | None) -> str:
+    if prop is not None:
+        fixed = prop.fixed if prop.fixed is not None else prop.pattern
+        if isinstance(fixed, str | int | bool):
+            return f'"{key}": {orjson.dumps(fixed).decode()}'
+        exp = prop.binding.expansion if prop.binding is not None else None
+        if exp is not None and prop.binding is not None and prop.binding.strength == "required" \
+                and 0 < len(exp.codes) <= 12:
+            return f'"{key}" (one of: {", ".join(sorted(exp.codes))})'
+    return f'"{key}"'
+
+
+def _add_hint(cx: Complex, element: Element) -> str:
+    """': add "use" (one of: ...)' for a missing element; the value only when fixed."""
+    props = [p for p in cx.props.values() if p.element is element]
+    if len(props) != 1:
+        return f": add {element.name}[x]" if props else ""
+    return f": add {_value_hint(props[0].key, props[0])}"
+
+
+def _slice_hint(element: Element, s: Slice) -> str:
+    """': add a name with "use": "official"' for a slice with too few items."""
+    if not s.values:
+        return ""
+    keys = ", ".join(f'"{k}": {orjson.dumps(v).decode()}' for k, v in s.values)
+    return f": add an item to {element.name} with {keys}"
+
+
 # -- invariants and type rules ------------------------------------------------------------------
 
 
@@ -445,15 +478,50 @@ def _extension_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
               "ext-1: an extension must have either extensions or value[x], not both", path)
 
 
+_YEAR = re.compile(r"^\d{4}$")
+_MONTH = re.compile(r"^\d{4}-\d{2}$")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_ZONES = dt.timedelta(hours=14)  # a date without a zone may be anywhere from -12:00 to +14:00
+
+
+def _range(text: str) -> tuple[dt.datetime, dt.datetime] | None:
+    """[low, high) in UTC that a date / dateTime value stands for; None when unreadable."""
+    try:
+        if _YEAR.match(text):
+            lo = dt.datetime(int(text), 1, 1, tzinfo=dt.UTC)
+            return lo - _ZONES, lo.replace(year=lo.year + 1) + _ZONES
+        if _MONTH.match(text):
+            y, m = int(text[:4]), int(text[5:7])
+            lo = dt.datetime(y, m, 1, tzinfo=dt.UTC)
+            hi = dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)
+            return lo - _ZONES, hi + _ZONES
+        if _DAY.match(text):
+            lo = dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
+            return lo - _ZONES, lo + dt.timedelta(days=1) + _ZONES
+        at = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if at.tzinfo is None:
+        return at.replace(tzinfo=dt.UTC) - _ZONES, at.replace(tzinfo=dt.UTC) + _ZONES
+    return at, at + dt.timedelta(microseconds=1)
+
+
 def _period_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
+    """per-1 at every precision: the start may not lie wholly after the end ("2021" after
+    "2020-12-31", a day after the day before it); overlapping ranges are not reversed."""
     start, end = obj.get("start"), obj.get("end")
-    if isinstance(start, str) and isinstance(end, str) and "T" in start and "T" in end:
-        try:
-            if dt.datetime.fromisoformat(start) > dt.datetime.fromisoformat(end):
-                w.add("error", "invariant", "per-1: the period start must not be after its end",
-                      path)
-        except (TypeError, ValueError):
-            return
+    if not isinstance(start, str) or not isinstance(end, str):
+        return
+    both_dates = "T" not in start and "T" not in end
+    s_range, e_range = _range(start), _range(end)
+    if s_range is None or e_range is None:
+        return
+    if both_dates:  # the same zone for both: compare the calendar values themselves
+        reversed_ = s_range[0] + _ZONES >= e_range[1] - _ZONES
+    else:
+        reversed_ = s_range[0] >= e_range[1]
+    if reversed_:
+        w.add("error", "invariant", "per-1: the period start must not be after its end", path)
 
 
 def _identifier_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
