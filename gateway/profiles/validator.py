@@ -481,46 +481,42 @@ def _extension_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
 _YEAR = re.compile(r"^\d{4}$")
 _MONTH = re.compile(r"^\d{4}-\d{2}$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_ZONES = dt.timedelta(hours=14)  # a date without a zone may be anywhere from -12:00 to +14:00
 
 
-def _range(text: str) -> tuple[dt.datetime, dt.datetime] | None:
-    """[low, high) in UTC that a date / dateTime value stands for; None when unreadable."""
+def _range(text: str, as_written: bool) -> tuple[dt.datetime, dt.datetime] | None:
+    """[low, high) that a date / dateTime stands for; None when unreadable. ``as_written``:
+    wall-clock time as written, the zone dropped (to compare with a date, which has none);
+    otherwise instants in UTC."""
     try:
         if _YEAR.match(text):
-            lo = dt.datetime(int(text), 1, 1, tzinfo=dt.UTC)
-            return lo - _ZONES, lo.replace(year=lo.year + 1) + _ZONES
+            y = int(text)
+            return dt.datetime(y, 1, 1), dt.datetime(y + 1, 1, 1)
         if _MONTH.match(text):
             y, m = int(text[:4]), int(text[5:7])
-            lo = dt.datetime(y, m, 1, tzinfo=dt.UTC)
-            hi = dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)
-            return lo - _ZONES, hi + _ZONES
+            return dt.datetime(y, m, 1), dt.datetime(y + (m == 12), m % 12 + 1, 1)
         if _DAY.match(text):
-            lo = dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
-            return lo - _ZONES, lo + dt.timedelta(days=1) + _ZONES
+            lo = dt.datetime.fromisoformat(text)
+            return lo, lo + dt.timedelta(days=1)
         at = dt.datetime.fromisoformat(text)
     except ValueError:
         return None
-    if at.tzinfo is None:
-        return at.replace(tzinfo=dt.UTC) - _ZONES, at.replace(tzinfo=dt.UTC) + _ZONES
+    if as_written:
+        at = at.replace(tzinfo=None)
+    elif at.tzinfo is None:
+        return None  # a time without a zone is not valid FHIR; reported elsewhere
     return at, at + dt.timedelta(microseconds=1)
 
 
 def _period_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
     """per-1 at every precision: the start may not lie wholly after the end ("2021" after
-    "2020-12-31", a day after the day before it); overlapping ranges are not reversed."""
+    "2020-12-31", a day after the day before it); ranges that overlap are not reversed.
+    Against a date (no zone) a time is compared on the calendar as written."""
     start, end = obj.get("start"), obj.get("end")
     if not isinstance(start, str) or not isinstance(end, str):
         return
-    both_dates = "T" not in start and "T" not in end
-    s_range, e_range = _range(start), _range(end)
-    if s_range is None or e_range is None:
-        return
-    if both_dates:  # the same zone for both: compare the calendar values themselves
-        reversed_ = s_range[0] + _ZONES >= e_range[1] - _ZONES
-    else:
-        reversed_ = s_range[0] >= e_range[1]
-    if reversed_:
+    as_written = "T" not in start or "T" not in end
+    s_range, e_range = _range(start, as_written), _range(end, as_written)
+    if s_range is not None and e_range is not None and s_range[0] >= e_range[1]:
         w.add("error", "invariant", "per-1: the period start must not be after its end", path)
 
 
