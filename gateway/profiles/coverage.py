@@ -234,6 +234,13 @@ def coverage_cli(loaded: LoadedSet, html_file: Path | None) -> int:
     results = [coverage(m) for m in loaded.mappings]
     print_table(results)
     if html_file is not None:
-        html_file.write_text(render_html(results), encoding="utf-8")
+        try:
+            html_file.write_text(render_html(results), encoding="utf-8")
+        except OSError as exc:
+            import sys
+
+            print(f"cannot write the HTML report to {html_file}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
         print(f"wrote {html_file}")
     return 0
