@@ -35,6 +35,7 @@ import hashlib
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
@@ -115,6 +116,8 @@ class JsonLinesSink:
                 # Unbuffered: a failed write raises now and leaves nothing behind to be
                 # retried into the next record.
                 self._file = Path(self.destination).open("ab", buffering=0)  # noqa: SIM115
+                # An app that never ran its lifespan (built, then dropped) closes it too.
+                weakref.finalize(self, self._file.close)
 
     def write_lines(self, lines: list[bytes]) -> None:
         """All of a request's records in one write: one system call, not one per record."""

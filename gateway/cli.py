@@ -116,9 +116,43 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
               f"({len(m.spec.search)} search parameters)")
+    from gateway.mapping.cases import case_files, report, run_all
     from gateway.profiles.golden import check_cli
 
-    return check_cli(loaded, getattr(args, "golden", None))
+    status = check_cli(loaded, getattr(args, "golden", None))
+    if case_files(loaded.directory):
+        status = max(status, 1 if report(run_all(loaded.directory, loaded.mappings)) else 0)
+    return status
+
+
+def cmd_mappings_test(args: argparse.Namespace) -> int:
+    """Run the golden cases in DIR/cases through the mappings (no server, no database)."""
+    from adapters import registry as adapter_registry
+    from gateway.app import demo_database_url
+    from gateway.mapping.cases import CASES_DIR, case_files, report, run_all
+    from gateway.mapping.loader import MappingError, load_directory
+
+    settings = replace(_settings(args), progress=False)
+    directory = args.dir if args.dir is not None else settings.mappings_dir
+    try:
+        loaded = load_directory(directory, adapter_registry.create,
+                                demo_url=lambda: demo_database_url(settings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    if not case_files(loaded.directory):
+        print(f"no cases in {loaded.directory / CASES_DIR} (see mappings/README.md, "
+              "'Testing a mapping')")
+        return 1
+    import structlog
+
+    from gateway import logging as gateway_logging
+
+    if not structlog.is_configured():  # mapping debug lines would drown the report
+        gateway_logging.configure("warning")
+    return 1 if report(run_all(loaded.directory, loaded.mappings)) else 0
 
 
 def cmd_mappings_coverage(args: argparse.Namespace) -> int:
@@ -245,6 +279,11 @@ def parser() -> argparse.ArgumentParser:
                        "map and validate against the profiles (default: DIR/golden, or the "
                        "repository's tests/golden for the demo)")
     check.set_defaults(func=cmd_mappings_check)
+    test = msub.add_parser("test", help="run the golden cases in DIR/cases through the "
+                           "mappings (no server): input rows or an HL7 message -> expected")
+    test.add_argument("dir", nargs="?", type=mappings_path,
+                      help="mapping directory or bundled name (default: demo-pas)")
+    test.set_defaults(func=cmd_mappings_test)
     cov = msub.add_parser("coverage", help="which profile elements each mapping fills")
     cov.add_argument("dir", nargs="?", type=mappings_path,
                      help="mapping directory or bundled name (default: demo-pas)")
