@@ -276,6 +276,27 @@ class SqlAdapter(Adapter):
         n: int = await self._run(self._count_sync, prepared, query)
         return n
 
+    def explain(self, prepared: Prepared, query: Query) -> list[str]:
+        dialect = self.engine.dialect
+        sql, params = compile_page(prepared, query, dialect)
+        lines = [f"SQL ({dialect.name}): one statement per page, {len(params)} bound "
+                 "value(s) (placeholders only; values never go into the text):",
+                 *_indent(sql)]
+        fresh = replace(prepared, statements={})
+        for name, fields in prepared.layout.children:
+            if not fields:
+                continue
+            spec = prepared.source.children[name]
+            (child_col, parent_col), = spec.link.items()
+            stmt = _child_statement(fresh, name, spec, fields, child_col, _BUCKETS[0])
+            lines += [f"child {name}: one statement per page, the page's {parent_col} values "
+                      f"bound as an IN list (sizes {', '.join(map(str, _BUCKETS))}):",
+                      *_indent(str(stmt.compile(dialect=dialect)))]
+        if query.with_total:
+            stmt, _ = _count_statement(fresh, query.criteria, dialect.name)
+            lines += ["_total=accurate: also", *_indent(str(stmt.compile(dialect=dialect)))]
+        return lines
+
     async def ping(self) -> None:
         await self._run(self._ping_sync)
 
@@ -884,6 +905,10 @@ def _page_statement(p: Prepared, query: Query, dialect: str) -> tuple[Any, dict[
     if dialect == "mssql":  # TOP n needs a literal n; a bound limit becomes a ROW_NUMBER() query
         stmt = stmt.limit(query.count + 1)
     return stmt, {f"v{i}": v for i, v in enumerate(values)}
+
+
+def _indent(sql: str) -> list[str]:
+    return ["    " + line for line in sql.splitlines()]
 
 
 def compile_page(p: Prepared, query: Query, dialect: sa.Dialect) -> tuple[str, dict[str, Any]]:

@@ -155,6 +155,24 @@ def cmd_mappings_test(args: argparse.Namespace) -> int:
     return 1 if report(run_all(loaded.directory, loaded.mappings)) else 0
 
 
+def cmd_mappings_explain(args: argparse.Namespace) -> int:
+    """The plan of one search, without running it."""
+    from adapters import registry as adapter_registry
+    from gateway.app import demo_database_url
+    from gateway.explain import explain_cli
+    from gateway.mapping.loader import MappingError, load_directory
+
+    settings = replace(_settings(args), progress=False)
+    try:
+        loaded = load_directory(settings.mappings_dir, adapter_registry.create,
+                                demo_url=lambda: demo_database_url(settings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        return 1
+    return explain_cli(loaded, settings, args.search)
+
+
 def cmd_mappings_coverage(args: argparse.Namespace) -> int:
     from adapters import registry as adapter_registry
     from gateway.app import demo_database_url
@@ -284,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
     test.add_argument("dir", nargs="?", type=mappings_path,
                       help="mapping directory or bundled name (default: demo-pas)")
     test.set_defaults(func=cmd_mappings_test)
+    expl = msub.add_parser("explain", help="print what a search would do (parameters, SQL "
+                           "with placeholders or HL7 QPD fields, children) without running it")
+    expl.add_argument("search", help="the search, e.g. 'Patient?family=smith&gender=female'")
+    expl.add_argument("--mappings", type=mappings_path,
+                      help="mapping directory or bundled name (default: demo-pas)")
+    expl.set_defaults(func=cmd_mappings_explain)
     cov = msub.add_parser("coverage", help="which profile elements each mapping fills")
     cov.add_argument("dir", nargs="?", type=mappings_path,
                      help="mapping directory or bundled name (default: demo-pas)")
