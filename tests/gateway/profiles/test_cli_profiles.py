@@ -77,7 +77,7 @@ def test_coverage_table_and_html(small_demo: None, tmp_path: Path,
     assert text.startswith("<!DOCTYPE html>") and "<script" not in text and "http-equiv" not in text
     assert "src=" not in text and "<link" not in text  # standalone: no external assets
     rows = {eid: filled for filled, eid in re.findall(
-        r'<tr class="(yes|no)"><td class="e">(?:&nbsp;)*([^<]+)</td>', text)}
+        r'<tr class="(yes|no)"[^>]*><td class="e">(?:&nbsp;)*([^<]+)</td>', text)}
     assert rows["Patient.identifier:nhsNumber"] == "yes"
     assert rows["Patient.identifier:nhsNumber.extension:nhsNumberVerificationStatus"] == "yes"
     assert rows["Patient.extension:ethnicCategory"] == "yes"
