@@ -25,9 +25,10 @@ from gateway.bundle import Pager
 from gateway.compartment import CompartmentLayer
 from gateway.errors import GatewayError
 from gateway.limits import BodyLimit, ConcurrencyLimit, RateLimit
-from gateway.mapping.loader import load_directory
+from gateway.mapping.loader import LoadedSet, load_directory
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
 from gateway.providers import Provider, Registry
+from gateway.reload import LiveMappings, PinLayer
 from gateway.routes import Api, routes
 from gateway.settings import Settings
 
@@ -62,7 +63,19 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
-    api = Api(registry, settings, Pager(settings.paging_secret))
+
+    def load_again() -> LoadedSet:  # a reload: the same directory and connections
+        return load_directory(settings.mappings_dir, adapter_registry.create,
+                              demo_url=lambda: demo_database_url(settings),
+                              urls=settings.connection_urls)
+
+    def prepare(new: Registry) -> None:
+        if app_validation is not None:
+            for provider in new:
+                app_validation.wrap(provider)
+
+    live = LiveMappings(registry, str(loaded.directory), load_again, prepare)
+    api = Api(live, settings, Pager(settings.paging_secret))
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
                              fail_closed=settings.audit_fail_closed)
@@ -71,13 +84,14 @@ def build_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         audit_trail.open()  # closed by the end of a previous lifespan
         log.info("started", resources=[p.resource_type for p in registry],
-                 mappings=str(loaded.directory))
+                 mappings=str(loaded.directory), reload_on_sighup=live.install_signal())
         yield
-        await registry.aclose()
+        live.remove_signal()
+        await live.aclose()
         audit_trail.close()
 
     app = Starlette(
-        routes=routes(api, registry, settings.base_path.rstrip("/")),
+        routes=routes(api, live, settings.base_path.rstrip("/")),
         middleware=[Middleware(RequestContext),
                     # audit sees every outcome, including the limits' and authentication's
                     Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
@@ -87,12 +101,15 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     # inside authentication: these need the principal it sets
                     Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
                                burst=settings.rate_limit_burst),
-                    Middleware(CompartmentLayer)],
+                    Middleware(CompartmentLayer),
+                    # innermost: a request is served by the mappings current when it began
+                    Middleware(PinLayer, live=live)],
         exception_handlers={GatewayError: gateway_error_handler,
                             HTTPException: http_error_handler},
         lifespan=lifespan,
     )
-    app.state.registry = registry
+    app.state.registry = registry  # the first generation; app.state.mappings is the live set
+    app.state.mappings = live
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail

@@ -64,6 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
     print(f"Audit trail: {app.state.audit.sink.destination}", file=sys.stderr, flush=True)
+    import os
+
+    print(f"Mappings: {settings.mappings_dir} (reload them after an edit: kill -HUP "
+          f"{os.getpid()})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 access_log=False, server_header=False, proxy_headers=args.proxy_headers,
                 **uvicorn_tls_options(settings))

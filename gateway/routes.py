@@ -41,6 +41,7 @@ from gateway.plan import Include, RevInclude, SearchPlan
 from gateway.profiles.operation import validate_endpoint
 from gateway.providers import Provider, Registry
 from gateway.randomness import uuid4
+from gateway.reload import LiveMappings
 from gateway.search import ID_RE
 from gateway.settings import Settings
 
@@ -48,10 +49,17 @@ MAX_FORM_BYTES = 64 * 1024
 
 
 class Api:
-    def __init__(self, registry: Registry, settings: Settings, pager: Pager) -> None:
-        self.registry = registry
+    def __init__(self, mappings: Registry | LiveMappings, settings: Settings,
+                 pager: Pager) -> None:
+        self.mappings = mappings if isinstance(mappings, LiveMappings) else \
+            LiveMappings(mappings)
         self.settings = settings
         self.pager = pager
+
+    @property
+    def registry(self) -> Registry:
+        """The providers of the mappings this request started on (gateway/reload.py)."""
+        return self.mappings.registry
 
     # -- helpers
 
@@ -228,8 +236,11 @@ class Api:
         used = urlencode(plan.used)  # shared by the self, next and previous links
         # The compartment (patient/ tokens) is part of the query's identity: links cannot move.
         extra = compartment.fingerprint_pairs()
+        # The sort as planned is part of it too: a link's position is a tuple of sort values,
+        # meaningless under another sort (mappings reloaded with another key or _sort column).
         fingerprint = Pager.fingerprint(provider.resource_type,
-                                        f"{used}&{urlencode(extra)}" if extra else used)
+                                        f"{used}&{urlencode(extra)}" if extra else used,
+                                        sort=plan.sort)
         after: tuple[Any, ...] | None = None
         backwards = False
         if plan.page_token:
@@ -382,9 +393,10 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "pass"})
 
 
-def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
+def ready_endpoint(mappings: Registry | LiveMappings, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
         checks: dict[str, str] = {}
+        registry = mappings.registry if isinstance(mappings, LiveMappings) else mappings
         adapters = {p.mapping.connection: p.mapping.adapter for p in registry}
         for name, adapter in adapters.items():
             try:
@@ -418,7 +430,7 @@ register_url_convertor("fhir_type", _TypeName())
 register_url_convertor("fhir_id", _Id())
 
 
-def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
+def routes(api: Api, registry: Registry | LiveMappings, base: str) -> list[BaseRoute]:
     every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
     return [
         # The two routes nearly every request takes, first: the router tries routes in order.
