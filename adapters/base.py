@@ -309,6 +309,11 @@ class Adapter(abc.ABC):
         ``UnsupportedCriteria`` as ``fetch`` would."""
         return [f"(the {self.name} adapter does not describe its queries)"]
 
+    async def estimate(self, prepared: Any, query: Query) -> list[str]:
+        """The source's own estimate of what ``query`` costs, asked without running it
+        (SQL ``EXPLAIN``), as lines of text; never a value from the query."""
+        return [f"(no cost estimate from the {self.name} adapter)"]
+
     @abc.abstractmethod
     async def ping(self) -> None: ...
 

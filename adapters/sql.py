@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import re
 import threading
 import time
@@ -296,6 +297,37 @@ class SqlAdapter(Adapter):
             stmt, _ = _count_statement(fresh, query.criteria, dialect.name)
             lines += ["_total=accurate: also", *_indent(str(stmt.compile(dialect=dialect)))]
         return lines
+
+    async def estimate(self, prepared: Prepared, query: Query) -> list[str]:
+        lines: list[str] = await self._run(self._estimate_sync, prepared, query)
+        return lines
+
+    def _estimate_sync(self, p: Prepared, query: Query) -> list[str]:
+        """EXPLAIN (never ANALYZE: nothing runs). The values are bound as a request binds
+        them, since a plan can depend on them; only the database's plan is returned."""
+        dialect = self.engine.dialect
+        stmt, params = _page_statement(replace(p, statements={}), query, self.dialect)
+        compiled = stmt.params(params).compile(dialect=dialect,
+                                               compile_kwargs={"render_postcompile": True})
+        values: Any = (tuple(compiled.params[k] for k in compiled.positiontup or ())
+                       if compiled.positional else dict(compiled.params))
+        with self.engine.connect() as conn:
+            if dialect.name == "sqlite":
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string,
+                                            values).fetchall()
+                return ["SQLite's plan (it gives no cost figures; SCAN reads a whole table, "
+                        "SEARCH uses an index):", *(f"    {r[-1]}" for r in rows)]
+            if dialect.name == "postgresql":
+                plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string,
+                                            values).scalar_one()
+                if isinstance(plan, str):
+                    plan = json.loads(plan)
+                top = plan[0]["Plan"]
+                out = [f"PostgreSQL's estimate: cost {top['Startup Cost']}..{top['Total Cost']}"
+                       f", {top['Plan Rows']} row(s) (the page asks for {query.count + 1})"]
+                out += [f"    {line}" for line in _plan_nodes(top)]
+                return out
+        return [f"(no cost estimate for {dialect.name})"]
 
     async def ping(self) -> None:
         await self._run(self._ping_sync)
@@ -905,6 +937,19 @@ def _page_statement(p: Prepared, query: Query, dialect: str) -> tuple[Any, dict[
     if dialect == "mssql":  # TOP n needs a literal n; a bound limit becomes a ROW_NUMBER() query
         stmt = stmt.limit(query.count + 1)
     return stmt, {f"v{i}": v for i, v in enumerate(values)}
+
+
+def _plan_nodes(node: dict[str, Any], depth: int = 0) -> list[str]:
+    """A PostgreSQL JSON plan as indented node lines: type, relation/index, cost, rows."""
+    what = node["Node Type"]
+    if node.get("Index Name"):
+        what += f" using {node['Index Name']}"
+    if node.get("Relation Name"):
+        what += f" on {node['Relation Name']}"
+    lines = ["  " * depth + f"{what} (cost {node['Total Cost']}, rows {node['Plan Rows']})"]
+    for child in node.get("Plans", []):
+        lines += _plan_nodes(child, depth + 1)
+    return lines
 
 
 def _indent(sql: str) -> list[str]:

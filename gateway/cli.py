@@ -174,7 +174,7 @@ def cmd_mappings_explain(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(str(p))
         return 1
-    return explain_cli(loaded, settings, args.search)
+    return explain_cli(loaded, settings, args.search, args.cost)
 
 
 def cmd_mappings_coverage(args: argparse.Namespace) -> int:
@@ -311,6 +311,9 @@ def parser() -> argparse.ArgumentParser:
     expl.add_argument("search", help="the search, e.g. 'Patient?family=smith&gender=female'")
     expl.add_argument("--mappings", type=mappings_path,
                       help="mapping directory or bundled name (default: demo-pas)")
+    expl.add_argument("--cost", action="store_true",
+                      help="also ask the database for its plan and cost estimate (EXPLAIN: "
+                           "connects, runs nothing)")
     expl.set_defaults(func=cmd_mappings_explain)
     cov = msub.add_parser("coverage", help="which profile elements each mapping fills")
     cov.add_argument("dir", nargs="?", type=mappings_path,

@@ -4,7 +4,8 @@ The same planner and adapter code as a request (``Registry.plan``, the adapter's
 builder), stopped before anything is sent: the parameters used and ignored, the criteria's
 shape, the page and sort, and the adapter's own account — SQL with placeholders, or the HL7
 v2 message type and QPD fields — and the children queried per page. Never a value from the
-search: the adapters render placeholders, and the criteria are shown as shapes.
+search: the adapters render placeholders, and the criteria are shown as shapes. With
+``cost``, the database's own estimate (``EXPLAIN``, never ``ANALYZE``: nothing runs).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def parse_search(text: str) -> tuple[str, list[tuple[str, str]]]:
     return rtype, pairs
 
 
-def explain(loaded: LoadedSet, settings: Settings, search: str) -> list[str]:
+def explain(loaded: LoadedSet, settings: Settings, search: str, cost: bool = False
+            ) -> list[str]:
     rtype, pairs = parse_search(search)
     registry = Registry(Provider(m) for m in loaded.mappings)
     served = sorted(p.resource_type for p in registry)
@@ -68,12 +70,23 @@ def explain(loaded: LoadedSet, settings: Settings, search: str) -> list[str]:
         lines += m.adapter.explain(m.prepared, query)
     except UnsupportedCriteria as exc:
         lines.append(f"not sent: {exc} (the request would get 400 UNSUPPORTED_SEARCH)")
+        return lines
+    if cost:  # the one part that connects: the database plans the statement, runs nothing
+        import anyio
+
+        async def ask() -> list[str]:
+            try:
+                return await m.adapter.estimate(m.prepared, query)
+            finally:
+                await registry.aclose()
+
+        lines += anyio.run(ask)
     return lines
 
 
-def explain_cli(loaded: LoadedSet, settings: Settings, search: str) -> int:
+def explain_cli(loaded: LoadedSet, settings: Settings, search: str, cost: bool = False) -> int:
     try:
-        lines = explain(loaded, settings, search)
+        lines = explain(loaded, settings, search, cost)
     except GatewayError as exc:
         print(f"{exc.error_code}: {exc.message}")
         return 1

@@ -80,3 +80,27 @@ def test_a_search_that_would_fail_says_why(capsys: pytest.CaptureFixture[str], s
     status, out = run(capsys, search)
     assert status == 1 and out.startswith(f"{code}: ")
     assert SECRET_NHS[:-1] not in out
+
+
+def test_cost_from_sqlite_runs_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "--cost", f"Patient?family={SECRET_NAME}&gender=female")
+    assert code == 0, out
+    plan = out.split("SQLite's plan", 1)[1]
+    assert "SCAN p" in plan or "SEARCH p" in plan
+    assert SECRET_NAME not in out.lower()
+    code, out = run(capsys, "--cost", "Patient?_id=100001")
+    assert "SEARCH p USING INTEGER PRIMARY KEY" in out or "SEARCH p USING" in out
+
+
+@pytest.mark.postgres
+def test_cost_from_postgresql(capsys: pytest.CaptureFixture[str], demo_pg_url: str,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CCG_PAS_URL", demo_pg_url)
+    code, out = run(capsys, "--cost", f"Patient?family={SECRET_NAME}&gender=female")
+    assert code == 0, out
+    assert "SQL (postgresql)" in out
+    estimate = out.split("PostgreSQL's estimate: cost ", 1)[1]
+    first = estimate.splitlines()[0]
+    assert "row(s) (the page asks for 21)" in first
+    assert "on PATIENTS" in estimate  # the plan's nodes, by table
+    assert SECRET_NAME not in out.lower()
