@@ -7,6 +7,8 @@ An adapter is about as small as an httpx transport:
   :class:`SourceConfigError` naming the problem).
 * ``fetch(prepared, query)`` — run a query plan, return raw records and a continuation.
 * ``ping()`` — readiness probe; ``aclose()`` — release connections.
+* optional: ``layout``, ``interactions``, ``count``, ``write``, and ``chains(prepared,
+  target)`` — whether a :class:`Chain` into another mapping is answered in the same query.
 
 Records are flat ``dict[str, Any]`` keyed by the source reference the mapping used
 (``"p.SURNAME"`` for SQL, ``"PID-5.1"`` for HL7 v2); one-to-many children sit under
@@ -16,7 +18,9 @@ no dict per row, and the compiled mapping reads values by position.
 
 Criteria arrive as a small, closed expression tree (below), already typed and converted to
 the source's storage format by the gateway. Adapters never see FHIR parameters, and never
-import the REST layer or fhir.resources.
+import the REST layer or fhir.resources. One node, :class:`Chain`, reaches into a second
+mapping (a chained parameter or ``_has``); the gateway sends it only to an adapter whose
+``chains(prepared, target)`` said it can answer it inside the same query.
 
 Backend failures are translated at the adapter boundary into :class:`BackendError` and its
 subclasses, always ``raise ... from exc`` and never with SQL text, HL7 content or PHI in the
@@ -88,7 +92,30 @@ class Nothing:
     """Matches no record (e.g. an id that cannot exist in an integer key column)."""
 
 
-Criterion = Compare | In | Text | IsNull | And | Or | Not | Nothing
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """Records whose ``ref`` equals ``target_ref`` of some record of another mapping that
+    matches ``criteria``: one level across a reference, in the same query (a join or a
+    subquery, never keys fetched first and pasted into a second query).
+
+    ``target`` is what this adapter's ``prepare`` returned for the other mapping, and
+    ``criteria`` use that mapping's references (they never hold a Chain themselves).
+
+    * chained parameter ``Encounter?patient.family=smith``: ``ref`` is the Encounter's
+      patient reference column, ``target_ref`` the Patient key;
+    * ``Patient?_has:Encounter:patient:status=finished``: ``ref`` is the Patient key,
+      ``target_ref`` the Encounter's patient reference column.
+
+    Empty values never match on either side, so the node is two-valued (safe under Not).
+    """
+
+    ref: str
+    target: Any
+    target_ref: str
+    criteria: Criterion | None
+
+
+Criterion = Compare | In | Text | IsNull | And | Or | Not | Nothing | Chain
 
 
 # --- the query plan and its result ------------------------------------------------------------
@@ -261,6 +288,11 @@ class UnsupportedCriteria(AdapterError):
     """
 
 
+class QueryTooLarge(UnsupportedCriteria):
+    """The search has more values than the backend takes in one query (→ 400
+    ``TOO_MANY_VALUES``): found by the adapter before the backend is asked."""
+
+
 # --- the interface ----------------------------------------------------------------------------
 
 
@@ -292,6 +324,12 @@ class Adapter(abc.ABC):
     def layout(self, prepared: Any) -> Layout | None:
         """How this mapping's records are laid out as tuples, or None: they are dicts."""
         return None
+
+    def chains(self, prepared: Any, target: Any) -> bool:
+        """Whether ``fetch`` and ``count`` on ``prepared`` answer a :class:`Chain` into
+        ``target`` (another mapping this adapter prepared) inside one query. When not, the
+        gateway resolves the chain through the target's own search, with a bound."""
+        return False
 
     def interactions(self, prepared: Any) -> frozenset[str]:
         """FHIR interactions this source serves for a mapping (writes only if declared)."""

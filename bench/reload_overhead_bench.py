@@ -78,7 +78,7 @@ async def run(requests: int, rounds: int, patients: int) -> None:
 
 async def layer_only(calls: int, rounds: int) -> None:
     """The layer alone around a do-nothing ASGI app: its own cost, free of the request's."""
-    from gateway.providers import Registry
+    from gateway.registry import Registry
     from gateway.reload import LiveMappings, PinLayer
 
     async def inner(scope: object, receive: object, send: object) -> None:

@@ -1,8 +1,11 @@
 """The CapabilityStatement, generated from what is registered and mapped — never hand-written.
 
 Each resource lists the interactions its provider serves, the search parameters its mapping
-declares, the ``_include`` values whose target type is served, and the ``_revinclude`` values
-that other providers' reference parameters make possible. Nothing else is claimed.
+declares (for a type with several sources: those every source declares), the ``_include``
+values whose target type is served, and the ``_revinclude`` values that other providers'
+reference parameters make possible; a reference parameter's documentation lists the chains
+it takes and the resource's the ``_has`` it answers (STU3 CapabilityStatement has no element
+for either); the operations come from the operation registry. Nothing else is claimed.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import datetime as dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from gateway.providers import Provider, Registry
+from gateway.chain import MAX_CHAIN_MATCHES, chain_joined, chain_names, has_names
+from gateway.operations import OperationRegistry
+from gateway.registry import Registry, TypeProvider
 
 FHIR_VERSION = "3.0.2"
 FORMATS = ["application/fhir+json", "application/fhir+xml", "json", "xml"]
@@ -24,15 +29,25 @@ def _software_version() -> str:
         return "0+unknown"
 
 
-def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any]:
+def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
         {"name": "_id", "type": "token", "documentation": "The logical id of the resource"}
     ]
     includes: list[str] = []
     for name, p in sorted(provider.params.items()):
         entry: dict[str, Any] = {"name": name, "type": p.type}
-        if p.description:
-            entry["documentation"] = p.description
+        # Several sources: each one's description, once (they say what the value means there).
+        described = dict.fromkeys(d for s in provider.sources
+                                  if (d := s.params[name].description))
+        doc = "; ".join(described)
+        chains = chain_names(registry, provider, name) if p.type == "reference" else []
+        if chains:  # STU3 has no chain element here (SearchParameter.chain is not served)
+            doc += (". " if doc else "") + "Chains (one level): " + ", ".join(chains)
+            if not chain_joined(registry, provider, name):
+                doc += (f" (resolved through a search of the target, at most "
+                        f"{MAX_CHAIN_MATCHES} matches)")
+        if doc:
+            entry["documentation"] = doc
         params.append(entry)
         if p.type == "reference":
             served = [t for t in p.reference_targets() if t in registry]
@@ -58,8 +73,8 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
         "conditionalDelete": "not-supported",
         "searchParam": params,
     }
-    sortable = provider.mapping.spec.sort
-    policy = provider.mapping.spec.search_policy
+    sortable = provider.sortable
+    policy = provider.policy
     notes = []
     if sortable:
         notes.append("_sort supports: " + ", ".join(sortable) + " (prefix - for descending)")
@@ -70,6 +85,12 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
             + (f" unless searching by {' or '.join(policy.unless_any_of)}"
                if policy.unless_any_of else "")
         )
+    has = has_names(registry, provider)
+    if has:
+        notes.append("_has supports: " + ", ".join(
+            f"_has:{h}:<parameter>" + ("" if joined else
+                                        f" (through a search, at most {MAX_CHAIN_MATCHES})")
+            for h, joined in has) + " (one level)")
     if notes:
         out["documentation"] = ". ".join(notes) + "."
     if includes:
@@ -79,7 +100,15 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
     return out
 
 
-def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
+def operation_capability(operations: OperationRegistry | None, base_url: str
+                         ) -> list[dict[str, Any]]:
+    """Every registered operation, by name, with its OperationDefinition."""
+    return [{"name": op.name, "definition": {"reference": op.definition_reference(base_url)}}
+            for op in operations or ()]
+
+
+def capability_statement(registry: Registry, base_url: str,
+                         operations: OperationRegistry | None = None) -> dict[str, Any]:
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -98,8 +127,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "resource": [resource_capability(p, registry) for p in registry],
-                "operation": [{"name": "validate", "definition": {
-                    "reference": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}}],
+                "operation": operation_capability(operations, base_url),
             }
         ],
     }

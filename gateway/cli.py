@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.auth.errors import AuthConfigError
     from gateway.mapping.loader import MappingError
 
+    workers = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if workers not in ("", "1"):
+        # Limits, rate buckets and caches live in this process: several workers would each
+        # grant a client the full allowance. Run more instances behind the load balancer.
+        print("refusing to start: WEB_CONCURRENCY is set to "
+              f"{workers[:20]!r}; the gateway runs as one process (unset it, or set it to 1, "
+              "and run more instances instead)", file=sys.stderr)
+        return 2
     settings = _settings(args)
     problem = _port_problem(settings.host, settings.port)
     if problem:  # before building anything, and before the banner
@@ -64,13 +73,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
     print(f"Audit trail: {app.state.audit.sink.destination}", file=sys.stderr, flush=True)
-    import os
-
     print(f"Mappings: {settings.mappings_dir} (reload them after an edit: kill -HUP "
           f"{os.getpid()})", file=sys.stderr, flush=True)
+    from gateway.server import uvicorn_options
+
+    tls = uvicorn_tls_options(settings)
+    options = {**tls, **uvicorn_options(settings.header_timeout_seconds, tls.get("http"))}
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 access_log=False, server_header=False, proxy_headers=args.proxy_headers,
-                **uvicorn_tls_options(settings))
+                **options)
     return 0
 
 
@@ -120,6 +131,20 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
               f"({len(m.spec.search)} search parameters)")
+    from gateway.operations.structured import load_operations
+    from gateway.providers import Provider
+    from gateway.registry import Registry
+
+    try:
+        operations = load_operations(loaded.directory,
+                                     Registry(Provider(m) for m in loaded.mappings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    for op in operations:
+        print(f"ok  operation ${op.name}: {len(op.spec.sections)} section(s)")
     from gateway.mapping.cases import case_files, report, run_all
     from gateway.profiles.golden import check_cli
 
@@ -174,6 +199,8 @@ def cmd_mappings_explain(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(str(p))
         return 1
+    if args.lenient:
+        settings = replace(settings, strict_search=False)
     return explain_cli(loaded, settings, args.search, args.cost)
 
 
@@ -196,14 +223,14 @@ def cmd_mappings_coverage(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_build(args: argparse.Namespace) -> int:
-    from gateway.demo_pas import build_database, ensure_sqlite_demo
+    from gateway.demo_pas import build_database, demo_file_name, ensure_sqlite_demo
 
     if args.url:
         build_database(args.url, patients=args.patients, progress=True)
         print(f"built demo PAS with {args.patients} patients at the given URL")
     else:
         settings = _settings(args)
-        path = args.path or settings.data_dir / f"demo-pas-{args.patients}.sqlite"
+        path = args.path or settings.data_dir / demo_file_name(args.patients)
         ensure_sqlite_demo(path, patients=args.patients, progress=True)
         print(path)
     return 0
@@ -211,10 +238,10 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
 def cmd_demo_reset(args: argparse.Namespace) -> int:
     """Rebuild the embedded demo PAS from scratch: undo writes made through the HL7 demo."""
-    from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas import demo_file_name, ensure_sqlite_demo
 
     settings = _settings(args)
-    path = settings.data_dir / f"demo-pas-{settings.demo_patients}.sqlite"
+    path = settings.data_dir / demo_file_name(settings.demo_patients)  # the file serve uses
     removed = path.exists()
     for leftover in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
         leftover.unlink(missing_ok=True)
@@ -227,8 +254,8 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import demo_database_url
+    from gateway.demo_pas.hl7v2 import PasSimulator
 
     if args.db is not None:
         if not args.db.is_file():
@@ -240,8 +267,9 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with PasSimulator(url, host=args.host, port=args.port,
-                                sex_codes=args.sex_codes) as sim:
-            print(f"PAS simulator (HL7 v2.4) listening on mllp://{args.host}:{sim.port}  "
+                                sex_codes=args.sex_codes, dialect=args.dialect) as sim:
+            print(f"PAS simulator (HL7 v2.4, {args.dialect} dialect) listening on "
+                  f"mllp://{args.host}:{sim.port}  "
                   "(Ctrl-C stops it)", file=sys.stderr, flush=True)
             await asyncio.Event().wait()
 
@@ -314,6 +342,9 @@ def parser() -> argparse.ArgumentParser:
     expl.add_argument("--cost", action="store_true",
                       help="also ask the database for its plan and cost estimate (EXPLAIN: "
                            "connects, runs nothing)")
+    expl.add_argument("--lenient", action="store_true",
+                      help="as a request sending 'Prefer: handling=lenient': unknown "
+                           "parameters are listed as ignored instead of refused")
     expl.set_defaults(func=cmd_mappings_explain)
     cov = msub.add_parser("coverage", help="which profile elements each mapping fills")
     cov.add_argument("dir", nargs="?", type=mappings_path,
@@ -346,6 +377,10 @@ def parser() -> argparse.ArgumentParser:
                      help="demo PAS SQLite file (default: the embedded demo, built if missing)")
     sim.add_argument("--sex-codes", choices=["hl7", "nhs"], default="hl7",
                      help="PID-8 as HL7 M/F/O/U or NHS 1/2/9/X (default hl7)")
+    sim.add_argument("--dialect", choices=["demo", "itk", "strict"], default="demo",
+                     help="how this PAS speaks HL7 v2 (gateway/demo_pas/hl7v2/profiles.py): "
+                          "demo (default), itk (plain ACKs, ITK sample style), strict "
+                          "(CX-5 identifiers, native prefix match, no qualifiers)")
     sim.set_defaults(func=cmd_pas_simulator)
 
     from gateway.auth.cli import register as register_auth_commands

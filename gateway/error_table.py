@@ -67,6 +67,21 @@ WHEN: dict[str, str] = {
     "AUTHORIZATION_SERVER_UNAVAILABLE": "the token signing keys could not be loaded "
                                         "(with `Retry-After`)",
     "BACKEND_TIMEOUT": "the system behind the gateway did not answer in time",
+    "UNKNOWN_CHAIN": "a chained parameter or `_has` naming a parameter or type that is not "
+                     "served",
+    "CHAIN_NOT_REFERENCE": "a chain through a parameter that is not a reference",
+    "CHAIN_TOO_DEEP": "a chain more than one level deep (or `_has` nested)",
+    "CHAIN_TOO_BROAD": "a chain resolved by searching first matched more than 100 records",
+    "TOO_MANY_PARAMETERS": "more search parameters in one request than "
+                           "`CCG_MAX_SEARCH_PARAMETERS`",
+    "TOO_MANY_VALUES": "more comma-separated values in one parameter (or query) than "
+                       "allowed",
+    "SEARCH_TOO_COSTLY": "the search's estimated cost is over the budget; narrow it",
+    "REQUEST_TIMEOUT": "the request headers or body did not arrive in time",
+    "TOO_MANY_CONCURRENT_REQUESTS": "the client has too many requests in flight "
+                                    "(with `Retry-After`)",
+    "WRITE_OUTCOME_UNKNOWN": "a write was sent and not acknowledged in time: it may have "
+                             "been applied (read before retrying)",
 }
 
 

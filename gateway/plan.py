@@ -76,6 +76,22 @@ class RevInclude:
     param: str
 
 
+@dataclass(frozen=True)
+class Chained:
+    """What one chained parameter or ``_has`` adds to a plan (made by gateway.chain)."""
+
+    criterion: Criterion | None
+    """Answered in this source's own query (a :class:`adapters.base.Chain`), or None."""
+    deferred: Any = None
+    """Else: resolved through the other type's search before the query runs."""
+    searched: frozenset[str] = frozenset()
+    """Types whose records decide the match: the client needs search on each."""
+    policy_name: str = ""
+    """How it counts for a search policy (a parameter of type reference)."""
+    note: str | None = None
+    """Said to the client in an information entry (how it was resolved)."""
+
+
 @dataclass
 class SearchPlan:
     criteria: Criterion | None
@@ -89,6 +105,16 @@ class SearchPlan:
     """(name[:modifier], raw value) pairs that shaped the query, in request order."""
     ignored: list[str] = field(default_factory=list)
     page_token: str | None = None
+    deferred: list[Any] = field(default_factory=list)
+    """Chains resolved through another type's search (gateway.chain.resolve) before the
+    query runs; their criteria are then ANDed into ``criteria``."""
+    searched_types: set[str] = field(default_factory=set)
+    """Other types a chain or ``_has`` searched (authorisation: search on each)."""
+    notes: list[str] = field(default_factory=list)
+    """Information for the client about how the search was answered."""
+    exact: list[tuple[str, ...]] = field(default_factory=list)
+    """Each ``:exact`` parameter's values as sent: a match must carry one of them, exactly
+    (case and accents), as a value of the served resource (see ``matches_exactly``)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +133,10 @@ class SearchContext:
     """Whether a resource type is served (so a reference to it can be included)."""
     revinclude_sources: Callable[[str, str], SearchParam | None]
     """The reference parameter ``param`` of provider ``type``, if it exists."""
+    chain: Callable[[str, str], Chained] | None = None
+    """Plans a chained parameter (``patient.family``) or ``_has`` (gateway.chain)."""
+    id_prefix: str = ""
+    """The source's id prefix (one of several sources of a type): ``_id`` values carry it."""
 
 
 def plan_search(
@@ -134,27 +164,39 @@ def plan_search(
                 used.append((key, raw))
             continue
         if name == "_id":
-            if modifier:
-                raise InvalidParameter("'_id' takes no modifier")
-            ids = split_values(raw)
-            if not all(ID_RE.match(i) for i in ids):
-                raise InvalidParameter("'_id' is not a valid resource id")
-            criteria.append(any_of([_key_equals(ctx, ctx.key_ref, i) for i in ids]))
+            criteria.append(id_criterion(ctx, modifier, raw))
             used.append((key, raw))
             used_types[name] = "token"
             continue
+        if ctx.chain is not None and (name == "_has" or "." in key):
+            term = ctx.chain(key, raw)
+            if term.criterion is not None:
+                criteria.append(term.criterion)
+            if term.deferred is not None:
+                plan.deferred.append(term.deferred)
+            if term.note:
+                plan.notes.append(term.note)
+            plan.searched_types |= term.searched
+            used.append((key, raw))
+            used_types[term.policy_name] = "reference"
+            continue
         param = ctx.params.get(name)
         if param is None:
-            if strict:
-                raise UnknownParameter(
-                    f"unknown search parameter '{name}' for {ctx.resource_type}"
-                )
             ignored.append(name)
             continue
         criteria.append(_criterion(ctx, name, param, modifier or None, raw))
+        if modifier == "exact" and param.type == "string":
+            plan.exact.append(tuple(v.strip() for v in split_values(raw)))
         used.append((key, raw))
         used_types[name] = param.type
 
+    if ignored and strict:
+        # Named all at once, before the search policy: a misspelt parameter is the problem
+        # to report, not the "two parameters" rule it happens to break.
+        names = ", ".join(f"'{n}'" for n in dict.fromkeys(ignored))
+        raise UnknownParameter(
+            f"unknown or unsupported search parameter(s) {names} for {ctx.resource_type} "
+            "(send 'Prefer: handling=lenient' to have them ignored)")
     if ctx.policy and not plan.page_token:
         _check_policy(ctx, ctx.policy, used_types)
 
@@ -265,6 +307,25 @@ def _check_policy(ctx: SearchContext, policy: SearchPolicy, used: dict[str, str]
 # --- one parameter → criteria -----------------------------------------------------------------
 
 
+def id_criterion(ctx: SearchContext, modifier: str, raw: str) -> Criterion:
+    """``_id=a,b``: the record key is one of them."""
+    if modifier:
+        raise InvalidParameter("'_id' takes no modifier")
+    ids = split_values(raw)
+    if not all(ID_RE.match(i) for i in ids):
+        raise InvalidParameter("'_id' is not a valid resource id")
+    pre = ctx.id_prefix  # one of several sources: only its own ids, without the prefix
+    return any_of([_key_equals(ctx, ctx.key_ref, i.removeprefix(pre))
+                   for i in ids if i.startswith(pre)])
+
+
+def param_criterion(
+    ctx: SearchContext, name: str, param: SearchParam, modifier: str | None, raw: str
+) -> Criterion:
+    """One declared parameter's criteria (also a chained parameter's, on its target)."""
+    return _criterion(ctx, name, param, modifier, raw)
+
+
 def _criterion(
     ctx: SearchContext, name: str, param: SearchParam, modifier: str | None, raw: str
 ) -> Criterion:
@@ -335,7 +396,20 @@ def _token(ctx: SearchContext, name: str, param: SearchParam, value: TokenValue)
                 for ref, v in s.when.items()
             ]
             if value.code is None:
-                out.append(all_of([IsNull(s.source_ref, null=False), *only]) or Nothing())
+                has: Criterion = IsNull(s.source_ref, null=False)
+                if s.codemap:  # "has a code in this system": a local code the map translates
+                    cmap = ctx.codemaps[s.codemap]
+                    mapped = tuple(cmap.entries)
+                    if cmap.unmapped != "default":
+                        has = In(s.source_ref, mapped) if mapped else Nothing()
+                out.append(all_of([has, *only]) or Nothing())
+                continue
+            if s.codemap:
+                local = ctx.codemaps[s.codemap].local_codes(value.code)
+                if local:
+                    match = (In(s.source_ref, local) if len(local) > 1
+                             else Compare(s.source_ref, "=", local[0]))
+                    out.append(all_of([match, *only]) or Nothing())
                 continue
             if s.check == "nhs-number" and not nhs_number.is_valid(value.code):
                 if value.system == s.system:
@@ -384,6 +458,7 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
     if param.period:
         start, end = param.period.start, param.period.end
         s_store, e_store = ctx.storage(start), ctx.storage(end)
+        lo, hi = _as_served(s_store, lo, hi)
         sl, sh = s_store.bound(lo), s_store.bound(hi)
         # the least stored end whose unit ends after lo, after hi
         el, eh = _ends_after(e_store, lo), _ends_after(e_store, hi)
@@ -412,6 +487,7 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
 
     ref = param.refs[0]
     store = ctx.storage(ref)
+    lo, hi = _as_served(store, lo, hi)
     if p in ("eq", "ap"):  # [t, t + unit) within [lo, hi)
         return And((Compare(ref, ">=", store.bound(lo)),
                     Compare(ref, "<", _ends_after(store, hi))))
@@ -432,7 +508,52 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
     return Compare(ref, "<", store.bound(max(lo, _last_start(store, hi))))
 
 
+def matches_exactly(resource: dict[str, Any], exact: list[tuple[str, ...]]) -> bool:
+    """Whether the resource carries, for every ``:exact`` parameter, one of its values exactly.
+
+    STU3 ``:exact`` is case- and accent-sensitive. The backend finds the values equal when
+    case and accents are ignored (its column may hold ``SMITH`` for a served ``Smith``);
+    this keeps those whose served values hold the searched value as it was sent.
+    """
+    if not exact:
+        return True
+    served: set[str] = set()
+    _strings(resource, served)
+    return all(any(v in served for v in values) for values in exact)
+
+
+def _strings(node: Any, out: set[str]) -> None:
+    if isinstance(node, str):
+        out.add(node)
+    elif isinstance(node, dict):
+        for v in node.values():
+            _strings(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _strings(v, out)
+
+
 _TICK = dt.timedelta(microseconds=1)
+
+
+def _as_served(store: Storage, lo: dt.datetime, hi: dt.datetime
+               ) -> tuple[dt.datetime, dt.datetime]:
+    """A search value more precise than the storage, on one of its stored values, as that value.
+
+    A minute-precision column is served with ``:00`` seconds (FHIR dateTime needs them), so a
+    client searching with the exact value it was given (``eq2020-03-01T10:30:00``) asks for a
+    second the stored minute only partly covers; it means the minute. Values between stored
+    values keep their own precision (``10:30:20`` still finds nothing stored at 10:30).
+    """
+    unit = store.unit
+    if unit is None or hi - lo >= unit or _ceil_to(lo, unit) != lo:
+        return lo, hi
+    return lo, _clip(lo + unit)
+
+
+def _ceil_to(t: dt.datetime, unit: dt.timedelta) -> dt.datetime:
+    rem = (t - dt.datetime(1, 1, 1)) % unit
+    return t if not rem else t + (unit - rem)
 
 
 def _last_start(store: Storage, x: dt.datetime) -> dt.datetime:
@@ -453,10 +574,14 @@ def _clip(t: dt.datetime) -> dt.datetime:
 __all__ = [
     "FORMAT_PARAMETERS",
     "RESULT_PARAMETERS",
+    "Chained",
     "Include",
     "MissingValue",
     "RevInclude",
     "SearchContext",
     "SearchPlan",
+    "id_criterion",
+    "matches_exactly",
+    "param_criterion",
     "plan_search",
 ]

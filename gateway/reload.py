@@ -1,7 +1,8 @@
 """Safe reload of the mapping directory while serving (``SIGHUP``, ``systemctl reload``).
 
-The live mappings are a *generation*: the registry of providers (with their adapters) built
-from one reading of the directory. A reload reads and checks the directory fully — the same
+The live mappings are a *generation*: the registry of providers (with their adapters, and a
+multi-source type's per-source providers) and the registry of operations (``operations/``)
+built from one reading of the directory. A reload reads and checks the directory fully — the same
 loading as at start-up, plus the directory's cases (``cases/``) — off the event loop, and only
 if all of it passes swaps the new generation in, in one assignment. A directory with problems
 changes nothing: the old generation keeps serving and every problem is logged as
@@ -32,7 +33,9 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.mapping.loader import LoadedSet, MappingError, Problem
-from gateway.providers import Provider, Registry
+from gateway.operations import OperationRegistry
+from gateway.providers import Provider
+from gateway.registry import Registry
 
 log = structlog.get_logger("gateway.reload")
 
@@ -42,6 +45,7 @@ class Generation:
     number: int
     registry: Registry
     directory: str
+    operations: OperationRegistry = field(default_factory=lambda: OperationRegistry(()))
     loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     retired: bool = False
@@ -63,10 +67,15 @@ class LiveMappings:
 
     def __init__(self, registry: Registry, directory: str = "",
                  load: Callable[[], LoadedSet] | None = None,
-                 prepare: Callable[[Registry], None] | None = None) -> None:
-        self.current = Generation(1, registry, directory)
+                 prepare: Callable[[Registry], None] | None = None,
+                 operations: OperationRegistry | None = None,
+                 build_operations: Callable[[LoadedSet, Registry], OperationRegistry]
+                 | None = None) -> None:
+        self.current = Generation(1, registry, directory,
+                                  operations or OperationRegistry(()))
         self._load = load
         self._prepare = prepare
+        self._build_operations = build_operations
         self._retired: list[Generation] = []
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[ReloadResult]] = set()
@@ -78,6 +87,14 @@ class LiveMappings:
         if pinned is not None and self.owns(pinned):
             return pinned.registry
         return self.current.registry
+
+    @property
+    def operations(self) -> OperationRegistry:
+        """The operations of the request's generation (pinned at its start), else the current."""
+        pinned = _pinned.get()
+        if pinned is not None and self.owns(pinned):
+            return pinned.operations
+        return self.current.operations
 
     def owns(self, generation: Generation) -> bool:
         return generation is self.current or generation in self._retired
@@ -103,29 +120,42 @@ class LiveMappings:
         async with self._lock:  # one reload at a time: a second SIGHUP waits its turn
             started = time.perf_counter()
             load = self._load
+            registry: Registry | None = None
             try:
                 loaded = await anyio.to_thread.run_sync(load)
+                registry = Registry(Provider(m) for m in loaded.mappings)
                 problems = await anyio.to_thread.run_sync(_case_problems, loaded)
+                # operations/ is part of the directory: a bad declaration refuses the reload
+                operations = (self._build_operations(loaded, registry)
+                              if self._build_operations is not None and not problems
+                              else self.current.operations)
             except MappingError as exc:
+                if registry is not None:
+                    await _close_registry(registry)
                 return self._refused(exc.problems)
             except Exception as exc:  # an adapter that cannot be built, a bug: not a swap
+                if registry is not None:
+                    await _close_registry(registry)
                 log.exception("mappings_reload_failed", error=type(exc).__name__)
                 return ReloadResult(False, self.current.number,
                                     [f"the reload failed ({type(exc).__name__})"])
             if problems:
-                await _close_registry(Registry(Provider(m) for m in loaded.mappings))
+                await _close_registry(registry)
                 return self._refused(problems)
-            registry = Registry(Provider(m) for m in loaded.mappings)
             if self._prepare is not None:
                 self._prepare(registry)
             old = self.current
-            self.current = Generation(old.number + 1, registry, str(loaded.directory))
+            # one assignment: the providers and the operations over them change together
+            self.current = Generation(old.number + 1, registry, str(loaded.directory),
+                                      operations)
             old.retired = True
             self._retired.append(old)
             if old.in_flight == 0:
                 await self._close(old)
             log.info("mappings_reloaded", generation=self.current.number,
                      resources=[p.resource_type for p in registry],
+                     sources=sum(1 for _ in registry.sources()),
+                     operations=len(list(operations)),
                      mappings=str(loaded.directory),
                      seconds=round(time.perf_counter() - started, 3),
                      draining=old.in_flight)

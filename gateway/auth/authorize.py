@@ -11,6 +11,7 @@ read (``GET [type]/[id]``)    ``r``
 search (GET/POST, paging)     ``s``
 ``_include=[type]:[param]``   ``r`` on every type the include can add
 ``_revinclude=[type]:[p]``    ``s`` on the including (source) type
+chained ``p.x``, ``_has``     ``s`` on each type a chain or ``_has`` looks into
 create                        ``c`` (conditional create: also ``s``)
 update                        ``u``
 ``[type]/$validate``          any of ``c``, ``u``, ``r`` (touches no stored data)
@@ -33,7 +34,8 @@ from gateway.auth.principal import Principal, get_principal
 
 if TYPE_CHECKING:
     from gateway.plan import SearchPlan
-    from gateway.providers import Provider, Registry
+    from gateway.registry import Registry
+    from gateway.registry import TypeProvider as Provider
 
 NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
@@ -77,7 +79,7 @@ def include_types(registry: Registry, provider: Provider, plan: SearchPlan
     for inc in plan.includes:
         targets = provider.params[inc.param].reference_targets()
         read |= {t for t in targets if inc.target in ("*", t) and t in registry}
-    search = {rev.source_type for rev in plan.revincludes}
+    search = {rev.source_type for rev in plan.revincludes} | plan.searched_types
     return read, search
 
 

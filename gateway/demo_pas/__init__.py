@@ -7,22 +7,37 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Index, create_engine, event, inspect, literal, select
+from sqlalchemy import (
+    Connection,
+    Index,
+    Table,
+    create_engine,
+    event,
+    inspect,
+    literal,
+    select,
+)
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateTable
 
 # Import names, not the `generate` function: binding it here would shadow the submodule.
+from gateway.demo_pas import epr_clinical  # registers the EPR tables on metadata
+from gateway.demo_pas.epr_medres import with_medication_and_results
 from gateway.demo_pas.generate import FIXTURE_PATIENTS, DemoPasGenerator
 from gateway.demo_pas.schema import metadata
 
-__all__ = ["FIXTURE_PATIENTS", "DemoDatabaseNotEmpty", "build_database", "ensure_sqlite_demo",
-           "metadata"]
+__all__ = ["FIXTURE_PATIENTS", "DemoDatabaseNotEmpty", "build_database", "demo_file_name",
+           "ensure_sqlite_demo", "metadata", "schema_fingerprint"]
 
 DEFAULT_SEED = 20261123
+_SQLITE = sqlite.dialect()
 
 
 class DemoDatabaseNotEmpty(RuntimeError):
@@ -67,8 +82,10 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
     try:
         with engine.begin() as conn, _progress(progress, patients) as advance:
             deferred = _create_schema(conn)
-            for batch in DemoPasGenerator(patients, seed).batches():
-                conn.execute(batch.table.insert(), batch.rows)
+            batches = DemoPasGenerator(patients, seed).batches()
+            batches = epr_clinical.extend(batches, seed)
+            for batch in with_medication_and_results(batches, seed):
+                _insert(conn, batch.table, batch.rows)
                 advance(batch.patients_done, None)
             advance(patients, "Indexing demo PAS")  # ~10% of a large build: say so
             for index in deferred:
@@ -78,6 +95,34 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
             conn.exec_driver_sql("ANALYZE")
     finally:
         engine.dispose()
+
+
+def schema_fingerprint() -> str:
+    """A short hash of the demo tables' DDL: it changes whenever a table or column does."""
+    ddl = "\n".join(str(CreateTable(t).compile(dialect=_SQLITE)).strip()
+                    for t in sorted(metadata.sorted_tables, key=lambda t: t.name))
+    return hashlib.sha256(ddl.encode()).hexdigest()[:10]
+
+
+def demo_file_name(patients: int) -> str:
+    """The cached demo database's file name: a new schema gets a new file, so an upgraded
+    gateway builds the new tables instead of serving an old file that lacks them."""
+    return f"demo-pas-{patients}-{schema_fingerprint()}.sqlite"
+
+
+def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """``conn.execute(table.insert(), rows)`` without SQLAlchemy's per-row parameter work.
+
+    That work (~20 µs a row) cost more than the database's own insert once the EPR tables
+    came; the compiled statement goes to the driver's executemany instead. The demo tables
+    hold only String, CHAR and Integer columns, which no dialect converts on the way in.
+    """
+    compiled = table.insert().compile(dialect=conn.dialect, column_keys=list(rows[0]))
+    if compiled.positional:
+        values = itemgetter(*(compiled.positiontup or ()))  # every table has 2+ columns
+        conn.exec_driver_sql(compiled.string, [values(row) for row in rows])
+    else:
+        conn.exec_driver_sql(compiled.string, rows)
 
 
 Advance = Callable[[int, str | None], None]

@@ -1,6 +1,8 @@
 """Mapping test cases: golden cases an operations engineer keeps beside the mappings.
 
-``<mapping dir>/cases/<ResourceType>/<case>.yaml`` (or ``.json``) holds one case::
+``<mapping dir>/cases/<ResourceType>/<case>.yaml`` (or ``.json``) holds one case; a type with
+several sources keeps the cases of a source with an ``id_prefix`` in
+``cases/<ResourceType>.<prefix>/`` (``Encounter.op/``), as the golden files do::
 
     description: what the case is about            # optional
     input:                                         # SQL: one source record as the adapter
@@ -71,8 +73,9 @@ def _load(path: Path) -> Any:
 
 
 def run_case(path: Path, mappings: dict[str, CompiledMapping]) -> CaseResult:
-    rtype = path.parent.name
-    result = CaseResult(path, rtype)
+    folder = path.parent.name  # the type, or type.prefix for one of several sources
+    rtype = folder.split(".", 1)[0]
+    result = CaseResult(path, folder)
 
     def problem(line: int, text: str) -> CaseResult:
         result.problems.append(f"{path}:{line}: {text}" if line else f"{path}: {text}")
@@ -91,10 +94,11 @@ def run_case(path: Path, mappings: dict[str, CompiledMapping]) -> CaseResult:
         return problem(line_of(doc, [sorted(unknown)[0]]),
                        f"unknown key(s) {', '.join(sorted(unknown))}: a case has description, "
                        "input or message, and expected")
-    mapping = mappings.get(rtype)
+    mapping = mappings.get(folder)
     if mapping is None:
-        return problem(0, f"no mapping for {rtype} in this directory (the folder name under "
-                       f"{CASES_DIR}/ is the resource type)")
+        return problem(0, f"no mapping for {folder} in this directory (the folder name under "
+                       f"{CASES_DIR}/ is the resource type, and for a source with an id_prefix "
+                       f"the type, a dot and the prefix: {', '.join(sorted(mappings))})")
     if "expected" not in doc:
         return problem(0, "'expected' is missing: the resource the mapping must make")
     if ("input" in doc) == ("message" in doc):
@@ -213,7 +217,9 @@ def _line(doc: Any, where: str) -> int:
 
 
 def run_all(directory: Path, mappings: list[CompiledMapping]) -> list[CaseResult]:
-    by_type = {m.resource_type: m for m in mappings}
+    from gateway.profiles.golden import golden_name
+
+    by_type = {golden_name(m): m for m in mappings}
     return [run_case(path, by_type) for path in case_files(directory)]
 
 

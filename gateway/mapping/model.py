@@ -77,6 +77,9 @@ class TokenSystem(_Strict):
     """Only rows where these references hold these values carry this system."""
     where: dict[str, str] = Field(default_factory=dict)
     """HL7 v2: the repetition whose other components hold these values (see Expr.where)."""
+    codemap: str | None = None
+    """The column holds local codes this code map translates into ``system``: a search code is
+    turned into the local codes that map to it (Read v2 stored, SNOMED CT searched)."""
 
     @property
     def source_ref(self) -> str:
@@ -161,10 +164,16 @@ class SearchPolicy(_Strict):
     unless_any_of: list[str] = Field(default_factory=list)
 
 
+ID_PREFIX_RE = r"^[A-Za-z0-9]{1,15}[-.]$"
+
+
 class MappingFile(_Strict):
     resource: str
     profile: str
     description: str | None = None
+    id_prefix: str | None = Field(default=None, pattern=ID_PREFIX_RE)
+    """Put before every id of this source (``op-``): ids stay unique when several sources
+    serve one type, and a read by id goes to the source whose prefix it carries."""
     source: dict[str, Any]
     types: dict[str, str] = Field(default_factory=dict)
     id: Expr

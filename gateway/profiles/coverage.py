@@ -52,6 +52,13 @@ class Coverage:
     rows: list[Row] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     """Output keys the profile has no element for (the validator would reject them)."""
+    anchor: str = ""
+    """The mapping's section in the HTML page: its type, and for one of several sources of a
+    type its id prefix too (``Encounter.op``), as the golden files and cases are named."""
+
+    @property
+    def key(self) -> str:
+        return self.anchor or self.resource_type
 
     @property
     def top_level(self) -> tuple[int, int]:
@@ -215,7 +222,9 @@ class _Walk:
 def coverage(mapping: CompiledMapping, profiles: Profiles | None = None) -> Coverage:
     p = profiles or load_profiles()
     url = mapping.spec.profile
-    out = Coverage(mapping.file.name, mapping.resource_type, url)
+    from gateway.profiles.golden import golden_name
+
+    out = Coverage(mapping.file.name, mapping.resource_type, url, anchor=golden_name(mapping))
     if url not in p:
         out.unknown.append(f"(profile {url} is not available locally)")
         return out
@@ -324,20 +333,22 @@ details{margin-bottom:1.5em}summary{cursor:pointer;font-weight:bold}
 """
 
 
-def _row_html(r: Row) -> str:
+def _row_html(r: Row, section: str = "") -> str:
     e = html.escape
     cls = "yes" if r.filled else "no"
     pad = "&nbsp;" * 2 * (r.depth - 1)
     src = "".join(f"<div>{e(x)}</div>" for x in r.sources)
-    return (f'<tr class="{cls}" id="{e(r.id)}"><td class="e">{pad}{e(r.id)}</td>'
+    # element ids are unique in the page: a second source of a type prefixes its section
+    row_id = f"{section}:{r.id}" if section else r.id
+    return (f'<tr class="{cls}" id="{e(row_id)}"><td class="e">{pad}{e(r.id)}</td>'
             f"<td>{e(r.card)}</td><td>{'MS' if r.must_support else ''}</td>"
             f'<td class="f">{cls}</td><td class="src">{src}</td><td>{e(r.short)}</td></tr>')
 
 
-def _table(rows: list[Row], cls: str) -> str:
+def _table(rows: list[Row], cls: str, section: str = "") -> str:
     head = ("<thead><tr><th>element</th><th>card.</th><th>MS</th><th>filled</th>"
             "<th>comes from</th><th>description</th></tr></thead>")
-    return (f'<table class="{cls}">{head}<tbody>' + "".join(_row_html(r) for r in rows)
+    return (f'<table class="{cls}">{head}<tbody>' + "".join(_row_html(r, section) for r in rows)
             + "</tbody></table>")
 
 
@@ -364,7 +375,7 @@ def render_html(results: list[Coverage]) -> str:
         filled, total = cov.top_level
         ms_filled, ms_total = cov.must_support
         missing, _, _ = _parts(cov)
-        anchor = e(cov.resource_type)
+        anchor = e(cov.key)
         parts.append(f'<tr><td><a href="#{anchor}">{anchor}</a></td><td>{e(cov.file)}</td>'
                      f"<td><code>{e(cov.profile)}</code></td><td>{filled} of {total}</td>"
                      f"<td>{ms_filled} of {ms_total}</td>"
@@ -374,7 +385,8 @@ def render_html(results: list[Coverage]) -> str:
         filled, total = cov.top_level
         ms_filled, ms_total = cov.must_support
         missing, mapped, optional = _parts(cov)
-        anchor = e(cov.resource_type)
+        anchor = e(cov.key)
+        section = "" if cov.key == cov.resource_type else cov.key
         parts.append(f'<section class="resource" id="{anchor}">')
         parts.append(f'<h2><a href="#{anchor}">{anchor}</a>: {e(cov.file)}</h2>')
         parts.append(f"<p>Profile <code>{e(cov.profile)}</code>. Top-level elements filled: "
@@ -382,13 +394,13 @@ def render_html(results: list[Coverage]) -> str:
                      + (" (the profile flags none)" if ms_total == 0 else "")
                      + '. <a href="#summary">Back to the summary</a>.</p>')
         parts.append(f"<h3>Required by the profile, not mapped ({len(missing)})</h3>")
-        parts.append(_table(missing, "required-unmapped") if missing else
+        parts.append(_table(missing, "required-unmapped", section) if missing else
                      '<p class="none">None: every required element is mapped.</p>')
         parts.append(f"<h3>Mapped ({len(mapped)})</h3>")
-        parts.append(_table(mapped, "mapped"))
+        parts.append(_table(mapped, "mapped", section))
         parts.append(f'<details class="optional-unmapped"><summary>{len(optional)} optional '
                      "element(s) not mapped</summary>")
-        parts.append(_table(optional, "optional-unmapped") + "</details>")
+        parts.append(_table(optional, "optional-unmapped", section) + "</details>")
         for u in cov.unknown:
             parts.append(f'<p class="unknown">not in the profile: {e(u)}</p>')
         parts.append("</section>")

@@ -30,8 +30,8 @@ def readme_create_body() -> dict[str, Any]:
 
 @pytest.fixture
 async def hl7_demo(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas.hl7v2 import PasSimulator
 
     db = tmp_path / "pas.sqlite"
     ensure_sqlite_demo(db, patients=50, progress=False)

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from gateway.app import build_app
 from gateway.capability import FHIR_VERSION, capability_statement
 from gateway.errors import InvalidParameter
-from gateway.providers import Registry
+from gateway.registry import Registry
 from gateway.settings import default_mappings_dir
 from tests.conftest import LiveServer, gateway_settings
 
@@ -28,15 +28,29 @@ BASE = "http://fhir.example/STU3"
 
 
 def mapping_files() -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+    """Each type's mapping as the YAML says; a type with several files: what they all share
+    (a parameter every file declares with the same type and targets; every description)."""
+    files: dict[str, list[dict[str, Any]]] = {}
     for f in sorted(default_mappings_dir().glob("*.yaml")):
         doc = yaml.safe_load(f.read_text())
         if isinstance(doc, dict) and "resource" in doc:
-            out[doc["resource"]] = doc
+            files.setdefault(doc["resource"], []).append(doc)
+    out: dict[str, dict[str, Any]] = {}
+    for rtype, docs in files.items():
+        first = docs[0]
+        search: dict[str, Any] = {}
+        for name, spec in first.get("search", {}).items():
+            specs = [d.get("search", {}).get(name) for d in docs]
+            if all(s is not None and s["type"] == spec["type"] for s in specs) and (
+                    spec["type"] != "reference"
+                    or all(set(targets(s)) == set(targets(spec)) for s in specs)):
+                descriptions = list(dict.fromkeys(s["description"] for s in specs
+                                                  if s.get("description")))
+                search[name] = {**spec, "description": "; ".join(descriptions) or None}
+        sort = [n for n in first.get("sort", []) if all(n in d.get("sort", []) for d in docs)]
+        out[rtype] = {**first, "search": search, "sort": sort}
     return out
 
-
-MAPPINGS = mapping_files()
 
 
 def targets(spec: dict[str, Any]) -> list[str]:
@@ -44,6 +58,9 @@ def targets(spec: dict[str, Any]) -> list[str]:
     if "targets" in spec:
         return list(spec["targets"])
     return [spec["target"]]
+
+
+MAPPINGS = mapping_files()
 
 
 def expected_includes(rtype: str, served: set[str]) -> list[str]:
@@ -70,7 +87,10 @@ def expected_revincludes(rtype: str, served: set[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def app(demo_sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Starlette:
-    return build_app(gateway_settings(demo_sqlite_url, tmp_path_factory.mktemp("cap")))
+    # Every claim of fifteen types is tried by one client: more than the per-client rate
+    # limit (tested in test_limits) allows in a burst.
+    return build_app(gateway_settings(demo_sqlite_url, tmp_path_factory.mktemp("cap"),
+                                      rate_limit_per_minute=100_000, rate_limit_burst=100_000))
 
 
 def resources(statement: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -97,7 +117,10 @@ def test_search_parameters_are_exactly_the_mapped_ones(app: Starlette, rtype: st
     assert got == {"_id": "token", **{n: s["type"] for n, s in declared.items()}}
     docs = {p["name"]: p.get("documentation") for p in entry["searchParam"]}
     for name, spec in declared.items():
-        assert docs[name] == spec.get("description")
+        # a reference parameter's documentation goes on to list its chains (test_chain.py)
+        doc, _, chains = (docs[name] or "").partition("Chains (one level): ")
+        assert (doc.removesuffix(". ") or None) == spec.get("description")
+        assert bool(chains) == (spec["type"] == "reference")
     assert entry["profile"]["reference"] == MAPPINGS[rtype]["profile"]
     assert [i["code"] for i in entry["interaction"]] == ["read", "search-type"]
     assert entry["readHistory"] is False and entry["conditionalCreate"] is False
@@ -120,10 +143,21 @@ def test_demo_includes_by_name(app: Starlette) -> None:
         "Patient:general-practitioner", "Patient:general-practitioner:Practitioner",
         "Patient:general-practitioner:Organization"]
     assert sorted(by_type["Patient"]["searchRevInclude"]) == [
-        "Encounter:patient", "Encounter:subject"]
+        "AllergyIntolerance:patient", "Condition:patient", "Condition:subject",
+        "Encounter:patient", "Encounter:subject", "Flag:patient", "Flag:subject",
+        "Immunization:patient", "MedicationRequest:patient", "MedicationRequest:subject",
+        "MedicationStatement:patient", "MedicationStatement:subject", "Observation:patient",
+        "Observation:subject", "Procedure:patient", "Procedure:subject"]
     assert sorted(by_type["Practitioner"]["searchRevInclude"]) == [
-        "Encounter:practitioner", "Patient:general-practitioner"]
-    assert "searchRevInclude" not in by_type["Encounter"]
+        "AllergyIntolerance:recorder", "Condition:asserter", "Encounter:practitioner",
+        "Flag:author", "Immunization:practitioner", "MedicationRequest:requester",
+        "MedicationStatement:source", "Observation:performer", "Patient:general-practitioner",
+        "PractitionerRole:practitioner", "Procedure:performer"]
+    assert sorted(by_type["Encounter"]["searchRevInclude"]) == [
+        "Condition:context", "Condition:encounter", "MedicationRequest:context",
+        "Observation:context", "Observation:encounter", "Procedure:context",
+        "Procedure:encounter"]
+    assert "searchRevInclude" not in by_type["MedicationStatement"]
     assert "searchInclude" not in by_type["Organization"]
 
 
@@ -154,6 +188,9 @@ def test_policy_and_sort_are_documented(app: Starlette) -> None:
     assert "at least 2 parameters of different types unless searching by identifier or _id" \
         in patient
     for rtype, doc in MAPPINGS.items():
+        if not doc.get("sort"):  # nothing to sort by (PractitionerRole, Medication)
+            assert "_sort supports" not in by_type[rtype].get("documentation", ""), rtype
+            continue
         assert f"_sort supports: {', '.join(doc['sort'])} " in by_type[rtype]["documentation"]
 
 
@@ -226,7 +263,9 @@ def test_every_claimed_sort_works(http: httpx.Client,
                                   served: dict[str, dict[str, Any]]) -> None:
     for rtype, entry in served.items():
         m = re.search(r"_sort supports: ([^(]+) \(", entry.get("documentation", ""))
-        assert m, rtype
+        assert bool(m) == bool(MAPPINGS[rtype].get("sort")), rtype
+        if m is None:
+            continue
         for key in m.group(1).split(", "):
             for sort in (key, "-" + key):
                 criteria = {"family": "smith", "gender": "female"} if rtype == "Patient" else {}
@@ -331,3 +370,18 @@ def test_settings_public_base_url_is_the_implementation_url(demo_sqlite_url: str
     with LiveServer(app) as s, httpx.Client(base_url=s.url) as c:
         cs = c.get("/STU3/metadata").json()
     assert cs["implementation"]["url"] == "https://fhir.trust.example/STU3"
+
+
+def test_the_clinical_types_are_listed_with_their_profiles(app: Starlette) -> None:
+    by_type = resources(capability_statement(app.state.registry, BASE))
+    for rtype in ("Condition", "AllergyIntolerance", "Flag", "Procedure", "PractitionerRole"):
+        assert by_type[rtype]["profile"]["reference"] == (
+            f"https://fhir.hl7.org.uk/STU3/StructureDefinition/CareConnect-{rtype}-1")
+    # Care Connect's explore pages: every SHALL/SHOULD/MAY parameter is claimed.
+    wanted = {"Condition": {"asserted-date", "category", "clinical-status", "patient"},
+              "AllergyIntolerance": {"clinical-status", "date", "patient"},
+              "Procedure": {"date", "patient", "subject"},
+              "Flag": {"date", "patient", "status"},
+              "PractitionerRole": {"identifier", "organization", "practitioner"}}
+    for rtype, names in wanted.items():
+        assert names <= {p["name"] for p in by_type[rtype]["searchParam"]}, rtype

@@ -23,6 +23,7 @@ import structlog
 import yaml
 
 from gateway import cli
+from gateway.demo_pas import demo_file_name
 from gateway.settings import default_mappings_dir
 
 DEMO = default_mappings_dir()
@@ -243,8 +244,9 @@ def test_demo_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert db.execute("SELECT COUNT(*) FROM PATIENTS").fetchone() == (300,)
     # Without --path: named by size in the data directory.
     assert cli.main(["demo", "build", "--patients", "300", "--data-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "demo-pas-300.sqlite")
-    assert (tmp_path / "demo-pas-300.sqlite").is_file()
+    named = tmp_path / demo_file_name(300)  # by size and schema fingerprint
+    assert capsys.readouterr().out.strip() == str(named)
+    assert named.is_file()
 
 
 # --- the real thing ----------------------------------------------------------------------------
@@ -291,7 +293,7 @@ def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
             assert bundle["type"] == "searchset" and bundle["entry"]
             assert {e["resource"]["resourceType"] for e in bundle["entry"]} == {"Patient"}
             assert c.get("/_health").json() == {"status": "pass"}
-        assert (tmp_path / "d" / "demo-pas-300.sqlite").is_file()  # built on first start
+        assert (tmp_path / "d" / demo_file_name(300)).is_file()  # built on first start
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so the parent sees it
         assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
@@ -334,7 +336,9 @@ def test_demo_reset_rebuilds_the_database(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "d"
     assert cli.main(["demo", "build", "--patients", "40", "--data-dir", str(data)]) == 0
-    db = data / "demo-pas-40.sqlite"
+    from gateway.demo_pas import demo_file_name
+
+    db = data / demo_file_name(40)  # the file serve reads (its name carries the schema)
     with sqlite3.connect(db) as conn:  # a write through the HL7 demo, say
         conn.execute("UPDATE PATIENTS SET SURNAME = 'CHANGED' WHERE PATNT_REFNO = 100001")
     conn.close()
@@ -345,3 +349,15 @@ def test_demo_reset_rebuilds_the_database(tmp_path: Path,
         [(surname,)] = conn.execute("SELECT SURNAME FROM PATIENTS WHERE PATNT_REFNO = 100001")
     conn.close()
     assert surname == "SMITH"
+
+
+@pytest.mark.parametrize("workers", ["2", "4", "lots"])
+def test_serve_refuses_several_workers(workers: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # deploy/README.md says so: limits and caches are per process (issue 13)
+    monkeypatch.setenv("WEB_CONCURRENCY", workers)
+    code = cli.main(["serve", "--data-dir", str(tmp_path / "d"), "--port", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "refusing to start: WEB_CONCURRENCY" in err and "serving" not in err

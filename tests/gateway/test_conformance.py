@@ -47,6 +47,17 @@ SAMPLES: list[tuple[str, str, int | None]] = [
     ("Encounter", "/STU3/Encounter?_count=100", 300),
     ("Organization", "/STU3/Organization?_count=100", None),
     ("Location", "/STU3/Location?_count=100", None),
+    ("Condition", "/STU3/Condition?_count=100", 300),
+    ("AllergyIntolerance", "/STU3/AllergyIntolerance?_count=100", 300),
+    ("Flag", "/STU3/Flag?_count=100", 300),
+    ("Procedure", "/STU3/Procedure?_count=100", 300),
+    ("PractitionerRole", "/STU3/PractitionerRole?_count=100", None),
+    # The EPR half: medicines and results (the first records, and the rich patient's all).
+    ("Medication", "/STU3/Medication?_count=100", None),
+    ("MedicationRequest", "/STU3/MedicationRequest?_count=100", 300),
+    ("MedicationStatement", "/STU3/MedicationStatement?_count=100", 300),
+    ("Immunization", "/STU3/Immunization?_count=100", 300),
+    ("Observation", "/STU3/Observation?_count=100", 400),
 ]
 TYPES = [rtype for rtype, _, _ in SAMPLES]
 
@@ -111,8 +122,9 @@ class Served:
         yield from self.fixtures
 
 
-async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
-    response = await client.get(url)
+async def _get_json(client: httpx.AsyncClient, url: str,
+                    headers: dict[str, str] | None = None) -> dict[str, Any]:
+    response = await client.get(url, headers=headers)
     assert response.status_code == 200, (url, response.text[:500])
     assert response.headers["content-type"].startswith("application/fhir+json")
     body: dict[str, Any] = response.json()
@@ -122,7 +134,10 @@ async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 async def served(demo_url: str, tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[Served]:
-    app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance")))
+    # One client reads back every reference the sample holds (over a thousand): a burst the
+    # per-client rate limit (tested in test_limits) would rightly refuse.
+    app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance"),
+                                     rate_limit_per_minute=100_000, rate_limit_burst=100_000))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -272,8 +287,11 @@ def _references(node: Any) -> Iterator[str]:
 async def test_every_reference_resolves(served: Served) -> None:
     references = sorted({ref for r in served.everything() for ref in _references(r)})
     targets = {ref.split("/")[0] for ref in references}
-    # Patients point at GPs and practices; encounters at patients, consultants and wards...
-    assert targets == {"Patient", "Practitioner", "Organization", "Location"}
+    # Patients point at GPs and practices; encounters at patients, consultants and wards;
+    # conditions and procedures at the spell they were recorded in; orders at medicines and
+    # spells, statements at the orders they came from...
+    assert targets == {"Patient", "Practitioner", "Organization", "Location", "Encounter",
+                       "Medication", "MedicationRequest"}
     failed = []
     for ref in references:
         rtype, rid = ref.split("/")
@@ -318,7 +336,8 @@ BUNDLES = [
 
 @pytest.mark.parametrize("url", BUNDLES)
 async def test_whole_bundles_validate(served: Served, schema: dict[str, Any], url: str) -> None:
-    bundle = await _get_json(served.client, url)
+    # lenient: an unknown parameter gives a Bundle with an outcome entry (strict: a 400)
+    bundle = await _get_json(served.client, url, headers={"Prefer": "handling=lenient"})
     assert bundle["resourceType"] == "Bundle"
     assert bundle["type"] == "searchset"
     full = Draft6Validator(schema)  # the root schema: every entry against its own type

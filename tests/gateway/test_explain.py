@@ -27,8 +27,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 def test_sql_search_shows_parameters_statement_and_children_not_values(
         capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run(capsys, f"Patient?family={SECRET_NAME}&gender=female&birthdate=ge1965"
-                            "&_include=Patient:general-practitioner&bogus=1")
+    search = (f"Patient?family={SECRET_NAME}&gender=female&birthdate=ge1965"
+              "&_include=Patient:general-practitioner&bogus=1")
+    # strict by default, as the server is: the unknown parameter is the answer
+    code, out = run(capsys, search)
+    assert code == 1 and out.startswith("UNKNOWN_PARAMETER: ") and "'bogus'" in out
+    assert SECRET_NAME not in out
+    code, out = run(capsys, "--lenient", search)
     assert code == 0, out
     assert "Patient search: Patient.sql.yaml via connection 'pas' (sql adapter)" in out
     assert "parameters used: family, gender, birthdate, _include" in out
@@ -103,4 +108,40 @@ def test_cost_from_postgresql(capsys: pytest.CaptureFixture[str], demo_pg_url: s
     first = estimate.splitlines()[0]
     assert "row(s) (the page asks for 21)" in first
     assert "on PATIENTS" in estimate  # the plan's nodes, by table
+    assert SECRET_NAME not in out.lower()
+
+
+def test_a_type_with_several_sources_has_one_plan_per_source(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "Encounter?patient=100001&date=ge2024-01-01&_sort=-date")
+    assert code == 0, out
+    assert out.startswith("Encounter search: 3 sources, merged in sort order")
+    assert "parameters used: patient, date, _sort" in out
+    sections = out.split("\nsource ")[1:]
+    assert [s.split(":", 1)[0] for s in sections] == [
+        "Encounter.ae.sql (ids ae-...)", "Encounter.outpatient.sql (ids op-...)",
+        "Encounter.sql"]
+    # each on its own table and columns, sorted by its own date column, newest first
+    for section, table, sort in zip(sections, ("AE_ATTENDANCES", "OUTPATIENT_ATTENDANCES",
+                                               "PROVIDER_SPELLS"),
+                                    ("-e.ARRIVAL_DTTM", "-o.APPT_DTTM", "-s.ADMIT_DTTM"),
+                                    strict=True):
+        assert f'FROM "{table}"' in section and f"sort: {sort}," in section
+        assert section.count("SQL (sqlite): one statement per page") == 1
+    assert "100001" not in out and "2024" not in out
+
+
+def test_a_chained_parameter_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    # same database: the target's search is a subquery of each source's statement
+    code, out = run(capsys, f"Encounter?patient.family={SECRET_NAME}")
+    assert code == 0, out
+    assert "parameters used: patient.family" in out
+    assert "criteria: s.PATNT_REFNO in p.PATNT_REFNO(p.SURNAME prefix ?)" in out
+    assert out.count('IN (SELECT p."PATNT_REFNO"') == 3  # in every source's statement
+    # over HL7 v2: the Patient search runs first, its keys go into the Encounter query
+    code, out = run(capsys, "--mappings", "demo-hl7v2", f"Encounter?patient.family={SECRET_NAME}")
+    assert code == 0, out
+    assert ("chain patient.family: first a search of Patient (Patient.hl7v2.yaml, "
+            "PID-5.1 prefix ?)") in out
+    assert "HL7 v2 QBP^ZV1" in out and "not sent" not in out
     assert SECRET_NAME not in out.lower()

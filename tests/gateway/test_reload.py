@@ -119,6 +119,45 @@ async def test_a_good_reload_swaps_and_a_bad_one_keeps_the_old(
     assert live.current.number == 2
 
 
+async def test_the_operations_are_reloaded_with_the_providers(
+        served: tuple[httpx.AsyncClient, Starlette, Path]) -> None:
+    """operations/*.yaml are part of the generation: swapped with the providers they are
+    checked against, or not at all."""
+    client, app, directory = served
+    live = app.state.mappings
+    op_file = directory / "operations" / "structured-record.yaml"
+    path = "/STU3/OperationDefinition/structured-record"
+    assert (await client.get(path)).json()["name"] == "Structured record of a patient"
+    old_ops = live.operations
+    # a second operation, and a new title for the first
+    second = op_file.read_text(encoding="utf-8").replace("name: structured-record",
+                                                          "name: recent-stays")
+    (directory / "operations" / "recent-stays.yaml").write_text(second, encoding="utf-8")
+    edit(op_file, "title: Structured record of a patient", "title: Recent care")
+    result = await live.reload()
+    assert result.ok, result.problems
+    assert live.operations is not old_ops and live.current.operations is live.operations
+    assert (await client.get(path)).json()["name"] == "Recent care"
+    served_ops = {o["name"] for o in
+                  (await client.get("/STU3/metadata")).json()["rest"][0]["operation"]}
+    assert {"structured-record", "recent-stays"} <= served_ops
+    r = await client.get("/STU3/Patient/100001/$recent-stays", params={"recentEncounters": "1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["resourceType"] == "Bundle"
+    # a section sorting by a key Encounter cannot sort by: the whole reload is refused
+    text = op_file.read_text(encoding="utf-8").replace("sort: -date", "sort: -no-such-key", 1)
+    op_file.write_text(text, encoding="utf-8")
+    line = next(i for i, x in enumerate(text.split("\n"), 1) if "-no-such-key" in x)
+    # ... and a mapping change made in the same edit is not half-applied
+    edit(directory / "Patient.sql.yaml", TITLE, UPPER)
+    result = await live.reload()
+    assert not result.ok and result.generation == 2
+    assert any(p.startswith(f"{op_file}:{line}:") for p in result.problems), result.problems
+    assert (await client.get(path)).json()["name"] == "Recent care"
+    assert families((await client.get("/STU3/Patient", params=FEMALE_SMITHS)).json()) == [
+        "Smith", "Smith"]
+
+
 async def test_a_failing_case_stops_the_reload(
         served: tuple[httpx.AsyncClient, Starlette, Path]) -> None:
     client, app, directory = served
@@ -267,8 +306,8 @@ def test_sighup_reloads_a_real_server(server_dir: tuple[Path, list[Server]],
 async def test_a_request_in_flight_finishes_on_its_mappings(tmp_path: Path) -> None:
     """Over HL7 v2: the simulator holds a reply back; the mappings change and are reloaded
     meanwhile; the held request answers with the old mapping, the next with the new."""
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas.hl7v2 import PasSimulator
 
     db = tmp_path / "pas.sqlite"
     ensure_sqlite_demo(db, patients=300, progress=False)

@@ -33,6 +33,27 @@ def test_the_demo_cases_pass(name: str, capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "0 failed" in out and "FAIL" not in out
     assert ("case Patient/" in out) and ("rsp-k22" in out) == (name == "demo-hl7v2")
+    # the SQL demo's Encounter has three sources: each prefixed one has its own folder
+    assert (("ok   case Encounter.op/2-did-not-attend.yaml" in out)
+            == ("ok   case Encounter.ae/1-admitted-from-ae.yaml" in out)
+            == (name == "demo-pas"))
+
+
+def test_a_case_runs_on_the_source_its_folder_names(
+        copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = copy / "cases"
+    # an outpatient attendance's case in the folder of the inpatient source: the wrong mapping
+    shutil.move(cases / "Encounter.op" / "2-did-not-attend.yaml", cases / "Encounter")
+    assert cli.main(["mappings", "test", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL case Encounter/2-did-not-attend.yaml" in out
+    assert "ok   case Encounter/2-died-winter.yaml" in out
+    (cases / "Encounter.xx").mkdir()
+    shutil.move(cases / "Encounter" / "2-did-not-attend.yaml", cases / "Encounter.xx")
+    assert cli.main(["mappings", "test", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL case Encounter.xx" in out and "no mapping for Encounter.xx" in out
+    assert "Encounter.ae, Encounter.op" in out  # what the folders may be called
 
 
 def test_a_difference_is_reported_with_file_line_and_path(
@@ -52,7 +73,7 @@ def test_a_difference_is_reported_with_file_line_and_path(
     assert f'{case}:{family + 1}: Patient.name[0].family: expected "JONES", got "Jones"' in out
     assert f'{case}:{gender + 1}: Patient.gender: expected "female", got "male"' in out
     assert f"{case}:{active + 1}: Patient.active: expected false, got true" in out
-    assert "1 passed, 1 failed" in out
+    assert "3 passed, 1 failed" in out
     # mappings check runs the cases too, and fails on them
     assert cli.main(["mappings", "check", str(copy)]) == 1
     assert "FAIL case Patient/100002-no-nhs-number.yaml" in capsys.readouterr().out

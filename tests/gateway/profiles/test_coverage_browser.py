@@ -14,7 +14,11 @@ from gateway.settings import bundled_mappings_roots
 from tests.browser import Browser, require_chromium
 
 MAPPINGS = bundled_mappings_roots()[0]
-TYPES = ["Encounter", "Location", "Organization", "Patient", "Practitioner"]
+# one section per mapping: Encounter's two prefixed sources have their own (type.prefix)
+TYPES = ["AllergyIntolerance", "Condition", "Encounter.ae", "Encounter.op", "Encounter", "Flag",
+         "Immunization", "Location", "Medication", "MedicationRequest", "MedicationStatement",
+         "Observation", "Organization", "Patient", "Practitioner", "PractitionerRole",
+         "Procedure"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,8 @@ def test_summary_links_to_a_section_per_resource(browser: Browser) -> None:
     # the Patient row counts its required-but-unmapped element
     counts = browser.js("[...document.querySelectorAll('table.summary tbody tr')]"
                         ".map(r => r.lastChild.textContent)")
-    assert counts == ["0", "0", "0", "2", "0"]  # Patient.name and its official slice
+    # Patient.name and its official slice
+    assert counts == ["2" if t == "Patient" else "0" for t in TYPES]
     # following a link scrolls its section to the top of the window
     browser.js("document.querySelector('table.summary a[href=\"#Patient\"]').click()")
     assert browser.js("location.hash") == "#Patient"
@@ -109,6 +114,11 @@ def test_each_mapped_element_says_where_it_comes_from(browser: Browser) -> None:
     assert "PATIENTS.NHS_NUMBER (p.NHS_NUMBER)" in source("Patient.identifier:nhsNumber")
     assert source("Encounter.subject.reference") == [
         "PROVIDER_SPELLS.PATNT_REFNO (s.PATNT_REFNO) → Patient/id"]
+    # the other sources of Encounter, each in its own section, from its own table
+    assert source("Encounter.op:Encounter.subject.reference") == [
+        "OUTPATIENT_ATTENDANCES.PATNT_REFNO (o.PATNT_REFNO) → Patient/id"]
+    assert source("Encounter.ae:Encounter.subject.reference") == [
+        "AE_ATTENDANCES.PATNT_REFNO (e.PATNT_REFNO) → Patient/id"]
     assert source("Patient.id") == ["PATIENTS.PATNT_REFNO (p.PATNT_REFNO)"]
     # every mapped leaf element (no mapped children) has a source
     bare = browser.js("""[...document.querySelectorAll('table.mapped tbody tr')]

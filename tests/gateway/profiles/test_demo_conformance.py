@@ -1,7 +1,8 @@
 """Everything the demo serves is Care Connect: zero profile errors, on SQLite and PostgreSQL.
 
 The sample: the fixture patients 100001-100006, the first 200 patients, every Location and
-Organization, 100 Practitioners and 100 Encounters — read over HTTP as a client sees them.
+Organization, 100 Practitioners and 100 Encounters, 300 each of the clinical types, every
+PractitionerRole and the whole record of patient 100001 — read over HTTP as a client sees them.
 """
 
 from __future__ import annotations
@@ -43,12 +44,32 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize(("path", "limit", "at_least"), [
-    ("/STU3/Patient?_id=" + ",".join(str(i) for i in range(100001, 100201)) + "&_count=100",
-     200, 200),
+    # the first 200 patients, 100 ids a request (CCG_MAX_VALUES_PER_PARAMETER)
+    ("/STU3/Patient?_id=" + ",".join(str(i) for i in range(100001, 100101)) + "&_count=100",
+     100, 100),
+    ("/STU3/Patient?_id=" + ",".join(str(i) for i in range(100101, 100201)) + "&_count=100",
+     100, 100),
     ("/STU3/Location?_count=100", 10_000, 1),
     ("/STU3/Organization?_count=100", 10_000, 1),
     ("/STU3/Practitioner?_count=50", 100, 40),  # the demo has fewer than 100: all of them
     ("/STU3/Encounter?_count=50", 100, 100),
+    ("/STU3/Condition?_count=100", 300, 300),
+    ("/STU3/AllergyIntolerance?_count=100", 300, 300),
+    ("/STU3/Flag?_count=100", 300, 100),
+    ("/STU3/Procedure?_count=100", 300, 300),
+    ("/STU3/PractitionerRole?_count=100", 10_000, 40),
+    # The rich fixture patient's whole record, every code and status of every catalogue.
+    ("/STU3/Condition?patient=100001", 100, 39),
+    ("/STU3/AllergyIntolerance?patient=100001", 100, 23),
+    ("/STU3/Flag?patient=100001", 100, 20),
+    ("/STU3/Procedure?patient=100001", 100, 38),
+    ("/STU3/Medication?_count=100", 10_000, 70),
+    ("/STU3/MedicationRequest?_count=100", 200, 200),
+    ("/STU3/MedicationStatement?_count=100", 200, 200),
+    ("/STU3/Immunization?_count=100", 200, 200),
+    ("/STU3/Immunization?notgiven=true&_count=100", 100, 20),
+    ("/STU3/Observation?_count=100", 300, 300),
+    ("/STU3/Observation?patient=100001&_count=100", 10_000, 200),
 ])
 async def test_served_resources_conform(client: httpx.AsyncClient, path: str, limit: int,
                                         at_least: int) -> None:

@@ -1,0 +1,344 @@
+"""Search across references: chained parameters and ``_has``, one level deep.
+
+* ``Encounter?patient.identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018`` — a chained
+  parameter: the part after the dot is a search parameter of the type the reference points
+  to, planned with *that* type's mapping (its columns, storage formats, code maps and checks
+  such as the NHS number check digit). ``subject:Patient.birthdate=...`` names the target
+  type, as a reference to several types (``general-practitioner``) may need; without it the
+  chain applies to every served target type that has the parameter.
+* ``Patient?_has:Encounter:patient:status=finished`` — the reverse: patients that some
+  Encounter refers to through its ``patient`` parameter, where that Encounter matches.
+
+Both are declared by nothing new: any ``reference`` search parameter a mapping declares can
+be chained, into any parameter its target's mapping declares (and ``_id``).
+
+How it is answered:
+
+* When both mappings are on the same adapter and it says it can (``Adapter.chains``, the
+  SQL adapter for two mappings on one connection), the chain is one
+  :class:`adapters.base.Chain` criterion: the source's query holds the target's as a
+  subquery, so a page is still one statement and paging, ``_sort``, ``_count`` and totals
+  work unchanged.
+* Otherwise (two databases, an HL7 v2 source) the target's own search runs first, asked for
+  at most :data:`MAX_CHAIN_MATCHES` + 1 records; more than that is a 400 ``CHAIN_TOO_BROAD``
+  (never a silent cut), and the found keys become ordinary criteria. The Bundle says so in
+  an information entry (``CHAIN_RESOLVED_BY_SEARCH``). It runs again for every page.
+
+The patient compartment (``patient/`` tokens) confines the target's records too, and the
+client needs search permission on every type a chain or ``_has`` looks into (see
+gateway.auth.authorize). Errors are 400 with a stable code, whatever ``Prefer: handling``
+says: ignoring a chain would widen the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from adapters.base import (
+    Chain,
+    Compare,
+    Count,
+    Criterion,
+    Nothing,
+    SortKey,
+    all_of,
+    any_of,
+)
+from gateway import compartment
+from gateway.errors import BadRequest
+from gateway.plan import Chained, SearchPlan, id_criterion, param_criterion
+
+if TYPE_CHECKING:
+    from adapters.base import Page
+    from gateway.mapping.model import SearchParam
+    from gateway.mapping.storage import Storage
+    from gateway.plan import SearchContext
+
+
+# What a chain needs of providers and the registry, as protocols: gateway.providers and
+# gateway.registry call into this module, so it does not import them (no import circle).
+class Provider(compartment.Source, Protocol):
+    """One source of a type (gateway.providers.Provider)."""
+
+    async def search(self, plan: SearchPlan, after: tuple[Any, ...] | None = None,
+                     backwards: bool = False, extra: Criterion | None = None) -> Page: ...
+
+
+class TypeProvider(Protocol):
+    """A served type: one source, or several (gateway.multisource.MultiSource)."""
+
+    @property
+    def resource_type(self) -> str: ...
+    @property
+    def params(self) -> Mapping[str, SearchParam]: ...
+
+
+class Registry(Protocol):
+    """gateway.registry.Registry."""
+
+    def __contains__(self, resource_type: str) -> bool: ...
+    def __iter__(self) -> Iterator[Any]: ...
+    def get(self, resource_type: str) -> Any: ...
+    def search_context(self, provider: Any) -> SearchContext: ...
+
+MAX_CHAIN_MATCHES = 100
+"""At most this many target records when a chain is resolved through the target's search."""
+
+
+class UnknownChain(BadRequest):
+    issue_code = "not-supported"
+    error_code = "UNKNOWN_CHAIN"
+
+
+class ChainOnNonReference(BadRequest):
+    error_code = "CHAIN_NOT_REFERENCE"
+
+
+class ChainTooDeep(BadRequest):
+    issue_code = "not-supported"
+    error_code = "CHAIN_TOO_DEEP"
+
+
+class ChainTooBroad(BadRequest):
+    issue_code = "too-costly"
+    error_code = "CHAIN_TOO_BROAD"
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One target type of a chain resolved through that type's search."""
+
+    target: Provider
+    criteria: Criterion
+    """On the target's references (its search adds the compartment)."""
+    ref: str
+    """This source's reference that takes what is found."""
+    storage: Storage
+    target_ref: str
+    """What is taken from the found records, as stored: their key (a chained parameter) or
+    their reference to this type (``_has``)."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    label: str
+    parts: tuple[_Part, ...]
+
+
+def plan_chain(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
+    """A chained parameter (``patient.family``) or ``_has`` of ``provider``'s search."""
+    if key.split(":", 1)[0] == "_has":
+        return _has(registry, provider, key, raw)
+    return _forward(registry, provider, key, raw)
+
+
+def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
+    head, _, tail = key.partition(".")
+    name, _, rtype = head.partition(":")
+    tname, _, tmod = tail.partition(":")
+    if "." in tail or tname == "_has":
+        raise ChainTooDeep(f"'{_safe(key)}': this server follows one level of chaining")
+    if not name or not tname:
+        raise UnknownChain(f"'{_safe(key)}' is not a chained parameter")
+    param = provider.params.get(name)
+    if param is None:
+        raise UnknownChain(
+            f"'{_safe(name)}' is not a search parameter of {provider.resource_type}")
+    if param.type != "reference":
+        raise ChainOnNonReference(
+            f"'{name}' is a {param.type} parameter, not a reference: it cannot be chained")
+    targets = param.reference_targets()
+    if rtype:
+        if rtype not in targets:
+            raise UnknownChain(f"'{name}' does not refer to {_safe(rtype)}")
+        targets = {rtype: targets[rtype]}
+    # (a target source, this source's reference column) for every source that has the param
+    found = [(source, ref) for t, ref in targets.items() if t in registry
+             for source in _sources(registry.get(t)) if _has_param(source, tname)]
+    if not found:
+        raise UnknownChain(
+            f"'{name}' refers to {', '.join(targets)}: none has a search parameter "
+            f"'{_safe(tname)}' on this server")
+    searched = frozenset(t.resource_type for t, _ in found)
+    label = f"{name}.{tname}"
+    if all(_joinable(provider, t) for t, _ in found):
+        return Chained(any_of([
+            Chain(ref, t.mapping.prepared, t.key,
+                  _confined(t, _target_criteria(registry, t, tname, tmod, raw)))
+            for t, ref in found]), None, searched, label)
+    # one of them cannot be joined: all go through their target's search
+    parts = tuple(_Part(t, _target_criteria(registry, t, tname, tmod, raw), ref,
+                        provider.mapping.storage(ref), t.key) for t, ref in found)
+    return Chained(None, Deferred(label, parts), searched, label, _note(label, searched))
+
+
+def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
+    parts = key.split(":")
+    if len(parts) > 3 and (parts[3] == "_has" or "." in parts[3]):
+        raise ChainTooDeep("'_has' cannot be nested or chained: this server follows one level")
+    if len(parts) not in (4, 5) or not all(parts[1:4]):
+        raise UnknownChain("'_has' takes _has:<type>:<reference parameter>:<parameter>")
+    _, rtype, name, tname, *mod = parts
+    if rtype not in registry:
+        raise UnknownChain(f"'_has': this server does not serve {_safe(rtype)}")
+    # (a source of the other type, its reference column to this type)
+    found: list[tuple[Provider, str]] = []
+    for source in _sources(registry.get(rtype)):
+        param = source.params.get(name)
+        if param is None:
+            continue
+        if param.type != "reference":
+            raise ChainOnNonReference(f"'_has': {rtype} '{name}' is a {param.type} "
+                                      "parameter, not a reference")
+        target_ref = param.reference_targets().get(provider.resource_type)
+        if target_ref is None:
+            raise UnknownChain(
+                f"'_has': {rtype} '{name}' does not refer to {provider.resource_type}")
+        if not _has_param(source, tname):
+            raise UnknownChain(
+                f"'_has': '{_safe(tname)}' is not a search parameter of {rtype}")
+        found.append((source, target_ref))
+    if not found:
+        raise UnknownChain(f"'_has': '{_safe(name)}' is not a search parameter of {rtype}")
+    modifier = mod[0] if mod else ""
+    label = f"_has:{rtype}:{name}:{tname}"
+    searched = frozenset({rtype})
+    if all(_joinable(provider, s) for s, _ in found):
+        return Chained(any_of([
+            Chain(provider.key, s.mapping.prepared, ref,
+                  _confined(s, _target_criteria(registry, s, tname, modifier, raw)))
+            for s, ref in found]), None, searched, label)
+    keys = provider.mapping.storage(provider.key)
+    deferred = tuple(_Part(s, _target_criteria(registry, s, tname, modifier, raw),
+                           provider.key, keys, ref) for s, ref in found)
+    return Chained(None, Deferred(label, deferred), searched, label, _note(label, searched))
+
+
+def _sources(provider: Any) -> list[Provider]:
+    """The per-source providers of a type (one, unless several mappings serve it)."""
+    return list(getattr(provider, "sources", [provider]))
+
+
+def _has_param(target: Provider, name: str) -> bool:
+    return name == "_id" or name in target.params
+
+
+def _target_criteria(registry: Registry, target: Provider, name: str, modifier: str,
+                     raw: str) -> Criterion:
+    ctx = registry.search_context(target)
+    if name == "_id":
+        return id_criterion(ctx, modifier, raw)
+    return param_criterion(ctx, name, target.params[name], modifier or None, raw)
+
+
+def _joinable(provider: Provider, target: Provider) -> bool:
+    adapter = provider.mapping.adapter
+    return (target.mapping.adapter is adapter
+            and adapter.chains(provider.mapping.prepared, target.mapping.prepared))
+
+
+def _confined(target: Provider, criteria: Criterion) -> Criterion:
+    """The target's criteria within the request's patient compartment, if any."""
+    confined = compartment.restrict_count(target, Count(criteria)).criteria
+    assert confined is not None
+    return confined
+
+
+def _note(label: str, searched: frozenset[str]) -> str:
+    return (f"'{label}' was resolved through a search of {', '.join(sorted(searched))} "
+            f"(at most {MAX_CHAIN_MATCHES} matches), not joined in one query")
+
+
+def _safe(text: str) -> str:
+    """A client-supplied name, shortened for an error message (names, never values)."""
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+# --- resolving what could not be joined ------------------------------------------------------
+
+
+async def resolve(plan: SearchPlan) -> None:
+    """Run the deferred chains' searches and AND what they found into the plan's criteria."""
+    if not plan.deferred:
+        return
+    found = [await _resolve(d) for d in plan.deferred]
+    if any(isinstance(c, Nothing) for c in found):
+        plan.criteria = Nothing()  # a chain found nothing: no query (HL7 v2 takes no AND false)
+    else:
+        plan.criteria = all_of([c for c in (plan.criteria, *found) if c is not None])
+    plan.deferred = []
+
+
+async def _resolve(d: Deferred) -> Criterion:
+    out: list[Criterion] = []
+    for part in d.parts:
+        target = part.target
+        sub = SearchPlan(criteria=part.criteria, sort=(SortKey(target.key),),
+                         count=MAX_CHAIN_MATCHES + 1, total="none")
+        page = await target.search(sub)
+        if page.more or len(page.records) > MAX_CHAIN_MATCHES:
+            raise ChainTooBroad(
+                f"'{d.label}' matches more than {MAX_CHAIN_MATCHES} {target.resource_type} "
+                "resources, and this source cannot join them in one query: narrow it")
+        values = [v for rec in page.records for v in target.reference_values(rec,
+                                                                            part.target_ref)]
+        keys: dict[Any, None] = {}
+        for v in values:
+            try:
+                keys[part.storage.parse_key(v)] = None
+            except ValueError:
+                continue  # cannot exist in this source's column
+        # Alternatives as an OR of equalities: a source that cannot ask for several values
+        # refuses an OR (400) rather than answering for the first one only.
+        out.append(any_of([Compare(part.ref, "=", k) for k in keys]))
+    return any_of(out)
+
+
+# --- what the CapabilityStatement says -------------------------------------------------------
+
+
+def chain_names(registry: Registry, provider: TypeProvider, name: str) -> list[str]:
+    """The chained parameters a reference parameter of ``provider`` takes, as a client
+    writes them: ``patient.family``; ``general-practitioner:Practitioner.family`` when the
+    reference may point to several served types."""
+    param = provider.params[name]
+    targets = [t for t in param.reference_targets() if t in registry]
+    return [f"{name}.{n}" if len(targets) == 1 else f"{name}:{t}.{n}"
+            for t in targets for n in ["_id", *sorted(registry.get(t).params)]]
+
+
+def chain_joined(registry: Registry, provider: TypeProvider, name: str) -> bool:
+    """Whether every chain of this reference parameter is answered in the same query."""
+    targets = [t for t in provider.params[name].reference_targets() if t in registry]
+    return all(_joinable(s, t) for s in _sources(provider) for rtype in targets
+               for t in _sources(registry.get(rtype)))
+
+
+def has_names(registry: Registry, provider: TypeProvider) -> list[tuple[str, bool]]:
+    """``_has`` prefixes that work on ``provider`` (``Encounter:patient``), each with whether
+    it is answered in the same query."""
+    return [(f"{other.resource_type}:{n}",
+             all(_joinable(s, o) for s in _sources(provider) for o in _sources(other)))
+            for other in registry
+            for n, p in sorted(other.params.items())
+            if p.type == "reference" and provider.resource_type in p.reference_targets()]
+
+
+__all__ = [
+    "MAX_CHAIN_MATCHES",
+    "ChainOnNonReference",
+    "ChainTooBroad",
+    "ChainTooDeep",
+    "Deferred",
+    "UnknownChain",
+    "chain_joined",
+    "chain_names",
+    "has_names",
+    "plan_chain",
+    "resolve",
+]

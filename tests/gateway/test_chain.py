@@ -1,0 +1,625 @@
+"""Chained parameters and ``_has`` on SQLite and PostgreSQL, against an independent oracle.
+
+The gateway answers over HTTP; each expected set is computed in the test with plain SQL
+joins over the demo PAS tables (``sa.text``, never the adapter or the mapping), and a text
+or code predicate in plain Python where one is needed. A page of a chained search must be
+one statement: counted at the database driver, below SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from starlette.applications import Starlette
+
+from gateway.app import build_app
+from tests.conftest import gateway_settings
+from tests.security.principals import as_, install, patient_token, user_token
+
+pytestmark = pytest.mark.anyio
+
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
+Params = list[tuple[str, str]]
+
+
+# --- the oracle: plain SQL over the demo tables ----------------------------------------------
+
+
+class Oracle:
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url)
+
+    def rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql), params)]
+
+    def ids(self, sql: str, **params: Any) -> set[str]:
+        return {str(r[0]) for r in self.rows(sql, **params)}
+
+
+@pytest.fixture(scope="module")
+def oracle(demo_url: str) -> Iterator[Oracle]:
+    o = Oracle(demo_url)
+    yield o
+    o.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+async def api(demo_url: str, tmp_path_factory: pytest.TempPathFactory
+              ) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("chain")))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            yield c
+
+
+def fold(text: str | None) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text or "")
+                   if not unicodedata.combining(c)).lower()
+
+
+async def search(api: httpx.AsyncClient, rtype: str, params: Params,
+                 headers: dict[str, str] | None = None, all_sources: bool = False) -> list[str]:
+    """Every matching id in order, following ``next`` links; fails on a duplicate."""
+    if not any(k == "_count" for k, _ in params):
+        params = [*params, ("_count", "500")]
+    r = await api.get(f"/STU3/{rtype}", params=tuple(params), headers=headers)
+    out: list[str] = []
+    while True:
+        assert r.status_code == 200, r.text
+        bundle = r.json()
+        out += [e["resource"]["id"] for e in bundle.get("entry", [])
+                if e["search"]["mode"] == "match"]
+        assert all(e["resource"]["resourceType"] == rtype for e in bundle.get("entry", [])
+                   if e["search"]["mode"] == "match")
+        nxt = [x["url"] for x in bundle["link"] if x["relation"] == "next"]
+        if not nxt:
+            break
+        r = await api.get(nxt[0], headers=headers)
+    assert len(out) == len(set(out)), "an id came back twice"
+    if rtype == "Encounter" and not all_sources:
+        # The oracles here are the inpatient spells. Encounter also comes from outpatient and
+        # A&E attendances ("op-", "ae-" ids): test_chain_across_encounter_sources has them.
+        out = [i for i in out if i.isdigit()]
+    return out
+
+
+async def found(api: httpx.AsyncClient, rtype: str, params: Params) -> set[str]:
+    return set(await search(api, rtype, params))
+
+
+async def error(api: httpx.AsyncClient, rtype: str, params: Params,
+                headers: dict[str, str] | None = None, status: int = 400) -> str:
+    r = await api.get(f"/STU3/{rtype}", params=tuple(params), headers=headers)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["resourceType"] == "OperationOutcome"
+    code: str = body["issue"][0]["details"]["coding"][0]["code"]
+    return code
+
+
+SPELLS_WITH_PATIENT = ('SELECT s."PRVSP_REFNO", p."PATNT_REFNO", p."NHS_NUMBER", p."SURNAME", '
+                       'p."DTTM_OF_BIRTH", p."SEXXX_CODE" FROM "PROVIDER_SPELLS" s '
+                       'JOIN "PATIENTS" p ON p."PATNT_REFNO" = s."PATNT_REFNO"')
+
+
+# --- chained parameters ----------------------------------------------------------------------
+
+
+async def test_chain_across_encounter_sources(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    # Encounter has three sources; a chain is planned on each, against its own columns.
+    busiest = oracle.rows(
+        'SELECT p."NHS_NUMBER" FROM "PATIENTS" p WHERE p."NHS_NUMBER" IS NOT NULL '
+        'AND EXISTS (SELECT 1 FROM "OUTPATIENT_ATTENDANCES" o WHERE o."PATNT_REFNO" = '
+        'p."PATNT_REFNO") AND EXISTS (SELECT 1 FROM "AE_ATTENDANCES" e WHERE e."PATNT_REFNO" = '
+        'p."PATNT_REFNO") ORDER BY p."NHS_NUMBER" LIMIT 3')
+    assert len(busiest) == 3
+    for (nhs,) in busiest:
+        pid = 'SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "NHS_NUMBER" = :n'
+        spells = f'SELECT "PRVSP_REFNO" FROM "PROVIDER_SPELLS" WHERE "PATNT_REFNO" IN ({pid})'
+        outpatient = (f'SELECT "OPATT_REFNO" FROM "OUTPATIENT_ATTENDANCES" '
+                      f'WHERE "PATNT_REFNO" IN ({pid})')
+        ae = (f'SELECT "AEATT_REFNO" FROM "AE_ATTENDANCES" WHERE "PATNT_REFNO" IN ({pid}) '
+              "AND \"DEL_FLAG\" = 'N'")  # rows recorded in error are never served
+        expected = (oracle.ids(spells, n=nhs)
+                    | {f"op-{i}" for i in oracle.ids(outpatient, n=nhs)}
+                    | {f"ae-{i}" for i in oracle.ids(ae, n=nhs)})
+        got = await search(api, "Encounter", [("patient.identifier", f"{NHS}|{nhs}")],
+                           all_sources=True)
+        assert set(got) == expected
+        assert any(i.startswith("op-") for i in got) and any(i.startswith("ae-") for i in got)
+
+
+async def test_patient_identifier_nhs_number(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    # the NHS numbers of the three patients with the most spells
+    busiest = oracle.rows(
+        'SELECT p."NHS_NUMBER", count(*) FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
+        'ON p."PATNT_REFNO" = s."PATNT_REFNO" WHERE p."NHS_NUMBER" IS NOT NULL '
+        'GROUP BY p."NHS_NUMBER" ORDER BY count(*) DESC, p."NHS_NUMBER" LIMIT 3')
+    assert busiest[0][1] >= 2
+    for nhs, n in busiest:
+        expected = oracle.ids(SPELLS_WITH_PATIENT + ' WHERE p."NHS_NUMBER" = :n', n=nhs)
+        assert len(expected) == n
+        for param in ("patient.identifier", "subject:Patient.identifier"):
+            assert await found(api, "Encounter", [(param, f"{NHS}|{nhs}")]) == expected
+    # two NHS numbers: either
+    (a, _), (b, _) = busiest[:2]
+    expected = oracle.ids(SPELLS_WITH_PATIENT + ' WHERE p."NHS_NUMBER" IN (:a, :b)', a=a, b=b)
+    assert await found(api, "Encounter", [("patient.identifier", f"{NHS}|{a},{NHS}|{b}")]
+                       ) == expected
+
+
+def nhs_check_digit(nine: str) -> int | None:
+    """Modulus 11 (NHS Data Dictionary): None where the number cannot be valid."""
+    check = 11 - sum(int(d) * (10 - i) for i, d in enumerate(nine)) % 11
+    return 0 if check == 11 else None if check == 10 else check
+
+
+async def test_target_mapping_checks_apply(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    # the Patient mapping's NHS number check digit, not the Encounter's (it has none)
+    code = await error(api, "Encounter", [("patient.identifier", f"{NHS}|9990000019")])
+    assert code == "INVALID_NHS_NUMBER"
+    known = oracle.ids('SELECT "NHS_NUMBER" FROM "PATIENTS"')
+    unused = next(f"{n}{d}" for n in map(str, range(999_100_000, 999_200_000))
+                  if (d := nhs_check_digit(n)) is not None and f"{n}{d}" not in known)
+    assert await found(api, "Encounter", [("patient.identifier", f"{NHS}|{unused}")]
+                       ) == set()  # valid, but nobody has it
+
+
+@pytest.mark.parametrize("value", ["smith", "JO", "o'b", "w"])
+async def test_patient_family(api: httpx.AsyncClient, oracle: Oracle, value: str) -> None:
+    expected = {str(s) for s, _, _, surname, _, _ in oracle.rows(SPELLS_WITH_PATIENT)
+                if fold(surname).startswith(fold(value))}
+    assert await found(api, "Encounter", [("patient.family", value)]) == expected
+    exact = {str(s) for s, _, _, surname, _, _ in oracle.rows(SPELLS_WITH_PATIENT)
+             if fold(surname) == fold(value)}
+    assert await found(api, "Encounter", [("patient.family:exact", value)]) == exact
+
+
+@pytest.mark.parametrize("value", ["lt1950", "ge1950-06", "1962", "gt1990-01-01"])
+async def test_subject_birthdate(api: httpx.AsyncClient, oracle: Oracle, value: str) -> None:
+    # birth dates are YYYYMMDD strings: string comparison is date order
+    prefix, date = (value[:2], value[2:]) if value[:2].isalpha() else ("eq", value)
+    digits = date.replace("-", "")
+    lo = digits.ljust(8, "0") if len(digits) < 8 else digits
+    hi = (str(int(digits) + 1) + "0000" if len(digits) == 4 else
+          _next_month(digits) + "00" if len(digits) == 6 else _next_day(digits))
+    where = {"lt": 'p."DTTM_OF_BIRTH" < :lo', "ge": 'p."DTTM_OF_BIRTH" >= :lo',
+             "gt": 'p."DTTM_OF_BIRTH" >= :hi',
+             "eq": 'p."DTTM_OF_BIRTH" >= :lo AND p."DTTM_OF_BIRTH" < :hi'}[prefix]
+    expected = oracle.ids(SPELLS_WITH_PATIENT + " WHERE " + where, lo=lo, hi=hi)
+    assert expected or prefix == "eq"
+    assert await found(api, "Encounter", [("subject:Patient.birthdate", value)]) == expected
+
+
+def _next_month(yyyymm: str) -> str:
+    y, m = int(yyyymm[:4]), int(yyyymm[4:])
+    return f"{y + (m == 12):04d}{m % 12 + 1:02d}"
+
+
+def _next_day(yyyymmdd: str) -> str:
+    import datetime as dt
+
+    d = dt.date(int(yyyymmdd[:4]), int(yyyymmdd[4:6]), int(yyyymmdd[6:])) + dt.timedelta(1)
+    return d.strftime("%Y%m%d")
+
+
+async def test_code_map_and_not_on_the_target(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    female = oracle.ids(SPELLS_WITH_PATIENT + ' WHERE p."SEXXX_CODE" = \'2\'')
+    assert await found(api, "Encounter", [("patient.gender", "female")]) == female
+    everyone = oracle.ids('SELECT "PRVSP_REFNO" FROM "PROVIDER_SPELLS"')
+    # :not is the target's: encounters whose patient is not female (a spell always has one)
+    assert await found(api, "Encounter", [("patient.gender:not", "female")]
+                       ) == everyone - female
+
+
+async def test_chain_and_plain_parameters_together(api: httpx.AsyncClient,
+                                                   oracle: Oracle) -> None:
+    expected = oracle.ids(SPELLS_WITH_PATIENT + ' WHERE p."SEXXX_CODE" = \'1\' AND '
+                          's."SPELL_STATUS" = \'D\' AND s."ADMIT_DTTM" >= \'2015\'')
+    params = [("patient.gender", "male"), ("status", "finished"), ("date", "ge2015-01-01")]
+    assert await found(api, "Encounter", params) == expected
+    # the chained parameter's id, and a repeat of it (AND)
+    pid = oracle.rows('SELECT "PATNT_REFNO" FROM "PROVIDER_SPELLS" ORDER BY "PRVSP_REFNO"')[0][0]
+    mine = oracle.ids('SELECT "PRVSP_REFNO" FROM "PROVIDER_SPELLS" WHERE "PATNT_REFNO" = :p',
+                      p=pid)
+    assert await found(api, "Encounter", [("patient._id", str(pid))]) == mine
+    assert await found(api, "Encounter", [("patient._id", str(pid)),
+                                          ("patient", f"Patient/{pid}")]) == mine
+
+
+async def test_paging_sorting_and_totals(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    rows = [r for r in oracle.rows(
+        'SELECT s."PRVSP_REFNO", s."ADMIT_DTTM", p."SURNAME" FROM "PROVIDER_SPELLS" s '
+        'JOIN "PATIENTS" p ON p."PATNT_REFNO" = s."PATNT_REFNO"') if fold(r[2]).startswith("s")]
+    assert len(rows) > 14
+    # newest admission first, the key breaking ties (the gateway's total order)
+    rows.sort(key=lambda r: r[0])
+    rows.sort(key=lambda r: r[1], reverse=True)
+    params = [("patient.family", "s"), ("_sort", "-date"), ("_count", "4")]
+    assert await search(api, "Encounter", params) == [str(r[0]) for r in rows]
+    # totals count every Encounter source: outpatient and A&E attendances too
+    others = sum(1 for (name,) in oracle.rows(
+        'SELECT p."SURNAME" FROM "OUTPATIENT_ATTENDANCES" o JOIN "PATIENTS" p '
+        'ON p."PATNT_REFNO" = o."PATNT_REFNO" UNION ALL SELECT p."SURNAME" FROM '
+        '"AE_ATTENDANCES" e JOIN "PATIENTS" p ON p."PATNT_REFNO" = e."PATNT_REFNO" '
+        "WHERE e.\"DEL_FLAG\" = 'N'") if fold(name).startswith("s"))
+    assert others > 0
+    r = await api.get("/STU3/Encounter", params=[*params, ("_total", "accurate")])
+    assert r.json()["total"] == len(rows) + others
+    r = await api.get("/STU3/Encounter", params=[("patient.family", "s"),
+                                                 ("_summary", "count")])
+    assert r.json()["total"] == len(rows) + others
+
+
+async def test_multi_target_reference(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    gp = ('SELECT r."PATNT_REFNO", c."SURNAME", c."FORENAME", o."ORG_NAME", p."SEXXX_CODE" '
+          'FROM "GP_REGISTRATIONS" r JOIN "PATIENTS" p ON p."PATNT_REFNO" = r."PATNT_REFNO" '
+          'LEFT JOIN "CLINICIANS" c ON c."PROCA_REFNO" = r."PROCA_REFNO" '
+          'LEFT JOIN "ORGANISATIONS" o ON o."ORGAN_REFNO" = r."ORGAN_REFNO" '
+          'WHERE r."END_DTTM" IS NULL')
+    rows = [(str(p), fold(c), fold(f), fold(o), sex) for p, c, f, o, sex in oracle.rows(gp)]
+    surname = next(c for _, c, _, _, _ in rows if c)[:3]
+    expected = {p for p, c, _, _, sex in rows if sex == "2" and c.startswith(surname)}
+    assert expected
+    for param in ("general-practitioner.family", "general-practitioner:Practitioner.family"):
+        assert await found(api, "Patient", [(param, surname), ("gender", "female")]) == expected
+    org = next(o for _, _, _, o, _ in rows if o)[:4]
+    by_org = {p for p, _, _, o, sex in rows if sex == "2" and o.startswith(org)}
+    assert by_org
+    assert await found(api, "Patient", [("general-practitioner:Organization.name", org),
+                                        ("gender", "female")]) == by_org
+    # Practitioner and Organization both have 'name': without a type, either
+    for name in (org, surname):
+        either = {p for p, c, f, o, sex in rows
+                  if sex == "2" and any(x.startswith(name) for x in (c, f, o))}
+        assert either
+        assert await found(api, "Patient", [("general-practitioner.name", name),
+                                            ("gender", "female")]) == either
+
+
+async def test_self_reference(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    """Location partof Location: the subquery reads the outer query's table, uncorrelated."""
+    pairs = oracle.rows('SELECT l."LOCTN_REFNO", parent."LOCTN_NAME" FROM "LOCATIONS" l '
+                        'JOIN "LOCATIONS" parent ON parent."LOCTN_REFNO" = l."PARENT_REFNO"')
+    assert pairs
+    name = fold(pairs[0][1])[:5]
+    expected = {str(k) for k, n in pairs if fold(n).startswith(name)}
+    assert await found(api, "Location", [("partof.name", name)]) == expected
+    parents = oracle.rows('SELECT parent."LOCTN_REFNO", l."LOCTN_NAME" FROM "LOCATIONS" l '
+                          'JOIN "LOCATIONS" parent ON parent."LOCTN_REFNO" = l."PARENT_REFNO"')
+    child = fold(parents[-1][1])[:6]
+    assert await found(api, "Location", [("_has:Location:partof:name", child)]) == {
+        str(k) for k, n in parents if fold(n).startswith(child)}
+
+
+# --- _has ------------------------------------------------------------------------------------
+
+
+async def test_has_encounter(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    # 'finished' is the local code D (mappings/codemaps/encounter-status.yaml)
+    expected = oracle.ids(
+        'SELECT p."PATNT_REFNO" FROM "PATIENTS" p WHERE p."SEXXX_CODE" = \'2\' AND EXISTS '
+        '(SELECT 1 FROM "PROVIDER_SPELLS" s WHERE s."PATNT_REFNO" = p."PATNT_REFNO" '
+        'AND s."SPELL_STATUS" = \'D\')')
+    assert expected
+    for has in ("_has:Encounter:patient:status", "_has:Encounter:subject:status"):
+        assert await found(api, "Patient", [(has, "finished"), ("gender", "female")]
+                           ) == expected
+    ongoing = oracle.ids(
+        'SELECT DISTINCT s."PATNT_REFNO" FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
+        'ON p."PATNT_REFNO" = s."PATNT_REFNO" WHERE s."SPELL_STATUS" = \'A\'')
+    assert await found(api, "Patient", [("_has:Encounter:patient:status", "in-progress"),
+                                        ("birthdate", "ge1800")]) == ongoing
+    # :not is the Encounter's: patients with a spell that is not finished
+    unfinished = oracle.ids(
+        'SELECT DISTINCT s."PATNT_REFNO" FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
+        'ON p."PATNT_REFNO" = s."PATNT_REFNO" WHERE s."SPELL_STATUS" <> \'D\' '
+        'OR s."SPELL_STATUS" IS NULL')
+    assert unfinished > ongoing
+    assert await found(api, "Patient", [("_has:Encounter:patient:status:not", "finished"),
+                                        ("birthdate", "ge1800")]) == unfinished
+
+
+async def test_has_into_a_child_table(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    """Practitioners some patient with this surname is registered with (a child row)."""
+    rows = oracle.rows('SELECT r."PROCA_REFNO", p."SURNAME" FROM "GP_REGISTRATIONS" r '
+                       'JOIN "PATIENTS" p ON p."PATNT_REFNO" = r."PATNT_REFNO" '
+                       'WHERE r."END_DTTM" IS NULL AND r."PROCA_REFNO" IS NOT NULL')
+    expected = {str(k) for k, s in rows if fold(s).startswith("smith")}
+    assert expected
+    assert await found(api, "Practitioner", [("_has:Patient:general-practitioner:family",
+                                              "smith")]) == expected
+
+
+async def test_has_and_the_patient_search_rule(api: httpx.AsyncClient) -> None:
+    """A _has counts as one reference parameter under the Care Connect two-type rule."""
+    has = ("_has:Encounter:patient:status", "finished")
+    for params in ([has],
+                   [has, ("_has:Encounter:patient:class", "inpatient")],  # one type twice
+                   [("general-practitioner.family", "smith"), has]):      # both references
+        assert await error(api, "Patient", params) == "INSUFFICIENT_SEARCH_CRITERIA"
+    await found(api, "Patient", [has, ("family", "smith")])  # string + reference: allowed
+    await found(api, "Patient", [has, ("identifier", f"{NHS}|9990000018")])
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rtype", "params", "code"), [
+    ("Encounter", [("colour.family", "x")], "UNKNOWN_CHAIN"),
+    ("Encounter", [("patient.colour", "x")], "UNKNOWN_CHAIN"),
+    ("Encounter", [("patient:Location.name", "x")], "UNKNOWN_CHAIN"),
+    ("Encounter", [("patient.", "x")], "UNKNOWN_CHAIN"),
+    ("Encounter", [("status.code", "x")], "CHAIN_NOT_REFERENCE"),
+    ("Encounter", [("date.family", "x")], "CHAIN_NOT_REFERENCE"),
+    ("Encounter", [("patient.general-practitioner.family", "x")], "CHAIN_TOO_DEEP"),
+    ("Encounter", [("patient._has:Encounter:patient:status", "x")], "CHAIN_TOO_DEEP"),
+    ("Patient", [("_has:Encounter:patient:_has:Encounter:patient:status", "x"),
+                 ("family", "x")], "CHAIN_TOO_DEEP"),
+    ("Patient", [("_has:Encounter:patient:patient.family", "x"), ("family", "x")],
+     "CHAIN_TOO_DEEP"),
+    ("Patient", [("_has:Encounter:patient", "x"), ("family", "x")], "UNKNOWN_CHAIN"),
+    ("Patient", [("_has:Colour:patient:status", "x"), ("family", "x")], "UNKNOWN_CHAIN"),
+    ("Patient", [("_has:Encounter:practitioner:status", "x"), ("family", "x")],
+     "UNKNOWN_CHAIN"),  # refers to Practitioner, not Patient
+    ("Patient", [("_has:Encounter:date:status", "x"), ("family", "x")], "CHAIN_NOT_REFERENCE"),
+    ("Patient", [("_has:Encounter:patient:colour", "x"), ("family", "x")], "UNKNOWN_CHAIN"),
+    ("Encounter", [("patient.birthdate", "soon")], "INVALID_PARAMETER"),
+    ("Encounter", [("patient.family:sounds", "x")], "INVALID_PARAMETER"),
+])
+async def test_errors(api: httpx.AsyncClient, rtype: str, params: Params, code: str) -> None:
+    assert await error(api, rtype, params) == code
+    # the same under lenient and strict handling: ignoring a chain would widen the result
+    for prefer in ("handling=lenient", "handling=strict"):
+        assert await error(api, rtype, params, headers={"Prefer": prefer}) == code
+
+
+# --- one statement per page --------------------------------------------------------------------
+
+
+def _count_statements(engine: sa.Engine, sink: list[str]) -> None:
+    """Record every statement sent on new DBAPI connections, below SQLAlchemy (the adapter
+    runs reused statements on the driver's cursor directly)."""
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect",
+                        lambda conn, _rec: conn.set_trace_callback(sink.append))
+        return
+    import psycopg
+
+    class Counting(psycopg.Cursor[Any]):
+        def execute(self, query: Any, *args: Any, **kw: Any) -> Any:
+            sink.append(str(query))
+            return super().execute(query, *args, **kw)
+
+    def install_cursor(conn: Any, _rec: Any) -> None:
+        conn.cursor_factory = Counting
+
+    sa.event.listen(engine, "connect", install_cursor)
+
+
+async def test_one_statement_per_page(demo_url: str, make_app: Callable[..., Starlette]
+                                      ) -> None:
+    app = make_app(demo_url)
+    registry = app.state.registry
+    engine = registry.get("Encounter").mapping.adapter.engine
+    assert registry.get("Patient").mapping.adapter.engine is engine
+    sent: list[str] = []
+    _count_statements(engine, sent)
+
+    def selects() -> list[str]:
+        return [s for s in sent if "PROVIDER_SPELLS" in s or "PATIENTS" in s]
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            url: str | None = "/STU3/Encounter?patient.family=s&_count=3"
+            pages = 0
+            while url is not None and pages < 4:
+                sent.clear()
+                r = await c.get(url)
+                assert r.status_code == 200, r.text
+                statements = selects()
+                assert len(statements) == 1, statements
+                # the patient table is read inside the one statement, as a subquery
+                assert "PATIENTS" in statements[0] and "PROVIDER_SPELLS" in statements[0]
+                pages += 1
+                nxt = [x["url"] for x in r.json()["link"] if x["relation"] == "next"]
+                url = nxt[0] if nxt else None
+            assert pages == 4
+            sent.clear()
+            r = await c.get("/STU3/Patient?_has:Encounter:patient:status=finished&family=s"
+                            "&_count=5")
+            assert r.status_code == 200
+            # the Patient page, then its children (identifiers, addresses, GP): never a
+            # query of spells whose keys feed a second one
+            patients = [s for s in selects() if "PROVIDER_SPELLS" in s]
+            assert len(patients) == 1 and "PATIENTS" in patients[0]
+
+
+# --- authorisation and the patient compartment -----------------------------------------------
+
+
+async def test_chains_need_search_on_the_other_type(
+        demo_url: str, make_app: Callable[..., Starlette], oracle: Oracle) -> None:
+    app = make_app(demo_url)
+    pid, spell = oracle.rows('SELECT "PATNT_REFNO", "PRVSP_REFNO" FROM "PROVIDER_SPELLS" '
+                             'ORDER BY "PRVSP_REFNO"')[0]
+    install(app, {"enc": user_token("user/Encounter.read"),
+                  "pat": user_token("user/Patient.read"),
+                  "both": user_token("user/Encounter.read user/Patient.read"),
+                  "P": patient_token(str(pid), "patient/*.read")})
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            chained = [("patient._id", str(pid))]
+            has = [("_has:Encounter:patient:_id", str(spell)), ("family", "a")]
+            assert await error(c, "Encounter", chained, as_("enc"), 403) == "ACCESS_DENIED"
+            assert await error(c, "Patient", has, as_("pat"), 403) == "ACCESS_DENIED"
+            assert str(spell) in await found_as(c, "Encounter", chained, "both")
+
+
+async def found_as(c: httpx.AsyncClient, rtype: str, params: Params, who: str) -> set[str]:
+    return set(await search(c, rtype, params, as_(who)))
+
+
+async def test_compartment_confines_the_other_side(
+        demo_url: str, make_app: Callable[..., Starlette], oracle: Oracle) -> None:
+    """A patient/ token cannot learn about another patient's encounters through _has on a
+    type outside the compartment (Practitioner): the subquery is confined too."""
+    by_patient: dict[int, set[int]] = {}
+    for patient, consultant in oracle.rows('SELECT "PATNT_REFNO", "PROCA_REFNO" '
+                                           'FROM "PROVIDER_SPELLS"'):
+        by_patient.setdefault(patient, set()).add(consultant)
+    # P and Q: each with a consultant the other never saw
+    p, q = next((a, b) for a in sorted(by_patient) for b in sorted(by_patient)
+                if by_patient[a] - by_patient[b] and by_patient[b] - by_patient[a])
+    app = make_app(demo_url)
+    install(app, {"P": patient_token(str(p), "patient/*.read"), "clinician": user_token()})
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            params = [("_has:Encounter:practitioner:patient", f"Patient/{q}")]
+            assert await found_as(c, "Practitioner", params, "clinician") == {
+                str(k) for k in by_patient[q]}
+            assert await found_as(c, "Practitioner", params, "P") == set()
+            mine = [("_has:Encounter:practitioner:patient", f"Patient/{p}")]
+            assert await found_as(c, "Practitioner", mine, "P") == {str(k) for k in by_patient[p]}
+
+
+# --- the CapabilityStatement -----------------------------------------------------------------
+
+
+async def test_capability_statement_lists_what_works(api: httpx.AsyncClient) -> None:
+    cs = (await api.get("/STU3/metadata")).json()
+    resources = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    enc = {p["name"]: p for p in resources["Encounter"]["searchParam"]}
+    doc = enc["patient"]["documentation"]
+    for name in ("patient.identifier", "patient.family", "patient.birthdate", "patient._id"):
+        assert name in doc
+    assert "patient.colour" not in doc and "Chains" not in enc["date"].get("documentation", "")
+    gp = {p["name"]: p for p in resources["Patient"]["searchParam"]}["general-practitioner"]
+    assert "general-practitioner:Practitioner.family" in gp["documentation"]
+    assert "general-practitioner:Organization.name" in gp["documentation"]
+    assert "_has:Encounter:patient:<parameter>" in resources["Patient"]["documentation"]
+    # every chain it lists answers (no 400) and every _has it lists too
+    for name in doc.split("Chains (one level): ")[1].split(", "):
+        value = {"birthdate": "1970", "death-date": "1970", "_id": "1",
+                 "general-practitioner": "Practitioner/1"}.get(name.split(".")[1], "a")
+        r = await api.get("/STU3/Encounter", params={name: value, "_count": "1"})
+        assert r.status_code == 200, (name, r.text)
+
+
+
+# --- _revinclude onto Patient, for every type that refers to one -------------------------------
+
+
+async def test_revinclude_of_every_type_onto_patient(
+        demo_url: str, make_app: Callable[..., Starlette], oracle: Oracle) -> None:
+    """Every ``_revinclude`` the CapabilityStatement offers on Patient brings exactly what a
+    search of that type by the patient finds, and is capped with a warning, never cut
+    silently. Generic: types that refer to Patient join the loop as their mappings arrive."""
+    busiest = oracle.rows('SELECT "PATNT_REFNO", count(*) FROM "PROVIDER_SPELLS" '
+                          'GROUP BY "PATNT_REFNO" ORDER BY count(*) DESC, "PATNT_REFNO"')[0]
+    pid, n = str(busiest[0]), busiest[1]
+    assert n >= 2
+    app = make_app(demo_url, include_limit=n - 1)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            cs = (await c.get("/STU3/metadata")).json()
+            patient = next(r for r in cs["rest"][0]["resource"] if r["type"] == "Patient")
+            offered = patient["searchRevInclude"]
+            assert "Encounter:patient" in offered
+            capped = 0
+            for rev in offered:
+                rtype, param = rev.split(":")
+                by_search = await found(c, rtype, [(param, f"Patient/{pid}")])
+                r = await c.get("/STU3/Patient", params={"_id": pid, "_revinclude": rev})
+                assert r.status_code == 200, r.text
+                entries = r.json()["entry"]
+                included = {e["resource"]["id"] for e in entries
+                            if e["search"]["mode"] == "include"}
+                warnings = [i for e in entries if e["search"]["mode"] == "outcome"
+                            for i in e["resource"]["issue"]
+                            if i["details"]["coding"][0]["code"] == "INCLUDE_LIMIT"]
+                if len(by_search) > n - 1:
+                    capped += 1
+                    assert len(included) == n - 1 and included < by_search
+                    assert warnings and f"_revinclude={rev}" in warnings[0]["diagnostics"]
+                else:
+                    assert included == by_search and not warnings
+            assert capped  # Encounter:patient at least: the cap was exercised
+
+
+# --- two connections: no join, the chain resolved through the target's search ----------------
+
+
+@pytest.fixture
+async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The demo mappings with Encounter on a second connection (the same database, another
+    adapter): the SQL adapter cannot join across connections."""
+    import hashlib
+    import shutil
+
+    here = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS / "demo-pas", here / "demo-pas")
+    shutil.copytree(MAPPINGS / "codemaps", here / "codemaps")
+    conn = here / "demo-pas" / "connections.yaml"
+    conn.write_text(conn.read_text().replace(
+        "codemaps: ../codemaps",
+        "  other:\n    adapter: sql\n    url_env: CCG_OTHER_URL\n    timezone: Europe/London\n"
+        "codemaps: ../codemaps"))
+    enc = here / "demo-pas" / "Encounter.sql.yaml"
+    enc.write_text(enc.read_text().replace("connection: pas", "connection: other"))
+    # a copied mapping directory is a production configuration: an API key, not the demo mode
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text("keys: [{client_id: t, sha256: '"
+                    + hashlib.sha256(b"test-key").hexdigest() + "', scopes: system/*.read}]")
+    app = build_app(gateway_settings(demo_url, tmp_path, mappings_dir=here / "demo-pas",
+                                     connection_urls={"pas": demo_url, "other": demo_url},
+                                     auth_mode="api-key", api_keys_file=str(keys)))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw",
+                                     headers={"X-API-Key": "test-key"}) as c:
+            yield c
+
+
+async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) -> None:
+    rows = oracle.rows(SPELLS_WITH_PATIENT)
+    nhs = next(n for _, _, n, _, _, _ in rows if n)
+    expected = {str(s) for s, _, n, _, _, _ in rows if n == nhs}
+    r = await split_api.get("/STU3/Encounter", params={"patient.identifier": f"{NHS}|{nhs}"})
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    assert {e["resource"]["id"] for e in bundle["entry"]
+            if e["search"]["mode"] == "match"} == expected
+    notes = [i for e in bundle["entry"] if e["search"]["mode"] == "outcome"
+             for i in e["resource"]["issue"]]
+    assert [(n["severity"], n["details"]["coding"][0]["code"]) for n in notes] == [
+        ("information", "CHAIN_RESOLVED_BY_SEARCH")]
+    # several patients (an OR of their keys), paged: as the join would answer
+    few = {str(s) for s, _, _, surname, _, _ in rows if fold(surname).startswith("smith")}
+    assert len(few) > 1
+    assert await found(split_api, "Encounter", [("patient.family", "smith"),
+                                                ("_count", "3")]) == few
+    # _has the other way round, with the Patient two-type rule
+    ongoing = oracle.ids(
+        'SELECT p."PATNT_REFNO" FROM "PATIENTS" p WHERE p."SEXXX_CODE" = \'2\' AND EXISTS '
+        '(SELECT 1 FROM "PROVIDER_SPELLS" s WHERE s."PATNT_REFNO" = p."PATNT_REFNO" '
+        'AND s."SPELL_STATUS" = \'A\')')
+    assert await found(split_api, "Patient", [("_has:Encounter:patient:status", "in-progress"),
+                                              ("gender", "female")]) == ongoing
+    # more than the bound: refused, never cut
+    r = await split_api.get("/STU3/Encounter", params={"patient.gender": "female"})
+    assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
+        "CHAIN_TOO_BROAD")

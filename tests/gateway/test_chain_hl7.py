@@ -1,0 +1,226 @@
+"""Chained parameters and ``_has`` over HL7 v2: no join is possible, so the chain is resolved
+through the target's own query (bounded) and the Bundle says so.
+
+Patient and Encounter come from the PAS simulator over real MLLP (mappings/demo-hl7v2); the
+simulator answers from a demo SQLite database, which the test reads with plain SQL for the
+expected answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from gateway.app import build_app
+from gateway.chain import MAX_CHAIN_MATCHES
+from gateway.demo_pas import ensure_sqlite_demo
+from gateway.demo_pas.hl7v2 import PasSimulator
+from gateway.settings import Settings
+from tests.security.principals import as_, install, patient_token, user_token
+
+pytestmark = pytest.mark.anyio
+
+MAPPINGS = Path(__file__).resolve().parents[2] / "mappings" / "demo-hl7v2"
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+@pytest.fixture(scope="module")
+def db_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("chain-hl7") / "pas.sqlite"
+    ensure_sqlite_demo(path, patients=300, progress=False)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="module")
+def rows(db_url: str) -> list[dict[str, Any]]:
+    """Every live spell with its patient, by plain SQL."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.text(
+                'SELECT s."SPELL_NUMBER", p."PASID", p."NHS_NUMBER", p."SURNAME", '
+                'p."SEXXX_CODE" FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
+                'ON p."PATNT_REFNO" = s."PATNT_REFNO" WHERE p."ARCHV_FLAG" = \'N\''))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def patients(db_url: str) -> list[dict[str, Any]]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.text(
+                'SELECT "PASID", "NHS_NUMBER", "SURNAME", "SEXXX_CODE" FROM "PATIENTS" '
+                'WHERE "ARCHV_FLAG" = \'N\''))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+async def sim(db_url: str) -> AsyncIterator[PasSimulator]:
+    async with PasSimulator(db_url) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def api(db_url: str, sim: PasSimulator, tmp_path: Path, rows: list[dict[str, Any]]
+              ) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(Settings(
+        mappings_dir=MAPPINGS, data_dir=tmp_path, paging_secret="test", log_level="warning",
+        progress=False, auth_mode="insecure-demo",
+        connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
+    install(app, {"P": patient_token(rows[0]["PASID"], "patient/*.read"),
+                  "clinician": user_token()})
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            yield c
+
+
+def _matches(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+
+
+def _spells(bundle: dict[str, Any]) -> set[str]:
+    return {i["value"] for r in _matches(bundle) for i in r["identifier"]}
+
+
+def _notes(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    return [i for e in bundle.get("entry", []) if e["search"]["mode"] == "outcome"
+            for i in e["resource"]["issue"]]
+
+
+def _code(r: httpx.Response) -> str:
+    body = r.json()
+    assert body["resourceType"] == "OperationOutcome", body
+    code: str = body["issue"][0]["details"]["coding"][0]["code"]
+    return code
+
+
+def _busiest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by: dict[str, int] = {}
+    for r in rows:
+        if r["NHS_NUMBER"]:
+            by[r["NHS_NUMBER"]] = by.get(r["NHS_NUMBER"], 0) + 1
+    nhs = max(sorted(by), key=lambda n: by[n])
+    return next(r for r in rows if r["NHS_NUMBER"] == nhs)
+
+
+async def test_patient_identifier_is_resolved_through_the_patient_query(
+        api: httpx.AsyncClient, sim: PasSimulator, rows: list[dict[str, Any]]) -> None:
+    who = _busiest(rows)
+    expected = {r["SPELL_NUMBER"] for r in rows if r["NHS_NUMBER"] == who["NHS_NUMBER"]}
+    assert len(expected) >= 2
+    before = len(sim.received)
+    r = await api.get("/STU3/Encounter", params={"patient.identifier":
+                                                 f"{NHS}|{who['NHS_NUMBER']}"})
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    assert _spells(bundle) == expected
+    assert {m["subject"]["reference"] for m in _matches(bundle)} == {f"Patient/{who['PASID']}"}
+    assert len(sim.received) == before + 2  # the patient query, then the visit query
+    [note] = _notes(bundle)
+    assert note["severity"] == "information"
+    assert note["details"]["coding"][0]["code"] == "CHAIN_RESOLVED_BY_SEARCH"
+    assert "patient.identifier" in note["diagnostics"] and "Patient" in note["diagnostics"]
+    assert who["NHS_NUMBER"] not in note["diagnostics"]  # names, never values
+
+    # paged: every page resolves the chain again (a stateless link), and says so again
+    r = await api.get("/STU3/Encounter", params={"patient.identifier":
+                                                 f"{NHS}|{who['NHS_NUMBER']}", "_count": "1"})
+    seen: set[str] = set()
+    while True:
+        assert r.status_code == 200, r.text
+        bundle = r.json()
+        seen |= _spells(bundle)
+        assert [n["details"]["coding"][0]["code"] for n in _notes(bundle)] == [
+            "CHAIN_RESOLVED_BY_SEARCH"]
+        nxt = [x["url"] for x in bundle["link"] if x["relation"] == "next"]
+        if not nxt:
+            break
+        r = await api.get(nxt[0])
+    assert seen == expected
+
+
+async def test_no_target_match_sends_no_second_query(
+        api: httpx.AsyncClient, sim: PasSimulator, patients: list[dict[str, Any]]) -> None:
+    known = {p["NHS_NUMBER"] for p in patients}
+    unused = next(n for n in ("9990000026", "9990000034", "9990000042", "9990000050")
+                  if n not in known)
+    before = len(sim.received)
+    r = await api.get("/STU3/Encounter", params={"patient.identifier": f"{NHS}|{unused}"})
+    assert r.status_code == 200 and _matches(r.json()) == []
+    assert len(sim.received) == before + 1  # only the patient query
+
+
+async def test_too_many_target_matches_is_a_400_not_a_cut(
+        api: httpx.AsyncClient, patients: list[dict[str, Any]]) -> None:
+    female = [p for p in patients if p["SEXXX_CODE"] == "2"]
+    assert len(female) > MAX_CHAIN_MATCHES
+    r = await api.get("/STU3/Encounter", params={"patient.gender": "female"})
+    assert r.status_code == 400 and _code(r) == "CHAIN_TOO_BROAD"
+
+
+async def test_several_target_matches_are_refused_not_answered_for_one(
+        api: httpx.AsyncClient, sim: PasSimulator, patients: list[dict[str, Any]]) -> None:
+    """The visit query takes one patient: an OR of several is refused (400), never sent
+    for the first patient only."""
+    by: dict[str, int] = {}
+    for p in patients:
+        by[p["SURNAME"]] = by.get(p["SURNAME"], 0) + 1
+    surname = next(s for s in sorted(by) if 2 <= by[s] <= MAX_CHAIN_MATCHES)
+    before = len(sim.received)
+    r = await api.get("/STU3/Encounter", params={"patient.family:exact": surname})
+    assert r.status_code == 400 and _code(r) == "UNSUPPORTED_SEARCH"
+    assert len(sim.received) == before + 1  # the patient query only: no visit query
+
+
+async def test_has_over_hl7(api: httpx.AsyncClient, rows: list[dict[str, Any]]) -> None:
+    spell = rows[-1]
+    gender = {"1": "male", "2": "female"}.get(spell["SEXXX_CODE"], "unknown")
+    r = await api.get("/STU3/Patient", params={
+        "_has:Encounter:patient:identifier": spell["SPELL_NUMBER"], "gender": gender})
+    assert r.status_code == 200, r.text
+    assert [m["id"] for m in _matches(r.json())] == [spell["PASID"]]
+    assert [n["details"]["coding"][0]["code"] for n in _notes(r.json())] == [
+        "CHAIN_RESOLVED_BY_SEARCH"]
+    other = "female" if gender == "male" else "male"
+    r = await api.get("/STU3/Patient", params={
+        "_has:Encounter:patient:identifier": spell["SPELL_NUMBER"], "gender": other})
+    assert r.status_code == 200 and _matches(r.json()) == []
+    # the two-type rule still applies
+    r = await api.get("/STU3/Patient", params={
+        "_has:Encounter:patient:identifier": spell["SPELL_NUMBER"]})
+    assert r.status_code == 400 and _code(r) == "INSUFFICIENT_SEARCH_CRITERIA"
+
+
+async def test_compartment_confines_the_resolving_search(
+        api: httpx.AsyncClient, rows: list[dict[str, Any]]) -> None:
+    mine = rows[0]
+    other = next(r for r in rows if r["PASID"] != mine["PASID"] and r["NHS_NUMBER"])
+    params = {"patient.identifier": f"{NHS}|{other['NHS_NUMBER']}"}
+    r = await api.get("/STU3/Encounter", params=params, headers=as_("clinician"))
+    assert other["SPELL_NUMBER"] in _spells(r.json())
+    r = await api.get("/STU3/Encounter", params=params, headers=as_("P"))
+    assert r.status_code == 200 and _matches(r.json()) == []
+
+
+async def test_capability_statement_says_how_chains_are_answered(api: httpx.AsyncClient) -> None:
+    cs = (await api.get("/STU3/metadata")).json()
+    resources = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    patient_param = next(p for p in resources["Encounter"]["searchParam"]
+                         if p["name"] == "patient")
+    assert "patient.identifier" in patient_param["documentation"]
+    assert f"at most {MAX_CHAIN_MATCHES} matches" in patient_param["documentation"]
+    assert "_has:Encounter:patient:<parameter> (through a search" in resources["Patient"][
+        "documentation"]
+    # SQL into SQL on one connection is joined: no such remark
+    location = {p["name"]: p for p in resources["Location"]["searchParam"]}
+    assert "partof.name" in location["partof"]["documentation"]
+    assert "at most" not in location["partof"]["documentation"]
