@@ -341,6 +341,17 @@ class Adapter(abc.ABC):
     async def write(self, prepared: Any, write: Write) -> WriteResult:
         raise UnsupportedCriteria(f"{self.name} adapter does not accept writes")
 
+    def explain(self, prepared: Any, query: Query) -> list[str]:
+        """What ``fetch`` would send for ``query``, without sending it, as lines of text.
+        Never a value from the query: placeholders or ``?`` stand for them. May raise
+        ``UnsupportedCriteria`` as ``fetch`` would."""
+        return [f"(the {self.name} adapter does not describe its queries)"]
+
+    async def estimate(self, prepared: Any, query: Query) -> list[str]:
+        """The source's own estimate of what ``query`` costs, asked without running it
+        (SQL ``EXPLAIN``), as lines of text; never a value from the query."""
+        return [f"(no cost estimate from the {self.name} adapter)"]
+
     @abc.abstractmethod
     async def ping(self) -> None: ...
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import re
 import sqlite3
 import threading
@@ -342,6 +343,59 @@ class SqlAdapter(Adapter):
     async def count(self, prepared: Prepared, query: Count) -> int:
         n: int = await self._run(self._count_sync, prepared, query)
         return n
+
+    def explain(self, prepared: Prepared, query: Query) -> list[str]:
+        dialect = self.engine.dialect
+        sql, params = compile_page(prepared, query, dialect)
+        lines = [f"SQL ({dialect.name}): one statement per page, {len(params)} bound "
+                 "value(s) (placeholders only; values never go into the text):",
+                 *_indent(sql)]
+        fresh = replace(prepared, statements=StatementCache())  # not the live cache
+        for name, fields in prepared.layout.children:
+            if not fields:
+                continue
+            spec = prepared.source.children[name]
+            (child_col, parent_col), = spec.link.items()
+            stmt = _child_statement(fresh, name, spec, fields, child_col, _BUCKETS[0])
+            lines += [f"child {name}: one statement per page, the page's {parent_col} values "
+                      f"bound as an IN list (sizes {', '.join(map(str, _BUCKETS))}):",
+                      *_indent(str(stmt.compile(dialect=dialect)))]
+        if query.with_total:
+            stmt, _ = _count_statement(fresh, query.criteria, dialect.name)
+            lines += ["_total=accurate: also", *_indent(str(stmt.compile(dialect=dialect)))]
+        return lines
+
+    async def estimate(self, prepared: Prepared, query: Query) -> list[str]:
+        lines: list[str] = await self._run(self._estimate_sync, prepared, query)
+        return lines
+
+    def _estimate_sync(self, p: Prepared, query: Query) -> list[str]:
+        """EXPLAIN (never ANALYZE: nothing runs). The values are bound as a request binds
+        them, since a plan can depend on them; only the database's plan is returned."""
+        dialect = self.engine.dialect
+        stmt, params, _ = _page_statement(replace(p, statements=StatementCache()), query,
+                                          self.dialect)
+        compiled = stmt.params(params).compile(dialect=dialect,
+                                               compile_kwargs={"render_postcompile": True})
+        values: Any = (tuple(compiled.params[k] for k in compiled.positiontup or ())
+                       if compiled.positional else dict(compiled.params))
+        with self.engine.connect() as conn:
+            if dialect.name == "sqlite":
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string,
+                                            values).fetchall()
+                return ["SQLite's plan (it gives no cost figures; SCAN reads a whole table, "
+                        "SEARCH uses an index):", *(f"    {r[-1]}" for r in rows)]
+            if dialect.name == "postgresql":
+                plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string,
+                                            values).scalar_one()
+                if isinstance(plan, str):
+                    plan = json.loads(plan)
+                top = plan[0]["Plan"]
+                out = [f"PostgreSQL's estimate: cost {top['Startup Cost']}..{top['Total Cost']}"
+                       f", {top['Plan Rows']} row(s) (the page asks for {query.count + 1})"]
+                out += [f"    {line}" for line in _plan_nodes(top)]
+                return out
+        return [f"(no cost estimate for {dialect.name})"]
 
     async def ping(self) -> None:
         await self._run(self._ping_sync)
@@ -1048,6 +1102,23 @@ def _page_statement(p: Prepared, query: Query, dialect: str
     if dialect == "mssql":  # TOP n needs a literal n; a bound limit becomes a ROW_NUMBER() query
         stmt = stmt.limit(query.count + 1)
     return stmt, {f"v{i}": v for i, v in enumerate(values)}, new
+
+
+def _plan_nodes(node: dict[str, Any], depth: int = 0) -> list[str]:
+    """A PostgreSQL JSON plan as indented node lines: type, relation/index, cost, rows."""
+    what = node["Node Type"]
+    if node.get("Index Name"):
+        what += f" using {node['Index Name']}"
+    if node.get("Relation Name"):
+        what += f" on {node['Relation Name']}"
+    lines = ["  " * depth + f"{what} (cost {node['Total Cost']}, rows {node['Plan Rows']})"]
+    for child in node.get("Plans", []):
+        lines += _plan_nodes(child, depth + 1)
+    return lines
+
+
+def _indent(sql: str) -> list[str]:
+    return ["    " + line for line in sql.splitlines()]
 
 
 def compile_page(p: Prepared, query: Query, dialect: sa.Dialect) -> tuple[str, dict[str, Any]]:

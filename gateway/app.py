@@ -38,7 +38,7 @@ from gateway.limits import (
     SourceLimit,
     TokenBuckets,
 )
-from gateway.mapping.loader import load_directory
+from gateway.mapping.loader import LoadedSet, load_directory
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
 from gateway.operations import OperationRegistry
 from gateway.operations.everything import Everything
@@ -46,6 +46,7 @@ from gateway.operations.structured import load_operations
 from gateway.operations.validate import Validate
 from gateway.providers import Provider
 from gateway.registry import Registry
+from gateway.reload import LiveMappings, PinLayer
 from gateway.routes import Api, routes
 from gateway.settings import Settings
 
@@ -94,6 +95,22 @@ def patient_id_check(registry: Registry) -> Callable[[str], bool]:
     return check
 
 
+def live_patient_id_check(live: LiveMappings) -> Callable[[str], bool]:
+    """``patient_id_check`` over the request's generation: a reload may change the Patient
+    sources (their prefixes, their key storage)."""
+    checks: dict[int, tuple[Registry, Callable[[str], bool]]] = {}
+
+    def check(claim: str) -> bool:
+        registry = live.registry
+        found = checks.get(id(registry))
+        if found is None or found[0] is not registry:
+            checks.clear()  # only the current generations are asked
+            found = checks[id(registry)] = (registry, patient_id_check(registry))
+        return found[1](claim)
+
+    return check
+
+
 def build_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     gateway_logging.configure(settings.log_level)
@@ -123,9 +140,25 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
-    operations = OperationRegistry([Validate(), Everything(),
-                                    *load_operations(loaded.directory, registry)])
-    api = Api(registry, settings, Pager(settings.paging_secret), operations)
+
+    def load_again() -> LoadedSet:  # a reload: the same directory and connections
+        return load_directory(settings.mappings_dir, adapter_registry.create,
+                              demo_url=lambda: demo_database_url(settings),
+                              urls=settings.connection_urls)
+
+    def prepare(new: Registry) -> None:
+        if app_validation is not None:
+            for provider in new.sources():
+                app_validation.wrap(provider)
+
+    def build_operations(from_set: LoadedSet, over: Registry) -> OperationRegistry:
+        return OperationRegistry([Validate(), Everything(),
+                                  *load_operations(from_set.directory, over)])
+
+    operations = build_operations(loaded, registry)
+    live = LiveMappings(registry, str(loaded.directory), load_again, prepare,
+                        operations=operations, build_operations=build_operations)
+    api = Api(live, settings, Pager(settings.paging_secret))
     from gateway.adt.app import AdtPart  # the ADT feed and Subscription, when configured
 
     adt_part = AdtPart.build(settings)
@@ -136,8 +169,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
+        audit_trail.open()  # closed by the end of a previous lifespan
         log.info("started", resources=[p.resource_type for p in registry],
-                 mappings=str(loaded.directory))
+                 mappings=str(loaded.directory), reload_on_sighup=live.install_signal())
         sweeper = (asyncio.create_task(_sweep(audit_trail.denials))
                    if audit_trail.denials is not None else None)
         await adt_part.start()
@@ -145,11 +179,12 @@ def build_app(settings: Settings | None = None) -> Starlette:
         await adt_part.stop()
         if sweeper is not None:
             sweeper.cancel()
-        await registry.aclose()
+        live.remove_signal()
+        await live.aclose()
         await shared.aclose()
         audit_trail.close()
 
-    app_routes = routes(api, registry, settings.base_path.rstrip("/"))
+    app_routes = routes(api, live, settings.base_path.rstrip("/"))
     if settings.metrics and not settings.metrics_port:  # else: on its own port (cli.py)
         app_routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
     # Traces off: not even a layer to pass through.
@@ -173,7 +208,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                timeout=settings.body_timeout_seconds),
                     Middleware(Authentication, config=auth, base_path=settings.base_path,
-                               patient_id=patient_id_check(registry),
+                               patient_id=live_patient_id_check(live),
                                shared_state=shared if settings.redis_url else None,
                                public=frozenset({"/metrics"})),
                     # inside authentication: these need the principal it sets
@@ -187,13 +222,16 @@ def build_app(settings: Settings | None = None) -> Starlette:
                                backend=(ClientQueues(settings.max_backend_calls_per_client)
                                         if settings.max_backend_calls_per_client > 0
                                         else None)),
-                    Middleware(CompartmentLayer), *adt_part.middleware()],
+                    Middleware(CompartmentLayer), *adt_part.middleware(),
+                    # innermost: a request is served by the mappings current when it began
+                    Middleware(PinLayer, live=live)],
         exception_handlers={GatewayError: gateway_error_handler,
                             HTTPException: http_error_handler},
         lifespan=lifespan,
     )
-    app.state.registry = registry
+    app.state.registry = registry  # the first generation; app.state.mappings is the live set
     app.state.operations = operations
+    app.state.mappings = live
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail

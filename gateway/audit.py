@@ -2,8 +2,8 @@
 
 The trail is a stream of its own, separate from the application log: its own JSON lines
 (``"logger": "gateway.audit"``), its own destination (setting ``audit_log``: a file path, or
-``stdout`` / ``stderr``; unset, ``stderr`` — so it never mixes with the application log on
-stdout — except that ``CCG_ENV=production`` requires it to be set), and optionally a second
+``stdout`` / ``stderr``; unset, ``audit.jsonl`` in the data directory on the bundled demo,
+and required anywhere else), and optionally a second
 stream of FHIR STU3 ``AuditEvent`` resources (IHE Basic Audit Log Patterns shape) as JSON
 lines (setting ``audit_fhir_log``: a file path).
 
@@ -38,6 +38,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
@@ -109,12 +110,19 @@ class JsonLinesSink:
         self._lock = threading.Lock()
         self._file: BinaryIO | None = None
         self._stream = destination in ("stdout", "stderr")
-        if not self._stream:
-            path = Path(destination)
-            # Opened now: a destination that cannot be written stops the server starting.
-            # Unbuffered: a failed write raises now and leaves nothing behind to be retried
-            # into the next record.
-            self._file = path.open("ab", buffering=0)
+        # Opened now: a destination that cannot be written stops the server starting.
+        self.open()
+
+    def open(self) -> None:
+        """(Re)open the file after a ``close``: an app may serve more than once (a lifespan
+        each time); a no-op for an open file or a stream."""
+        with self._lock:
+            if not self._stream and self._file is None:
+                # Unbuffered: a failed write raises now and leaves nothing behind to be
+                # retried into the next record.
+                self._file = Path(self.destination).open("ab", buffering=0)  # noqa: SIM115
+                # An app that never ran its lifespan (built, then dropped) closes it too.
+                weakref.finalize(self, self._file.close)
 
     def write_lines(self, lines: list[bytes]) -> None:
         """All of a request's records in one write: one system call, not one per record."""
@@ -238,6 +246,12 @@ class AuditTrail:
         if events and self.fhir_sink is not None:
             self.fhir_sink.write_lines(events)
 
+    def open(self) -> None:
+        for sink in (self.sink, self.fhir_sink):
+            reopen = getattr(sink, "open", None)  # any object with write_lines may be a sink
+            if reopen is not None:
+                reopen()
+
     def close(self) -> None:
         if self.denials is not None:
             self.denials.sweep(everything=True)
@@ -246,28 +260,30 @@ class AuditTrail:
             self.fhir_sink.close()
 
 
-def destination(settings: Settings) -> str:
-    """Where the audit trail goes: the setting, or stderr when it is unset.
+DEMO_AUDIT_FILE = "audit.jsonl"
 
-    With ``CCG_ENV=production`` it must be set (the gateway refuses to start otherwise): a
-    production trail belongs in a protected store, and a container's stderr usually ends up
-    in the general log pipeline. Unset outside the bundled demo, it is stderr with a warning.
+
+def destination(settings: Settings) -> str:
+    """Where the audit trail goes: the setting; unset, a file in the data directory on the
+    bundled demo.
+
+    Anywhere else it must be set (the gateway refuses to start otherwise): a production trail
+    belongs in a protected store, and stderr — a container's usually ends up in the general
+    log pipeline — is used only when chosen explicitly. On the demo a file keeps the trail
+    (identifiers on every line) out of the terminal ``serve`` runs in.
     """
-    from gateway.auth.config import is_production, settings_env
+    from gateway.auth.config import is_production
 
     chosen = settings.audit_log.strip()
     if chosen:
         return chosen
-    if settings_env(settings) == "production":
-        raise AuditConfigError(
-            "CCG_AUDIT_LOG is not set: in production choose where the audit trail goes (a file "
-            "on a protected volume, or stdout/stderr when a collector keeps it apart from the "
-            "application log)")
     if is_production(settings):
-        app_log.warning("audit_trail_on_stderr",
-                        hint="set CCG_AUDIT_LOG to a protected destination; the audit trail "
-                             "contains patient identifiers")
-    return "stderr"
+        raise AuditConfigError(
+            "CCG_AUDIT_LOG is not set: outside the bundled demo choose where the audit trail "
+            "goes (a file on a protected volume, or stdout/stderr when a collector keeps it "
+            "apart from the application log)")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return str(settings.data_dir / DEMO_AUDIT_FILE)
 
 
 # --- what the request touched (filled in by providers and the planner) -----------------------

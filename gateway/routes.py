@@ -44,6 +44,7 @@ from gateway.operations.base import Invocation, Level
 from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
 from gateway.randomness import uuid4
 from gateway.registry import Registry, TypeProvider, adapters
+from gateway.reload import LiveMappings
 from gateway.search import ID_RE
 from gateway.settings import Settings
 
@@ -53,12 +54,23 @@ log = structlog.get_logger("gateway.routes")
 
 
 class Api:
-    def __init__(self, registry: Registry, settings: Settings, pager: Pager,
+    def __init__(self, mappings: Registry | LiveMappings, settings: Settings, pager: Pager,
                  operations: OperationRegistry | None = None) -> None:
-        self.registry = registry
+        # a plain registry (tests, tools) is one generation that never reloads
+        self.mappings = mappings if isinstance(mappings, LiveMappings) else \
+            LiveMappings(mappings, operations=operations)
         self.settings = settings
         self.pager = pager
-        self.operations = operations or OperationRegistry(())
+
+    @property
+    def registry(self) -> Registry:
+        """The providers of the mappings this request started on (gateway/reload.py)."""
+        return self.mappings.registry
+
+    @property
+    def operations(self) -> OperationRegistry:
+        """The operations of the same generation as :attr:`registry`."""
+        return self.mappings.operations
 
     # -- helpers
 
@@ -283,8 +295,11 @@ class Api:
         used = urlencode(plan.used)  # shared by the self, next and previous links
         # The compartment (patient/ tokens) is part of the query's identity: links cannot move.
         extra = compartment.fingerprint_pairs()
+        # The sort as planned is part of it too: a link's position is a tuple of sort values,
+        # meaningless under another sort (mappings reloaded with another key or _sort column).
         fingerprint = Pager.fingerprint(provider.resource_type,
-                                        f"{used}&{urlencode(extra)}" if extra else used)
+                                        f"{used}&{urlencode(extra)}" if extra else used,
+                                        sort=plan.sort)
         after: tuple[Any, ...] | None = None
         backwards = False
         if plan.page_token:
@@ -478,12 +493,13 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "pass"})
 
 
-def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
+def ready_endpoint(mappings: Registry | LiveMappings, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
         if lifecycle.draining():  # shutting down: out of the load balancer before it stops
             return JSONResponse({"status": "fail", "checks": {"shutdown": "draining"}},
                                 status_code=503)
         checks: dict[str, str] = {}
+        registry = mappings.registry if isinstance(mappings, LiveMappings) else mappings
         for name, adapter in adapters(registry).items():
             try:
                 with anyio.fail_after(timeout):
@@ -521,7 +537,7 @@ register_url_convertor("fhir_id", _Id())
 register_url_convertor("fhir_op", _Op())
 
 
-def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
+def routes(api: Api, registry: Registry | LiveMappings, base: str) -> list[BaseRoute]:
     every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
     return [
         # The two routes nearly every request takes, first: the router tries routes in order.

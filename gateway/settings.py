@@ -13,11 +13,32 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def default_mappings_dir() -> Path:
     """The demo mappings: in a source checkout, ``mappings/demo-pas``; in a wheel, bundled."""
-    for candidate in (PACKAGE_DIR.parent / "mappings" / "demo-pas",
-                      PACKAGE_DIR / "_bundled" / "mappings" / "demo-pas"):
-        if candidate.is_dir():
-            return candidate
+    for root in bundled_mappings_roots():
+        if (root / "demo-pas").is_dir():
+            return root / "demo-pas"
     return PACKAGE_DIR.parent / "mappings" / "demo-pas"
+
+
+def bundled_mappings_roots() -> tuple[Path, ...]:
+    """Where the demo mapping directories live: the checkout's, or the wheel's copy."""
+    return (PACKAGE_DIR.parent / "mappings", PACKAGE_DIR / "_bundled" / "mappings")
+
+
+def mappings_path(text: str | Path) -> Path:
+    """A mapping directory as given; a bare name that is not a directory here but is one of the
+    bundled ones (``demo-pas``, ``demo-hl7v2``) means that one — so the demos work by name
+    from an installed wheel as from a checkout."""
+    path = Path(text)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    for root in bundled_mappings_roots():
+        if (root / path).is_dir() and path.name != "codemaps":
+            return root / path
+    return path
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the setting."""
 
 
 def default_data_dir() -> Path:
@@ -145,15 +166,24 @@ class Settings:
             raw = os.environ.get(f"CCG_{f.name.upper()}")
             if raw is None or f.name == "connection_urls":
                 continue
+            name = f"CCG_{f.name.upper()}"
             if f.type in ("int", int):
-                values[f.name] = int(raw)
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
             elif f.type in ("bool", bool):
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif f.name == "mappings_dir":
+                values[f.name] = mappings_path(raw)
             elif f.name.endswith("_dir"):
                 values[f.name] = Path(raw)
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
+        port = values.get("port", cls.port)
+        if not 0 <= port <= 65535:
+            raise SettingsError(f"the port must be between 0 and 65535, not {port}")
         return cls(**values)
 
     def with_secret(self) -> tuple[Settings, bool]:

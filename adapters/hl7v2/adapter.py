@@ -653,6 +653,31 @@ class Hl7v2Adapter(Adapter):
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    def explain(self, prepared: Prepared, query: Query) -> list[str]:
+        src = prepared.source
+        ids = _key_lookup(prepared, query.criteria)
+        if ids is not None and src.read == "Q21":
+            return [f"HL7 v2 QBP^Q21 (get demographics), one message per id: QPD-3 "
+                    f"@PID.3.1^?~@PID.3.5^{src.id_type or 'PI'}",
+                    f"reply: {src.group} groups, read as records"]
+        if isinstance(query.criteria, Nothing):
+            return ["nothing is sent: the criteria cannot match"]
+        # UnsupportedCriteria as fetch would; in this PAS dialect's terms
+        pairs, filters = _qpd_pairs(prepared, self.dialect, query.criteria)
+        kind = "QBP^ZV1" if src.search == "ZV1" else "QBP^Q22 (find candidates)"
+        qpd = "~".join(f"@{name}^?" for name, _ in pairs) or "(no criteria)"
+        lines = [f"HL7 v2 {kind}, RCP-2 quantity {max(query.count, 1)}; the next page by "
+                 "continuation (DSC-1)",
+                 f"QPD-3: {qpd}  (? = a value from the request, not shown)",
+                 f"reply: {src.group} groups, read as records"]
+        if filters:  # the dialect falls short: the gateway checks the reply itself
+            lines.append("then filtered by the gateway on the reply: "
+                         + ", ".join(sorted({f.ref for f in filters})))
+        lines += [f"child {name}: each "
+                  + (f"repetition of {spec.repeat}" if spec.repeat else f"{spec.segment} segment")
+                  + " in a group" for name, spec in src.children.items()]
+        return lines
+
 
 # --- helpers ----------------------------------------------------------------------------------
 

@@ -24,10 +24,10 @@ from gateway.demo_pas import (
     ensure_sqlite_demo,
     metadata,
 )
+from tests.reference import SHARED, require_shared
 
 REPO = pathlib.Path(__file__).parents[3]
 CODEMAPS = REPO / "mappings" / "codemaps"
-SHARED = (REPO / ".." / "shared").resolve()
 FHIR_NS = "{http://hl7.org/fhir}"
 PATIENTS = 500
 
@@ -440,8 +440,7 @@ def test_every_generated_code_is_mapped(db: sqlite3.Connection) -> None:
 
 
 def _shared_or_skip() -> pathlib.Path:
-    if not (SHARED / "careconnect" / "codesystems").is_dir():
-        pytest.skip(f"Care Connect reference material not found at {SHARED}")
+    require_shared(SHARED / "careconnect" / "codesystems")
     return SHARED
 
 
