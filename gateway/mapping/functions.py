@@ -6,6 +6,8 @@ FHIR-converted values of its ``args`` (``None`` when empty) and returns a value 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +38,20 @@ def days_between(start: Any, end: Any) -> int | None:
     return days if days >= 0 else None
 
 
+def sha1_hex_to_base64(digest: Any) -> str | None:
+    """A SHA-1 stored as 40 hex digits, as FHIR's Attachment.hash wants it (base64 of the
+    20 bytes); anything else is omitted rather than sent as a wrong hash."""
+    s = str(digest or "").strip()
+    if len(s) != 40:
+        return None
+    try:
+        return base64.b64encode(binascii.unhexlify(s)).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "minutes_between": minutes_between,
     "days_between": days_between,
+    "sha1_hex_to_base64": sha1_hex_to_base64,
 }

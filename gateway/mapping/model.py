@@ -164,6 +164,22 @@ class SearchPolicy(_Strict):
     unless_any_of: list[str] = Field(default_factory=list)
 
 
+class BinaryBlob(_Strict):
+    table: str
+    key: str
+    column: str
+
+
+class BinaryContent(_Strict):
+    """Where ``Binary/[id]`` finds the bytes of this type's records (gateway/binary.py; SQL
+    sources only). ``media_type`` and ``file`` are ``alias.COLUMN`` of the main table; a row
+    with a ``file`` path is read under the document root, any other from ``blob``."""
+
+    media_type: str
+    file: str | None = None
+    blob: BinaryBlob | None = None
+
+
 class MappingFile(_Strict):
     resource: str
     profile: str
@@ -175,6 +191,7 @@ class MappingFile(_Strict):
     search: dict[str, SearchParam] = Field(default_factory=dict)
     search_policy: SearchPolicy | None = None
     sort: list[str] = Field(default_factory=list)
+    binary: BinaryContent | None = None
     output: dict[str, Any]
 
     @model_validator(mode="after")
