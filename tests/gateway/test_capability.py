@@ -124,14 +124,17 @@ def test_demo_includes_by_name(app: Starlette) -> None:
         "Patient:general-practitioner:Organization"]
     assert sorted(by_type["Patient"]["searchRevInclude"]) == [
         "AllergyIntolerance:patient", "Condition:patient", "Condition:subject",
+        "DocumentReference:patient", "DocumentReference:subject",
         "Encounter:patient", "Encounter:subject", "Flag:patient", "Flag:subject",
         "Procedure:patient", "Procedure:subject"]
     assert sorted(by_type["Practitioner"]["searchRevInclude"]) == [
-        "AllergyIntolerance:recorder", "Condition:asserter", "Encounter:practitioner",
+        "AllergyIntolerance:recorder", "Condition:asserter", "DocumentReference:author",
+        "Encounter:practitioner",
         "Flag:author", "Patient:general-practitioner", "PractitionerRole:practitioner",
         "Procedure:performer"]
     assert sorted(by_type["Encounter"]["searchRevInclude"]) == [
-        "Condition:context", "Condition:encounter", "Procedure:context", "Procedure:encounter"]
+        "Condition:context", "Condition:encounter", "DocumentReference:encounter",
+        "Procedure:context", "Procedure:encounter"]
     assert "searchInclude" not in by_type["Organization"]
 
 
