@@ -60,6 +60,8 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
     ("/STU3/AllergyIntolerance?patient=100001", 100, 23),
     ("/STU3/Flag?patient=100001", 100, 20),
     ("/STU3/Procedure?patient=100001", 100, 38),
+    # Every document (STU3 base profile: Care Connect has none for DocumentReference).
+    ("/STU3/DocumentReference?_count=100", 100_000, 300),
 ])
 async def test_served_resources_conform(client: httpx.AsyncClient, path: str, limit: int,
                                         at_least: int) -> None:
