@@ -341,6 +341,28 @@ def _not_modified(request: Request, headers: dict[str, str]) -> bool:
     return False
 
 
+def binary_capability(registry: Registry) -> dict[str, Any] | None:
+    """The CapabilityStatement entry for Binary: read only, and only when a mapping serves it."""
+    owner = next((p for p in registry if p.mapping.spec.binary is not None), None)
+    if owner is None:
+        return None
+    return {
+        "type": BINARY,
+        "profile": {"reference": "http://hl7.org/fhir/StructureDefinition/Binary"},
+        "documentation": (f"The content of {owner.resource_type} [id] (read on Binary and on "
+                          f"{owner.resource_type} needed). Without _format or a FHIR media type "
+                          "in Accept, the document itself in its own media type; otherwise a "
+                          "FHIR Binary, for content up to the configured size."),
+        "interaction": [{"code": "read"}],
+        "versioning": "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+    }
+
+
 def document_root(settings: Settings, provider: Provider) -> Path | None:
     """``document_dir`` if set; otherwise, for a SQLite source, the demo's documents beside
     the database file (``<file>.documents``, where the demo build writes them)."""

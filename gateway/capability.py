@@ -13,6 +13,7 @@ import datetime as dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from gateway.binary import binary_capability
 from gateway.chain import MAX_CHAIN_MATCHES, chain_joined, chain_names, has_names
 from gateway.providers import Provider, Registry
 
@@ -96,6 +97,10 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
 
 
 def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
+    resources = [resource_capability(p, registry) for p in registry]
+    binary = binary_capability(registry)  # not a provider: gateway.binary serves it
+    if binary is not None:
+        resources = sorted([*resources, binary], key=lambda r: str(r["type"]))
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -113,7 +118,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "resource": [resource_capability(p, registry) for p in registry],
+                "resource": resources,
                 "operation": [{"name": "validate", "definition": {
                     "reference": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}}],
             }

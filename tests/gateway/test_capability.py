@@ -82,7 +82,11 @@ def resources(statement: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_served_type_is_listed_once(app: Starlette) -> None:
     cs = capability_statement(app.state.registry, BASE)
     listed = [r["type"] for r in cs["rest"][0]["resource"]]
-    assert listed == sorted(MAPPINGS) == [p.resource_type for p in app.state.registry]
+    assert sorted(MAPPINGS) == [p.resource_type for p in app.state.registry]
+    # Binary: the content of the DocumentReferences (gateway.binary), read only, no search.
+    assert listed == sorted([*MAPPINGS, "Binary"])
+    binary = resources(cs)["Binary"]
+    assert binary["interaction"] == [{"code": "read"}] and "searchParam" not in binary
     assert cs["resourceType"] == "CapabilityStatement"
     assert (cs["fhirVersion"], cs["kind"], cs["status"]) == (FHIR_VERSION, "instance", "active")
     assert cs["implementation"]["url"] == BASE
@@ -142,7 +146,9 @@ def test_unserved_targets_are_not_claimed(app: Starlette) -> None:
     registry = Registry(p for p in app.state.registry if p.resource_type != "Organization")
     served = set(MAPPINGS) - {"Organization"}
     by_type = resources(capability_statement(registry, BASE))
-    assert set(by_type) == served
+    assert set(by_type) == served | {"Binary"}
+    without = Registry(p for p in app.state.registry if p.resource_type != "DocumentReference")
+    assert "Binary" not in resources(capability_statement(without, BASE))
     # general-practitioner now has one served target: no per-type variants
     assert by_type["Patient"]["searchInclude"] == ["Patient:general-practitioner"]
     assert by_type["Location"]["searchInclude"] == ["Location:partof"]
@@ -190,7 +196,9 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 def served(http: httpx.Client) -> dict[str, dict[str, Any]]:
     r = http.get("/metadata")
     assert r.status_code == 200
-    return resources(r.json())
+    searchable = resources(r.json())
+    assert searchable.pop("Binary")["interaction"] == [{"code": "read"}]  # not searchable
+    return searchable
 
 
 def search(http: httpx.Client, rtype: str, params: dict[str, str]) -> dict[str, Any]:
