@@ -10,7 +10,9 @@ wrote the file.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import os
 import resource
 import socket
@@ -18,11 +20,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+from pypdf import PdfReader
 
 from gateway.demo_pas import demo_documents_dir, ensure_sqlite_demo
 
@@ -133,3 +137,20 @@ def test_a_document_larger_than_the_worker_may_hold_is_streamed(tmp_path: Path) 
     streamed = [r for r in records if r["path"] == f"/STU3/Binary/{rid}"
                 and r["outcome"]["status"] == 200]
     assert len(streamed) == 1 and f"DocumentReference/{rid}" in streamed[0]["entities"]
+
+
+def test_the_readme_journey_for_a_pdf(live_server: Any) -> None:
+    """Search the documents, follow the attachment url, get a PDF a PDF reader opens."""
+    base = f"{live_server.url}/STU3"
+    bundle = httpx.get(f"{base}/DocumentReference", params={
+        "patient": "100001", "type": "http://snomed.info/sct|823681000000100"}).json()
+    pdfs = [e["resource"]["content"][0]["attachment"] for e in bundle["entry"]
+            if e["resource"]["content"][0]["attachment"]["contentType"] == "application/pdf"]
+    assert pdfs
+    for attachment in pdfs:
+        r = httpx.get(f"{base}/{attachment['url']}", headers={"Accept": "application/pdf"})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
+        assert len(r.content) == attachment["size"]
+        assert base64.b64decode(attachment["hash"]) == hashlib.sha1(r.content).digest()
+        page = PdfReader(io.BytesIO(r.content)).pages[0]
+        assert "Outpatient clinic letter" in page.extract_text()
