@@ -67,8 +67,8 @@ def one_problem(directory: Path) -> tuple[str, int, str]:
 def test_the_demo_mappings_load(demo_sqlite_url: str) -> None:
     loaded = load_directory(DEMO, create, urls={"pas": demo_sqlite_url})
     assert sorted(m.resource_type for m in loaded.mappings) == [
-        "AllergyIntolerance", "Condition", "Encounter", "Flag", "Location", "Organization",
-        "Patient", "Practitioner", "PractitionerRole", "Procedure"]
+        "AllergyIntolerance", "Condition", "DocumentReference", "Encounter", "Flag",
+        "Location", "Organization", "Patient", "Practitioner", "PractitionerRole", "Procedure"]
     assert {m.connection for m in loaded.mappings} == {"pas"}
     assert list(loaded.adapters) == ["pas"]  # one adapter shared by every mapping
     assert len({id(m.adapter) for m in loaded.mappings}) == 1
@@ -197,7 +197,7 @@ def test_unknown_function(demo_copy: Path) -> None:
     assert one_problem(demo_copy) == (
         "Encounter.sql.yaml", line_with(f, "minutes_betwen"),
         "output.length.value: unknown function 'minutes_betwen' "
-        "(one of: minutes_between, days_between)")
+        "(one of: minutes_between, days_between, sha1_hex_to_base64)")
 
 
 def test_unknown_storage_type(demo_copy: Path) -> None:
@@ -293,7 +293,7 @@ def test_a_url_without_a_password_is_fine(demo_copy: Path) -> None:
     edit(demo_copy / "connections.yaml", "    url_env: CCG_PAS_URL",
          "    url: postgresql+psycopg://gateway@pas-db/pas\n    url_env: CCG_PAS_URL")
     loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
-    assert len(loaded.mappings) == len(list(DEMO.glob("*.sql.yaml"))) == 10
+    assert len(loaded.mappings) == len(list(DEMO.glob("*.sql.yaml"))) == 11
 
 
 def test_two_files_mapping_the_same_resource(demo_copy: Path) -> None:
@@ -512,7 +512,7 @@ def test_mappings_check_passes_on_the_demo(demo_sqlite_url: str, tmp_path: Path,
                         f"({len(doc['search'])} search parameters)")
     # (Further lines, such as checks of golden cases, may follow the one per mapping.)
     assert sorted(line for line in out if line.endswith("search parameters)")) == expected
-    assert len(expected) == 10
+    assert len(expected) == 11
     assert not (tmp_path / "data").exists()  # CCG_PAS_URL set: no embedded demo was built
 
 
