@@ -291,3 +291,15 @@ async def test_the_demo_finds_its_documents_beside_the_database(
         assert r.status_code == 200
         assert r.content == stored(url, demo_documents_dir(path), rid)[1]
     shutil.rmtree(demo_documents_dir(path))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_a_streamed_document_is_not_released_unaudited(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> None:
+    """The audit layer does not buffer a streamed body, but still refuses it when the record
+    cannot be written: 503 and not one byte of the document."""
+    rid = _ids(demo_sqlite_url, '"PATNT_REFNO" = 100001 AND "MIME_TYPE" = \'application/pdf\'')[0]
+    async for api in _client(make_app(demo_sqlite_url, audit_log="/dev/full")):
+        r = await api.get(f"/STU3/Binary/{rid}")
+        assert r.status_code == 503 and _code(r) == "AUDIT_UNAVAILABLE"
+        assert b"%PDF" not in r.content
