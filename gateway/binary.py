@@ -25,7 +25,7 @@ import base64
 import datetime as dt
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from email.utils import format_datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from adapters.base import BackendError
 from gateway import audit
 from gateway.auth import authorize
 from gateway.errors import (
@@ -49,6 +50,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.formats import Format, negotiate, render
+from gateway.providers import translate_backend_error
 from gateway.search import ID_RE
 
 if TYPE_CHECKING:
@@ -102,6 +104,7 @@ class ContentStore:
         if conf is None or not isinstance(adapter, SqlAdapter):
             raise BinaryMisconfigured("binary content is served from SQL sources only")
         self.provider = provider
+        self.adapter = adapter
         self.engine = adapter.engine
         self.root = document_root.resolve() if document_root is not None else None
         key = provider.key.split(".", 1)[-1]
@@ -120,7 +123,15 @@ class ContentStore:
             self._blob_col = self._blob.c[conf.blob.column]
             self._blob_names = (conf.blob.table, conf.blob.column)
 
-    # -- where the content is (blocking: run in a worker thread)
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Blocking database work on the connection's own workers (its pool size and
+        timeout), its errors translated like a search's."""
+        try:
+            return await self.adapter.run(fn, *args)
+        except BackendError as exc:
+            raise translate_backend_error(exc) from exc
+
+    # -- where the content is (blocking: run on the connection's workers)
 
     def locate(self, rid: str) -> _Located | None:
         key = self.provider.parse_keys(self.provider.key, [rid])
@@ -173,7 +184,7 @@ class ContentStore:
         offset = 0
         while offset < where.size:
             n = min(CHUNK, where.size - offset)
-            chunk = await anyio.to_thread.run_sync(self._blob_slice, where.blob_key, offset, n)
+            chunk = await self.run(self._blob_slice, where.blob_key, offset, n)
             if not chunk:
                 break
             yield chunk
@@ -225,7 +236,7 @@ class BinaryEndpoint:
         if resource is None:
             raise NotFound("Binary with that id was not found")
         audit.note_alias(owner.resource_type, rid, BINARY, rid)
-        where = await anyio.to_thread.run_sync(self.store.locate, rid)
+        where = await self.store.run(self.store.locate, rid)
         if where is None:
             raise NotFound("Binary with that id was not found")
         updated = resource.get("meta", {}).get("lastUpdated")
