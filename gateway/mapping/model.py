@@ -202,6 +202,14 @@ class MappingFile(_Strict):
                     f"types.{ref}: unknown storage type {kind!r} "
                     f"(one of: {', '.join(STORAGE_TYPES)})"
                 )
+        if self.binary is not None:
+            alias = self.source.get("alias")
+            for key in ("media_type", "file"):
+                ref = getattr(self.binary, key)
+                if ref is not None and (not alias or ref.split(".", 1)[0] != alias
+                                        or "." not in ref):
+                    raise ValueError(f"binary.{key}: must be a column of the main table "
+                                     f"({alias}.COLUMN), not {ref!r}")
         for key in ("resourceType", "id", "meta"):
             if key in self.output:
                 raise ValueError(f"output.{key}: must not be set (resourceType, id and meta "

@@ -581,3 +581,13 @@ def test_a_token_systems_codemap_must_translate_into_that_system(demo_copy: Path
         "Condition.sql.yaml", line_with(f, "codemap: readv2-snomed}"),
         "search.code.systems[2].codemap: 'readv2-snomed' translates into "
         "'http://snomed.info/sct', not 'http://read.info/readv2'")
+
+
+def test_binary_names_columns_of_the_main_table(demo_copy: Path) -> None:
+    f = demo_copy / "DocumentReference.sql.yaml"
+    edit(f, "  file: d.FILE_PATH", "  file: x.FILE_PATH")
+    name, line, message = one_problem(demo_copy)
+    assert name == "DocumentReference.sql.yaml"
+    assert message == ("binary.file: must be a column of the main table (d.COLUMN), "
+                       "not 'x.FILE_PATH'")
+    assert line == line_with(f, "file: x.FILE_PATH")
