@@ -288,6 +288,11 @@ class UnsupportedCriteria(AdapterError):
     """
 
 
+class QueryTooLarge(UnsupportedCriteria):
+    """The search has more values than the backend takes in one query (→ 400
+    ``TOO_MANY_VALUES``): found by the adapter before the backend is asked."""
+
+
 # --- the interface ----------------------------------------------------------------------------
 
 

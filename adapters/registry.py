@@ -21,13 +21,20 @@ Factory = Callable[[str, Any, Path], Adapter]
 
 
 def _sql(name: str, connection: Any, _directory: Path) -> Adapter:
-    from adapters.sql import SqlAdapter
+    from adapters.sql import STATEMENT_CACHE_BYTES, SqlAdapter
 
+    options = dict(connection.options)
+    cache = options.pop("statement_cache_bytes", STATEMENT_CACHE_BYTES)
+    if options or not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+        raise SourceConfigError(
+            f"connection '{name}': the sql adapter takes one option, statement_cache_bytes "
+            "(a whole number of bytes)")
     return SqlAdapter(
         connection.url,
         pool_size=connection.pool_size,
         timeout_seconds=connection.timeout_seconds,
         label=name,
+        statement_cache_bytes=cache,
     )
 
 

@@ -65,7 +65,7 @@ def build_replies(db: Path, out: Path, per_size: int, sizes: list[int]) -> list[
     """Query the simulator and save each RSP^K22 as received; return the manifest entries."""
     from adapters.hl7v2 import er7, messages
     from adapters.hl7v2.mllp import Endpoint, MllpClient
-    from adapters.hl7v2.simulator import PasSimulator
+    from gateway.demo_pas.hl7v2 import PasSimulator
 
     if per_size * len(sizes) > len(CRITERIA):
         raise SystemExit(f"at most {len(CRITERIA) // len(sizes)} replies per size")

@@ -115,21 +115,21 @@ def pool_size() -> int:
 # --- capture: what the gateway sends for each path -------------------------------------------
 
 
-def capture(db: Path, paths: dict[str, list[str]]) -> dict[str, Any]:
+def capture(db: Path, paths: dict[str, list[str]], dialect: str = "demo") -> dict[str, Any]:
     """Serve every path in process (simulator + app) and record the MLLP messages it sends."""
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
 
     async def go() -> dict[str, Any]:
-        async with PasSimulator(f"sqlite:///{db.resolve()}") as sim:
+        async with PasSimulator(f"sqlite:///{db.resolve()}", dialect=dialect) as sim:
             app = build_app(Settings.from_env(
                 mappings_dir=MAPPINGS, log_level="error", paging_secret="bench", progress=False,
                 connection_urls={"pas-hl7": f"mllp://127.0.0.1:{sim.port}",
                                  "pas": f"sqlite:///{db.resolve()}"}))
             sent: list[bytes] = []
             seen: set[int] = set()
-            for provider in app.state.registry:
+            for provider in app.state.registry.sources():
                 adapter = provider.mapping.adapter
                 client = getattr(adapter, "client", None)
                 if client is None or id(client) in seen:
@@ -137,9 +137,10 @@ def capture(db: Path, paths: dict[str, list[str]]) -> dict[str, Any]:
                 seen.add(id(client))
                 original = client.send
 
-                async def recording(msg: bytes, control: str, _orig: Any = original) -> bytes:
+                async def recording(msg: bytes, control: str, _orig: Any = original,
+                                    **kw: Any) -> bytes:
                     sent.append(msg)
-                    reply: bytes = await _orig(msg, control)
+                    reply: bytes = await _orig(msg, control, **kw)
                     return reply
 
                 client.send = recording
@@ -481,6 +482,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat each measurement, report the round with the median req/s")
     ap.add_argument("--scenarios", default="a,b,c")
+    ap.add_argument("--dialect", choices=("demo", "itk", "strict"), default="demo",
+                    help="the simulator's dialect profile (the gateway keeps the ITK "
+                         "defaults: use demo or itk)")
     ap.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
     ap.add_argument("--server-cpu", type=int, default=0, help="the gateway's CPU")
     ap.add_argument("--sim-cpu", type=int, default=1, help="the PAS simulator's CPU")
@@ -539,7 +543,7 @@ def main() -> int:
     paths = {k: v for k, v in workload(db, args.seed, args.workload_size).items()
              if k in scenarios}
     t0 = time.perf_counter()
-    captured = capture(db, paths)
+    captured = capture(db, paths, args.dialect)
     checked = {s: {"requests": len(c["requests"]),
                    "messages_per_request": statistics.mean(len(r) for r in c["requests"]),
                    "entries_mean": round(statistics.mean(c["entries"]), 2)}
@@ -552,7 +556,8 @@ def main() -> int:
     logs = args.data_dir / "logs"
     sim = Proc("pas-simulator",
                [*taskset(args.sim_cpu), sys.executable, "-m", "gateway.cli", "pas-simulator",
-                "--port", str(args.sim_port), "--db", str(db.resolve())],
+                "--port", str(args.sim_port), "--db", str(db.resolve()),
+                "--dialect", args.dialect],
                dict(os.environ), logs / "hl7v2-simulator.log")
     env = {**os.environ, "CCG_PAS_URL": f"sqlite:///{db.resolve()}",
            "CCG_PAS_HL7_URL": f"mllp://127.0.0.1:{args.sim_port}",

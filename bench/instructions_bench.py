@@ -52,7 +52,7 @@ def serve(which: str, scenario: str, warmup: int, requests: int, data_dir: Path)
         from gateway.settings import Settings
 
         app = build_app(Settings.from_env(log_level="info", paging_secret="bench"))
-        for p in app.state.registry:
+        for p in app.state.registry.sources():
             p.mapping.adapter._workers = InlineWorkers()
     else:
         import baseline_app

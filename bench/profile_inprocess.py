@@ -127,7 +127,7 @@ def main() -> int:
     anyio.to_thread.run_sync = inline  # type: ignore[assignment]
     app = build_app(Settings.from_env(log_level=args.log_level, paging_secret="bench"))
     # adapters with their own worker threads (adapters.threads): run those calls inline too
-    for provider in app.state.registry:
+    for provider in app.state.registry.sources():
         adapter = provider.mapping.adapter
         if hasattr(adapter, "_workers"):
             adapter._workers = InlineWorkers()

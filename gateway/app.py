@@ -6,7 +6,8 @@ raises MappingError (with file:line for every problem) and the server does not s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,17 +18,31 @@ from starlette.middleware import Middleware
 
 from adapters import registry as adapter_registry
 from gateway import logging as gateway_logging
-from gateway.audit import AuditLayer, AuditTrail
+from gateway.audit import AuditLayer, AuditTrail, DenialCounter
 from gateway.audit import destination as audit_destination
 from gateway.auth.config import resolve_auth
 from gateway.auth.middleware import Authentication
 from gateway.bundle import Pager
 from gateway.compartment import CompartmentLayer
 from gateway.errors import GatewayError
-from gateway.limits import BodyLimit, ConcurrencyLimit, RateLimit
+from gateway.limits import (
+    BodyLimit,
+    ClientConcurrency,
+    ClientQueues,
+    ConcurrencyLimit,
+    CountedSlots,
+    RateLimit,
+    SourceLimit,
+    TokenBuckets,
+)
 from gateway.mapping.loader import load_directory
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
-from gateway.providers import Provider, Registry
+from gateway.operations import OperationRegistry
+from gateway.operations.everything import Everything
+from gateway.operations.structured import load_operations
+from gateway.operations.validate import Validate
+from gateway.providers import Provider
+from gateway.registry import Registry
 from gateway.routes import Api, routes
 from gateway.settings import Settings
 
@@ -40,6 +55,40 @@ def demo_database_url(settings: Settings) -> str:
     path = settings.data_dir / demo_file_name(settings.demo_patients)
     ensure_sqlite_demo(path, patients=settings.demo_patients, progress=settings.progress)
     return f"sqlite:///{path}"
+
+
+async def _sweep(denials: DenialCounter) -> None:
+    """Counted denials reach the trail soon after their window, also when the flood stops."""
+    while True:
+        await asyncio.sleep(max(0.05, denials.window / 4))
+        denials.sweep()
+
+
+def _buckets(per_minute: int, burst: int) -> TokenBuckets | None:
+    return TokenBuckets(per_minute / 60.0, burst) if per_minute > 0 else None
+
+
+def patient_id_check(registry: Registry) -> Callable[[str], bool]:
+    """Whether a token's ``patient`` claim is an id the Patient mapping serves: its key
+    storage takes it and gives it back unchanged (``0100001`` is not ``100001``)."""
+    if "Patient" not in registry:
+        return lambda _claim: True
+    # Several Patient sources: the claim is one source's id (its prefix, then its key).
+    keys = [(s.id_prefix, s.mapping.storage(s.key)) for s in registry.get("Patient").sources]
+
+    def check(claim: str) -> bool:
+        for prefix, storage in keys:
+            key = claim.removeprefix(prefix)
+            if not claim.startswith(prefix):
+                continue
+            try:
+                if str(storage.parse_key(key)) == key:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    return check
 
 
 def build_app(settings: Settings | None = None) -> Starlette:
@@ -62,36 +111,60 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
-    api = Api(registry, settings, Pager(settings.paging_secret))
+    operations = OperationRegistry([Validate(), Everything(),
+                                    *load_operations(loaded.directory, registry)])
+    api = Api(registry, settings, Pager(settings.paging_secret), operations)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
-                             fail_closed=settings.audit_fail_closed)
+                             fail_closed=settings.audit_fail_closed,
+                             denial_window=settings.audit_denial_window_seconds)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         log.info("started", resources=[p.resource_type for p in registry],
                  mappings=str(loaded.directory))
+        sweeper = (asyncio.create_task(_sweep(audit_trail.denials))
+                   if audit_trail.denials is not None else None)
         yield
+        if sweeper is not None:
+            sweeper.cancel()
         await registry.aclose()
         audit_trail.close()
 
     app = Starlette(
         routes=routes(api, registry, settings.base_path.rstrip("/")),
-        middleware=[Middleware(RequestContext),
+        middleware=[Middleware(RequestContext, cacheable=frozenset({
+                        "/_health", "/_ready",
+                        settings.base_path.rstrip("/") + "/metadata"})),
                     # audit sees every outcome, including the limits' and authentication's
                     Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
+                    # before authentication: by source address, whoever it claims to be
+                    Middleware(SourceLimit, requests=_buckets(
+                                   settings.source_rate_limit_per_minute,
+                                   settings.source_rate_limit_burst),
+                               failures=_buckets(settings.auth_failures_per_minute,
+                                                 settings.auth_failures_burst)),
                     Middleware(ConcurrencyLimit, max_in_flight=settings.max_in_flight),
-                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
-                    Middleware(Authentication, config=auth, base_path=settings.base_path),
+                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                               timeout=settings.body_timeout_seconds),
+                    Middleware(Authentication, config=auth, base_path=settings.base_path,
+                               patient_id=patient_id_check(registry)),
                     # inside authentication: these need the principal it sets
                     Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
                                burst=settings.rate_limit_burst),
+                    Middleware(ClientConcurrency,
+                               slots=(CountedSlots(settings.max_in_flight_per_client)
+                                      if settings.max_in_flight_per_client > 0 else None),
+                               backend=(ClientQueues(settings.max_backend_calls_per_client)
+                                        if settings.max_backend_calls_per_client > 0
+                                        else None)),
                     Middleware(CompartmentLayer)],
         exception_handlers={GatewayError: gateway_error_handler,
                             HTTPException: http_error_handler},
         lifespan=lifespan,
     )
     app.state.registry = registry
+    app.state.operations = operations
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail

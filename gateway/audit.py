@@ -17,10 +17,12 @@ What a record holds: ``timestamp``, ``client_id``, ``user`` (sub), ``role``, ``a
 ``resource_type``, ``entities`` (the ``Type/id`` of every resource served or written, for this
 record's patient), ``query`` (the search as normalised ``[name, value]`` pairs, as planned),
 ``patient`` (this record's patient; null for a record about no patient), ``patient_count``,
-``context_patient`` (the token's patient claim), ``outcome`` (``status``, gateway ``code``,
-``result`` success/denied/failure), ``request_id``, ``source_ip``, ``method``, ``path`` and
-``backend`` (what was sent: HL7 MSH-10 control ids; for every query the adapter, connection
-and a value-free shape of the statement with its hash).
+``context_patient`` (the token's patient claim), ``operation`` (for a record operation such
+as ``$everything``: its name and every resource type it touched), ``outcome``
+(``status``, gateway ``code``, ``result`` success/denied/failure), ``request_id``,
+``source_ip``, ``method``, ``path`` and ``backend`` (what was sent: HL7 MSH-10 control ids;
+for every query the adapter, connection and a value-free shape of the statement with its
+hash).
 
 Records are written before the response is released. When a record cannot be written and
 ``audit_fail_closed`` is true (the default), the client gets 503 ``AUDIT_UNAVAILABLE``
@@ -35,6 +37,7 @@ import hashlib
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
@@ -43,7 +46,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 import structlog
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.base import (
@@ -66,9 +69,10 @@ from gateway import logging as gateway_logging
 from gateway.auth.errors import AuthConfigError
 from gateway.auth.principal import get_principal
 from gateway.errors import ERROR_CODE_SYSTEM, GatewayError
+from gateway.middleware import outcome_response
 
 if TYPE_CHECKING:
-    from gateway.providers import Provider
+    from gateway.compartment import Source as Provider
     from gateway.settings import Settings
 
 app_log = structlog.get_logger("gateway.audit.sink")
@@ -142,13 +146,75 @@ class JsonLinesSink:
                 self._file = None
 
 
+class DenialCounter:
+    """Repeated denials that did nothing (401, 429), counted instead of written one by one.
+
+    Per (source address, client, status, code): the first denial of a window is written in
+    full; the others in that window are counted, and the count is written as one
+    ``denied_repeated`` record (the first record's fields, plus ``count``, ``window_start``,
+    ``window_end``) once the window is over — at the next denial or sweep after it, or when
+    the trail closes. Every denial is in the trail, as a line or in a count; a flood of
+    invalid tokens writes a line or two a minute instead of ~500 bytes each.
+    """
+
+    def __init__(self, window: float, emit: Any, max_keys: int = 4096,
+                 clock: Any = time.monotonic) -> None:
+        self.window = window
+        self.emit = emit
+        self.max_keys = max_keys
+        self.clock = clock
+        self._open: dict[tuple[Any, ...], list[Any]] = {}
+        self._next_sweep = clock() + window
+
+    def first(self, key: tuple[Any, ...], record: dict[str, Any]) -> bool:
+        """Note one denial: True if it opens a window (write it), False if it was counted."""
+        now = self.clock()
+        if now >= self._next_sweep:
+            self.sweep(now)
+        if key not in self._open and len(self._open) >= self.max_keys:
+            key = ("(other sources)", *key[1:])  # still counted, under one shared key
+            record = {**record, "source_ip": None, "client_id": None}
+        entry = self._open.get(key)
+        if entry is not None and now - entry[0] < self.window:
+            entry[1] += 1
+            return False
+        if entry is not None:
+            self._close(entry, now)
+        self._open[key] = [now, 0, {k: v for k, v in record.items() if k != "timestamp"},
+                           record.get("timestamp")]
+        return True
+
+    def sweep(self, now: float | None = None, everything: bool = False) -> None:
+        now = self.clock() if now is None else now
+        self._next_sweep = now + self.window
+        for key, entry in list(self._open.items()):
+            if everything or now - entry[0] >= self.window:
+                del self._open[key]
+                self._close(entry, now)
+
+    def _close(self, entry: list[Any], now: float) -> None:
+        started, count, record, first_stamp = entry
+        if not count:
+            return
+        summary = {**record, "event": "denied_repeated", "request_id": None, "count": count,
+                   "window_start": first_stamp,
+                   "window_seconds": round(min(now - started, self.window), 3)}
+        try:
+            self.emit([summary])
+        except Exception as exc:  # the requests were answered long ago: log, never raise
+            app_log.error("audit_write_failed", error=type(exc).__name__,
+                          records="denied_repeated", count=count)
+
+
 class AuditTrail:
     def __init__(self, destination: str = "stderr", *, fhir_destination: str = "",
-                 fail_closed: bool = True, source_id: str = "careconnect-gateway") -> None:
+                 fail_closed: bool = True, source_id: str = "careconnect-gateway",
+                 denial_window: float = 0.0) -> None:
         self.sink = JsonLinesSink(destination)
         self.fhir_sink = JsonLinesSink(fhir_destination) if fhir_destination else None
         self.fail_closed = fail_closed
         self.source_id = source_id
+        self.denials = DenialCounter(denial_window, self.emit) if denial_window > 0 else None
 
     def emit(self, records: Iterable[dict[str, Any]]) -> None:
         """Write each record, or raise. The application's log level never filters these."""
@@ -173,6 +239,8 @@ class AuditTrail:
             self.fhir_sink.write_lines(events)
 
     def close(self) -> None:
+        if self.denials is not None:
+            self.denials.sweep(everything=True)
         self.sink.close()
         if self.fhir_sink is not None:
             self.fhir_sink.close()
@@ -208,15 +276,20 @@ def destination(settings: Settings) -> str:
 class AuditContext:
     """What the request touched; one per request (plain slots: made on every request)."""
 
-    __slots__ = ("backend", "correlations", "entities", "query", "query_type")
+    __slots__ = ("attempt", "backend", "correlations", "entities", "operation", "query",
+                 "query_type")
 
     def __init__(self) -> None:
+        self.attempt: Any = None
+        """Writes the request's ``attempt`` record (True if written); set by AuditLayer."""
         self.entities: dict[tuple[str, str], set[str]] = {}
         """(type, id) → the patients the resource belongs to (empty: not patient data)."""
         self.query: list[tuple[str, str]] | None = None
         self.query_type: str | None = None
         self.backend: list[Any] = []
         self.correlations: list[str] = []
+        self.operation: tuple[str, str, list[str]] | None = None
+        """(operation, its patient, the types it touched): a record access, one record."""
 
 
 _ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None)
@@ -259,11 +332,30 @@ def note_alias(rtype: str, rid: str, alias_type: str, alias_id: str) -> None:
         ctx.entities.setdefault((alias_type, str(alias_id)), set()).update(patients)
 
 
+def before_write() -> None:
+    """Immediately before a write reaches a backend: the ``attempt`` record, naming the
+    authenticated caller; when it cannot be written (fail closed), the write never starts."""
+    ctx = _ctx.get()
+    if ctx is None or ctx.attempt is None:
+        return
+    attempt, ctx.attempt = ctx.attempt, None  # once per request
+    if not attempt():
+        raise AuditUnavailable("the audit trail cannot be written; the request was not served")
+
+
 def note_search(resource_type: str, used: list[tuple[str, str]]) -> None:
     ctx = _ctx.get()
     if ctx is not None and ctx.query is None:
         ctx.query = _normalise(used)
         ctx.query_type = resource_type
+
+
+def note_operation(name: str, patient: str, types: list[str]) -> None:
+    """An operation that returns one patient's record: audited as one access to that
+    patient, listing every type touched (the referenced practitioners and places too)."""
+    ctx = _ctx.get()
+    if ctx is not None:
+        ctx.operation = (name, patient, types)
 
 
 def note_backend(provider: Provider, operation: str, query: Query | Count | None) -> None:
@@ -447,14 +539,23 @@ class AuditLayer:
             else:
                 body.append(message)
 
+        if interaction in _WRITES:
+            # Written by the provider just before the backend is asked (audit.before_write),
+            # when authentication has named the caller: an attempt record names who tried.
+            def attempt() -> bool:
+                written = self._write(self._records(scope, ctx, interaction, rtype, target,
+                                                    0, None, "attempt"))
+                return written or not self.trail.fail_closed
+
+            ctx.attempt = attempt
         try:
-            if interaction in _WRITES and not self._write(
-                    self._records(scope, ctx, interaction, rtype, target, 0, None,
-                                  "attempt")):
-                await self._unavailable(scope, receive, send)
-                return
             try:
                 await self.app(scope, receive, buffer)
+            except ClientDisconnect:
+                # Not a server failure: the client left before its request was complete.
+                self._write(self._records(scope, ctx, interaction, rtype, target, 499,
+                                          "CLIENT_CLOSED_REQUEST", "access"))
+                raise
             except Exception:
                 # RequestContext answers 500; the record says so. If it cannot be written,
                 # the original error still propagates (and the sink failure is logged).
@@ -475,8 +576,14 @@ class AuditLayer:
             content = b"".join(m.get("body", b"") for m in body)
             code = _error_code(status, list(started.get("headers", [])) if started else [],
                                content)
-        state["audit_written"] = self._write(
-            self._records(scope, ctx, interaction, rtype, target, status, code, "access"))
+        records = self._records(scope, ctx, interaction, rtype, target, status, code, "access")
+        denials = self.trail.denials
+        if (status in (401, 429) and denials is not None and not ctx.entities
+                and not denials.first((records[0]["source_ip"], records[0]["client_id"],
+                                       status, code), records[0])):
+            state["audit_written"] = True  # counted: written with its window's count
+        else:
+            state["audit_written"] = self._write(records)
         if not state["audit_written"] and self.trail.fail_closed:
             await self._unavailable(scope, receive, send)
             return
@@ -495,8 +602,6 @@ class AuditLayer:
             return False
 
     async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from gateway.middleware import outcome_response
-
         response = outcome_response(Request(scope, receive),
                                     AuditUnavailable("the audit trail cannot be written; "
                                                      "the request was not served"))
@@ -537,6 +642,11 @@ class AuditLayer:
         for (etype, eid), patients in ctx.entities.items():
             for p in patients or (None,):
                 by_patient.setdefault(p, []).append(f"{etype}/{eid}")
+        if ctx.operation is not None:
+            name, subject, types = ctx.operation
+            common["operation"] = {"name": name, "types": types}
+            if set(by_patient) <= {subject, None}:  # one record access, not one per kind
+                by_patient = {subject: [e for ents in by_patient.values() for e in ents]}
         if not any(p is not None for p in by_patient):
             # Nothing about a patient was served (not found, denied, a count): the record is
             # still about the patient the request aimed at, or the token's compartment.
@@ -651,4 +761,5 @@ def audit_event(record: dict[str, Any], source_id: str) -> dict[str, Any]:
 
 
 __all__ = ["AuditLayer", "AuditTrail", "AuditUnavailable", "audit_event",
-           "classify", "note_backend", "note_resource", "note_search", "note_written"]
+           "classify", "note_backend", "note_operation", "note_resource", "note_search",
+           "note_written"]

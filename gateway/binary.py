@@ -54,7 +54,8 @@ from gateway.providers import translate_backend_error
 from gateway.search import ID_RE
 
 if TYPE_CHECKING:
-    from gateway.providers import Provider, Registry
+    from gateway.providers import Provider
+    from gateway.registry import Registry
     from gateway.settings import Settings
 
 security_log = structlog.get_logger("gateway.security")
@@ -214,7 +215,9 @@ class ContentStore:
 class BinaryEndpoint:
     def __init__(self, registry: Registry | None, settings: Settings) -> None:
         self.settings = settings
-        owners = [p for p in registry or () if p.mapping.spec.binary is not None]
+        # Per source: a type may be several (gateway.multisource); only one may hold content.
+        owners = [p for p in (registry.sources() if registry is not None else ())
+                  if p.mapping.spec.binary is not None]
         if len(owners) > 1:  # Binary ids would be ambiguous
             raise BinaryMisconfigured("more than one mapping declares binary:")
         self.store = (ContentStore(owners[0], document_root(settings, owners[0])) if owners
@@ -354,7 +357,7 @@ def _not_modified(request: Request, headers: dict[str, str]) -> bool:
 
 def binary_capability(registry: Registry) -> dict[str, Any] | None:
     """The CapabilityStatement entry for Binary: read only, and only when a mapping serves it."""
-    owner = next((p for p in registry if p.mapping.spec.binary is not None), None)
+    owner = next((p for p in registry.sources() if p.mapping.spec.binary is not None), None)
     if owner is None:
         return None
     return {

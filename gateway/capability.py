@@ -1,10 +1,11 @@
 """The CapabilityStatement, generated from what is registered and mapped — never hand-written.
 
 Each resource lists the interactions its provider serves, the search parameters its mapping
-declares, the ``_include`` values whose target type is served, and the ``_revinclude`` values
-that other providers' reference parameters make possible; a reference parameter's
-documentation lists the chains it takes and the resource's the ``_has`` it answers (STU3
-CapabilityStatement has no element for either). Nothing else is claimed.
+declares (for a type with several sources: those every source declares), the ``_include``
+values whose target type is served, and the ``_revinclude`` values that other providers'
+reference parameters make possible; a reference parameter's documentation lists the chains
+it takes and the resource's the ``_has`` it answers (STU3 CapabilityStatement has no element
+for either); the operations come from the operation registry. Nothing else is claimed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 from gateway.binary import binary_capability
 from gateway.chain import MAX_CHAIN_MATCHES, chain_joined, chain_names, has_names
-from gateway.providers import Provider, Registry
+from gateway.operations import OperationRegistry
+from gateway.registry import Registry, TypeProvider
 
 FHIR_VERSION = "3.0.2"
 FORMATS = ["application/fhir+json", "application/fhir+xml", "json", "xml"]
@@ -28,14 +30,17 @@ def _software_version() -> str:
         return "0+unknown"
 
 
-def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any]:
+def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
         {"name": "_id", "type": "token", "documentation": "The logical id of the resource"}
     ]
     includes: list[str] = []
     for name, p in sorted(provider.params.items()):
         entry: dict[str, Any] = {"name": name, "type": p.type}
-        doc = p.description or ""
+        # Several sources: each one's description, once (they say what the value means there).
+        described = dict.fromkeys(d for s in provider.sources
+                                  if (d := s.params[name].description))
+        doc = "; ".join(described)
         chains = chain_names(registry, provider, name) if p.type == "reference" else []
         if chains:  # STU3 has no chain element here (SearchParameter.chain is not served)
             doc += (". " if doc else "") + "Chains (one level): " + ", ".join(chains)
@@ -69,8 +74,8 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
         "conditionalDelete": "not-supported",
         "searchParam": params,
     }
-    sortable = provider.mapping.spec.sort
-    policy = provider.mapping.spec.search_policy
+    sortable = provider.sortable
+    policy = provider.policy
     notes = []
     if sortable:
         notes.append("_sort supports: " + ", ".join(sortable) + " (prefix - for descending)")
@@ -96,7 +101,15 @@ def resource_capability(provider: Provider, registry: Registry) -> dict[str, Any
     return out
 
 
-def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
+def operation_capability(operations: OperationRegistry | None, base_url: str
+                         ) -> list[dict[str, Any]]:
+    """Every registered operation, by name, with its OperationDefinition."""
+    return [{"name": op.name, "definition": {"reference": op.definition_reference(base_url)}}
+            for op in operations or ()]
+
+
+def capability_statement(registry: Registry, base_url: str,
+                         operations: OperationRegistry | None = None) -> dict[str, Any]:
     resources = [resource_capability(p, registry) for p in registry]
     binary = binary_capability(registry)  # not a provider: gateway.binary serves it
     if binary is not None:
@@ -119,8 +132,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "resource": resources,
-                "operation": [{"name": "validate", "definition": {
-                    "reference": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}}],
+                "operation": operation_capability(operations, base_url),
             }
         ],
     }

@@ -32,8 +32,9 @@ says: ignoring a chain would widen the result.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.base import (
     Chain,
@@ -50,8 +51,37 @@ from gateway.errors import BadRequest
 from gateway.plan import Chained, SearchPlan, id_criterion, param_criterion
 
 if TYPE_CHECKING:
+    from adapters.base import Page
+    from gateway.mapping.model import SearchParam
     from gateway.mapping.storage import Storage
-    from gateway.providers import Provider, Registry
+    from gateway.plan import SearchContext
+
+
+# What a chain needs of providers and the registry, as protocols: gateway.providers and
+# gateway.registry call into this module, so it does not import them (no import circle).
+class Provider(compartment.Source, Protocol):
+    """One source of a type (gateway.providers.Provider)."""
+
+    async def search(self, plan: SearchPlan, after: tuple[Any, ...] | None = None,
+                     backwards: bool = False, extra: Criterion | None = None) -> Page: ...
+
+
+class TypeProvider(Protocol):
+    """A served type: one source, or several (gateway.multisource.MultiSource)."""
+
+    @property
+    def resource_type(self) -> str: ...
+    @property
+    def params(self) -> Mapping[str, SearchParam]: ...
+
+
+class Registry(Protocol):
+    """gateway.registry.Registry."""
+
+    def __contains__(self, resource_type: str) -> bool: ...
+    def __iter__(self) -> Iterator[Any]: ...
+    def get(self, resource_type: str) -> Any: ...
+    def search_context(self, provider: Any) -> SearchContext: ...
 
 MAX_CHAIN_MATCHES = 100
 """At most this many target records when a chain is resolved through the target's search."""
@@ -272,7 +302,7 @@ async def _resolve(d: Deferred) -> Criterion:
 # --- what the CapabilityStatement says -------------------------------------------------------
 
 
-def chain_names(registry: Registry, provider: Provider, name: str) -> list[str]:
+def chain_names(registry: Registry, provider: TypeProvider, name: str) -> list[str]:
     """The chained parameters a reference parameter of ``provider`` takes, as a client
     writes them: ``patient.family``; ``general-practitioner:Practitioner.family`` when the
     reference may point to several served types."""
@@ -282,14 +312,14 @@ def chain_names(registry: Registry, provider: Provider, name: str) -> list[str]:
             for t in targets for n in ["_id", *sorted(registry.get(t).params)]]
 
 
-def chain_joined(registry: Registry, provider: Provider, name: str) -> bool:
+def chain_joined(registry: Registry, provider: TypeProvider, name: str) -> bool:
     """Whether every chain of this reference parameter is answered in the same query."""
     targets = [t for t in provider.params[name].reference_targets() if t in registry]
     return all(_joinable(s, t) for s in _sources(provider) for rtype in targets
                for t in _sources(registry.get(rtype)))
 
 
-def has_names(registry: Registry, provider: Provider) -> list[tuple[str, bool]]:
+def has_names(registry: Registry, provider: TypeProvider) -> list[tuple[str, bool]]:
     """``_has`` prefixes that work on ``provider`` (``Encounter:patient``), each with whether
     it is answered in the same query."""
     return [(f"{other.resource_type}:{n}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.auth.errors import AuthConfigError
     from gateway.mapping.loader import MappingError
 
+    workers = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if workers not in ("", "1"):
+        # Limits, rate buckets and caches live in this process: several workers would each
+        # grant a client the full allowance. Run more instances behind the load balancer.
+        print("refusing to start: WEB_CONCURRENCY is set to "
+              f"{workers[:20]!r}; the gateway runs as one process (unset it, or set it to 1, "
+              "and run more instances instead)", file=sys.stderr)
+        return 2
     settings = _settings(args)
     try:
         app = build_app(settings)
@@ -59,9 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
+    from gateway.server import uvicorn_options
+
+    tls = uvicorn_tls_options(settings)
+    options = {**tls, **uvicorn_options(settings.header_timeout_seconds, tls.get("http"))}
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 access_log=False, server_header=False, proxy_headers=args.proxy_headers,
-                **uvicorn_tls_options(settings))
+                **options)
     return 0
 
 
@@ -85,6 +98,20 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
               f"({len(m.spec.search)} search parameters)")
+    from gateway.operations.structured import load_operations
+    from gateway.providers import Provider
+    from gateway.registry import Registry
+
+    try:
+        operations = load_operations(loaded.directory,
+                                     Registry(Provider(m) for m in loaded.mappings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    for op in operations:
+        print(f"ok  operation ${op.name}: {len(op.spec.sections)} section(s)")
     from gateway.profiles.golden import check_cli
 
     return check_cli(loaded, getattr(args, "golden", None))
@@ -126,8 +153,8 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import demo_database_url
+    from gateway.demo_pas.hl7v2 import PasSimulator
 
     if args.db is not None:
         if not args.db.is_file():
@@ -139,8 +166,9 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with PasSimulator(url, host=args.host, port=args.port,
-                                sex_codes=args.sex_codes) as sim:
-            print(f"PAS simulator (HL7 v2.4) listening on mllp://{args.host}:{sim.port}  "
+                                sex_codes=args.sex_codes, dialect=args.dialect) as sim:
+            print(f"PAS simulator (HL7 v2.4, {args.dialect} dialect) listening on "
+                  f"mllp://{args.host}:{sim.port}  "
                   "(Ctrl-C stops it)", file=sys.stderr, flush=True)
             await asyncio.Event().wait()
 
@@ -196,6 +224,10 @@ def parser() -> argparse.ArgumentParser:
                      help="demo PAS SQLite file (default: the embedded demo, built if missing)")
     sim.add_argument("--sex-codes", choices=["hl7", "nhs"], default="hl7",
                      help="PID-8 as HL7 M/F/O/U or NHS 1/2/9/X (default hl7)")
+    sim.add_argument("--dialect", choices=["demo", "itk", "strict"], default="demo",
+                     help="how this PAS speaks HL7 v2 (gateway/demo_pas/hl7v2/profiles.py): "
+                          "demo (default), itk (plain ACKs, ITK sample style), strict "
+                          "(CX-5 identifiers, native prefix match, no qualifiers)")
     sim.set_defaults(func=cmd_pas_simulator)
 
     from gateway.auth.cli import register as register_auth_commands

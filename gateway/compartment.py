@@ -40,7 +40,7 @@ import dataclasses
 from collections.abc import Iterator, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -63,7 +63,8 @@ from gateway.errors import InternalError as _InternalError
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from gateway.providers import Provider
+    from gateway.mapping.loader import CompiledMapping
+    from gateway.mapping.model import SearchParam
 
 security_log = structlog.get_logger("gateway.security")
 
@@ -86,6 +87,22 @@ class CompartmentViolation(_InternalError):
 
 
 # --- how each resource type links to a patient ------------------------------------------------
+
+
+class Source(Protocol):
+    """What this module (and the audit trail) reads of one source's provider: a protocol, so
+    neither imports gateway.providers (which calls both on every backend query)."""
+
+    resource_type: str
+    key: str
+    params: dict[str, SearchParam]
+    mapping: CompiledMapping
+    compartment_link: Link | None
+
+    def reference_values(self, rec: Any, ref: str) -> Iterator[str]: ...
+
+
+Provider = Source
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,28 @@ class InvalidId(BadRequest):
     error_code = "INVALID_RESOURCE_ID"
 
 
+class TooManyParameters(BadRequest):
+    """More search parameters in one request than ``max_search_parameters``."""
+
+    issue_code = "too-costly"
+    error_code = "TOO_MANY_PARAMETERS"
+
+
+class TooManyValues(BadRequest):
+    """More comma-separated values in one parameter than ``max_values_per_parameter``, or
+    more values in one query than the backend takes."""
+
+    issue_code = "too-costly"
+    error_code = "TOO_MANY_VALUES"
+
+
+class SearchTooCostly(BadRequest):
+    """The search's estimated cost is over ``search_cost_budget`` (gateway/cost.py)."""
+
+    issue_code = "too-costly"
+    error_code = "SEARCH_TOO_COSTLY"
+
+
 class ResourceInvalid(GatewayError):
     """A resource sent to be written is not valid (→ 422, one issue per problem)."""
 
@@ -138,6 +160,14 @@ class PayloadTooLarge(GatewayError):
     status = 413
     issue_code = "too-costly"
     error_code = "PAYLOAD_TOO_LARGE"
+
+
+class RequestTimeout(GatewayError):
+    """The request body did not arrive within ``body_timeout_seconds``."""
+
+    status = 408
+    issue_code = "timeout"
+    error_code = "REQUEST_TIMEOUT"
 
 
 class PreconditionFailed(GatewayError):

@@ -11,22 +11,44 @@
   where the server is told to trust the proxy). Over the rate it is 429 ``RATE_LIMITED`` with
   ``Retry-After``. The bucket table is bounded (least recently used keys are dropped).
 
+* ``SourceLimit`` — before authentication, per source address: a token bucket for every
+  request, and a much smaller one for failed authentications (401). A source whose
+  failures use up their bucket is 429 ``RATE_LIMITED`` before its credentials are even
+  checked, so a flood of invalid tokens costs neither signature checks nor audit lines.
+* ``ClientConcurrency`` — inside authentication: at most ``per_client`` requests of one
+  client (``client_key``) at once, 429 ``TOO_MANY_CONCURRENT_REQUESTS`` beyond it, so one
+  client's slow requests (slow bodies, costly searches) cannot hold every in-flight slot.
+  It also names the client for ``backend_slot``: at most ``per_client_backend`` backend
+  calls of one client run at once and the rest wait their turn, so a client's slow
+  queries queue behind each other rather than in front of everyone else's.
+* ``BodyLimit`` also bounds the time a body may take to arrive: 408 ``REQUEST_TIMEOUT``
+  when it is not complete ``timeout`` seconds after the request started.
+
+The limiters' state sits behind two small interfaces (``Buckets``, ``Slots``) with
+in-memory implementations here, so a shared store (Redis) can replace them for replicas.
+The backend queue (``ClientQueues``) is per process by nature: it bounds this process's
+worker threads.
+
 ``/_health`` and ``/_ready`` are exempt from the concurrency and rate limits, so probes keep
 answering under load. Responses are OperationOutcomes in the negotiated format.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth.principal import get_principal
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 
 EXEMPT_PATHS = frozenset({"/_health", "/_ready"})
 
@@ -43,6 +65,10 @@ class ServerBusy(GatewayError):
     error_code = "SERVER_BUSY"
 
 
+class TooManyConcurrent(TooManyRequests):
+    error_code = "TOO_MANY_CONCURRENT_REQUESTS"
+
+
 async def _reject(scope: Scope, receive: Receive, send: Send, error: GatewayError) -> None:
     from gateway.middleware import outcome_response
 
@@ -50,15 +76,18 @@ async def _reject(scope: Scope, receive: Receive, send: Send, error: GatewayErro
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 0.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
+        """Seconds from the start of a request until its body must have arrived; 0 = none."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.max_bytes <= 0:
+        if scope["type"] != "http" or (self.max_bytes <= 0 and self.timeout <= 0):
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
+        limit = self.max_bytes if self.max_bytes > 0 else math.inf
+        deadline = time.monotonic() + self.timeout if self.timeout > 0 else math.inf
         for key, value in scope["headers"]:
             if key == b"content-length":
                 if not value.isdigit():
@@ -75,7 +104,18 @@ class BodyLimit:
 
         async def counted() -> Message:
             nonlocal seen
-            message = await receive()
+            if deadline == math.inf:
+                message = await receive()
+            else:
+                # A body sent a byte at a time holds a request slot for as long as it lasts:
+                # it gets until the deadline, all of it, not a fresh wait per chunk.
+                try:
+                    async with asyncio.timeout_at(_loop_time(deadline)):
+                        message = await receive()
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request body did not arrive within {self.timeout:g} seconds"
+                    ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
@@ -90,7 +130,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted, watch)
-        except PayloadTooLarge as exc:  # read by a layer outside the error handlers
+        except (PayloadTooLarge, RequestTimeout) as exc:  # read outside the error handlers
             if started:
                 raise
             await _reject(scope, receive, send, exc)
@@ -120,6 +160,25 @@ class ConcurrencyLimit:
             self.in_flight -= 1
 
 
+class Buckets(Protocol):
+    """Per-key token buckets (in memory here; a shared store can implement the same)."""
+
+    def take(self, key: str) -> float:
+        """Take one token: 0.0 if allowed, else the seconds until one is available."""
+
+    def peek(self, key: str) -> float:
+        """The seconds until ``key`` has a token (0.0: it has one now); takes nothing."""
+
+
+class Slots(Protocol):
+    """Per-key counters of things in progress, each capped."""
+
+    def acquire(self, key: str) -> bool:
+        """Count one more for ``key``, unless it is at its cap (then False)."""
+
+    def release(self, key: str) -> None: ...
+
+
 class TokenBuckets:
     """``rate`` tokens a second up to ``burst``, per key; at most ``max_keys`` keys kept."""
 
@@ -145,6 +204,36 @@ class TokenBuckets:
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return wait
+
+    def peek(self, key: str) -> float:
+        found = self._buckets.get(key)
+        if found is None:
+            return 0.0
+        tokens, last = found
+        tokens = min(float(self.burst), tokens + (self.clock() - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+
+class CountedSlots:
+    """``limit`` per key at once; keys with nothing in progress are not kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        n = self._counts.get(key, 0)
+        if n >= self.limit:
+            return False
+        self._counts[key] = n + 1
+        return True
+
+    def release(self, key: str) -> None:
+        n = self._counts.get(key, 0) - 1
+        if n > 0:
+            self._counts[key] = n
+        else:
+            self._counts.pop(key, None)
 
 
 class RateLimit:
@@ -174,3 +263,127 @@ def client_key(scope: Scope) -> str:
         return "client:" + principal.client_id
     client = scope.get("client")
     return "ip:" + (client[0] if client else "unknown")
+
+
+def _loop_time(deadline: float) -> float:
+    """A ``time.monotonic`` deadline on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())
+
+
+def source_key(scope: Scope) -> str:
+    client = scope.get("client")
+    return "ip:" + (client[0] if client else "unknown")
+
+
+class SourceLimit:
+    """Outside authentication: limits by source address, whoever the request claims to be."""
+
+    def __init__(self, app: ASGIApp, requests: Buckets | None, failures: Buckets | None
+                 ) -> None:
+        self.app = app
+        self.requests = requests
+        self.failures = failures
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["path"] in EXEMPT_PATHS
+                or (self.requests is None and self.failures is None)):
+            await self.app(scope, receive, send)
+            return
+        key = source_key(scope)
+        wait = self.failures.peek(key) if self.failures is not None else 0.0
+        if not wait and self.requests is not None:
+            wait = self.requests.take(key)
+        if wait > 0:
+            await _reject(scope, receive, send, TooManyRequests(
+                "too many requests from this address; slow down",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+            return
+        if self.failures is None:
+            await self.app(scope, receive, send)
+            return
+        failures = self.failures
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                failures.take(key)
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+
+current_client: ContextVar[str | None] = ContextVar("current_client", default=None)
+"""The client (``client_key``) of the request being served, for ``backend_slot``."""
+
+
+class ClientQueues:
+    """At most ``limit`` backend calls per client at once; the others wait in turn (FIFO)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._queues: dict[str, asyncio.Semaphore] = {}
+        self._users: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        sem = self._queues.get(key)
+        if sem is None:
+            sem = self._queues[key] = asyncio.Semaphore(self.limit)
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with sem:
+                yield
+        finally:
+            left = self._users[key] - 1
+            if left:
+                self._users[key] = left
+            else:  # nobody holds or waits for it: not kept (the table stays small)
+                del self._users[key]
+                del self._queues[key]
+
+
+_backend_queues: ContextVar[ClientQueues | None] = ContextVar("backend_queues", default=None)
+
+
+@asynccontextmanager
+async def backend_slot() -> AsyncIterator[None]:
+    """Around one backend call: wait for one of the client's backend slots."""
+    queues = _backend_queues.get()
+    key = current_client.get()
+    if queues is None or key is None:
+        yield
+        return
+    async with queues.slot(key):
+        yield
+
+
+class ClientConcurrency:
+    """Inside authentication: a cap per client on requests in flight, and the client's
+    backend queue for the request's backend calls."""
+
+    def __init__(self, app: ASGIApp, slots: Slots | None, backend: ClientQueues | None,
+                 retry_after: int = 1) -> None:
+        self.app = app
+        self.slots = slots
+        self.backend = backend
+        self.retry_after = retry_after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        key = client_key(scope)
+        if self.slots is not None and not self.slots.acquire(key):
+            await _reject(scope, receive, send, TooManyConcurrent(
+                "too many requests from this client at once; wait for some to finish",
+                headers={"Retry-After": str(self.retry_after)}))
+            return
+        client_token = current_client.set(key)
+        queues_token = _backend_queues.set(self.backend)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_client.reset(client_token)
+            _backend_queues.reset(queues_token)
+            if self.slots is not None:
+                self.slots.release(key)

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,16 +29,24 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import DEFAULT, Format, negotiate, render
-from gateway.providers import adapter_seconds
 from gateway.randomness import random_hex
+from gateway.timing import adapter_seconds
 
 log = structlog.get_logger("gateway.request")
+CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+NO_STORE = ((b"cache-control", b"no-store"), (b"pragma", b"no-cache"))
+"""On every response that can carry patient data: no shared or browser cache keeps it
+(``Pragma`` for HTTP/1.0 proxies)."""
+
+
 class RequestContext:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, cacheable: frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.cacheable = cacheable
+        """Paths whose responses hold no patient data (metadata, probes): no headers added."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,17 +60,23 @@ class RequestContext:
         status = 500
         response_started = False
         rid_header = (b"x-request-id", rid.encode())
+        extra = ((rid_header,) if scope["path"] in self.cacheable
+                 else (rid_header, *NO_STORE))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = [*message.get("headers", []), rid_header]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client went away mid-request (an upload cut short): nobody to answer, and
+            # nothing wrong with the server. 499 (as nginx logs it) in the request line.
+            status = CLIENT_CLOSED_REQUEST
         except Exception as exc:  # the last resort: never a traceback to the client
             status = 500
             # Type and stack only: exception messages can quote data.
@@ -71,7 +85,7 @@ class RequestContext:
             if not response_started:
                 body = render(InternalError("an unexpected error occurred").outcome(), DEFAULT)
                 await send({"type": "http.response.start", "status": 500, "headers": [
-                    (b"content-type", DEFAULT.content_type.encode()), rid_header]})
+                    (b"content-type", DEFAULT.content_type.encode()), *extra]})
                 await send({"type": "http.response.body", "body": body})
         finally:
             route = scope.get("route")

@@ -112,6 +112,9 @@ class SearchPlan:
     """Other types a chain or ``_has`` searched (authorisation: search on each)."""
     notes: list[str] = field(default_factory=list)
     """Information for the client about how the search was answered."""
+    exact: list[tuple[str, ...]] = field(default_factory=list)
+    """Each ``:exact`` parameter's values as sent: a match must carry one of them, exactly
+    (case and accents), as a value of the served resource (see ``matches_exactly``)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class SearchContext:
     """The reference parameter ``param`` of provider ``type``, if it exists."""
     chain: Callable[[str, str], Chained] | None = None
     """Plans a chained parameter (``patient.family``) or ``_has`` (gateway.chain)."""
+    id_prefix: str = ""
+    """The source's id prefix (one of several sources of a type): ``_id`` values carry it."""
 
 
 def plan_search(
@@ -177,16 +182,21 @@ def plan_search(
             continue
         param = ctx.params.get(name)
         if param is None:
-            if strict:
-                raise UnknownParameter(
-                    f"unknown search parameter '{name}' for {ctx.resource_type}"
-                )
             ignored.append(name)
             continue
         criteria.append(_criterion(ctx, name, param, modifier or None, raw))
+        if modifier == "exact" and param.type == "string":
+            plan.exact.append(tuple(v.strip() for v in split_values(raw)))
         used.append((key, raw))
         used_types[name] = param.type
 
+    if ignored and strict:
+        # Named all at once, before the search policy: a misspelt parameter is the problem
+        # to report, not the "two parameters" rule it happens to break.
+        names = ", ".join(f"'{n}'" for n in dict.fromkeys(ignored))
+        raise UnknownParameter(
+            f"unknown or unsupported search parameter(s) {names} for {ctx.resource_type} "
+            "(send 'Prefer: handling=lenient' to have them ignored)")
     if ctx.policy and not plan.page_token:
         _check_policy(ctx, ctx.policy, used_types)
 
@@ -304,7 +314,9 @@ def id_criterion(ctx: SearchContext, modifier: str, raw: str) -> Criterion:
     ids = split_values(raw)
     if not all(ID_RE.match(i) for i in ids):
         raise InvalidParameter("'_id' is not a valid resource id")
-    return any_of([_key_equals(ctx, ctx.key_ref, i) for i in ids])
+    pre = ctx.id_prefix  # one of several sources: only its own ids, without the prefix
+    return any_of([_key_equals(ctx, ctx.key_ref, i.removeprefix(pre))
+                   for i in ids if i.startswith(pre)])
 
 
 def param_criterion(
@@ -446,6 +458,7 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
     if param.period:
         start, end = param.period.start, param.period.end
         s_store, e_store = ctx.storage(start), ctx.storage(end)
+        lo, hi = _as_served(s_store, lo, hi)
         sl, sh = s_store.bound(lo), s_store.bound(hi)
         # the least stored end whose unit ends after lo, after hi
         el, eh = _ends_after(e_store, lo), _ends_after(e_store, hi)
@@ -474,6 +487,7 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
 
     ref = param.refs[0]
     store = ctx.storage(ref)
+    lo, hi = _as_served(store, lo, hi)
     if p in ("eq", "ap"):  # [t, t + unit) within [lo, hi)
         return And((Compare(ref, ">=", store.bound(lo)),
                     Compare(ref, "<", _ends_after(store, hi))))
@@ -494,7 +508,52 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
     return Compare(ref, "<", store.bound(max(lo, _last_start(store, hi))))
 
 
+def matches_exactly(resource: dict[str, Any], exact: list[tuple[str, ...]]) -> bool:
+    """Whether the resource carries, for every ``:exact`` parameter, one of its values exactly.
+
+    STU3 ``:exact`` is case- and accent-sensitive. The backend finds the values equal when
+    case and accents are ignored (its column may hold ``SMITH`` for a served ``Smith``);
+    this keeps those whose served values hold the searched value as it was sent.
+    """
+    if not exact:
+        return True
+    served: set[str] = set()
+    _strings(resource, served)
+    return all(any(v in served for v in values) for values in exact)
+
+
+def _strings(node: Any, out: set[str]) -> None:
+    if isinstance(node, str):
+        out.add(node)
+    elif isinstance(node, dict):
+        for v in node.values():
+            _strings(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _strings(v, out)
+
+
 _TICK = dt.timedelta(microseconds=1)
+
+
+def _as_served(store: Storage, lo: dt.datetime, hi: dt.datetime
+               ) -> tuple[dt.datetime, dt.datetime]:
+    """A search value more precise than the storage, on one of its stored values, as that value.
+
+    A minute-precision column is served with ``:00`` seconds (FHIR dateTime needs them), so a
+    client searching with the exact value it was given (``eq2020-03-01T10:30:00``) asks for a
+    second the stored minute only partly covers; it means the minute. Values between stored
+    values keep their own precision (``10:30:20`` still finds nothing stored at 10:30).
+    """
+    unit = store.unit
+    if unit is None or hi - lo >= unit or _ceil_to(lo, unit) != lo:
+        return lo, hi
+    return lo, _clip(lo + unit)
+
+
+def _ceil_to(t: dt.datetime, unit: dt.timedelta) -> dt.datetime:
+    rem = (t - dt.datetime(1, 1, 1)) % unit
+    return t if not rem else t + (unit - rem)
 
 
 def _last_start(store: Storage, x: dt.datetime) -> dt.datetime:
@@ -522,6 +581,7 @@ __all__ = [
     "SearchContext",
     "SearchPlan",
     "id_criterion",
+    "matches_exactly",
     "param_criterion",
     "plan_search",
 ]

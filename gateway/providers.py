@@ -1,8 +1,8 @@
-"""One provider per resource type, built from its compiled mapping; and the registry of them.
+"""One provider per source of a resource type, built from its compiled mapping.
 
 A provider turns records into resources (plain dicts, via the compiled mapping) and runs
-reads and searches through its adapter. The registry is the single source of truth for
-what the gateway serves: routes consult it, and the CapabilityStatement is generated from it.
+reads and searches through its adapter. The registry (gateway.registry) holds one per type,
+composing the providers of a type served by several sources (gateway.multisource).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 from adapters.base import (
@@ -19,25 +18,27 @@ from adapters.base import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    Compare,
     Count,
     Criterion,
     In,
     Page,
     Query,
+    QueryTooLarge,
     SortKey,
     UnsupportedCriteria,
     Write,
     WriteResult,
     any_of,
 )
-from gateway import audit, chain, compartment
+from gateway import audit, chain, compartment, limits
 from gateway.errors import (
     GatewayTimeout,
     InternalError,
     InvalidId,
     ResourceInvalid,
     ServiceUnavailable,
-    UnknownResourceType,
+    TooManyValues,
     UnsupportedSearch,
     UpstreamError,
     UpstreamRejected,
@@ -45,11 +46,11 @@ from gateway.errors import (
 from gateway.mapping.loader import CompiledMapping
 from gateway.mapping.model import SearchParam
 from gateway.mapping.reverse import ReverseContext, ReverseError, compile_reverse
-from gateway.plan import SearchContext, SearchPlan, plan_search
+from gateway.plan import SearchPlan
 from gateway.search import ID_RE
+from gateway.timing import adapter_seconds
 
-# Time spent waiting on backends during the current request, for the request log line.
-adapter_seconds: ContextVar[float] = ContextVar("adapter_seconds", default=0.0)
+__all__ = ["Provider", "adapter_seconds", "translate_backend_error"]
 
 
 class Provider:
@@ -60,6 +61,9 @@ class Provider:
         self.params: dict[str, SearchParam] = dict(mapping.spec.search)
         self.key = mapping.spec.id.source_ref or ""
         self.key_sort = (SortKey(self.key),)
+        self.id_prefix = mapping.spec.id_prefix or ""
+        self.sortable: list[str] = list(mapping.spec.sort)
+        self.policy = mapping.spec.search_policy
         self._build = mapping.build
         self._build_id = mapping.build_id
         self._build_lu = mapping.build_last_updated
@@ -81,8 +85,12 @@ class Provider:
         """A record in the dict form (a golden file's input) as this adapter lays them out."""
         return rec if self.layout is None else self.layout.as_row(rec)
 
+    @property
+    def sources(self) -> list[Provider]:
+        return [self]
+
     def record_id(self, rec: Any) -> str:
-        return str(self._build_id(rec))
+        return self.id_prefix + str(self._build_id(rec))
 
     def resource(self, rec: Any) -> dict[str, Any]:
         meta: dict[str, Any] = {"profile": [self.profile]}
@@ -92,7 +100,7 @@ class Provider:
                 meta["lastUpdated"] = updated
         out: dict[str, Any] = {
             "resourceType": self.resource_type,
-            "id": str(self._build_id(rec)),
+            "id": self.id_prefix + str(self._build_id(rec)),
             "meta": meta,
         }
         out.update(self._build(rec))
@@ -105,14 +113,16 @@ class Provider:
     async def _fetch(self, query: Query) -> Page:
         query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
         audit.note_backend(self, "fetch", query)
-        with _backend_call():
-            return await self.mapping.adapter.fetch(self.mapping.prepared, query)
+        async with limits.backend_slot():  # the client's own queue (gateway/limits.py)
+            with _backend_call():
+                return await self.mapping.adapter.fetch(self.mapping.prepared, query)
 
     async def _count(self, criteria: Criterion | None) -> int:
         query = compartment.restrict_count(self, Count(criteria))
         audit.note_backend(self, "count", query)
-        with _backend_call():
-            return await self.mapping.adapter.count(self.mapping.prepared, query)
+        async with limits.backend_slot():
+            with _backend_call():
+                return await self.mapping.adapter.count(self.mapping.prepared, query)
 
     def parse_keys(self, ref: str, ids: Iterable[str]) -> tuple[Any, ...]:
         """Ids as stored in ``ref``'s column; ids that cannot exist there are left out."""
@@ -126,7 +136,8 @@ class Provider:
         return tuple(keys)
 
     def _ids(self, ids: Iterable[str]) -> Criterion:
-        keys = self.parse_keys(self.key, ids)
+        pre = self.id_prefix
+        keys = self.parse_keys(self.key, (i[len(pre):] for i in ids if i.startswith(pre)))
         return any_of([In(self.key, keys)] if keys else [])
 
     async def read(self, rid: str) -> dict[str, Any] | None:
@@ -167,6 +178,47 @@ class Provider:
         await chain.resolve(plan)
         return await self._count(plan.criteria)
 
+    def position(self, rec: Any, sort: tuple[SortKey, ...]) -> tuple[Any, ...]:
+        """The keyset position of one record (its sort-key values, as the adapter pages)."""
+        if isinstance(rec, dict):
+            return tuple(rec.get(k.ref) for k in sort)
+        assert self.layout is not None
+        return tuple(rec[self.layout.fields.index(k.ref)] for k in sort)
+
+    def page_outcome(self, page: Page) -> list[dict[str, Any]]:
+        """Outcome entries a page needs (one source: none; see gateway.multisource)."""
+        return []
+
+    def reference_ids(self, rec: Any, param: str, target: str) -> Iterator[str]:
+        """The ids a record's reference parameter ``param`` holds for ``target``."""
+        ref = self.params[param].reference_targets().get(target)
+        if ref is not None:
+            yield from self.reference_values(rec, ref)
+
+    async def revinclude(self, param: str, target: str, ids: list[str], limit: int
+                         ) -> tuple[list[dict[str, Any]], bool]:
+        """Resources whose ``param`` refers to one of ``ids`` (at most ``limit``; and whether
+        there were more)."""
+        ref = self.params[param].reference_targets()[target]
+        keys = self.parse_keys(ref, ids)
+        if not keys:
+            return [], False
+        # Not a client search: no search policy applies, only the link to this page.
+        sub = SearchPlan(criteria=None, sort=self.key_sort, count=limit)
+        try:
+            page = await self.search(sub, extra=In(ref, keys))
+            records = page.records
+            more = page.more
+        except UnsupportedSearch:
+            # A source that cannot ask for several at once (HL7 v2 queries): one by one.
+            records = []
+            more = False
+            for key in keys:
+                page = await self.search(sub, extra=Compare(ref, "=", key))
+                more = more or page.more or len(records) + len(page.records) > limit
+                records += page.records[: max(0, limit - len(records))]
+        return [self.resource(r) for r in records], more
+
     def to_record(self, resource: dict[str, Any]) -> dict[str, Any]:
         """The source record a resource becomes when written (reverse mapping)."""
         try:
@@ -176,9 +228,11 @@ class Provider:
 
     async def write(self, write: Write) -> WriteResult:
         compartment.check_write(self, write)
+        audit.before_write()  # the attempt record, or no write at all
         audit.note_backend(self, write.interaction, None)
-        with _backend_call():
-            result = await self.mapping.adapter.write(self.mapping.prepared, write)
+        async with limits.backend_slot():
+            with _backend_call():
+                result = await self.mapping.adapter.write(self.mapping.prepared, write)
         audit.note_written(self, result.id)
         return result
 
@@ -239,64 +293,8 @@ def translate_backend_error(exc: Exception) -> Exception:
         return UpstreamRejected(str(exc))
     if isinstance(exc, BackendError):
         return UpstreamError(str(exc))
+    if isinstance(exc, QueryTooLarge):
+        return TooManyValues(str(exc))
     if isinstance(exc, UnsupportedCriteria):
         return UnsupportedSearch(str(exc))
     return InternalError("the backend failed unexpectedly")
-
-
-class Registry:
-    def __init__(self, providers: Iterable[Provider]) -> None:
-        self._providers = {p.resource_type: p for p in providers}
-
-    def __contains__(self, resource_type: str) -> bool:
-        return resource_type in self._providers
-
-    def __iter__(self) -> Iterator[Provider]:
-        return iter(sorted(self._providers.values(), key=lambda p: p.resource_type))
-
-    def get(self, resource_type: str) -> Provider:
-        provider = self._providers.get(resource_type)
-        if provider is None:
-            raise UnknownResourceType(f"this server does not serve resource type {resource_type!r}"
-                                      if resource_type.isalnum() else
-                                      "this server does not serve that resource type")
-        return provider
-
-    def search_context(self, provider: Provider) -> SearchContext:
-        m = provider.mapping
-
-        def revinclude_source(rtype: str, param: str) -> SearchParam | None:
-            other = self._providers.get(rtype)
-            if other is None:
-                return None
-            p = other.params.get(param)
-            return p if p is not None and p.type == "reference" else None
-
-        return SearchContext(
-            resource_type=provider.resource_type,
-            params=provider.params,
-            policy=m.spec.search_policy,
-            sortable=m.spec.sort,
-            key_ref=m.spec.id.source_ref or "",
-            storage=m.storage,
-            codemaps=m.codemaps,
-            tz=m.tz,
-            include_targets=lambda t: t in self._providers,
-            revinclude_sources=revinclude_source,
-            chain=lambda key, raw: chain.plan_chain(self, provider, key, raw),
-        )
-
-    def plan(self, provider: Provider, pairs: list[tuple[str, str]], *, default_count: int,
-             max_count: int, strict: bool) -> SearchPlan:
-        plan = plan_search(self.search_context(provider), pairs, default_count=default_count,
-                           max_count=max_count, strict=strict)
-        audit.note_search(provider.resource_type, plan.used)
-        return plan
-
-    async def aclose(self) -> None:
-        seen: set[int] = set()
-        for p in self._providers.values():
-            adapter = p.mapping.adapter
-            if id(adapter) not in seen:
-                seen.add(id(adapter))
-                await adapter.aclose()

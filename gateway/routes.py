@@ -14,13 +14,14 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import anyio
+import structlog
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from adapters.base import Compare, In, Page, SortKey, Write
-from gateway import bundle, compartment, writes
+from adapters.base import Page, Write
+from gateway import bundle, compartment, cost, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.binary import BinaryEndpoint
@@ -28,31 +29,37 @@ from gateway.bundle import Pager
 from gateway.capability import capability_statement
 from gateway.errors import (
     BadRequest,
+    GatewayError,
+    GatewayTimeout,
     MethodNotAllowed,
     NotFound,
     NotImplementedInteraction,
     PreconditionFailed,
     UnsupportedMediaType,
-    UnsupportedSearch,
     issue,
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render
-from gateway.plan import Include, RevInclude, SearchPlan
-from gateway.profiles.operation import validate_endpoint
-from gateway.providers import Provider, Registry
+from gateway.operations import OperationRegistry
+from gateway.operations.base import Invocation, Level
+from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
 from gateway.randomness import uuid4
+from gateway.registry import Registry, TypeProvider, adapters
 from gateway.search import ID_RE
 from gateway.settings import Settings
 
 MAX_FORM_BYTES = 64 * 1024
 
+log = structlog.get_logger("gateway.routes")
+
 
 class Api:
-    def __init__(self, registry: Registry, settings: Settings, pager: Pager) -> None:
+    def __init__(self, registry: Registry, settings: Settings, pager: Pager,
+                 operations: OperationRegistry | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.pager = pager
+        self.operations = operations or OperationRegistry(())
 
     # -- helpers
 
@@ -82,7 +89,9 @@ class Api:
         for part in prefer.split(","):
             key, _, value = part.strip().partition("=")
             if key.strip().lower() == "handling":
-                return value.strip().strip('"').lower() == "strict"
+                handling = value.strip().strip('"').lower()
+                if handling in ("strict", "lenient"):
+                    return handling == "strict"
         return self.settings.strict_search
 
     # -- interactions
@@ -91,7 +100,7 @@ class Api:
         fmt = self.fmt(request)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
-        statement = capability_statement(self.registry, self.base_url(request))
+        statement = capability_statement(self.registry, self.base_url(request), self.operations)
         return self.respond(with_security(statement, self.settings), fmt)
 
     async def type_level(self, request: Request) -> Response:
@@ -116,6 +125,9 @@ class Api:
             raise UnsupportedMediaType(
                 "POST _search takes application/x-www-form-urlencoded parameters"
             )
+        # Before the body is read: a client without the scope never holds the server's
+        # attention for as long as it takes to send one (issue 13).
+        authorize.require(request, provider.resource_type, "s")
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -131,7 +143,10 @@ class Api:
 
     async def instance(self, request: Request) -> Response:
         fmt = self.fmt(request)
-        provider = self.registry.get(request.path_params["type"])
+        rtype = request.path_params["type"]
+        if rtype == "OperationDefinition" and rtype not in self.registry:
+            return await self.operation_definition(request)  # this server's own operations
+        provider = self.registry.get(rtype)
         rid = request.path_params["id"]
         if rid == "_search" and request.method in ("GET", "HEAD"):
             return await self._search(request, provider, list(request.query_params.multi_items()),
@@ -161,6 +176,34 @@ class Api:
                 return Response(status_code=304, headers=headers)
         return self.respond(resource, fmt, headers=headers)
 
+    async def operation(self, request: Request) -> Response:
+        """``$name`` at system, type or instance level: dispatched to the operation registry."""
+        self.fmt(request)
+        params = request.path_params
+        name = params["op"][1:]
+        rtype, rid = params.get("type"), params.get("id")
+        level: Level = "instance" if rid is not None else "type" if rtype else "system"
+        provider = self.registry.get(rtype) if rtype else None
+        op = self.operations.find(name, level, rtype)
+        if op is None:
+            raise NotImplementedInteraction(
+                f"operation ${name} is not supported here" if name.isalnum() or "-" in name
+                else "this operation is not supported here")
+        if request.method not in op.methods:
+            allowed = ", ".join(op.methods)
+            raise MethodNotAllowed(f"${name} supports {allowed}", headers={"Allow": allowed})
+        return await op.run(self, Invocation(request, level, provider, rid))
+
+    async def operation_definition(self, request: Request) -> Response:
+        """``OperationDefinition/[id]``: the definitions of this server's own operations."""
+        fmt = self.fmt(request)
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("OperationDefinition supports GET", headers={"Allow": "GET"})
+        found = self.operations.definition(request.path_params["id"], self.base_url(request))
+        if found is None:
+            raise NotFound("OperationDefinition with that id was not found")
+        return self.respond(found, fmt)
+
     async def deeper(self, request: Request) -> Response:
         """``[type]/[id]/_history``, ``[type]/[id]/$op`` and the like: recognised, not served."""
         self.fmt(request)
@@ -169,7 +212,7 @@ class Api:
 
     # -- writes
 
-    async def _create(self, request: Request, provider: Provider, fmt: Format) -> Response:
+    async def _create(self, request: Request, provider: TypeProvider, fmt: Format) -> Response:
         authorize.require(request, provider.resource_type, "c")
         if request.headers.get("if-none-exist"):  # a search that can answer with a match
             authorize.require(request, provider.resource_type, "s")
@@ -180,8 +223,11 @@ class Api:
         if condition:
             # Conditional create: a resend of the same create finds the first one.
             pairs = parse_qsl(condition.split("?", 1)[-1], keep_blank_values=True)
+            s = self.settings
+            cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
             plan = self.registry.plan(provider, pairs, default_count=2, max_count=2,
                                       strict=True)
+            _check_cost(provider, plan, s.search_cost_budget)
             plan.count = 2
             found = await provider.search(plan)
             if len(found.records) > 1:
@@ -193,13 +239,19 @@ class Api:
                                                       existing, "exists"),
                                     fmt, headers={"Location": location})
         record = provider.to_record(resource)
-        result = await provider.write(Write("create", record))
-        location = f"{base}/{provider.resource_type}/{result.id}"
-        created = await provider.read(result.id)
-        body = authorize.written(request, provider.resource_type, created or resource, "created")
-        return self.respond(body, fmt, status=201, headers={"Location": location})
+        try:
+            result = await provider.write(Write("create", record))
+        except GatewayTimeout as exc:  # sent, unanswered: it may have been applied
+            raise writes.WriteOutcomeUnknown("create") from exc
+        # Applied: from here on the answer is 201, whatever the read-back does.
+        created, warning = await _read_back(provider, result.id, record, resource, "create")
+        headers = {"Warning": warning} if warning else {}
+        if result.id:
+            headers["Location"] = f"{base}/{provider.resource_type}/{result.id}"
+        body = authorize.written(request, provider.resource_type, created, "created")
+        return self.respond(body, fmt, status=201, headers=headers)
 
-    async def _update(self, request: Request, provider: Provider, rid: str, fmt: Format
+    async def _update(self, request: Request, provider: TypeProvider, rid: str, fmt: Format
                       ) -> Response:
         authorize.require(request, provider.resource_type, "u")
         resource = await writes.read_body(request, self.settings.max_body_bytes)
@@ -210,20 +262,26 @@ class Api:
             raise NotFound(f"{provider.resource_type} with that id was not found "
                            "(this server does not create by update)")
         record = provider.to_record(resource)
-        await provider.write(Write("update", record, id=rid))
-        updated = await provider.read(rid)
-        return self.respond(authorize.written(request, provider.resource_type,
-                                              updated or resource, "updated"), fmt)
+        try:
+            await provider.write(Write("update", record, id=rid))
+        except GatewayTimeout as exc:
+            raise writes.WriteOutcomeUnknown("update") from exc
+        updated, warning = await _read_back(provider, rid, record, resource, "update")
+        return self.respond(authorize.written(request, provider.resource_type, updated,
+                                              "updated"), fmt,
+                            headers={"Warning": warning} if warning else None)
 
     # -- search
 
     async def _search(
-        self, request: Request, provider: Provider, pairs: list[tuple[str, str]], fmt: Format
+        self, request: Request, provider: TypeProvider, pairs: list[tuple[str, str]], fmt: Format
     ) -> Response:
         authorize.require(request, provider.resource_type, "s")
         s = self.settings
+        cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
                                   max_count=s.max_count, strict=self.strict(request))
+        _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
         used = urlencode(plan.used)  # shared by the self, next and previous links
@@ -247,8 +305,14 @@ class Api:
             return self.respond(body, fmt)
 
         page = await provider.search(plan, after, backwards)
-        entries = [bundle.entry(base, provider.resource(r), "match") for r in page.records]
-        entries += await self._includes(provider, plan, page, base)
+        matches = [provider.resource(r) for r in page.records]
+        if plan.exact:  # :exact is case- and accent-sensitive on what is served
+            matches = [r for r in matches if matches_exactly(r, plan.exact)]
+        entries = [bundle.entry(base, r, "match") for r in matches]
+        # bdl-7: a resource already in the Bundle as a match is not included again
+        entries += await self._includes(provider, plan, page, base,
+                                        {(r["resourceType"], r["id"]) for r in matches})
+        entries += provider.page_outcome(page)  # a source that did not answer: said so
         entries += outcome
 
         links = [self_link]
@@ -269,17 +333,16 @@ class Api:
                                 total=found, last_updated=now)
         return self.respond(body, fmt)
 
-    def _page_link(self, base: str, provider: Provider, used: str, fingerprint: str,
+    def _page_link(self, base: str, provider: TypeProvider, used: str, fingerprint: str,
                    position: tuple[Any, ...], backwards: bool) -> str:
         token = self.pager.token(fingerprint, position, backwards)
         return bundle.search_url(base, provider.resource_type, used, token)
 
-    async def _includes(self, provider: Provider, plan: SearchPlan, page: Page, base: str
-                        ) -> list[dict[str, Any]]:
+    async def _includes(self, provider: TypeProvider, plan: SearchPlan, page: Page, base: str,
+                        seen: set[tuple[str, str]]) -> list[dict[str, Any]]:
         if not page.records or not (plan.includes or plan.revincludes):
             return []
         limit = self.settings.include_limit
-        seen: set[tuple[str, str]] = set()
         out: list[dict[str, Any]] = []
         truncated: list[str] = []
         for inc in dict.fromkeys(plan.includes):  # a repeated _include is fetched once
@@ -303,43 +366,60 @@ class Api:
             out.append({"resource": oo, "search": {"mode": "outcome"}})
         return out
 
-    async def _include(self, provider: Provider, inc: Include, page: Page, limit: int,
+    async def _include(self, provider: TypeProvider, inc: Include, page: Page, limit: int,
                        truncated: list[str]) -> list[dict[str, Any]]:
         targets = provider.params[inc.param].reference_targets()
         results: list[dict[str, Any]] = []
-        for rtype, ref in targets.items():
+        for rtype in targets:
             if inc.target not in ("*", rtype) or rtype not in self.registry:
                 continue
-            ids = [v for r in page.records for v in provider.reference_values(r, ref)]
+            ids = [v for r in page.records for v in provider.reference_ids(r, inc.param, rtype)]
             if len({i for i in ids if ID_RE.match(i)}) > limit:
                 truncated.append(f"_include={provider.resource_type}:{inc.param}:{rtype}")
             results += await self.registry.get(rtype).read_many(ids, limit)
         return results
 
-    async def _revinclude(self, provider: Provider, rev: RevInclude, ids: list[str], limit: int,
-                          truncated: list[str]) -> list[dict[str, Any]]:
+    async def _revinclude(self, provider: TypeProvider, rev: RevInclude, ids: list[str],
+                          limit: int, truncated: list[str]) -> list[dict[str, Any]]:
         source = self.registry.get(rev.source_type)
-        ref = source.params[rev.param].reference_targets()[provider.resource_type]
-        keys = source.parse_keys(ref, ids)
-        if not keys:
-            return []
-        # Not a client search: no search policy applies, only the link to this page.
-        sub = SearchPlan(criteria=None, sort=(SortKey(source.key),), count=limit)
-        try:
-            page = await source.search(sub, extra=In(ref, keys))
-            records = page.records
-            more = page.more
-        except UnsupportedSearch:
-            # A source that cannot ask for several at once (HL7 v2 queries): one by one.
-            records = []
-            more = False
-            for key in keys:
-                page = await source.search(sub, extra=Compare(ref, "=", key))
-                more = more or page.more or len(records) + len(page.records) > limit
-                records += page.records[: max(0, limit - len(records))]
+        found, more = await source.revinclude(rev.param, provider.resource_type, ids, limit)
         if more:
             truncated.append(f"_revinclude={rev.source_type}:{rev.param}")
-        return [source.resource(r) for r in records]
+        return found
+
+
+def _check_cost(provider: TypeProvider, plan: SearchPlan, budget: int) -> None:
+    """Each source's own plan against the budget (one source: the plan itself)."""
+    parts: list[SearchPlan] = getattr(plan, "parts", None) or [plan]
+    for source, part in zip(provider.sources, parts, strict=True):
+        cost.check_cost(part.criteria, source.key, budget)
+
+
+async def _read_back(provider: TypeProvider, rid: str, record: dict[str, Any],
+                     resource: dict[str, Any], interaction: str
+                     ) -> tuple[dict[str, Any], str | None]:
+    """The written resource as the backend now serves it; if that read fails (the write is
+    applied all the same), the resource as sent and mapped, with a Warning header value."""
+    if rid:
+        try:
+            found = await provider.read(rid)
+        except GatewayError:
+            found = None
+        if found is not None:
+            return found, None
+    shown: dict[str, Any] = {**resource, "id": rid} if rid else dict(resource)
+    if rid:
+        try:
+            source = provider.sources[0]  # writes are offered only where a type has one
+            shown = source.resource(source.as_record({**record, source.key: rid}))
+        except Exception:  # the mapping cannot show it: the client's own resource will do
+            log.warning("write_read_back_unmapped", resource_type=provider.resource_type)
+    if not rid:
+        shown.pop("id", None)
+        return shown, (f'199 careconnect-gateway "the {interaction} was accepted by the '
+                       'system behind this server, which did not say the new id: search '
+                       'by the identifier sent"')
+    return shown, writes.not_read_back_warning(interaction)
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
@@ -389,8 +469,7 @@ async def health(request: Request) -> Response:
 def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
         checks: dict[str, str] = {}
-        adapters = {p.mapping.connection: p.mapping.adapter for p in registry}
-        for name, adapter in adapters.items():
+        for name, adapter in adapters(registry).items():
             try:
                 with anyio.fail_after(timeout):
                     await adapter.ping()
@@ -418,8 +497,13 @@ class _Id(_TypeName):
     regex = "[A-Za-z0-9.-]{1,64}"  # a FHIR id (ID_RE)
 
 
+class _Op(_TypeName):
+    regex = r"\$[A-Za-z][A-Za-z0-9-]{0,63}"  # an operation: $everything
+
+
 register_url_convertor("fhir_type", _TypeName())
 register_url_convertor("fhir_id", _Id())
+register_url_convertor("fhir_op", _Op())
 
 
 def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
@@ -437,9 +521,10 @@ def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
         Route("/_ready", ready_endpoint(registry), methods=["GET"]),
         Route(f"{base}/metadata", api.metadata, methods=every),
         Route(f"{base}/{{type}}/_search", api.search_post, methods=["POST"]),
-        Route(f"{base}/{{type}}/$validate", validate_endpoint(api, instance=False), methods=every),
-        Route(f"{base}/{{type}}/{{id}}/$validate", validate_endpoint(api, instance=True),
-              methods=every),
+        # Operations: one dispatcher for every level, to the operation registry.
+        Route(f"{base}/{{op:fhir_op}}", api.operation, methods=every),
+        Route(f"{base}/{{type:fhir_type}}/{{op:fhir_op}}", api.operation, methods=every),
+        Route(f"{base}/{{type:fhir_type}}/{{id}}/{{op:fhir_op}}", api.operation, methods=every),
         Route(f"{base}/{{type}}", api.type_level, methods=every),
         Route(f"{base}/{{type}}/{{id}}", api.instance, methods=every),
         Route(f"{base}/{{type}}/{{id}}/{{rest:path}}", api.deeper, methods=every),

@@ -39,8 +39,9 @@ class Settings:
     max_count: int = 500
     include_limit: int = 500
     """Most resources one _include or _revinclude may add to a page."""
-    strict_search: bool = False
-    """Default for unknown search parameters when the client sends no Prefer: handling."""
+    strict_search: bool = True
+    """Default for unknown search parameters when the client sends no Prefer: handling:
+    strict (400 naming them), as a misspelt parameter must not widen a clinical search."""
     paging_secret: str = ""
     connection_urls: dict[str, str] = field(default_factory=dict)
     """Per-connection URL overrides (tests, tooling); deployments use each url_env instead."""
@@ -64,12 +65,38 @@ class Settings:
     """A request whose audit record cannot be written fails (503) instead of being served."""
     max_body_bytes: int = 1024 * 1024
     """Largest request body accepted (413 beyond it), checked before anything reads it."""
+    max_search_parameters: int = 50
+    """Most search parameters in one request (400 TOO_MANY_PARAMETERS); 0 = no cap."""
+    max_values_per_parameter: int = 100
+    """Most comma-separated values in one search parameter (400 TOO_MANY_VALUES); 0 = no cap."""
+    search_cost_budget: int = 5000
+    """Largest estimated search cost (gateway/cost.py) sent to a backend (400
+    SEARCH_TOO_COSTLY beyond it); 0 = no budget."""
     max_in_flight: int = 256
     """Most requests served at once (503 + Retry-After beyond it); 0 = no limit."""
     rate_limit_per_minute: int = 1200
     """Sustained requests per minute per client (client_id, else source IP); 0 = no limit."""
     rate_limit_burst: int = 300
     """Requests a client may send at once before the per-minute rate applies."""
+    max_in_flight_per_client: int = 32
+    """Most requests one client may have in flight (429 TOO_MANY_CONCURRENT_REQUESTS beyond
+    it), so one client cannot hold every slot of max_in_flight; 0 = no limit."""
+    max_backend_calls_per_client: int = 2
+    """Backend calls of one client that run at once; its others wait in turn; 0 = no limit."""
+    source_rate_limit_per_minute: int = 6000
+    """Before authentication, per source address: requests a minute (429 beyond); 0 = off."""
+    source_rate_limit_burst: int = 1000
+    auth_failures_per_minute: int = 30
+    """Before authentication, per source address: failed authentications (401) a minute;
+    once used up, the address is 429 before its credentials are checked; 0 = off."""
+    auth_failures_burst: int = 60
+    audit_denial_window_seconds: int = 60
+    """Repeated denials without effect (401, 429) of one source are written once, then as one
+    count per window (a flood cannot fill the audit disk); 0 = one line each."""
+    body_timeout_seconds: int = 10
+    """Seconds from the start of a request until its body must have arrived (408 beyond)."""
+    header_timeout_seconds: int = 10
+    """Seconds a connection may take to send a request's headers before it is closed."""
     # -- authentication and authorisation (gateway/auth, docs/security.md)
     env: str = ""
     """``production`` refuses the demo fallbacks even on the bundled demo mappings."""

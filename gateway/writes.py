@@ -18,6 +18,7 @@ from starlette.requests import Request
 from gateway import nhs_number
 from gateway.errors import (
     BadRequest,
+    GatewayTimeout,
     PayloadTooLarge,
     ResourceInvalid,
     UnsupportedMediaType,
@@ -98,6 +99,19 @@ def _pydantic_problems(resource_type: str, exc: Any) -> list[tuple[str, str]]:
     return problems
 
 
+def _unstated_verification_status(resource: dict[str, Any], resource_type: str) -> set[str]:
+    """Where an NHS number carries no extension at all: Care Connect wants its verification
+    status (1..1), but a PAS that does not state it (HL7 v2 without PID-32) gives the gateway
+    none to serve, and what the gateway serves its own update must accept (a GET → PUT round
+    trip). The status is never invented; a status that is sent is still checked."""
+    out = set()
+    for i, ident in enumerate(resource.get("identifier") or []):
+        if (isinstance(ident, dict) and ident.get("system") == NHS_NUMBER_SYSTEM
+                and not ident.get("extension")):
+            out.add(f"{resource_type}.identifier[{i}].extension")
+    return out
+
+
 def validate(resource: dict[str, Any], resource_type: str, profile: str | None = None) -> None:
     """STU3 structure (fhir.resources) plus the Care Connect profile (errors block; warnings
     do not); ``profile`` defaults to the one the resource claims, else its type's."""
@@ -122,8 +136,38 @@ def validate(resource: dict[str, Any], resource_type: str, profile: str | None =
             problems.append((f"{resource_type}.identifier[{i}].value",
                              "an NHS number must be 10 digits with a valid check digit"))
     reported = {path for path, _ in problems}  # one issue per place: STU3 first, then profile
+    reported |= _unstated_verification_status(resource, resource_type)
     problems += [(i.expression, i.message) for i in profile_issues(resource, profile)
                  if i.severity == "error" and i.expression not in reported]
     problems = list(dict.fromkeys(problems))
     if problems:
         raise ResourceInvalid(problems)
+
+
+# --- the outcome of a write the backend may or may not have applied ---------------------------
+
+
+class WriteOutcomeUnknown(GatewayTimeout):
+    """The write was sent and no acknowledgement came back in time: it may have been applied.
+
+    The safe retry is a conditional one: a create with ``If-None-Exist`` on the identifier
+    sent (the NHS number) finds the first one if it was applied; an update is simply resent
+    (it replaces the whole resource)."""
+
+    error_code = "WRITE_OUTCOME_UNKNOWN"
+
+    def __init__(self, interaction: str) -> None:
+        retry = ("retry with If-None-Exist: identifier=<system>|<value> (the NHS number sent), "
+                 "which returns the patient if the first create was applied"
+                 if interaction == "create" else
+                 "read the resource to see which version the system holds, or resend the "
+                 "update (an update replaces the whole resource)")
+        super().__init__(f"the {interaction} was sent but the system behind this server did "
+                         f"not acknowledge it in time, so it MAY HAVE BEEN APPLIED; {retry}")
+
+
+def not_read_back_warning(interaction: str) -> str:
+    """The Warning header of a write the backend accepted but that could not be read back."""
+    return (f'199 careconnect-gateway "the {interaction} was accepted by the system behind '
+            'this server but could not be read back: the body is the resource as sent and '
+            'mapped"')

@@ -16,8 +16,10 @@ the PAS's text minus anything that looks like patient data, QAK-2 NF is an empty
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters import dropped
 from adapters.base import (
     Adapter,
     And,
@@ -46,6 +49,7 @@ from adapters.base import (
     UnsupportedCriteria,
     Write,
     WriteResult,
+    backend_correlations,
     note_correlation,
     source_config_error,
 )
@@ -53,11 +57,13 @@ from adapters.hl7v2 import er7, messages
 from adapters.hl7v2.mllp import (
     Endpoint,
     MllpClient,
+    MllpError,
     MllpProtocolError,
     MllpTimeout,
     MllpUnavailable,
     client_ssl_context,
 )
+from adapters.text import fold
 
 log = structlog.get_logger("adapters.hl7v2")
 
@@ -67,6 +73,15 @@ _PROTOCOL = frozenset({"MSH", "MSA", "ERR", "QAK", "QPD", "RCP", "DSC", "EVN"})
 _PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d{1,3})(?:\.(\d{1,3}))?(?:\.(\d{1,3}))?$")
 _REF = re.compile(r"^(?P<path>[A-Z0-9.\-]+)(?:\[(?P<where>[^\]]+)\])?$")
 _DIGITS = re.compile(r"\d{6,}")
+
+# (the request's correlation list, the adapter's id, the deadline): see Hl7v2Adapter._deadline
+_DEADLINE: ContextVar[tuple[object, int, float] | None] = ContextVar("hl7v2_deadline",
+                                                                     default=None)
+
+
+class WriteOutcomeUnknown(BackendTimeout):
+    """A write was sent and no usable acknowledgement came back: the PAS may have applied it.
+    (A BackendTimeout, so that the gateway's answer is a 504 — with its own code for writes.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,21 +156,61 @@ class Hl7Source(_Strict):
     read: Literal["Q21", "ZV1"] | None = None
     search: Literal["Q22", "ZV1"] = "Q22"
     group: str = "PID"
+    within: str | None = None
+    """A record is each ``group`` segment (PV1) with its own segments, plus the segments of
+    the enclosing ``within`` group (PID, PD1): every visit of a patient is one record."""
     id_type: str | None = None
     """PID-3.5 identifier type of the resource id for Q21 reads (e.g. PI)."""
     authority: str | None = None
-    wildcard: str = "*"
-    """Appended to a value for a prefix search (the PAS's own convention)."""
+    wildcard: str | None = None
+    """Deprecated here: the wildcard is the connection's (``options.dialect.wildcard``)."""
     children: dict[str, ChildSpec] = Field(default_factory=dict)
     write: WriteSpec | None = None
     ignore_segments: list[str] = Field(default_factory=list)
     """Z-segments and others read by nobody: listed so ignoring them is a decision."""
 
 
+# QBP^Q22 / ZV1 QPD-3 fields an NHS ITK (IHE PDQ/PDQV) PAS answers.
+ITK_QPD_FIELDS = ("PID.3.1", "PID.3.4", "PID.3.5", "PID.5.1", "PID.5.2", "PID.5.3", "PID.7",
+                  "PID.8", "PID.11.5", "PV1.2", "PV1.3", "PV1.7", "PV1.10", "PV1.19",
+                  "PV1.44", "PV1.45")
+
+NewNumber = Literal["sent", "ack", "query"]
+
+
+class Dialect(_Strict):
+    """What this PAS's HL7 v2 says and understands: declared per connection, ITK defaults."""
+
+    version: str = "2.4"
+    """MSH-12; MSH-18 must be a character set of HL7 table 0211 in this version."""
+    wildcard: Literal["*", "%", "none"] = "*"
+    """How the PAS spells "starts with" in QPD-3: a trailing ``*`` or ``%``, or ``none``."""
+    matching: Literal["exact", "prefix"] = "exact"
+    """How the PAS compares a value without a wildcard: exactly, or as a prefix (then
+    ``:exact`` is filtered from the reply by the gateway)."""
+    identifier_qualifiers: bool = True
+    """Send an identifier criterion's qualifiers (``@PID.3.4^NHS``) beside the number; off:
+    the bare number, and the reply is filtered to the identifier type asked for."""
+    qpd_fields: tuple[str, ...] = ITK_QPD_FIELDS
+    """QPD-3 fields the PAS searches on; a search needing another is 400 UNSUPPORTED_SEARCH."""
+    identifier_types: dict[str, str] = Field(default_factory=lambda: {"NHS": "NH"})
+    """CX-4 assigning authority → CX-5 identifier type naming one kind of identifier: both
+    are written (``9990000018^^^NHS^NH``, as the ITK specification shows), and a repetition
+    carrying either one is read as that identifier."""
+    new_patient_number: tuple[NewNumber, ...] = ("ack", "query")
+    """How the gateway learns a new patient's PAS number after the A28's AA, tried in order:
+    ``sent`` (the client's resource carries it; the gateway sends it in PID-3), ``ack`` (a
+    PID in the ACK), ``query`` (QBP^Q22 on the other identifiers sent, one match)."""
+
+
 class Hl7Options(_Strict):
     connect_timeout: float = 5.0
     reply_timeout: float = 15.0
     retries: int = 2
+    deadline: float = 20.0
+    """Seconds for all of one FHIR request's messages to this PAS, retries and waits for a
+    pooled connection included."""
+    dialect: Dialect = Field(default_factory=Dialect)
     pool_size: int = 2
     ca_file: str | None = None
     cert_file: str | None = None
@@ -165,7 +220,26 @@ class Hl7Options(_Strict):
     sending_facility: str = "RX1"
     receiving_application: str = "PAS"
     receiving_facility: str = "RX1"
-    charset: str = "UNICODE UTF-8"
+    charset: str = "UNICODE"
+    """MSH-18, a value of HL7 table 0211 for the dialect's version (v2.4: ``UNICODE`` is the
+    ITK's UTF-8)."""
+
+
+# HL7 table 0211 (character sets) by version: v2.5 added the named Unicode encoding forms.
+_TABLE_0211_V24 = frozenset({"ASCII", "8859/1", "8859/2", "8859/3", "8859/4", "8859/5",
+                             "8859/6", "8859/7", "8859/8", "8859/9", "ISO IR14", "ISO IR87",
+                             "ISO IR159", "UNICODE"})
+_TABLE_0211_V25 = _TABLE_0211_V24 | {"8859/15", "UNICODE UTF-8", "UNICODE UTF-16",
+                                     "UNICODE UTF-32", "GB 18030-2000", "KS X 1001",
+                                     "CNS 11643-1992", "BIG-5"}
+
+
+def check_charset(charset: str, version: str) -> None:
+    """MSH-18 must be in table 0211 of the declared version, and one we can encode."""
+    table = _TABLE_0211_V25 if er7._version_tuple(version) >= (2, 5) else _TABLE_0211_V24
+    if " ".join(charset.split()).upper() not in table:
+        raise ValueError(f"charset {charset!r} is not in HL7 table 0211 for v{version}")
+    er7.charset_of(charset)
 
 
 @dataclass
@@ -177,6 +251,9 @@ class Prepared:
     child_fields: dict[str, dict[str, FieldRef]]
     child_of_field: dict[tuple[str, int], str] = field(default_factory=dict)
     read_segments: set[str] = field(default_factory=set)
+    alternatives: dict[tuple[str, int, int, str], tuple[int, str]] = field(default_factory=dict)
+    """(segment, field, component, value) of a ``where`` → the other CX qualifier that names
+    the same identifier (CX-4 NHS ↔ CX-5 NH), from the dialect."""
 
 
 class Hl7v2Adapter(Adapter):
@@ -189,7 +266,9 @@ class Hl7v2Adapter(Adapter):
             self.options = Hl7Options.model_validate(options or {})
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise SourceConfigError(f"connection '{label}': options: {err['msg']}") from None
+            where = ".".join(str(x) for x in err["loc"])
+            raise SourceConfigError(
+                f"connection '{label}': options.{where}: {err['msg']}") from None
         parts = urlsplit(url)
         if parts.scheme not in ("mllp", "mllps") or not parts.hostname or not parts.port:
             raise SourceConfigError(
@@ -206,10 +285,18 @@ class Hl7v2Adapter(Adapter):
         self.client = MllpClient(self.endpoint, pool_size=o.pool_size,
                                  connect_timeout=o.connect_timeout,
                                  reply_timeout=o.reply_timeout, retries=o.retries)
+        self.dialect = o.dialect
+        try:
+            check_charset(o.charset, o.dialect.version)
+        except (ValueError, er7.Er7Error) as exc:
+            raise SourceConfigError(f"connection '{label}': options.charset: {exc}") from None
+        if o.deadline <= 0:
+            raise SourceConfigError(f"connection '{label}': options.deadline must be positive")
         self.header = messages.Header(
             sending_application=o.sending_application, sending_facility=o.sending_facility,
             receiving_application=o.receiving_application,
             receiving_facility=o.receiving_facility, charset=o.charset,
+            version=o.dialect.version,
         )
 
     # -- load time
@@ -247,11 +334,25 @@ class Hl7v2Adapter(Adapter):
         key = parse_ref(needs.key)
         if src.read == "Q21" and not src.id_type:
             raise SourceConfigError("read: Q21 needs id_type (the PID-3.5 of the id)", "id_type")
+        if src.wildcard is not None:
+            raise SourceConfigError("wildcard is the PAS's, not a mapping's: set it in the "
+                                    "connection's options.dialect.wildcard", "wildcard")
         read = {fr.path.segment for fr in fields.values()}
         read |= {fr.path.segment for cf in child_fields.values() for fr in cf.values()}
         read |= {s.segment for s in src.children.values() if s.segment}
         read.add(src.group)
-        return Prepared(src, key, needs.key, fields, child_fields, child_of_field, read)
+        if src.within:
+            read.add(src.within)
+        alternatives: dict[tuple[str, int, int, str], tuple[int, str]] = {}
+        for fr in [*fields.values(), key]:
+            for w, value in fr.where:
+                for authority, id_type in self.dialect.identifier_types.items():
+                    if w.component == 4 and value == authority:
+                        alternatives[(w.segment, w.field, 4, value)] = (5, id_type)
+                    elif w.component == 5 and value == id_type:
+                        alternatives[(w.segment, w.field, 5, value)] = (4, authority)
+        return Prepared(src, key, needs.key, fields, child_fields, child_of_field, read,
+                        alternatives)
 
     def interactions(self, prepared: Prepared) -> frozenset[str]:
         out = {"read", "search-type"}
@@ -267,68 +368,110 @@ class Hl7v2Adapter(Adapter):
     async def fetch(self, prepared: Prepared, query: Query) -> Page:
         if query.backwards:
             raise UnsupportedCriteria("this source pages forwards only")
+        deadline = self._deadline()
         ids = _key_lookup(prepared, query.criteria)
         if ids is not None and prepared.source.read == "Q21":
             records: list[Record] = []
             for rid in ids[: query.count]:
-                records += await self._q21(prepared, rid)
+                records += await self._q21(prepared, rid, deadline)
             return Page(records=records, more=False, total=len(records))
         if isinstance(query.criteria, Nothing):
             return Page(records=[], more=False, total=0)
-        pairs = _qpd_pairs(prepared, query.criteria)
-        continuation = str(query.after[0]) if query.after else None
-        return await self._search(prepared, pairs, query.count, continuation)
+        pairs, filters = _qpd_pairs(prepared, self.dialect, query.criteria)
+        return await self._search(prepared, pairs, filters, query.count, query.after, deadline)
 
     async def count(self, prepared: Prepared, query: Count) -> int:
         if isinstance(query.criteria, Nothing):
             return 0
-        page = await self._search(prepared, _qpd_pairs(prepared, query.criteria), 1, None)
+        pairs, filters = _qpd_pairs(prepared, self.dialect, query.criteria)
+        if filters:
+            raise UnsupportedCriteria("this PAS cannot count this search exactly")
+        page = await self._search(prepared, pairs, [], 1, None, self._deadline())
         return page.total if page.total is not None else len(page.records)
 
-    async def _q21(self, prepared: Prepared, rid: str) -> list[Record]:
+    def _deadline(self) -> float:
+        """The loop time by which this FHIR request's messages must be answered: one deadline
+        per request (the audit layer's per-request correlation list marks the request),
+        shared by every message the request sends to this PAS."""
+        now = asyncio.get_running_loop().time()
+        owner = backend_correlations.get()
+        held = _DEADLINE.get()
+        if owner is not None and held is not None and held[0] is owner and held[1] == id(self):
+            return held[2]
+        at = now + self.options.deadline
+        if owner is not None:
+            _DEADLINE.set((owner, id(self), at))
+        return at
+
+    async def _q21(self, prepared: Prepared, rid: str, deadline: float) -> list[Record]:
         src = prepared.source
         control = messages.new_control_id()
         msg = messages.qbp_q21(self.header, control, identifier=rid,
                                identifier_type=src.id_type or "PI", authority=src.authority,
                                query_tag=_tag())
-        reply = await self._send(msg, control, [rid])
+        reply = await self._send(msg, control, [rid], deadline=deadline)
         return self.records(prepared, reply)
 
-    async def _search(self, prepared: Prepared, pairs: list[tuple[str, str]], count: int,
-                      continuation: str | None) -> Page:
+    async def _search(self, prepared: Prepared, pairs: list[tuple[str, str]],
+                      filters: list[_Filter], count: int, after: tuple[Any, ...] | None,
+                      deadline: float) -> Page:
+        continuation = str(after[0]) if after else None
+        known_total = after[1] if after and len(after) > 1 else None
         control = messages.new_control_id()
         build = messages.qbp_zv1 if prepared.source.search == "ZV1" else messages.qbp_q22
         msg = build(self.header, control, criteria=pairs, quantity=max(count, 1),
                     query_tag=_tag(), continuation=continuation)
-        reply = await self._send(msg, control, [v for _, v in pairs])
-        records = self.records(prepared, reply)[:count] if count else []
+        reply = await self._send(msg, control, [v for _, v in pairs], deadline=deadline)
+        groups = self._groups(prepared, reply)
+        records = self._records(prepared, groups)
+        if filters:
+            records = [r for r in records if all(f.holds(r) for f in filters)]
+        records = records[:count] if count else []
         qak = reply.segment("QAK")
         total = _int(qak.value(4)) if qak else None
+        returned = _int(qak.value(5)) if qak else None
         remaining = _int(qak.value(6)) if qak else None
+        if filters or (returned is not None and returned != len(groups)):
+            total = None  # the PAS counted something else (patients, not visits; unfiltered)
+        if continuation:
+            # A continuation's QAK-4 may count from the pointer on (PAS dialects differ):
+            # the total is the one the first page reported.
+            total = known_total if isinstance(known_total, int) else None
         dsc = reply.segment("DSC")
         pointer = dsc.value(1) if dsc else None
         more = bool(pointer) and (remaining is None or remaining > 0)
         page = Page(records=records, more=more, total=total)
         if more and pointer:
-            page.end = (pointer,)
+            page.end = (pointer, total)
         return page
 
-    async def _send(self, msg: bytes, control: str, sensitive: list[str]) -> er7.Message:
+    async def _send(self, msg: bytes, control: str, sensitive: list[str], *, deadline: float,
+                    idempotent: bool = True, write: bool = False) -> er7.Message:
+        """One exchange. For a ``write``, a failure after the message may have reached the PAS
+        is :class:`WriteOutcomeUnknown`; one before it is BackendUnavailable (not applied)."""
         note_correlation(f"{self.label}:MSH-10={control}")
         try:
-            raw = await self.client.send(msg, control)
-        except MllpTimeout as exc:
-            raise BackendTimeout(f"the '{self.label}' PAS did not answer in time",
-                                 correlation=control) from exc
-        except MllpUnavailable as exc:
-            raise BackendUnavailable(f"the '{self.label}' PAS is not reachable",
+            raw = await self.client.send(msg, control, idempotent=idempotent, deadline=deadline)
+        except MllpError as exc:
+            if write and (exc.sent or isinstance(exc, MllpProtocolError)):
+                raise WriteOutcomeUnknown(
+                    f"the '{self.label}' PAS may have applied this write: it was sent but no "
+                    "usable acknowledgement came back", correlation=control) from exc
+            if isinstance(exc, MllpTimeout):
+                raise BackendTimeout(f"the '{self.label}' PAS did not answer in time",
                                      correlation=control) from exc
-        except MllpProtocolError as exc:
+            if isinstance(exc, MllpUnavailable):
+                raise BackendUnavailable(f"the '{self.label}' PAS is not reachable",
+                                         correlation=control) from exc
             raise BackendError(f"the '{self.label}' PAS sent an unusable reply",
                                correlation=control) from exc
         try:
             reply = er7.parse(raw)
         except er7.Er7Error as exc:
+            if write:
+                raise WriteOutcomeUnknown(
+                    f"the '{self.label}' PAS may have applied this write: its acknowledgement "
+                    "could not be read", correlation=control) from exc
             raise BackendError(f"the '{self.label}' PAS sent a malformed reply",
                                correlation=control) from exc
         msa = reply.segment("MSA")
@@ -346,16 +489,41 @@ class Hl7v2Adapter(Adapter):
 
     def records(self, prepared: Prepared, reply: er7.Message) -> list[Record]:
         """The records in a reply (or any message with the group segments, e.g. an ADT)."""
+        return self._records(prepared, self._groups(prepared, reply))
+
+    def _groups(self, prepared: Prepared, reply: er7.Message) -> list[list[Any]]:
         qak = reply.segment("QAK")
         if qak is not None and qak.value(2) == "NF":
             return []
-        out = []
-        groups = reply.groups(prepared.source.group)
+        src = prepared.source
+        if not src.within:
+            groups = reply.groups(src.group)
+        else:
+            # RSP^ZV2: PID [PD1] {PV1 [PV2]}: each visit, with its patient's segments.
+            groups = []
+            for outer in reply.groups(src.within):
+                head: list[Any] = []
+                visits: list[list[Any]] = []
+                for seg in outer:
+                    if seg.name == src.group:
+                        visits.append([seg])
+                    elif visits:
+                        visits[-1].append(seg)
+                    else:
+                        head.append(seg)
+                groups += [head + v for v in visits]
         self._check_segments(prepared, groups)
+        return groups
+
+    def _records(self, prepared: Prepared, groups: list[list[Any]]) -> list[Record]:
+        out = []
         for group in groups:
-            rec = _extract(group, prepared.fields)
+            rec = _extract(group, prepared.fields, prepared.alternatives)
             if rec.get(prepared.key_ref) is None:
-                continue  # a group without the id cannot become a resource
+                # A group without the id cannot become a resource: left out, but not silently.
+                dropped.note(f"hl7v2:{prepared.source.group}:{prepared.key_ref}",
+                             "group without its id")
+                continue
             for name, spec in prepared.source.children.items():
                 rec["@" + name] = _children(group, spec, prepared.child_fields[name])
             out.append(rec)
@@ -376,6 +544,11 @@ class Hl7v2Adapter(Adapter):
     # -- writes
 
     async def write(self, prepared: Prepared, write: Write) -> WriteResult:
+        """ADT^A28 / A31. Once the PAS says AA this never raises: a new patient's number that
+        cannot be learned is an empty ``WriteResult.id`` (the write *was* applied). A failure
+        after the message may have reached the PAS is :class:`WriteOutcomeUnknown`. A28 is
+        never resent after it left (a PAS need not recognise a resent MSH-10); A31 replaces
+        the whole record, so resending it is harmless."""
         w = prepared.source.write
         event: Literal["A28", "A31"] = "A28" if write.interaction == "create" else "A31"
         if w is None or (event == "A28" and not w.create) or (event == "A31" and not w.update):
@@ -383,6 +556,9 @@ class Hl7v2Adapter(Adapter):
         record = dict(write.record)
         if write.id is not None:
             record[prepared.key_ref] = write.id
+        elif self.dialect.new_patient_number == ("sent",) and not record.get(prepared.key_ref):
+            raise UnsupportedCriteria("this PAS takes a new patient's number from the gateway: "
+                                      "the resource must carry it (the id's identifier)")
         values = _adt_values(prepared, record)
         if write.interaction == "update":
             # FHIR update replaces the resource: a field the mapping reads that the new
@@ -393,19 +569,58 @@ class Hl7v2Adapter(Adapter):
                 if fr.path.segment in ("PID", "PD1") and name not in sent:
                     values[f"{name}.1"] = '""'
                     sent.add(name)
+        if values.get("PID-29.1", '""') != '""':
+            values["PID-30.1"] = "Y"  # the death indicator goes with a date of death
+        deadline = self._deadline()
         control = messages.new_control_id()
         msg = messages.adt(self.header, control, event=event, values=values)
-        reply = await self._send(msg, control, [str(v) for v in values.values()])
+        reply = await self._send(msg, control, [str(v) for v in values.values()],
+                                 deadline=deadline, idempotent=event == "A31", write=True)
         if write.id is not None:
             return WriteResult(id=write.id, created=False, correlation=control)
-        # The PAS contract: the ACK to A28 carries a PID with the allocated PAS number.
-        new_id = None
-        for group in reply.groups("PID"):
-            new_id = _extract(group, {prepared.key_ref: prepared.key}).get(prepared.key_ref)
-        if not new_id:
-            raise BackendError(f"the '{self.label}' PAS accepted the record but did not say "
-                               "which number it gave it", correlation=control)
-        return WriteResult(id=new_id, created=True, correlation=control)
+        new_id = await self._new_number(prepared, record, reply, deadline)
+        return WriteResult(id=new_id or "", created=True, correlation=control)
+
+    async def _new_number(self, prepared: Prepared, record: Record, reply: er7.Message,
+                          deadline: float) -> str | None:
+        """The PAS number of the patient an A28 just added, as the dialect says to learn it."""
+        for how in self.dialect.new_patient_number:
+            found: Any = None
+            if how == "sent":
+                found = record.get(prepared.key_ref)
+            elif how == "ack":
+                for group in reply.groups("PID"):
+                    found = _extract(group, {prepared.key_ref: prepared.key},
+                                     prepared.alternatives).get(prepared.key_ref) or found
+            else:
+                found = await self._find_created(prepared, record, deadline)
+            if found:
+                return str(found)
+        log.warning("new_patient_number_unknown", connection=self.label,
+                    tried=list(self.dialect.new_patient_number))
+        return None
+
+    async def _find_created(self, prepared: Prepared, record: Record, deadline: float
+                            ) -> str | None:
+        """QBP^Q22 on the other identifiers sent (the NHS number): exactly one match."""
+        criteria = [Compare(ref, "=", value) for ref, value in record.items()
+                    if ref != prepared.key_ref and not ref.startswith("@") and value
+                    and ref in prepared.fields and prepared.fields[ref].where
+                    and prepared.fields[ref].path.field == prepared.key.path.field
+                    and prepared.fields[ref].path.segment == prepared.key.path.segment]
+        if not criteria:
+            return None
+        try:
+            pairs, filters = _qpd_pairs(prepared, self.dialect, And(tuple(criteria)))
+            page = await self._search(prepared, pairs, filters, 2, None, deadline)
+        except (BackendError, UnsupportedCriteria) as exc:
+            log.warning("new_patient_number_query_failed", connection=self.label,
+                        error=type(exc).__name__)
+            return None
+        if len(page.records) != 1:
+            return None
+        found = page.records[0].get(prepared.key_ref)
+        return str(found) if found else None
 
     async def ping(self) -> None:
         # A connection is the cheapest proof of life that needs no PAS-side support.
@@ -447,8 +662,25 @@ def _key_lookup(p: Prepared, c: Criterion | None) -> list[str] | None:
     return None
 
 
-def _qpd_pairs(p: Prepared, c: Criterion | None) -> list[tuple[str, str]]:
-    """Criteria → QPD-3 ``@SEG.F.C^value`` pairs (an AND of simple conditions only)."""
+@dataclass(frozen=True, slots=True)
+class _Filter:
+    """A condition the PAS cannot check as asked, checked on its reply instead."""
+
+    ref: str
+    value: str
+    text: bool  # compare folded text (``:exact`` over a prefix-matching PAS)
+
+    def holds(self, rec: Record) -> bool:
+        got = rec.get(self.ref)
+        if got is None:
+            return False
+        return fold(str(got)) == self.value if self.text else str(got) == self.value
+
+
+def _qpd_pairs(p: Prepared, dialect: Dialect, c: Criterion | None
+               ) -> tuple[list[tuple[str, str]], list[_Filter]]:
+    """Criteria → QPD-3 ``@SEG.F.C^value`` pairs (an AND of simple conditions only), in the
+    dialect's terms, and the filters to apply to the reply where the dialect falls short."""
     leaves: list[Criterion] = []
     stack = [c] if c is not None else []
     while stack:
@@ -458,6 +690,7 @@ def _qpd_pairs(p: Prepared, c: Criterion | None) -> list[tuple[str, str]]:
         else:
             leaves.append(item)
     pairs: list[tuple[str, str]] = []
+    filters: list[_Filter] = []
     ranges: dict[str, dict[str, Any]] = {}
     for leaf in leaves:
         if isinstance(leaf, Compare) and leaf.op in (">=", "<"):
@@ -469,11 +702,29 @@ def _qpd_pairs(p: Prepared, c: Criterion | None) -> list[tuple[str, str]]:
             # ask in the first one the code map lists, the PAS's own.
             leaf = Compare(leaf.ref, "=", leaf.values[0])
         if isinstance(leaf, Compare) and leaf.op == "=":
-            pairs += _pairs_for(leaf.ref, str(leaf.value))
+            value = str(leaf.value)
+            # An identifier asked for bare, or of a PAS that prefix-matches, may match another
+            # identifier (or a longer number): the reply is checked. (Whole codes such as a
+            # sex are not: a prefix of a code list's code is that code.)
+            if (parse_ref(leaf.ref).where and leaf.ref in p.fields
+                    and (dialect.matching == "prefix" or not dialect.identifier_qualifiers)):
+                filters.append(_Filter(leaf.ref, value, False))
+            pairs += _pairs_for(leaf.ref, value, dialect)
         elif isinstance(leaf, Text) and leaf.mode in ("prefix", "exact"):
             value = leaf.value.upper()
-            pairs += _pairs_for(leaf.ref, value + (p.source.wildcard if leaf.mode == "prefix"
-                                                   else ""))
+            wildcard = "" if dialect.wildcard == "none" else dialect.wildcard
+            if wildcard and wildcard in value:
+                raise UnsupportedCriteria(f"this PAS reads {wildcard} as a wildcard: a search "
+                                          "value cannot contain it")
+            if leaf.mode == "prefix":
+                if wildcard:
+                    value += wildcard
+                elif dialect.matching != "prefix":
+                    raise UnsupportedCriteria("this PAS cannot search by the start of a value: "
+                                              "use the :exact modifier")
+            elif dialect.matching == "prefix":
+                filters.append(_Filter(leaf.ref, leaf.value, True))
+            pairs += _pairs_for(leaf.ref, value, dialect)
         else:
             raise UnsupportedCriteria(_unsupported(leaf))
     for ref, bounds in ranges.items():
@@ -482,19 +733,26 @@ def _qpd_pairs(p: Prepared, c: Criterion | None) -> list[tuple[str, str]]:
             # The NHS visit query takes inclusive day ranges, either end open: from-to.
             start = str(lo)[:8] if lo is not None else ""
             end = _day_before(str(hi)) if hi is not None else ""
-            pairs += _pairs_for(ref, f"{start}-{end}")
+            pairs += _pairs_for(ref, f"{start}-{end}", dialect)
         elif lo is not None and hi is not None and _one_day(str(lo), str(hi)):
-            pairs += _pairs_for(ref, str(lo))
+            pairs += _pairs_for(ref, str(lo), dialect)
         else:
             raise UnsupportedCriteria("this source matches dates exactly: search a full date "
                                       "(YYYY-MM-DD) without a prefix")
     if not pairs:
         raise UnsupportedCriteria("this source needs at least one search parameter")
-    return pairs
+    for name, _ in pairs:
+        # PID.5 is PID.5.1 (the first component), however either side writes it.
+        if not {name, name + ".1", name.removesuffix(".1")} & set(dialect.qpd_fields):
+            raise UnsupportedCriteria(f"this PAS cannot search on {name} (not among the QPD "
+                                      "fields its connection declares)")
+    return pairs, filters
 
 
-def _pairs_for(ref: str, value: str) -> list[tuple[str, str]]:
+def _pairs_for(ref: str, value: str, dialect: Dialect) -> list[tuple[str, str]]:
     fr = parse_ref(ref)
+    if not dialect.identifier_qualifiers:
+        return [(fr.path.qpd, value)]
     return [(fr.path.qpd, value), *((w.qpd, v) for w, v in fr.where)]
 
 
@@ -530,7 +788,22 @@ def _value(seg: Any, path: Path, repetition: int = 0) -> str | None:
     return v
 
 
-def _extract(group: list[Any], fields: dict[str, FieldRef]) -> Record:
+Alternatives = dict[tuple[str, int, int, str], tuple[int, str]]
+
+
+def _matches(seg: Any, where: tuple[tuple[Path, str], ...], r: int,
+             alternatives: Alternatives) -> bool:
+    for w, v in where:
+        if _value(seg, w, r) == v:
+            continue
+        alt = alternatives.get((w.segment, w.field, w.component, v))
+        if alt is None or _value(seg, Path(w.segment, w.field, alt[0]), r) != alt[1]:
+            return False
+    return True
+
+
+def _extract(group: list[Any], fields: dict[str, FieldRef],
+             alternatives: Alternatives | None = None) -> Record:
     by_name: dict[str, Any] = {}
     for seg in group:
         by_name.setdefault(seg.name, seg)
@@ -543,7 +816,7 @@ def _extract(group: list[Any], fields: dict[str, FieldRef]) -> Record:
             rec[ref] = _value(seg, fr.path)
             continue
         for r in range(seg.repetitions(fr.path.field)):
-            if all(_value(seg, w, r) == v for w, v in fr.where):
+            if _matches(seg, fr.where, r, alternatives or {}):
                 rec[ref] = _value(seg, fr.path, r)
                 break
     return rec
@@ -591,6 +864,14 @@ def _adt_values(p: Prepared, record: Record) -> dict[str, str]:
             put(fr.path, i, value)
             for w, v in fr.where:
                 put(w, i, v)
+                # The other CX qualifier of the same identifier (CX-4 NHS → CX-5 NH), and
+                # the source's assigning authority beside its own identifier type.
+                alt = p.alternatives.get((w.segment, w.field, w.component, v))
+                if alt is not None:
+                    put(Path(w.segment, w.field, alt[0]), i, alt[1])
+                elif (w.component == 5 and v == p.source.id_type and p.source.authority
+                      and (w.segment, w.field) == (p.key.path.segment, p.key.path.field)):
+                    put(Path(w.segment, w.field, 4), i, p.source.authority)
         else:
             put(fr.path, None, value)
     for name, spec in p.source.children.items():
@@ -622,8 +903,11 @@ def _rejection(label: str, code: str, reply: er7.Message, sensitive: list[str]) 
                 texts.append(v)
     text = " ".join(t for t in texts if t)
     for s in sensitive:
+        s = s.rstrip("*%")
         if s and len(s) > 1:
-            text = re.sub(re.escape(s.rstrip("*")), "[redacted]", text, flags=re.IGNORECASE)
+            # Whole words only: a sent code such as PI must not eat into "PID".
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", "[redacted]",
+                          text, flags=re.IGNORECASE)
     text = _DIGITS.sub("[redacted]", text)[:200]
     return f"the '{label}' PAS rejected the request ({code or 'no MSA'})" + (
         f": {text}" if text else "")

@@ -1,4 +1,7 @@
-"""MLLP (Minimal Lower Layer Protocol) transport: framing, a pooled asyncio client, a server.
+"""MLLP (Minimal Lower Layer Protocol) transport: framing and a pooled asyncio client.
+
+(The listener side, for the demo PAS and tests, is ``gateway.demo_pas.hl7v2.mllp_server``:
+a production gateway only ever connects out.)
 
 A frame is ``0x0B payload 0x1C 0x0D``. One connection carries one request at a time and the
 reply to a request is the next frame on that connection, so the client pools persistent
@@ -10,8 +13,13 @@ never reused, because a late or stray reply on it would be read as the answer to
 request (another patient's data).
 
 Retries resend the same bytes (same MSH-10) on a fresh connection, only after the connection
-was lost or timed out; the PAS queries this transport carries are read-only, so a duplicate
-is harmless, while a protocol error (a reply for another message) is never retried.
+was lost or timed out, and only for a message the caller marks idempotent (a query, a full
+update): a message that is not (ADT^A28 adds a person) is resent only when it never left
+this side, since a PAS need not recognise a resent MSH-10. A protocol error (a reply for
+another message) is never retried. Every error says whether the message may have reached the
+PAS (``sent``), so a write's caller can tell "not applied" from "outcome unknown". An optional
+``deadline`` (event-loop time) bounds the whole call: the wait for a pooled connection,
+connecting, each attempt and the pauses between them.
 
 Errors never contain message content (PHI): only endpoints, control ids and error types.
 """
@@ -25,10 +33,9 @@ import re
 import socket
 import ssl as _ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from ssl import SSLContext
-from types import TracebackType
 from typing import cast
 
 import structlog
@@ -41,17 +48,13 @@ __all__ = [
     "START_BLOCK",
     "Endpoint",
     "FrameDecoder",
-    "Handler",
     "MllpClient",
     "MllpError",
     "MllpProtocolError",
-    "MllpServer",
     "MllpTimeout",
     "MllpUnavailable",
-    "Reply",
     "client_ssl_context",
     "frame",
-    "server_ssl_context",
 ]
 
 log = structlog.get_logger("adapters.hl7v2.mllp")
@@ -69,7 +72,12 @@ _CR = CARRIAGE_RETURN[0]
 
 
 class MllpError(Exception):
-    """Base of the transport's errors. Messages never contain message content (PHI)."""
+    """Base of the transport's errors. Messages never contain message content (PHI).
+
+    ``sent`` is True when the message's bytes were handed to a connection before the failure:
+    the peer may have received and processed it."""
+
+    sent: bool = False
 
 
 class MllpUnavailable(MllpError):
@@ -82,6 +90,11 @@ class MllpTimeout(MllpError):
 
 class MllpProtocolError(MllpError):
     """Bad framing, a reply that is not HL7, has no MSA, or acknowledges another message."""
+
+
+def _sent(exc: MllpError, sent: bool) -> MllpError:
+    exc.sent = sent
+    return exc
 
 
 # --- framing ----------------------------------------------------------------------------------
@@ -193,20 +206,6 @@ def client_ssl_context(
         raise MllpError("a TLS client key needs its certificate (cert_file)")
     if cert_file is not None:
         _load(lambda: ctx.load_cert_chain(cert_file, key_file), "client certificate or key")
-    return ctx
-
-
-def server_ssl_context(
-    *, cert_file: str, key_file: str, client_ca_file: str | None = None
-) -> SSLContext:
-    """TLS 1.2+ for an MLLP listener; with ``client_ca_file``, clients must present a
-    certificate issued by that CA (mutual TLS)."""
-    ctx = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = _ssl.TLSVersion.TLSv1_2
-    _load(lambda: ctx.load_cert_chain(cert_file, key_file), "server certificate or key")
-    if client_ca_file is not None:
-        _load(lambda: ctx.load_verify_locations(cafile=client_ca_file), "client CA file")
-        ctx.verify_mode = _ssl.CERT_REQUIRED
     return ctx
 
 
@@ -372,26 +371,35 @@ class MllpClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def send(self, message: bytes, control_id: str) -> bytes:
+    async def send(self, message: bytes, control_id: str, *, idempotent: bool = True,
+                   deadline: float | None = None) -> bytes:
         """Send one message and return the raw reply payload (unframed bytes).
 
         The reply's MSA-2 must equal ``control_id`` (this message's MSH-10). On
         MllpUnavailable or MllpTimeout the same bytes are resent on a fresh connection up to
-        ``retries`` times, after a full-jitter exponential backoff; MllpProtocolError is
-        raised at once.
+        ``retries`` times, after a full-jitter exponential backoff — for a message that is
+        not ``idempotent`` only if it was never sent; MllpProtocolError is raised at once.
+        ``deadline`` (``loop.time()``) ends all of it: past it, MllpTimeout.
         """
         framed = frame(message)
         attempt = 0
+        sent = False
+        loop = asyncio.get_running_loop()
         while True:
             if self._closed:
                 raise MllpUnavailable("MLLP client is closed")
             try:
-                return await self._exchange(framed, control_id, fresh=attempt > 0)
+                return await self._exchange(framed, control_id, fresh=attempt > 0,
+                                            deadline=deadline)
             except (MllpUnavailable, MllpTimeout) as exc:
-                if attempt >= self.retries or self._closed:
+                sent = sent or exc.sent
+                exc.sent = sent
+                if attempt >= self.retries or self._closed or (sent and not idempotent):
                     raise
                 delay = self._rng.uniform(
                     0.0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+                if deadline is not None and loop.time() + delay >= deadline:
+                    raise
                 attempt += 1
                 log.info("mllp_retry", endpoint=str(self.endpoint), control_id=control_id,
                          attempt=attempt, error=type(exc).__name__, delay=round(delay, 3))
@@ -406,27 +414,50 @@ class MllpClient:
 
     # internals
 
-    async def _exchange(self, framed: bytes, control_id: str, *, fresh: bool) -> bytes:
-        async with self._slots:
+    async def _exchange(self, framed: bytes, control_id: str, *, fresh: bool,
+                        deadline: float | None = None) -> bytes:
+        loop = asyncio.get_running_loop()
+
+        def left(limit: float) -> float:
+            return limit if deadline is None else max(0.0, min(limit, deadline - loop.time()))
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise MllpTimeout(f"no connection to {self.endpoint} free before the deadline"
+                              ) from None
+        try:
             if self._closed:  # closed while this send waited for a slot
                 raise MllpUnavailable("MLLP client is closed")
             conn = None if fresh else self._take_idle()
             if conn is None:
-                conn = await self._connect()
+                conn = await self._connect(left(self.connect_timeout))
                 if self._closed:  # closed while connecting: aclose() did not see this one
                     conn.abort()
                     raise MllpUnavailable("MLLP client is closed")
             keep = False
+            written = False
+            timeout = left(self.reply_timeout)
+            if timeout <= 0:  # the deadline passed while connecting: do not send at all
+                conn.abort()
+                raise MllpTimeout(f"the deadline passed before sending to {self.endpoint}")
             try:
                 try:
-                    async with asyncio.timeout(self.reply_timeout):
+                    async with asyncio.timeout(timeout):
                         conn.write(framed)
+                        written = True
                         reply = await conn.next_frame()
                 except TimeoutError:
-                    raise MllpTimeout(
-                        f"no reply from {self.endpoint} within {self.reply_timeout:g} s"
+                    raise _sent(MllpTimeout(
+                        f"no reply from {self.endpoint} within {timeout:g} s"), written
                     ) from None
-                self._check_reply(reply, control_id)
+                except MllpError as exc:
+                    raise _sent(exc, written) from None
+                try:
+                    self._check_reply(reply, control_id)
+                except MllpError as exc:
+                    raise _sent(exc, True) from None
                 keep = True
                 return reply
             finally:
@@ -435,6 +466,8 @@ class MllpClient:
                     self._idle.append(conn)
                 else:
                     self._discard(conn, report=keep)
+        finally:
+            self._slots.release()
 
     def _take_idle(self) -> _Connection | None:
         now = asyncio.get_running_loop().time()
@@ -452,11 +485,12 @@ class MllpClient:
             log.warning("mllp_unsolicited_data", endpoint=str(self.endpoint))
         conn.abort()
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, timeout: float | None = None) -> _Connection:
         ep = self.endpoint
         loop = asyncio.get_running_loop()
+        timeout = self.connect_timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout):
                 if ep.ssl is not None:
                     _, conn = await loop.create_connection(
                         lambda: _Connection(self.max_frame_bytes), ep.host, ep.port,
@@ -465,8 +499,7 @@ class MllpClient:
                     _, conn = await loop.create_connection(
                         lambda: _Connection(self.max_frame_bytes), ep.host, ep.port)
         except TimeoutError:
-            raise MllpTimeout(
-                f"could not connect to {ep} within {self.connect_timeout:g} s") from None
+            raise MllpTimeout(f"could not connect to {ep} within {timeout:g} s") from None
         except _ssl.SSLCertVerificationError as exc:
             raise MllpUnavailable(
                 f"TLS handshake with {ep} failed: certificate not trusted") from exc
@@ -491,161 +524,3 @@ class MllpClient:
                         reply_control_id=_loggable_id(message.control_id))
             raise MllpProtocolError(
                 f"reply from {self.endpoint} acknowledges another message (MSA-2)")
-
-
-# --- server -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    """What a server handler may return instead of bytes, to inject faults.
-
-    The server waits ``delay`` seconds, then (if ``payload`` is not None) writes it framed —
-    in ``split_into`` writes ``chunk_pause`` seconds apart, without the final CR if
-    ``omit_final_cr`` — and then closes the connection if ``drop_connection``.
-    """
-
-    payload: bytes | None = None
-    delay: float = 0.0
-    drop_connection: bool = False
-    split_into: int = 1
-    omit_final_cr: bool = False
-    chunk_pause: float = 0.005
-
-
-Handler = Callable[[bytes], Awaitable[bytes | Reply | None]]
-"""Called once per received message; returns the reply payload (``None``: send nothing)."""
-
-
-class MllpServer:
-    """An MLLP listener calling ``handler`` for each message, one at a time per connection.
-
-    A handler that raises closes that connection (its client sees the connection close
-    rather than waiting for a timeout); the error type is logged, not the message.
-    """
-
-    def __init__(
-        self,
-        handler: Handler,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        ssl: SSLContext | None = None,
-        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-    ) -> None:
-        self.handler = handler
-        self.host = host
-        self._port = port
-        self.ssl = ssl
-        self.max_frame_bytes = max_frame_bytes
-        self.connections_accepted = 0
-        """Connections accepted since start (for tests and the simulator)."""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = False
-
-    @property
-    def port(self) -> int:
-        """The port actually bound (useful with ``port=0``)."""
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("MLLP server is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def active_connections(self) -> int:
-        return len(self._tasks)
-
-    async def start(self) -> None:
-        if self._server is not None:
-            return
-        self._stopping = False
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self._port, ssl=self.ssl)
-
-    async def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping = True
-        server.close()  # stops listening; open connections are ours to close
-        await asyncio.sleep(0)  # let connections accepted just now register their tasks
-        while self._tasks:
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-    async def __aenter__(self) -> MllpServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections_accepted += 1
-        decoder = FrameDecoder(self.max_frame_bytes)
-        try:
-            while not self._stopping:
-                data = await reader.read(64 * 1024)
-                if not data:
-                    break
-                for payload in decoder.feed(data):
-                    if not await self._answer(payload, writer):
-                        return
-        except MllpProtocolError as exc:
-            log.warning("mllp_server_bad_frame", error=str(exc))
-        except OSError:
-            pass  # the client went away (reset, TLS alert): nothing to answer
-        finally:
-            self._tasks.discard(task)
-            await _close_writer(writer)
-
-    async def _answer(self, payload: bytes, writer: asyncio.StreamWriter) -> bool:
-        """Reply to one message; False when the connection must close."""
-        try:
-            result = await self.handler(payload)
-            reply = result if isinstance(result, Reply) else Reply(payload=result)
-            data = b""
-            if reply.payload is not None:
-                data = frame(reply.payload)
-                if reply.omit_final_cr:
-                    data = data[:-1]
-        except Exception as exc:  # a failing handler must not take the listener down
-            log.error("mllp_handler_failed", error=type(exc).__name__)
-            return False
-        if reply.delay > 0:
-            await asyncio.sleep(reply.delay)
-        if data:
-            parts = max(1, min(reply.split_into, len(data)))
-            size = -(-len(data) // parts)
-            for i in range(0, len(data), size):
-                if i:
-                    # separate writes with a pause, so they arrive as separate reads
-                    await asyncio.sleep(reply.chunk_pause)
-                writer.write(data[i : i + size])
-                await writer.drain()
-        return not reply.drop_connection
-
-
-async def _close_writer(writer: asyncio.StreamWriter, grace: float = 1.0) -> None:
-    writer.close()
-    try:
-        await asyncio.wait_for(writer.wait_closed(), grace)
-    except TimeoutError:
-        writer.transport.abort()
-    except OSError:
-        pass  # already reset by the peer
-    except asyncio.CancelledError:
-        writer.transport.abort()
-        raise

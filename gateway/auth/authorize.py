@@ -34,7 +34,8 @@ from gateway.auth.principal import Principal, get_principal
 
 if TYPE_CHECKING:
     from gateway.plan import SearchPlan
-    from gateway.providers import Provider, Registry
+    from gateway.registry import Registry
+    from gateway.registry import TypeProvider as Provider
 
 NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 

@@ -9,6 +9,7 @@ reaches the routes. WebSocket connections are refused: the gateway serves none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -58,10 +59,18 @@ def route_path(scope: Scope) -> str:
     return path[len(root):] if path[len(root)] == "/" else path
 
 
+def _any_patient_id(_claim: str) -> bool:
+    return True
+
+
 class Authentication:
-    def __init__(self, app: ASGIApp, config: AuthConfig, base_path: str) -> None:
+    def __init__(self, app: ASGIApp, config: AuthConfig, base_path: str,
+                 patient_id: Callable[[str], bool] = _any_patient_id) -> None:
         self.app = app
         self.config = config
+        self.patient_id = patient_id
+        """Whether a ``patient`` claim can name a Patient here (its id as this server serves
+        ids): a claim that cannot is refused now, not failed on every request after."""
         self.public = frozenset({"/_health", "/_ready", f"{base_path.rstrip('/')}/metadata"})
         self.jwt = JwtVerifier(config.jwt) if config.jwt is not None else None
         self.api_keys = ApiKeyAuthenticator(config.api_keys) if config.mode == "api-key" else None
@@ -94,6 +103,8 @@ class Authentication:
             return
         try:
             principal = await self.authenticate(scope)
+            if principal.patient is not None and not self.patient_id(principal.patient):
+                raise InvalidToken("the patient claim is not a patient id on this server")
         except GatewayError as error:
             response = outcome_response(Request(scope), error)
             await response(scope, receive, send)

@@ -12,9 +12,19 @@ import os
 import pathlib
 import shutil
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Index, create_engine, event, inspect, literal, select
+from sqlalchemy import (
+    Connection,
+    Index,
+    Table,
+    create_engine,
+    event,
+    inspect,
+    literal,
+    select,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateTable
 
@@ -23,6 +33,7 @@ from gateway.demo_pas import (
     epr_clinical,  # registers the EPR tables on metadata
     epr_documents,  # registers the document store's tables
 )
+from gateway.demo_pas.epr_medres import with_medication_and_results
 from gateway.demo_pas.generate import FIXTURE_PATIENTS, DemoPasGenerator
 from gateway.demo_pas.schema import metadata
 
@@ -76,11 +87,11 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
     try:
         with engine.begin() as conn, _progress(progress, patients) as advance:
             deferred = _create_schema(conn)
-            batches = epr_documents.extend(
-                epr_clinical.extend(DemoPasGenerator(patients, seed).batches(), seed),
-                seed, documents_dir)
-            for batch in batches:
-                conn.execute(batch.table.insert(), batch.rows)
+            batches = DemoPasGenerator(patients, seed).batches()
+            batches = epr_clinical.extend(batches, seed)
+            batches = epr_documents.extend(batches, seed, documents_dir)
+            for batch in with_medication_and_results(batches, seed):
+                _insert(conn, batch.table, batch.rows)
                 advance(batch.patients_done, None)
             advance(patients, "Indexing demo PAS")  # ~10% of a large build: say so
             for index in deferred:
@@ -103,6 +114,23 @@ def demo_file_name(patients: int) -> str:
     """The cached demo database's file name: a new schema gets a new file, so an upgraded
     gateway builds the new tables instead of serving an old file that lacks them."""
     return f"demo-pas-{patients}-{schema_fingerprint()}.sqlite"
+
+
+def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """``conn.execute(table.insert(), rows)`` without SQLAlchemy's per-row parameter work.
+
+    That work (~20 µs a row) cost more than the database's own insert once the EPR tables
+    came; the compiled statement goes to the driver's executemany instead. The demo tables
+    hold only String, CHAR and Integer columns, which no dialect converts on the way in, and
+    one LargeBinary (DOCUMENT_BLOBS.CONTENT) whose rows are already ``bytes``, which sqlite3
+    stores as a BLOB and psycopg sends as bytea unconverted (tests/gateway/demo_pas).
+    """
+    compiled = table.insert().compile(dialect=conn.dialect, column_keys=list(rows[0]))
+    if compiled.positional:
+        values = itemgetter(*(compiled.positiontup or ()))  # every table has 2+ columns
+        conn.exec_driver_sql(compiled.string, [values(row) for row in rows])
+    else:
+        conn.exec_driver_sql(compiled.string, rows)
 
 
 Advance = Callable[[int, str | None], None]

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Table
 
-from gateway.demo_pas import schema
+from gateway.demo_pas import epr_ae, schema
 
 Row = dict[str, Any]
 
@@ -376,6 +376,8 @@ class DemoPasGenerator:
         self._disde = _Picker.of(DISDE_LIVE)
         self._attnd = _Picker.of(ATTND_WEIGHTS)
         self._outcome = _Picker.of(OUTCOME_WEIGHTS)
+        # Tables beside the PAS, each drawing from a random stream of its own.
+        self.ae = epr_ae.AeAttendances(self, seed)
 
     # -- small helpers -------------------------------------------------------------------------
     def _phone(self, mobile: bool) -> str:
@@ -626,6 +628,7 @@ class DemoPasGenerator:
         if r() < 0.10:
             self._other_id(refno, birth, end_ord, out)
         self._activity(refno, sex, birth, death, out)
+        self.ae.patient(refno, birth, death, _REF_ORD, out)
 
     def _addresses(self, refno: int, birth: int, end_ord: int,
                    out: dict[Table, list[Row]]) -> str:
@@ -898,10 +901,11 @@ class DemoPasGenerator:
                 "PROCA_REFNO": cons, "LOCTN_REFNO": clinic, "MAIN_SPECT_CODE": "320",
                 "MODIF_DTTM": "2024-01-23 11:02:00"})
             self.next_opatt += 1
+        self.ae.fixtures(out, _REF_ORD)
 
 
 _PATIENT_TABLES = (schema.patients, schema.patient_ids, schema.addresses, schema.gp_registrations,
-                   schema.provider_spells, schema.outpatient_attendances)
+                   schema.provider_spells, schema.outpatient_attendances, *epr_ae.TABLES)
 
 
 def generate(patients: int, seed: int, chunk_size: int = 5000) -> Iterator[Batch]:

@@ -245,9 +245,17 @@ def _emit_list(w: _Writer, ir: tuple[Any, ...], rec: _Scope, depth: int, out: st
     w.line(depth, f"{out} = {out} or None")
 
 
+def _emit_requires(w: _Writer, ir: tuple[Any, ...], rec: _Scope, depth: int, out: str) -> None:
+    # compile._compile_requires: the element, kept only when each required key has a value
+    _, inner, keys = ir
+    v = _emit(w, inner, rec, depth)
+    test = " and ".join(f"{w.const(k)} in {v}" for k in keys)
+    w.line(depth, f"{out} = {v} if {v} is not None and {test} else None")
+
+
 _EMITTERS: dict[str, Callable[[_Writer, tuple[Any, ...], _Scope, int, str], None]] = {
     "expr": _emit_expr, "call": _emit_call, "tail": _emit_tail, "dict": _emit_dict,
-    "each": _emit_each, "items": _emit_items, "list": _emit_list,
+    "each": _emit_each, "items": _emit_items, "list": _emit_list, "requires": _emit_requires,
 }
 """One per kind of closure compile.py describes."""
 

@@ -206,12 +206,57 @@ def compile_node(node: Any, ctx: CompileContext, path: str) -> tuple[Builder | N
             return compile_expr(expr, ctx, path), None
         if "each" in node:
             raise CompileError(path, "'each' may only appear on an item of a list")
+        if REQUIRES in node:
+            return _compile_requires(node, ctx, path)
         return _compile_dict(node, ctx, path)
     if isinstance(node, list):
         return _compile_list(node, ctx, path)
     if node is None:
         raise CompileError(path, "an empty value; remove the key or give it a value")
     return None, node
+
+
+REQUIRES = "requires"
+"""An element's own keys that must have a value for it to be output (a Quantity's ``value``:
+a unit with no number is no measurement). Not a FHIR element name at any level."""
+
+
+def _compile_requires(
+    node: dict[str, Any], ctx: CompileContext, path: str
+) -> tuple[Builder | None, Any]:
+    keys = node[REQUIRES]
+    keys = [keys] if isinstance(keys, str) else keys
+    rest = {k: v for k, v in node.items() if k != REQUIRES}
+    if (not isinstance(keys, list) or not keys
+            or not all(isinstance(k, str) and k in rest for k in keys)):
+        raise CompileError(f"{path}.{REQUIRES}" if path else REQUIRES,
+                           "names keys of this element (a key or a list of keys)")
+    fn, _ = _compile_dict(rest, ctx, path)
+    static = [k for k in keys if not _is_dynamic(rest[k])]
+    if fn is None or static:
+        raise CompileError(f"{path}.{REQUIRES}" if path else REQUIRES,
+                           f"{(static or keys)[0]!r} is a literal: it always has a value")
+    inner = fn
+    needed = tuple(keys)
+
+    def build_requires(rec: dict[str, Any]) -> Any:
+        v = inner(rec)
+        if v is None:
+            return None
+        for key in needed:
+            if key not in v:
+                return None
+        return v
+
+    return describe(build_requires, "requires", inner, needed), None
+
+
+def _is_dynamic(node: Any) -> bool:
+    if isinstance(node, dict):
+        return bool(EXPR_KEYS & node.keys()) or any(_is_dynamic(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_is_dynamic(v) for v in node)
+    return False
 
 
 def _compile_dict(

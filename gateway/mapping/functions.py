@@ -38,6 +38,31 @@ def days_between(start: Any, end: Any) -> int | None:
     return days if days >= 0 else None
 
 
+def deceased_flag(indicator: Any, date_of_death: Any) -> bool | None:
+    """FHIR ``deceasedBoolean`` from a death indicator (HL7 PID-30, table 0136 ``Y``/``N``)
+    when no date of death is known: ``true`` for Y; nothing when a date gives
+    ``deceasedDateTime`` instead (deceased[x] holds one of the two), nor for N or blank."""
+    if date_of_death:
+        return None
+    flag = str(indicator).strip().upper() if indicator is not None else ""
+    return True if flag == "Y" else None
+
+
+def visit_status(admitted: Any, discharged: Any, expected: Any = None) -> str:
+    """STU3 ``Encounter.status`` of an inpatient visit from its dates: discharged →
+    ``finished``; admitted in the past → ``in-progress``, in the future → ``planned``; not
+    admitted but an expected admission date (a pre-admission) → ``planned``; else
+    ``unknown`` (the element is required, and nothing better is known)."""
+    if discharged:
+        return "finished"
+    if not admitted:
+        return "planned" if expected else "unknown"
+    try:
+        start = dt.datetime.fromisoformat(str(admitted))
+    except ValueError:
+        return "unknown"
+    now = dt.datetime.now(start.tzinfo) if start.tzinfo else dt.datetime.now()
+    return "planned" if start > now else "in-progress"
 def sha1_hex_to_base64(digest: Any) -> str | None:
     """A SHA-1 stored as 40 hex digits, as FHIR's Attachment.hash wants it (base64 of the
     20 bytes); anything else is omitted rather than sent as a wrong hash."""
@@ -53,5 +78,17 @@ def sha1_hex_to_base64(digest: Any) -> str | None:
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "minutes_between": minutes_between,
     "days_between": days_between,
+    "deceased_flag": deceased_flag,
+    "visit_status": visit_status,
     "sha1_hex_to_base64": sha1_hex_to_base64,
 }
+
+
+def _deceased_flag_inverse(value: Any, indicator: str, date_of_death: str) -> dict[str, Any]:
+    return {indicator: "Y"} if value is True else {}
+
+
+INVERSES: dict[str, Callable[..., dict[str, Any]]] = {
+    "deceased_flag": _deceased_flag_inverse,
+}
+"""For a function whose value the source stores: (value, *arg refs) → {ref: stored value}."""

@@ -251,7 +251,7 @@ def load_directory(
         return adapters[name]
 
     compiled: list[CompiledMapping] = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, list[tuple[Path, Any, MappingFile]]] = {}
     files = [p for p in sorted(directory.glob("*.yaml")) if p.name != CONNECTIONS_FILE]
     for i, rel in enumerate(settings.include):
         included = (directory / rel).resolve()
@@ -269,12 +269,9 @@ def load_directory(
         spec: MappingFile | None = _model(path, doc, MappingFile, problems)
         if spec is None:
             continue
-        if spec.resource in seen:
-            problems.append(Problem(path, line_of(doc, ["resource"]),
-                                    f"{spec.resource} is already mapped by "
-                                    f"{seen[spec.resource].name}"))
+        if not _another_source(path, doc, spec, seen.get(spec.resource, []), problems):
             continue
-        seen[spec.resource] = path
+        seen.setdefault(spec.resource, []).append((path, doc, spec))
         conn_name = spec.source.get("connection")
         if not isinstance(conn_name, str):
             problems.append(Problem(path, line_of(doc, ["source"]),
@@ -286,9 +283,61 @@ def load_directory(
         result = _compile(path, doc, spec, conn_name, adapter, codemaps, tzs[conn_name], problems)
         if result is not None:
             compiled.append(result)
+    for sources in seen.values():
+        _check_unprefixed(sources, problems)
     if problems:  # a broken connection is met once per mapping using it: report it once
         raise MappingError(list(dict.fromkeys(problems)))
     return LoadedSet(directory, compiled, adapters, codemaps, settings)
+
+
+def _another_source(path: Path, doc: Any, spec: MappingFile,
+                    earlier: list[tuple[Path, Any, MappingFile]], problems: list[Problem]
+                    ) -> bool:
+    """Whether ``spec`` can join the sources already declared for its type.
+
+    Several files may serve one type (inpatient, outpatient and A&E Encounters); their ids
+    must stay unique and say which source they come from, so each file but one declares
+    its own ``id_prefix``, and no prefix starts another. They share one profile: the
+    CapabilityStatement names one per type.
+    """
+    if not earlier:
+        return True
+    first = earlier[0][0].name
+    mine = spec.id_prefix or ""
+    for other_path, _doc, other in earlier:
+        theirs = other.id_prefix or ""
+        if not mine and not theirs:
+            problems.append(Problem(
+                path, line_of(doc, ["resource"]),
+                f"{spec.resource} is already mapped by {other_path.name}: a second source of "
+                "a type needs its own id_prefix (e.g. id_prefix: op-)"))
+            return False
+        if mine and theirs and (mine.startswith(theirs) or theirs.startswith(mine)):
+            problems.append(Problem(
+                path, line_of(doc, ["id_prefix"]),
+                f"id_prefix: {mine!r} clashes with {theirs!r} of {other_path.name} "
+                "(no prefix may start another)"))
+            return False
+    if spec.profile != earlier[0][2].profile:
+        problems.append(Problem(path, line_of(doc, ["profile"]),
+                                f"profile: every source of {spec.resource} must declare the "
+                                f"same profile as {first}"))
+        return False
+    return True
+
+
+def _check_unprefixed(sources: list[tuple[Path, Any, MappingFile]], problems: list[Problem]
+                      ) -> None:
+    """The one source without a prefix must have keys that can never look prefixed."""
+    if len(sources) < 2:
+        return
+    for path, doc, spec in sources:
+        key = spec.id.source_ref
+        if not spec.id_prefix and key is not None and spec.types.get(key) != "integer":
+            problems.append(Problem(
+                path, line_of(doc, ["id"]),
+                f"id: {spec.resource} has several sources, so this one needs an id_prefix "
+                "unless its key is declared as an integer in types:"))
 
 
 def _semantic_problems(path: Path, doc: Any, spec: MappingFile,

@@ -180,10 +180,16 @@ class BinaryContent(_Strict):
     blob: BinaryBlob | None = None
 
 
+ID_PREFIX_RE = r"^[A-Za-z0-9]{1,15}[-.]$"
+
+
 class MappingFile(_Strict):
     resource: str
     profile: str
     description: str | None = None
+    id_prefix: str | None = Field(default=None, pattern=ID_PREFIX_RE)
+    """Put before every id of this source (``op-``): ids stay unique when several sources
+    serve one type, and a read by id goes to the source whose prefix it carries."""
     source: dict[str, Any]
     types: dict[str, str] = Field(default_factory=dict)
     id: Expr

@@ -18,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.mapping.codemaps import CodeMap
+from gateway.mapping.functions import INVERSES
 from gateway.mapping.model import EXPR_KEYS, Expr
 from gateway.mapping.storage import Storage, from_fhir
 from gateway.mapping.transforms import inverse_chain
@@ -116,8 +117,14 @@ def _literal(expected: Any) -> Reader:
 
 def _expr(expr: Expr, ctx: ReverseContext) -> Reader:
     if expr.function:
+        inverse = INVERSES.get(expr.function)
+        refs = [a if isinstance(a, str) else str(a) for a in (expr.args or [])]
+
         def skip(value: Any, record: Record, state: _State, path: str) -> None:
             _consume_all(value, state, path)  # derived by the source; nothing to store
+            if inverse is not None:  # ... unless the value says something the source keeps
+                for ref, stored in inverse(value, *refs).items():
+                    record.setdefault(ref, stored)
 
         return skip
     ref = expr.source_ref
@@ -179,6 +186,7 @@ def _local_code(cmap: CodeMap, part: str, value: Any, state: _State, path: str) 
 
 
 def _dict(node: dict[str, Any], ctx: ReverseContext) -> Reader:
+    node = {k: v for k, v in node.items() if k != "requires"}  # an output-only guard
     readers = {k: _node(v, ctx) for k, v in node.items()}
     literal_keys = {k for k, v in node.items() if not isinstance(v, dict | list)}
 

@@ -10,11 +10,14 @@ The set of storage types is closed; adding one is a reviewed code change here.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
+
+from adapters import dropped
 
 STORAGE_TYPES = (
     "string",
@@ -24,7 +27,13 @@ STORAGE_TYPES = (
     "datetime:yyyymmddhhmm",
     "datetime:yyyymmddhhmmss",
     "datetime:iso",
+    "date:hl7",
+    "datetime:hl7",
 )
+
+# HL7 v2 DT/DTM/TS: YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]; FHIR keeps the precision.
+_HL7_DTM = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?"
+                      r"([+-]\d{4})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,56 @@ def _date_iso(v: Any) -> str | None:
         return dt.date.fromisoformat(s[:10]).isoformat()
     except ValueError:
         return None
+
+
+_NOT_HL7 = "\x00not an HL7 date/time"  # cached answer for a value that is none
+
+
+def _hl7_counted(storage: str, convert: Callable[[Any], str | None]) -> Callable[[Any], Any]:
+    """A cached converter whose every failure (not only the first) is counted as dropped."""
+    cached = lru_cache(maxsize=65536)(convert)
+
+    def to_fhir(v: Any) -> str | None:
+        out = cached(v)
+        if out is _NOT_HL7:
+            dropped.note(storage, "not an HL7 date/time")
+            return None
+        return out
+
+    return to_fhir
+
+
+def _hl7_parts(v: Any) -> tuple[str, ...] | None:
+    """An HL7 date/time's parts, checked; ``()`` for a value that is not one."""
+    s = text(v)
+    if s is None:
+        return None
+    m = _HL7_DTM.fullmatch(s) if s.isascii() else None
+    if m is not None:
+        y, mo, d, h, mi, sec, frac, off = (g or "" for g in m.groups())
+        try:
+            dt.date(int(y), int(mo or 1), int(d or 1))
+            if h and (int(h) > 23 or int(mi or 0) > 59 or int(sec or 0) > 59):
+                raise ValueError("not a time")
+            if off and (int(off[1:3]) > 14 or int(off[3:]) > 59):
+                raise ValueError("not an offset")
+        except ValueError:
+            m = None
+        else:
+            return y, mo, d, h, mi, sec, frac, off
+    return ()
+
+
+def _date_hl7_text(v: Any) -> str | None:
+    """HL7 DT/DTM → FHIR date at the precision sent (a time of day is beyond a FHIR date)."""
+    parts = _hl7_parts(v)
+    if not parts:
+        return None if parts is None else _NOT_HL7
+    y, mo, d = parts[:3]
+    return "-".join(x for x in (y, mo, d) if x)
+
+
+_date_hl7 = _hl7_counted("date:hl7", _date_hl7_text)
 
 
 def _day(t: dt.datetime) -> dt.datetime:
@@ -162,6 +221,24 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
             return None
         return parsed.isoformat() if parsed.tzinfo else localise(parsed)
 
+    def datetime_hl7_text(v: Any) -> str | None:
+        """HL7 DTM → FHIR dateTime at the precision sent: YYYY, YYYY-MM, YYYY-MM-DD, or a time
+        (to the second, fractions kept) with the offset sent or the connection's own."""
+        parts = _hl7_parts(v)
+        if not parts:
+            return None if parts is None else _NOT_HL7
+        y, mo, d, h, mi, sec, frac, off = parts
+        if not h:
+            return "-".join(x for x in (y, mo, d) if x)
+        mi, sec = mi or "00", sec or "00"
+        if off:
+            suffix = f"{off[:3]}:{off[3:]}"
+        else:
+            suffix = offset(dt.datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec)))
+        return f"{y}-{mo}-{d}T{h}:{mi}:{sec}{frac}{suffix}"
+
+    datetime_hl7 = _hl7_counted("datetime:hl7", datetime_hl7_text)
+
     def as_int(code: str) -> int:
         if not code.isdigit() or len(code) > 18:
             raise ValueError("not an integer key")
@@ -190,6 +267,12 @@ def make_storage(name: str, tz: ZoneInfo) -> Storage:
             name, "datetime", datetime_iso,
             lambda t: _ceil(t, second).strftime("%Y-%m-%d %H:%M:%S"), str, second,
         ),
+        "date:hl7": Storage(name, "date", _date_hl7, lambda t: _day(t).strftime("%Y%m%d"), str,
+                            day),
+        "datetime:hl7": Storage(
+            name, "datetime", datetime_hl7,
+            lambda t: _ceil(t, second).strftime("%Y%m%d%H%M%S"), str, second,
+        ),
     }
     return table[name]
 
@@ -207,9 +290,16 @@ def from_fhir(storage: Storage, value: Any, tz: ZoneInfo) -> Any:
     if name == "integer":
         return int(value)
     text = str(value)
+    if name in ("date:hl7", "datetime:hl7") and len(text) <= 10:
+        # A partial FHIR date (1965, 1965-04) is the HL7 date of the same precision.
+        y, _, rest = text.partition("-")
+        mo, _, d = rest.partition("-")
+        dt.date(int(y), int(mo or 1), int(d or 1))  # ValueError if it is no date
+        return text.replace("-", "")
     if storage.kind == "date":
         day = dt.date.fromisoformat(text[:10])
-        return day.strftime("%Y%m%d") if name == "date:yyyymmdd" else day.isoformat()
+        return day.strftime("%Y%m%d") if name in ("date:yyyymmdd", "date:hl7") \
+            else day.isoformat()
     moment = dt.datetime.fromisoformat(text)
     # FHIR instants carry an offset; the source keeps wall-clock time in its own zone.
     local = moment.astimezone(tz).replace(tzinfo=None) if moment.tzinfo else moment
@@ -217,4 +307,7 @@ def from_fhir(storage: Storage, value: Any, tz: ZoneInfo) -> Any:
         return local.strftime("%Y%m%d%H%M")
     if name == "datetime:yyyymmddhhmmss":
         return local.strftime("%Y%m%d%H%M%S")
+    if name == "datetime:hl7":
+        return local.strftime("%Y%m%d%H%M%S" if local.second or local.microsecond
+                              else "%Y%m%d%H%M")
     return local.strftime("%Y-%m-%d %H:%M:%S")

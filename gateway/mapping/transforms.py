@@ -66,6 +66,18 @@ def _integer(value: Any) -> Any:
         return None
 
 
+def _decimal(value: Any) -> Any:
+    # A measured value stored as text ("5.4", "137", "-0.5"): the JSON number FHIR's decimal
+    # is. Anything else ("<0.1", "POSITIVE") is no number: omitted, so map it elsewhere.
+    s = str(value).strip()
+    if not _DECIMAL.fullmatch(s):
+        return None
+    return int(s) if s.lstrip("-").isdigit() else float(s)
+
+
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+
+
 def _digits(value: Any) -> Any:
     s = "".join(ch for ch in str(value) if ch.isdigit())
     return s or None
@@ -83,6 +95,8 @@ TRANSFORMS: dict[str, tuple[Transform, str]] = {
     "lower": (lambda v: str(v).lower(), "to lower case"),
     "string": (_string, "any value as trimmed text (integers become their digits)"),
     "integer": (_integer, "text of digits as a JSON number; anything else is omitted"),
+    "decimal": (_decimal, "text of a decimal number (5.4, -0.5, 137) as a JSON number; "
+                "anything else is omitted"),
     "yes_no": (_yes_no, "Y/N, 1/0, T/F as true/false; anything else is omitted"),
     "not": (_not, "negate a boolean (after yes_no)"),
     "digits": (_digits, "keep only the digits (phone numbers, NHS numbers with spaces)"),
@@ -98,6 +112,7 @@ INVERSES: dict[str, Transform] = {
     "lower": lambda v: v,
     "string": lambda v: v,
     "integer": lambda v: str(v),
+    "decimal": lambda v: str(v),
     "yes_no": lambda v: None if not isinstance(v, bool) else ("Y" if v else "N"),
     "not": _not,
     "digits": lambda v: v,

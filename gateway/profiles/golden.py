@@ -1,8 +1,10 @@
 """Golden inputs through their mappings, and the output through the profile validator.
 
 ``<golden>/<ResourceType>/<case>.input.json`` holds a raw source record (``"p.SURNAME"`` keys,
-children under ``"@addresses"``). ``careconnect-gateway mappings check`` maps each with the
-mapping for its resource type and validates the result against the mapping's profile.
+children under ``"@addresses"``); a source with an ``id_prefix`` (one of several sources of
+its type) has its own directory, ``<ResourceType>.<prefix>`` (``Encounter.op``).
+``careconnect-gateway mappings check`` maps each with its mapping and validates the result
+against the mapping's profile.
 """
 
 from __future__ import annotations
@@ -45,17 +47,23 @@ def default_golden_dir(mapping_dir: Path) -> Path | None:
     return None
 
 
+def golden_name(m: CompiledMapping) -> str:
+    """The golden directory of a mapping's cases: its type, and its id prefix if it has one."""
+    prefix = (m.spec.id_prefix or "").rstrip("-.")
+    return f"{m.resource_type}.{prefix}" if prefix else m.resource_type
+
+
 def run_golden(mappings: Iterable[CompiledMapping], golden: Path) -> list[CaseResult]:
     from gateway.providers import Provider
 
     results = []
     for m in mappings:
-        cases = sorted((golden / m.resource_type).glob("*.input.json"))
+        cases = sorted((golden / golden_name(m)).glob("*.input.json"))
         if not cases:
             continue
         provider = Provider(m)
         for case in cases:
-            result = CaseResult(m.resource_type, case.name.removesuffix(".input.json"))
+            result = CaseResult(golden_name(m), case.name.removesuffix(".input.json"))
             try:
                 record = json.loads(case.read_text(encoding="utf-8"))
                 resource = provider.resource(provider.as_record(record))

@@ -13,7 +13,8 @@ from typing import Any
 import structlog
 
 from gateway.profiles.validator import Profiles, load_profiles, validate
-from gateway.providers import Provider, Registry
+from gateway.providers import Provider
+from gateway.registry import Registry
 
 log = structlog.get_logger("gateway.profiles")
 
@@ -55,6 +56,6 @@ class ResponseValidation:
 def install(registry: Registry, profiles: Profiles | None = None) -> ResponseValidation:
     """Validate what every provider in ``registry`` builds from now on."""
     rv = ResponseValidation(profiles)
-    for provider in registry:
+    for provider in registry.sources():
         rv.wrap(provider)
     return rv

@@ -259,8 +259,10 @@ class Compiler:
             key = name[:-3] + _cap(code) if name.endswith("[x]") else name
             prop = self._typed(key, element, code, binding)
             if prop.kind == COMPLEX:
-                if code == "BackboneElement":
-                    prop.complex = self._complex(node, code, base_spec.get("elements", {}))
+                if code == "BackboneElement" or (code == "Element" and "elements" in base_spec):
+                    # STU3 snapshots type a data type's own backbone (Timing.repeat) "Element"
+                    prop.complex = self._complex(node, "BackboneElement",
+                                                 base_spec.get("elements", {}))
                 elif node.children:
                     prop.complex = self._complex(node, code, self.base_types[code]["elements"])
             if "fixed" in el:

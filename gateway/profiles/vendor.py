@@ -43,7 +43,13 @@ F = "{http://hl7.org/fhir}"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[2]
 RESOURCE_PROFILES = ["Patient", "Practitioner", "Organization", "Location", "Encounter",
-                     "Condition", "AllergyIntolerance", "Flag", "Procedure", "PractitionerRole"]
+                     "Condition", "AllergyIntolerance", "Flag", "Procedure", "PractitionerRole",
+                     "Medication", "MedicationRequest", "MedicationStatement", "Immunization",
+                     "Observation"]
+# Profiles taken from careconnect/later-corrections (same canonical URL, a later version):
+# Immunization-1 1.2.0 fixes notGiven to false, so a vaccine offered and refused could not be
+# recorded at all; 1.4.0 lifts that.
+LATER_CORRECTIONS = ["CareConnect-Immunization-1.v1.4.0.xml"]
 CC = "https://fhir.hl7.org.uk/STU3/StructureDefinition/"
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
 
@@ -351,6 +357,9 @@ def vendor(shared: Path, out_dir: Path) -> dict[str, Any]:
                 provenance[row[0]] = (row[1], row[2])
 
     sd_index = _index(cc / "constraints")
+    for name in LATER_CORRECTIONS:
+        corrected = cc / "later-corrections" / name
+        sd_index[_v(etree.parse(str(corrected)).getroot(), "url") or ""] = corrected
     vs_index = _index(cc / "valuesets")
     cs_index = _index(cc / "codesystems")
     used_files: list[str] = []
@@ -367,7 +376,7 @@ def vendor(shared: Path, out_dir: Path) -> dict[str, Any]:
             continue
         sd = _read_sd(path, base)
         sds[url] = sd
-        used_files.append(f"constraints/{path.name}")
+        used_files.append(f"{path.parent.name}/{path.name}")
         for el in sd["elements"]:
             for t in el.get("types", []):
                 if t["code"] == "Extension" and t.get("profile"):

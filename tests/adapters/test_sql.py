@@ -440,7 +440,7 @@ def test_sqlite_ascii_shortcut_agrees_with_the_fold(tmp_path: Any) -> None:
                 checked += bool(expected)
         assert checked > 100
         # and the shortcut is really in the statement SQLite runs
-        direct = [d for _, d in a._direct.values() if d is not None]
+        direct = [d for d in a._direct.values() if d is not None]
         assert any("LIKE" in d.sql and "ccg_fold" in d.sql and "CAST" in d.sql for d in direct)
     finally:
         a.engine.dispose()
@@ -494,7 +494,7 @@ async def test_direct_rows_equal_sqlalchemy_rows(adapter: SqlAdapter) -> None:
         with adapter.engine.connect() as conn:
             from adapters.sql import _page_statement
 
-            stmt, params = _page_statement(p, query, adapter.dialect)
+            stmt, params, _ = _page_statement(p, query, adapter.dialect)
             expected = [dict(r._mapping) for r in conn.execute(stmt, params)][: query.count]
             if query.backwards:
                 expected.reverse()
@@ -505,7 +505,7 @@ async def test_direct_rows_equal_sqlalchemy_rows(adapter: SqlAdapter) -> None:
             tagged = [r for r in page.records if r["@tags"]]
             assert tagged and all([t["g.POS"] for t in r["@tags"]] == [1, 2, 3] for r in tagged)
     # every statement went the direct way: none needs SQLAlchemy's execution on these dialects
-    assert adapter._direct and all(d is not None for _, d in adapter._direct.values())
+    assert adapter._direct and all(d is not None for d in adapter._direct.values())
 
 
 async def test_direct_errors_are_translated_and_the_pool_recovers(url: str) -> None:
@@ -538,14 +538,15 @@ def test_statements_sqlalchemy_must_finish_are_not_run_directly(sqlite_url: str)
     finally:
         a.engine.dispose()
     query = Query(Text("p.SURNAME", "prefix", "o'b"), (SortKey("p.PATNT_REFNO"),), 20)
-    stmt, params = _page_statement(p, query, "mssql")  # TOP n: rendered at execution
+    stmt, params, _ = _page_statement(p, query, "mssql")  # TOP n: rendered at execution
     t_sql = mssql.pyodbc.dialect(paramstyle="qmark")  # type: ignore[no-untyped-call]
     assert _Direct.compile(stmt, t_sql) is None
-    stmt, params = _page_statement(p, query, "sqlite")
+    stmt, params, _ = _page_statement(p, query, "sqlite")
     direct = _Direct.compile(stmt, a.engine.dialect)
     assert direct is not None and "o'b" not in direct.sql
-    # positional, in placeholder order; SQLite's LIMIT comes with an OFFSET the statement fixes
-    assert direct.arguments(params) == ["o'b%", 21, 0]
+    # positional, in placeholder order (SQLite's ASCII shortcut tests the pattern twice);
+    # SQLite's LIMIT comes with an OFFSET the statement fixes
+    assert direct.arguments(params) == ["o'b%", "o'b%", 21, 0]
 
 
 def test_sqlite_connections_read_through_a_memory_map(sqlite_url: str) -> None:
@@ -714,7 +715,7 @@ def test_sql_server_statements(sqlite_url: str) -> None:
     assert "lower(g.[LABEL] COLLATE Latin1_General_CI_AI) LIKE ?" in sql
     assert "x%y" not in sql and params == {"v0": "%x\\%y%"}
     # compiling for another database leaves the mapping's own statement cache alone
-    assert items_p.statements == {}
+    assert len(items_p.statements) == 0
 
 
 # --- timeouts ---------------------------------------------------------------------------------
@@ -819,3 +820,88 @@ def test_bad_url_is_a_config_error() -> None:
     with pytest.raises(SourceConfigError) as info:
         SqlAdapter("nosuchdriver://user:secret@host/db", label="pas")
     assert "secret" not in str(info.value)
+
+
+# --- bounded statement memory, input the database cannot take (issue 13) ---------------------
+
+
+def _wide(n: int, tag: str) -> Query:
+    """A search shape of its own: ``n`` prefix alternatives (2,000 name=a, in small)."""
+    return Query(Or(tuple(Text("p.SURNAME", "prefix", f"{tag}{i}") for i in range(n))),
+                 (SortKey("p.PATNT_REFNO"),), 20)
+
+
+def test_statement_memory_is_bounded_by_bytes(sqlite_url: str) -> None:
+    import gc
+    import tracemalloc
+
+    from adapters.sql import NODE_BYTES
+
+    budget = 2 * 1024 * 1024
+    a = SqlAdapter(sqlite_url, statement_cache_bytes=budget)
+    try:
+        p = a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+        a._fetch_sync(p, _wide(1, "warm"))  # one-off allocations (pool, dialect) first
+        gc.collect()
+        tracemalloc.start()
+        start = tracemalloc.get_traced_memory()[0]
+        for shape in range(40):  # 40 shapes of 120 alternatives: ~2 MB each built
+            a._fetch_sync(p, _wide(120 + shape, f"s{shape}-"))
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - start
+        tracemalloc.stop()
+        assert p.statements.bytes <= budget
+        # what is kept stays near the budget (not 40 statements' worth: ~100 MB)
+        assert grown < 3 * budget, grown
+        # a statement over the per-entry bound is run, never kept
+        before = len(p.statements)
+        a._fetch_sync(p, _wide(1 + 1024 * 1024 // NODE_BYTES, "huge"))
+        assert len(p.statements) == before
+        # an ordinary shape is kept and found again
+        a._fetch_sync(p, _wide(2, "small"))
+        assert len(p.statements) == before + 1
+    finally:
+        a.engine.dispose()
+
+
+def test_too_many_values_for_the_database_is_found_before_it_is_asked(
+        sqlite_url: str) -> None:
+    import sqlite3
+
+    from adapters.base import QueryTooLarge
+
+    a = SqlAdapter(sqlite_url)
+    # an SQLite built with a small variable limit (999 before 3.32): set on every connection
+    sa.event.listen(a.engine, "connect", lambda conn, _rec: conn.setlimit(
+        sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50))
+    sent: list[str] = []
+    sa.event.listen(a.engine, "connect", lambda conn, _rec: conn.set_trace_callback(sent.append))
+    try:
+        p = a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+        with pytest.raises(QueryTooLarge):
+            a._fetch_sync(p, _wide(60, "x"))
+        assert not [s for s in sent if "SELECT" in s.upper()]  # the database was not asked
+        assert len(p.statements) == 0  # a shape that failed is not kept
+        with pytest.raises(QueryTooLarge):
+            a._count_sync(p, Count(_wide(60, "x").criteria))
+        assert len(a._fetch_sync(p, _wide(10, "x")).records) >= 0  # within the limit: runs
+        assert len(p.statements) == 1
+    finally:
+        a.engine.dispose()
+
+
+def test_the_statement_cache_bound_is_a_connection_option(tmp_path: Any) -> None:
+    from adapters.registry import create
+    from gateway.mapping.model import Connection
+
+    def connection(**options: Any) -> Any:
+        return Connection.model_validate({"adapter": "sql", "url": "sqlite://",
+                                          "options": options})
+
+    adapter = create("pas", connection(statement_cache_bytes=4096), tmp_path)
+    assert isinstance(adapter, SqlAdapter)
+    assert adapter.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS).statements.max_bytes == 4096
+    for bad in ({"statement_cache_bytes": "lots"}, {"statement_cache_bytes": -1},
+                {"colour": "red"}):
+        with pytest.raises(SourceConfigError):
+            create("pas", connection(**bad), tmp_path)

@@ -195,7 +195,8 @@ ERRORS: list[tuple[str, str, dict[str, str], int, str]] = [
     ("GET", "/STU3/Patient/100001/_history/1", {}, 501, "NOT_IMPLEMENTED"),
     ("GET", "/STU3/Patient/_history", {}, 501, "NOT_IMPLEMENTED"),
     ("GET", "/STU3/Patient/$everything", {}, 501, "NOT_IMPLEMENTED"),
-    ("GET", "/STU3/Patient/100001/$everything", {}, 501, "NOT_IMPLEMENTED"),
+    ("GET", "/STU3/Patient/100001/$lastn", {}, 501, "NOT_IMPLEMENTED"),
+    ("GET", "/STU3/Encounter/1/$everything", {}, 501, "NOT_IMPLEMENTED"),
     ("POST", "/STU3/Patient/$match", {}, 501, "NOT_IMPLEMENTED"),
 ]
 
@@ -279,7 +280,7 @@ def test_errors_follow_the_negotiated_format(http: httpx.Client) -> None:
 
 
 def test_backend_timeout_is_504(http: httpx.Client, app: Starlette) -> None:
-    adapters = {p.mapping.adapter for p in app.state.registry}
+    adapters = {p.mapping.adapter for p in app.state.registry.sources()}
     saved = {a: a.timeout for a in adapters}
     try:
         for a in adapters:

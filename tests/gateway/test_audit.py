@@ -138,8 +138,10 @@ async def test_a_patient_restricted_count_is_about_the_patient(
     assert r.status_code == 200
     [rec] = _records(audit_path)
     assert rec["patient"] == "100001" and rec["entities"] == []
-    assert rec["backend"]["queries"][0]["operation"] == "count"
-    assert rec["backend"]["queries"][0]["shape"] == "s.PATNT_REFNO=?"
+    # one count per Encounter source, each confined to the patient
+    assert [q["operation"] for q in rec["backend"]["queries"]] == ["count"] * 3
+    assert sorted(q["shape"] for q in rec["backend"]["queries"]) == [
+        "e.PATNT_REFNO=?", "o.PATNT_REFNO=?", "s.PATNT_REFNO=?"]
 
 
 async def test_health_probes_are_not_audited(api: httpx.AsyncClient, audit_path: Path) -> None:
@@ -320,9 +322,9 @@ def test_query_values_are_bounded() -> None:
 
 @pytest.fixture
 async def hl7(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any, Starlette]]:
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
     from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
 
     db = tmp_path / "pas.sqlite"
@@ -365,6 +367,29 @@ async def test_a_failing_sink_stops_a_write_before_the_backend(
     assert r.status_code == 503
     assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "AUDIT_UNAVAILABLE"
     assert len(sim.received) == before  # no A28 was sent: nothing was written unaudited
+
+
+async def test_the_attempt_record_names_the_caller(
+    hl7: tuple[httpx.AsyncClient, Any, Starlette], tmp_path: Path
+) -> None:
+    # issue 13: attempts were written before authentication ran, naming nobody
+    from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
+
+    api, _sim, _app = hl7
+    r = await api.post("/STU3/Patient", json=NEW_PATIENT,
+                       headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 201, r.text
+    attempt, access = _records(tmp_path / "audit.jsonl")
+    assert attempt["event"] == "attempt" and access["event"] == "access"
+    assert attempt["outcome"]["result"] == "attempt"
+    assert attempt["client_id"] == "insecure-demo" == access["client_id"]
+    assert attempt["scopes"] == access["scopes"] and attempt["scopes"]
+    assert attempt["auth_mode"] == "insecure-demo"
+    # a write refused before it reaches the backend has no attempt: it attempted nothing
+    r = await api.post("/STU3/Patient", json={"resourceType": "Patient", "gender": "x"},
+                       headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code in (400, 422)
+    assert [x["event"] for x in _records(tmp_path / "audit.jsonl")][2:] == ["access"]
 
 
 def test_production_must_choose_the_audit_destination(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from gateway.app import build_app
 from gateway.capability import FHIR_VERSION, capability_statement
 from gateway.errors import InvalidParameter
-from gateway.providers import Registry
+from gateway.registry import Registry
 from gateway.settings import default_mappings_dir
 from tests.conftest import LiveServer, gateway_settings
 
@@ -28,15 +28,29 @@ BASE = "http://fhir.example/STU3"
 
 
 def mapping_files() -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+    """Each type's mapping as the YAML says; a type with several files: what they all share
+    (a parameter every file declares with the same type and targets; every description)."""
+    files: dict[str, list[dict[str, Any]]] = {}
     for f in sorted(default_mappings_dir().glob("*.yaml")):
         doc = yaml.safe_load(f.read_text())
         if isinstance(doc, dict) and "resource" in doc:
-            out[doc["resource"]] = doc
+            files.setdefault(doc["resource"], []).append(doc)
+    out: dict[str, dict[str, Any]] = {}
+    for rtype, docs in files.items():
+        first = docs[0]
+        search: dict[str, Any] = {}
+        for name, spec in first.get("search", {}).items():
+            specs = [d.get("search", {}).get(name) for d in docs]
+            if all(s is not None and s["type"] == spec["type"] for s in specs) and (
+                    spec["type"] != "reference"
+                    or all(set(targets(s)) == set(targets(spec)) for s in specs)):
+                descriptions = list(dict.fromkeys(s["description"] for s in specs
+                                                  if s.get("description")))
+                search[name] = {**spec, "description": "; ".join(descriptions) or None}
+        sort = [n for n in first.get("sort", []) if all(n in d.get("sort", []) for d in docs)]
+        out[rtype] = {**first, "search": search, "sort": sort}
     return out
 
-
-MAPPINGS = mapping_files()
 
 
 def targets(spec: dict[str, Any]) -> list[str]:
@@ -44,6 +58,9 @@ def targets(spec: dict[str, Any]) -> list[str]:
     if "targets" in spec:
         return list(spec["targets"])
     return [spec["target"]]
+
+
+MAPPINGS = mapping_files()
 
 
 def expected_includes(rtype: str, served: set[str]) -> list[str]:
@@ -70,7 +87,10 @@ def expected_revincludes(rtype: str, served: set[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def app(demo_sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Starlette:
-    return build_app(gateway_settings(demo_sqlite_url, tmp_path_factory.mktemp("cap")))
+    # Every claim of fifteen types is tried by one client: more than the per-client rate
+    # limit (tested in test_limits) allows in a burst.
+    return build_app(gateway_settings(demo_sqlite_url, tmp_path_factory.mktemp("cap"),
+                                      rate_limit_per_minute=100_000, rate_limit_burst=100_000))
 
 
 def resources(statement: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -130,15 +150,19 @@ def test_demo_includes_by_name(app: Starlette) -> None:
         "AllergyIntolerance:patient", "Condition:patient", "Condition:subject",
         "DocumentReference:patient", "DocumentReference:subject",
         "Encounter:patient", "Encounter:subject", "Flag:patient", "Flag:subject",
-        "Procedure:patient", "Procedure:subject"]
+        "Immunization:patient", "MedicationRequest:patient", "MedicationRequest:subject",
+        "MedicationStatement:patient", "MedicationStatement:subject", "Observation:patient",
+        "Observation:subject", "Procedure:patient", "Procedure:subject"]
     assert sorted(by_type["Practitioner"]["searchRevInclude"]) == [
         "AllergyIntolerance:recorder", "Condition:asserter", "DocumentReference:author",
-        "Encounter:practitioner",
-        "Flag:author", "Patient:general-practitioner", "PractitionerRole:practitioner",
-        "Procedure:performer"]
+        "Encounter:practitioner", "Flag:author", "Immunization:practitioner",
+        "MedicationRequest:requester", "MedicationStatement:source", "Observation:performer",
+        "Patient:general-practitioner", "PractitionerRole:practitioner", "Procedure:performer"]
     assert sorted(by_type["Encounter"]["searchRevInclude"]) == [
         "Condition:context", "Condition:encounter", "DocumentReference:encounter",
+        "MedicationRequest:context", "Observation:context", "Observation:encounter",
         "Procedure:context", "Procedure:encounter"]
+    assert "searchRevInclude" not in by_type["MedicationStatement"]
     assert "searchInclude" not in by_type["Organization"]
 
 
@@ -171,8 +195,8 @@ def test_policy_and_sort_are_documented(app: Starlette) -> None:
     assert "at least 2 parameters of different types unless searching by identifier or _id" \
         in patient
     for rtype, doc in MAPPINGS.items():
-        if not doc.get("sort"):  # PractitionerRole: nothing to sort by
-            assert "_sort supports" not in by_type[rtype].get("documentation", "")
+        if not doc.get("sort"):  # nothing to sort by (PractitionerRole, Medication)
+            assert "_sort supports" not in by_type[rtype].get("documentation", ""), rtype
             continue
         assert f"_sort supports: {', '.join(doc['sort'])} " in by_type[rtype]["documentation"]
 

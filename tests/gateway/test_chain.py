@@ -67,7 +67,7 @@ def fold(text: str | None) -> str:
 
 
 async def search(api: httpx.AsyncClient, rtype: str, params: Params,
-                 headers: dict[str, str] | None = None) -> list[str]:
+                 headers: dict[str, str] | None = None, all_sources: bool = False) -> list[str]:
     """Every matching id in order, following ``next`` links; fails on a duplicate."""
     if not any(k == "_count" for k, _ in params):
         params = [*params, ("_count", "500")]
@@ -85,6 +85,10 @@ async def search(api: httpx.AsyncClient, rtype: str, params: Params,
             break
         r = await api.get(nxt[0], headers=headers)
     assert len(out) == len(set(out)), "an id came back twice"
+    if rtype == "Encounter" and not all_sources:
+        # The oracles here are the inpatient spells. Encounter also comes from outpatient and
+        # A&E attendances ("op-", "ae-" ids): test_chain_across_encounter_sources has them.
+        out = [i for i in out if i.isdigit()]
     return out
 
 
@@ -108,6 +112,30 @@ SPELLS_WITH_PATIENT = ('SELECT s."PRVSP_REFNO", p."PATNT_REFNO", p."NHS_NUMBER",
 
 
 # --- chained parameters ----------------------------------------------------------------------
+
+
+async def test_chain_across_encounter_sources(api: httpx.AsyncClient, oracle: Oracle) -> None:
+    # Encounter has three sources; a chain is planned on each, against its own columns.
+    busiest = oracle.rows(
+        'SELECT p."NHS_NUMBER" FROM "PATIENTS" p WHERE p."NHS_NUMBER" IS NOT NULL '
+        'AND EXISTS (SELECT 1 FROM "OUTPATIENT_ATTENDANCES" o WHERE o."PATNT_REFNO" = '
+        'p."PATNT_REFNO") AND EXISTS (SELECT 1 FROM "AE_ATTENDANCES" e WHERE e."PATNT_REFNO" = '
+        'p."PATNT_REFNO") ORDER BY p."NHS_NUMBER" LIMIT 3')
+    assert len(busiest) == 3
+    for (nhs,) in busiest:
+        pid = 'SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "NHS_NUMBER" = :n'
+        spells = f'SELECT "PRVSP_REFNO" FROM "PROVIDER_SPELLS" WHERE "PATNT_REFNO" IN ({pid})'
+        outpatient = (f'SELECT "OPATT_REFNO" FROM "OUTPATIENT_ATTENDANCES" '
+                      f'WHERE "PATNT_REFNO" IN ({pid})')
+        ae = (f'SELECT "AEATT_REFNO" FROM "AE_ATTENDANCES" WHERE "PATNT_REFNO" IN ({pid}) '
+              "AND \"DEL_FLAG\" = 'N'")  # rows recorded in error are never served
+        expected = (oracle.ids(spells, n=nhs)
+                    | {f"op-{i}" for i in oracle.ids(outpatient, n=nhs)}
+                    | {f"ae-{i}" for i in oracle.ids(ae, n=nhs)})
+        got = await search(api, "Encounter", [("patient.identifier", f"{NHS}|{nhs}")],
+                           all_sources=True)
+        assert set(got) == expected
+        assert any(i.startswith("op-") for i in got) and any(i.startswith("ae-") for i in got)
 
 
 async def test_patient_identifier_nhs_number(api: httpx.AsyncClient, oracle: Oracle) -> None:
@@ -218,11 +246,18 @@ async def test_paging_sorting_and_totals(api: httpx.AsyncClient, oracle: Oracle)
     rows.sort(key=lambda r: r[1], reverse=True)
     params = [("patient.family", "s"), ("_sort", "-date"), ("_count", "4")]
     assert await search(api, "Encounter", params) == [str(r[0]) for r in rows]
+    # totals count every Encounter source: outpatient and A&E attendances too
+    others = sum(1 for (name,) in oracle.rows(
+        'SELECT p."SURNAME" FROM "OUTPATIENT_ATTENDANCES" o JOIN "PATIENTS" p '
+        'ON p."PATNT_REFNO" = o."PATNT_REFNO" UNION ALL SELECT p."SURNAME" FROM '
+        '"AE_ATTENDANCES" e JOIN "PATIENTS" p ON p."PATNT_REFNO" = e."PATNT_REFNO" '
+        "WHERE e.\"DEL_FLAG\" = 'N'") if fold(name).startswith("s"))
+    assert others > 0
     r = await api.get("/STU3/Encounter", params=[*params, ("_total", "accurate")])
-    assert r.json()["total"] == len(rows)
+    assert r.json()["total"] == len(rows) + others
     r = await api.get("/STU3/Encounter", params=[("patient.family", "s"),
                                                  ("_summary", "count")])
-    assert r.json()["total"] == len(rows)
+    assert r.json()["total"] == len(rows) + others
 
 
 async def test_multi_target_reference(api: httpx.AsyncClient, oracle: Oracle) -> None:

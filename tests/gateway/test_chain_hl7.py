@@ -16,10 +16,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from adapters.hl7v2.simulator import PasSimulator
 from gateway.app import build_app
 from gateway.chain import MAX_CHAIN_MATCHES
 from gateway.demo_pas import ensure_sqlite_demo
+from gateway.demo_pas.hl7v2 import PasSimulator
 from gateway.settings import Settings
 from tests.security.principals import as_, install, patient_token, user_token
 

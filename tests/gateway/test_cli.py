@@ -234,3 +234,15 @@ def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert '"event":"started"' in log
     assert log.count('"event":"request"') == 3
     assert "smith" not in log.lower()
+
+
+@pytest.mark.parametrize("workers", ["2", "4", "lots"])
+def test_serve_refuses_several_workers(workers: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # deploy/README.md says so: limits and caches are per process (issue 13)
+    monkeypatch.setenv("WEB_CONCURRENCY", workers)
+    code = cli.main(["serve", "--data-dir", str(tmp_path / "d"), "--port", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "refusing to start: WEB_CONCURRENCY" in err and "serving" not in err

@@ -96,7 +96,8 @@ async def test_count_is_capped(api: httpx.AsyncClient) -> None:
 async def test_include_beyond_the_limit_is_reported_not_silently_cut(
     api: httpx.AsyncClient
 ) -> None:
-    r = await api.get("/STU3/Encounter?_count=7&_include=Encounter:patient", headers=as_("a"))
+    r = await api.get("/STU3/Encounter?class=IMP,SS&_count=7&_include=Encounter:patient",
+                      headers=as_("a"))
     entries = r.json()["entry"]
     patients = [e for e in entries if e["resource"]["resourceType"] == "Patient"]
     outcomes = [e for e in entries if e["search"]["mode"] == "outcome"]
@@ -109,7 +110,8 @@ async def test_include_beyond_the_limit_is_reported_not_silently_cut(
 
 
 async def test_revinclude_beyond_the_limit_is_reported(api: httpx.AsyncClient) -> None:
-    spells = (await api.get("/STU3/Encounter?_count=7", headers=as_("a"))).json()["entry"]
+    r = await api.get("/STU3/Encounter?class=IMP,SS&_count=7", headers=as_("a"))
+    spells = r.json()["entry"]
     consultants = {e["resource"]["participant"][0]["individual"]["reference"].split("/")[1]
                    for e in spells}
     r = await api.get(f"/STU3/Practitioner?_id={','.join(sorted(consultants))}"
@@ -129,11 +131,14 @@ async def test_a_repeated_include_is_fetched_once(build: Callable[..., Starlette
                                                   tmp_path: Path) -> None:
     audit_log = tmp_path / "a.jsonl"
     async with _client(build(audit_log=str(audit_log))) as api:
-        query = "&".join(["_include=Encounter:patient"] * 200)
+        # 45: within max_search_parameters (50; more is 400 TOO_MANY_PARAMETERS)
+        query = "&".join(["_include=Encounter:patient"] * 45)
         r = await api.get(f"/STU3/Encounter?_count=3&{query}", headers=as_("a"))
         assert r.status_code == 200
     rec = orjson.loads(audit_log.read_bytes().splitlines()[0])
-    assert len(rec["backend"]["queries"]) == 2  # the search and one include, not 201
+    # the search (one statement per Encounter source) and one include, not 45
+    assert [q["resource_type"] for q in rec["backend"]["queries"]] == ["Encounter"] * 3 + [
+        "Patient"]
 
 
 # --- per-client rate limits --------------------------------------------------------------------

@@ -49,8 +49,10 @@ def test_fast_routes_first_without_taking_other_routes_paths() -> None:
         ("GET", "/STU3/metadata"): "/STU3/metadata",
         ("POST", "/STU3/Patient/_search"): "/STU3/{type}/_search",
         ("GET", "/STU3/Patient/_search"): "/STU3/{type}/{id}",  # GET _search: the instance
-        ("POST", "/STU3/Patient/$validate"): "/STU3/{type}/$validate",
-        ("POST", "/STU3/Patient/1/$validate"): "/STU3/{type}/{id}/$validate",
+        ("POST", "/STU3/Patient/$validate"): "/STU3/{type}/{op}",
+        ("POST", "/STU3/Patient/1/$validate"): "/STU3/{type}/{id}/{op}",
+        ("GET", "/STU3/Patient/1/$everything"): "/STU3/{type}/{id}/{op}",
+        ("GET", "/STU3/$export"): "/STU3/{op}",
         ("GET", "/STU3/Patient/1/_history"): "/STU3/{type}/{id}/{rest}",
         ("GET", "/STU3/patient"): "/STU3/{type}",  # not a type: the same handler says 404
         ("GET", "/_health"): "/_health",

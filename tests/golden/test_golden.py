@@ -16,6 +16,7 @@ import pytest
 
 from adapters.registry import create
 from gateway.mapping.loader import load_directory
+from gateway.profiles.golden import golden_name
 from gateway.providers import Provider
 
 HERE = Path(__file__).resolve().parent
@@ -33,7 +34,7 @@ def _canonical(value: Any) -> str:
 def providers(demo_sqlite_url: str) -> dict[str, Provider]:
     loaded = load_directory(REPO / "mappings" / "demo-pas", create,
                             urls={"pas": demo_sqlite_url})
-    return {m.resource_type: Provider(m) for m in loaded.mappings}
+    return {golden_name(m): Provider(m) for m in loaded.mappings}
 
 
 def test_every_served_resource_type_has_golden_cases(providers: dict[str, Provider]) -> None:
@@ -64,4 +65,4 @@ def test_golden(case: Path, providers: dict[str, Provider]) -> None:
     assert resource == expected
     assert _canonical(resource) == _canonical(expected)
     # The id is the record key, as the server will serve it.
-    assert resource["id"] == str(record[providers[case.parent.name].key])
+    assert resource["id"] == provider.id_prefix + str(record[provider.key])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,41 @@ def test_golden(case: Path, providers: dict[str, Provider]) -> None:
     assert json.dumps(resources, sort_keys=True, ensure_ascii=False) == json.dumps(
         expected, sort_keys=True, ensure_ascii=False)
     assert resources, "a golden case must produce at least one resource"
+
+
+# --- the NHS ITK sample messages themselves (../shared), read as they are --------------------
+
+ITK_SAMPLES = REPO.parent / "shared" / "hl7v2-samples" / "uk-itk-adt"
+ITK_VISITS = sorted(p for p in ITK_SAMPLES.glob("*")
+                    if re.search(rb"(?:^|[\r\n])PV1\|", p.read_bytes()))
+
+
+def test_the_itk_samples_are_there() -> None:
+    assert len(ITK_VISITS) >= 4, ITK_SAMPLES
+
+
+@pytest.mark.parametrize("sample", ITK_VISITS, ids=lambda p: p.stem)
+def test_itk_sample_visits(sample: Path, providers: dict[str, Provider]) -> None:
+    """Each ITK ADT sample with a PV1 gives its visit as an Encounter (with status and
+    class); one without a visit number (PV1-19) gives none, and that is counted."""
+    from adapters import dropped
+
+    message = er7.parse(sample.read_bytes())
+    provider = providers["Encounter"]
+    adapter = provider.mapping.adapter
+    assert isinstance(adapter, Hl7v2Adapter)
+    before = sum(n for (where, _), n in dropped.snapshot().items() if "PV1" in where)
+    resources = [provider.resource(r)
+                 for r in adapter.records(provider.mapping.prepared, message)]
+    after = sum(n for (where, _), n in dropped.snapshot().items() if "PV1" in where)
+    visits = message.groups("PV1")
+    assert len(resources) + (after - before) == len(visits)
+    expected_file = HERE / "itk-shared" / f"{sample.stem}.expected.json"
+    if UPDATE:
+        expected_file.parent.mkdir(exist_ok=True)
+        expected_file.write_text(json.dumps(resources, indent=2, ensure_ascii=False) + "\n",
+                                 encoding="utf-8")
+    expected = json.loads(expected_file.read_text(encoding="utf-8"))
+    assert resources == expected
+    for enc in resources:
+        assert enc["status"] and enc["class"]["code"]

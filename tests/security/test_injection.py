@@ -204,7 +204,8 @@ async def _attack(api: httpx.AsyncClient, app: Starlette, oracle: Oracle,
 async def sql_api(demo_url: str, make_app: Callable[..., Starlette]
                   ) -> AsyncIterator[tuple[httpx.AsyncClient, Starlette]]:
     # insecure-demo: a system/*.* principal, so every parameter of every type is reachable
-    app = make_app(demo_url, auth_mode="insecure-demo", rate_limit_per_minute=0)
+    app = make_app(demo_url, auth_mode="insecure-demo", rate_limit_per_minute=0,
+                   source_rate_limit_per_minute=0)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
@@ -274,14 +275,15 @@ def hl7_db(tmp_path: Path) -> str:
 @pytest.fixture
 async def hl7_api(hl7_db: str, tmp_path: Path
                   ) -> AsyncIterator[tuple[httpx.AsyncClient, Starlette, Any]]:
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
 
     async with PasSimulator(hl7_db) as sim:
         app = build_app(Settings(
             mappings_dir=HL7_MAPPINGS, data_dir=tmp_path, paging_secret="t", log_level="warning",
             progress=False, auth_mode="insecure-demo", rate_limit_per_minute=0,
+            source_rate_limit_per_minute=0,
             connection_urls={"pas": hl7_db, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -404,3 +404,28 @@ def test_fast_queries_equal_what_hl7apy_builds(
     slow = messages._query_hl7apy(HEADER, "CID1", trigger, "TAG1", params, quantity,
                                   continuation)
     assert _TS.sub("|TS|", fast.decode("utf-8")) == _TS.sub("|TS|", slow.decode("utf-8"))
+
+
+@given(
+    family=st.text(alphabet="abcXYZ019 -'|^~\\&é", min_size=1, max_size=12),
+    addresses=st.integers(min_value=0, max_value=3),
+    kin=st.integers(min_value=0, max_value=2),
+    null=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_fast_adt_equals_what_hl7apy_builds(family: str, addresses: int, kin: int,
+                                            null: bool) -> None:
+    values: dict[str, str] = {**A28_VALUES, "PID-5.1": family}
+    values = {k: v for k, v in values.items() if not k.startswith(("PID-11", "NK1"))}
+    for i in range(addresses):
+        values[f"PID-11[{i}].1"] = f"{i} {family}"
+        values[f"PID-11[{i}].12.1"] = "202001010000"
+    for i in range(kin):
+        values[f"NK1[{i * 2}]-2.1"] = family
+    if null:
+        values["PID-29.1"] = '""'
+    for event in ("A28", "A31"):
+        fast = messages.adt(HEADER, "CID1", event=event, values=values)
+        slow = messages._adt_hl7apy(HEADER, "CID1", event=event, values=values)
+        stamp = re.compile(r"\d{14}[+-]\d{4}")  # MSH-7 and EVN-2: now
+        assert stamp.sub("TS", fast.decode("utf-8")) == stamp.sub("TS", slow.decode("utf-8"))

@@ -28,14 +28,12 @@ from adapters.hl7v2.mllp import (
     MllpClient,
     MllpError,
     MllpProtocolError,
-    MllpServer,
     MllpTimeout,
     MllpUnavailable,
-    Reply,
     client_ssl_context,
     frame,
-    server_ssl_context,
 )
+from gateway.demo_pas.hl7v2.mllp_server import MllpServer, Reply, server_ssl_context
 
 pytestmark = pytest.mark.anyio
 

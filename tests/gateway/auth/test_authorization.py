@@ -91,7 +91,7 @@ async def test_405_and_404_are_public_answers_before_403(gw: httpx.AsyncClient,
             deleted = await gw.delete(f"/STU3/{rtype}/{READ_IDS[rtype]}", headers=headers)
             for r in (created, updated, deleted):
                 assert r.status_code == 405 and code(r) == "METHOD_NOT_ALLOWED", (scope, r.url)
-        unknown = await gw.get("/STU3/Observation", headers=headers)
+        unknown = await gw.get("/STU3/DocumentReference", headers=headers)
         assert unknown.status_code == 404 and code(unknown) == "UNKNOWN_RESOURCE_TYPE"
 
 
@@ -189,9 +189,9 @@ async def test_without_an_authentication_layer_nothing_is_served() -> None:
 
 @pytest.fixture
 async def hl7(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Callable[..., str]]]:
-    from adapters.hl7v2.simulator import PasSimulator
     from gateway.app import build_app
     from gateway.demo_pas import ensure_sqlite_demo
+    from gateway.demo_pas.hl7v2 import PasSimulator
     from gateway.settings import Settings
     from tests.adapters.hl7v2.test_adapter import MAPPINGS
 

@@ -25,7 +25,14 @@ from gateway.mapping.compile import (
     compile_tree,
     finish_output,
 )
-from gateway.mapping.functions import FUNCTIONS, days_between, minutes_between, sha1_hex_to_base64
+from gateway.mapping.functions import (
+    FUNCTIONS,
+    days_between,
+    deceased_flag,
+    minutes_between,
+    sha1_hex_to_base64,
+    visit_status,
+)
 from gateway.mapping.model import Expr
 from gateway.mapping.storage import Storage, make_storage
 
@@ -298,10 +305,11 @@ def test_references_inside_each_name_their_child() -> None:
     ({"birthDate": None}, "birthDate", "an empty value; remove the key or give it a value"),
     ({"gender": {"column": "p.SEX", "codemap": "sex"}}, "gender", "unknown codemap 'sex'"),
     ({"name": [{"family": {"column": "p.S", "transform": "titlecase"}}]}, "name[0].family",
-     "unknown transform 'titlecase' (one of: title_case, upper, lower, string, integer, yes_no, "
-     "not, digits, no_spaces)"),
+     "unknown transform 'titlecase' (one of: title_case, upper, lower, string, integer, decimal, "
+     "yes_no, not, digits, no_spaces)"),
     ({"length": {"value": {"function": "los", "args": ["s.A"]}}}, "length.value",
-     "unknown function 'los' (one of: minutes_between, days_between, sha1_hex_to_base64)"),
+     "unknown function 'los' (one of: minutes_between, days_between, deceased_flag, "
+     "visit_status, sha1_hex_to_base64)"),
     ({"gender": {"colum": "p.SEX", "codemap": "address-use"}}, "gender.colum", "unknown key"),
     ({"gender": {"column": "p.SEX", "transfrom": "upper"}}, "gender.transfrom", "unknown key"),
     ({"gender": {"codemap": "address-use"}}, "gender",
@@ -395,6 +403,7 @@ def test_days_between_counts_calendar_days() -> None:
 def test_the_function_registry() -> None:
     assert dict(FUNCTIONS) == {"minutes_between": minutes_between,
                                "days_between": days_between,
+                               "deceased_flag": deceased_flag, "visit_status": visit_status,
                                "sha1_hex_to_base64": sha1_hex_to_base64}
 
 
@@ -404,3 +413,63 @@ def test_sha1_hex_to_base64() -> None:
     assert sha1_hex_to_base64(digest.hex().upper()) == base64.b64encode(digest).decode()
     for bad in (None, "", "abc", "z" * 40, digest.hex() + "00"):
         assert sha1_hex_to_base64(bad) is None
+
+
+def test_deceased_flag_and_visit_status() -> None:
+    assert deceased_flag("Y", None) is True
+    assert deceased_flag("y ", "") is True
+    assert deceased_flag("Y", "2024-01-10") is None  # the date gives deceasedDateTime
+    assert deceased_flag("N", None) is None and deceased_flag(None, None) is None
+    assert visit_status("2024-01-10T09:30:00+00:00", "2024-01-12T10:00:00+00:00") == "finished"
+    assert visit_status("2024-01-10T09:30:00+00:00", None) == "in-progress"
+    assert visit_status("2999-01-10T09:30:00+00:00", None) == "planned"
+    assert visit_status(None, None, "2030-01-01") == "planned"  # a pre-admission
+    assert visit_status(None, None) == "unknown" and visit_status("garbage", None) == "unknown"
+
+
+# --- requires: an element output only when its named keys have values ------------------------
+
+QUANTITY = {
+    "low": {
+        "requires": "value",
+        "value": {"column": "r.LOW", "transform": "decimal"},
+        "unit": {"column": "r.UNITS"},
+        "system": "http://unitsofmeasure.org",
+    },
+    "text": {"column": "r.TEXT"},
+}
+
+
+def test_requires_keeps_an_element_whose_key_has_a_value() -> None:
+    assert build({"range": QUANTITY}, context())({"r.LOW": "3.5", "r.UNITS": "mmol/L"}) == {
+        "range": {"low": {"value": 3.5, "unit": "mmol/L",
+                          "system": "http://unitsofmeasure.org"}}}
+
+
+def test_requires_drops_an_element_without_it_but_not_its_siblings() -> None:
+    # a unit with no number is no measurement: the whole low goes, the text stays
+    out = build({"range": QUANTITY}, context())({"r.UNITS": "mmol/L", "r.TEXT": "< 5"})
+    assert out == {"range": {"text": "< 5"}}
+    assert build({"range": QUANTITY}, context())({"r.UNITS": "mmol/L"}) == {}
+
+
+def test_requires_a_list_of_keys() -> None:
+    node = {"q": {"requires": ["value", "unit"], "value": {"column": "r.LOW"},
+                  "unit": {"column": "r.UNITS"}}}
+    assert build(node, context())({"r.LOW": "1"}) == {}
+    assert build(node, context())({"r.LOW": "1", "r.UNITS": "g"}) == {
+        "q": {"value": "1", "unit": "g"}}
+
+
+@pytest.mark.parametrize(("requires", "message"), [
+    ("code", "names keys of this element"),
+    ([], "names keys of this element"),
+    ("system", "'system' is a literal"),
+])
+def test_requires_names_expression_keys_of_the_element(requires: Any, message: str) -> None:
+    node = {"q": {"requires": requires, "value": {"column": "r.LOW"},
+                  "system": "http://unitsofmeasure.org"}}
+    with pytest.raises(CompileError) as err:
+        compile_output(node, context())
+    assert err.value.path == "q.requires"
+    assert message in err.value.message

@@ -67,8 +67,10 @@ def one_problem(directory: Path) -> tuple[str, int, str]:
 def test_the_demo_mappings_load(demo_sqlite_url: str) -> None:
     loaded = load_directory(DEMO, create, urls={"pas": demo_sqlite_url})
     assert sorted(m.resource_type for m in loaded.mappings) == [
-        "AllergyIntolerance", "Condition", "DocumentReference", "Encounter", "Flag",
-        "Location", "Organization", "Patient", "Practitioner", "PractitionerRole", "Procedure"]
+        "AllergyIntolerance", "Condition", "DocumentReference", "Encounter", "Encounter",
+        "Encounter", "Flag", "Immunization", "Location", "Medication", "MedicationRequest",
+        "MedicationStatement", "Observation", "Organization", "Patient", "Practitioner",
+        "PractitionerRole", "Procedure"]
     assert {m.connection for m in loaded.mappings} == {"pas"}
     assert list(loaded.adapters) == ["pas"]  # one adapter shared by every mapping
     assert len({id(m.adapter) for m in loaded.mappings}) == 1
@@ -197,7 +199,8 @@ def test_unknown_function(demo_copy: Path) -> None:
     assert one_problem(demo_copy) == (
         "Encounter.sql.yaml", line_with(f, "minutes_betwen"),
         "output.length.value: unknown function 'minutes_betwen' "
-        "(one of: minutes_between, days_between, sha1_hex_to_base64)")
+        "(one of: minutes_between, days_between, deceased_flag, visit_status, "
+        "sha1_hex_to_base64)")
 
 
 def test_unknown_storage_type(demo_copy: Path) -> None:
@@ -293,7 +296,7 @@ def test_a_url_without_a_password_is_fine(demo_copy: Path) -> None:
     edit(demo_copy / "connections.yaml", "    url_env: CCG_PAS_URL",
          "    url: postgresql+psycopg://gateway@pas-db/pas\n    url_env: CCG_PAS_URL")
     loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
-    assert len(loaded.mappings) == len(list(DEMO.glob("*.sql.yaml"))) == 11
+    assert len(loaded.mappings) == len(list(DEMO.glob("*.sql.yaml"))) == 18
 
 
 def test_two_files_mapping_the_same_resource(demo_copy: Path) -> None:
@@ -301,7 +304,64 @@ def test_two_files_mapping_the_same_resource(demo_copy: Path) -> None:
     f = demo_copy / "Patient.sql2.yaml"
     assert one_problem(demo_copy) == (
         "Patient.sql2.yaml", line_with(f, "resource: Patient"),
-        "Patient is already mapped by Patient.sql.yaml")
+        "Patient is already mapped by Patient.sql.yaml: a second source of a type needs its "
+        "own id_prefix (e.g. id_prefix: op-)")
+
+
+def test_a_second_source_with_an_id_prefix_loads(demo_copy: Path) -> None:
+    shutil.copy(demo_copy / "Location.sql.yaml", demo_copy / "Location.copy.yaml")
+    edit(demo_copy / "Location.copy.yaml", "resource: Location\n",
+         "resource: Location\nid_prefix: cp-\n")
+    loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
+    prefixes = sorted(m.spec.id_prefix or "" for m in loaded.mappings
+                      if m.resource_type == "Location")
+    assert prefixes == ["", "cp-"]
+
+
+def test_clashing_id_prefixes(demo_copy: Path) -> None:
+    for name, prefix in (("a", "cp-"), ("b", "cp-")):
+        shutil.copy(demo_copy / "Location.sql.yaml", demo_copy / f"Location.{name}.yaml")
+        edit(demo_copy / f"Location.{name}.yaml", "resource: Location\n",
+             f"resource: Location\nid_prefix: {prefix}\n")
+    f = demo_copy / "Location.b.yaml"
+    assert one_problem(demo_copy) == (
+        "Location.b.yaml", line_with(f, "id_prefix:"),
+        "id_prefix: 'cp-' clashes with 'cp-' of Location.a.yaml (no prefix may start another)")
+
+
+def test_an_id_prefix_must_end_in_a_separator(demo_copy: Path) -> None:
+    f = demo_copy / "Location.sql.yaml"
+    edit(f, "resource: Location\n", "resource: Location\nid_prefix: cp\n")
+    name, line, message = one_problem(demo_copy)
+    assert (name, line) == ("Location.sql.yaml", line_with(f, "id_prefix:"))
+    assert message.startswith("id_prefix: String should match pattern")
+
+
+def test_the_unprefixed_source_needs_integer_keys(demo_copy: Path) -> None:
+    # Organization's key is an integer; drop that declaration, and a string key could
+    # look like another source's prefixed id.
+    shutil.copy(demo_copy / "Organization.sql.yaml", demo_copy / "Organization.b.yaml")
+    f = demo_copy / "Organization.b.yaml"
+    edit(f, "resource: Organization\n", "resource: Organization\nid_prefix: b-\n")
+    g = demo_copy / "Organization.sql.yaml"
+    key_line = [ln for ln in g.read_text().splitlines() if ln.strip().startswith("o.ORGAN_REFNO:")]
+    assert len(key_line) == 1
+    edit(g, key_line[0] + "\n", "")
+    assert one_problem(demo_copy) == (
+        "Organization.sql.yaml", line_with(g, "id: {column"),
+        "id: Organization has several sources, so this one needs an id_prefix unless its key "
+        "is declared as an integer in types:")
+
+
+def test_sources_of_one_type_share_a_profile(demo_copy: Path) -> None:
+    shutil.copy(demo_copy / "Location.sql.yaml", demo_copy / "Location.x.yaml")
+    f = demo_copy / "Location.x.yaml"
+    edit(f, "resource: Location\n", "resource: Location\nid_prefix: cp-\n")
+    edit(f, "StructureDefinition/CareConnect-Location-1",
+         "StructureDefinition/CareConnect-Location-2")
+    assert one_problem(demo_copy) == (
+        "Location.x.yaml", line_with(f, "profile:"),
+        "profile: every source of Location must declare the same profile as Location.sql.yaml")
 
 
 @pytest.mark.parametrize("key", ["id", "meta"])
@@ -512,7 +572,7 @@ def test_mappings_check_passes_on_the_demo(demo_sqlite_url: str, tmp_path: Path,
                         f"({len(doc['search'])} search parameters)")
     # (Further lines, such as checks of golden cases, may follow the one per mapping.)
     assert sorted(line for line in out if line.endswith("search parameters)")) == expected
-    assert len(expected) == 11
+    assert len(expected) == 18
     assert not (tmp_path / "data").exists()  # CCG_PAS_URL set: no embedded demo was built
 
 

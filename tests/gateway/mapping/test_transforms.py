@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -46,8 +47,8 @@ def test_title_case_agrees_with_its_word_rules_on_any_text() -> None:
 
 
 def test_every_transform_is_documented() -> None:
-    assert set(TRANSFORMS) == {"title_case", "upper", "lower", "string", "integer", "yes_no",
-                               "not", "digits", "no_spaces"}
+    assert set(TRANSFORMS) == {"title_case", "upper", "lower", "string", "integer", "decimal",
+                               "yes_no", "not", "digits", "no_spaces"}
     for fn, doc in TRANSFORMS.values():
         assert callable(fn)
         assert doc
@@ -91,3 +92,12 @@ def test_the_other_transforms() -> None:
     assert t("digits", "n/a") is None
     assert t("no_spaces", " LS6  1LJ ") == "LS61LJ"
     assert t("no_spaces", "   ") is None
+
+
+@pytest.mark.parametrize(("stored", "expected"), [
+    ("5.4", 5.4), ("137", 137), ("-0.5", -0.5), (" 0.05 ", 0.05), ("0", 0),
+    ("<0.1", None), ("POSITIVE", None), ("1e5", None), ("01.5", None), ("5.", None), ("", None),
+])
+def test_decimal(stored: str, expected: Any) -> None:
+    result = TRANSFORMS["decimal"][0](stored)
+    assert result == expected and type(result) is type(expected)

@@ -44,8 +44,11 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize(("path", "limit", "at_least"), [
-    ("/STU3/Patient?_id=" + ",".join(str(i) for i in range(100001, 100201)) + "&_count=100",
-     200, 200),
+    # the first 200 patients, 100 ids a request (CCG_MAX_VALUES_PER_PARAMETER)
+    ("/STU3/Patient?_id=" + ",".join(str(i) for i in range(100001, 100101)) + "&_count=100",
+     100, 100),
+    ("/STU3/Patient?_id=" + ",".join(str(i) for i in range(100101, 100201)) + "&_count=100",
+     100, 100),
     ("/STU3/Location?_count=100", 10_000, 1),
     ("/STU3/Organization?_count=100", 10_000, 1),
     ("/STU3/Practitioner?_count=50", 100, 40),  # the demo has fewer than 100: all of them
@@ -62,6 +65,13 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
     ("/STU3/Procedure?patient=100001", 100, 38),
     # Every document (STU3 base profile: Care Connect has none for DocumentReference).
     ("/STU3/DocumentReference?_count=100", 100_000, 300),
+    ("/STU3/Medication?_count=100", 10_000, 70),
+    ("/STU3/MedicationRequest?_count=100", 200, 200),
+    ("/STU3/MedicationStatement?_count=100", 200, 200),
+    ("/STU3/Immunization?_count=100", 200, 200),
+    ("/STU3/Immunization?notgiven=true&_count=100", 100, 20),
+    ("/STU3/Observation?_count=100", 300, 300),
+    ("/STU3/Observation?patient=100001&_count=100", 10_000, 200),
 ])
 async def test_served_resources_conform(client: httpx.AsyncClient, path: str, limit: int,
                                         at_least: int) -> None:

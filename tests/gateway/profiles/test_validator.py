@@ -300,3 +300,24 @@ def test_a_core_resource_url_validates_against_the_base_definition() -> None:
     errors = [i for i in validate(broken, url) if i.severity == "error"]
     assert {i.expression.split(".")[1].split("[")[0] for i in errors} >= {"status", "content"}
     assert "http://hl7.org/fhir/StructureDefinition/NoSuchThing" not in load_profiles()
+# --- a data type's own backbone typed "Element" in a snapshot (Timing.repeat) ------------------
+
+
+def _medication_request(repeat: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationRequest", "id": "1",
+        "meta": {"profile": [CC + "CareConnect-MedicationRequest-1"]},
+        "status": "active", "intent": "order",
+        "medicationReference": {"reference": "Medication/1"},
+        "subject": {"reference": "Patient/100001"},
+        "dosageInstruction": [{"text": "1 tablet twice a day", "timing": {"repeat": repeat}}],
+    }
+
+
+def test_timing_repeat_is_checked_as_the_backbone_it_is() -> None:
+    assert errors(_medication_request({"frequency": 2, "period": 1, "periodUnit": "d"})) == []
+    issue = only(errors(_medication_request({"frequency": 2, "perod": 1})))
+    assert issue.message == "unknown element 'perod' in BackboneElement"
+    assert issue.expression == "MedicationRequest.dosageInstruction[0].timing.repeat.perod"
+    issue = only(errors(_medication_request({"frequency": "twice"})))
+    assert issue.expression == "MedicationRequest.dosageInstruction[0].timing.repeat.frequency"

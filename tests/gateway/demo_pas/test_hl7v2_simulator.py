@@ -22,9 +22,9 @@ from adapters.hl7v2.mllp import (
     MllpTimeout,
     MllpUnavailable,
 )
-from adapters.hl7v2.simulator import PasSimulator
 from adapters.text import fold
 from gateway.demo_pas import ensure_sqlite_demo, schema
+from gateway.demo_pas.hl7v2 import PasSimulator
 
 pytestmark = pytest.mark.anyio
 

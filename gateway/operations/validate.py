@@ -8,22 +8,17 @@ OperationOutcome listing the issues, or one "All OK" information issue when ther
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import writes
 from gateway.auth import authorize
 from gateway.errors import MethodNotAllowed, NotFound
+from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.profiles.validator import Issue, validate
 
-if TYPE_CHECKING:
-    from gateway.routes import Api
-
 DEFINITION = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def outcome(issues: list[Issue]) -> dict[str, Any]:
@@ -46,18 +41,28 @@ def _from_parameters(body: dict[str, Any]) -> tuple[Any, str | None]:
     return resource, profile
 
 
-def validate_endpoint(api: Api, instance: bool) -> Endpoint:
-    """The handler for ``[type]/$validate`` (instance=False) or ``[type]/[id]/$validate``."""
+class Validate(Operation):
+    name = "validate"
+    levels = frozenset({"type", "instance"})
+    parameters = (
+        Parameter("resource", "Resource", documentation="The resource to validate"),
+        Parameter("profile", "uri", documentation="A profile to validate against"),
+        Parameter("return", "OperationOutcome", use="out", min=1),
+    )
+    scopes = ("instance: read of the type (the stored resource is disclosed); type: any of "
+              "create, update or read of the type (nothing stored is touched)")
+    definition_url = DEFINITION
 
-    async def endpoint(request: Request) -> Response:
-        fmt = api.fmt(request)
-        provider = api.registry.get(request.path_params["type"])
+    async def run(self, ctx: Context, call: Invocation) -> Response:
+        request, provider, rid = call.request, call.provider, call.rid
+        assert provider is not None
+        fmt = ctx.fmt(request)
+        instance = call.level == "instance"
         allowed = ("GET", "POST") if instance else ("POST",)
         if request.method not in allowed:
             raise MethodNotAllowed("$validate supports " + " and ".join(allowed),
                                    headers={"Allow": ", ".join(allowed)})
         rtype = provider.resource_type
-        rid = request.path_params.get("id")
         # Instance: reads (and so discloses) the stored one. Type: no stored data is touched.
         authorize.require_any(request, rtype, "r" if instance else "cur")
         issues: list[Issue] = []
@@ -76,15 +81,13 @@ def validate_endpoint(api: Api, instance: bool) -> Endpoint:
                     issues.append(Issue("error", "required",
                                         "the Parameters need a 'resource' parameter",
                                         "Parameters.parameter"))
-                    return api.respond(outcome(issues), fmt)
+                    return ctx.respond(outcome(issues), fmt)
             if resource.get("resourceType") != rtype:
                 issues.append(Issue("error", "invalid", f"the resource must be a {rtype}",
                                     f"{rtype}.resourceType"))
-                return api.respond(outcome(issues), fmt)
+                return ctx.respond(outcome(issues), fmt)
             if rid is not None and "id" in resource and resource["id"] != rid:
                 issues.append(Issue("error", "invalid",
                                     "the resource id must match the id in the URL", f"{rtype}.id"))
         issues += validate(resource, profile)
-        return api.respond(outcome(issues), fmt)
-
-    return endpoint
+        return ctx.respond(outcome(issues), fmt)

@@ -1,0 +1,308 @@
+"""A resource type served by several sources: one provider composed of per-source providers.
+
+Encounter comes from inpatient spells, outpatient attendances and A&E attendances, each a
+mapping file of its own. The composite answers as one provider (routes do not know):
+
+* **ids** stay unique and stable: every source but one declares an ``id_prefix`` (checked at
+  load); a read by id goes to the source whose prefix the id carries.
+* **search** fans out to every source with the same parameters (each planned against its own
+  mapping), and merges the pages in ``_sort`` order, ties broken by source order and then by
+  each source's own key order, so the order is total and the same on every request.
+* **paging** is stateless: the page link holds one keyset position per source (inside the
+  same encrypted, signed token as a single-source search). A page asks each unfinished source
+  for at most ``_count`` records, takes the first ``_count`` of the merge and moves each
+  source's position to the last of its records taken — one statement per source per page,
+  and a walk to the end yields the merged set exactly once.
+* **a failing source** (502/503/504) gives a partial page with an OperationOutcome warning
+  entry naming the source, never a silent gap; its position does not move, so the next page
+  asks it again. Under ``Prefer: handling=strict``, or when no source answered, the error is
+  the answer.
+* **what is claimed** is what every source supports: a parameter, a ``_sort`` key or an
+  interaction only one source has is not the type's (so the CapabilityStatement, generated
+  from this, does not list it, and a search treats it as unknown).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from typing import Any
+
+from adapters.base import Criterion, Page, SortKey, Write, WriteResult
+from gateway.errors import (
+    GatewayError,
+    InvalidId,
+    InvalidPageToken,
+    NotImplementedInteraction,
+    issue,
+    operation_outcome,
+)
+from gateway.mapping.model import SearchParam
+from gateway.plan import SearchPlan
+from gateway.providers import Provider
+from gateway.search import ID_RE
+
+SOURCE_FAILURES = frozenset({502, 503, 504})
+DONE = False
+"""A source's position once it has no more records."""
+
+
+@dataclass
+class MultiPlan(SearchPlan):
+    """The plan of a multi-source search: the shared one (used, ignored, count, ...) plus
+    each source's own (criteria and sort on its own columns)."""
+
+    parts: list[SearchPlan] = field(default_factory=list)
+    strict: bool = False
+
+    @classmethod
+    def of(cls, parts: list[SearchPlan], strict: bool) -> MultiPlan:
+        first = parts[0]
+        shared = {f.name: getattr(first, f.name) for f in fields(SearchPlan)}
+        # A chain is planned per source: what any source's chain searched or said counts.
+        shared["searched_types"] = set().union(*(p.searched_types for p in parts))
+        shared["notes"] = list(dict.fromkeys(n for p in parts for n in p.notes))
+        return cls(**shared, parts=parts, strict=strict)
+
+
+@dataclass(slots=True)
+class MergedPage(Page):
+    """A page of a multi-source search: records are ``(source index, record)``."""
+
+    failed: list[tuple[str, GatewayError]] = field(default_factory=list)
+    """(source name, error) of each source that did not answer for this page."""
+
+
+def source_name(provider: Provider) -> str:
+    """A source's name for people: its mapping file, without the extension."""
+    return provider.mapping.file.name.removesuffix(".yaml")
+
+
+class _Desc:
+    """Reverses the order of a sort value (for ``-param`` in a merge key)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: Any) -> None:
+        self.v = v
+
+    def __lt__(self, other: _Desc) -> bool:
+        return bool(other.v < self.v)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and bool(self.v == other.v)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def common_params(sources: list[Provider]) -> dict[str, SearchParam]:
+    """Parameters every source declares with the same type (and, for references, the same
+    target types): the only ones the type supports."""
+    first = sources[0]
+    out: dict[str, SearchParam] = {}
+    for name, p in first.params.items():
+        same = all(
+            name in s.params and s.params[name].type == p.type
+            and set(s.params[name].reference_targets()) == set(p.reference_targets())
+            for s in sources[1:])
+        if same:
+            out[name] = p
+    return out
+
+
+class MultiSource:
+    """The provider of a type served by several sources (see the module docstring)."""
+
+    def __init__(self, sources: list[Provider]) -> None:
+        self.sources = sources
+        first = sources[0]
+        self.resource_type = first.resource_type
+        self.profile = first.profile
+        self.params = common_params(sources)
+        self.sortable = [n for n in first.sortable if all(n in s.sortable for s in sources)]
+        self.policy = first.policy
+        self.interactions = frozenset.intersection(*(s.interactions for s in sources)) & {
+            "read", "search-type"}  # a write would not know which source to go to
+        # Longest prefix first: "op-" never shadows "op-x-" (the loader forbids it anyway).
+        self._by_prefix = sorted(sources, key=lambda s: -len(s.id_prefix))
+
+    # -- ids
+
+    def source_of(self, rid: str) -> Provider | None:
+        for s in self._by_prefix:
+            if rid.startswith(s.id_prefix):
+                return s
+        return None
+
+    async def read(self, rid: str) -> dict[str, Any] | None:
+        if not ID_RE.match(rid):
+            raise InvalidId("the resource id is not valid (1-64 of A-Z a-z 0-9 - .)")
+        source = self.source_of(rid)
+        return await source.read(rid) if source is not None else None
+
+    async def read_many(self, ids: Iterable[str], limit: int) -> list[dict[str, Any]]:
+        wanted: dict[int, list[str]] = {}
+        for rid in dict.fromkeys(ids):
+            source = self.source_of(rid)
+            if source is not None:
+                wanted.setdefault(self.sources.index(source), []).append(rid)
+        out: list[dict[str, Any]] = []
+        for i, rids in sorted(wanted.items()):  # one statement per source
+            if len(out) >= limit:
+                break
+            out += await self.sources[i].read_many(rids, limit - len(out))
+        return out
+
+    # -- records of a merged page: (source index, record)
+
+    def resource(self, rec: tuple[int, Any]) -> dict[str, Any]:
+        i, r = rec
+        return self.sources[i].resource(r)
+
+    def record_id(self, rec: tuple[int, Any]) -> str:
+        i, r = rec
+        return self.sources[i].record_id(r)
+
+    def reference_ids(self, rec: tuple[int, Any], param: str, target: str) -> Iterator[str]:
+        i, r = rec
+        return self.sources[i].reference_ids(r, param, target)
+
+    def page_outcome(self, page: Page) -> list[dict[str, Any]]:
+        """Warning entries for the sources missing from a page: never a silent gap."""
+        if not isinstance(page, MergedPage) or not page.failed:
+            return []
+        issues = [issue("warning", "incomplete", "SOURCE_UNAVAILABLE",
+                        f"{self.resource_type} source '{name}' did not answer "
+                        f"({exc.error_code}); this page lacks its records (the next page "
+                        "asks it again)") for name, exc in page.failed]
+        return [{"resource": operation_outcome(issues), "search": {"mode": "outcome"}}]
+
+    # -- writes: never offered (interactions has none), so never reached
+
+    def to_record(self, resource: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedInteraction(f"{self.resource_type} comes from several sources; "
+                                        "this server does not write it")
+
+    async def write(self, write: Write) -> WriteResult:
+        raise NotImplementedInteraction(f"{self.resource_type} comes from several sources; "
+                                        "this server does not write it")
+
+    # -- search
+
+    async def count(self, plan: SearchPlan) -> int:
+        assert isinstance(plan, MultiPlan)
+        return sum([await s.count(p) for s, p in zip(self.sources, plan.parts, strict=True)])
+
+    async def revinclude(self, param: str, target: str, ids: list[str], limit: int
+                         ) -> tuple[list[dict[str, Any]], bool]:
+        out: list[dict[str, Any]] = []
+        more = False
+        for s in self.sources:
+            found, cut = await s.revinclude(param, target, ids, limit)
+            out += found
+            more = more or cut
+        if len(out) > limit:
+            out, more = out[:limit], True
+        return out, more
+
+    async def search(self, plan: SearchPlan, after: tuple[Any, ...] | None = None,
+                     backwards: bool = False, extra: Criterion | None = None) -> MergedPage:
+        assert isinstance(plan, MultiPlan)
+        n = len(self.sources)
+        if backwards or (after is not None and len(after) != n):
+            raise InvalidPageToken("the paging link is not valid (altered or expired)")
+        states: list[Any] = list(after) if after is not None else [None] * n
+        pages: list[Page | None] = []
+        failed: list[tuple[str, GatewayError]] = []
+        for source, part, state in zip(self.sources, plan.parts, states, strict=True):
+            if state is DONE:
+                pages.append(None)
+                continue
+            try:
+                pages.append(await source.search(
+                    part, tuple(state) if state is not None else None, False, extra))
+            except GatewayError as exc:
+                if plan.strict or exc.status not in SOURCE_FAILURES:
+                    raise
+                failed.append((source_name(source), exc))
+                pages.append(None)
+        if failed and all(p is None for p in pages) and len(failed) == sum(
+                st is not DONE for st in states):
+            raise failed[0][1]  # nothing answered: an error, not an empty page with warnings
+        runs = [
+            [(self._merge_key(i, r, plan.parts[i].sort), i, r) for r in page.records]
+            if page is not None else []
+            for i, page in enumerate(pages)
+        ]
+        taken = list(islice(heapq.merge(*runs, key=lambda t: t[0]), plan.count))
+        consumed = [0] * n
+        for _key, i, _r in taken:
+            consumed[i] += 1
+        new_states: list[Any] = []
+        more = bool(failed)
+        for i, page in enumerate(pages):
+            if page is None:
+                new_states.append(states[i])  # done, or failed: asked again next page
+                continue
+            k = consumed[i]
+            if k < len(page.records):
+                more = True
+                new_states.append(list(self.sources[i].position(page.records[k - 1],
+                                                                  plan.parts[i].sort))
+                                  if k else states[i])
+            elif page.more and page.end is not None:
+                more = True
+                new_states.append(list(page.end))
+            else:
+                new_states.append(DONE)
+        total = None
+        if plan.total == "accurate" and not failed:
+            total = 0
+            for i, page in enumerate(pages):
+                if page is not None and page.total is not None:
+                    total += page.total
+                else:  # finished on an earlier page: counted on its own
+                    total += await self.sources[i].count(plan.parts[i])
+        out = MergedPage(records=[(i, r) for _k, i, r in taken], more=more, total=total,
+                         failed=failed)
+        out.end = tuple(new_states) if more else None
+        return out
+
+    def _merge_key(self, i: int, rec: Any, sort: tuple[SortKey, ...]) -> tuple[Any, ...]:
+        """Comparable values of a record's ``_sort`` keys (the trailing record key is the
+        source's own: ties go to source order, then each source's own order)."""
+        source = self.sources[i]
+        values = source.position(rec, sort[:-1])
+        out: list[Any] = []
+        for key, raw in zip(sort[:-1], values, strict=True):
+            v = _comparable(source, key.ref, raw)
+            out.append(_Desc(v) if key.descending else v)
+        out.append(i)
+        return tuple(out)
+
+
+def _comparable(source: Provider, ref: str, raw: Any) -> tuple[Any, ...]:
+    """A stored value as something every source's values compare with: instants as UTC
+    timestamps (sources store different formats and zones), text case-folded; None first
+    (as the adapters sort NULLs lowest)."""
+    if raw is None:
+        return (0,)
+    storage = source.mapping.storage(ref)
+    if storage.kind in ("date", "datetime"):
+        text = storage.to_fhir(raw)
+        if text is None:
+            return (0,)
+        moment = dt.datetime.fromisoformat(str(text))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=source.mapping.tz)
+        return (1, moment.timestamp())
+    if storage.kind == "integer":
+        return (1, int(raw))
+    return (1, str(raw).casefold())
+
+
+Sources = list[Provider]
+TypeProvider = Provider | MultiSource

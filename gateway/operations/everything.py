@@ -1,0 +1,190 @@
+"""``Patient/[id]/$everything`` (STU3): the patient's record, a page at a time.
+
+The patient, then every resource of its compartment — every source of every type linked to
+a patient by a mapping's Patient reference parameter — that the caller's scopes allow, in
+type order, source order and key order; then the Practitioners, Organizations, Locations and
+Medications they refer to (``search.mode = include``). ``start``/``end`` narrow by each
+type's ``date`` parameter (a type without one is not narrowed), ``_since`` by
+``meta.lastUpdated``, ``_type`` to the listed types, ``_count`` sets the page size.
+
+Paging is stateless, as for searches: the link holds (section, keyset position) encrypted
+and signed, and is bound to the patient, the parameters and the token's compartment. A page
+costs one statement per section it reaches plus one per referenced type: never one per
+resource. An unknown patient is 404; a patient-context token sees only its own patient (any
+other is 404, as a read is). The audit trail gets one record for the patient, listing every
+type touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.responses import Response
+
+from gateway import audit, bundle, compartment
+from gateway.auth import authorize
+from gateway.bundle import Pager
+from gateway.errors import InvalidParameter, NotFound, UnknownParameter
+from gateway.operations import record
+from gateway.operations.base import Context, Invocation, Operation, Parameter
+from gateway.operations.params import input_pairs
+from gateway.randomness import uuid4
+from gateway.search import split_values
+
+DEFINITION = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+_KNOWN = frozenset({"start", "end", "_since", "_type", "_count", "_page", "_format", "_pretty"})
+
+
+class Everything(Operation):
+    name = "everything"
+    levels = frozenset({"instance"})
+    resource_types = ("Patient",)
+    parameters = (
+        Parameter("start", "date", documentation="Care date from (each type's date parameter)"),
+        Parameter("end", "date", documentation="Care date to (each type's date parameter)"),
+        Parameter("_since", "instant", documentation="Only resources updated since"),
+        Parameter("_type", "code", max="*", documentation="Only these resource types"),
+        Parameter("_count", "integer", documentation="Page size"),
+        Parameter("return", "Bundle", use="out", min=1, documentation="A searchset Bundle"),
+    )
+    scopes = ("read of Patient; each other type is included only if the scopes allow reading "
+              "it (patient/ scopes: the token's own patient only)")
+    definition_url = DEFINITION
+
+    async def run(self, ctx: Context, call: Invocation) -> Response:
+        request, pid = call.request, call.rid
+        assert pid is not None
+        fmt = ctx.fmt(request)
+        principal = authorize.require(request, "Patient", "r")
+        strict = ctx.strict(request)
+        s = ctx.settings
+        pairs = await input_pairs(request, s.max_body_bytes)
+        start = end = page_token = None
+        since: dt.datetime | None = None
+        types: set[str] | None = None
+        count = s.default_count
+        used: list[tuple[str, str]] = []
+        ignored: list[str] = []
+        for name, raw in pairs:
+            if name not in _KNOWN:
+                if strict:
+                    raise UnknownParameter(f"unknown parameter '{name[:64]}' for $everything")
+                ignored.append(name[:64])
+                continue
+            if name in ("_format", "_pretty"):
+                continue
+            if name == "_page":
+                page_token = raw
+                continue
+            used.append((name, raw))
+            if name == "start":
+                start = record.parse_day(name, raw)
+            elif name == "end":
+                end = record.parse_day(name, raw)
+            elif name == "_since":
+                since = record.parse_since(raw)
+            elif name == "_type":
+                listed = {t.strip() for t in split_values(raw) if t.strip()}
+                unknown = sorted(t for t in listed if t not in ctx.registry)
+                if unknown:
+                    raise InvalidParameter(f"'_type' names types this server does not serve: "
+                                           f"{', '.join(u[:64] for u in unknown)}")
+                types = listed if types is None else types & listed
+            elif name == "_count":
+                if not raw.isdigit() or int(raw) < 1:
+                    raise InvalidParameter("'_count' must be a positive integer")
+                count = min(int(raw), s.max_count)
+
+        secs, denied = record.sections(ctx.registry, types, principal)
+        base = ctx.base_url(request)
+        path = f"Patient/{pid}/$everything"
+        query = urlencode(used)
+        extra = compartment.fingerprint_pairs()
+        fingerprint = Pager.fingerprint(path, f"{query}&{urlencode(extra)}" if extra else query)
+        at, after = 0, None
+        if page_token:
+            position, _ = ctx.pager.load(page_token, fingerprint)
+            if len(position) != 2 or not isinstance(position[0], int) or not (
+                    0 <= position[0] <= len(secs)):
+                raise InvalidParameter("the paging link is not valid")
+            at = position[0]
+            after = tuple(position[1]) if position[1] is not None else None
+
+        date_pairs = [("date", f"ge{start}")] if start else []
+        date_pairs += [("date", f"le{end}")] if end else []
+        plans = [record.section_plan(ctx.registry, source, pid, count, date_pairs=date_pairs,
+                                     since=since) for source in secs[at:]]
+        failed: list[str] = []
+        # The patient and every remaining section at once (each at most a page): one round
+        # trip to the database threads instead of one per section; the statements are the
+        # same ones, never more than one per section.
+        patient, pages = await record.gather(
+            ctx.registry.get("Patient").read(pid),
+            [record.fetch(source, plan, after if i == 0 else None, strict, failed)
+             for i, (source, plan) in enumerate(zip(secs[at:], plans, strict=True))])
+        if patient is None:
+            raise NotFound("Patient with that id was not found")
+        served: list[dict[str, Any]] = []
+        if not page_token and (types is None or "Patient" in types):
+            served.append(patient)
+        touched: dict[str, None] = {"Patient": None}
+        room = count
+        next_at: int | None = None
+        next_after: list[Any] | None = None
+        for i, page in enumerate(pages):
+            source = secs[at + i]
+            if page is None:  # said so in a warning; the walk goes on past it
+                continue
+            taken = page.records[:room]
+            for rec in taken:
+                served.append(source.resource(rec))
+            if taken:
+                touched[source.resource_type] = None
+            room -= len(taken)
+            if len(taken) < len(page.records):  # the page is full inside this section
+                next_at = at + i
+                next_after = list(source.position(taken[-1], plans[i].sort)) if taken else (
+                    list(after) if i == 0 and after else None)
+                break
+            if page.more and page.end is not None:
+                next_at, next_after = at + i, list(page.end)
+                break
+            if room == 0 and at + i + 1 < len(secs):
+                next_at, next_after = at + i + 1, None
+                break
+        entries = [bundle.entry(base, r, "match") for r in served]
+        included = await record.referenced(ctx.registry, served, principal, types)
+        entries += [bundle.entry(base, r, "include") for r in included]
+        for r in included:
+            touched[r["resourceType"]] = None
+        notes = []
+        if denied:
+            notes.append(f"not included, as the client's scopes do not allow reading them: "
+                         f"{', '.join(denied)}")
+        if ignored:
+            notes.append(f"parameters ignored: {', '.join(sorted(set(ignored)))}")
+        # Never silently broader than asked: say which types the dates could not narrow.
+        if start or end:
+            wide = sorted({s.resource_type for s in secs if "date" not in s.params})
+            if wide:
+                notes.append(f"start/end do not apply to (no date parameter): {', '.join(wide)}")
+        if since is not None:
+            wide = sorted({s.resource_type for s in secs
+                           if record.since_criterion(s, since) is None})
+            if wide:
+                notes.append(f"_since does not apply to (no last-updated time): "
+                             f"{', '.join(wide)}")
+        entries += record.warnings(failed)
+        entries += record.warnings(notes, "NOT_INCLUDED")
+
+        links = [("self", bundle.search_url(base, path, query, page_token))]
+        if next_at is not None:
+            token = ctx.pager.token(fingerprint, (next_at, next_after), False)
+            links.append(("next", bundle.search_url(base, path, query, token)))
+        audit.note_operation("everything", pid, list(touched))
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        body = bundle.searchset(bundle_id=uuid4(), links=links, entries=entries, total=None,
+                                last_updated=now)
+        return ctx.respond(body, fmt)

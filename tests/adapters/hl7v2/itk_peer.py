@@ -1,0 +1,157 @@
+"""An independent NHS ITK PAS for tests: no code shared with adapters/hl7v2 or the simulator.
+
+python-hl7 (the ``hl7`` package) parses what arrives and frames it (``hl7.mllp``, its own
+asyncio MLLP server); the replies are plain ER7 text built from the ITK sample messages in
+../shared (its one patient is the sample's FREDRICA SMITH, given a PAS number). It keeps
+patients as PID field lists in memory and answers:
+
+* QBP^Q21 by PAS number (``<n>^^^<authority>^PI``), QBP^Q22 on ``@PID.3.1`` (with or without
+  ``@PID.3.4``/``@PID.3.5`` qualifiers: any identifier), ``@PID.5.1`` / ``@PID.5.2`` (a
+  trailing ``*`` is "starts with"), ``@PID.7`` and ``@PID.8`` — anything else AE;
+* ADT^A28 (a new PAS number; a plain ACK unless ``ack_pid``) and ADT^A31 (by PAS number).
+
+Behaviour varies by constructor flags, so the gateway is tried against more than one PAS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import hl7
+import hl7.mllp
+
+SAMPLES = Path(__file__).resolve().parents[4] / "shared" / "hl7v2-samples" / "uk-itk-adt"
+FIRST_NUMBER = "RCB0000001"
+
+
+def _sample_pid() -> list[str]:
+    text = (SAMPLES / "A28_Example.txt").read_text(encoding="utf-8")
+    msg = hl7.parse(text.replace("\r\n", "\r").replace("\n", "\r"))
+    return str(msg.segment("PID")).split("|")
+
+
+def _identifiers(field: str) -> list[list[str]]:
+    return [rep.split("^") + [""] * 5 for rep in field.split("~") if rep]
+
+
+class ItkPeer:
+    def __init__(self, *, ack_pid: bool = False, wildcard: str = "*") -> None:
+        self.ack_pid = ack_pid
+        self.wildcard = wildcard
+        pid = _sample_pid()
+        pid[3] = f"{FIRST_NUMBER}^^^RCB^PI~{pid[3]}"
+        self.patients: dict[str, list[str]] = {FIRST_NUMBER: pid}
+        self.received: list[str] = []
+        """MSH-9 of every message, in order (``QBP^Q22^QBP_Q21``)."""
+        self._next = 2
+        self._server: Any = None
+
+    async def start(self) -> int:
+        self._server = await hl7.mllp.start_hl7_server(self._client, "127.0.0.1", 0,
+                                                         encoding="utf-8")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _client(self, reader: Any, writer: Any) -> None:
+        try:
+            while True:
+                message = await reader.readmessage()
+                writer.writeblock(self.answer(message).encode("utf-8"))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    # -- one message in, one reply out
+
+    def answer(self, msg: Any) -> str:
+        control = str(msg["MSH.F10"])
+        kind, trigger = str(msg["MSH.F9.R1.C1"]), str(msg["MSH.F9.R1.C2"])
+        self.received.append(f"{kind}^{trigger}")
+        try:
+            if kind == "QBP" and trigger in ("Q21", "Q22"):
+                return self._query(msg, control, trigger)
+            if kind == "ADT" and trigger in ("A28", "A31"):
+                return self._adt(msg, control, trigger)
+        except LookupError as exc:
+            return self._ack(control, trigger, "AE", str(exc))
+        return self._ack(control, trigger, "AR", "unsupported message")
+
+    def _msh(self, structure: str) -> str:
+        now = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+        return (f"MSH|^~\\&|PAS|RCB|ROUTE|ROUTE|{now}||{structure}|P{now}{self._next}|P|2.4"
+                "|||||GBR|UNICODE|EN")
+
+    def _ack(self, control: str, trigger: str, code: str, text: str = "",
+             extra: str = "") -> str:
+        lines = [self._msh(f"ACK^{trigger}^ACK"), f"MSA|{code}|{control}|{text}".rstrip("|")]
+        return "\r".join(lines + ([extra] if extra else [])) + "\r"
+
+    def _query(self, msg: Any, control: str, trigger: str) -> str:
+        qpd = msg.segment("QPD")
+        tag = str(qpd[2])
+        if trigger == "Q21":
+            number = str(msg["QPD.F3.R1.C1"])
+            found = [number] if number in self.patients else []
+        else:
+            found = [n for n, pid in self.patients.items()
+                     if all(self._holds(pid, str(c)) for c in qpd[3] if str(c))]
+        rows = [self.patients[n] for n in found]
+        lines = [self._msh(f"RSP^K{trigger[1:]}^RSP_K21"), f"MSA|AA|{control}",
+                 f"QAK|{tag}|{'OK' if rows else 'NF'}|{qpd[1]}|{len(rows)}|{len(rows)}|0",
+                 str(qpd)]
+        for i, pid in enumerate(rows, 1):
+            lines.append("|".join(["PID", str(i), *pid[2:]]))
+        return "\r".join(lines) + "\r"
+
+    def _holds(self, pid: list[str], criterion: str) -> bool:
+        name, _, value = criterion.lstrip("@").partition("^")
+        field = dict(enumerate(pid))
+        if name in ("PID.3.4", "PID.3.5"):
+            return True  # a qualifier: any identifier of the number matches
+        if name in ("PID.3", "PID.3.1"):
+            return any(cx[0] == value for cx in _identifiers(field.get(3, "")))
+        if name in ("PID.5", "PID.5.1", "PID.5.2"):
+            part = 1 if name.endswith(".2") else 0
+            have = [*field.get(5, "").split("^"), "", ""][part].upper()
+            if value.endswith(self.wildcard):
+                return have.startswith(value[:-1].upper())
+            return have == value.upper()
+        if name == "PID.7":
+            return field.get(7, "")[: len(value)] == value
+        if name == "PID.8":
+            sex = {"1": "M", "2": "F", "9": "U"}.get(field.get(8, ""), field.get(8, ""))
+            return sex == value.upper() or field.get(8, "") == value
+        raise LookupError(f"QPD-3 field {name} is not supported")
+
+    def _adt(self, msg: Any, control: str, trigger: str) -> str:
+        sent = str(msg.segment("PID")).split("|")
+        ids = _identifiers(sent[3] if len(sent) > 3 else "")
+        nhs = [cx[0] for cx in ids if cx[3] == "NHS" or cx[4] == "NH"]
+        if trigger == "A28":
+            number = f"RCB{self._next:07d}"
+            self._next += 1
+            stored = list(sent)
+        else:
+            number = next((cx[0] for cx in ids if cx[4] == "PI"), "")
+            if number not in self.patients:
+                raise LookupError("no patient has this PAS number")
+            stored = self.patients[number]
+            stored += [""] * (len(sent) - len(stored))
+            for i, value in enumerate(sent[4:], 4):  # HL7 update: "" clears, empty keeps
+                if value == '""':
+                    stored[i] = ""
+                elif value:
+                    stored[i] = value
+        stored[3] = "~".join([f"{number}^^^RCB^PI", *(f"{n}^^^NHS" for n in nhs)])
+        self.patients[number] = stored
+        extra = f"PID|1||{stored[3]}" if self.ack_pid else ""
+        return self._ack(control, trigger, "AA", extra=extra)

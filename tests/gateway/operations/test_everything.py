@@ -1,0 +1,354 @@
+"""``Patient/[id]/$everything``: the patient's whole record across every source, paged.
+
+The oracle is the database, read here with plain SQL (tests/gateway/test_multisource.py's
+``encounters``). Statements are counted with a SQLAlchemy event listener on the adapter's
+own engine: a patient with many resources costs the same number as one with few.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+from starlette.applications import Starlette
+
+from tests.conftest import LiveServer
+from tests.gateway.test_multisource import encounters, walk
+from tests.security.principals import as_, install, patient_token, user_token
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def gw(demo_url: str, make_app: Callable[..., Starlette], tmp_path: Path
+             ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Starlette]]:
+    app = make_app(demo_url, audit_log=str(tmp_path / "audit.jsonl"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            yield c, demo_url, app
+
+
+def richest(rows: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["patient"]] = counts.get(r["patient"], 0) + 1
+    return max(counts, key=lambda p: (counts[p], p))
+
+
+def of(rows: list[dict[str, Any]], patient: str) -> set[str]:
+    return {r["id"] for r in rows if r["patient"] == patient}
+
+
+@contextmanager
+def statements(app: Starlette) -> Iterator[list[str]]:
+    """Every SQL statement the gateway's SQLite connections run while the block runs.
+
+    The SQL adapter runs its reused statements straight on the DBAPI cursor (past
+    SQLAlchemy's cursor events), so this counts at the driver: a SQLAlchemy ``connect``
+    listener puts sqlite3's trace callback on every connection (the pools are emptied first,
+    so every connection used is a new one).
+    """
+    seen: list[str] = []
+    engines = list({id(e): e for p in app.state.registry.sources()
+                    if (e := getattr(p.mapping.adapter, "engine", None)) is not None}.values())
+
+    def trace(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.set_trace_callback(seen.append)
+
+    for e in engines:
+        assert e.dialect.name == "sqlite"
+        event.listen(e, "connect", trace)
+        e.dispose()
+    try:
+        yield seen
+    finally:
+        for e in engines:
+            event.remove(e, "connect", trace)
+            e.dispose()
+
+
+async def test_every_page_walked_is_the_patients_whole_record(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    c, url, _ = gw
+    rows = encounters(url)
+    pid = richest(rows)
+    mine = of(rows, pid)
+    assert len(mine) >= 8
+    ids, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_count=3")
+    assert len(pages) >= 3
+    assert ids[0] == pid and ids.count(pid) == 1  # the patient, first, once
+    assert len(ids) == len(set(ids))
+    by_type: dict[str, set[str]] = {}
+    for page in pages:
+        for e in page.get("entry", []):
+            if e["search"]["mode"] == "match":
+                res = e["resource"]
+                by_type.setdefault(res["resourceType"], set()).add(res["id"])
+    assert by_type.pop("Patient") == {pid}
+    assert by_type.pop("Encounter") == mine  # the three sources, against the database
+    for rtype, got in by_type.items():  # every other compartment type: as its own search
+        found, _ = await walk(c, f"/STU3/{rtype}?patient={pid}&_count=100")
+        assert got == set(found), rtype
+    for page in pages:
+        matches = [e for e in page.get("entry", []) if e["search"]["mode"] == "match"]
+        assert len([e for e in matches if e["resource"]["resourceType"] != "Patient"]) <= 3
+        refs = {f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                for e in page.get("entry", []) if e["search"]["mode"] == "include"}
+        wanted = {ref for e in matches for ref in _refs(e["resource"])
+                  if ref.split("/")[0] in ("Practitioner", "Organization", "Location")}
+        assert wanted <= refs  # what the page refers to comes with it
+        assert page["type"] == "searchset"
+
+
+def matched(pages: list[dict[str, Any]], rtype: str) -> set[str]:
+    """The ids of the ``rtype`` matches over every page."""
+    return {e["resource"]["id"] for p in pages for e in p.get("entry", [])
+            if e["search"]["mode"] == "match" and e["resource"]["resourceType"] == rtype}
+
+
+def _refs(node: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out |= {v} if k == "reference" and isinstance(v, str) else _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            out |= _refs(v)
+    return out
+
+
+async def test_type_since_and_dates_narrow_it(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    c, url, _ = gw
+    rows = encounters(url)
+    pid = richest(rows)
+    ids, _ = await walk(c, f"/STU3/Patient/{pid}/$everything?_type=Patient")
+    assert ids == [pid]
+    ids, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_type=Encounter&_count=50")
+    assert set(ids) == of(rows, pid)
+    assert not [e for p in pages for e in p.get("entry", []) if e["search"]["mode"] == "include"]
+    ids, _ = await walk(c, f"/STU3/Patient/{pid}/$everything?_since=2099-01-01T00:00:00Z")
+    assert ids == [pid]  # nothing changed since; the patient is always there
+    ids, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_since=1990-01-01T00:00:00Z")
+    assert matched(pages, "Encounter") == of(rows, pid)
+    whole, _ = await walk(c, f"/STU3/Patient/{pid}/$everything")
+    assert set(ids) == set(whole)  # every record changed since 1990
+    # start: only encounters going on at or after it (the oracle: started, or ongoing, after)
+    cut = sorted(r["at"] for r in rows if r["patient"] == pid)[len(of(rows, pid)) // 2]
+    import datetime as dt
+    day = dt.datetime.fromtimestamp(cut, dt.UTC).date().isoformat()
+    ids, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?start={day}&_count=50")
+    got = matched(pages, "Encounter")
+    assert got and got < of(rows, pid)
+    for p in pages:
+        for e in p.get("entry", []):
+            res = e["resource"]
+            if res["resourceType"] == "Encounter":
+                end = res["period"].get("end") or res["period"]["start"]
+                assert end[:10] >= day or "end" not in res["period"]
+
+
+async def test_unknown_patient_bad_parameters_and_post(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    c, _, _ = gw
+    r = await c.get("/STU3/Patient/999999999/$everything")
+    assert r.status_code == 404
+    assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "RESOURCE_NOT_FOUND"
+    for bad in ("_count=0", "_since=2020-01-01", "start=2020-13", "_type=Nothing"):
+        r = await c.get(f"/STU3/Patient/100001/$everything?{bad}")
+        assert r.status_code == 400, bad
+    r = await c.get("/STU3/Patient/100001/$everything?colour=red",
+                    headers={"Prefer": "handling=strict"})
+    assert r.status_code == 400
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueCode": "Patient"}]}
+    r = await c.post("/STU3/Patient/100001/$everything", content=json.dumps(body),
+                     headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 200
+    assert [e["resource"]["id"] for e in r.json()["entry"]] == ["100001"]
+    r = await c.get("/STU3/Patient/100001/$everything?_page=garbage")
+    assert r.status_code == 400
+
+
+async def test_the_statement_count_does_not_grow_with_the_record(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> None:
+    url = demo_sqlite_url
+    app = make_app(url)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        await _compare_statement_counts(c, url, app)
+
+
+async def _compare_statement_counts(c: httpx.AsyncClient, url: str, app: Starlette) -> None:
+    rows = encounters(url)
+    rich = richest(rows)
+    # a patient with one resource of each Encounter source (as the rich one has)
+    sources = {}
+    for r in rows:
+        sources.setdefault(r["patient"], set()).add(r["source"])
+    poor = min((p for p, s in sources.items() if len(s) == 3),
+               key=lambda p: (len(of(rows, p)), p))
+    assert len(of(rows, rich)) > 2 * len(of(rows, poor))
+    counts = {}
+    for pid in (poor, rich):
+        with statements(app) as seen:
+            r = await c.get(f"/STU3/Patient/{pid}/$everything?_count=500")
+        assert r.status_code == 200
+        assert all(s.lstrip().upper().startswith("SELECT") for s in seen), seen
+        served = [e for e in r.json()["entry"] if e["search"]["mode"] != "outcome"]
+        counts[pid] = (len(seen), len(served))
+    assert counts[rich][1] > counts[poor][1]
+    assert counts[rich][0] == counts[poor][0], counts
+    # the patient (+ its children), one per compartment source, one per referenced type
+    from gateway import compartment
+    from gateway.operations.record import REFERENCED
+    sections = [s for s in app.state.registry.sources()
+                if s.resource_type != "Patient" and compartment.link(s).kind == "reference"]
+    assert len(sections) >= 12  # Encounter's three sources among them
+    assert len(sections) < counts[rich][0] <= len(sections) + len(REFERENCED) + 5
+
+
+async def test_audited_as_one_record_access(
+        gw: tuple[httpx.AsyncClient, str, Starlette], tmp_path: Path) -> None:
+    c, _, _ = gw
+    r = await c.get("/STU3/Patient/100001/$everything?_count=100")
+    assert r.status_code == 200
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    [rec] = [json.loads(x) for x in lines if "$everything" in x]
+    assert rec["patient"] == "100001" and rec["interaction"] == "operation"
+    assert rec["operation"]["name"] == "everything"
+    served = {f"{e['resource']['resourceType']}/{e['resource']['id']}"
+              for e in r.json()["entry"] if e["search"]["mode"] != "outcome"}
+    assert set(rec["operation"]["types"]) == {s.split("/")[0] for s in served}
+    assert {"Patient", "Encounter", "DocumentReference", "Practitioner"} <= set(
+        rec["operation"]["types"])
+    assert set(rec["entities"]) == served
+
+
+@pytest.fixture
+async def tokens(demo_url: str, make_app: Callable[..., Starlette]
+                 ) -> AsyncIterator[httpx.AsyncClient]:
+    app = make_app(demo_url, auth_mode="insecure-demo")
+    install(app, {"P": patient_token("100001"), "Q": patient_token("100002"),
+                  "enc-only": user_token("user/Patient.read user/Encounter.read"),
+                  "no-patient": user_token("user/Encounter.read")})
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            yield c
+
+
+async def test_patient_tokens_get_only_their_own_record(tokens: httpx.AsyncClient) -> None:
+    r = await tokens.get("/STU3/Patient/100001/$everything?_count=100", headers=as_("P"))
+    assert r.status_code == 200
+    for e in r.json()["entry"]:
+        res = e["resource"]
+        if res["resourceType"] == "Encounter":
+            assert res["subject"]["reference"] == "Patient/100001"
+    r = await tokens.get("/STU3/Patient/100001/$everything", headers=as_("Q"))
+    assert r.status_code == 404  # as a read of another patient: existence not confirmed
+    # a link minted for P does not serve Q
+    first = (await tokens.get("/STU3/Patient/100001/$everything?_count=1",
+                              headers=as_("P"))).json()
+    nxt = next(lk["url"] for lk in first["link"] if lk["relation"] == "next")
+    assert (await tokens.get(nxt, headers=as_("Q"))).status_code in (400, 404)
+
+
+async def test_types_the_scopes_do_not_allow_are_left_out_and_said(
+        tokens: httpx.AsyncClient) -> None:
+    r = await tokens.get("/STU3/Patient/100001/$everything?_count=100",
+                         headers=as_("enc-only"))
+    assert r.status_code == 200
+    kinds = {e["resource"]["resourceType"] for e in r.json()["entry"]
+             if e["search"]["mode"] != "outcome"}
+    assert kinds == {"Patient", "Encounter"}  # no Practitioner/Organization/Location scope
+    r = await tokens.get("/STU3/Patient/100001/$everything", headers=as_("no-patient"))
+    assert r.status_code == 403
+
+
+def test_over_real_http(demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> None:
+    with LiveServer(make_app(demo_sqlite_url)) as s, httpx.Client(base_url=s.url) as c:
+        r = c.get("/STU3/Patient/100001/$everything", params={"_count": "2"})
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/fhir+json")
+        nxt = next(lk["url"] for lk in r.json()["link"] if lk["relation"] == "next")
+        assert nxt.startswith(s.url + "/STU3/Patient/100001/$everything?")
+        assert c.get(nxt).status_code == 200
+        cs = c.get("/STU3/metadata").json()
+        assert {"name": "everything", "definition": {
+            "reference": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}} in \
+            cs["rest"][0]["operation"]
+
+
+async def test_types_the_dates_cannot_narrow_are_named(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from gateway.auth.apikeys import sha256_hex
+
+    repo = Path(__file__).resolve().parents[3]
+    demo = tmp_path / "demo-pas"
+    shutil.copytree(repo / "mappings" / "demo-pas", demo)
+    shutil.copytree(repo / "mappings" / "codemaps", tmp_path / "codemaps")
+    ae = demo / "Encounter.ae.sql.yaml"  # the A&E source without its last-updated column
+    text = ae.read_text()
+    assert text.count("last_updated: {column: e.MODIF_DTTM}\n") == 1
+    ae.write_text(text.replace("last_updated: {column: e.MODIF_DTTM}\n", "").replace(
+        "  e.MODIF_DTTM: datetime:iso\n", ""))
+    key = "k3y-everything-test-0123456789abcdef0123456789abcdef"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"client_id": "t", "sha256": sha256_hex(key),
+                                              "scopes": "system/*.read"}]}))
+    app = make_app(demo_sqlite_url, mappings_dir=demo, auth_mode="api-key",
+                   api_keys_file=str(keys), audit_log=str(tmp_path / "audit.jsonl"))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw",
+            headers={"X-API-Key": key}) as c:
+        r = await c.get("/STU3/Patient/100001/$everything?_since=2099-01-01T00:00:00Z")
+        plain = await c.get("/STU3/Patient/100001/$everything")
+    entries = r.json()["entry"]
+    ids = [e["resource"]["id"] for e in entries if e["search"]["mode"] == "match"]
+    assert ids[0] == "100001" and all(i.startswith("ae-") for i in ids[1:]) and len(ids) > 1
+    notes = [i["diagnostics"] for e in entries if e["search"]["mode"] == "outcome"
+             for i in e["resource"]["issue"]]
+    assert notes == ["_since does not apply to (no last-updated time): Encounter"]
+    assert not [e for e in plain.json()["entry"] if e["search"]["mode"] == "outcome"]
+
+
+async def test_the_patients_documents_are_in_it_and_their_content_is_not(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    """DocumentReference is in the patient compartment (its patient reference): every live
+    document of the patient is there, once; Binary (the same documents' content, served by
+    gateway.binary) is not a compartment type, so nothing is served twice."""
+    import sqlalchemy as sa
+
+    c, url, _ = gw
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            oracle = {str(r[0]) for r in conn.execute(sa.text(
+                """SELECT "DOCMT_REFNO" FROM "DOCUMENTS" WHERE "PATNT_REFNO" = 100001 """
+                """AND "DELETED_FLAG" = 'N' """))}
+    finally:
+        engine.dispose()
+    assert len(oracle) >= 8  # the fixture patient: every format, both stores
+    _, pages = await walk(c, "/STU3/Patient/100001/$everything?_count=50")
+    served = [e["resource"] for p in pages for e in p.get("entry", [])]
+    docs = [r["id"] for r in served if r["resourceType"] == "DocumentReference"]
+    assert sorted(docs) == sorted(oracle)
+    assert "Binary" not in {r["resourceType"] for r in served}
+    for r in served:
+        if r["resourceType"] == "DocumentReference":
+            assert r["subject"]["reference"] == "Patient/100001"
+            assert r["content"][0]["attachment"]["url"] == f"Binary/{r['id']}"
+    ids, _ = await walk(c, "/STU3/Patient/100001/$everything?_type=DocumentReference")
+    assert len(ids) == len(set(ids)) and set(ids) - {"100001"} == oracle
