@@ -408,6 +408,11 @@ class SqlAdapter(Adapter):
 
     # -- running blocking work off the event loop
 
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking work that uses ``self.engine`` (outside the mapping path: the Binary
+        content reads) on this connection's workers, with its timeout and error translation."""
+        return await self._run(fn, *args)
+
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             # the caller's backstop: the database's own statement timeout should come first

@@ -339,6 +339,15 @@ def note_written(provider: Provider, rid: str) -> None:
             patients.add(str(rid))
 
 
+def note_alias(rtype: str, rid: str, alias_type: str, alias_id: str) -> None:
+    """A second name for a resource already served (Binary/[id] for its DocumentReference):
+    recorded with the same patients."""
+    ctx = _ctx.get()
+    if ctx is not None:
+        patients = ctx.entities.get((rtype, str(rid)), set())
+        ctx.entities.setdefault((alias_type, str(alias_id)), set()).update(patients)
+
+
 def before_write() -> None:
     """Immediately before a write reaches a backend: the ``attempt`` record, naming the
     authenticated caller; when it cannot be written (fail closed), the write never starts."""
@@ -522,11 +531,27 @@ class AuditLayer:
         interaction, rtype, target = _classify(method, scope["path"], self.base)
         started: Message | None = None
         body: list[Message] = []
+        streamed = refused = False
 
         async def buffer(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
+            nonlocal started, streamed, refused
+            if streamed:
+                await send(message)
+            elif refused:
+                return  # the audit sink failed: none of this response is released
+            elif message["type"] == "http.response.start":
                 started = message
+                if state.get("stream_response") and message["status"] < 400:
+                    # A streamed body (Binary content, any size) is never held here: the
+                    # record is written now, before the first byte is released.
+                    state["audit_written"] = self._write(self._records(
+                        scope, ctx, interaction, rtype, target, message["status"], None,
+                        "access"))
+                    if not state["audit_written"] and self.trail.fail_closed:
+                        refused = True
+                        return
+                    streamed = True
+                    await send(message)
             else:
                 body.append(message)
 
@@ -556,6 +581,11 @@ class AuditLayer:
         finally:
             _ctx.reset(token)
             backend_correlations.reset(corr_token)
+        if streamed:
+            return
+        if refused:
+            await self._unavailable(scope, receive, send)
+            return
         status = started["status"] if started else 500
         code = None
         if status >= 400:  # only an error's body is read (for its code)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from gateway.binary import binary_capability
 from gateway.chain import MAX_CHAIN_MATCHES, chain_joined, chain_names, has_names
 from gateway.operations import OperationRegistry
 from gateway.registry import Registry, TypeProvider
@@ -112,6 +113,11 @@ def capability_statement(registry: Registry, base_url: str,
                          operations: OperationRegistry | None = None,
                          extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     """``extra``: resource entries served outside the registry (the ADT feed's Subscription)."""
+    resources = [resource_capability(p, registry) for p in registry]
+    binary = binary_capability(registry)  # not a provider: gateway.binary serves it
+    if binary is not None:
+        resources = [*resources, binary]
+    resources = sorted([*resources, *extra], key=lambda r: str(r["type"]))
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -129,7 +135,7 @@ def capability_statement(registry: Registry, base_url: str,
         "rest": [
             {
                 "mode": "server",
-                "resource": [*(resource_capability(p, registry) for p in registry), *extra],
+                "resource": resources,
                 "operation": operation_capability(operations, base_url),
             }
         ],

@@ -24,6 +24,7 @@ from adapters.base import Page, Write
 from gateway import bundle, chain, compartment, cost, lifecycle, tracing, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
+from gateway.binary import BinaryEndpoint
 from gateway.bundle import Pager
 from gateway.capability import capability_statement
 from gateway.errors import (
@@ -539,7 +540,10 @@ register_url_convertor("fhir_op", _Op())
 
 def routes(api: Api, registry: Registry | LiveMappings, base: str) -> list[BaseRoute]:
     every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
+    binary = BinaryEndpoint(registry, api.settings)
     return [
+        # Binary content (gateway.binary): not a provider, its own representation rules.
+        Route(f"{base}/Binary/{{id}}", binary.handle, methods=every),
         # The two routes nearly every request takes, first: the router tries routes in order.
         # Their convertors cannot match what the routes below serve (metadata, _search,
         # $validate); anything else they do not match falls through to the same handlers.

@@ -70,6 +70,12 @@ class Settings:
     progress: bool = True
     validate_responses: bool = False
     """Validate every outgoing resource against its profile and log issues (no values)."""
+    document_dir: Path | None = None
+    """Root of the document store's files (Binary content); unset: beside a SQLite demo
+    database (``<file>.documents``). Paths from the database never leave it."""
+    binary_fhir_max_bytes: int = 8 * 1024 * 1024
+    """Largest content returned base64 inside a FHIR Binary (406 beyond; the native media type
+    is streamed at any size)."""
     # -- audit and limits (gateway/audit.py, gateway/limits.py, docs/security.md)
     audit_log: str = ""
     """Audit trail destination: a file path, or stdout / stderr; unset: stderr (required with

@@ -231,7 +231,9 @@ def coverage(mapping: CompiledMapping, profiles: Profiles | None = None) -> Cove
     walk = _Walk(p, mapping.codemaps, _tables(mapping.spec.source))
     walk.complex(mapping.spec.output, p.root(url), mapping.resource_type)
     out.unknown = walk.unknown
-    info = p.info[url]
+    info = p.info.get(url)
+    if info is None:  # a core STU3 resource (no Care Connect profile): no snapshot to list
+        return out
     prohibited: list[str] = []
     root = info.elements[0]["id"]
     # id and meta (profile, lastUpdated) are filled by the gateway itself, not the mapping.

@@ -70,6 +70,9 @@ class ProfileInfo:
     """The snapshot elements (compact form), in order: for coverage reports."""
 
 
+BASE_SD = "http://hl7.org/fhir/StructureDefinition/"
+
+
 class Profiles:
     """The compiled Care Connect profiles, extensions and terminology."""
 
@@ -97,10 +100,20 @@ class Profiles:
         self.load_seconds = time.perf_counter() - started
 
     def __contains__(self, url: str) -> bool:
-        return url in self._roots
+        return url in self._roots or self._base_of(url) is not None
 
     def root(self, url: str) -> Complex:
-        return self._roots[url]
+        root = self._roots.get(url) or self._base_of(url)
+        if root is None:
+            raise KeyError(url)
+        return root
+
+    def _base_of(self, url: object) -> Complex | None:
+        """A core STU3 resource's own canonical URL (a type Care Connect has no profile for,
+        such as DocumentReference): validated against the base resource definition."""
+        if not isinstance(url, str) or not url.startswith(BASE_SD):
+            return None
+        return self.base_resource(url[len(BASE_SD):])
 
     def extension(self, url: object) -> Prop | None:
         return self.compiler.extensions.get(url) if isinstance(url, str) else None
@@ -114,7 +127,7 @@ class Profiles:
         meta = resource.get("meta")
         if isinstance(meta, dict) and isinstance(meta.get("profile"), list):
             for url in meta["profile"]:
-                if isinstance(url, str) and url in self._roots:
+                if isinstance(url, str) and url in self:
                     return url
         rt = resource.get("resourceType")
         return self.default_by_type.get(rt) if isinstance(rt, str) else None

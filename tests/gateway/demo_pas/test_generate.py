@@ -341,7 +341,8 @@ def test_ensure_sqlite_demo_is_idempotent(tmp_path: pathlib.Path) -> None:
     conn.close()
     assert ensure_sqlite_demo(path, patients=30, progress=False) == path
     assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
-    assert sorted(p.name for p in path.parent.iterdir()) == ["demo.db"]
+    # The database and its document store (gateway.demo_pas.epr_documents); no leftovers.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["demo.db", "demo.documents"]
 
 
 # --- code maps ------------------------------------------------------------------------------

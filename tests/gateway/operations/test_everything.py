@@ -52,6 +52,7 @@ def of(rows: list[dict[str, Any]], patient: str) -> set[str]:
 # soft-delete flag whose 'N' rows are served), as the demo PAS holds them.
 CLINICAL = (
     ("AllergyIntolerance", "ALLERGIES", "ALLGY_REFNO", "DELETED_FLAG"),
+    ("DocumentReference", "DOCUMENTS", "DOCMT_REFNO", "DELETED_FLAG"),
     ("Condition", "PROBLEMS", "PROBL_REFNO", "DELETED_FLAG"),
     ("Flag", "ALERTS", "ALERT_REFNO", "ARCHV_FLAG"),
     ("Immunization", "IMMUNISATIONS", "IMMUN_REFNO", "DEL_FLAG"),
@@ -135,6 +136,12 @@ async def test_every_page_walked_is_the_patients_whole_record(
                   if ref.split("/")[0] in ("Practitioner", "Organization", "Location")}
         assert wanted <= refs  # what the page refers to comes with it
         assert page["type"] == "searchset"
+
+
+def matched(pages: list[dict[str, Any]], rtype: str) -> set[str]:
+    """The ids of the ``rtype`` matches over every page."""
+    return {e["resource"]["id"] for p in pages for e in p.get("entry", [])
+            if e["search"]["mode"] == "match" and e["resource"]["resourceType"] == rtype}
 
 
 def _refs(node: Any) -> set[str]:
@@ -247,6 +254,9 @@ async def test_audited_as_one_record_access(
     assert rec["operation"]["name"] == "everything"
     served = {f"{e['resource']['resourceType']}/{e['resource']['id']}"
               for e in r.json()["entry"] if e["search"]["mode"] != "outcome"}
+    assert set(rec["operation"]["types"]) == {s.split("/")[0] for s in served}
+    assert {"Patient", "Encounter", "DocumentReference", "Practitioner"} <= set(
+        rec["operation"]["types"])
     assert set(rec["entities"]) == served
     # every type served, clinical ones included
     assert set(rec["operation"]["types"]) == {s.split("/")[0] for s in served}
@@ -344,3 +354,33 @@ async def test_types_the_dates_cannot_narrow_are_named(
              for i in e["resource"]["issue"]]
     assert notes == ["_since does not apply to (no last-updated time): Encounter"]
     assert not [e for e in plain.json()["entry"] if e["search"]["mode"] == "outcome"]
+
+
+async def test_the_patients_documents_are_in_it_and_their_content_is_not(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    """DocumentReference is in the patient compartment (its patient reference): every live
+    document of the patient is there, once; Binary (the same documents' content, served by
+    gateway.binary) is not a compartment type, so nothing is served twice."""
+    import sqlalchemy as sa
+
+    c, url, _ = gw
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            oracle = {str(r[0]) for r in conn.execute(sa.text(
+                """SELECT "DOCMT_REFNO" FROM "DOCUMENTS" WHERE "PATNT_REFNO" = 100001 """
+                """AND "DELETED_FLAG" = 'N' """))}
+    finally:
+        engine.dispose()
+    assert len(oracle) >= 8  # the fixture patient: every format, both stores
+    _, pages = await walk(c, "/STU3/Patient/100001/$everything?_count=50")
+    served = [e["resource"] for p in pages for e in p.get("entry", [])]
+    docs = [r["id"] for r in served if r["resourceType"] == "DocumentReference"]
+    assert sorted(docs) == sorted(oracle)
+    assert "Binary" not in {r["resourceType"] for r in served}
+    for r in served:
+        if r["resourceType"] == "DocumentReference":
+            assert r["subject"]["reference"] == "Patient/100001"
+            assert r["content"][0]["attachment"]["url"] == f"Binary/{r['id']}"
+    ids, _ = await walk(c, "/STU3/Patient/100001/$everything?_type=DocumentReference")
+    assert len(ids) == len(set(ids)) and set(ids) - {"100001"} == oracle
