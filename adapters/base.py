@@ -273,6 +273,11 @@ backend_correlations: ContextVar[list[str] | None] = ContextVar("backend_correla
                                                                 default=None)
 """Set per request by the gateway's audit layer; adapters note what they sent to it."""
 
+request_started: ContextVar[float | None] = ContextVar("request_started", default=None)
+"""The event loop's time when the FHIR request began (set by the gateway's audit layer): a
+per-request deadline counts from here, so time spent queued before the first backend call
+(e.g. behind the client's other calls) is inside it, as the client experiences it."""
+
 
 def note_correlation(value: str) -> None:
     """Record a backend correlation id (an HL7 MSH-10) for the request's audit record."""

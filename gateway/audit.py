@@ -33,6 +33,7 @@ before it happens rather than after.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import sys
@@ -64,6 +65,7 @@ from adapters.base import (
     Query,
     Text,
     backend_correlations,
+    request_started,
 )
 from gateway import compartment, metrics, tracing
 from gateway import logging as gateway_logging
@@ -527,6 +529,7 @@ class AuditLayer:
         ctx = AuditContext()
         token = _ctx.set(ctx)
         corr_token = backend_correlations.set(ctx.correlations)
+        started_token = request_started.set(asyncio.get_running_loop().time())
         method = scope["method"]
         interaction, rtype, target = _classify(method, scope["path"], self.base)
         started: Message | None = None
@@ -581,6 +584,7 @@ class AuditLayer:
         finally:
             _ctx.reset(token)
             backend_correlations.reset(corr_token)
+            request_started.reset(started_token)
         if streamed:
             return
         if refused:

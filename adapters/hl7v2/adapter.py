@@ -51,6 +51,7 @@ from adapters.base import (
     WriteResult,
     backend_correlations,
     note_correlation,
+    request_started,
     source_config_error,
 )
 from adapters.hl7v2 import er7, messages
@@ -399,7 +400,8 @@ class Hl7v2Adapter(Adapter):
         held = _DEADLINE.get()
         if owner is not None and held is not None and held[0] is owner and held[1] == id(self):
             return held[2]
-        at = now + self.options.deadline
+        began = request_started.get()  # queued time before the first message counts too
+        at = (now if began is None else min(now, began)) + self.options.deadline
         if owner is not None:
             _DEADLINE.set((owner, id(self), at))
         return at
