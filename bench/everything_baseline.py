@@ -247,6 +247,8 @@ class _Type:
         self.sort = (SortKey(provider.key),)
         self.refs = [(tuple(part.split("[", 1)[0] for part in path.split(".")), target)
                      for path, target, _child in m.references if target in REFERENCED]
+        if self.rtype == "Encounter":  # a literal reference in the mapping (Organization/1)
+            self.refs.append((("serviceProvider", "reference"), "Organization"))
         self.section: _Stmt | None = None
         pref = next((prm.reference_targets()["Patient"] for prm in provider.params.values()
                      if prm.type == "reference" and "Patient" in prm.reference_targets()), None)
