@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -316,11 +316,25 @@ _ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None
 def note_resource(provider: Provider, record: Any, resource: dict[str, Any]
                   ) -> None:
     ctx = _ctx.get()
+    if ctx is not None:
+        _note(ctx, compartment.link(provider), provider, record, resource)
+
+
+def note_resources(provider: Provider, records: Sequence[Any],
+                   resources: Sequence[dict[str, Any]]) -> None:
+    """:func:`note_resource` for each (record, resource), the context looked up once."""
+    ctx = _ctx.get()
     if ctx is None:
         return
+    lk = compartment.link(provider)
+    for record, resource in zip(records, resources, strict=True):
+        _note(ctx, lk, provider, record, resource)
+
+
+def _note(ctx: AuditContext, lk: compartment.Link, provider: Provider, record: Any,
+          resource: dict[str, Any]) -> None:
     key = (resource["resourceType"], str(resource.get("id")))
     patients = ctx.entities.setdefault(key, set())
-    lk = compartment.link(provider)
     if lk.kind == "self":
         patients.add(key[1])
     elif lk.paths:
