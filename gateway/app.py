@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 
 from adapters import registry as adapter_registry
 from gateway import logging as gateway_logging
+from gateway import terminology
 from gateway.audit import AuditLayer, AuditTrail, DenialCounter
 from gateway.audit import destination as audit_destination
 from gateway.auth.config import resolve_auth
@@ -104,7 +105,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
         urls=settings.connection_urls,
     )
     auth = resolve_auth(settings)  # AuthConfigError: refuse to start (after mapping errors)
-    registry = Registry(Provider(m) for m in loaded.mappings)
+    registry = Registry((Provider(m) for m in loaded.mappings),
+                        terminology.providers(loaded.codemaps, terminology.catalogue()))
     if settings.validate_responses:
         from gateway.profiles import runtime
 
@@ -112,7 +114,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
     else:
         app_validation = None
     operations = OperationRegistry([Validate(), Everything(),
-                                    *load_operations(loaded.directory, registry)])
+                                    *load_operations(loaded.directory, registry),
+                                    *terminology.served_operations(registry)])
     api = Api(registry, settings, Pager(settings.paging_secret), operations)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,

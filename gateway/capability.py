@@ -126,7 +126,10 @@ def capability_statement(registry: Registry, base_url: str,
         "rest": [
             {
                 "mode": "server",
-                "resource": [resource_capability(p, registry) for p in registry],
+                "resource": sorted(
+                    [*(resource_capability(p, registry) for p in registry),
+                     *(t.capability() for t in registry.terminology_providers())],
+                    key=lambda r: str(r["type"])),
                 "operation": operation_capability(operations, base_url),
             }
         ],
