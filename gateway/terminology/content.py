@@ -17,25 +17,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import GatewayError
+from gateway.errors import ValueSetNotExpandable as NotExpandable
 
 DATA = Path(__file__).resolve().parent / "data" / "careconnect.json"
-
-
-class NotExpandable(GatewayError):
-    """A ValueSet this server holds but cannot expand (or validate against) locally."""
-
-    status = 422
-    issue_code = "too-costly"
-    error_code = "VALUESET_NOT_EXPANDABLE"
-
-
-class CodeNotFound(GatewayError):
-    """``$lookup`` of a code the code system does not define (or of a system not held)."""
-
-    status = 404
-    issue_code = "code-invalid"
-    error_code = "UNKNOWN_CODE"
 
 
 @dataclass(frozen=True, slots=True)

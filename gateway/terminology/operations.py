@@ -17,12 +17,12 @@ from starlette.responses import Response
 
 from gateway import writes
 from gateway.auth import authorize
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, UnknownCode
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
 from gateway.randomness import uuid4
 from gateway.terminology import conceptmaps
-from gateway.terminology.content import Catalogue, CodeNotFound, Concept
+from gateway.terminology.content import Catalogue, Concept
 from gateway.terminology.provider import ConceptMapProvider, TerminologyProvider
 
 HL7 = "http://hl7.org/fhir/OperationDefinition/"
@@ -341,10 +341,10 @@ class Lookup(_TerminologyOperation):
         catalogue: Catalogue = _provider(ctx, "CodeSystem").catalogue  # type: ignore[attr-defined]
         cs = catalogue.code_system(system)
         if cs is None:
-            raise CodeNotFound("that code system is not held by this server")
+            raise UnknownCode("that code system is not held by this server")
         concept = catalogue.concept(system, coding["code"])
         if concept is None:
-            raise CodeNotFound(f"the code is not defined in CodeSystem {cs['id']}")
+            raise UnknownCode(f"the code is not defined in CodeSystem {cs['id']}")
         params: list[dict[str, Any]] = [{"name": "name", "valueString": cs.get("name", "")}]
         if cs.get("version"):
             params.append({"name": "version", "valueString": cs["version"]})
