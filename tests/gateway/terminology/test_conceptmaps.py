@@ -74,7 +74,8 @@ async def test_every_code_map_is_a_valid_concept_map(fhir: httpx.AsyncClient,
                 assert t["equivalence"] == ("equivalent" if shared_by == 1 else "wider")
 
 
-async def test_translate_forward_and_reverse_against_the_yaml(fhir: httpx.AsyncClient) -> None:
+async def test_translate_forward_and_reverse_against_the_yaml(fhir: httpx.AsyncClient,
+                                                             schema: dict[str, Any]) -> None:
     tried = 0
     for name, doc in yaml_maps().items():
         listed = {str(k): v for k, v in doc["map"].items()}
@@ -82,6 +83,7 @@ async def test_translate_forward_and_reverse_against_the_yaml(fhir: httpx.AsyncC
             r = await fhir.get(f"/ConceptMap/{name}/$translate",
                                params={"code": local, "system": source_system(doc)})
             assert r.status_code == 200, r.text
+            assert schema_errors(r.json()) == [] and model_errors(r.json()) == []
             result, message, matches = params(r.json())
             if target is None:
                 assert (result, matches) == (False, []) and "no target" in (message or "")
@@ -97,6 +99,7 @@ async def test_translate_forward_and_reverse_against_the_yaml(fhir: httpx.AsyncC
             r = await fhir.get(f"/ConceptMap/{name}/$translate",
                                params={"code": code, "system": doc["target_system"],
                                        "reverse": "true"})
+            assert schema_errors(r.json()) == [] and model_errors(r.json()) == []
             result, message, matches = params(r.json())
             assert result is True
             assert {m["concept"]["code"] for m in matches} == expected

@@ -129,11 +129,13 @@ async def test_expand_filter_by_url(fhir: httpx.AsyncClient, shared: Path) -> No
 
 def result(body: dict[str, Any]) -> dict[str, Any]:
     assert body["resourceType"] == "Parameters", body
+    assert schema_errors(body) == [] and model_errors(body) == []
     return {p["name"]: next(v for k, v in p.items() if k.startswith("value"))
             for p in body["parameter"]}
 
 
-async def test_validate_code(fhir: httpx.AsyncClient, shared: Path) -> None:
+async def test_validate_code(fhir: httpx.AsyncClient, shared: Path,
+                             schema: dict[str, Any]) -> None:
     expected = xml_expansion(shared, "CareConnect-AdministrativeGender-1") or []
     assert len(expected) == 4
     url = VS + "CareConnect-AdministrativeGender-1"
@@ -169,7 +171,8 @@ async def test_validate_code(fhir: httpx.AsyncClient, shared: Path) -> None:
     assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "VALUESET_NOT_EXPANDABLE"
 
 
-async def test_lookup_every_code_of_a_codesystem(fhir: httpx.AsyncClient, shared: Path) -> None:
+async def test_lookup_every_code_of_a_codesystem(fhir: httpx.AsyncClient, shared: Path,
+                                                 schema: dict[str, Any]) -> None:
     url = CS + "CareConnect-EthnicCategory-1"
     concepts = xml_codesystem(shared, url) or []
     assert len(concepts) > 20
