@@ -248,7 +248,8 @@ class Api:
     async def deeper(self, request: Request) -> Response:
         """``[type]/[id]/_history``, ``[type]/[id]/$op`` and the like: recognised, not served."""
         self.fmt(request)
-        self.registry.get(request.path_params["type"])
+        if self.registry.terminology(request.path_params["type"]) is None:
+            self.registry.get(request.path_params["type"])
         raise NotImplementedInteraction("this interaction is not supported by this server")
 
     # -- writes

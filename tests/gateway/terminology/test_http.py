@@ -58,6 +58,18 @@ def test_terminology_journey_over_http(demo_sqlite_url: str, tmp_path: Path) -> 
         assert (r.status_code, code(r)) == (403, "ACCESS_DENIED")
         r = http.get(f"/ValueSet/{vs_id}")
         assert r.status_code == 401
+        # A patient's token: terminology belongs to no patient, so it is served (while that
+        # token still reads only its own patient's record).
+        mine = {"Authorization": "Bearer " + sign(key, claims("patient/*.read",
+                                                              patient="100001"))}
+        assert http.get(f"/ValueSet/{vs_id}", headers=mine).status_code == 200
+        assert http.get("/ValueSet/$expand", headers=mine,
+                        params={"url": VS_URL}).status_code == 200
+        assert http.get("/Patient/100001", headers=mine).status_code == 200
+        assert http.get("/Patient/100002", headers=mine).status_code == 404
+        # Not offered on terminology: recognised, 501 (not "unknown type").
+        r = http.get(f"/ValueSet/{vs_id}/_history", headers=auth)
+        assert (r.status_code, code(r)) == (501, "NOT_IMPLEMENTED")
     records = [json.loads(line) for line in
                (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
     seen = [(r["interaction"], r["resource_type"], r["outcome"]["result"]) for r in records]
