@@ -117,6 +117,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
                                     *load_operations(loaded.directory, registry),
                                     *terminology.served_operations(registry)])
     api = Api(registry, settings, Pager(settings.paging_secret), operations)
+    from gateway.adt.app import AdtPart  # the ADT feed and Subscription, when configured
+
+    adt_part = AdtPart.build(settings)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
                              fail_closed=settings.audit_fail_closed,
@@ -128,14 +131,16 @@ def build_app(settings: Settings | None = None) -> Starlette:
                  mappings=str(loaded.directory))
         sweeper = (asyncio.create_task(_sweep(audit_trail.denials))
                    if audit_trail.denials is not None else None)
+        await adt_part.start()
         yield
+        await adt_part.stop()
         if sweeper is not None:
             sweeper.cancel()
         await registry.aclose()
         audit_trail.close()
 
     app = Starlette(
-        routes=routes(api, registry, settings.base_path.rstrip("/")),
+        routes=[*adt_part.routes(), *routes(api, registry, settings.base_path.rstrip("/"))],
         middleware=[Middleware(RequestContext, cacheable=frozenset({
                         "/_health", "/_ready",
                         settings.base_path.rstrip("/") + "/metadata"})),
@@ -161,7 +166,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
                                backend=(ClientQueues(settings.max_backend_calls_per_client)
                                         if settings.max_backend_calls_per_client > 0
                                         else None)),
-                    Middleware(CompartmentLayer)],
+                    Middleware(CompartmentLayer), *adt_part.middleware()],
         exception_handlers={GatewayError: gateway_error_handler,
                             HTTPException: http_error_handler},
         lifespan=lifespan,
@@ -171,4 +176,5 @@ def build_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail
+    app.state.capability_extra = adt_part.capability()
     return app

@@ -11,6 +11,7 @@ for either); the operations come from the operation registry. Nothing else is cl
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -108,7 +109,9 @@ def operation_capability(operations: OperationRegistry | None, base_url: str
 
 
 def capability_statement(registry: Registry, base_url: str,
-                         operations: OperationRegistry | None = None) -> dict[str, Any]:
+                         operations: OperationRegistry | None = None,
+                         extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``extra``: resource entries served outside the registry (the ADT feed's Subscription)."""
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -126,10 +129,12 @@ def capability_statement(registry: Registry, base_url: str,
         "rest": [
             {
                 "mode": "server",
-                "resource": sorted(
+                # Mapped and terminology types in name order; then what is served outside
+                # the registry.
+                "resource": [*sorted(
                     [*(resource_capability(p, registry) for p in registry),
                      *(t.capability() for t in registry.terminology_providers())],
-                    key=lambda r: str(r["type"])),
+                    key=lambda r: str(r["type"])), *extra],
                 "operation": operation_capability(operations, base_url),
             }
         ],

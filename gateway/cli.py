@@ -177,6 +177,31 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adt_listener(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from gateway import logging as gateway_logging
+    from gateway.adt.config import AdtSettings
+    from gateway.adt.runtime import run_forever
+
+    settings = _settings(args)
+    gateway_logging.configure(settings.log_level)
+    host, _, port = (args.listen or "").rpartition(":")
+    adt = AdtSettings.from_env(settings, listen_host=host or None,
+                               listen_port=int(port) if port else None,
+                               mappings_dir=args.mappings_adt)
+
+    def ready(bound: int) -> None:
+        print(f"ADT listener on mllp://{adt.listen_host}:{bound}  (store {adt.store_url.split('://')[0]})",
+              file=sys.stderr, flush=True)
+
+    base = settings.public_base_url or f"http://{settings.host}:{settings.port}{settings.base_path}"
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_forever(settings, adt, base_url=base, ready=ready))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="careconnect-gateway",
                                 description="Care Connect (FHIR STU3) API over legacy PAS systems")
@@ -229,6 +254,15 @@ def parser() -> argparse.ArgumentParser:
                           "demo (default), itk (plain ACKs, ITK sample style), strict "
                           "(CX-5 identifiers, native prefix match, no qualifiers)")
     sim.set_defaults(func=cmd_pas_simulator)
+
+    adt = sub.add_parser("adt-listener", help="receive the PAS's ADT feed over MLLP and send "
+                         "Subscription notifications")
+    adt.add_argument("--listen", help="host:port (default CCG_ADT_LISTEN or 127.0.0.1:2576)")
+    adt.add_argument("--mappings-adt", type=Path, help="HL7 v2 mapping directory with "
+                     "adt/events.yaml (default CCG_ADT_MAPPINGS or mappings/demo-hl7v2)")
+    adt.add_argument("--data-dir", type=Path, help="where the default SQLite store is kept")
+    adt.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    adt.set_defaults(func=cmd_adt_listener)
 
     from gateway.auth.cli import register as register_auth_commands
 

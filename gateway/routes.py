@@ -100,7 +100,8 @@ class Api:
         fmt = self.fmt(request)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
-        statement = capability_statement(self.registry, self.base_url(request), self.operations)
+        statement = capability_statement(self.registry, self.base_url(request), self.operations,
+                                         getattr(request.app.state, "capability_extra", ()))
         return self.respond(with_security(statement, self.settings), fmt)
 
     async def type_level(self, request: Request) -> Response:
