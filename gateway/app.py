@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from adapters import registry as adapter_registry
 from gateway import logging as gateway_logging
-from gateway import metrics, observability, tracing
+from gateway import metrics, observability, terminology, tracing
 from gateway import state as shared_state
 from gateway.audit import AuditLayer, AuditTrail, DenialCounter
 from gateway.audit import destination as audit_destination
@@ -124,7 +124,13 @@ def build_app(settings: Settings | None = None) -> Starlette:
         urls=settings.connection_urls,
     )
     auth = resolve_auth(settings)  # AuthConfigError: refuse to start (after mapping errors)
-    registry = Registry(Provider(m) for m in loaded.mappings)
+    def build_registry(from_set: LoadedSet) -> Registry:
+        # the mapped types, and the terminology the code maps and Care Connect make (FHIR
+        # ConceptMap, ValueSet, CodeSystem: gateway.terminology)
+        return Registry((Provider(m) for m in from_set.mappings),
+                        terminology.providers(from_set.codemaps, terminology.catalogue()))
+
+    registry = build_registry(loaded)
     observability.install([p.resource_type for p in registry], settings.otel_traces,
                           record_metrics=settings.metrics)
     if tracing.enabled():  # the trace id on every log line of a traced request
@@ -153,11 +159,13 @@ def build_app(settings: Settings | None = None) -> Starlette:
 
     def build_operations(from_set: LoadedSet, over: Registry) -> OperationRegistry:
         return OperationRegistry([Validate(), Everything(),
-                                  *load_operations(from_set.directory, over)])
+                                  *load_operations(from_set.directory, over),
+                                  *terminology.served_operations(over)])
 
     operations = build_operations(loaded, registry)
     live = LiveMappings(registry, str(loaded.directory), load_again, prepare,
-                        operations=operations, build_operations=build_operations)
+                        operations=operations, build_operations=build_operations,
+                        build_registry=build_registry)
     api = Api(live, settings, Pager(settings.paging_secret))
     from gateway.adt.app import AdtPart  # the ADT feed and Subscription, when configured
 

@@ -114,6 +114,7 @@ def capability_statement(registry: Registry, base_url: str,
                          extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     """``extra``: resource entries served outside the registry (the ADT feed's Subscription)."""
     resources = [resource_capability(p, registry) for p in registry]
+    resources += [t.capability() for t in registry.terminology_providers()]
     binary = binary_capability(registry)  # not a provider: gateway.binary serves it
     if binary is not None:
         resources = [*resources, binary]

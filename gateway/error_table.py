@@ -37,6 +37,10 @@ WHEN: dict[str, str] = {
     "INVALID_PARAMETER": "a search or operation parameter has a bad value",
     "UNKNOWN_PARAMETER": "an unknown or unsupported search parameter (unless "
                          "`Prefer: handling=lenient`)",
+    "BINARY_TOO_LARGE": "a FHIR Binary (base64) was asked for content over "
+                        "`CCG_BINARY_FHIR_MAX_BYTES`; ask for its own media type (streamed)",
+    "BINARY_NOT_CONFIGURED": "the document store behind Binary is misconfigured (more than "
+                             "one mapping declares `binary:`; refused at start-up)",
     "SUBSCRIPTION_LIMIT": "the client already has `CCG_SUBSCRIPTION_MAX_PER_CLIENT` active "
                           "Subscriptions",
     "SHARED_STATE_UNAVAILABLE": "Redis (`CCG_REDIS_URL`) could not be asked whether a token "

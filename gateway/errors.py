@@ -182,6 +182,23 @@ class NotFound(GatewayError):
     error_code = "RESOURCE_NOT_FOUND"
 
 
+class UnknownCode(NotFound):
+    """``CodeSystem/$lookup`` of a code the code system does not define, or of a code system
+    this server does not hold."""
+
+    issue_code = "code-invalid"
+    error_code = "UNKNOWN_CODE"
+
+
+class ValueSetNotExpandable(GatewayError):
+    """A ValueSet this server holds but cannot expand (or validate a code against) locally:
+    an intensional definition (a SNOMED CT filter) or a code system not held here."""
+
+    status = 422
+    issue_code = "too-costly"
+    error_code = "VALUESET_NOT_EXPANDABLE"
+
+
 class UnknownResourceType(NotFound):
     issue_code = "not-supported"
     error_code = "UNKNOWN_RESOURCE_TYPE"

@@ -8,7 +8,7 @@ provider; a type mapped by several is their composite (gateway.multisource).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import audit, chain
 from gateway.errors import UnknownResourceType
@@ -17,16 +17,31 @@ from gateway.multisource import MultiPlan, MultiSource, TypeProvider, common_par
 from gateway.plan import SearchContext, SearchPlan, plan_search
 from gateway.providers import Provider
 
+if TYPE_CHECKING:
+    from gateway.terminology.provider import TerminologyProvider
+
 __all__ = ["Registry", "TypeProvider"]
 
 
 class Registry:
-    def __init__(self, providers: Iterable[Provider]) -> None:
+    def __init__(self, providers: Iterable[Provider],
+                 terminology: Iterable[TerminologyProvider] = ()) -> None:
         by_type: dict[str, list[Provider]] = {}
         for p in providers:
             by_type.setdefault(p.resource_type, []).append(p)
         self._providers: dict[str, TypeProvider] = {
             t: ps[0] if len(ps) == 1 else MultiSource(ps) for t, ps in by_type.items()}
+        # A provider kind of its own (gateway.terminology): content the gateway holds, read
+        # and searched by the provider itself; a mapped type of the same name wins.
+        self._terminology = {p.resource_type: p for p in terminology
+                             if p.resource_type not in self._providers}
+
+    def terminology(self, resource_type: str | None) -> TerminologyProvider | None:
+        """The terminology provider of a type, or None (a mapped type, or not served)."""
+        return self._terminology.get(resource_type or "")
+
+    def terminology_providers(self) -> list[TerminologyProvider]:
+        return [self._terminology[t] for t in sorted(self._terminology)]
 
     def __contains__(self, resource_type: str) -> bool:
         return resource_type in self._providers

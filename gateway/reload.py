@@ -70,12 +70,15 @@ class LiveMappings:
                  prepare: Callable[[Registry], None] | None = None,
                  operations: OperationRegistry | None = None,
                  build_operations: Callable[[LoadedSet, Registry], OperationRegistry]
-                 | None = None) -> None:
+                 | None = None,
+                 build_registry: Callable[[LoadedSet], Registry] | None = None) -> None:
         self.current = Generation(1, registry, directory,
                                   operations or OperationRegistry(()))
         self._load = load
         self._prepare = prepare
         self._build_operations = build_operations
+        self._build_registry = build_registry or (
+            lambda loaded: Registry(Provider(m) for m in loaded.mappings))
         self._retired: list[Generation] = []
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[ReloadResult]] = set()
@@ -123,7 +126,7 @@ class LiveMappings:
             registry: Registry | None = None
             try:
                 loaded = await anyio.to_thread.run_sync(load)
-                registry = Registry(Provider(m) for m in loaded.mappings)
+                registry = self._build_registry(loaded)
                 problems = await anyio.to_thread.run_sync(_case_problems, loaded)
                 # operations/ is part of the directory: a bad declaration refuses the reload
                 operations = (self._build_operations(loaded, registry)

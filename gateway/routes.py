@@ -48,6 +48,7 @@ from gateway.registry import Registry, TypeProvider, adapters
 from gateway.reload import LiveMappings
 from gateway.search import ID_RE
 from gateway.settings import Settings
+from gateway.terminology.provider import TerminologyProvider, search_bundle
 
 MAX_FORM_BYTES = 64 * 1024
 
@@ -112,6 +113,12 @@ class Api:
 
     async def type_level(self, request: Request) -> Response:
         fmt = self.fmt(request)
+        if (term := self.registry.terminology(request.path_params["type"])) is not None:
+            if request.method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"{term.resource_type} supports GET here",
+                                       headers={"Allow": "GET"})
+            return self._terminology_search(request, term, list(request.query_params.multi_items()),
+                                            fmt)
         provider = self.registry.get(request.path_params["type"])
         if request.method == "POST" and "create" in provider.interactions:
             return await self._create(request, provider, fmt)
@@ -126,7 +133,8 @@ class Api:
 
     async def search_post(self, request: Request) -> Response:
         fmt = self.fmt(request)
-        provider = self.registry.get(request.path_params["type"])
+        term = self.registry.terminology(request.path_params["type"])
+        provider = term or self.registry.get(request.path_params["type"])
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/x-www-form-urlencoded":
             raise UnsupportedMediaType(
@@ -146,6 +154,9 @@ class Api:
             raise BadRequest("the search form is not UTF-8") from None
         # Parameters in the URL and the body both count (FHIR STU3 3.1.1.3).
         pairs = [*request.query_params.multi_items(), *form]
+        if term is not None:
+            return self._terminology_search(request, term, pairs, fmt)
+        assert not isinstance(provider, TerminologyProvider)
         return await self._search(request, provider, pairs, fmt)
 
     async def instance(self, request: Request) -> Response:
@@ -153,6 +164,8 @@ class Api:
         rtype = request.path_params["type"]
         if rtype == "OperationDefinition" and rtype not in self.registry:
             return await self.operation_definition(request)  # this server's own operations
+        if (term := self.registry.terminology(rtype)) is not None:
+            return self._terminology_read(request, term, request.path_params["id"], fmt)
         provider = self.registry.get(rtype)
         rid = request.path_params["id"]
         if rid == "_search" and request.method in ("GET", "HEAD"):
@@ -190,8 +203,11 @@ class Api:
         name = params["op"][1:]
         rtype, rid = params.get("type"), params.get("id")
         level: Level = "instance" if rid is not None else "type" if rtype else "system"
-        provider = self.registry.get(rtype) if rtype else None
+        term = self.registry.terminology(rtype)
+        provider = self.registry.get(rtype) if rtype and term is None else None
         op = self.operations.find(name, level, rtype)
+        if term is not None and op is not None and rtype not in (op.resource_types or ()):
+            op = None  # an operation on every mapped type ($validate) is not a terminology one
         if op is None:
             raise NotImplementedInteraction(
                 f"operation ${name} is not supported here" if name.isalnum() or "-" in name
@@ -200,6 +216,32 @@ class Api:
             allowed = ", ".join(op.methods)
             raise MethodNotAllowed(f"${name} supports {allowed}", headers={"Allow": allowed})
         return await op.run(self, Invocation(request, level, provider, rid))
+
+    # -- terminology (gateway.terminology: a provider kind of its own)
+
+    def _terminology_read(self, request: Request, term: TerminologyProvider, rid: str,
+                          fmt: Format) -> Response:
+        if rid == "_search" and request.method in ("GET", "HEAD"):
+            return self._terminology_search(request, term,
+                                            list(request.query_params.multi_items()), fmt)
+        if rid.startswith(("$", "_")):
+            raise NotImplementedInteraction("this interaction is not supported by this server")
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"{term.resource_type}/[id] supports GET",
+                                   headers={"Allow": "GET"})
+        authorize.require(request, term.resource_type, "r")
+        resource = term.read(rid, self.base_url(request))
+        if resource is None:
+            raise NotFound(f"{term.resource_type} with that id was not found")
+        return self.respond(resource, fmt)
+
+    def _terminology_search(self, request: Request, term: TerminologyProvider,
+                            pairs: list[tuple[str, str]], fmt: Format) -> Response:
+        authorize.require(request, term.resource_type, "s")
+        s = self.settings
+        cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
+        return self.respond(search_bundle(term, pairs, self.base_url(request),
+                                          self.strict(request)), fmt)
 
     async def operation_definition(self, request: Request) -> Response:
         """``OperationDefinition/[id]``: the definitions of this server's own operations."""
@@ -214,7 +256,8 @@ class Api:
     async def deeper(self, request: Request) -> Response:
         """``[type]/[id]/_history``, ``[type]/[id]/$op`` and the like: recognised, not served."""
         self.fmt(request)
-        self.registry.get(request.path_params["type"])
+        if self.registry.terminology(request.path_params["type"]) is None:
+            self.registry.get(request.path_params["type"])
         raise NotImplementedInteraction("this interaction is not supported by this server")
 
     # -- writes

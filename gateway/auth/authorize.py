@@ -16,6 +16,7 @@ create                        ``c`` (conditional create: also ``s``)
 update                        ``u``
 ``[type]/$validate``          any of ``c``, ``u``, ``r`` (touches no stored data)
 ``[type]/[id]/$validate``     ``r`` (validates, and so discloses, the stored one)
+terminology operations        ``r`` on ConceptMap / ValueSet / CodeSystem (not patient data)
 ============================  =================================================
 
 A search whose ``_include``/``_revinclude`` names a type the principal may not see is refused

@@ -39,6 +39,8 @@ class CodeMap:
     entries: dict[str, Target]
     default: Target | None = None
     source: str = ""
+    source_system: str | None = None
+    description: str = ""
     no_target: frozenset[str] = frozenset()
     """Local codes listed with no target: a decision, so left out without a log line."""
     _reverse: dict[str, tuple[str, ...]] = field(default_factory=dict)

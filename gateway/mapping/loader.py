@@ -159,6 +159,8 @@ def load_codemaps(directory: Path, problems: list[Problem]) -> dict[str, CodeMap
             no_target=frozenset(str(k) for k, v in spec.map.items() if v is None),
             default=Target(spec.default.code, spec.default.display) if spec.default else None,
             source=spec.source or "",
+            source_system=spec.source_system,
+            description=spec.description or "",
         )
     return out
 
@@ -174,6 +176,8 @@ class _CodeMapFile(BaseModel):
     name: str
     source: str | None = None
     description: str | None = None
+    source_system: str | None = None
+    """The local codes' system URI, where they have one (the ConceptMap's group.source)."""
     target_system: str | None = None
     unmapped: Literal["omit", "default", "error"] = "omit"
     default: _TargetSpec | None = None

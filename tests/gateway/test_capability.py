@@ -102,9 +102,11 @@ def resources(statement: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_served_type_is_listed_once(app: Starlette) -> None:
     cs = capability_statement(app.state.registry, BASE)
     listed = [r["type"] for r in cs["rest"][0]["resource"]]
+    terminology = ["CodeSystem", "ConceptMap", "ValueSet"]  # gateway.terminology's providers
     assert sorted(MAPPINGS) == [p.resource_type for p in app.state.registry]
+    assert [p.resource_type for p in app.state.registry.terminology_providers()] == terminology
     # Binary: the content of the DocumentReferences (gateway.binary), read only, no search.
-    assert listed == sorted([*MAPPINGS, "Binary"])
+    assert listed == sorted([*MAPPINGS, "Binary", *terminology])
     binary = resources(cs)["Binary"]
     assert binary["interaction"] == [{"code": "read"}] and "searchParam" not in binary
     assert cs["resourceType"] == "CapabilityStatement"
@@ -218,11 +220,12 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def served(http: httpx.Client) -> dict[str, dict[str, Any]]:
+    """The mapped types' claims (the terminology types': tests/gateway/terminology)."""
     r = http.get("/metadata")
     assert r.status_code == 200
-    searchable = resources(r.json())
-    assert searchable.pop("Binary")["interaction"] == [{"code": "read"}]  # not searchable
-    return searchable
+    listed = resources(r.json())
+    assert listed["Binary"]["interaction"] == [{"code": "read"}]  # not searchable
+    return {t: r for t, r in listed.items() if t in MAPPINGS}
 
 
 def search(http: httpx.Client, rtype: str, params: dict[str, str]) -> dict[str, Any]:
@@ -243,13 +246,14 @@ def companion(rtype: str, ptype: str) -> dict[str, str]:
 VALUES = {"string": "a", "token": "x", "date": "ge1900-01-01", "reference": "1"}
 
 
-def test_metadata_renders_as_xml(http: httpx.Client) -> None:
+def test_metadata_renders_as_xml(http: httpx.Client, app: Starlette) -> None:
     r = http.get("/metadata", params={"_format": "xml"})
     assert r.status_code == 200
     root = etree.fromstring(r.content)
     assert root.tag == "{http://hl7.org/fhir}CapabilityStatement"
+    terminology = sum(len(t.params) + 1 for t in app.state.registry.terminology_providers())
     assert len(root.findall(".//{http://hl7.org/fhir}searchParam")) == sum(
-        len(m["search"]) + 1 for m in MAPPINGS.values())
+        len(m["search"]) + 1 for m in MAPPINGS.values()) + terminology
 
 
 def test_every_claimed_search_parameter_works(http: httpx.Client,

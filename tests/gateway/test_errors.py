@@ -42,6 +42,8 @@ EXPECTED: dict[str, tuple[int, str, str]] = {
     "ResourceInvalid": (422, "invalid", "INVALID_RESOURCE"),
     "NotFound": (404, "not-found", "RESOURCE_NOT_FOUND"),
     "UnknownResourceType": (404, "not-supported", "UNKNOWN_RESOURCE_TYPE"),
+    "UnknownCode": (404, "code-invalid", "UNKNOWN_CODE"),
+    "ValueSetNotExpandable": (422, "too-costly", "VALUESET_NOT_EXPANDABLE"),
     "MethodNotAllowed": (405, "not-supported", "METHOD_NOT_ALLOWED"),
     "NotAcceptable": (406, "not-supported", "NOT_ACCEPTABLE"),
     "UnsupportedMediaType": (415, "not-supported", "UNSUPPORTED_MEDIA_TYPE"),
