@@ -652,7 +652,8 @@ async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
                     + hashlib.sha256(b"test-key").hexdigest() + "', scopes: system/*.read}]")
     app = build_app(gateway_settings(demo_url, tmp_path, mappings_dir=here / "demo-pas",
                                      connection_urls={"pas": demo_url, "other": demo_url},
-                                     auth_mode="api-key", api_keys_file=str(keys)))
+                                     auth_mode="api-key", api_keys_file=str(keys),
+                                     audit_log=str(tmp_path / "audit.jsonl")))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw",

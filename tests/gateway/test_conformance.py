@@ -137,9 +137,10 @@ async def _get_json(client: httpx.AsyncClient, url: str,
 async def served(demo_url: str, tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[Served]:
     # One client reads back every reference the sample holds (over a thousand): a burst the
-    # per-client rate limit (tested in test_limits) would rightly refuse.
+    # per-client and per-address rate limits (tested in test_limits) would rightly refuse.
     app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance"),
-                                     rate_limit_per_minute=100_000, rate_limit_burst=100_000))
+                                     rate_limit_per_minute=100_000, rate_limit_burst=100_000,
+                                     source_rate_limit_per_minute=0))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
