@@ -36,8 +36,12 @@ from gateway.limits import (
     TokenBuckets,
 )
 from gateway.mapping.loader import load_directory
+from gateway.messaging.config import load_messaging
+from gateway.messaging.process import Messaging, ProcessMessage
+from gateway.messaging.store import MessageStore
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
 from gateway.operations import OperationRegistry
+from gateway.operations.document import Document, load_documents
 from gateway.operations.everything import Everything
 from gateway.operations.structured import load_operations
 from gateway.operations.validate import Validate
@@ -111,8 +115,16 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
+    documents = load_documents(loaded.directory, registry)
+    messaging_spec = load_messaging(loaded.directory, registry)
+    messaging = (Messaging(messaging_spec, registry,
+                           MessageStore(settings.data_dir / "messages.sqlite"),
+                           [u for u in settings.messaging_response_urls.split(",") if u.strip()])
+                 if messaging_spec is not None else None)
     operations = OperationRegistry([Validate(), Everything(),
-                                    *load_operations(loaded.directory, registry)])
+                                    *load_operations(loaded.directory, registry),
+                                    *([Document(documents)] if documents else []),
+                                    *([ProcessMessage(messaging)] if messaging else [])])
     api = Api(registry, settings, Pager(settings.paging_secret), operations)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
@@ -125,7 +137,11 @@ def build_app(settings: Settings | None = None) -> Starlette:
                  mappings=str(loaded.directory))
         sweeper = (asyncio.create_task(_sweep(audit_trail.denials))
                    if audit_trail.denials is not None else None)
+        if messaging is not None:
+            await messaging.start()
         yield
+        if messaging is not None:
+            await messaging.stop()
         if sweeper is not None:
             sweeper.cancel()
         await registry.aclose()
@@ -165,6 +181,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.registry = registry
     app.state.operations = operations
+    app.state.messaging = messaging
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail

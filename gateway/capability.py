@@ -109,6 +109,17 @@ def operation_capability(operations: OperationRegistry | None, base_url: str
 
 def capability_statement(registry: Registry, base_url: str,
                          operations: OperationRegistry | None = None) -> dict[str, Any]:
+    out = _statement(registry, base_url, operations)
+    # FHIR messaging: the events the messaging declaration routes (gateway.messaging)
+    messaging = [op.messaging_capability(base_url) for op in operations or ()
+                 if hasattr(op, "messaging_capability")]
+    if messaging:
+        out["messaging"] = messaging
+    return out
+
+
+def _statement(registry: Registry, base_url: str,
+               operations: OperationRegistry | None) -> dict[str, Any]:
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -91,6 +91,9 @@ class Settings:
     """Seconds from the start of a request until its body must have arrived (408 beyond)."""
     header_timeout_seconds: int = 10
     """Seconds a connection may take to send a request's headers before it is closed."""
+    messaging_response_urls: str = ""
+    """Where asynchronous $process-message responses may be delivered: comma-separated
+    origins (``https://ehr.trust.nhs.uk``; without a port: any port of that host)."""
     # -- authentication and authorisation (gateway/auth, docs/security.md)
     env: str = ""
     """``production`` refuses the demo fallbacks even on the bundled demo mappings."""
