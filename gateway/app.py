@@ -37,6 +37,7 @@ from gateway.limits import (
 )
 from gateway.mapping.loader import load_directory
 from gateway.messaging.config import load_messaging
+from gateway.messaging.delivery import Outbox
 from gateway.messaging.process import Messaging, ProcessMessage
 from gateway.messaging.store import MessageStore
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
@@ -117,10 +118,14 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation = None
     documents = load_documents(loaded.directory, registry)
     messaging_spec = load_messaging(loaded.directory, registry)
-    messaging = (Messaging(messaging_spec, registry,
-                           MessageStore(settings.data_dir / "messages.sqlite"),
-                           [u for u in settings.messaging_response_urls.split(",") if u.strip()])
-                 if messaging_spec is not None else None)
+    messaging = None
+    if messaging_spec is not None:
+        store = MessageStore(settings.data_dir / "messages.sqlite")
+        allow = [u.strip() for u in settings.messaging_response_urls.split(",") if u.strip()]
+        messaging = Messaging(messaging_spec, registry, store, allow, Outbox(
+            store, allow, max_attempts=settings.messaging_max_attempts,
+            backoff_base=settings.messaging_retry_seconds),
+            retry_seconds=settings.messaging_retry_seconds)
     operations = OperationRegistry([Validate(), Everything(),
                                     *load_operations(loaded.directory, registry),
                                     *([Document(documents)] if documents else []),

@@ -94,6 +94,11 @@ class Settings:
     messaging_response_urls: str = ""
     """Where asynchronous $process-message responses may be delivered: comma-separated
     origins (``https://ehr.trust.nhs.uk``; without a port: any port of that host)."""
+    messaging_retry_seconds: int = 2
+    """First delay before an asynchronous response (or a message that met a transient
+    error) is tried again; doubled each time, at most 300 s."""
+    messaging_max_attempts: int = 12
+    """Delivery attempts of one response before it is kept as dead (never deleted)."""
     # -- authentication and authorisation (gateway/auth, docs/security.md)
     env: str = ""
     """``production`` refuses the demo fallbacks even on the bundled demo mappings."""

@@ -93,7 +93,9 @@ class Messaging:
     """The messaging service: the declaration, the store, the outbox and its workers."""
 
     def __init__(self, spec: MessagingFile, registry: Registry, store: MessageStore,
-                 allow_list: list[str], outbox: Outbox | None = None) -> None:
+                 allow_list: list[str], outbox: Outbox | None = None,
+                 retry_seconds: float = 2.0) -> None:
+        self.retry_seconds = retry_seconds
         self.spec = spec
         self.registry = registry
         self.store = store
@@ -187,8 +189,7 @@ class Messaging:
                 self.outbox.wake()
                 return
         # transient: try again later (the row stays accepted/unknown, so a restart resumes it)
-        await asyncio.sleep(5)
-        self._queue.put_nowait(mid)
+        asyncio.get_running_loop().call_later(self.retry_seconds, self._queue.put_nowait, mid)
 
     @staticmethod
     def _unknown(response: dict[str, Any]) -> bool:
