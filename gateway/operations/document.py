@@ -130,9 +130,13 @@ def load_documents(directory: Path, registry: Registry) -> list[DocumentFile]:
             tp = registry.get(sec.resource)
             if not any(compartment.link(s).kind == "reference" for s in tp.sources):
                 bad([*at, "resource"], f"{sec.resource} is not linked to a patient")
-            for pname in [*sec.search, *([sec.encounter] if sec.encounter else [])]:
+            for pname in sec.search:
                 if pname not in tp.params:
-                    bad([*at, "search"], f"{sec.resource} has no search parameter {pname!r}")
+                    bad([*at, "search", pname],
+                        f"{sec.resource} has no search parameter {pname!r}")
+            if sec.encounter and sec.encounter not in tp.params:
+                bad([*at, "encounter"], f"{sec.resource} has no search parameter "
+                                        f"{sec.encounter!r}")
             if sec.encounter and spec.subject != "Encounter":
                 bad([*at, "encounter"], "only an Encounter document links sections to it")
             if sec.sort is not None and sec.sort.lstrip("-") not in tp.sortable:
