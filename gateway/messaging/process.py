@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -101,7 +102,7 @@ class Messaging:
         self.store = store
         self.allow_list = allow_list
         self.outbox = outbox or Outbox(store, allow_list)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list[Any]] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -123,11 +124,21 @@ class Messaging:
 
     # -- processing
 
-    def _lock(self, mid: str) -> asyncio.Lock:
-        lock = self._locks.get(mid)
-        if lock is None:
-            lock = self._locks[mid] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _lock(self, mid: str) -> AsyncIterator[None]:
+        """One message id processed at a time; the lock is dropped when nobody holds or
+        waits for it (memory stays bounded by the messages in flight)."""
+        entry = self._locks.get(mid)
+        if entry is None:
+            entry = self._locks[mid] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._locks.pop(mid, None)
 
     async def process(self, message: dict[str, Any], base: str) -> dict[str, Any]:
         """The response message (synchronous mode), the write applied at most once."""
@@ -145,8 +156,9 @@ class Messaging:
             if stored is None:
                 await self.store.put(mid, dg, "processing")
             response, final = await self._apply(message, header, base, again)
-            if final:
-                await self.store.finish(mid, response, None)
+            if final:  # accepted asynchronously before: its response-url gets it too
+                await self.store.finish(mid, response, stored.response_url if stored else None)
+                self.outbox.wake()
             elif response["entry"][0]["resource"]["response"]["code"] == "transient-error" \
                     and not self._unknown(response):
                 await self.store.forget(mid)

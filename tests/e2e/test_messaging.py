@@ -35,6 +35,7 @@ from gateway.demo_pas.hl7v2.mllp_server import Reply
 from gateway.settings import Settings
 from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
 from tests.conftest import LiveServer
+from tests.security.principals import as_, install, user_token
 
 pytestmark = pytest.mark.anyio
 
@@ -132,6 +133,7 @@ async def gw(pas: tuple[PasSimulator, str, Faults], tmp_path: Path
              ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Faults]]:
     sim, url, faults = pas
     app = build_app(settings(tmp_path, url, sim.port))
+    install(app, {"reader": user_token("user/*.read")})
     adapter = next(p.mapping.adapter for p in app.state.registry if p.resource_type == "Patient")
     adapter.client.reply_timeout = 1.0
     adapter.client.backoff_base = 0.01
@@ -196,6 +198,10 @@ async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults
         assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
     r = await c.get("/$process-message")
     assert r.status_code == 405
+    # the write's own scope: a reader cannot register a patient by message
+    msg = message("msg-x-4", "patient-registration", new_patient("9430001027"))
+    r = await c.post("/$process-message", json=msg, headers=as_("reader"))
+    assert r.status_code == 403 and faults.a28s == 0
     cs = (await c.get("/metadata")).json()
     events = [e["code"]["code"] for m in cs["messaging"] for e in m["event"]]
     assert events == ["patient-registration", "patient-demographics-update"]

@@ -227,6 +227,11 @@ async def test_html_negotiation(gw: tuple[httpx.AsyncClient, Starlette],
     r3 = await c.get(f"/STU3/Encounter/{spell}/$document",
                      headers={"Accept": "application/fhir+json"})
     assert r3.headers["content-type"].startswith("application/fhir+json")
+    r4 = await c.get(f"/STU3/Encounter/{spell}/$document?_format=xml")
+    assert r4.status_code == 200 and r4.headers["content-type"].startswith(
+        "application/fhir+xml")
+    assert b"<Composition" in r4.content and b'<div xmlns="http://www.w3.org/1999/xhtml">' \
+        in r4.content
     # _format=html elsewhere is still not acceptable
     assert (await c.get("/STU3/Patient/100001?_format=html")).status_code == 406
 
