@@ -24,6 +24,7 @@ the resources in it (for a discharge summary at least the encounter's end), neve
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -58,6 +59,7 @@ COMPOSITION_PROFILE = ("https://fhir.hl7.org.uk/STU3/StructureDefinition/"
                        "CareConnect-Composition-1")
 DOCUMENT_ID_SYSTEM = "https://careconnect-gateway.github.io/fhir/Id/document"
 _NS = uuid.UUID("0f4c7a52-3b1e-5d2a-9c6e-3f1a2b4c5d6e")
+_INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 _KNOWN = frozenset({"type", "persist", "_format", "_pretty"})
 
 
@@ -406,7 +408,10 @@ def build(spec: DocumentFile, base: str, patient: dict[str, Any],
                {"fullUrl": f"urn:uuid:{device_id}", "resource": device}]
     entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r}
                 for r in everything]
-    return {"resourceType": "Bundle", "id": bundle_id, "meta": {"lastUpdated": date},
+    head: dict[str, Any] = {"resourceType": "Bundle", "id": bundle_id}
+    if _INSTANT.match(date):  # a date alone (no resource has a time) is not an instant
+        head["meta"] = {"lastUpdated": date}
+    return {**head,
             "identifier": {"system": DOCUMENT_ID_SYSTEM, "value": f"urn:uuid:{bundle_id}"},
             "type": "document", "entry": entries}
 

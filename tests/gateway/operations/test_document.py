@@ -262,3 +262,35 @@ def test_html_in_a_real_browser(demo_sqlite_url: str, make_app: Callable[..., St
             assert width > 100
             shot = b.screenshot(tmp_path / "document.png")
             assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_build_is_pure_and_dated_from_the_data() -> None:
+    """The same inputs give the same Bundle; other content gives another id; with no time in
+    the data the date is a date (and no meta.lastUpdated, which must be an instant)."""
+    from gateway.operations.document import DocSection, DocumentFile, build
+
+    spec = DocumentFile.model_validate({
+        "name": "t", "title": "T", "subject": "Patient",
+        "type": {"system": "http://loinc.org", "code": "60591-5"},
+        "sections": [{"title": "Problems", "resource": "Condition",
+                      "columns": [{"header": "Problem", "element": "code"}]}]})
+    sec: DocSection = spec.sections[0]
+    patient = {"resourceType": "Patient", "id": "1", "birthDate": "1970-01-02",
+               "name": [{"family": "<b>Smith</b> & Co"}]}
+    cond = {"resourceType": "Condition", "id": "7", "subject": {"reference": "Patient/1"},
+            "code": {"text": "Asthma <script>alert(1)</script>"}}
+    one = build(spec, "http://x/STU3", patient, None, [(sec, [cond], None)], [cond], [], [])
+    two = build(spec, "http://x/STU3", patient, None, [(sec, [cond], None)], [cond], [], [])
+    assert one == two
+    assert "meta" not in one and one["entry"][0]["resource"]["date"] == "1970-01-02"
+    div = one["entry"][0]["resource"]["section"][0]["text"]["div"]
+    assert "&lt;script&gt;" in div and "<script" not in div  # escaped, not markup
+    assert narrative_problems(div) == []
+    changed = {**cond, "code": {"text": "Asthma, resolved"}}
+    three = build(spec, "http://x/STU3", patient, None, [(sec, [changed], None)], [changed],
+                  [], [])
+    assert three["id"] != one["id"]
+    assert narrative_problems('<div xmlns="http://www.w3.org/1999/xhtml"><script/>x</div>')
+    assert narrative_problems('<div xmlns="http://www.w3.org/1999/xhtml"><p onclick="x">y'
+                              '</p></div>')
+    assert narrative_problems("<div><p>no namespace</p></div>")
