@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +24,8 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+from fhir.resources.STU3 import get_fhir_model_class
+from jsonschema import Draft6Validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -72,9 +76,19 @@ def rows(url: str, number: str) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in found]
 
 
+@functools.cache
+def _schema() -> Draft6Validator:
+    return Draft6Validator(json.loads((Path(__file__).resolve().parents[2].parent / "shared" /
+                                       "fhir-stu3" / "fhir.schema.json").read_text()))
+
+
 def response_of(bundle: dict[str, Any]) -> tuple[str, list[str]]:
-    """The response code, and the gateway error codes of its OperationOutcome."""
+    """The response code, and the gateway error codes of its OperationOutcome (the message
+    checked by the STU3 JSON Schema and model first)."""
     assert bundle["resourceType"] == "Bundle" and bundle["type"] == "message"
+    errors = [e.message[:200] for e in _schema().iter_errors(bundle)]
+    assert not errors, errors
+    get_fhir_model_class("Bundle").model_validate(bundle)
     header = bundle["entry"][0]["resource"]
     assert header["resourceType"] == "MessageHeader"
     codes = [c["code"] for e in bundle["entry"][1:]
@@ -203,6 +217,7 @@ async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults
     r = await c.post("/$process-message", json=msg, headers=as_("reader"))
     assert r.status_code == 403 and faults.a28s == 0
     cs = (await c.get("/metadata")).json()
+    assert not list(_schema().iter_errors(cs))
     events = [e["code"]["code"] for m in cs["messaging"] for e in m["event"]]
     assert events == ["patient-registration", "patient-demographics-update"]
     assert "process-message" in [o["name"] for o in cs["rest"][0]["operation"]]
