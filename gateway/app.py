@@ -124,7 +124,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
         allow = [u.strip() for u in settings.messaging_response_urls.split(",") if u.strip()]
         messaging = Messaging(messaging_spec, registry, store, allow, Outbox(
             store, allow, max_attempts=settings.messaging_max_attempts,
-            backoff_base=settings.messaging_retry_seconds),
+            backoff_base=settings.messaging_retry_seconds,
+            retention_seconds=settings.messaging_retention_days * 86_400),
             retry_seconds=settings.messaging_retry_seconds)
     operations = OperationRegistry([Validate(), Everything(),
                                     *load_operations(loaded.directory, registry),

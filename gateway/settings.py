@@ -99,6 +99,9 @@ class Settings:
     error) is tried again; doubled each time, at most 300 s."""
     messaging_max_attempts: int = 12
     """Delivery attempts of one response before it is kept as dead (never deleted)."""
+    messaging_retention_days: int = 30
+    """Answered messages (their stored responses: idempotency) and delivered responses are
+    forgotten after this many days; a resend after that is processed as a new message."""
     # -- authentication and authorisation (gateway/auth, docs/security.md)
     env: str = ""
     """``production`` refuses the demo fallbacks even on the bundled demo mappings."""

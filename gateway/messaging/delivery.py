@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -42,7 +43,8 @@ def allowed(url: str, allow_list: list[str]) -> bool:
 class Outbox:
     def __init__(self, store: MessageStore, allow_list: list[str], *, max_attempts: int = 8,
                  backoff_base: float = 1.0, backoff_max: float = 300.0, poll: float = 0.5,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, retention_seconds: float = 30 * 86_400) -> None:
+        self.retention_seconds = retention_seconds
         self.store = store
         self.allow_list = allow_list
         self.max_attempts = max_attempts
@@ -58,7 +60,11 @@ class Outbox:
     async def run(self) -> None:
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False,
                                      trust_env=False) as client:
+            purged_at = 0.0
             while True:
+                if time.monotonic() - purged_at > 3600:  # hourly: the file stays bounded
+                    purged_at = time.monotonic()
+                    await self.store.purge(self.retention_seconds)
                 for item in await self.store.due():
                     await self._send(client, item.seq, item.url, item.body, item.attempts)
                 self._wake.clear()
@@ -67,8 +73,6 @@ class Outbox:
 
     async def _send(self, client: httpx.AsyncClient, seq: int, url: str, body: bytes,
                     attempts: int) -> None:
-        import time
-
         error = ""
         if not allowed(url, self.allow_list):
             await self.store.failed(seq, "response-url no longer on the allow-list", None)

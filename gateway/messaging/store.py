@@ -154,6 +154,23 @@ class MessageStore:
             "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ?, dead = ? "
             "WHERE seq = ?"), (error[:200], next_at or 0.0, 1 if next_at is None else 0, seq))
 
+    async def purge(self, older_than_seconds: float) -> int:
+        """Forget answered messages and delivered responses older than the retention: a
+        resend after that is processed as new. Dead deliveries and unanswered messages are
+        kept (someone must look at them)."""
+        cut = time.time() - older_than_seconds
+
+        def go() -> int:
+            with self._lock:
+                n = self._db.execute("DELETE FROM outbox WHERE delivered IS NOT NULL AND "
+                                     "delivered < ?", (cut,)).rowcount
+                n += self._db.execute(
+                    "DELETE FROM message WHERE state = 'done' AND created < ? AND id NOT IN "
+                    "(SELECT message_id FROM outbox)", (cut,)).rowcount
+                return int(n)
+
+        return await anyio.to_thread.run_sync(go)
+
     def outbox_rows(self) -> list[tuple[Any, ...]]:
         """Every outbox row (operations and tests): message id, attempts, delivered, dead."""
         return self._run("SELECT message_id, attempts, delivered, dead, last_error FROM outbox "

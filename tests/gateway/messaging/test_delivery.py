@@ -63,3 +63,24 @@ async def test_retries_then_delivers_and_gives_up_on_a_dead_receiver(tmp_path: P
     assert len(got) == 3 and rows["m1"][1] == 3 and rows["m1"][2] is not None
     assert rows["m2"][1] == 3 and rows["m2"][3] == 1 and rows["m2"][4]  # dead, kept, why
     store.close()
+
+
+async def test_retention_forgets_answered_and_delivered_only(tmp_path: Path) -> None:
+    store = MessageStore(tmp_path / "m.sqlite")
+    await store.put("done-delivered", "d", "accepted", response_url="http://127.0.0.1/r")
+    await store.finish("done-delivered", {"resourceType": "Bundle"}, "http://127.0.0.1/r")
+    [item] = await store.due()
+    await store.delivered(item.seq)
+    await store.put("done-sync", "d", "processing")
+    await store.finish("done-sync", {"resourceType": "Bundle"}, None)
+    await store.put("dead", "d", "accepted", response_url="http://127.0.0.1/r")
+    await store.finish("dead", {"resourceType": "Bundle"}, "http://127.0.0.1/r")
+    [dead] = await store.due()
+    await store.failed(dead.seq, "HTTP 500", None)
+    await store.put("waiting", "d", "accepted", body={"message": {}}, response_url="x")
+    assert await store.purge(3600) == 0  # nothing is old enough
+    assert await store.purge(-1) == 3  # delivered row, its message, the sync one
+    assert await store.get("done-sync") is None and await store.get("done-delivered") is None
+    assert (await store.get("dead")) is not None and (await store.get("waiting")) is not None
+    assert [r[0] for r in store.outbox_rows()] == ["dead"]
+    store.close()
