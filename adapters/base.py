@@ -273,6 +273,11 @@ backend_correlations: ContextVar[list[str] | None] = ContextVar("backend_correla
                                                                 default=None)
 """Set per request by the gateway's audit layer; adapters note what they sent to it."""
 
+request_started: ContextVar[float | None] = ContextVar("request_started", default=None)
+"""The event loop's time when the FHIR request began (set by the gateway's audit layer): a
+per-request deadline counts from here, so time spent queued before the first backend call
+(e.g. behind the client's other calls) is inside it, as the client experiences it."""
+
 
 def note_correlation(value: str) -> None:
     """Record a backend correlation id (an HL7 MSH-10) for the request's audit record."""
@@ -340,6 +345,17 @@ class Adapter(abc.ABC):
 
     async def write(self, prepared: Any, write: Write) -> WriteResult:
         raise UnsupportedCriteria(f"{self.name} adapter does not accept writes")
+
+    def explain(self, prepared: Any, query: Query) -> list[str]:
+        """What ``fetch`` would send for ``query``, without sending it, as lines of text.
+        Never a value from the query: placeholders or ``?`` stand for them. May raise
+        ``UnsupportedCriteria`` as ``fetch`` would."""
+        return [f"(the {self.name} adapter does not describe its queries)"]
+
+    async def estimate(self, prepared: Any, query: Query) -> list[str]:
+        """The source's own estimate of what ``query`` costs, asked without running it
+        (SQL ``EXPLAIN``), as lines of text; never a value from the query."""
+        return [f"(no cost estimate from the {self.name} adapter)"]
 
     @abc.abstractmethod
     async def ping(self) -> None: ...

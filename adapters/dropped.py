@@ -16,6 +16,8 @@ from collections import Counter
 
 import structlog
 
+from adapters import observe
+
 __all__ = ["COUNTS", "note", "snapshot"]
 
 log = structlog.get_logger("adapters.dropped")
@@ -32,6 +34,9 @@ def note(where: str, reason: str) -> None:
     with _lock:
         COUNTS[key] += 1
         first = COUNTS[key] == 1
+    hook = observe.dropped
+    if hook is not None:  # ccg_dropped_values_total (gateway.metrics)
+        hook(where, reason)
     if first:
         log.warning("value_not_mapped", where=where, reason=reason,
                     hint="counted in adapters.dropped.COUNTS from now on")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import re
 import sqlite3
 import threading
@@ -41,6 +42,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement, FromClause
 from sqlalchemy.sql.functions import FunctionElement
 
+from adapters import observe
 from adapters.base import (
     Adapter,
     And,
@@ -284,6 +286,7 @@ class SqlAdapter(Adapter):
         # Compiled forms live exactly as long as their statement (in a mapping's cache).
         self._direct: weakref.WeakKeyDictionary[Any, _Direct | None] = (
             weakref.WeakKeyDictionary())
+        self._texts: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._reads = _KeyReads(self)
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
@@ -341,6 +344,59 @@ class SqlAdapter(Adapter):
         n: int = await self._run(self._count_sync, prepared, query)
         return n
 
+    def explain(self, prepared: Prepared, query: Query) -> list[str]:
+        dialect = self.engine.dialect
+        sql, params = compile_page(prepared, query, dialect)
+        lines = [f"SQL ({dialect.name}): one statement per page, {len(params)} bound "
+                 "value(s) (placeholders only; values never go into the text):",
+                 *_indent(sql)]
+        fresh = replace(prepared, statements=StatementCache())  # not the live cache
+        for name, fields in prepared.layout.children:
+            if not fields:
+                continue
+            spec = prepared.source.children[name]
+            (child_col, parent_col), = spec.link.items()
+            stmt = _child_statement(fresh, name, spec, fields, child_col, _BUCKETS[0])
+            lines += [f"child {name}: one statement per page, the page's {parent_col} values "
+                      f"bound as an IN list (sizes {', '.join(map(str, _BUCKETS))}):",
+                      *_indent(str(stmt.compile(dialect=dialect)))]
+        if query.with_total:
+            stmt, _ = _count_statement(fresh, query.criteria, dialect.name)
+            lines += ["_total=accurate: also", *_indent(str(stmt.compile(dialect=dialect)))]
+        return lines
+
+    async def estimate(self, prepared: Prepared, query: Query) -> list[str]:
+        lines: list[str] = await self._run(self._estimate_sync, prepared, query)
+        return lines
+
+    def _estimate_sync(self, p: Prepared, query: Query) -> list[str]:
+        """EXPLAIN (never ANALYZE: nothing runs). The values are bound as a request binds
+        them, since a plan can depend on them; only the database's plan is returned."""
+        dialect = self.engine.dialect
+        stmt, params, _ = _page_statement(replace(p, statements=StatementCache()), query,
+                                          self.dialect)
+        compiled = stmt.params(params).compile(dialect=dialect,
+                                               compile_kwargs={"render_postcompile": True})
+        values: Any = (tuple(compiled.params[k] for k in compiled.positiontup or ())
+                       if compiled.positional else dict(compiled.params))
+        with self.engine.connect() as conn:
+            if dialect.name == "sqlite":
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string,
+                                            values).fetchall()
+                return ["SQLite's plan (it gives no cost figures; SCAN reads a whole table, "
+                        "SEARCH uses an index):", *(f"    {r[-1]}" for r in rows)]
+            if dialect.name == "postgresql":
+                plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string,
+                                            values).scalar_one()
+                if isinstance(plan, str):
+                    plan = json.loads(plan)
+                top = plan[0]["Plan"]
+                out = [f"PostgreSQL's estimate: cost {top['Startup Cost']}..{top['Total Cost']}"
+                       f", {top['Plan Rows']} row(s) (the page asks for {query.count + 1})"]
+                out += [f"    {line}" for line in _plan_nodes(top)]
+                return out
+        return [f"(no cost estimate for {dialect.name})"]
+
     async def ping(self) -> None:
         await self._run(self._ping_sync)
 
@@ -352,14 +408,23 @@ class SqlAdapter(Adapter):
 
     # -- running blocking work off the event loop
 
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking work that uses ``self.engine`` (outside the mapping path: the Binary
+        content reads) on this connection's workers, with its timeout and error translation."""
+        return await self._run(fn, *args)
+
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             # the caller's backstop: the database's own statement timeout should come first
-            return await self._workers.run(self.timeout + 1.0, self._guarded, fn, *args)
+            return await self._workers.run(self.timeout + 1.0, self._guarded,
+                                           time.perf_counter(), fn, *args)
         except TimeoutError as exc:
             raise BackendTimeout(f"the '{self.label}' database did not answer in time") from exc
 
-    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _guarded(self, queued: float, fn: Callable[..., Any], *args: Any) -> Any:
+        hook = observe.pool_wait
+        if hook is not None:  # queued behind busy connections (plus the hop to the thread)
+            hook(self.label, time.perf_counter() - queued)
         self._deadline.deadline = time.monotonic() + self.timeout
         try:
             return fn(*args)
@@ -448,6 +513,11 @@ class SqlAdapter(Adapter):
         self._check_binds(conn, params)
         if not p.statements.fits(len(params) * NODE_BYTES):
             conn = conn.execution_options(compiled_cache=None)
+        hook = observe.statement
+        if hook is not None:
+            # a new statement object per count: compiled here, not cached
+            with hook(self.label, self.dialect, str(stmt.compile(dialect=self.engine.dialect))):
+                return int(conn.execute(stmt, params).scalar_one())
         return int(conn.execute(stmt, params).scalar_one())
 
     def _with_children(self, conn: sa.Connection, p: Prepared, rows: list[Row]
@@ -496,6 +566,23 @@ class SqlAdapter(Adapter):
         direct path cannot run exactly as SQLAlchemy would (bind processors, values rendered
         into the SQL at execution, e.g. SQL Server's TOP) goes through SQLAlchemy.
         """
+        hook = observe.statement
+        if hook is not None:  # tracing: a span per statement, its text with placeholders
+            with hook(self.label, self.dialect, self._statement_text(stmt)):
+                return self._rows_unobserved(conn, stmt, params, reused)
+        return self._rows_unobserved(conn, stmt, params, reused)
+
+    def _statement_text(self, stmt: Any) -> str:
+        """The SQL text of a statement (placeholders, no values), compiled once per statement
+        object: compiling is most of the cost of a statement's span."""
+        try:
+            return self._texts[stmt]
+        except KeyError:  # lives as long as the statement, like its compiled direct form
+            text = self._texts[stmt] = str(stmt.compile(dialect=self.engine.dialect))
+            return text
+
+    def _rows_unobserved(self, conn: sa.Connection, stmt: Any, params: dict[str, Any],
+                         reused: bool) -> list[Row]:
         if not reused:
             return [tuple(r) for r in conn.execute(stmt, params)]
         try:
@@ -1020,6 +1107,23 @@ def _page_statement(p: Prepared, query: Query, dialect: str
     if dialect == "mssql":  # TOP n needs a literal n; a bound limit becomes a ROW_NUMBER() query
         stmt = stmt.limit(query.count + 1)
     return stmt, {f"v{i}": v for i, v in enumerate(values)}, new
+
+
+def _plan_nodes(node: dict[str, Any], depth: int = 0) -> list[str]:
+    """A PostgreSQL JSON plan as indented node lines: type, relation/index, cost, rows."""
+    what = node["Node Type"]
+    if node.get("Index Name"):
+        what += f" using {node['Index Name']}"
+    if node.get("Relation Name"):
+        what += f" on {node['Relation Name']}"
+    lines = ["  " * depth + f"{what} (cost {node['Total Cost']}, rows {node['Plan Rows']})"]
+    for child in node.get("Plans", []):
+        lines += _plan_nodes(child, depth + 1)
+    return lines
+
+
+def _indent(sql: str) -> list[str]:
+    return ["    " + line for line in sql.splitlines()]
 
 
 def compile_page(p: Prepared, query: Query, dialect: sa.Dialect) -> tuple[str, dict[str, Any]]:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
+import hmac
+import sqlite3
 import sys
 import uuid
 from pathlib import Path
@@ -191,6 +194,244 @@ def ip(r: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
+# --- the whole record (no ``_type``) -----------------------------------------------------------
+#
+# Every type of the patient's compartment, in the gateway's order (type, then source, then key),
+# then the Practitioners/Organizations/Locations/Medications they refer to. Patient and
+# Encounter resources are built by the hand-written code above. For the other types (nine
+# clinical types and the four referenced ones) this baseline does NOT hand-write the field
+# mapping: it calls the mapping's generated row function (gateway/mapping/codegen.py, one
+# Python function per mapping, what a hand-written builder would be) on the plain sqlite3 row.
+# The SQL text of each statement is taken once, at start-up, from the gateway's SQL compiler
+# (the same statements, by construction); per request everything else is written here: plain
+# sqlite3 on one connection, the envelope (id, meta), the references (from each type's known
+# reference paths), the Bundle, orjson. No middleware, auth, audit, planning or compartment
+# checks.
+
+SECTION_TYPES = ("AllergyIntolerance", "Condition", "Encounter", "Flag", "Immunization",
+                 "MedicationRequest", "MedicationStatement", "Observation", "Procedure")
+REFERENCED = ("Practitioner", "Organization", "Location", "Medication")
+_SENTINEL = 987_654_321
+
+
+class _Stmt:
+    """One statement: its SQL text and how a request's values are laid out."""
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        from adapters.sql import _Direct
+
+        direct = _Direct.compile(stmt, dialect)
+        assert direct is not None and direct.order is not None
+        self.sql = direct.sql
+        self.order = direct.order
+        self.fixed = direct.fixed
+
+    def args(self, values: dict[str, Any]) -> list[Any]:
+        return [values[n] if n in values else self.fixed[n] for n in self.order]
+
+
+class _Type:
+    def __init__(self, provider: Any, dialect: Any) -> None:
+        from adapters.base import Compare, Query, SortKey
+        from adapters.sql import _child_statement, _page_statement
+
+        m = provider.mapping
+        self.rtype, self.prefix, self.profile = provider.resource_type, provider.id_prefix, \
+            provider.profile
+        self.build_row, self.build_id, self.build_lu = m.build, m.build_id, m.build_last_updated
+        self.p = p = m.prepared
+        self.dialect = dialect
+        self.key = provider.key
+        self.key_storage = m.storage(provider.key)
+        self.nfields = len(p.layout.fields)
+        self.sort = (SortKey(provider.key),)
+        self.refs = [(tuple(part.split("[", 1)[0] for part in path.split(".")), target)
+                     for path, target, _child in m.references if target in REFERENCED]
+        if self.rtype == "Encounter":  # a literal reference in the mapping (Organization/1)
+            self.refs.append((("serviceProvider", "reference"), "Organization"))
+        self.section: _Stmt | None = None
+        pref = next((prm.reference_targets()["Patient"] for prm in provider.params.values()
+                     if prm.type == "reference" and "Patient" in prm.reference_targets()), None)
+        if pref is not None:
+            stmt, params, _ = _page_statement(p, Query(Compare(pref, "=", _SENTINEL),
+                                                       self.sort, 1), dialect.name)
+            assert params == {"v0": _SENTINEL, "v1": 2}, params
+            self.section = _Stmt(stmt, dialect)
+        self.children = []
+        for name, fields in p.layout.children:
+            spec = p.source.children[name]
+            (child_col, parent_col), = spec.link.items()
+            self.children.append((name, spec, fields, child_col,
+                                  p.positions[parent_col]))
+        self._child_stmts: dict[tuple[str, int], _Stmt] = {}
+        self._by_key: dict[int, _Stmt] = {}
+        self._child_statement = _child_statement
+
+    def child_stmt(self, i: int, size: int) -> _Stmt:
+        name, spec, fields, child_col, _at = self.children[i]
+        found = self._child_stmts.get((name, size))
+        if found is None:
+            found = self._child_stmts[(name, size)] = _Stmt(
+                self._child_statement(self.p, name, spec, fields, child_col, size), self.dialect)
+        return found
+
+    def by_key_stmt(self, size: int) -> _Stmt:
+        from adapters.base import In, Query
+        from adapters.sql import _page_statement
+
+        found = self._by_key.get(size)
+        if found is None:
+            stmt, _params, _ = _page_statement(
+                self.p, Query(In(self.key, tuple(range(size))), self.sort, size),
+                self.dialect.name)
+            found = self._by_key[size] = _Stmt(stmt, self.dialect)
+        return found
+
+    def with_children(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]]
+                      ) -> list[tuple[Any, ...]]:
+        from adapters.sql import _BUCKET_OF
+
+        if not self.children or not rows:
+            return rows
+        extra = []
+        for i, (_name, _spec, _fields, _col, at) in enumerate(self.children):
+            parents = list({r[at] for r in rows} - {None})
+            by_parent: dict[Any, list[Any]] = {}
+            size = _BUCKET_OF[len(parents)]
+            padded = parents + [parents[-1]] * (size - len(parents))
+            st = self.child_stmt(i, size)
+            for row in c.execute(st.sql, st.args({f"k{j}": v for j, v in enumerate(padded)})):
+                by_parent.setdefault(row[-1], []).append(row)
+            extra.append([tuple(by_parent.get(r[at], ())) for r in rows])
+        return [r + tuple(x) for r, *x in zip(rows, *extra, strict=True)] if extra else rows
+
+    def resource(self, rec: tuple[Any, ...]) -> dict[str, Any]:
+        meta: dict[str, Any] = {"profile": [self.profile]}
+        if self.build_lu is not None:
+            lu = self.build_lu(rec)
+            if lu is not None:
+                meta["lastUpdated"] = lu
+        out = {"resourceType": self.rtype, "id": self.prefix + str(self.build_id(rec)),
+               "meta": meta}
+        out.update(self.build_row(rec))
+        return out
+
+    def references(self, res: dict[str, Any], into: dict[str, dict[str, None]]) -> None:
+        for path, target in self.refs:
+            nodes: list[Any] = [res]
+            for part in path:
+                nxt: list[Any] = []
+                for n in nodes:
+                    v = n.get(part) if isinstance(n, dict) else None
+                    if isinstance(v, list):
+                        nxt += v
+                    elif v is not None:
+                        nxt.append(v)
+                nodes = nxt
+            for v in nodes:
+                if isinstance(v, str):
+                    t, _, rid = v.partition("/")
+                    if t == target and rid:
+                        into.setdefault(t, {})[rid] = None
+
+
+class Record:
+    """The mappings loaded once (for their SQL text and row functions, see above)."""
+
+    def __init__(self, db_path: str) -> None:
+        import os
+
+        os.environ.setdefault("CCG_PAS_URL", f"sqlite:///{Path(db_path).resolve()}")
+        from adapters import registry as adapter_registry
+        from gateway.mapping.loader import load_directory
+        from gateway.providers import Provider
+        from gateway.settings import Settings
+
+        settings = Settings.from_env()
+        loaded = load_directory(settings.mappings_dir, adapter_registry.create)
+        providers = [Provider(m) for m in loaded.mappings]
+        dialect = providers[0].mapping.adapter.engine.dialect
+        self.sections: list[tuple[_Type, Any]] = []  # (type, hand-written (sql, values, builder))
+        for rtype in SECTION_TYPES:
+            for pr in providers:  # the gateway's source order: the mapping files' order
+                if pr.resource_type != rtype:
+                    continue
+                t = _Type(pr, dialect)
+                assert t.section is not None
+                hand = None
+                if rtype == "Encounter":  # hand-written SQL and builders (above)
+                    hand = {"ae-": (SQL_AE, ("N",), ae), "op-": (SQL_OP, (), op),
+                            "": (SQL_IP, (), ip)}[pr.id_prefix]
+                self.sections.append((t, hand))
+        self.referenced = {pr.resource_type: _Type(pr, dialect) for pr in providers
+                           if pr.resource_type in REFERENCED}
+        # the Patient's own references (GP practice, GP): its reference paths only
+        self.patient = _Type(next(pr for pr in providers if pr.resource_type == "Patient"),
+                             dialect)
+        self.engines = [pr.mapping.adapter for pr in providers]
+
+    async def aclose(self) -> None:
+        for a in self.engines:
+            await a.aclose()
+
+
+def full_work(db: Db, rec: Record, pid: int, count: int
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool] | None:
+    """(matches, included, more) of page 1 of the whole record, or None (no patient)."""
+    rows, _more, children = db.patients('p."PATNT_REFNO" IN (?)', [pid], 1)
+    if not rows:
+        return None
+    key = rows[0][IDX["PATNT_REFNO"]]
+    out = [patient(rows[0], *children[key])]
+    c = db.conn()
+    room, more = count, False
+    wanted: dict[str, dict[str, None]] = {}
+    rec.patient.references(out[0], wanted)
+    for t, hand in rec.sections:
+        if room <= 0:
+            more = True  # the gateway links on to the next section (it may be empty)
+            break
+        if hand is not None:
+            sql, fixed, make = hand
+            found = c.execute(sql, [*fixed, pid, room + 1]).fetchall()
+        else:
+            st = t.section
+            assert st is not None
+            found = c.execute(st.sql, st.args({"v0": pid, "v1": room + 1})).fetchall()
+        if len(found) > room:
+            more = True
+        found = t.with_children(c, found[:room])
+        for r in found:
+            res = make(r) if hand is not None else t.resource(r)
+            t.references(res, wanted)
+            out.append(res)
+        room -= len(found)
+        if more:
+            break
+    included: list[dict[str, Any]] = []
+    for rtype in REFERENCED:
+        ids = wanted.get(rtype)
+        if not ids:
+            continue
+        t = rec.referenced[rtype]
+        keys = []
+        for i in ids:
+            if t.prefix and not i.startswith(t.prefix):
+                continue
+            try:
+                keys.append(t.key_storage.parse_key(i[len(t.prefix):]))
+            except ValueError:
+                continue
+        if not keys:
+            continue
+        st = t.by_key_stmt(len(keys))  # `key IN (...)` of exactly these, as read_many asks
+        values = {f"v{j}": k for j, k in enumerate(keys)}
+        values[f"v{len(keys)}"] = len(keys) + 1
+        for r in c.execute(st.sql, st.args(values)).fetchall()[:len(keys)]:
+            included.append(t.resource(r))
+    return out, included, more
+
+
 def build(db_path: str) -> Starlette:
     db = Db(db_path)
 
@@ -211,22 +452,38 @@ def build(db_path: str) -> Starlette:
             room -= len(found)
         return out
 
+    rec = Record(db_path)
+
     async def everything(request: Request) -> Response:
         pid = request.path_params["id"]
         count = int(request.query_params.get("_count", "20"))
         if not pid.isdigit():
             return Response(status_code=404)
-        resources = await run_in_threadpool(work, int(pid), count)
+        included: list[dict[str, Any]] = []
+        more = False
+        if "_type" in request.query_params:  # Patient,Encounter only (the older comparison)
+            resources = await run_in_threadpool(work, int(pid), count)
+        else:
+            found = await run_in_threadpool(full_work, db, rec, int(pid), count)
+            resources = None if found is None else found[0]
+            if found is not None:
+                _, included, more = found
         if resources is None:
             return Response(status_code=404)
         base = str(request.base_url).rstrip("/") + "/STU3"
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self_url = f"{base}/Patient/{pid}/$everything?" + str(request.query_params)
+        links = [{"relation": "self", "url": self_url}]
+        if more:  # a signed position, as the gateway's link carries one
+            token = hmac.new(b"baseline", f"{pid}|{len(resources)}".encode(),
+                             hashlib.sha256).hexdigest()
+            links.append({"relation": "next", "url": f"{self_url}&_page={token}"})
+        entries = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+                    "search": {"mode": "match"}} for r in resources]
+        entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+                     "search": {"mode": "include"}} for r in included]
         body = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": now},
-                "type": "searchset",
-                "link": [{"relation": "self", "url": f"{base}/Patient/{pid}/$everything?"
-                          + str(request.query_params)}],
-                "entry": [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
-                           "search": {"mode": "match"}} for r in resources]}
+                "type": "searchset", "link": links, "entry": entries}
         return Response(orjson.dumps(body), media_type=MEDIA)
 
     async def health(request: Request) -> Response:

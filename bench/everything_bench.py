@@ -1,25 +1,24 @@
-"""``Patient/{id}/$everything`` for the richest demo patient: the gateway beside a hand-written
-baseline (bench/everything_baseline.py) that runs the same statements and builds the same JSON,
-in one run.
+"""``Patient/{id}/$everything`` for the demo patient with the largest record: the gateway beside
+a baseline (bench/everything_baseline.py) that runs the same statements and builds the same
+JSON, in one run, in paired interleaved rounds.
 
-    python bench/everything_bench.py                      # 10,000 patients, 10 s per server
-    python bench/everything_bench.py --duration 20 --connections 8
+    python bench/everything_bench.py                      # 10,000 patients, 5 rounds of 10 s
+    python bench/everything_bench.py --rounds 7 --duration 8 --connections 8
 
-1. builds (or reuses) the demo PAS; picks the patient with the most Encounters (all sources);
+1. builds (or reuses) the demo PAS; picks, among the first 40 patients, the one with the most
+   resources in its compartment (counted by walking the gateway's own $everything; 100001,
+   the documented rich record, ~1,000 resources); stops if it has fewer than 200;
 2. starts ``careconnect-gateway serve`` and the baseline on the same SQLite file, each one
    uvicorn worker pinned to ``--server-cpu``;
-3. checks both answer the same Bundle for ``_type=Patient,Encounter&_count=500`` (entries
-   equal, parsed; Bundle id, lastUpdated, links ignored) — otherwise it stops;
+3. checks both answer the same Bundle entries for the full ``$everything?_count=500`` of the
+   rich patient and of a poor one (parsed; Bundle id, lastUpdated, links ignored) — otherwise
+   it stops;
 4. counts the SQL statements per request on each side, in-process, with SQLite's trace
-   callback (the adapter's direct cursor path is below SQLAlchemy's events): for the rich
-   patient and for a patient with few resources (it must not grow with the record);
-5. loads each server in turn with a bounded httpx client pinned to ``--client-cpu`` for
-   ``--duration`` seconds and prints req/s, p50 and p99; plus the gateway's full
-   ``$everything`` (with referenced Practitioner/Organization/Location), which the baseline
-   does not build (gateway only, for its statements and latency).
-
-The clinical types of issue 11 (conditions, medication, observations ...) are not in this
-branch, so the richest patient has dozens of resources, not hundreds: said in the output.
+   callback (the adapter's direct cursor path is below SQLAlchemy's events): rich and poor
+   patient (it must not grow with the record);
+5. per round, loads gateway and baseline back to back (taking turns to go first) with a
+   bounded httpx client pinned to ``--client-cpu``; prints each round's req/s, p50, the
+   paired ratio, the load average and the CPU other processes used; then the medians.
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,25 +37,59 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import DATA_DIR, ensure_demo, gateway_env, machine, taskset, versions
+from _common import (
+    DATA_DIR,
+    Interference,
+    ensure_demo,
+    gateway_env,
+    machine,
+    taskset,
+    versions,
+)
 from http_bench import Server, port_free, run_httpx
 
 
 def patients(db: Path) -> tuple[str, int, str, int]:
-    """(richest patient, its Encounters; a poor one with one of each source, its count)."""
+    """(the patient with the largest record, its resource count; a poor one, its count):
+    counted by the gateway itself, in-process (every compartment type, every source)."""
+    return asyncio.run(_record_sizes(db))
+
+
+async def _record_sizes(db: Path) -> tuple[str, int, str, int]:
+    import httpx
+    from _common import apply_gateway_env
+
+    from gateway.app import build_app
+    from gateway.settings import Settings
+
+    apply_gateway_env(CCG_PAS_URL=f"sqlite:///{db.resolve()}", CCG_LOG_LEVEL="warning",
+                      CCG_AUDIT_LOG=str(DATA_DIR / "everything-audit.jsonl"))
+    app = build_app(Settings.from_env())
     c = sqlite3.connect(db)
-    try:
-        rows = c.execute("""
-            SELECT p, COUNT(*), COUNT(DISTINCT s) FROM (
-              SELECT PATNT_REFNO p, 'ae' s FROM AE_ATTENDANCES WHERE DEL_FLAG = 'N'
-              UNION ALL SELECT PATNT_REFNO, 'op' FROM OUTPATIENT_ATTENDANCES
-              UNION ALL SELECT PATNT_REFNO, 'ip' FROM PROVIDER_SPELLS)
-            GROUP BY p""").fetchall()
+    try:  # candidates: the first patients (the documented rich one, 100001, among them)
+        ids = [r[0] for r in c.execute(
+            'SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "ARCHV_FLAG" = \'N\' '
+            'ORDER BY "PATNT_REFNO" LIMIT 40')]
     finally:
         c.close()
-    rich = max(rows, key=lambda r: (r[1], r[0]))
-    poor = min((r for r in rows if r[2] == 3), key=lambda r: (r[1], r[0]))
-    return str(rich[0]), rich[1], str(poor[0]), poor[1]
+    sizes = []
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as cl:
+        for pid in ids:
+            n, path = 0, f"/STU3/Patient/{pid}/$everything?_count=500&_type={SECTIONS}"
+            while path and n < 5000:
+                b = (await cl.get(path)).json()
+                n += sum(1 for e in b.get("entry", []) if e["search"]["mode"] == "match")
+                path = next((lk["url"].split("gw", 1)[-1] for lk in b.get("link", [])
+                             if lk["relation"] == "next"), "")
+            sizes.append((n, pid))
+    rich = max(sizes)
+    poor = min(s for s in sizes if s[0] >= 2)
+    return str(rich[1]), rich[0], str(poor[1]), poor[0]
+
+
+SECTIONS = ("Patient,AllergyIntolerance,Condition,Encounter,Flag,Immunization,MedicationRequest,"
+            "MedicationStatement,Observation,Procedure")
 
 
 def normalise(body: dict[str, Any]) -> list[Any]:
@@ -91,26 +126,26 @@ async def gateway_statements(db: Path, paths: list[str]) -> list[tuple[int, int]
     return out
 
 
-def baseline_statements(db: Path, pid: str) -> tuple[int, int]:
+def baseline_statements(db: Path, pid: str, count: int) -> tuple[int, int]:
+    """(statements, entries) of the baseline's page: its own work on a traced connection."""
     import everything_baseline as eb
 
     seen: list[str] = []
     d = eb.Db(str(db))
+    rec = eb.Record(str(db))
     d.conn().set_trace_callback(seen.append)
-    # the same work the route does, on this thread's (traced) connection
-    d.patients('p."PATNT_REFNO" IN (?)', [int(pid)], 1)
-    n = 1
-    conn = d.conn()
-    for sql, params in ((eb.SQL_AE, ["N", int(pid)]), (eb.SQL_OP, [int(pid)]),
-                        (eb.SQL_IP, [int(pid)])):
-        n += len(conn.execute(sql, [*params, 501]).fetchall())
-    return len(seen), n
+    found = eb.full_work(d, rec, int(pid), count)
+    assert found is not None
+    return len(seen), len(found[0]) + len(found[1])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--patients", type=int, default=10_000)
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="paired rounds: gateway and baseline back to back, taking turns first")
+    ap.add_argument("--count", type=int, default=500, help="_count of the page")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--server-cpu", type=int, default=1)
     ap.add_argument("--client-cpu", type=int, default=0)
@@ -122,17 +157,18 @@ def main() -> int:
             raise SystemExit(f"port {port} is in use")
     db, _info = ensure_demo(args.patients)
     rich, n_rich, poor, n_poor = patients(db)
-    same = f"/STU3/Patient/{rich}/$everything?_type=Patient,Encounter&_count=500"
-    full = f"/STU3/Patient/{rich}/$everything?_count=500"
+    if n_rich < 200:
+        raise SystemExit(f"the richest patient has {n_rich} resources (< 200): not benchmarking")
+    full = f"/STU3/Patient/{rich}/$everything?_count={args.count}"
+    full_poor = f"/STU3/Patient/{poor}/$everything?_count={args.count}"
     print(f"# $everything bench — {machine()}; {versions()}")
-    print(f"# demo PAS {args.patients} patients; richest patient {rich}: {n_rich} Encounters "
-          f"(3 sources); a poor one {poor}: {n_poor}. Clinical types not in this branch: the "
-          "record is Patient + Encounters (+ referenced resources on the full row).")
+    print(f"# demo PAS {args.patients:,} patients; richest record: patient {rich}, {n_rich} "
+          f"resources in its compartment (all types, all sources); a poor one: {poor}, "
+          f"{n_poor}. Page: _count={args.count} (max), plus the referenced resources.")
 
-    counts = asyncio.run(gateway_statements(db, [
-        same, f"/STU3/Patient/{poor}/$everything?_type=Patient,Encounter&_count=500", full,
-        f"/STU3/Patient/{poor}/$everything?_count=500"]))
-    base_rich, base_poor = baseline_statements(db, rich), baseline_statements(db, poor)
+    counts = asyncio.run(gateway_statements(db, [full, full_poor]))
+    base_rich = baseline_statements(db, rich, args.count)
+    base_poor = baseline_statements(db, poor, args.count)
     env = gateway_env(CCG_PAS_URL=f"sqlite:///{db.resolve()}", CCG_LOG_LEVEL="warning",
                       CCG_DATA_DIR=str(DATA_DIR),
                       CCG_AUDIT_LOG=str(DATA_DIR / "everything-audit.jsonl"))
@@ -147,44 +183,66 @@ def main() -> int:
                 args.baseline_port, logs / "everything-baseline.log")
     import httpx
 
-    results: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, Any]] = []
     try:
         gw.start()
         bl.start()
-        a = httpx.get(gw.base + same, timeout=30).json()
-        b = httpx.get(bl.base + same, timeout=30).json()
-        if normalise(a) != normalise(b):
-            for x, y in zip(normalise(a), normalise(b), strict=False):
-                if x != y:
-                    print("first difference:", json.dumps(x)[:600], "\n", json.dumps(y)[:600])
-                    break
-            raise SystemExit("the gateway and the baseline disagree: not benchmarking")
-        print(f"# same Bundle entries on both ({len(a['entry'])} entries)")
-        for name, server, path in (("gateway", gw, same), ("baseline", bl, same),
-                                   ("gateway (full)", gw, full)):
+        for path in (full, full_poor):
+            a = httpx.get(gw.base + path, timeout=60).json()
+            b = httpx.get(bl.base + path, timeout=60).json()
+            if normalise(a) != normalise(b):
+                for x, y in zip(normalise(a), normalise(b), strict=False):
+                    if x != y:
+                        print("first difference:", json.dumps(x)[:600], "\n",
+                              json.dumps(y)[:600])
+                        break
+                raise SystemExit("the gateway and the baseline disagree: not benchmarking")
+            print(f"# {path}: same Bundle entries on both ({len(a['entry'])} entries)")
+        for _name, server in (("gateway", gw), ("baseline", bl)):
             with contextlib.suppress(Exception):
-                run_httpx(server.base, [path], 2, args.connections, args.client_cpu)  # warm
-            results[name] = run_httpx(server.base, [path], args.duration, args.connections,
-                                      args.client_cpu)
+                run_httpx(server.base, [full], 2, args.connections, args.client_cpu)  # warm
+        for i in range(args.rounds):
+            order = [("gateway", gw), ("baseline", bl)]
+            if i % 2:
+                order.reverse()
+            one: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+            for name, server in order:
+                with Interference([s.proc.pid for s in (gw, bl) if s.proc]) as other:
+                    one[name] = run_httpx(server.base, [full], args.duration, args.connections,
+                                          args.client_cpu)
+                one[name]["others_cpu_percent"] = other.percent
+            one["ratio"] = one["gateway"]["rps"] / one["baseline"]["rps"]
+            rounds.append(one)
+            print(f"  round {i + 1} ({order[0][0]} first, load {one['load_before']:.1f}): "
+                  f"gateway {one['gateway']['rps']:.1f} req/s p50 "
+                  f"{one['gateway']['p50_us'] / 1000:.1f} ms; baseline "
+                  f"{one['baseline']['rps']:.1f} req/s p50 {one['baseline']['p50_us'] / 1000:.1f}"
+                  f" ms; ratio {one['ratio']:.2f}x; others' CPU "
+                  f"{one['gateway']['others_cpu_percent']:.0f}% / "
+                  f"{one['baseline']['others_cpu_percent']:.0f}%", flush=True)
     finally:
         gw.stop()
         bl.stop()
-    rows = [
-        ("gateway", results["gateway"], counts[0], counts[1]),
-        ("baseline (hand-written)", results["baseline"], base_rich, base_poor),
-        ("gateway, full $everything", results["gateway (full)"], counts[2], counts[3]),
-    ]
-    print(f"{'server':28} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[name][key] for r in rounds)
+
+    print(f"{'server':26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
           f"{'stmts rich':>10} {'stmts poor':>10} {'entries':>8}")
-    for name, r, (s_rich, e_rich), (s_poor, _e) in rows:
-        print(f"{name:28} {r['rps']:8.1f} {r['p50_us'] / 1000:8.2f} {r['p99_us'] / 1000:8.2f} "
-              f"{r['errors']:6d} {s_rich:10d} {s_poor:10d} {e_rich:8d}")
-    ratio = results["gateway"]["rps"] / results["baseline"]["rps"]
-    print(f"# gateway / baseline throughput: {ratio:.2f}x")
+    for name, (s_rich, e_rich), (s_poor, _e) in (("gateway", counts[0], counts[1]),
+                                                 ("baseline", base_rich, base_poor)):
+        print(f"{name:26} {med(name, 'rps'):8.1f} {med(name, 'p50_us') / 1000:8.2f} "
+              f"{med(name, 'p99_us') / 1000:8.2f} {sum(r[name]['errors'] for r in rounds):6d} "
+              f"{s_rich:10d} {s_poor:10d} {e_rich:8d}")
+    ratios = sorted(r["ratio"] for r in rounds)
+    print(f"# gateway / baseline throughput, paired rounds: median {statistics.median(ratios):.2f}x"
+          f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)}); medians of the columns above "
+          "are per column")
     out = logs / "everything-bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results, "statements": {
-        "gateway": counts, "baseline": [base_rich, base_poor]}}, indent=2))
+    out.write_text(json.dumps({"patient": rich, "resources": n_rich, "rounds": rounds,
+                               "statements": {"gateway": counts,
+                                              "baseline": [base_rich, base_poor]}}, indent=2))
     return 0
 
 

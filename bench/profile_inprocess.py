@@ -62,6 +62,13 @@ COMPONENTS = [
     ("          ccg_fold() SQL function, per row (_py_fold)", "adapters/sql.py", "_py_fold"),
     ("    mapping: Provider.resource", "gateway/providers.py", "resource"),
     ("    paging link (Pager.token: AES-SIV)", "gateway/bundle.py", "token"),
+    ("    $everything (Everything.run)", "gateway/operations/everything.py", "run"),
+    ("      referenced resources (record.referenced)", "gateway/operations/record.py",
+     "referenced"),
+    ("      section plans (record.section_plan)", "gateway/operations/record.py",
+     "section_plan"),
+    ("      audit (note_operation)", "gateway/audit.py", "note_operation"),
+    ("      bundle entries (bundle.entry)", "gateway/bundle.py", "entry"),
     ("    render (orjson)", "gateway/formats.py", "render"),
     ("    Last-Modified (http_date)", "gateway/routes.py", "http_date"),
 ]
@@ -112,6 +119,9 @@ def main() -> int:
     ap.add_argument("--log-level", default="info",
                     help="gateway log level (info = one log line per request, as served)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--path", action="append",
+                    help="profile this request path instead of a scenario (repeatable), e.g. "
+                    "'/STU3/Patient/100001/$everything?_count=500'")
     args = ap.parse_args()
 
     db, _ = ensure_demo(args.patients, args.data_dir)
@@ -135,7 +145,7 @@ def main() -> int:
     devnull = open(os.devnull, "wb")  # noqa: SIM115
     sys.stdout.flush()
     saved = os.dup(1)
-    paths = workload(db, 7, 1000)[args.scenario]
+    paths = args.path or workload(db, 7, 1000)[args.scenario]
     logging.disable(logging.CRITICAL)
 
     async def run(n: int) -> None:

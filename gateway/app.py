@@ -15,9 +15,12 @@ import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.routing import Route
 
 from adapters import registry as adapter_registry
 from gateway import logging as gateway_logging
+from gateway import metrics, observability, tracing
+from gateway import state as shared_state
 from gateway.audit import AuditLayer, AuditTrail, DenialCounter
 from gateway.audit import destination as audit_destination
 from gateway.auth.config import resolve_auth
@@ -35,7 +38,7 @@ from gateway.limits import (
     SourceLimit,
     TokenBuckets,
 )
-from gateway.mapping.loader import load_directory
+from gateway.mapping.loader import LoadedSet, load_directory
 from gateway.messaging.config import load_messaging
 from gateway.messaging.delivery import Outbox
 from gateway.messaging.process import Messaging, ProcessMessage
@@ -48,6 +51,7 @@ from gateway.operations.structured import load_operations
 from gateway.operations.validate import Validate
 from gateway.providers import Provider
 from gateway.registry import Registry
+from gateway.reload import LiveMappings, PinLayer
 from gateway.routes import Api, routes
 from gateway.settings import Settings
 
@@ -96,6 +100,22 @@ def patient_id_check(registry: Registry) -> Callable[[str], bool]:
     return check
 
 
+def live_patient_id_check(live: LiveMappings) -> Callable[[str], bool]:
+    """``patient_id_check`` over the request's generation: a reload may change the Patient
+    sources (their prefixes, their key storage)."""
+    checks: dict[int, tuple[Registry, Callable[[str], bool]]] = {}
+
+    def check(claim: str) -> bool:
+        registry = live.registry
+        found = checks.get(id(registry))
+        if found is None or found[0] is not registry:
+            checks.clear()  # only the current generations are asked
+            found = checks[id(registry)] = (registry, patient_id_check(registry))
+        return found[1](claim)
+
+    return check
+
+
 def build_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     gateway_logging.configure(settings.log_level)
@@ -110,15 +130,36 @@ def build_app(settings: Settings | None = None) -> Starlette:
     )
     auth = resolve_auth(settings)  # AuthConfigError: refuse to start (after mapping errors)
     registry = Registry(Provider(m) for m in loaded.mappings)
+    observability.install([p.resource_type for p in registry], settings.otel_traces,
+                          record_metrics=settings.metrics)
+    if tracing.enabled():  # the trace id on every log line of a traced request
+        gateway_logging.configure(settings.log_level, extra=(tracing.add_trace_id,))
+    shared = shared_state.create(settings.redis_url, settings.redis_timeout_ms)
+    if not settings.redis_url and settings.workers > 1:
+        log.warning("local_shared_state", workers=settings.workers,
+                    hint="rate limits and the jti replay cache are per process: set "
+                         "CCG_REDIS_URL to share them between workers and replicas")
     if settings.validate_responses:
         from gateway.profiles import runtime
 
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
-    documents = load_documents(loaded.directory, registry)
+
+    def load_again() -> LoadedSet:  # a reload: the same directory and connections
+        return load_directory(settings.mappings_dir, adapter_registry.create,
+                              demo_url=lambda: demo_database_url(settings),
+                              urls=settings.connection_urls)
+
+    def prepare(new: Registry) -> None:
+        if app_validation is not None:
+            for provider in new.sources():
+                app_validation.wrap(provider)
+
+    # The messaging state (store, outbox, workers) is built once and outlives reloads; it
+    # finds providers through the live mappings, and a reload re-reads its declaration.
+    messaging: Messaging | None = None
     messaging_spec = load_messaging(loaded.directory, registry)
-    messaging = None
     if messaging_spec is not None:
         store = MessageStore(settings.data_dir / "messages.sqlite")
         allow = [u.strip() for u in settings.messaging_response_urls.split(",") if u.strip()]
@@ -127,11 +168,28 @@ def build_app(settings: Settings | None = None) -> Starlette:
             backoff_base=settings.messaging_retry_seconds,
             retention_seconds=settings.messaging_retention_days * 86_400),
             retry_seconds=settings.messaging_retry_seconds)
-    operations = OperationRegistry([Validate(), Everything(),
-                                    *load_operations(loaded.directory, registry),
-                                    *([Document(documents)] if documents else []),
-                                    *([ProcessMessage(messaging)] if messaging else [])])
-    api = Api(registry, settings, Pager(settings.paging_secret), operations)
+
+    def build_operations(from_set: LoadedSet, over: Registry) -> OperationRegistry:
+        documents = load_documents(from_set.directory, over)
+        spec = load_messaging(from_set.directory, over) if messaging is not None else None
+        built = OperationRegistry([Validate(), Everything(),
+                                   *load_operations(from_set.directory, over),
+                                   *([Document(documents)] if documents else []),
+                                   *([ProcessMessage(messaging)] if spec is not None
+                                     and messaging is not None else [])])
+        if spec is not None and messaging is not None:
+            messaging.spec = spec  # last: nothing after this can refuse the reload
+        return built
+
+    operations = build_operations(loaded, registry)
+    live = LiveMappings(registry, str(loaded.directory), load_again, prepare,
+                        operations=operations, build_operations=build_operations)
+    if messaging is not None:
+        messaging.registry_source = live
+    api = Api(live, settings, Pager(settings.paging_secret))
+    from gateway.adt.app import AdtPart  # the ADT feed and Subscription, when configured
+
+    adt_part = AdtPart.build(settings)
     audit_trail = AuditTrail(audit_destination(settings),
                              fhir_destination=settings.audit_fhir_log,
                              fail_closed=settings.audit_fail_closed,
@@ -139,23 +197,35 @@ def build_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
+        audit_trail.open()  # closed by the end of a previous lifespan
         log.info("started", resources=[p.resource_type for p in registry],
-                 mappings=str(loaded.directory))
+                 mappings=str(loaded.directory), reload_on_sighup=live.install_signal())
         sweeper = (asyncio.create_task(_sweep(audit_trail.denials))
                    if audit_trail.denials is not None else None)
+        await adt_part.start()
         if messaging is not None:
             await messaging.start()
         yield
         if messaging is not None:
             await messaging.stop()
+        await adt_part.stop()
         if sweeper is not None:
             sweeper.cancel()
-        await registry.aclose()
+        live.remove_signal()
+        await live.aclose()
+        await shared.aclose()
         audit_trail.close()
 
+    app_routes = routes(api, live, settings.base_path.rstrip("/"))
+    if settings.metrics and not settings.metrics_port:  # else: on its own port (cli.py)
+        app_routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
+    # Traces off: not even a layer to pass through.
+    tracing_layers = ([Middleware(tracing.TracingLayer, classify=metrics.classify)]
+                      if tracing.enabled() else [])
     app = Starlette(
-        routes=routes(api, registry, settings.base_path.rstrip("/")),
-        middleware=[Middleware(RequestContext, cacheable=frozenset({
+        routes=[*adt_part.routes(), *app_routes],
+        middleware=[*tracing_layers,
+                    Middleware(RequestContext, cacheable=frozenset({
                         "/_health", "/_ready",
                         settings.base_path.rstrip("/") + "/metadata"})),
                     # audit sees every outcome, including the limits' and authentication's
@@ -170,25 +240,34 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                timeout=settings.body_timeout_seconds),
                     Middleware(Authentication, config=auth, base_path=settings.base_path,
-                               patient_id=patient_id_check(registry)),
+                               patient_id=live_patient_id_check(live),
+                               shared_state=shared if settings.redis_url else None,
+                               public=frozenset({"/metrics"})),
                     # inside authentication: these need the principal it sets
                     Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
-                               burst=settings.rate_limit_burst),
+                               burst=settings.rate_limit_burst,
+                               shared=shared if settings.redis_url else None),
+                    # per process (also with Redis): see deploy/README.md "Shared state"
                     Middleware(ClientConcurrency,
                                slots=(CountedSlots(settings.max_in_flight_per_client)
                                       if settings.max_in_flight_per_client > 0 else None),
                                backend=(ClientQueues(settings.max_backend_calls_per_client)
                                         if settings.max_backend_calls_per_client > 0
                                         else None)),
-                    Middleware(CompartmentLayer)],
+                    Middleware(CompartmentLayer), *adt_part.middleware(),
+                    # innermost: a request is served by the mappings current when it began
+                    Middleware(PinLayer, live=live)],
         exception_handlers={GatewayError: gateway_error_handler,
                             HTTPException: http_error_handler},
         lifespan=lifespan,
     )
-    app.state.registry = registry
+    app.state.registry = registry  # the first generation; app.state.mappings is the live set
     app.state.operations = operations
     app.state.messaging = messaging
+    app.state.mappings = live
     app.state.settings = settings
     app.state.response_validation = app_validation
     app.state.audit = audit_trail
+    app.state.capability_extra = adt_part.capability()
+    app.state.shared_state = shared
     return app

@@ -2,8 +2,8 @@
 
 The trail is a stream of its own, separate from the application log: its own JSON lines
 (``"logger": "gateway.audit"``), its own destination (setting ``audit_log``: a file path, or
-``stdout`` / ``stderr``; unset, ``stderr`` — so it never mixes with the application log on
-stdout — except that ``CCG_ENV=production`` requires it to be set), and optionally a second
+``stdout`` / ``stderr``; unset, ``audit.jsonl`` in the data directory on the bundled demo,
+and required anywhere else), and optionally a second
 stream of FHIR STU3 ``AuditEvent`` resources (IHE Basic Audit Log Patterns shape) as JSON
 lines (setting ``audit_fhir_log``: a file path).
 
@@ -33,12 +33,14 @@ before it happens rather than after.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import sys
 import threading
 import time
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -63,8 +65,9 @@ from adapters.base import (
     Query,
     Text,
     backend_correlations,
+    request_started,
 )
-from gateway import compartment
+from gateway import compartment, metrics, tracing
 from gateway import logging as gateway_logging
 from gateway.auth.errors import AuthConfigError
 from gateway.auth.principal import get_principal
@@ -77,7 +80,7 @@ if TYPE_CHECKING:
 
 app_log = structlog.get_logger("gateway.audit.sink")
 
-EXEMPT_PATHS = frozenset({"/_health", "/_ready"})
+EXEMPT_PATHS = frozenset({"/_health", "/_ready", "/metrics"})
 MAX_QUERY_PAIRS = 50
 MAX_VALUE_CHARS = 256
 _XML_CODE = re.compile(
@@ -109,12 +112,19 @@ class JsonLinesSink:
         self._lock = threading.Lock()
         self._file: BinaryIO | None = None
         self._stream = destination in ("stdout", "stderr")
-        if not self._stream:
-            path = Path(destination)
-            # Opened now: a destination that cannot be written stops the server starting.
-            # Unbuffered: a failed write raises now and leaves nothing behind to be retried
-            # into the next record.
-            self._file = path.open("ab", buffering=0)
+        # Opened now: a destination that cannot be written stops the server starting.
+        self.open()
+
+    def open(self) -> None:
+        """(Re)open the file after a ``close``: an app may serve more than once (a lifespan
+        each time); a no-op for an open file or a stream."""
+        with self._lock:
+            if not self._stream and self._file is None:
+                # Unbuffered: a failed write raises now and leaves nothing behind to be
+                # retried into the next record.
+                self._file = Path(self.destination).open("ab", buffering=0)  # noqa: SIM115
+                # An app that never ran its lifespan (built, then dropped) closes it too.
+                weakref.finalize(self, self._file.close)
 
     def write_lines(self, lines: list[bytes]) -> None:
         """All of a request's records in one write: one system call, not one per record."""
@@ -238,6 +248,12 @@ class AuditTrail:
         if events and self.fhir_sink is not None:
             self.fhir_sink.write_lines(events)
 
+    def open(self) -> None:
+        for sink in (self.sink, self.fhir_sink):
+            reopen = getattr(sink, "open", None)  # any object with write_lines may be a sink
+            if reopen is not None:
+                reopen()
+
     def close(self) -> None:
         if self.denials is not None:
             self.denials.sweep(everything=True)
@@ -246,28 +262,30 @@ class AuditTrail:
             self.fhir_sink.close()
 
 
-def destination(settings: Settings) -> str:
-    """Where the audit trail goes: the setting, or stderr when it is unset.
+DEMO_AUDIT_FILE = "audit.jsonl"
 
-    With ``CCG_ENV=production`` it must be set (the gateway refuses to start otherwise): a
-    production trail belongs in a protected store, and a container's stderr usually ends up
-    in the general log pipeline. Unset outside the bundled demo, it is stderr with a warning.
+
+def destination(settings: Settings) -> str:
+    """Where the audit trail goes: the setting; unset, a file in the data directory on the
+    bundled demo.
+
+    Anywhere else it must be set (the gateway refuses to start otherwise): a production trail
+    belongs in a protected store, and stderr — a container's usually ends up in the general
+    log pipeline — is used only when chosen explicitly. On the demo a file keeps the trail
+    (identifiers on every line) out of the terminal ``serve`` runs in.
     """
-    from gateway.auth.config import is_production, settings_env
+    from gateway.auth.config import is_production
 
     chosen = settings.audit_log.strip()
     if chosen:
         return chosen
-    if settings_env(settings) == "production":
-        raise AuditConfigError(
-            "CCG_AUDIT_LOG is not set: in production choose where the audit trail goes (a file "
-            "on a protected volume, or stdout/stderr when a collector keeps it apart from the "
-            "application log)")
     if is_production(settings):
-        app_log.warning("audit_trail_on_stderr",
-                        hint="set CCG_AUDIT_LOG to a protected destination; the audit trail "
-                             "contains patient identifiers")
-    return "stderr"
+        raise AuditConfigError(
+            "CCG_AUDIT_LOG is not set: outside the bundled demo choose where the audit trail "
+            "goes (a file on a protected volume, or stdout/stderr when a collector keeps it "
+            "apart from the application log)")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return str(settings.data_dir / DEMO_AUDIT_FILE)
 
 
 # --- what the request touched (filled in by providers and the planner) -----------------------
@@ -298,11 +316,25 @@ _ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None
 def note_resource(provider: Provider, record: Any, resource: dict[str, Any]
                   ) -> None:
     ctx = _ctx.get()
+    if ctx is not None:
+        _note(ctx, compartment.link(provider), provider, record, resource)
+
+
+def note_resources(provider: Provider, records: Sequence[Any],
+                   resources: Sequence[dict[str, Any]]) -> None:
+    """:func:`note_resource` for each (record, resource), the context looked up once."""
+    ctx = _ctx.get()
     if ctx is None:
         return
+    lk = compartment.link(provider)
+    for record, resource in zip(records, resources, strict=True):
+        _note(ctx, lk, provider, record, resource)
+
+
+def _note(ctx: AuditContext, lk: compartment.Link, provider: Provider, record: Any,
+          resource: dict[str, Any]) -> None:
     key = (resource["resourceType"], str(resource.get("id")))
     patients = ctx.entities.setdefault(key, set())
-    lk = compartment.link(provider)
     if lk.kind == "self":
         patients.add(key[1])
     elif lk.paths:
@@ -321,6 +353,15 @@ def note_written(provider: Provider, rid: str) -> None:
         patients = ctx.entities.setdefault((provider.resource_type, str(rid)), set())
         if compartment.link(provider).kind == "self":
             patients.add(str(rid))
+
+
+def note_alias(rtype: str, rid: str, alias_type: str, alias_id: str) -> None:
+    """A second name for a resource already served (Binary/[id] for its DocumentReference):
+    recorded with the same patients."""
+    ctx = _ctx.get()
+    if ctx is not None:
+        patients = ctx.entities.get((rtype, str(rid)), set())
+        ctx.entities.setdefault((alias_type, str(alias_id)), set()).update(patients)
 
 
 def before_write() -> None:
@@ -502,15 +543,32 @@ class AuditLayer:
         ctx = AuditContext()
         token = _ctx.set(ctx)
         corr_token = backend_correlations.set(ctx.correlations)
+        started_token = request_started.set(asyncio.get_running_loop().time())
         method = scope["method"]
         interaction, rtype, target = _classify(method, scope["path"], self.base)
         started: Message | None = None
         body: list[Message] = []
+        streamed = refused = False
 
         async def buffer(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
+            nonlocal started, streamed, refused
+            if streamed:
+                await send(message)
+            elif refused:
+                return  # the audit sink failed: none of this response is released
+            elif message["type"] == "http.response.start":
                 started = message
+                if state.get("stream_response") and message["status"] < 400:
+                    # A streamed body (Binary content, any size) is never held here: the
+                    # record is written now, before the first byte is released.
+                    state["audit_written"] = self._write(self._records(
+                        scope, ctx, interaction, rtype, target, message["status"], None,
+                        "access"))
+                    if not state["audit_written"] and self.trail.fail_closed:
+                        refused = True
+                        return
+                    streamed = True
+                    await send(message)
             else:
                 body.append(message)
 
@@ -540,6 +598,12 @@ class AuditLayer:
         finally:
             _ctx.reset(token)
             backend_correlations.reset(corr_token)
+            request_started.reset(started_token)
+        if streamed:
+            return
+        if refused:
+            await self._unavailable(scope, receive, send)
+            return
         status = started["status"] if started else 500
         code = None
         if status >= 400:  # only an error's body is read (for its code)
@@ -564,9 +628,11 @@ class AuditLayer:
 
     def _write(self, records: list[dict[str, Any]]) -> bool:
         try:
-            self.trail.emit(records)
+            with tracing.traced("audit write", {"ccg.audit.records": len(records)}):
+                self.trail.emit(records)
             return True
         except Exception as exc:  # any sink failure: the caller fails closed (or logs)
+            metrics.AUDIT_FAILURES.inc()
             app_log.error("audit_write_failed", error=type(exc).__name__,
                           fail_closed=self.trail.fail_closed)
             return False

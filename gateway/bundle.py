@@ -23,7 +23,7 @@ import base64
 import binascii
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -31,6 +31,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from adapters.base import SortKey
 from gateway.errors import InvalidPageToken
 from gateway.randomness import random_bytes
 
@@ -52,9 +53,13 @@ class Pager:
         self._clock = clock
 
     @staticmethod
-    def fingerprint(resource_type: str, used: list[tuple[str, str]] | str) -> str:
-        """``used`` as pairs, or already urlencoded (as the search's links share it)."""
+    def fingerprint(resource_type: str, used: list[tuple[str, str]] | str,
+                    sort: Sequence[SortKey] = ()) -> str:
+        """``used`` as pairs, or already urlencoded (as the search's links share it); ``sort``
+        as planned (source references), so a link cannot continue under another sort."""
         query = used if isinstance(used, str) else urlencode(used)
+        if sort:
+            query += "&~sort=" + ",".join(("-" if k.descending else "") + k.ref for k in sort)
         return hashlib.sha256(f"{resource_type}?{query}".encode()).hexdigest()[:16]
 
     def token(self, fingerprint: str, after: tuple[Any, ...], backwards: bool) -> str:

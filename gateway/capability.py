@@ -11,9 +11,11 @@ for either); the operations come from the operation registry. Nothing else is cl
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from gateway.binary import binary_capability
 from gateway.chain import MAX_CHAIN_MATCHES, chain_joined, chain_names, has_names
 from gateway.operations import OperationRegistry
 from gateway.registry import Registry, TypeProvider
@@ -108,8 +110,10 @@ def operation_capability(operations: OperationRegistry | None, base_url: str
 
 
 def capability_statement(registry: Registry, base_url: str,
-                         operations: OperationRegistry | None = None) -> dict[str, Any]:
-    out = _statement(registry, base_url, operations)
+                         operations: OperationRegistry | None = None,
+                         extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``extra``: resource entries served outside the registry (the ADT feed's Subscription)."""
+    out = _statement(registry, base_url, operations, extra)
     # FHIR messaging: the events the messaging declaration routes (gateway.messaging)
     messaging = [op.messaging_capability(base_url) for op in operations or ()
                  if hasattr(op, "messaging_capability")]
@@ -118,8 +122,13 @@ def capability_statement(registry: Registry, base_url: str,
     return out
 
 
-def _statement(registry: Registry, base_url: str,
-               operations: OperationRegistry | None) -> dict[str, Any]:
+def _statement(registry: Registry, base_url: str, operations: OperationRegistry | None,
+               extra: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    resources = [resource_capability(p, registry) for p in registry]
+    binary = binary_capability(registry)  # not a provider: gateway.binary serves it
+    if binary is not None:
+        resources = [*resources, binary]
+    resources = sorted([*resources, *extra], key=lambda r: str(r["type"]))
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -137,7 +146,7 @@ def _statement(registry: Registry, base_url: str,
         "rest": [
             {
                 "mode": "server",
-                "resource": [resource_capability(p, registry) for p in registry],
+                "resource": resources,
                 "operation": operation_capability(operations, base_url),
             }
         ],

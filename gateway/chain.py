@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 class Provider(compartment.Source, Protocol):
     """One source of a type (gateway.providers.Provider)."""
 
+    id_prefix: str
+    """Set when one of several sources of a type: its ids carry it."""
+
     async def search(self, plan: SearchPlan, after: tuple[Any, ...] | None = None,
                      backwards: bool = False, extra: Criterion | None = None) -> Page: ...
 
@@ -166,6 +169,12 @@ def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chai
             f"'{_safe(tname)}' on this server")
     searched = frozenset(t.resource_type for t, _ in found)
     label = f"{name}.{tname}"
+    # A reference column holds ids of its target type's unprefixed source (an output
+    # reference is written without a prefix): a source whose ids carry one is never among
+    # its targets. Joining its keys to the column would match unrelated records by number.
+    found = [(t, ref) for t, ref in found if _referable(t)]
+    if not found:
+        return Chained(Nothing(), None, searched, label)
     if all(_joinable(provider, t) for t, _ in found):
         return Chained(any_of([
             Chain(ref, t.mapping.prepared, t.key,
@@ -208,6 +217,10 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
     modifier = mod[0] if mod else ""
     label = f"_has:{rtype}:{name}:{tname}"
     searched = frozenset({rtype})
+    if not _referable(provider):
+        # one of several sources of this type, its ids prefixed: no reference column holds
+        # them (see _forward), so nothing of the other type refers to its records
+        return Chained(Nothing(), None, searched, label)
     if all(_joinable(provider, s) for s, _ in found):
         return Chained(any_of([
             Chain(provider.key, s.mapping.prepared, ref,
@@ -222,6 +235,11 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
 def _sources(provider: Any) -> list[Provider]:
     """The per-source providers of a type (one, unless several mappings serve it)."""
     return list(getattr(provider, "sources", [provider]))
+
+
+def _referable(source: Provider) -> bool:
+    """Whether a reference column can hold this source's ids (they carry no prefix)."""
+    return not source.id_prefix
 
 
 def _has_param(target: Provider, name: str) -> bool:
@@ -299,6 +317,14 @@ async def _resolve(d: Deferred) -> Criterion:
     return any_of(out)
 
 
+def deferred_searches(plan: SearchPlan) -> Iterator[tuple[Criterion, str]]:
+    """(criteria, key reference) of each search ``resolve`` will run on another type, so
+    that its cost is checked with the plan's own before anything runs."""
+    for d in plan.deferred:
+        for part in d.parts:
+            yield part.criteria, part.target.key
+
+
 # --- what the CapabilityStatement says -------------------------------------------------------
 
 
@@ -338,6 +364,7 @@ __all__ = [
     "UnknownChain",
     "chain_joined",
     "chain_names",
+    "deferred_searches",
     "has_names",
     "plan_chain",
     "resolve",

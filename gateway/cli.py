@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError, mappings_path
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -21,61 +20,99 @@ def _settings(args: argparse.Namespace) -> Settings:
         "base_path": getattr(args, "base_path", None),
         "log_level": getattr(args, "log_level", None),
         "data_dir": getattr(args, "data_dir", None),
+        "workers": getattr(args, "workers", None),
     }
     return Settings.from_env(**overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from gateway import workers
+
+    concurrency = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if concurrency not in ("", "1"):
+        # uvicorn's variable: set by someone expecting worker processes. The gateway's own
+        # setting is --workers (CCG_WORKERS), which comes with shared state (CCG_REDIS_URL).
+        print("refusing to start: WEB_CONCURRENCY is set to "
+              f"{concurrency[:20]!r}; the gateway does not read it (unset it, or set it to 1, "
+              "and use --workers / CCG_WORKERS with CCG_REDIS_URL)", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    if settings.workers < 1:
+        print("refusing to start: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if settings.workers > 1:  # before anything imports gateway.metrics
+        settings = workers.prepare_multiprocess(settings)
+    elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # set by hand: it must exist
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
     from gateway.app import build_app
     from gateway.auth.errors import AuthConfigError
     from gateway.mapping.loader import MappingError
+    from gateway.tracing import TracingUnavailable
 
-    workers = os.environ.get("WEB_CONCURRENCY", "").strip()
-    if workers not in ("", "1"):
-        # Limits, rate buckets and caches live in this process: several workers would each
-        # grant a client the full allowance. Run more instances behind the load balancer.
-        print("refusing to start: WEB_CONCURRENCY is set to "
-              f"{workers[:20]!r}; the gateway runs as one process (unset it, or set it to 1, "
-              "and run more instances instead)", file=sys.stderr)
+    problem = _port_problem(settings.host, settings.port)
+    if problem:  # before building anything, and before the banner
+        print(f"refusing to start: {problem}", file=sys.stderr)
         return 2
-    settings = _settings(args)
     try:
+        # With workers, this checks the configuration (and builds the demo PAS and the dev
+        # key) once, before any worker starts; each worker then builds its own app.
         app = build_app(settings)
     except MappingError as exc:
         print(f"refusing to start: {len(exc.problems)} mapping problem(s)", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
         return 2
-    except AuthConfigError as exc:
+    except (AuthConfigError, TracingUnavailable) as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 2
     from gateway.auth.serve import banner, uvicorn_tls_options
 
-    # Everything built so far (fhir.resources' models, mappings, code maps) lives as long as
-    # the process, yet every full collection walked it: under load those took 9% of the time,
-    # up to 36 ms each (the p99 of a read). Frozen, the collector leaves it alone.
-    gc.collect()
-    gc.freeze()
-    # A search page allocates thousands of short-lived dicts; at the default 700 the young
-    # generation was collected ~200 times a second under load (GC 184 ms in 8 s of family
-    # searches; 45 ms at 10,000). Nearly all of it is freed by reference counting anyway.
-    gc.set_threshold(10_000, 20, 100)
+    if settings.workers > 1:
+        del app
+    else:
+        workers.tune_gc()
 
     scheme = "https" if settings.ssl_certfile else "http"
     url = f"{scheme}://{settings.host}:{settings.port}{settings.base_path}"
-    print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)",
+    print(f"Care Connect gateway serving {url}  (try {url}/Patient?family=smith&gender=female)"
+          + (f"  with {settings.workers} workers" if settings.workers > 1 else ""),
           file=sys.stderr, flush=True)
     print(banner(settings), file=sys.stderr, flush=True)
-    from gateway.server import uvicorn_options
-
-    tls = uvicorn_tls_options(settings)
-    options = {**tls, **uvicorn_options(settings.header_timeout_seconds, tls.get("http"))}
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                access_log=False, server_header=False, proxy_headers=args.proxy_headers,
-                **options)
+    print(f"Audit trail: {app.state.audit.sink.destination}" if settings.workers == 1 else
+          "Audit trail: see CCG_AUDIT_LOG (one per worker process)", file=sys.stderr, flush=True)
+    if settings.workers == 1:  # several workers: restart them instead (mappings/README)
+        print(f"Mappings: {settings.mappings_dir} (reload them after an edit: kill -HUP "
+              f"{os.getpid()})", file=sys.stderr, flush=True)
+    workers.serve(app if settings.workers == 1 else None, settings,
+                  proxy_headers=args.proxy_headers, tls=uvicorn_tls_options(settings))
     return 0
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, no such address), or None. Checked
+    before the banner, so a second ``serve`` does not announce itself and then fail."""
+    import socket
+
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            import errno
+
+            if exc.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is already in use (another gateway?); "
+                        "choose another with --port or CCG_PORT")
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def cmd_mappings_check(args: argparse.Namespace) -> int:
@@ -122,9 +159,63 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     if messaging is not None:
         print(f"ok  messaging: {len(messaging.events)} event(s): "
               + ", ".join(messaging.events))
+    from gateway.mapping.cases import case_files, report, run_all
     from gateway.profiles.golden import check_cli
 
-    return check_cli(loaded, getattr(args, "golden", None))
+    status = check_cli(loaded, getattr(args, "golden", None))
+    if case_files(loaded.directory):
+        status = max(status, 1 if report(run_all(loaded.directory, loaded.mappings)) else 0)
+    return status
+
+
+def cmd_mappings_test(args: argparse.Namespace) -> int:
+    """Run the golden cases in DIR/cases through the mappings (no server, no database)."""
+    from adapters import registry as adapter_registry
+    from gateway.app import demo_database_url
+    from gateway.mapping.cases import CASES_DIR, case_files, report, run_all
+    from gateway.mapping.loader import MappingError, load_directory
+
+    settings = replace(_settings(args), progress=False)
+    directory = args.dir if args.dir is not None else settings.mappings_dir
+    try:
+        loaded = load_directory(directory, adapter_registry.create,
+                                demo_url=lambda: demo_database_url(settings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    if not case_files(loaded.directory):
+        print(f"no cases in {loaded.directory / CASES_DIR} (see mappings/README.md, "
+              "'Testing a mapping')")
+        return 1
+    import structlog
+
+    from gateway import logging as gateway_logging
+
+    if not structlog.is_configured():  # mapping debug lines would drown the report
+        gateway_logging.configure("warning")
+    return 1 if report(run_all(loaded.directory, loaded.mappings)) else 0
+
+
+def cmd_mappings_explain(args: argparse.Namespace) -> int:
+    """The plan of one search, without running it."""
+    from adapters import registry as adapter_registry
+    from gateway.app import demo_database_url
+    from gateway.explain import explain_cli
+    from gateway.mapping.loader import MappingError, load_directory
+
+    settings = replace(_settings(args), progress=False)
+    try:
+        loaded = load_directory(settings.mappings_dir, adapter_registry.create,
+                                demo_url=lambda: demo_database_url(settings))
+    except MappingError as exc:
+        for p in exc.problems:
+            print(str(p))
+        return 1
+    if args.lenient:
+        settings = replace(settings, strict_search=False)
+    return explain_cli(loaded, settings, args.search, args.cost)
 
 
 def cmd_mappings_coverage(args: argparse.Namespace) -> int:
@@ -159,6 +250,20 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_reset(args: argparse.Namespace) -> int:
+    """Rebuild the embedded demo PAS from scratch: undo writes made through the HL7 demo."""
+    from gateway.demo_pas import demo_file_name, ensure_sqlite_demo
+
+    settings = _settings(args)
+    path = settings.data_dir / demo_file_name(settings.demo_patients)  # the file serve uses
+    removed = path.exists()
+    for leftover in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        leftover.unlink(missing_ok=True)
+    ensure_sqlite_demo(path, patients=settings.demo_patients, progress=settings.progress)
+    print(f"{'rebuilt' if removed else 'built'} the demo PAS: {path}")
+    return 0
+
+
 def cmd_pas_simulator(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
@@ -187,44 +292,124 @@ def cmd_pas_simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adt_listener(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from gateway import logging as gateway_logging
+    from gateway.adt.config import AdtSettings
+    from gateway.adt.runtime import run_forever
+
+    settings = _settings(args)
+    gateway_logging.configure(settings.log_level)
+    host, _, port = (args.listen or "").rpartition(":")
+    adt = AdtSettings.from_env(settings, listen_host=host or None,
+                               listen_port=int(port) if port else None,
+                               mappings_dir=args.mappings_adt)
+
+    def ready(bound: int) -> None:
+        print(f"ADT listener on mllp://{adt.listen_host}:{bound}  (store {adt.store_url.split('://')[0]})",
+              file=sys.stderr, flush=True)
+
+    base = settings.public_base_url or f"http://{settings.host}:{settings.port}{settings.base_path}"
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_forever(settings, adt, base_url=base, ready=ready))
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("careconnect-gateway")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _group(parser: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """Subcommands of ``parser``; the bare group prints its help (and exits 2) instead of a
+    one-line 'required' error."""
+    def show_help(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=show_help)
+    return parser.add_subparsers(dest=dest, metavar="COMMAND")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="careconnect-gateway",
                                 description="Care Connect (FHIR STU3) API over legacy PAS systems")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the version and exit")
+    sub = _group(p, "command")
 
     serve = sub.add_parser("serve", help="start the gateway (default: on the embedded demo PAS)")
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8080)")
-    serve.add_argument("--mappings", type=Path, help="mapping directory (default: the demo)")
+    serve.add_argument("--mappings", type=mappings_path,
+                       help="mapping directory, or the name of a bundled one (demo-pas, "
+                            "demo-hl7v2); default: demo-pas")
     serve.add_argument("--base-path", help="FHIR base path (default /STU3)")
     serve.add_argument("--demo-patients", type=int, help="size of the demo PAS (default 10000)")
-    serve.add_argument("--data-dir", type=Path, help="where the demo PAS database is kept")
+    serve.add_argument("--data-dir", type=Path,
+                       help="where the demo PAS database, dev key and demo audit file are kept")
     serve.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    serve.add_argument("--workers", type=int,
+                       help="worker processes (default 1; in production about one per core, "
+                            "with CCG_REDIS_URL so they share rate limits and the replay cache)")
     serve.add_argument("--proxy-headers", action="store_true",
                        help="trust X-Forwarded-* from the proxy in front")
     serve.set_defaults(func=cmd_serve)
 
     mappings = sub.add_parser("mappings", help="work with mapping files")
-    msub = mappings.add_subparsers(dest="mappings_command", required=True)
+    msub = _group(mappings, "mappings_command")
     check = msub.add_parser("check", help="validate a mapping directory without serving")
-    check.add_argument("dir", nargs="?", type=Path, help="mapping directory (default: the demo)")
+    check.add_argument("dir", nargs="?", type=mappings_path,
+                       help="mapping directory or bundled name (default: demo-pas)")
     check.add_argument("--golden", type=Path, help="golden inputs (<Type>/<case>.input.json) to "
                        "map and validate against the profiles (default: DIR/golden, or the "
                        "repository's tests/golden for the demo)")
     check.set_defaults(func=cmd_mappings_check)
+    test = msub.add_parser("test", help="run the golden cases in DIR/cases through the "
+                           "mappings (no server): input rows or an HL7 message -> expected")
+    test.add_argument("dir", nargs="?", type=mappings_path,
+                      help="mapping directory or bundled name (default: demo-pas)")
+    test.set_defaults(func=cmd_mappings_test)
+    expl = msub.add_parser("explain", help="print what a search would do (parameters, SQL "
+                           "with placeholders or HL7 QPD fields, children) without running it")
+    expl.add_argument("search", help="the search, e.g. 'Patient?family=smith&gender=female'")
+    expl.add_argument("--mappings", type=mappings_path,
+                      help="mapping directory or bundled name (default: demo-pas)")
+    expl.add_argument("--cost", action="store_true",
+                      help="also ask the database for its plan and cost estimate (EXPLAIN: "
+                           "connects, runs nothing)")
+    expl.add_argument("--lenient", action="store_true",
+                      help="as a request sending 'Prefer: handling=lenient': unknown "
+                           "parameters are listed as ignored instead of refused")
+    expl.set_defaults(func=cmd_mappings_explain)
     cov = msub.add_parser("coverage", help="which profile elements each mapping fills")
-    cov.add_argument("dir", nargs="?", type=Path, help="mapping directory (default: the demo)")
+    cov.add_argument("dir", nargs="?", type=mappings_path,
+                     help="mapping directory or bundled name (default: demo-pas)")
     cov.add_argument("--html", type=Path, help="also write a standalone HTML report here")
     cov.set_defaults(func=cmd_mappings_coverage)
 
     demo = sub.add_parser("demo", help="the embedded demo PAS")
-    dsub = demo.add_subparsers(dest="demo_command", required=True)
+    dsub = _group(demo, "demo_command")
     build = dsub.add_parser("build", help="build a demo PAS database")
-    build.add_argument("--patients", type=int, default=10_000)
+    build.add_argument("--patients", type=int, default=10_000,
+                       help="how many synthetic patients (default 10000)")
     build.add_argument("--path", type=Path, help="SQLite file to create")
     build.add_argument("--url", help="SQLAlchemy URL of an empty database to fill instead")
-    build.add_argument("--data-dir", type=Path)
+    build.add_argument("--data-dir", type=Path,
+                       help="data directory for the default file (as serve)")
     build.set_defaults(func=cmd_demo_build)
+    reset = dsub.add_parser(
+        "reset", help="rebuild the embedded demo PAS, undoing every write made through the "
+                      "HL7 demo (stop the gateway and pas-simulator first)")
+    reset.add_argument("--demo-patients", type=int, help="size of the demo PAS (default 10000)")
+    reset.add_argument("--data-dir", type=Path, help="the data directory (as serve)")
+    reset.set_defaults(func=cmd_demo_reset)
 
     sim = sub.add_parser("pas-simulator",
                          help="serve the demo PAS as an HL7 v2.4 PAS over MLLP (for testing)")
@@ -240,6 +425,15 @@ def parser() -> argparse.ArgumentParser:
                           "(CX-5 identifiers, native prefix match, no qualifiers)")
     sim.set_defaults(func=cmd_pas_simulator)
 
+    adt = sub.add_parser("adt-listener", help="receive the PAS's ADT feed over MLLP and send "
+                         "Subscription notifications")
+    adt.add_argument("--listen", help="host:port (default CCG_ADT_LISTEN or 127.0.0.1:2576)")
+    adt.add_argument("--mappings-adt", type=Path, help="HL7 v2 mapping directory with "
+                     "adt/events.yaml (default CCG_ADT_MAPPINGS or mappings/demo-hl7v2)")
+    adt.add_argument("--data-dir", type=Path, help="where the default SQLite store is kept")
+    adt.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    adt.set_defaults(func=cmd_adt_listener)
+
     from gateway.auth.cli import register as register_auth_commands
 
     register_auth_commands(sub)
@@ -248,7 +442,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"careconnect-gateway: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -37,7 +37,7 @@ is refused on compartment types (403).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -147,15 +147,22 @@ def _path(text: str) -> tuple[str, ...]:
     return tuple(part.split("[", 1)[0] for part in text.split("."))
 
 
-def _values(node: Any, path: tuple[str, ...]) -> Iterator[Any]:
-    if not path:
-        yield node
-        return
-    if isinstance(node, list):
-        for item in node:
-            yield from _values(item, path)
-    elif isinstance(node, dict) and path[0] in node:
-        yield from _values(node[path[0]], path[1:])
+def _values(node: Any, path: tuple[str, ...]) -> list[Any]:
+    """The values at ``path``, every repetition of a list looked at (document order). An
+    explicit stack: asked of every resource a record access serves (audit), where a
+    recursive generator cost more than the lookups themselves."""
+    out: list[Any] = []
+    stack = [(node, 0)]
+    end = len(path)
+    while stack:
+        n, i = stack.pop()
+        if i == end:
+            out.append(n)
+        elif isinstance(n, list):
+            stack.extend((item, i) for item in reversed(n))
+        elif isinstance(n, dict) and path[i] in n:
+            stack.append((n[path[i]], i + 1))
+    return out
 
 
 # --- the restriction of the current request ---------------------------------------------------
@@ -313,6 +320,16 @@ def _holds(provider: Provider, record: Any, patient: str, refs: tuple[str, ...]
             if value == str(key) or value == patient:
                 return True
     return False
+
+
+def check_resources(provider: Provider, records: Sequence[Any],
+                    resources: Sequence[dict[str, Any]]) -> None:
+    """:func:`check_resource` for each (record, resource); nothing to do, once, when the
+    request is not patient-restricted."""
+    if current() is None:
+        return
+    for record, resource in zip(records, resources, strict=True):
+        check_resource(provider, record, resource)
 
 
 def check_resource(provider: Provider, record: Any, resource: dict[str, Any]

@@ -11,7 +11,9 @@ tests per patient. The estimate is deliberately simple (it is a guard, not a pla
   AND takes its widest part);
 * string predicates: text matches (every string search folds case and accents, so no
   index serves it); at least 1;
-* tables touched: 1 + each other table (join or child) the criteria read.
+* tables touched: 1 + each other table (join or child) the criteria read, a chained
+  parameter's or ``_has``'s subquery included (its table and those its criteria read: its
+  text predicates and alternatives count as the search's own).
 
 ``family=smith&gender=female`` costs 1, ``name=bronte`` 9 (three columns), ``address=x`` 50
 (five columns of a child table), ``_id`` with 100 ids 100; ``address=a0,...,a49`` 125,000.
@@ -19,9 +21,9 @@ tests per patient. The estimate is deliberately simple (it is a guard, not a pla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
-from adapters.base import And, Criterion, Not, Or, Text
+from adapters.base import And, Chain, Criterion, Not, Or, Text
 from gateway.errors import SearchTooCostly, TooManyParameters, TooManyValues
 from gateway.search import split_values
 
@@ -53,19 +55,27 @@ def estimate(criteria: Criterion | None, main_alias: str) -> int:
     return max(1, width) * max(1, texts) * (1 + len(others))
 
 
-def _walk(c: Criterion) -> tuple[int, int, set[str]]:
+def _walk(c: Criterion) -> tuple[int, int, set[Hashable]]:
     """(OR width, text predicates, table aliases) of a criteria tree."""
     if isinstance(c, And | Or):
         parts = [_walk(i) for i in c.items]
         widths = [w for w, _, _ in parts]
-        aliases: set[str] = set().union(*(a for _, _, a in parts))
+        aliases: set[Hashable] = set().union(*(a for _, _, a in parts))
         return (sum(widths) if isinstance(c, Or) else max(widths),
                 sum(t for _, t, _ in parts), aliases)
     if isinstance(c, Not):
         return _walk(c.item)
-    ref = getattr(c, "ref", None)
-    alias = {ref.split(".", 1)[0]} if isinstance(ref, str) and "." in ref else set()
-    return 1, int(isinstance(c, Text)), alias
+    if isinstance(c, Chain):
+        # A subquery over the other mapping: its aliases are its own (the same name as the
+        # outer query's is another read of a table), so each is kept apart by this node.
+        width, texts, inner = (1, 0, set()) if c.criteria is None else _walk(c.criteria)
+        tables: set[Hashable] = {(id(c), a) for a in inner | _alias(c.target_ref)}
+        return width, texts, _alias(c.ref) | tables
+    return 1, int(isinstance(c, Text)), _alias(getattr(c, "ref", None))
+
+
+def _alias(ref: object) -> set[Hashable]:
+    return {ref.split(".", 1)[0]} if isinstance(ref, str) and "." in ref else set()
 
 
 def check_cost(criteria: Criterion | None, key_ref: str, budget: int) -> None:

@@ -47,10 +47,11 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import metrics
 from gateway.auth.principal import get_principal
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 
-EXEMPT_PATHS = frozenset({"/_health", "/_ready"})
+EXEMPT_PATHS = frozenset({"/_health", "/_ready", "/metrics"})
 
 
 class TooManyRequests(GatewayError):
@@ -149,6 +150,7 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
+            metrics.refused("load_shedding")
             await _reject(scope, receive, send, ServerBusy(
                 "the server is busy; try again shortly",
                 headers={"Retry-After": str(self.retry_after)}))
@@ -239,17 +241,25 @@ class CountedSlots:
 class RateLimit:
     """Must sit inside authentication so the principal is known (else: per peer address)."""
 
-    def __init__(self, app: ASGIApp, per_minute: int, burst: int) -> None:
+    def __init__(self, app: ASGIApp, per_minute: int, burst: int, shared: Any = None) -> None:
         self.app = app
         self.buckets = TokenBuckets(per_minute / 60.0, burst) if per_minute > 0 else None
+        # gateway.state.SharedState (Redis): the buckets every worker and replica share
+        self.shared = shared if per_minute > 0 else None
+        self.rate = per_minute / 60.0
+        self.burst = max(1, burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or self.buckets is None
                 or scope["path"] in EXEMPT_PATHS):
             await self.app(scope, receive, send)
             return
-        wait = self.buckets.take(client_key(scope))
+        if self.shared is not None:
+            wait = await self.shared.take(client_key(scope), self.rate, self.burst)
+        else:
+            wait = self.buckets.take(client_key(scope))
         if wait > 0:
+            metrics.refused("rate_limit")
             await _reject(scope, receive, send, TooManyRequests(
                 "too many requests from this client; slow down",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))}))

@@ -92,11 +92,13 @@ class _Pipeline:
 _pipeline: _Pipeline | None = None
 
 
-def configure(level: str = "info") -> None:
+def configure(level: str = "info", extra: tuple[Any, ...] = ()) -> None:
+    """``extra``: processors run right after the request id (tracing's trace id)."""
     global _pipeline
     lvl = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     processors: list[Any] = [
         _add_request_id,
+        *extra,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _timestamp,

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import logging as gateway_logging
+from gateway import metrics, tracing
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -82,19 +83,23 @@ class RequestContext:
             # Type and stack only: exception messages can quote data.
             log.error("unhandled_error", error=type(exc).__name__,
                       stack="".join(traceback.format_tb(exc.__traceback__)))
+            tracing.record_error(exc)
             if not response_started:
-                body = render(InternalError("an unexpected error occurred").outcome(), DEFAULT)
+                body = render(with_trace_id(InternalError("an unexpected error occurred")),
+                              DEFAULT)
                 await send({"type": "http.response.start", "status": 500, "headers": [
                     (b"content-type", DEFAULT.content_type.encode()), *extra]})
                 await send({"type": "http.response.body", "body": body})
         finally:
             route = scope.get("route")
+            elapsed = time.perf_counter() - started
+            metrics.observe_request(scope, status, elapsed)
             gateway_logging.info(log, "request", {
                 "method": scope["method"],
                 # the template without convertors: /STU3/{type}/{id}
                 "route": getattr(route, "path_format", None) or "unmatched",
                 "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "duration_ms": round(elapsed * 1000, 2),
                 "adapter_ms": round(adapter_seconds.get() * 1000, 2),
             })
             adapter_seconds.reset(token)
@@ -124,13 +129,24 @@ def _format(request: Request) -> Format:
         return DEFAULT
 
 
+def with_trace_id(error: GatewayError) -> dict[str, Any]:
+    """The error's OperationOutcome; for a 5xx while tracing, naming the trace to look up."""
+    outcome = error.outcome()
+    if error.status >= 500:
+        trace_id = tracing.current_trace_id()
+        if trace_id is not None:
+            first = outcome["issue"][0]
+            first["diagnostics"] = f"{first['diagnostics']} (trace id {trace_id})"
+    return outcome
+
+
 def outcome_response(request: Request, error: GatewayError) -> Response:
     fmt = _format(request)
     try:
-        body = render(error.outcome(), fmt)
+        body = render(with_trace_id(error), fmt)
     except Exception:  # an XML rendering problem must not hide the original error
         fmt = DEFAULT
-        body = render(error.outcome(), fmt)
+        body = render(with_trace_id(error), fmt)
     return Response(body, status_code=error.status, headers=error.headers,
                     media_type=fmt.content_type)
 

@@ -8,7 +8,7 @@ composing the providers of a type served by several sources (gateway.multisource
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,7 +31,7 @@ from adapters.base import (
     WriteResult,
     any_of,
 )
-from gateway import audit, chain, compartment, limits
+from gateway import audit, chain, compartment, limits, metrics, observability, tracing
 from gateway.errors import (
     GatewayTimeout,
     InternalError,
@@ -93,6 +93,20 @@ class Provider:
         return self.id_prefix + str(self._build_id(rec))
 
     def resource(self, rec: Any) -> dict[str, Any]:
+        out = self._bare(rec)
+        compartment.check_resource(self, rec, out)  # fails the request outside the compartment
+        audit.note_resource(self, rec, out)
+        return out
+
+    def resources(self, recs: Sequence[Any]) -> list[dict[str, Any]]:
+        """:meth:`resource` of each record; the request's compartment and audit context are
+        looked up once, not per resource (a record page serves hundreds)."""
+        out = [self._bare(rec) for rec in recs]
+        compartment.check_resources(self, recs, out)  # fails the request outside the compartment
+        audit.note_resources(self, recs, out)
+        return out
+
+    def _bare(self, rec: Any) -> dict[str, Any]:
         meta: dict[str, Any] = {"profile": [self.profile]}
         if self._build_lu is not None:
             updated = self._build_lu(rec)
@@ -104,8 +118,6 @@ class Provider:
             "meta": meta,
         }
         out.update(self._build(rec))
-        compartment.check_resource(self, rec, out)  # fails the request outside the compartment
-        audit.note_resource(self, rec, out)
         return out
 
     # -- backend calls, with errors translated at this boundary
@@ -114,14 +126,14 @@ class Provider:
         query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
         audit.note_backend(self, "fetch", query)
         async with limits.backend_slot():  # the client's own queue (gateway/limits.py)
-            with _backend_call():
+            with _backend_call(self, "fetch"):
                 return await self.mapping.adapter.fetch(self.mapping.prepared, query)
 
     async def _count(self, criteria: Criterion | None) -> int:
         query = compartment.restrict_count(self, Count(criteria))
         audit.note_backend(self, "count", query)
         async with limits.backend_slot():
-            with _backend_call():
+            with _backend_call(self, "count"):
                 return await self.mapping.adapter.count(self.mapping.prepared, query)
 
     def parse_keys(self, ref: str, ids: Iterable[str]) -> tuple[Any, ...]:
@@ -151,7 +163,9 @@ class Provider:
         if not wanted:
             return []
         page = await self._fetch(Query(self._ids(wanted), self.key_sort, count=len(wanted)))
-        return [self.resource(r) for r in page.records]
+        with tracing.traced("map batch", {"fhir.resource_type": self.resource_type,
+                                          "ccg.records": len(page.records)}):
+            return self.resources(page.records)
 
     async def search(
         self,
@@ -231,7 +245,7 @@ class Provider:
         audit.before_write()  # the attempt record, or no write at all
         audit.note_backend(self, write.interaction, None)
         async with limits.backend_slot():
-            with _backend_call():
+            with _backend_call(self, write.interaction):
                 result = await self.mapping.adapter.write(self.mapping.prepared, write)
         audit.note_written(self, result.id)
         return result
@@ -273,15 +287,34 @@ class Provider:
 
 
 @contextmanager
-def _backend_call() -> Iterator[None]:
-    """Time a backend call for the request log, and translate its errors at this boundary."""
+def _backend_call(provider: Provider, operation: str) -> Iterator[None]:
+    """Time a backend call (request log, metrics; a span while tracing), and translate its
+    errors at this boundary."""
+    mapping = provider.mapping
+    if tracing.enabled():
+        name = observability.adapter_name(mapping.adapter)
+        with observability.backend_span(mapping.connection, name, operation):
+            yield from _timed_call(mapping, operation)
+        return
+    yield from _timed_call(mapping, operation)  # a plain generator: no second context manager
+
+
+def _timed_call(mapping: CompiledMapping, operation: str) -> Iterator[None]:
     started = time.perf_counter()
+    error: BaseException | None = None
     try:
         yield
     except (BackendError, UnsupportedCriteria) as exc:
+        error = exc
         raise translate_backend_error(exc) from exc
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        adapter_seconds.set(adapter_seconds.get() + time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        adapter_seconds.set(adapter_seconds.get() + elapsed)
+        metrics.observe_adapter(mapping.connection, observability.adapter_name(mapping.adapter),
+                                operation, elapsed, error)
 
 
 def translate_backend_error(exc: Exception) -> Exception:

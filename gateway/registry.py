@@ -74,9 +74,13 @@ class Registry:
         )
 
     def plan(self, provider: TypeProvider, pairs: list[tuple[str, str]], *, default_count: int,
-             max_count: int, strict: bool, note: bool = True) -> SearchPlan:
+             max_count: int, strict: bool, note: bool = True, whole: bool | None = None
+             ) -> SearchPlan:
         """Plan a search on a type (each source on its own columns); ``note``: it is the
-        request's own search, for the audit record."""
+        request's own search, for the audit record; ``whole``: a source failing fails the
+        search, rather than giving a partial page (default: ``strict``). The routes set it only
+        on the client's explicit ``Prefer: handling=strict`` (README): unknown parameters are
+        refused by default, a failing source is not."""
         plan: SearchPlan
         if isinstance(provider, MultiSource):
             # Each source plans against its own columns, limited to what every source has.
@@ -86,7 +90,7 @@ class Registry:
                                  pairs, default_count=default_count, max_count=max_count,
                                  strict=strict)
                      for s in provider.sources]
-            plan = MultiPlan.of(parts, strict)
+            plan = MultiPlan.of(parts, strict if whole is None else whole)
         else:
             plan = plan_search(self.search_context(provider), pairs, default_count=default_count,
                                max_count=max_count, strict=strict)

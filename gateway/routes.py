@@ -21,9 +21,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Page, Write
-from gateway import bundle, compartment, cost, writes
+from gateway import bundle, chain, compartment, cost, lifecycle, tracing, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
+from gateway.binary import BinaryEndpoint
 from gateway.bundle import Pager
 from gateway.capability import capability_statement
 from gateway.errors import (
@@ -44,6 +45,7 @@ from gateway.operations.base import Invocation, Level
 from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
 from gateway.randomness import uuid4
 from gateway.registry import Registry, TypeProvider, adapters
+from gateway.reload import LiveMappings
 from gateway.search import ID_RE
 from gateway.settings import Settings
 
@@ -53,12 +55,23 @@ log = structlog.get_logger("gateway.routes")
 
 
 class Api:
-    def __init__(self, registry: Registry, settings: Settings, pager: Pager,
+    def __init__(self, mappings: Registry | LiveMappings, settings: Settings, pager: Pager,
                  operations: OperationRegistry | None = None) -> None:
-        self.registry = registry
+        # a plain registry (tests, tools) is one generation that never reloads
+        self.mappings = mappings if isinstance(mappings, LiveMappings) else \
+            LiveMappings(mappings, operations=operations)
         self.settings = settings
         self.pager = pager
-        self.operations = operations or OperationRegistry(())
+
+    @property
+    def registry(self) -> Registry:
+        """The providers of the mappings this request started on (gateway/reload.py)."""
+        return self.mappings.registry
+
+    @property
+    def operations(self) -> OperationRegistry:
+        """The operations of the same generation as :attr:`registry`."""
+        return self.mappings.operations
 
     # -- helpers
 
@@ -84,14 +97,8 @@ class Api:
                         media_type=fmt.content_type)
 
     def strict(self, request: Request) -> bool:
-        prefer = request.headers.get("prefer", "")
-        for part in prefer.split(","):
-            key, _, value = part.strip().partition("=")
-            if key.strip().lower() == "handling":
-                handling = value.strip().strip('"').lower()
-                if handling in ("strict", "lenient"):
-                    return handling == "strict"
-        return self.settings.strict_search
+        handling = _prefer_handling(request)
+        return self.settings.strict_search if handling is None else handling == "strict"
 
     # -- interactions
 
@@ -99,7 +106,8 @@ class Api:
         fmt = self.fmt(request)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("metadata supports GET", headers={"Allow": "GET"})
-        statement = capability_statement(self.registry, self.base_url(request), self.operations)
+        statement = capability_statement(self.registry, self.base_url(request), self.operations,
+                                         getattr(request.app.state, "capability_extra", ()))
         return self.respond(with_security(statement, self.settings), fmt)
 
     async def type_level(self, request: Request) -> Response:
@@ -281,15 +289,20 @@ class Api:
         s = self.settings
         cost.check_size(pairs, s.max_search_parameters, s.max_values_per_parameter)
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
-                                  max_count=s.max_count, strict=self.strict(request))
+                                  max_count=s.max_count, strict=self.strict(request),
+                                  # a source failing: a partial page, unless asked for strict
+                                  whole=_prefer_handling(request) == "strict")
         _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)
         used = urlencode(plan.used)  # shared by the self, next and previous links
         # The compartment (patient/ tokens) is part of the query's identity: links cannot move.
         extra = compartment.fingerprint_pairs()
+        # The sort as planned is part of it too: a link's position is a tuple of sort values,
+        # meaningless under another sort (mappings reloaded with another key or _sort column).
         fingerprint = Pager.fingerprint(provider.resource_type,
-                                        f"{used}&{urlencode(extra)}" if extra else used)
+                                        f"{used}&{urlencode(extra)}" if extra else used,
+                                        sort=plan.sort)
         after: tuple[Any, ...] | None = None
         backwards = False
         if plan.page_token:
@@ -306,7 +319,9 @@ class Api:
             return self.respond(body, fmt)
 
         page = await provider.search(plan, after, backwards)
-        matches = [provider.resource(r) for r in page.records]
+        with tracing.traced("map page", {"fhir.resource_type": provider.resource_type,
+                                         "ccg.records": len(page.records)}):
+            matches = [provider.resource(r) for r in page.records]
         if plan.exact:  # :exact is case- and accent-sensitive on what is served
             matches = [r for r in matches if matches_exactly(r, plan.exact)]
         entries = [bundle.entry(base, r, "match") for r in matches]
@@ -389,11 +404,25 @@ class Api:
         return found
 
 
+def _prefer_handling(request: Request) -> str | None:
+    """``strict`` or ``lenient`` as the client's ``Prefer: handling`` says, or None."""
+    for part in request.headers.get("prefer", "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == "handling":
+            handling = value.strip().strip('"').lower()
+            if handling in ("strict", "lenient"):
+                return handling
+    return None
+
+
 def _check_cost(provider: TypeProvider, plan: SearchPlan, budget: int) -> None:
     """Each source's own plan against the budget (one source: the plan itself)."""
     parts: list[SearchPlan] = getattr(plan, "parts", None) or [plan]
     for source, part in zip(provider.sources, parts, strict=True):
         cost.check_cost(part.criteria, source.key, budget)
+        # a chain that cannot be joined runs as the other type's own search first
+        for criteria, key in chain.deferred_searches(part):
+            cost.check_cost(criteria, key, budget)
 
 
 async def _read_back(provider: TypeProvider, rid: str, record: dict[str, Any],
@@ -467,9 +496,13 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "pass"})
 
 
-def ready_endpoint(registry: Registry, timeout: float = 5.0) -> Any:
+def ready_endpoint(mappings: Registry | LiveMappings, timeout: float = 5.0) -> Any:
     async def ready(request: Request) -> Response:
+        if lifecycle.draining():  # shutting down: out of the load balancer before it stops
+            return JSONResponse({"status": "fail", "checks": {"shutdown": "draining"}},
+                                status_code=503)
         checks: dict[str, str] = {}
+        registry = mappings.registry if isinstance(mappings, LiveMappings) else mappings
         for name, adapter in adapters(registry).items():
             try:
                 with anyio.fail_after(timeout):
@@ -507,9 +540,12 @@ register_url_convertor("fhir_id", _Id())
 register_url_convertor("fhir_op", _Op())
 
 
-def routes(api: Api, registry: Registry, base: str) -> list[BaseRoute]:
+def routes(api: Api, registry: Registry | LiveMappings, base: str) -> list[BaseRoute]:
     every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
+    binary = BinaryEndpoint(registry, api.settings)
     return [
+        # Binary content (gateway.binary): not a provider, its own representation rules.
+        Route(f"{base}/Binary/{{id}}", binary.handle, methods=every),
         # The two routes nearly every request takes, first: the router tries routes in order.
         # Their convertors cannot match what the routes below serve (metadata, _search,
         # $validate); anything else they do not match falls through to the same handlers.

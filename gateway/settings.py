@@ -13,11 +13,32 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def default_mappings_dir() -> Path:
     """The demo mappings: in a source checkout, ``mappings/demo-pas``; in a wheel, bundled."""
-    for candidate in (PACKAGE_DIR.parent / "mappings" / "demo-pas",
-                      PACKAGE_DIR / "_bundled" / "mappings" / "demo-pas"):
-        if candidate.is_dir():
-            return candidate
+    for root in bundled_mappings_roots():
+        if (root / "demo-pas").is_dir():
+            return root / "demo-pas"
     return PACKAGE_DIR.parent / "mappings" / "demo-pas"
+
+
+def bundled_mappings_roots() -> tuple[Path, ...]:
+    """Where the demo mapping directories live: the checkout's, or the wheel's copy."""
+    return (PACKAGE_DIR.parent / "mappings", PACKAGE_DIR / "_bundled" / "mappings")
+
+
+def mappings_path(text: str | Path) -> Path:
+    """A mapping directory as given; a bare name that is not a directory here but is one of the
+    bundled ones (``demo-pas``, ``demo-hl7v2``) means that one — so the demos work by name
+    from an installed wheel as from a checkout."""
+    path = Path(text)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    for root in bundled_mappings_roots():
+        if (root / path).is_dir() and path.name != "codemaps":
+            return root / path
+    return path
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the setting."""
 
 
 def default_data_dir() -> Path:
@@ -49,6 +70,12 @@ class Settings:
     progress: bool = True
     validate_responses: bool = False
     """Validate every outgoing resource against its profile and log issues (no values)."""
+    document_dir: Path | None = None
+    """Root of the document store's files (Binary content); unset: beside a SQLite demo
+    database (``<file>.documents``). Paths from the database never leave it."""
+    binary_fhir_max_bytes: int = 8 * 1024 * 1024
+    """Largest content returned base64 inside a FHIR Binary (406 beyond; the native media type
+    is streamed at any size)."""
     # -- audit and limits (gateway/audit.py, gateway/limits.py, docs/security.md)
     audit_log: str = ""
     """Audit trail destination: a file path, or stdout / stderr; unset: stderr (required with
@@ -91,6 +118,28 @@ class Settings:
     """Seconds from the start of a request until its body must have arrived (408 beyond)."""
     header_timeout_seconds: int = 10
     """Seconds a connection may take to send a request's headers before it is closed."""
+    # -- scale-out and observability (gateway/state, gateway/metrics.py, gateway/tracing.py)
+    redis_url: str = ""
+    """Redis for the state workers and replicas share (rate limits, jti replay cache);
+    unset: process memory, correct for a single process only."""
+    redis_timeout_ms: int = 250
+    """How long one Redis call may take before the declared fallback applies."""
+    workers: int = 1
+    """Worker processes (``serve --workers``); more than 1 needs CCG_REDIS_URL to share
+    limits and the replay cache, and CCG_PAGING_SECRET to share paging links."""
+    metrics: bool = True
+    """Prometheus metrics (``/metrics``, outside FHIR authentication)."""
+    metrics_port: int = 0
+    """Serve ``/metrics`` only on this separate port (0: at ``/metrics`` on the main port)."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the separate metrics port."""
+    otel_traces: str = ""
+    """OpenTelemetry traces: ``otlp`` (OTEL_EXPORTER_OTLP_* configure it), ``console``, or
+    unset (off). Needs the ``[otel]`` extra."""
+    shutdown_drain_seconds: int = 0
+    """On SIGTERM: seconds of readiness false (503) while still serving, before stopping."""
+    shutdown_timeout: int = 30
+    """Then at most this long for the requests in flight to finish."""
     messaging_response_urls: str = ""
     """Where asynchronous $process-message responses may be delivered: comma-separated
     origins (``https://ehr.trust.nhs.uk``; without a port: any port of that host)."""
@@ -134,15 +183,24 @@ class Settings:
             raw = os.environ.get(f"CCG_{f.name.upper()}")
             if raw is None or f.name == "connection_urls":
                 continue
+            name = f"CCG_{f.name.upper()}"
             if f.type in ("int", int):
-                values[f.name] = int(raw)
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
             elif f.type in ("bool", bool):
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif f.name == "mappings_dir":
+                values[f.name] = mappings_path(raw)
             elif f.name.endswith("_dir"):
                 values[f.name] = Path(raw)
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
+        port = values.get("port", cls.port)
+        if not 0 <= port <= 65535:
+            raise SettingsError(f"the port must be between 0 and 65535, not {port}")
         return cls(**values)
 
     def with_secret(self) -> tuple[Settings, bool]:

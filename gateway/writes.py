@@ -80,6 +80,11 @@ def _xml_to_dict(body: bytes) -> dict[str, Any]:
         raise ResourceInvalid(_pydantic_problems(name, exc)) from None
     except Exception:  # lxml/fhir-core raise assorted errors on odd XML
         raise BadRequest("the XML is not a valid FHIR resource") from None
+    from gateway.xml_order import order_problems
+
+    misplaced = order_problems(root, resource, name)
+    if misplaced:
+        raise ResourceInvalid(misplaced)
     out: dict[str, Any] = orjson.loads(resource.model_dump_json())
     return out
 

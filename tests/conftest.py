@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from gateway.settings import Settings
 from tests.pg import TempPostgres, require_pg_bin
+from tests.redis_server import TempRedis, require_redis_server
 
 # ---------------------------------------------------------------------------
 # PostgreSQL server (real server started by the test suite; see tests/pg.py)
@@ -34,6 +35,15 @@ def postgres_server() -> Iterator[TempPostgres]:
 
 
 # --------------------------- end PostgreSQL section ------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[TempRedis]:
+    """A throw-away Redis server for the session (skipped locally without redis-server,
+    a failure under CI=true, like PostgreSQL)."""
+    binary = require_redis_server()
+    with TempRedis(binary) as server:
+        yield server
 
 
 # ---------------------------------------------------------------------------

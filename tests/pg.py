@@ -84,8 +84,9 @@ def find_pg_bin() -> Path | None:
 
 
 def ci_is_true() -> bool:
-    """True when the environment says we run in CI (``CI=true``, as CI services set it)."""
-    return os.environ.get("CI", "").strip().lower() in {"true", "1"}
+    """True when the environment says we run in CI: any ``CI`` value but empty, ``0``,
+    ``false``, ``no`` or ``off`` (services set ``true``, ``1``, ``yes`` or their own name)."""
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no", "off"}
 
 
 def require_pg_bin() -> Path:
@@ -104,7 +105,7 @@ def require_pg_bin() -> Path:
         "/usr/lib/postgresql/*/bin or $PATH; install them (Debian: apt-get install postgresql)"
     )
     if ci_is_true():
-        pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.fail(f"CI is set and {reason}", pytrace=False)
     pytest.skip(reason)
 
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters import dropped
+from adapters import dropped, observe
 from adapters.base import (
     Adapter,
     And,
@@ -51,6 +51,7 @@ from adapters.base import (
     WriteResult,
     backend_correlations,
     note_correlation,
+    request_started,
     source_config_error,
 )
 from adapters.hl7v2 import er7, messages
@@ -284,7 +285,8 @@ class Hl7v2Adapter(Adapter):
         o = self.options
         self.client = MllpClient(self.endpoint, pool_size=o.pool_size,
                                  connect_timeout=o.connect_timeout,
-                                 reply_timeout=o.reply_timeout, retries=o.retries)
+                                 reply_timeout=o.reply_timeout, retries=o.retries,
+                                 label=label)
         self.dialect = o.dialect
         try:
             check_charset(o.charset, o.dialect.version)
@@ -398,7 +400,8 @@ class Hl7v2Adapter(Adapter):
         held = _DEADLINE.get()
         if owner is not None and held is not None and held[0] is owner and held[1] == id(self):
             return held[2]
-        at = now + self.options.deadline
+        began = request_started.get()  # queued time before the first message counts too
+        at = (now if began is None else min(now, began)) + self.options.deadline
         if owner is not None:
             _DEADLINE.set((owner, id(self), at))
         return at
@@ -447,6 +450,17 @@ class Hl7v2Adapter(Adapter):
 
     async def _send(self, msg: bytes, control: str, sensitive: list[str], *, deadline: float,
                     idempotent: bool = True, write: bool = False) -> er7.Message:
+        hook = observe.exchange
+        if hook is None:
+            return await self._send_unobserved(msg, control, sensitive, deadline=deadline,
+                                               idempotent=idempotent, write=write)
+        with hook(self.label, _message_type(msg), control):
+            return await self._send_unobserved(msg, control, sensitive, deadline=deadline,
+                                               idempotent=idempotent, write=write)
+
+    async def _send_unobserved(self, msg: bytes, control: str, sensitive: list[str], *,
+                               deadline: float, idempotent: bool = True, write: bool = False
+                               ) -> er7.Message:
         """One exchange. For a ``write``, a failure after the message may have reached the PAS
         is :class:`WriteOutcomeUnknown`; one before it is BackendUnavailable (not applied)."""
         note_correlation(f"{self.label}:MSH-10={control}")
@@ -641,8 +655,40 @@ class Hl7v2Adapter(Adapter):
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    def explain(self, prepared: Prepared, query: Query) -> list[str]:
+        src = prepared.source
+        ids = _key_lookup(prepared, query.criteria)
+        if ids is not None and src.read == "Q21":
+            return [f"HL7 v2 QBP^Q21 (get demographics), one message per id: QPD-3 "
+                    f"@PID.3.1^?~@PID.3.5^{src.id_type or 'PI'}",
+                    f"reply: {src.group} groups, read as records"]
+        if isinstance(query.criteria, Nothing):
+            return ["nothing is sent: the criteria cannot match"]
+        # UnsupportedCriteria as fetch would; in this PAS dialect's terms
+        pairs, filters = _qpd_pairs(prepared, self.dialect, query.criteria)
+        kind = "QBP^ZV1" if src.search == "ZV1" else "QBP^Q22 (find candidates)"
+        qpd = "~".join(f"@{name}^?" for name, _ in pairs) or "(no criteria)"
+        lines = [f"HL7 v2 {kind}, RCP-2 quantity {max(query.count, 1)}; the next page by "
+                 "continuation (DSC-1)",
+                 f"QPD-3: {qpd}  (? = a value from the request, not shown)",
+                 f"reply: {src.group} groups, read as records"]
+        if filters:  # the dialect falls short: the gateway checks the reply itself
+            lines.append("then filtered by the gateway on the reply: "
+                         + ", ".join(sorted({f.ref for f in filters})))
+        lines += [f"child {name}: each "
+                  + (f"repetition of {spec.repeat}" if spec.repeat else f"{spec.segment} segment")
+                  + " in a group" for name, spec in src.children.items()]
+        return lines
+
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _message_type(msg: bytes) -> str:
+    """MSH-9 as ``QBP^Q22^QBP_Q21`` (our own message: the type is from the mapping)."""
+    msh = msg.split(b"\r", 1)[0]
+    fields = msh.split(msh[3:4]) if len(msh) > 3 else []
+    return fields[8].decode("ascii", "replace")[:40] if len(fields) > 8 else "unknown"
 
 
 def _tag() -> str:

@@ -32,6 +32,7 @@ import random
 import re
 import socket
 import ssl as _ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from typing import cast
 
 import structlog
 
+from adapters import observe
 from adapters.hl7v2 import er7
 
 __all__ = [
@@ -345,12 +347,15 @@ class MllpClient:
         rng: random.Random | None = None,
         idle_timeout: float = 60.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        label: str = "mllp",
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         if retries < 0:
             raise ValueError("retries must not be negative")
         self.endpoint = endpoint
+        self.label = label
+        """The connection's name in the mappings (for metrics)."""
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
@@ -401,6 +406,8 @@ class MllpClient:
                 if deadline is not None and loop.time() + delay >= deadline:
                     raise
                 attempt += 1
+                if observe.event is not None:
+                    observe.event(self.label, "mllp_retry")
                 log.info("mllp_retry", endpoint=str(self.endpoint), control_id=control_id,
                          attempt=attempt, error=type(exc).__name__, delay=round(delay, 3))
                 await asyncio.sleep(delay)
@@ -421,12 +428,15 @@ class MllpClient:
         def left(limit: float) -> float:
             return limit if deadline is None else max(0.0, min(limit, deadline - loop.time()))
 
+        queued = time.perf_counter()
         try:
             async with asyncio.timeout_at(deadline):
                 await self._slots.acquire()
         except TimeoutError:
             raise MllpTimeout(f"no connection to {self.endpoint} free before the deadline"
                               ) from None
+        if observe.pool_wait is not None:  # waited for one of pool_size connections
+            observe.pool_wait(self.label, time.perf_counter() - queued)
         try:
             if self._closed:  # closed while this send waited for a slot
                 raise MllpUnavailable("MLLP client is closed")

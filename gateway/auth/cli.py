@@ -64,7 +64,8 @@ def register(sub: Any) -> None:
     dev.add_argument("--scope", default="user/*.read",
                      help="SMART scopes, space-separated (default: user/*.read)")
     dev.add_argument("--patient", help="the patient launch context (needed by patient/ scopes)")
-    dev.add_argument("--client-id", default="dev-client")
+    dev.add_argument("--client-id", default="dev-client",
+                     help="the client_id claim (default dev-client)")
     dev.add_argument("--subject", default="dev-user", help="the sub claim (the user)")
     dev.add_argument("--lifetime", type=int, default=3600, help="seconds (default 3600)")
     dev.add_argument("--data-dir", type=Path, help="where the dev key is kept (as serve)")
@@ -72,8 +73,11 @@ def register(sub: Any) -> None:
     dev.set_defaults(func=cmd_dev_token)
 
     api_key = sub.add_parser("api-key", help="application-restricted API keys")
-    ksub = api_key.add_subparsers(dest="api_key_command", required=True)
+    from gateway.cli import _group
+
+    ksub = _group(api_key, "api_key_command")
     new = ksub.add_parser("new", help="generate a key; print it (stderr) and its entry (stdout)")
-    new.add_argument("--client-id", required=True)
+    new.add_argument("--client-id", required=True,
+                     help="the client the key identifies (in the audit trail and rate limits)")
     new.add_argument("--scope", required=True, help="system/ scopes, e.g. 'system/*.read'")
     new.set_defaults(func=cmd_api_key_new)

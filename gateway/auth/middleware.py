@@ -65,14 +65,17 @@ def _any_patient_id(_claim: str) -> bool:
 
 class Authentication:
     def __init__(self, app: ASGIApp, config: AuthConfig, base_path: str,
-                 patient_id: Callable[[str], bool] = _any_patient_id) -> None:
+                 patient_id: Callable[[str], bool] = _any_patient_id,
+                 shared_state: Any = None, public: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.config = config
         self.patient_id = patient_id
         """Whether a ``patient`` claim can name a Patient here (its id as this server serves
         ids): a claim that cannot is refused now, not failed on every request after."""
-        self.public = frozenset({"/_health", "/_ready", f"{base_path.rstrip('/')}/metadata"})
-        self.jwt = JwtVerifier(config.jwt) if config.jwt is not None else None
+        self.public = frozenset({"/_health", "/_ready", f"{base_path.rstrip('/')}/metadata",
+                                 *public})
+        self.jwt = (JwtVerifier(config.jwt, shared_replay=shared_state)
+                    if config.jwt is not None else None)
         self.api_keys = ApiKeyAuthenticator(config.api_keys) if config.mode == "api-key" else None
         self.mtls = MtlsAuthenticator(config.mtls_clients) if config.mode == "mtls" else None
 

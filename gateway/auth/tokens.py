@@ -93,13 +93,15 @@ class JwtVerifier:
     def __init__(self, config: JwtConfig, jwks: JwksSource | None = None,
                  clock: Callable[[], float] = time.time,
                  cache_entries: int = VERIFIED_CACHE_ENTRIES,
-                 cache_ttl: float = VERIFIED_CACHE_TTL) -> None:
+                 cache_ttl: float = VERIFIED_CACHE_TTL, shared_replay: Any = None) -> None:
         self.config = config
         self.jwks = jwks or JwksSource(
             url=config.jwks_url, file=config.jwks_file,
             refresh_interval=config.jwks_refresh_interval, max_age=config.jwks_max_age)
         self.clock = clock
         self.replay = ReplayCache() if config.jti_replay else None
+        # gateway.state.SharedState (Redis): one replay cache for every worker and replica
+        self.shared_replay = shared_replay if config.jti_replay else None
         self.cache_entries = cache_entries
         self.cache_ttl = cache_ttl
         # Verified tokens by SHA-256 (see the module doc); none with the replay cache on.
@@ -178,7 +180,12 @@ class JwtVerifier:
             if not isinstance(jti, str) or not jti:
                 raise InvalidToken("the token has no jti claim")
             now = self.clock()
-            if self.replay.seen(f"{cfg.issuer}\x00{jti}", exp + cfg.leeway, now):
+            key = f"{cfg.issuer}\x00{jti}"
+            if self.shared_replay is not None:  # fails closed: SharedStateUnavailable (503)
+                used = await self.shared_replay.seen(key, exp + cfg.leeway)
+            else:
+                used = self.replay.seen(key, exp + cfg.leeway, now)
+            if used:
                 raise InvalidToken("the token has already been used (jti)")
         return claims, kid, alg, key
 

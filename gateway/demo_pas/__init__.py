@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import pathlib
+import shutil
 from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import Any
@@ -28,13 +29,16 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateTable
 
 # Import names, not the `generate` function: binding it here would shadow the submodule.
-from gateway.demo_pas import epr_clinical  # registers the EPR tables on metadata
+from gateway.demo_pas import (
+    epr_clinical,  # registers the EPR tables on metadata
+    epr_documents,  # registers the document store's tables
+)
 from gateway.demo_pas.epr_medres import with_medication_and_results
 from gateway.demo_pas.generate import FIXTURE_PATIENTS, DemoPasGenerator
 from gateway.demo_pas.schema import metadata
 
-__all__ = ["FIXTURE_PATIENTS", "DemoDatabaseNotEmpty", "build_database", "demo_file_name",
-           "ensure_sqlite_demo", "metadata", "schema_fingerprint"]
+__all__ = ["FIXTURE_PATIENTS", "DemoDatabaseNotEmpty", "build_database", "demo_documents_dir",
+           "demo_file_name", "ensure_sqlite_demo", "metadata", "schema_fingerprint"]
 
 DEFAULT_SEED = 20261123
 _SQLITE = sqlite.dialect()
@@ -70,10 +74,11 @@ def _create_schema(conn: Connection) -> list[Index]:
 
 
 def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
-                   progress: bool = False) -> None:
+                   progress: bool = False, documents_dir: pathlib.Path | None = None) -> None:
     """Create the demo PAS tables at `url` and load `patients` synthetic patients.
 
-    Deterministic: the same seed and scale give identical rows on every database.
+    Deterministic: the same seed and scale give identical rows on every database (and the same
+    document files, written under `documents_dir` when given; the rows name them either way).
     Raises DemoDatabaseNotEmpty if any demo table already has rows.
     """
     engine = create_engine(url)
@@ -84,6 +89,7 @@ def build_database(url: str, patients: int = 10_000, seed: int = DEFAULT_SEED,
             deferred = _create_schema(conn)
             batches = DemoPasGenerator(patients, seed).batches()
             batches = epr_clinical.extend(batches, seed)
+            batches = epr_documents.extend(batches, seed, documents_dir)
             for batch in with_medication_and_results(batches, seed):
                 _insert(conn, batch.table, batch.rows)
                 advance(batch.patients_done, None)
@@ -115,7 +121,9 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
 
     That work (~20 µs a row) cost more than the database's own insert once the EPR tables
     came; the compiled statement goes to the driver's executemany instead. The demo tables
-    hold only String, CHAR and Integer columns, which no dialect converts on the way in.
+    hold only String, CHAR and Integer columns, which no dialect converts on the way in, and
+    one LargeBinary (DOCUMENT_BLOBS.CONTENT) whose rows are already ``bytes``, which sqlite3
+    stores as a BLOB and psycopg sends as bytea unconverted (tests/gateway/demo_pas).
     """
     compiled = table.insert().compile(dialect=conn.dialect, column_keys=list(rows[0]))
     if compiled.positional:
@@ -145,23 +153,37 @@ def _progress(enabled: bool, total: int) -> Iterator[Advance]:
                                                    description=description)
 
 
+def demo_documents_dir(path: pathlib.Path) -> pathlib.Path:
+    """The document root of the SQLite demo at `path`: its file-stored documents."""
+    return pathlib.Path(path).with_suffix(".documents")
+
+
 def ensure_sqlite_demo(path: pathlib.Path, patients: int = 10_000,
                        progress: bool = True) -> pathlib.Path:
     """Return `path`, first building the SQLite demo PAS there if the file does not exist.
 
-    The build goes to `path.with_suffix('.tmp')` and is renamed into place only when complete,
-    so a first start that is killed half-way leaves no half-built database behind.
+    The build goes to `path.with_suffix('.tmp')` (documents to `.documents.tmp`) and is renamed
+    into place only when complete, so a first start that is killed half-way leaves no
+    half-built database behind. The documents directory is renamed first: a database file
+    present means its documents are too.
     """
     path = pathlib.Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)  # leftover of an interrupted build
+    docs = demo_documents_dir(path)
+    docs_tmp = docs.with_name(docs.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # leftovers of an interrupted build
+    shutil.rmtree(docs_tmp, ignore_errors=True)
     try:
-        build_database(f"sqlite:///{tmp.resolve()}", patients=patients, progress=progress)
+        build_database(f"sqlite:///{tmp.resolve()}", patients=patients, progress=progress,
+                       documents_dir=docs_tmp)
+        shutil.rmtree(docs, ignore_errors=True)
+        os.replace(docs_tmp, docs)
         os.replace(tmp, path)  # atomic on POSIX and Windows
     except BaseException:
         tmp.unlink(missing_ok=True)
+        shutil.rmtree(docs_tmp, ignore_errors=True)
         raise
     return path

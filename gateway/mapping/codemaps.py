@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway import metrics
 from gateway.errors import UnmappableData
 from gateway.logging import DebugLog
 
@@ -62,6 +63,7 @@ class CodeMap:
         if self.unmapped == "error":
             raise UnmappableData(f"a source value has no entry in code map '{self.name}'")
         log.debug("unmapped_code", codemap=self.name)
+        metrics.UNMAPPED_DROPPED.labels(self.name).inc()  # never silently: counted
         return None
 
     def local_codes(self, code: str) -> tuple[str, ...]:

@@ -6,6 +6,8 @@ FHIR-converted values of its ``args`` (``None`` when empty) and returns a value 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +63,16 @@ def visit_status(admitted: Any, discharged: Any, expected: Any = None) -> str:
         return "unknown"
     now = dt.datetime.now(start.tzinfo) if start.tzinfo else dt.datetime.now()
     return "planned" if start > now else "in-progress"
+def sha1_hex_to_base64(digest: Any) -> str | None:
+    """A SHA-1 stored as 40 hex digits, as FHIR's Attachment.hash wants it (base64 of the
+    20 bytes); anything else is omitted rather than sent as a wrong hash."""
+    s = str(digest or "").strip()
+    if len(s) != 40:
+        return None
+    try:
+        return base64.b64encode(binascii.unhexlify(s)).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {
@@ -68,6 +80,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "days_between": days_between,
     "deceased_flag": deceased_flag,
     "visit_status": visit_status,
+    "sha1_hex_to_base64": sha1_hex_to_base64,
 }
 
 

@@ -164,6 +164,22 @@ class SearchPolicy(_Strict):
     unless_any_of: list[str] = Field(default_factory=list)
 
 
+class BinaryBlob(_Strict):
+    table: str
+    key: str
+    column: str
+
+
+class BinaryContent(_Strict):
+    """Where ``Binary/[id]`` finds the bytes of this type's records (gateway/binary.py; SQL
+    sources only). ``media_type`` and ``file`` are ``alias.COLUMN`` of the main table; a row
+    with a ``file`` path is read under the document root, any other from ``blob``."""
+
+    media_type: str
+    file: str | None = None
+    blob: BinaryBlob | None = None
+
+
 ID_PREFIX_RE = r"^[A-Za-z0-9]{1,15}[-.]$"
 
 
@@ -181,6 +197,7 @@ class MappingFile(_Strict):
     search: dict[str, SearchParam] = Field(default_factory=dict)
     search_policy: SearchPolicy | None = None
     sort: list[str] = Field(default_factory=list)
+    binary: BinaryContent | None = None
     output: dict[str, Any]
 
     @model_validator(mode="after")
@@ -191,6 +208,14 @@ class MappingFile(_Strict):
                     f"types.{ref}: unknown storage type {kind!r} "
                     f"(one of: {', '.join(STORAGE_TYPES)})"
                 )
+        if self.binary is not None:
+            alias = self.source.get("alias")
+            for key in ("media_type", "file"):
+                ref = getattr(self.binary, key)
+                if ref is not None and (not alias or ref.split(".", 1)[0] != alias
+                                        or "." not in ref):
+                    raise ValueError(f"binary.{key}: must be a column of the main table "
+                                     f"({alias}.COLUMN), not {ref!r}")
         for key in ("resourceType", "id", "meta"):
             if key in self.output:
                 raise ValueError(f"output.{key}: must not be set (resourceType, id and meta "

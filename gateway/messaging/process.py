@@ -24,7 +24,7 @@ import datetime as dt
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -90,6 +90,11 @@ def header_of(message: dict[str, Any]) -> dict[str, Any]:
     return first
 
 
+class _HasRegistry(Protocol):
+    @property
+    def registry(self) -> Registry: ...
+
+
 class Messaging:
     """The messaging service: the declaration, the store, the outbox and its workers."""
 
@@ -98,13 +103,22 @@ class Messaging:
                  retry_seconds: float = 2.0) -> None:
         self.retry_seconds = retry_seconds
         self.spec = spec
-        self.registry = registry
+        self._registry = registry
+        # the live mappings (gateway.reload.LiveMappings), once the app has them: a reload's
+        # providers are found there, the request's pinned generation first
+        self.registry_source: _HasRegistry | None = None
         self.store = store
         self.allow_list = allow_list
         self.outbox = outbox or Outbox(store, allow_list)
         self._locks: dict[str, list[Any]] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def registry(self) -> Registry:
+        if self.registry_source is not None:
+            return self.registry_source.registry
+        return self._registry
 
     # -- lifecycle
 

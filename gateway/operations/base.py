@@ -22,9 +22,13 @@ Level = Literal["system", "type", "instance"]
 class Context(Protocol):
     """What an operation may use of the API (gateway.routes.Api provides it)."""
 
-    registry: Registry
     settings: Settings
     pager: Pager
+
+    @property
+    def registry(self) -> Registry:
+        """The registry of the request's mapping generation (a reload may swap it)."""
+        ...
 
     def fmt(self, request: Request) -> Format: ...
 

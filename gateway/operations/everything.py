@@ -138,8 +138,7 @@ class Everything(Operation):
             if page is None:  # said so in a warning; the walk goes on past it
                 continue
             taken = page.records[:room]
-            for rec in taken:
-                served.append(source.resource(rec))
+            served += source.resources(taken)
             if taken:
                 touched[source.resource_type] = None
             room -= len(taken)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 
 from adapters.base import Compare, Criterion, Nothing, Page, all_of, any_of
 from gateway import compartment
@@ -135,26 +137,26 @@ async def gather(first: Awaitable[T], rest: list[Awaitable[Page | None]]
     return results[0], results[1:]
 
 
-def references(node: Any) -> list[str]:
-    """Every ``reference`` string in a resource (an explicit stack: a recursive generator
-    cost more than the rest of a $everything page together)."""
-    out: list[str] = []
-    stack = [node]
-    pop, push = stack.pop, stack.append
-    while stack:
-        n = pop()
-        if n.__class__ is dict:
-            for k, v in n.items():
-                c = v.__class__
-                if c is dict or c is list:
-                    push(v)
-                elif k == "reference" and c is str:
-                    out.append(v)
-        elif n.__class__ is list:
-            for v in n:
-                if v.__class__ is dict or v.__class__ is list:
-                    push(v)
-    return out
+# A "reference" key and its string value in orjson's compact output. Inside a JSON string a
+# quote is always escaped (\"), so `{"reference":"` or `,"reference":"` is only ever a key;
+# a value holding a quote, backslash or slash is no id (ID_RE refuses it anyway).
+_REFERENCE = re.compile(rb'"reference":"(' + b"|".join(t.encode() for t in REFERENCED)
+                        + rb')/([^"\\/]+)"')
+_KEY_BEFORE = b"{,"  # a key's opening quote follows one of these (not an escaped \")
+
+
+def referenced_ids(resources: list[dict[str, Any]]) -> dict[str, dict[str, None]]:
+    """type → ids (first-seen order) of every Practitioner/Organization/Location/Medication
+    reference in the resources, at any depth. One C-speed pass (orjson, then a regex) over
+    the page instead of a Python walk of every node: the walk was ~20 % of a 500-resource
+    $everything page."""
+    wanted: dict[str, dict[str, None]] = {}
+    blob = orjson.dumps(resources)
+    for m in _REFERENCE.finditer(blob):  # a literal prefix: re scans with a fast search
+        if blob[m.start() - 1] not in _KEY_BEFORE:
+            continue
+        wanted.setdefault(m[1].decode(), {})[m[2].decode()] = None
+    return wanted
 
 
 async def referenced(registry: Registry, resources: list[dict[str, Any]],
@@ -163,12 +165,7 @@ async def referenced(registry: Registry, resources: list[dict[str, Any]],
     (that the caller may read): one statement per type (per source)."""
     if types is not None and not types.intersection(REFERENCED):
         return []
-    wanted: dict[str, dict[str, None]] = {}
-    for res in resources:
-        for ref in references(res):
-            rtype, _, rid = ref.partition("/")
-            if rtype in REFERENCED and rid and "/" not in rid:
-                wanted.setdefault(rtype, {})[rid] = None
+    wanted = referenced_ids(resources)
     out: list[dict[str, Any]] = []
     for rtype in REFERENCED:
         ids = wanted.get(rtype)

@@ -16,7 +16,7 @@ from gateway import writes
 from gateway.auth import authorize
 from gateway.errors import MethodNotAllowed, NotFound
 from gateway.operations.base import Context, Invocation, Operation, Parameter
-from gateway.profiles.validator import Issue, validate
+from gateway.profiles.validator import Issue, load_profiles, validate
 
 DEFINITION = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
 
@@ -36,9 +36,17 @@ def _from_parameters(body: dict[str, Any]) -> tuple[Any, str | None]:
             continue
         if param.get("name") == "resource":
             resource = param.get("resource")
-        elif param.get("name") == "profile" and isinstance(param.get("valueUri"), str):
-            profile = param["valueUri"]
+        elif param.get("name") == "profile":
+            # uri in STU3; a client written for R4 sends canonical: either names the profile
+            values = [v for k, v in param.items() if k.startswith("value")]
+            profile = values[0] if len(values) == 1 and isinstance(values[0], str) else ""
     return resource, profile
+
+
+def _known(resource_type: str) -> list[str]:
+    """The profiles this server holds for a resource type."""
+    return [url for url, info in load_profiles().info.items()
+            if info.type == resource_type and url in load_profiles()]
 
 
 class Validate(Operation):
@@ -67,6 +75,9 @@ class Validate(Operation):
         authorize.require_any(request, rtype, "r" if instance else "cur")
         issues: list[Issue] = []
         profile: str | None = provider.profile
+        asked_in_url = request.query_params.getlist("profile")
+        if asked_in_url:  # [type]/$validate?profile=... (the operation's IN parameter)
+            profile = asked_in_url[-1]
         if request.method == "GET":
             assert rid is not None
             resource: Any = await provider.read(rid)
@@ -76,7 +87,8 @@ class Validate(Operation):
             resource = await writes.read_body(request)
             if resource.get("resourceType") == "Parameters":
                 resource, asked = _from_parameters(resource)
-                profile = asked or profile
+                if asked is not None:
+                    profile = asked
                 if not isinstance(resource, dict):
                     issues.append(Issue("error", "required",
                                         "the Parameters need a 'resource' parameter",
@@ -89,5 +101,12 @@ class Validate(Operation):
             if rid is not None and "id" in resource and resource["id"] != rid:
                 issues.append(Issue("error", "invalid",
                                     "the resource id must match the id in the URL", f"{rtype}.id"))
+        if profile is not None and (not profile or profile not in load_profiles()):
+            # never "All OK" against a profile that was not checked at all
+            issues.append(Issue("error", "not-supported",
+                                f"unknown profile {profile[:200]!r}: this server validates "
+                                f"against {', '.join(sorted(_known(rtype)))}",
+                                "Parameters.parameter.profile"))
+            return ctx.respond(outcome(issues), fmt)
         issues += validate(resource, profile)
         return ctx.respond(outcome(issues), fmt)

@@ -7,7 +7,7 @@ never changed: a non-conformant resource is still served, and the log says so.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -51,6 +51,19 @@ class ResponseValidation:
             return out
 
         setattr(provider, "resource", resource)  # noqa: B010 (an instance attribute, on purpose)
+        build_many: Callable[[Sequence[Any]], list[dict[str, Any]]] | None = getattr(
+            provider, "resources", None)
+        if build_many is None:
+            return
+
+        def resources(recs: Sequence[Any]) -> list[dict[str, Any]]:  # the batch path too
+            assert build_many is not None
+            out = build_many(recs)
+            for r in out:
+                self.check(r, profile)
+            return out
+
+        setattr(provider, "resources", resources)  # noqa: B010
 
 
 def install(registry: Registry, profiles: Profiles | None = None) -> ResponseValidation:

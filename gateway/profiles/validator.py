@@ -70,6 +70,9 @@ class ProfileInfo:
     """The snapshot elements (compact form), in order: for coverage reports."""
 
 
+BASE_SD = "http://hl7.org/fhir/StructureDefinition/"
+
+
 class Profiles:
     """The compiled Care Connect profiles, extensions and terminology."""
 
@@ -97,10 +100,20 @@ class Profiles:
         self.load_seconds = time.perf_counter() - started
 
     def __contains__(self, url: str) -> bool:
-        return url in self._roots
+        return url in self._roots or self._base_of(url) is not None
 
     def root(self, url: str) -> Complex:
-        return self._roots[url]
+        root = self._roots.get(url) or self._base_of(url)
+        if root is None:
+            raise KeyError(url)
+        return root
+
+    def _base_of(self, url: object) -> Complex | None:
+        """A core STU3 resource's own canonical URL (a type Care Connect has no profile for,
+        such as DocumentReference): validated against the base resource definition."""
+        if not isinstance(url, str) or not url.startswith(BASE_SD):
+            return None
+        return self.base_resource(url[len(BASE_SD):])
 
     def extension(self, url: object) -> Prop | None:
         return self.compiler.extensions.get(url) if isinstance(url, str) else None
@@ -114,7 +127,7 @@ class Profiles:
         meta = resource.get("meta")
         if isinstance(meta, dict) and isinstance(meta.get("profile"), list):
             for url in meta["profile"]:
-                if isinstance(url, str) and url in self._roots:
+                if isinstance(url, str) and url in self:
                     return url
         rt = resource.get("resourceType")
         return self.default_by_type.get(rt) if isinstance(rt, str) else None
@@ -209,7 +222,8 @@ class _Walker:
             n = counts.get(element, 0)
             if n < element.min:
                 self.add("error", "required",
-                         f"{element.id}: minimum required = {element.min}, found {n}",
+                         f"{element.id}: minimum required = {element.min}, found {n}"
+                         + _add_hint(cx, element),
                          f"{path}.{element.name}" if n == 0 else path)
             elif element.max is not None and n > element.max:
                 self.add("error", "structure",
@@ -218,7 +232,8 @@ class _Walker:
                 for s in element.slicing.slices:
                     if s.element.min > 0:
                         self.add("error", "required", f"{s.element.id}: minimum required = "
-                                 f"{s.element.min}, found 0", f"{path}.{element.name}")
+                                 f"{s.element.min}, found 0" + _slice_hint(element, s),
+                                 f"{path}.{element.name}")
         rule = _RULES.get(cx.type)
         if rule is not None:
             rule(self, obj, path)
@@ -354,8 +369,8 @@ class _Walker:
             n = counts.get(s, 0)
             if n < s.element.min:
                 self.add("error", "required",
-                         f"{s.element.id}: minimum required = {s.element.min}, found {n}",
-                         path)
+                         f"{s.element.id}: minimum required = {s.element.min}, found {n}"
+                         + _slice_hint(prop.element, s), path)
             elif s.element.max is not None and n > s.element.max:
                 self.add("error", "structure",
                          f"{s.element.id}: maximum allowed = {s.element.max}, found {n}", path)
@@ -435,6 +450,37 @@ def _matches(value: Any, pattern: Any) -> bool:
     return bool(value == pattern)
 
 
+# -- what to add, for a missing element ---------------------------------------------------------
+
+
+def _value_hint(key: str, prop: Prop | None) -> str:
+    if prop is not None:
+        fixed = prop.fixed if prop.fixed is not None else prop.pattern
+        if isinstance(fixed, str | int | bool):
+            return f'"{key}": {orjson.dumps(fixed).decode()}'
+        exp = prop.binding.expansion if prop.binding is not None else None
+        if exp is not None and prop.binding is not None and prop.binding.strength == "required" \
+                and 0 < len(exp.codes) <= 12:
+            return f'"{key}" (one of: {", ".join(sorted(exp.codes))})'
+    return f'"{key}"'
+
+
+def _add_hint(cx: Complex, element: Element) -> str:
+    """': add "use" (one of: ...)' for a missing element; the value only when fixed."""
+    props = [p for p in cx.props.values() if p.element is element]
+    if len(props) != 1:
+        return f": add {element.name}[x]" if props else ""
+    return f": add {_value_hint(props[0].key, props[0])}"
+
+
+def _slice_hint(element: Element, s: Slice) -> str:
+    """': add a name with "use": "official"' for a slice with too few items."""
+    if not s.values:
+        return ""
+    keys = ", ".join(f'"{k}": {orjson.dumps(v).decode()}' for k, v in s.values)
+    return f": add an item to {element.name} with {keys}"
+
+
 # -- invariants and type rules ------------------------------------------------------------------
 
 
@@ -445,15 +491,46 @@ def _extension_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
               "ext-1: an extension must have either extensions or value[x], not both", path)
 
 
+_YEAR = re.compile(r"^\d{4}$")
+_MONTH = re.compile(r"^\d{4}-\d{2}$")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _range(text: str, as_written: bool) -> tuple[dt.datetime, dt.datetime] | None:
+    """[low, high) that a date / dateTime stands for; None when unreadable. ``as_written``:
+    wall-clock time as written, the zone dropped (to compare with a date, which has none);
+    otherwise instants in UTC."""
+    try:
+        if _YEAR.match(text):
+            y = int(text)
+            return dt.datetime(y, 1, 1), dt.datetime(y + 1, 1, 1)
+        if _MONTH.match(text):
+            y, m = int(text[:4]), int(text[5:7])
+            return dt.datetime(y, m, 1), dt.datetime(y + (m == 12), m % 12 + 1, 1)
+        if _DAY.match(text):
+            lo = dt.datetime.fromisoformat(text)
+            return lo, lo + dt.timedelta(days=1)
+        at = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if as_written:
+        at = at.replace(tzinfo=None)
+    elif at.tzinfo is None:
+        return None  # a time without a zone is not valid FHIR; reported elsewhere
+    return at, at + dt.timedelta(microseconds=1)
+
+
 def _period_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
+    """per-1 at every precision: the start may not lie wholly after the end ("2021" after
+    "2020-12-31", a day after the day before it); ranges that overlap are not reversed.
+    Against a date (no zone) a time is compared on the calendar as written."""
     start, end = obj.get("start"), obj.get("end")
-    if isinstance(start, str) and isinstance(end, str) and "T" in start and "T" in end:
-        try:
-            if dt.datetime.fromisoformat(start) > dt.datetime.fromisoformat(end):
-                w.add("error", "invariant", "per-1: the period start must not be after its end",
-                      path)
-        except (TypeError, ValueError):
-            return
+    if not isinstance(start, str) or not isinstance(end, str):
+        return
+    as_written = "T" not in start or "T" not in end
+    s_range, e_range = _range(start, as_written), _range(end, as_written)
+    if s_range is not None and e_range is not None and s_range[0] >= e_range[1]:
+        w.add("error", "invariant", "per-1: the period start must not be after its end", path)
 
 
 def _identifier_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:

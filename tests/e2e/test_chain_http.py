@@ -25,6 +25,14 @@ def test_chain_and_has_over_http(live_server: LiveServer, demo_sqlite_url: str) 
             spells = {str(r[0]) for r in conn.execute(sa.text(
                 'SELECT s."PRVSP_REFNO" FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
                 'ON p."PATNT_REFNO" = s."PATNT_REFNO" WHERE p."NHS_NUMBER" = :n'), {"n": nhs})}
+            # Encounter's other two sources: outpatient and A&E attendances (served rows)
+            pid = 'SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "NHS_NUMBER" = :n'
+            others = {f"{pre}{r[0]}" for pre, sql in (
+                ("op-", f'SELECT "OPATT_REFNO" FROM "OUTPATIENT_ATTENDANCES" '
+                        f'WHERE "PATNT_REFNO" IN ({pid})'),
+                ("ae-", f'SELECT "AEATT_REFNO" FROM "AE_ATTENDANCES" WHERE "PATNT_REFNO" '
+                        f"IN ({pid}) AND \"DEL_FLAG\" = 'N'"))
+                for r in conn.execute(sa.text(sql), {"n": nhs})}
     finally:
         engine.dispose()
     assert n >= 2 and len(spells) == n
@@ -43,7 +51,7 @@ def test_chain_and_has_over_http(live_server: LiveServer, demo_sqlite_url: str) 
             if "next" not in links:
                 break
             r = c.get(links["next"])
-        assert seen == spells
+        assert seen == spells | others
 
         r = c.get(f"{base}/Patient", params={"_has:Encounter:patient:status": "finished"})
         assert r.status_code == 400

@@ -536,3 +536,52 @@ def test_request_id_with_a_line_break_never_reaches_a_response(server: LiveServe
     head = data.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 400")
     assert b"def" not in head
+
+
+def test_a_patient_token_cannot_read_another_patients_record(
+        demo_sqlite_url: str, tmp_path: Path) -> None:
+    """The demo's real JWT path: a token minted by ``careconnect-gateway dev-token`` for
+    patient 100001, sent over HTTP to uvicorn, reads 100001 and nobody else."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CCG_DATA_DIR": str(tmp_path), "CCG_PROGRESS": "false"}
+    minted = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "dev-token", "--scope", "patient/*.read",
+         "--patient", "100001"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    token = minted.stdout.strip()
+    assert token.count(".") == 2  # a signed JWT, not an API key
+    # the demo's default authentication: JWTs signed by the dev key in the data directory
+    app = build_app(gateway_settings(demo_sqlite_url, tmp_path, auth_mode=""))
+    with LiveServer(app) as server, httpx.Client(
+            base_url=server.url, timeout=15,
+            headers={"Authorization": f"Bearer {token}"}) as client:
+        own = client.get("/STU3/Patient/100001")
+        assert own.status_code == 200 and own.json()["id"] == "100001"
+        mine = client.get("/STU3/Encounter", params={"patient": "100001"})
+        assert mine.status_code == 200
+        assert {e["resource"]["subject"]["reference"] for e in mine.json()["entry"]} == {
+            "Patient/100001"}
+        # another patient's record: a read is refused like a missing one ...
+        other = client.get("/STU3/Patient/100002")
+        assert_outcome(other, other.status_code, body_code(other))
+        assert other.status_code in (403, 404)
+        # ... a search about them finds nothing (the compartment contradicts it: nothing is
+        # even sent to the PAS), and _include cannot reach past the compartment
+        for path, params in (("/STU3/Encounter", {"patient": "100002"}),
+                             ("/STU3/Patient", {"_id": "100002"}),
+                             ("/STU3/Encounter", {"subject": "Patient/100002",
+                                                  "_include": "Encounter:patient"})):
+            r = client.get(path, params=params)
+            assert r.status_code == 200, (path, r.text)
+            bundle = r.json()
+            assert bundle["total"] == 0 and not bundle.get("entry"), path
+        # and with no token at all nothing is served either
+        anonymous = httpx.get(server.url + "/STU3/Patient/100002", timeout=15)
+        assert_outcome(anonymous, 401, "AUTHENTICATION_REQUIRED")
+
+
+def body_code(response: httpx.Response) -> str:
+    code: str = response.json()["issue"][0]["details"]["coding"][0]["code"]
+    return code

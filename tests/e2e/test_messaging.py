@@ -32,10 +32,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from adapters.hl7v2 import er7, messages
+from adapters.hl7v2.mllp_server import Reply
 from gateway.app import build_app
 from gateway.demo_pas import ensure_sqlite_demo
 from gateway.demo_pas.hl7v2 import PasSimulator
-from gateway.demo_pas.hl7v2.mllp_server import Reply
 from gateway.settings import Settings
 from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
 from tests.conftest import LiveServer
@@ -143,8 +143,15 @@ def settings(tmp: Path, url: str, port: int, **more: Any) -> Settings:
 
 
 @pytest.fixture
-async def gw(pas: tuple[PasSimulator, str, Faults], tmp_path: Path
-             ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Faults]]:
+async def gw(gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette]
+             ) -> tuple[httpx.AsyncClient, str, Faults]:
+    c, url, faults, _ = gw_app
+    return c, url, faults
+
+
+@pytest.fixture
+async def gw_app(pas: tuple[PasSimulator, str, Faults], tmp_path: Path
+                 ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Faults, Starlette]]:
     sim, url, faults = pas
     app = build_app(settings(tmp_path, url, sim.port))
     install(app, {"reader": user_token("user/*.read")})
@@ -154,7 +161,7 @@ async def gw(pas: tuple[PasSimulator, str, Faults], tmp_path: Path
     adapter.options = adapter.options.model_copy(update={"deadline": 2.0})
     with LiveServer(app) as server:
         async with httpx.AsyncClient(base_url=server.url + "/STU3", timeout=30) as c:
-            yield c, url, faults
+            yield c, url, faults, app
 
 
 async def test_registration_then_update_applied_once_and_answered_the_same(
@@ -188,6 +195,34 @@ async def test_registration_then_update_applied_once_and_answered_the_same(
     r = await c.post("/$process-message", json=up)
     assert response_of(r.json())[0] == "ok", r.text
     assert (await c.get(f"/Patient/{pid}")).json()["name"][0]["family"] == "Byrne"
+
+
+async def test_a_reload_keeps_the_message_store_and_uses_the_new_providers(
+        gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette]) -> None:
+    """A mappings reload (SIGHUP) swaps the providers; the messaging state is built once: a
+    message answered before the reload is replayed after it, new ones go through the new
+    generation's adapters."""
+    c, url, faults, app = gw_app
+    messaging = app.state.messaging
+    live = app.state.mappings
+    msg = message("msg-rel-1", "patient-registration", new_patient("9430001035"))
+    first = await c.post("/$process-message", json=msg)
+    assert response_of(first.json())[0] == "ok", first.text
+    old = live.registry
+    assert messaging.registry is old
+    result = await live.reload()
+    assert result.ok, result.problems
+    assert app.state.messaging is messaging and live.registry is not old
+    assert messaging.registry is live.registry  # providers found through the live mappings
+    again = await c.post("/$process-message", json=msg)
+    assert again.content == first.content and faults.a28s == 1  # the store survived
+    other = message("msg-rel-2", "patient-registration", new_patient("9430001043"))
+    r = await c.post("/$process-message", json=other)
+    assert response_of(r.json())[0] == "ok", r.text
+    assert faults.a28s == 2 and len(rows(url, "9430001043")) == 1
+    cs = (await c.get("/metadata")).json()
+    assert {e["code"]["code"] for m in cs["messaging"] for e in m["event"]} == {
+        "patient-registration", "patient-demographics-update"}
 
 
 async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults]) -> None:

@@ -397,17 +397,20 @@ def test_production_must_choose_the_audit_destination(tmp_path: Path) -> None:
     from gateway.auth.errors import AuthConfigError
     from gateway.settings import Settings
 
-    demo = Settings(data_dir=tmp_path)
-    assert destination(demo) == "stderr"
+    demo = Settings(data_dir=tmp_path / "data")
+    assert destination(demo) == str(tmp_path / "data" / "audit.jsonl")  # never the terminal
+    assert (tmp_path / "data").is_dir()
     with pytest.raises(AuditConfigError) as info:
         destination(Settings(data_dir=tmp_path, env="production"))
     assert isinstance(info.value, AuthConfigError)  # the CLI reports it and exits 2
     assert "CCG_AUDIT_LOG" in str(info.value)
     chosen = Settings(data_dir=tmp_path, env="production", audit_log="/var/log/ccg/audit.jsonl")
     assert destination(chosen) == "/var/log/ccg/audit.jsonl"
-    with structlog.testing.capture_logs() as logs:
-        assert destination(Settings(data_dir=tmp_path, mappings_dir=tmp_path)) == "stderr"
-    assert [e["event"] for e in logs] == ["audit_trail_on_stderr"]
+    # Any other mapping directory is a production configuration: stderr only when chosen.
+    with pytest.raises(AuditConfigError):
+        destination(Settings(data_dir=tmp_path, mappings_dir=tmp_path))
+    assert destination(Settings(data_dir=tmp_path, mappings_dir=tmp_path,
+                                audit_log="stderr")) == "stderr"
 
 
 async def test_an_authentication_failure_is_audited(

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.applications import Starlette
 
+from adapters.base import SortKey
 from gateway.bundle import Pager
 
 pytestmark = pytest.mark.anyio
@@ -206,7 +207,7 @@ async def test_tampered_token(demo_url: str, make_app: Callable[..., Starlette])
 async def test_expired_token(demo_url: str, make_app: Callable[..., Starlette]) -> None:
     params = [*FEMALE, ("_count", "20")]
     pager = Pager("test-secret")  # the secret make_app configures
-    fingerprint = Pager.fingerprint("Patient", params)
+    fingerprint = Pager.fingerprint("Patient", params, sort=[SortKey("p.PATNT_REFNO")])
     fresh = pager.token(fingerprint, (100100,), False)
     yesterday = Pager("test-secret", clock=lambda: time.time() - 25 * 3600)
     stale = yesterday.token(fingerprint, (100100,), False)

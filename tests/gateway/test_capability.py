@@ -102,7 +102,11 @@ def resources(statement: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_served_type_is_listed_once(app: Starlette) -> None:
     cs = capability_statement(app.state.registry, BASE)
     listed = [r["type"] for r in cs["rest"][0]["resource"]]
-    assert listed == sorted(MAPPINGS) == [p.resource_type for p in app.state.registry]
+    assert sorted(MAPPINGS) == [p.resource_type for p in app.state.registry]
+    # Binary: the content of the DocumentReferences (gateway.binary), read only, no search.
+    assert listed == sorted([*MAPPINGS, "Binary"])
+    binary = resources(cs)["Binary"]
+    assert binary["interaction"] == [{"code": "read"}] and "searchParam" not in binary
     assert cs["resourceType"] == "CapabilityStatement"
     assert (cs["fhirVersion"], cs["kind"], cs["status"]) == (FHIR_VERSION, "instance", "active")
     assert cs["implementation"]["url"] == BASE
@@ -144,19 +148,20 @@ def test_demo_includes_by_name(app: Starlette) -> None:
         "Patient:general-practitioner:Organization"]
     assert sorted(by_type["Patient"]["searchRevInclude"]) == [
         "AllergyIntolerance:patient", "Condition:patient", "Condition:subject",
+        "DocumentReference:patient", "DocumentReference:subject",
         "Encounter:patient", "Encounter:subject", "Flag:patient", "Flag:subject",
         "Immunization:patient", "MedicationRequest:patient", "MedicationRequest:subject",
         "MedicationStatement:patient", "MedicationStatement:subject", "Observation:patient",
         "Observation:subject", "Procedure:patient", "Procedure:subject"]
     assert sorted(by_type["Practitioner"]["searchRevInclude"]) == [
-        "AllergyIntolerance:recorder", "Condition:asserter", "Encounter:practitioner",
-        "Flag:author", "Immunization:practitioner", "MedicationRequest:requester",
-        "MedicationStatement:source", "Observation:performer", "Patient:general-practitioner",
-        "PractitionerRole:practitioner", "Procedure:performer"]
+        "AllergyIntolerance:recorder", "Condition:asserter", "DocumentReference:author",
+        "Encounter:practitioner", "Flag:author", "Immunization:practitioner",
+        "MedicationRequest:requester", "MedicationStatement:source", "Observation:performer",
+        "Patient:general-practitioner", "PractitionerRole:practitioner", "Procedure:performer"]
     assert sorted(by_type["Encounter"]["searchRevInclude"]) == [
-        "Condition:context", "Condition:encounter", "MedicationRequest:context",
-        "Observation:context", "Observation:encounter", "Procedure:context",
-        "Procedure:encounter"]
+        "Condition:context", "Condition:encounter", "DocumentReference:encounter",
+        "MedicationRequest:context", "Observation:context", "Observation:encounter",
+        "Procedure:context", "Procedure:encounter"]
     assert "searchRevInclude" not in by_type["MedicationStatement"]
     assert "searchInclude" not in by_type["Organization"]
 
@@ -165,7 +170,9 @@ def test_unserved_targets_are_not_claimed(app: Starlette) -> None:
     registry = Registry(p for p in app.state.registry if p.resource_type != "Organization")
     served = set(MAPPINGS) - {"Organization"}
     by_type = resources(capability_statement(registry, BASE))
-    assert set(by_type) == served
+    assert set(by_type) == served | {"Binary"}
+    without = Registry(p for p in app.state.registry if p.resource_type != "DocumentReference")
+    assert "Binary" not in resources(capability_statement(without, BASE))
     # general-practitioner now has one served target: no per-type variants
     assert by_type["Patient"]["searchInclude"] == ["Patient:general-practitioner"]
     assert by_type["Location"]["searchInclude"] == ["Location:partof"]
@@ -213,7 +220,9 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 def served(http: httpx.Client) -> dict[str, dict[str, Any]]:
     r = http.get("/metadata")
     assert r.status_code == 200
-    return resources(r.json())
+    searchable = resources(r.json())
+    assert searchable.pop("Binary")["interaction"] == [{"code": "read"}]  # not searchable
+    return searchable
 
 
 def search(http: httpx.Client, rtype: str, params: dict[str, str]) -> dict[str, Any]:

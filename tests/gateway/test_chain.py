@@ -111,6 +111,30 @@ SPELLS_WITH_PATIENT = ('SELECT s."PRVSP_REFNO", p."PATNT_REFNO", p."NHS_NUMBER",
                        'JOIN "PATIENTS" p ON p."PATNT_REFNO" = s."PATNT_REFNO"')
 
 
+# Every Encounter, from its three sources (mappings/demo-pas/Encounter*.sql.yaml): id as
+# served, patient, status as served (the sources' code maps), consultant or attender.
+ALL_ENCOUNTERS = (
+    'SELECT \'\', "PRVSP_REFNO", "PATNT_REFNO", "SPELL_STATUS", "PROCA_REFNO" '
+    'FROM "PROVIDER_SPELLS" UNION ALL '
+    'SELECT \'op-\', "OPATT_REFNO", "PATNT_REFNO", "ATTND_CODE", "PROCA_REFNO" '
+    'FROM "OUTPATIENT_ATTENDANCES" UNION ALL '
+    'SELECT \'ae-\', "AEATT_REFNO", "PATNT_REFNO", "AE_STATUS", "PROCA_REFNO" '
+    'FROM "AE_ATTENDANCES" WHERE "DEL_FLAG" = \'N\'')
+ENCOUNTER_STATUS = {  # mappings/codemaps/encounter-status*.yaml
+    "": {"A": "in-progress", "D": "finished", "C": "cancelled"},
+    "op-": {"5": "finished", "6": "finished", "7": "cancelled", "2": "cancelled",
+            "3": "cancelled", "4": "cancelled"},
+    "ae-": {"A": "in-progress", "D": "finished"},
+}
+
+
+def all_encounters(oracle: Oracle) -> list[tuple[str, int, str | None, Any]]:
+    """(id, patient key, FHIR status, practitioner key) of every Encounter served."""
+    return [(f"{pre}{k}", patient,
+             None if status is None else ENCOUNTER_STATUS[pre][str(status)], proca)
+            for pre, k, patient, status, proca in oracle.rows(ALL_ENCOUNTERS)]
+
+
 # --- chained parameters ----------------------------------------------------------------------
 
 
@@ -136,6 +160,42 @@ async def test_chain_across_encounter_sources(api: httpx.AsyncClient, oracle: Or
                            all_sources=True)
         assert set(got) == expected
         assert any(i.startswith("op-") for i in got) and any(i.startswith("ae-") for i in got)
+
+
+# PROBLEMS.PRVSP_REFNO, under Condition's 'encounter': the keys of inpatient spells only.
+CONDITIONS_OF_SPELLS = ('SELECT c."PROBL_REFNO" FROM "PROBLEMS" c JOIN "PROVIDER_SPELLS" s '
+                        'ON s."PRVSP_REFNO" = c."PRVSP_REFNO" WHERE c."DELETED_FLAG" = \'N\'')
+
+
+async def test_references_hold_the_unprefixed_sources_keys(api: httpx.AsyncClient,
+                                                           oracle: Oracle) -> None:
+    """A reference column holds the keys of its target's unprefixed source (an output
+    reference carries no prefix): a chain onto Encounter, or a _has from it, never joins the
+    outpatient or A&E keys, whose numbers the spells' share."""
+    finished = oracle.ids(CONDITIONS_OF_SPELLS + ' AND s."SPELL_STATUS" = \'D\'')
+    # conditions whose spell number is also a finished clinic attendance's number
+    same_number = oracle.ids(
+        'SELECT c."PROBL_REFNO" FROM "PROBLEMS" c JOIN "OUTPATIENT_ATTENDANCES" o '
+        'ON o."OPATT_REFNO" = c."PRVSP_REFNO" WHERE c."DELETED_FLAG" = \'N\' '
+        'AND o."ATTND_CODE" IN (\'5\', \'6\')')
+    assert finished and same_number - finished  # the wrong join would show
+    assert await found(api, "Condition", [("encounter.status", "finished")]) == finished
+    # an id of a prefixed source, chained or plain: no PROBLEMS row refers to it
+    (op,) = oracle.rows('SELECT min("OPATT_REFNO") FROM "OUTPATIENT_ATTENDANCES"')[0]
+    assert oracle.ids(CONDITIONS_OF_SPELLS + ' AND s."PRVSP_REFNO" = :k', k=op)
+    for params in ([("encounter._id", f"op-{op}")], [("encounter", f"op-{op}")],
+                   [("encounter", f"Encounter/op-{op}")]):
+        assert await found(api, "Condition", params) == set(), params
+    assert await found(api, "Condition", [("encounter._id", str(op))]) == oracle.ids(
+        CONDITIONS_OF_SPELLS + ' AND s."PRVSP_REFNO" = :k', k=op)
+    # _has the other way: spells only, never an attendance with a spell's number
+    spells = oracle.ids('SELECT DISTINCT c."PRVSP_REFNO" FROM "PROBLEMS" c WHERE '
+                        'c."DELETED_FLAG" = \'N\' AND c."PROBL_TYPE" = \'DX\' '
+                        'AND c."PRVSP_REFNO" IS NOT NULL')
+    assert spells
+    got = await search(api, "Encounter", [("_has:Condition:encounter:category",
+                                           "encounter-diagnosis")], all_sources=True)
+    assert set(got) == spells
 
 
 async def test_patient_identifier_nhs_number(api: httpx.AsyncClient, oracle: Oracle) -> None:
@@ -305,25 +365,22 @@ async def test_self_reference(api: httpx.AsyncClient, oracle: Oracle) -> None:
 
 
 async def test_has_encounter(api: httpx.AsyncClient, oracle: Oracle) -> None:
-    # 'finished' is the local code D (mappings/codemaps/encounter-status.yaml)
-    expected = oracle.ids(
-        'SELECT p."PATNT_REFNO" FROM "PATIENTS" p WHERE p."SEXXX_CODE" = \'2\' AND EXISTS '
-        '(SELECT 1 FROM "PROVIDER_SPELLS" s WHERE s."PATNT_REFNO" = p."PATNT_REFNO" '
-        'AND s."SPELL_STATUS" = \'D\')')
-    assert expected
+    # an Encounter from any of its three sources, each status through its own code map
+    encounters = all_encounters(oracle)
+    female = oracle.ids('SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "SEXXX_CODE" = \'2\'')
+    finished = {str(p) for _, p, st, _ in encounters if st == "finished"}
+    expected = finished & female
+    # patients whose only finished encounters are attendances: a spells-only join misses them
+    assert expected - oracle.ids('SELECT "PATNT_REFNO" FROM "PROVIDER_SPELLS" '
+                                 'WHERE "SPELL_STATUS" = \'D\'')
     for has in ("_has:Encounter:patient:status", "_has:Encounter:subject:status"):
         assert await found(api, "Patient", [(has, "finished"), ("gender", "female")]
                            ) == expected
-    ongoing = oracle.ids(
-        'SELECT DISTINCT s."PATNT_REFNO" FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
-        'ON p."PATNT_REFNO" = s."PATNT_REFNO" WHERE s."SPELL_STATUS" = \'A\'')
+    ongoing = {str(p) for _, p, st, _ in encounters if st == "in-progress"}
     assert await found(api, "Patient", [("_has:Encounter:patient:status", "in-progress"),
                                         ("birthdate", "ge1800")]) == ongoing
-    # :not is the Encounter's: patients with a spell that is not finished
-    unfinished = oracle.ids(
-        'SELECT DISTINCT s."PATNT_REFNO" FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
-        'ON p."PATNT_REFNO" = s."PATNT_REFNO" WHERE s."SPELL_STATUS" <> \'D\' '
-        'OR s."SPELL_STATUS" IS NULL')
+    # :not is the Encounter's: patients with an encounter that is not finished
+    unfinished = {str(p) for _, p, st, _ in encounters if st != "finished"}
     assert unfinished > ongoing
     assert await found(api, "Patient", [("_has:Encounter:patient:status:not", "finished"),
                                         ("birthdate", "ge1800")]) == unfinished
@@ -410,13 +467,17 @@ async def test_one_statement_per_page(demo_url: str, make_app: Callable[..., Sta
                                       ) -> None:
     app = make_app(demo_url)
     registry = app.state.registry
-    engine = registry.get("Encounter").mapping.adapter.engine
-    assert registry.get("Patient").mapping.adapter.engine is engine
+    engine = registry.get("Patient").mapping.adapter.engine
+    # Encounter's three sources, all on the Patient mapping's connection
+    tables = ("PROVIDER_SPELLS", "OUTPATIENT_ATTENDANCES", "AE_ATTENDANCES")
+    assert {s.mapping.spec.source["table"] for s in registry.get("Encounter").sources
+            } == set(tables)
+    assert all(s.mapping.adapter.engine is engine for s in registry.get("Encounter").sources)
     sent: list[str] = []
     _count_statements(engine, sent)
 
     def selects() -> list[str]:
-        return [s for s in sent if "PROVIDER_SPELLS" in s or "PATIENTS" in s]
+        return [s for s in sent if "PATIENTS" in s or any(t in s for t in tables)]
 
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -428,9 +489,12 @@ async def test_one_statement_per_page(demo_url: str, make_app: Callable[..., Sta
                 r = await c.get(url)
                 assert r.status_code == 200, r.text
                 statements = selects()
-                assert len(statements) == 1, statements
-                # the patient table is read inside the one statement, as a subquery
-                assert "PATIENTS" in statements[0] and "PROVIDER_SPELLS" in statements[0]
+                # one statement per source still unfinished (the first page asks all three),
+                # each reading the patient table inside it, as a subquery
+                asked = [t for st in statements for t in tables if t in st]
+                assert len(asked) == len(statements) == len(set(asked)), statements
+                assert pages or len(asked) == 3
+                assert all("PATIENTS" in st for st in statements), statements
                 pages += 1
                 nxt = [x["url"] for x in r.json()["link"] if x["relation"] == "next"]
                 url = nxt[0] if nxt else None
@@ -476,9 +540,9 @@ async def test_compartment_confines_the_other_side(
     """A patient/ token cannot learn about another patient's encounters through _has on a
     type outside the compartment (Practitioner): the subquery is confined too."""
     by_patient: dict[int, set[int]] = {}
-    for patient, consultant in oracle.rows('SELECT "PATNT_REFNO", "PROCA_REFNO" '
-                                           'FROM "PROVIDER_SPELLS"'):
-        by_patient.setdefault(patient, set()).add(consultant)
+    for _, patient, _, consultant in all_encounters(oracle):  # all three Encounter sources
+        if consultant is not None:
+            by_patient.setdefault(patient, set()).add(consultant)
     # P and Q: each with a consultant the other never saw
     p, q = next((a, b) for a in sorted(by_patient) for b in sorted(by_patient)
                 if by_patient[a] - by_patient[b] and by_patient[b] - by_patient[a])
@@ -542,7 +606,9 @@ async def test_revinclude_of_every_type_onto_patient(
             capped = 0
             for rev in offered:
                 rtype, param = rev.split(":")
-                by_search = await found(c, rtype, [(param, f"Patient/{pid}")])
+                # every source of a type: _revinclude brings them all
+                by_search = set(await search(c, rtype, [(param, f"Patient/{pid}")],
+                                             all_sources=True))
                 r = await c.get("/STU3/Patient", params={"_id": pid, "_revinclude": rev})
                 assert r.status_code == 200, r.text
                 entries = r.json()["entry"]
@@ -578,8 +644,8 @@ async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
         "codemaps: ../codemaps",
         "  other:\n    adapter: sql\n    url_env: CCG_OTHER_URL\n    timezone: Europe/London\n"
         "codemaps: ../codemaps"))
-    enc = here / "demo-pas" / "Encounter.sql.yaml"
-    enc.write_text(enc.read_text().replace("connection: pas", "connection: other"))
+    for enc in (here / "demo-pas").glob("Encounter*.sql.yaml"):  # all three sources
+        enc.write_text(enc.read_text().replace("connection: pas", "connection: other"))
     # a copied mapping directory is a production configuration: an API key, not the demo mode
     keys = tmp_path / "api-keys.yaml"
     keys.write_text("keys: [{client_id: t, sha256: '"
@@ -597,7 +663,11 @@ async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
 async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) -> None:
     rows = oracle.rows(SPELLS_WITH_PATIENT)
     nhs = next(n for _, _, n, _, _, _ in rows if n)
-    expected = {str(s) for s, _, n, _, _, _ in rows if n == nhs}
+    # every source's through the search of Patient
+    patient = oracle.rows('SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "NHS_NUMBER" = :n',
+                          n=nhs)[0][0]
+    expected = {e for e, p, _, _ in all_encounters(oracle) if p == patient}
+    assert any(not e.isdigit() for e in expected)
     r = await split_api.get("/STU3/Encounter", params={"patient.identifier": f"{NHS}|{nhs}"})
     assert r.status_code == 200, r.text
     bundle = r.json()
@@ -613,12 +683,15 @@ async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) 
     assert await found(split_api, "Encounter", [("patient.family", "smith"),
                                                 ("_count", "3")]) == few
     # _has the other way round, with the Patient two-type rule
-    ongoing = oracle.ids(
-        'SELECT p."PATNT_REFNO" FROM "PATIENTS" p WHERE p."SEXXX_CODE" = \'2\' AND EXISTS '
-        '(SELECT 1 FROM "PROVIDER_SPELLS" s WHERE s."PATNT_REFNO" = p."PATNT_REFNO" '
-        'AND s."SPELL_STATUS" = \'A\')')
+    female = oracle.ids('SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "SEXXX_CODE" = \'2\'')
+    ongoing = female & {str(p) for _, p, st, _ in all_encounters(oracle) if st == "in-progress"}
     assert await found(split_api, "Patient", [("_has:Encounter:patient:status", "in-progress"),
                                               ("gender", "female")]) == ongoing
+    # a costly chain is refused before the Patient search it would run first (issue 13)
+    addresses = ",".join(f"a{i}" for i in range(50))
+    r = await split_api.get("/STU3/Encounter", params={"patient.address": addresses})
+    assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
+        "SEARCH_TOO_COSTLY"), r.text
     # more than the bound: refused, never cut
     r = await split_api.get("/STU3/Encounter", params={"patient.gender": "female"})
     assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (

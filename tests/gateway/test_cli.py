@@ -3,6 +3,8 @@ mapping directory, ``mappings check``, ``demo build``, and a real ``serve`` subp
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import shutil
@@ -59,12 +61,9 @@ def test_serve_flags(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    [],
     ["serve", "--port", "eighty"],
     ["serve", "--demo-patients", "many"],
     ["serve", "--colour"],
-    ["mappings"],
-    ["demo"],
     ["demo", "build", "--patients", "x"],
     ["launch"],
 ])
@@ -73,6 +72,79 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
         cli.main(argv)
     assert exit_.value.code == 2
     assert "usage: careconnect-gateway" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["mappings"], ["demo"], ["api-key"]])
+def test_a_bare_command_group_prints_its_help(argv: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: careconnect-gateway" + "".join(f" {a}" for a in argv))
+    sub = {(): "serve", ("mappings",): "coverage", ("demo",): "reset", ("api-key",): "new"}
+    assert sub[tuple(argv)] in out  # the subcommands are listed
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    expected = f"careconnect-gateway {version('careconnect-gateway')}"
+    assert capsys.readouterr().out.strip() == expected
+
+
+def _parsers(p: argparse.ArgumentParser, path: str = "careconnect-gateway"
+             ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, f"{path} {name}")
+
+
+def test_every_option_and_command_has_help_text() -> None:
+    missing = []
+    for path, p in _parsers(cli.parser()):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{path} {c.dest}" for c in action._choices_actions if not c.help]
+            elif action.help is None or not action.help.strip():
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+
+
+def test_a_bad_setting_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CCG_PORT", "abc")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err == "careconnect-gateway: CCG_PORT must be a whole number, not 'abc'\n"
+    monkeypatch.setenv("CCG_PORT", "8080")
+    monkeypatch.setenv("CCG_MAX_COUNT", "lots")
+    assert cli.main(["mappings", "check"]) == 2
+    assert "CCG_MAX_COUNT" in capsys.readouterr().err
+    monkeypatch.delenv("CCG_MAX_COUNT")
+    assert cli.main(["serve", "--port", "70000"]) == 2
+    assert "65535" in capsys.readouterr().err
+
+
+def test_bundled_mapping_directories_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    from gateway.settings import Settings, mappings_path
+
+    monkeypatch.chdir(tmp_path)
+    hl7 = mappings_path("demo-hl7v2")
+    assert hl7.is_dir() and (hl7 / "Patient.hl7v2.yaml").is_file()
+    assert mappings_path("demo-pas") == DEMO
+    assert cli.parser().parse_args(["serve", "--mappings", "demo-hl7v2"]).mappings == hl7
+    monkeypatch.setenv("CCG_MAPPINGS_DIR", "demo-hl7v2")
+    assert Settings.from_env().mappings_dir == hl7
+    # a directory of that name here wins; other names are left as given
+    (tmp_path / "demo-hl7v2").mkdir()
+    assert mappings_path("demo-hl7v2") == Path("demo-hl7v2")
+    assert mappings_path("codemaps") == Path("codemaps")
+    assert mappings_path("no-such") == Path("no-such")
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -229,11 +301,54 @@ def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert f"serving http://127.0.0.1:{port}/STU3" in err.read_text()
+    stderr = err.read_text()
+    assert f"serving http://127.0.0.1:{port}/STU3" in stderr
+    # the demo's audit trail goes to a file in the data directory, said at start-up, and not
+    # to the terminal (it holds patient ids and search values)
+    audit = tmp_path / "d" / "audit.jsonl"
+    assert f"Audit trail: {audit}" in stderr
+    assert '"logger":"gateway.audit"' not in stderr and '"event":"access"' not in stderr
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert any(r["query"] and ["family", "smith"] in r["query"] for r in records)
     log = out.read_text()
     assert '"event":"started"' in log
     assert log.count('"event":"request"') == 3
     assert "smith" not in log.lower()
+
+
+def test_a_port_in_use_is_reported_before_the_banner(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCG_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [*executable(), "serve", "--port", str(port), "--data-dir", str(tmp_path / "d"),
+             "--demo-patients", "50"], env=env, cwd=tmp_path, capture_output=True, text=True,
+            timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == (f"refusing to start: port {port} on 127.0.0.1 is already in use "
+                           "(another gateway?); choose another with --port or CCG_PORT\n")
+    assert not (tmp_path / "d").exists()  # nothing built for a server that cannot listen
+
+
+def test_demo_reset_rebuilds_the_database(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "d"
+    assert cli.main(["demo", "build", "--patients", "40", "--data-dir", str(data)]) == 0
+    from gateway.demo_pas import demo_file_name
+
+    db = data / demo_file_name(40)  # the file serve reads (its name carries the schema)
+    with sqlite3.connect(db) as conn:  # a write through the HL7 demo, say
+        conn.execute("UPDATE PATIENTS SET SURNAME = 'CHANGED' WHERE PATNT_REFNO = 100001")
+    conn.close()
+    capsys.readouterr()
+    assert cli.main(["demo", "reset", "--demo-patients", "40", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out.strip() == f"rebuilt the demo PAS: {db}"
+    with sqlite3.connect(db) as conn:
+        [(surname,)] = conn.execute("SELECT SURNAME FROM PATIENTS WHERE PATNT_REFNO = 100001")
+    conn.close()
+    assert surname == "SMITH"
 
 
 @pytest.mark.parametrize("workers", ["2", "4", "lots"])

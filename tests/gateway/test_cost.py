@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.applications import Starlette
 
-from adapters.base import And, Compare, In, Or, Text
+from adapters.base import And, Chain, Compare, In, Or, Text
 from gateway.cost import estimate
 
 pytestmark = pytest.mark.anyio
@@ -51,6 +51,21 @@ def test_the_estimate() -> None:
     assert estimate(None, "p") == 1
 
 
+def test_the_estimate_looks_inside_a_chain() -> None:
+    """A chain's subquery costs what its criteria cost, and its tables are other tables
+    (even where an alias is the outer query's: a self-reference reads the table again)."""
+    name = Or(tuple(Text(c, "prefix", "x") for c in ("p.A", "p.B", "p.C")))
+    chained = Chain("e.PATNT_REFNO", object(), "p.PATNT_REFNO", name)
+    assert estimate(chained, "e") == 3 * 3 * 2
+    wide = Chain("e.PATNT_REFNO", object(), "p.PATNT_REFNO",
+                 Or(tuple(Text(f"a.L{i}", "prefix", f"a{v}") for i in range(5)
+                          for v in range(50))))
+    assert estimate(And((Compare("e.STATUS", "=", "D"), wide)), "e") == 250 * 250 * 3
+    assert estimate(Chain("l.PARENT", object(), "l.KEY", Text("l.NAME", "prefix", "x")),
+                    "l") == 1 * 1 * 2
+    assert estimate(Chain("e.PATNT_REFNO", object(), "p.PATNT_REFNO", None), "e") == 2
+
+
 async def test_too_many_parameters(api: httpx.AsyncClient) -> None:
     r = await api.get("/STU3/Patient", params=[("name", "a")] * 2000 + [("gender", "female")])
     assert r.status_code == 400 and _code(r) == "TOO_MANY_PARAMETERS"
@@ -82,6 +97,24 @@ async def test_a_costly_search_is_refused_before_the_database(api: httpx.AsyncCl
     assert r.status_code == 400 and _code(r) == "SEARCH_TOO_COSTLY"
     assert not sent  # nothing reached the database
     r = await api.get("/STU3/Patient", params={"gender": "female", "address": "a0,a1,a2"})
+    assert r.status_code == 200 and sent
+
+
+async def test_a_costly_chain_is_refused_before_the_database(api: httpx.AsyncClient) -> None:
+    """Text predicates inside a chained parameter or a _has count as the target's own."""
+    app: Any = api.app  # type: ignore[attr-defined]
+    engine = app.state.registry.get("Patient").mapping.adapter.engine
+    sent: list[str] = []
+    sa.event.listen(engine, "connect", lambda c, _r: c.set_trace_callback(sent.append))
+    engine.dispose()
+    addresses = ",".join(f"a{i}" for i in range(50))
+    for rtype, params in (
+            ("Encounter", {"patient.address": addresses}),
+            ("Practitioner", {"_has:Patient:general-practitioner:address": addresses})):
+        r = await api.get(f"/STU3/{rtype}", params=params)
+        assert r.status_code == 400 and _code(r) == "SEARCH_TOO_COSTLY", (rtype, r.text)
+    assert not sent  # nothing reached the database
+    r = await api.get("/STU3/Encounter", params={"patient.address": "a0,a1,a2"})
     assert r.status_code == 200 and sent
 
 

@@ -205,7 +205,7 @@ def test_a_source_failing_mid_walk_is_reported_never_a_silent_gap(
         assert strict.status_code == 502
         assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
         partial = c.get(next_url)
-        assert partial.status_code == 200
+        assert partial.status_code == 200, partial.text
         body = partial.json()
         outcome = [e["resource"] for e in body["entry"] if e["search"]["mode"] == "outcome"]
         assert len(outcome) == 1

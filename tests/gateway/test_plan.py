@@ -531,6 +531,27 @@ async def test_birthdate(api: httpx.AsyncClient, db: Demo, prefix: str, date: st
                                         ("family", ",".join(names))]) == expected
 
 
+async def test_birthdate_upper_edges(api: httpx.AsyncClient, db: Demo) -> None:
+    """``sa`` a day before a birth date finds it (it starts where the value ends: ``>=``, not
+    ``>``); ``eb`` a day after finds it too (it ends where the value starts)."""
+    for pid in ("100001", "100004"):
+        p = db.patients[int(pid)]
+        born = ymd(p["DTTM_OF_BIRTH"])
+        family = p["SURNAME"][:3]
+        for value in ("sa" + (born - dt.timedelta(days=1)).date().isoformat(),
+                      "eb" + (born + dt.timedelta(days=1)).date().isoformat()):
+            expected = patients_where(db, lambda q, v=value, f=family:
+                                      date_matches(v, *birth_range(q)) and starts(f, q["SURNAME"]))
+            assert pid in expected, value
+            assert await found(api, "Patient", [("birthdate", value),
+                                                ("family", family)]) == expected, value
+        # and the day itself is neither after nor before itself
+        same = born.date().isoformat()
+        for value in ("sa" + same, "eb" + same):
+            assert pid not in await found(api, "Patient", [("birthdate", value),
+                                                           ("family", family)])
+
+
 async def test_birthdate_ap(api: httpx.AsyncClient, db: Demo) -> None:
     def oracle(now: dt.datetime) -> set[str]:
         lo, hi = widened("1965-04-12", now)
@@ -575,6 +596,27 @@ async def test_encounter_date_inside_a_stored_minute(api: httpx.AsyncClient, db:
         value = prefix + ymdhm(stored).isoformat(timespec="minutes") + ":30"
         expected = spells_where(db, lambda s, v=value: date_matches(v, *spell_range(s)))
         assert await found(api, "Encounter", [("date", value)]) == expected, value
+
+
+async def test_encounter_period_upper_edges(api: httpx.AsyncClient, db: Demo) -> None:
+    """A spell starts exactly where a value ending one unit before its admission ends: ``sa``
+    is ``>=`` on the start (and ``eb`` one unit after its discharge is ``<`` on the end)."""
+    spells = [s for s in db.spells.values() if s["DISCH_DTTM"]]
+    midnight = [s for s in spells if s["ADMIT_DTTM"].endswith("0000")]
+    chosen = (midnight[:1] or []) + spells[:2]
+    for spell in chosen:
+        admitted, discharged = ymdhm(spell["ADMIT_DTTM"]), ymdhm(spell["DISCH_DTTM"])
+        values = ["sa" + (admitted - dt.timedelta(minutes=1)).isoformat(timespec="minutes"),
+                  "eb" + (discharged + dt.timedelta(minutes=1)).isoformat(timespec="minutes")]
+        if spell["ADMIT_DTTM"].endswith("0000"):  # a day before a midnight admission
+            values.append("sa" + (admitted - dt.timedelta(days=1)).date().isoformat())
+        for value in values:
+            expected = spells_where(db, lambda s, v=value: date_matches(v, *spell_range(s)))
+            assert str(spell["PRVSP_REFNO"]) in expected, value
+            got = await found(api, "Encounter", [("date", value),
+                                                 ("patient", str(spell["PATNT_REFNO"]))])
+            assert got == {k for k in expected
+                           if db.spells[int(k)]["PATNT_REFNO"] == spell["PATNT_REFNO"]}, value
 
 
 async def test_encounter_ongoing_spells(api: httpx.AsyncClient, db: Demo) -> None:

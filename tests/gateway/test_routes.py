@@ -40,7 +40,9 @@ def test_fast_routes_first_without_taking_other_routes_paths() -> None:
 
     table = [r for r in routes(Api(), None, "/STU3")  # type: ignore[arg-type]
              if isinstance(r, Route)]
-    assert table[0].path_format == "/STU3/{type}/{id}" and table[1].path_format == "/STU3/{type}"
+    # Binary/[id] first (its own handler, gateway.binary), then the two fast routes.
+    assert table[0].path_format == "/STU3/Binary/{id}"
+    assert table[1].path_format == "/STU3/{type}/{id}" and table[2].path_format == "/STU3/{type}"
     cases = {
         ("GET", "/STU3/Patient/100001"): "/STU3/{type}/{id}",
         ("GET", "/STU3/Patient"): "/STU3/{type}",
@@ -54,6 +56,7 @@ def test_fast_routes_first_without_taking_other_routes_paths() -> None:
         ("GET", "/STU3/Patient/1/_history"): "/STU3/{type}/{id}/{rest}",
         ("GET", "/STU3/patient"): "/STU3/{type}",  # not a type: the same handler says 404
         ("GET", "/_health"): "/_health",
+        ("GET", "/STU3/Binary/1"): "/STU3/Binary/{id}",
     }
     for (method, path), expected in cases.items():
         assert _handler_for(table, method, path) == expected, path

@@ -9,7 +9,6 @@ rewrites the expected files (see README.md: review them before committing).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ from adapters.hl7v2.adapter import Hl7v2Adapter
 from adapters.registry import create
 from gateway.mapping.loader import load_directory
 from gateway.providers import Provider
+from tests.reference import update_golden
 
 HERE = Path(__file__).resolve().parent / "hl7v2"
 REPO = HERE.parents[2]
-UPDATE = os.environ.get("CCG_UPDATE_GOLDEN") == "1"
 CASES = sorted(HERE.glob("*.hl7"))
 
 
@@ -54,7 +53,7 @@ def test_golden(case: Path, providers: dict[str, Provider]) -> None:
     message = er7.parse(case.read_bytes())
     resources = _resources(providers, message)
     expected_file = case.with_suffix(".expected.json")
-    if UPDATE:
+    if update_golden():
         expected_file.write_text(json.dumps(resources, indent=2, ensure_ascii=False) + "\n",
                                  encoding="utf-8")
     expected = json.loads(expected_file.read_text(encoding="utf-8"))
@@ -91,7 +90,7 @@ def test_itk_sample_visits(sample: Path, providers: dict[str, Provider]) -> None
     visits = message.groups("PV1")
     assert len(resources) + (after - before) == len(visits)
     expected_file = HERE / "itk-shared" / f"{sample.stem}.expected.json"
-    if UPDATE:
+    if update_golden():
         expected_file.parent.mkdir(exist_ok=True)
         expected_file.write_text(json.dumps(resources, indent=2, ensure_ascii=False) + "\n",
                                  encoding="utf-8")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.demo_pas.hl7v2.mllp_server import Reply
+from adapters.hl7v2.mllp_server import Reply
 
 
 @dataclass

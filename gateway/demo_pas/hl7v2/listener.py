@@ -16,10 +16,10 @@ import structlog
 from sqlalchemy.engine import Engine
 
 from adapters.hl7v2 import er7, messages
+from adapters.hl7v2.mllp_server import MllpServer, Reply
 from adapters.text import fold
 from gateway.demo_pas.hl7v2.adt import _create, _update
 from gateway.demo_pas.hl7v2.faults import Faults, deliver
-from gateway.demo_pas.hl7v2.mllp_server import MllpServer, Reply
 from gateway.demo_pas.hl7v2.profiles import PROFILES, Profile
 from gateway.demo_pas.hl7v2.queries import Queries
 from gateway.demo_pas.hl7v2.wire import (

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from adapters.hl7v2 import er7
 from adapters.hl7v2.er7 import Encoding, Er7Error
+from tests.reference import SHARED, require_shared, shared_files
 
-REPO = pathlib.Path(__file__).parents[3]
-SAMPLES = (REPO / ".." / "shared" / "hl7v2-samples").resolve()
+SAMPLES = SHARED / "hl7v2-samples"
 ITK = SAMPLES / "uk-itk-adt"
 PDQ = SAMPLES / "ihe-pdq"
 
@@ -47,14 +47,7 @@ RSP_K22 = "\r".join([
 ])
 
 
-def _shared(path: pathlib.Path) -> pathlib.Path:
-    if not path.is_dir():
-        pytest.skip(f"HL7 v2 samples not found at {path}")
-    return path
-
-
-def _sample_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(folder.glob("*")) if folder.is_dir() else []
+_shared = require_shared
 
 
 class _Hang(BaseException):  # BaseException: parse() must not be able to swallow it
@@ -113,9 +106,9 @@ def exercise(message: er7.Message) -> None:
 # --- the shared samples -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", _sample_files(ITK) + _sample_files(PDQ), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", shared_files(ITK) + shared_files(PDQ), ids=lambda p: p.name)
 def test_shared_samples_parse(path: pathlib.Path) -> None:
-    data = path.read_bytes()
+    data = require_shared(path).read_bytes()
     message = er7.parse(data)
     assert message.segments[0].name == "MSH"
     assert message.control_id
@@ -486,12 +479,21 @@ def test_encoding_rejects_unusable_delimiters() -> None:
 
 def _base_messages() -> list[str]:
     texts = [RSP_K22, "MSH#$%@!#A#B\rPID#1##x$y%z#@F@\rZZ1#a!b"]
-    for path in _sample_files(ITK)[:3] + _sample_files(PDQ)[:4]:
+    for path in [p for p in shared_files(ITK)[:3] + shared_files(PDQ)[:4] if p.is_file()]:
         texts.append(path.read_text())
     return texts
 
 
 BASES = _base_messages()
+SEEDS = 9  # two made here, seven of the shared samples
+
+
+@pytest.fixture(scope="module")
+def all_seeds() -> None:
+    """The fuzzing below starts from every seed, or does not run (fails under CI)."""
+    require_shared(ITK)
+    require_shared(PDQ)
+    assert len(BASES) == SEEDS, f"{len(BASES)} fuzz seeds, expected {SEEDS}"
 INTERESTING = "|^~\\&#$%@!\r\n\x0b\x1c \"MSHPIDXZ0123456789.br\\X0D\\éŁ€\ufeff"
 
 
@@ -546,12 +548,14 @@ def test_arbitrary_text(text: str) -> None:
     _check("MSH|^~\\&|A\rZZZ|" + text)
 
 
+@pytest.mark.usefixtures("all_seeds")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(near_valid())
 def test_mutated_messages(data: str | bytes) -> None:
     _check(data)
 
 
+@pytest.mark.usefixtures("all_seeds")
 @settings(max_examples=100, deadline=None)
 @given(st.sampled_from(BASES))
 def test_bytes_and_text_read_the_same(text: str) -> None:

@@ -33,7 +33,7 @@ from adapters.hl7v2.mllp import (
     client_ssl_context,
     frame,
 )
-from gateway.demo_pas.hl7v2.mllp_server import MllpServer, Reply, server_ssl_context
+from adapters.hl7v2.mllp_server import MllpServer, Reply, server_ssl_context
 
 pytestmark = pytest.mark.anyio
 

@@ -30,11 +30,11 @@ import pytest
 import sqlalchemy as sa
 
 from adapters.hl7v2 import er7, messages
+from adapters.hl7v2.mllp_server import Reply
 from gateway import nhs_number
 from gateway.app import build_app
 from gateway.demo_pas import ensure_sqlite_demo
 from gateway.demo_pas.hl7v2 import PasSimulator
-from gateway.demo_pas.hl7v2.mllp_server import Reply
 from gateway.settings import Settings
 from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
 from tests.conftest import LiveServer

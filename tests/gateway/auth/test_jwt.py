@@ -415,10 +415,13 @@ async def test_a_remembered_token_is_not_used_past_its_expiry(
     config = JwtConfig(ISSUER, (AUDIENCE,), None, keys_file(tmp_path, rs_key), ("RS256",),
                        leeway=0)
     verifier = JwtVerifier(config)
+    # exp two whole seconds ahead: with one, a start late in a second (now=int(100.98)=100,
+    # exp=101) reached PyJWT's whole-second clock at 101 and the first use was already expired.
     now = int(time.time())
-    token = sign(rs_key, claims(iat=now, nbf=now, exp=now + 1))
+    exp = now + 2
+    token = sign(rs_key, claims(iat=now, nbf=now, exp=exp))
     assert (await verifier.principal(token)).client_id == "ward-app"
-    while time.time() <= now + 1:  # until exp has passed (real time: PyJWT's clock too)
+    while time.time() < exp:  # until exp has passed (real time: PyJWT's clock too)
         time.sleep(0.05)
     with pytest.raises(InvalidToken, match="expired"):
         await verifier.principal(token)

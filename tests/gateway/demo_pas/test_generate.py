@@ -24,10 +24,10 @@ from gateway.demo_pas import (
     ensure_sqlite_demo,
     metadata,
 )
+from tests.reference import SHARED, require_shared
 
 REPO = pathlib.Path(__file__).parents[3]
 CODEMAPS = REPO / "mappings" / "codemaps"
-SHARED = (REPO / ".." / "shared").resolve()
 FHIR_NS = "{http://hl7.org/fhir}"
 PATIENTS = 500
 
@@ -341,7 +341,8 @@ def test_ensure_sqlite_demo_is_idempotent(tmp_path: pathlib.Path) -> None:
     conn.close()
     assert ensure_sqlite_demo(path, patients=30, progress=False) == path
     assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
-    assert sorted(p.name for p in path.parent.iterdir()) == ["demo.db"]
+    # The database and its document store (gateway.demo_pas.epr_documents); no leftovers.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["demo.db", "demo.documents"]
 
 
 # --- code maps ------------------------------------------------------------------------------
@@ -440,8 +441,7 @@ def test_every_generated_code_is_mapped(db: sqlite3.Connection) -> None:
 
 
 def _shared_or_skip() -> pathlib.Path:
-    if not (SHARED / "careconnect" / "codesystems").is_dir():
-        pytest.skip(f"Care Connect reference material not found at {SHARED}")
+    require_shared(SHARED / "careconnect" / "codesystems")
     return SHARED
 
 

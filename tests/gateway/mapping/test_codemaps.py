@@ -293,7 +293,7 @@ async def test_an_unmappable_code_answers_502(demo_sqlite_url: str, tmp_path: Pa
     keys.write_text("keys: [{client_id: t, sha256: "
                     "'" + hashlib.sha256(b"test-key").hexdigest() + "', scopes: system/*.read}]")
     app = make_app(demo_sqlite_url, mappings_dir=tmp_path / "demo-pas", auth_mode="api-key",
-                   api_keys_file=str(keys))
+                   api_keys_file=str(keys), audit_log=str(tmp_path / "audit.jsonl"))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway",

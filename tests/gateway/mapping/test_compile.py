@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -28,6 +30,7 @@ from gateway.mapping.functions import (
     days_between,
     deceased_flag,
     minutes_between,
+    sha1_hex_to_base64,
     visit_status,
 )
 from gateway.mapping.model import Expr
@@ -306,7 +309,7 @@ def test_references_inside_each_name_their_child() -> None:
      "yes_no, not, digits, no_spaces)"),
     ({"length": {"value": {"function": "los", "args": ["s.A"]}}}, "length.value",
      "unknown function 'los' (one of: minutes_between, days_between, deceased_flag, "
-     "visit_status)"),
+     "visit_status, sha1_hex_to_base64)"),
     ({"gender": {"colum": "p.SEX", "codemap": "address-use"}}, "gender.colum", "unknown key"),
     ({"gender": {"column": "p.SEX", "transfrom": "upper"}}, "gender.transfrom", "unknown key"),
     ({"gender": {"codemap": "address-use"}}, "gender",
@@ -400,7 +403,16 @@ def test_days_between_counts_calendar_days() -> None:
 def test_the_function_registry() -> None:
     assert dict(FUNCTIONS) == {"minutes_between": minutes_between,
                                "days_between": days_between,
-                               "deceased_flag": deceased_flag, "visit_status": visit_status}
+                               "deceased_flag": deceased_flag, "visit_status": visit_status,
+                               "sha1_hex_to_base64": sha1_hex_to_base64}
+
+
+def test_sha1_hex_to_base64() -> None:
+    digest = hashlib.sha1(b"letter").digest()
+    assert sha1_hex_to_base64(digest.hex()) == base64.b64encode(digest).decode()
+    assert sha1_hex_to_base64(digest.hex().upper()) == base64.b64encode(digest).decode()
+    for bad in (None, "", "abc", "z" * 40, digest.hex() + "00"):
+        assert sha1_hex_to_base64(bad) is None
 
 
 def test_deceased_flag_and_visit_status() -> None:

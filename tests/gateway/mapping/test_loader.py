@@ -67,10 +67,10 @@ def one_problem(directory: Path) -> tuple[str, int, str]:
 def test_the_demo_mappings_load(demo_sqlite_url: str) -> None:
     loaded = load_directory(DEMO, create, urls={"pas": demo_sqlite_url})
     assert sorted(m.resource_type for m in loaded.mappings) == [
-        "AllergyIntolerance", "Condition", "Encounter", "Encounter", "Encounter", "Flag",
-        "Immunization", "Location", "Medication", "MedicationRequest", "MedicationStatement",
-        "Observation", "Organization", "Patient", "Practitioner", "PractitionerRole",
-        "Procedure"]
+        "AllergyIntolerance", "Condition", "DocumentReference", "Encounter", "Encounter",
+        "Encounter", "Flag", "Immunization", "Location", "Medication", "MedicationRequest",
+        "MedicationStatement", "Observation", "Organization", "Patient", "Practitioner",
+        "PractitionerRole", "Procedure"]
     assert {m.connection for m in loaded.mappings} == {"pas"}
     assert list(loaded.adapters) == ["pas"]  # one adapter shared by every mapping
     assert len({id(m.adapter) for m in loaded.mappings}) == 1
@@ -199,7 +199,8 @@ def test_unknown_function(demo_copy: Path) -> None:
     assert one_problem(demo_copy) == (
         "Encounter.sql.yaml", line_with(f, "minutes_betwen"),
         "output.length.value: unknown function 'minutes_betwen' "
-        "(one of: minutes_between, days_between, deceased_flag, visit_status)")
+        "(one of: minutes_between, days_between, deceased_flag, visit_status, "
+        "sha1_hex_to_base64)")
 
 
 def test_unknown_storage_type(demo_copy: Path) -> None:
@@ -295,7 +296,7 @@ def test_a_url_without_a_password_is_fine(demo_copy: Path) -> None:
     edit(demo_copy / "connections.yaml", "    url_env: CCG_PAS_URL",
          "    url: postgresql+psycopg://gateway@pas-db/pas\n    url_env: CCG_PAS_URL")
     loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
-    assert len(loaded.mappings) == len(list(DEMO.glob("*.sql.yaml"))) == 17
+    assert len(loaded.mappings) == len(list(DEMO.glob("*.sql.yaml"))) == 18
 
 
 def test_two_files_mapping_the_same_resource(demo_copy: Path) -> None:
@@ -571,7 +572,7 @@ def test_mappings_check_passes_on_the_demo(demo_sqlite_url: str, tmp_path: Path,
                         f"({len(doc['search'])} search parameters)")
     # (Further lines, such as checks of golden cases, may follow the one per mapping.)
     assert sorted(line for line in out if line.endswith("search parameters)")) == expected
-    assert len(expected) == 17
+    assert len(expected) == 18
     assert not (tmp_path / "data").exists()  # CCG_PAS_URL set: no embedded demo was built
 
 
@@ -640,3 +641,13 @@ def test_a_token_systems_codemap_must_translate_into_that_system(demo_copy: Path
         "Condition.sql.yaml", line_with(f, "codemap: readv2-snomed}"),
         "search.code.systems[2].codemap: 'readv2-snomed' translates into "
         "'http://snomed.info/sct', not 'http://read.info/readv2'")
+
+
+def test_binary_names_columns_of_the_main_table(demo_copy: Path) -> None:
+    f = demo_copy / "DocumentReference.sql.yaml"
+    edit(f, "  file: d.FILE_PATH", "  file: x.FILE_PATH")
+    name, line, message = one_problem(demo_copy)
+    assert name == "DocumentReference.sql.yaml"
+    assert message == ("binary.file: must be a column of the main table (d.COLUMN), "
+                       "not 'x.FILE_PATH'")
+    assert line == line_with(f, "file: x.FILE_PATH")

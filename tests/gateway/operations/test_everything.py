@@ -15,9 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event
 from starlette.applications import Starlette
 
+from gateway import compartment
 from tests.conftest import LiveServer
 from tests.gateway.test_multisource import encounters, walk
 from tests.security.principals import as_, install, patient_token, user_token
@@ -44,6 +46,43 @@ def richest(rows: list[dict[str, Any]]) -> str:
 
 def of(rows: list[dict[str, Any]], patient: str) -> set[str]:
     return {r["id"] for r in rows if r["patient"] == patient}
+
+
+# The clinical types of the patient compartment besides Encounter: (type, table, key, the
+# soft-delete flag whose 'N' rows are served), as the demo PAS holds them.
+CLINICAL = (
+    ("AllergyIntolerance", "ALLERGIES", "ALLGY_REFNO", "DELETED_FLAG"),
+    ("DocumentReference", "DOCUMENTS", "DOCMT_REFNO", "DELETED_FLAG"),
+    ("Condition", "PROBLEMS", "PROBL_REFNO", "DELETED_FLAG"),
+    ("Flag", "ALERTS", "ALERT_REFNO", "ARCHV_FLAG"),
+    ("Immunization", "IMMUNISATIONS", "IMMUN_REFNO", "DEL_FLAG"),
+    ("MedicationRequest", "PRESCRIPTIONS", "PRESC_REFNO", "DEL_FLAG"),
+    ("MedicationStatement", "MEDICATION_LIST", "MEDLS_REFNO", "DEL_FLAG"),
+    ("Observation", "RESULTS", "RESLT_REFNO", "DEL_FLAG"),
+    ("Procedure", "PROCEDURES", "PROCD_REFNO", "DELETED_FLAG"),
+)
+
+
+def whole_record(url: str, rows: list[dict[str, Any]], patient: str) -> set[str]:
+    """``Type/id`` of everything the patient's record holds but the Patient itself: its
+    encounters (three sources) and its clinical records."""
+    out = {f"Encounter/{i}" for i in of(rows, patient)}
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            for rtype, table, key, flag in CLINICAL:
+                out |= {f"{rtype}/{k}" for (k,) in conn.execute(sa.text(
+                    f'SELECT "{key}" FROM "{table}" WHERE "PATNT_REFNO" = :p '
+                    f'AND "{flag}" = \'N\''), {"p": int(patient)})}
+    finally:
+        engine.dispose()
+    return out
+
+
+def typed(pages: list[dict[str, Any]]) -> list[str]:
+    """``Type/id`` of every match over the pages, in order."""
+    return [f"{e['resource']['resourceType']}/{e['resource']['id']}" for page in pages
+            for e in page.get("entry", []) if e["search"]["mode"] == "match"]
 
 
 @contextmanager
@@ -79,13 +118,15 @@ async def test_every_page_walked_is_the_patients_whole_record(
     c, url, _ = gw
     rows = encounters(url)
     pid = richest(rows)
-    mine = of(rows, pid)
-    assert len(mine) >= 8
+    mine = whole_record(url, rows, pid)
+    assert len(of(rows, pid)) >= 8
+    assert {m.split("/")[0] for m in mine} > {"Encounter"}  # clinical records too
     ids, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_count=3")
     assert len(pages) >= 3
     assert ids[0] == pid and ids.count(pid) == 1  # the patient, first, once
-    assert len(ids) == len(set(ids))
-    assert set(ids) - {pid} == mine
+    got = typed(pages)
+    assert len(got) == len(set(got))
+    assert set(got) - {f"Patient/{pid}"} == mine
     for page in pages:
         matches = [e for e in page.get("entry", []) if e["search"]["mode"] == "match"]
         assert len([e for e in matches if e["resource"]["resourceType"] != "Patient"]) <= 3
@@ -95,6 +136,12 @@ async def test_every_page_walked_is_the_patients_whole_record(
                   if ref.split("/")[0] in ("Practitioner", "Organization", "Location")}
         assert wanted <= refs  # what the page refers to comes with it
         assert page["type"] == "searchset"
+
+
+def matched(pages: list[dict[str, Any]], rtype: str) -> set[str]:
+    """The ids of the ``rtype`` matches over every page."""
+    return {e["resource"]["id"] for p in pages for e in p.get("entry", [])
+            if e["search"]["mode"] == "match" and e["resource"]["resourceType"] == rtype}
 
 
 def _refs(node: Any) -> set[str]:
@@ -120,14 +167,14 @@ async def test_type_since_and_dates_narrow_it(
     assert not [e for p in pages for e in p.get("entry", []) if e["search"]["mode"] == "include"]
     ids, _ = await walk(c, f"/STU3/Patient/{pid}/$everything?_since=2099-01-01T00:00:00Z")
     assert ids == [pid]  # nothing changed since; the patient is always there
-    ids, _ = await walk(c, f"/STU3/Patient/{pid}/$everything?_since=1990-01-01T00:00:00Z")
-    assert set(ids) - {pid} == of(rows, pid)
+    _, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_since=1990-01-01T00:00:00Z")
+    assert set(typed(pages)) - {f"Patient/{pid}"} == whole_record(url, rows, pid)
     # start: only encounters going on at or after it (the oracle: started, or ongoing, after)
     cut = sorted(r["at"] for r in rows if r["patient"] == pid)[len(of(rows, pid)) // 2]
     import datetime as dt
     day = dt.datetime.fromtimestamp(cut, dt.UTC).date().isoformat()
-    ids, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?start={day}&_count=50")
-    got = set(ids) - {pid}
+    _, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?start={day}&_count=50")
+    got = {i.split("/")[1] for i in typed(pages) if i.startswith("Encounter/")}
     assert got and got < of(rows, pid)
     for p in pages:
         for e in p.get("entry", []):
@@ -188,8 +235,12 @@ async def _compare_statement_counts(c: httpx.AsyncClient, url: str, app: Starlet
         counts[pid] = (len(seen), len(served))
     assert counts[rich][1] > counts[poor][1]
     assert counts[rich][0] == counts[poor][0], counts
-    # patient (+ its children), three sources, three referenced types: a fixed handful
-    assert 5 <= counts[rich][0] <= 10
+    # patient (+ its children), one per source of each compartment type (Encounter has three),
+    # the referenced types (+ their children): a fixed handful
+    sections = sum(1 for s in app.state.registry.sources() if s.resource_type != "Patient"
+                   and compartment.link(s).kind == "reference")
+    assert sections == 3 + len(CLINICAL)
+    assert sections + 1 < counts[rich][0] <= sections + 10
 
 
 async def test_audited_as_one_record_access(
@@ -201,11 +252,16 @@ async def test_audited_as_one_record_access(
     [rec] = [json.loads(x) for x in lines if "$everything" in x]
     assert rec["patient"] == "100001" and rec["interaction"] == "operation"
     assert rec["operation"]["name"] == "everything"
-    assert set(rec["operation"]["types"]) == {"Patient", "Encounter", "Practitioner",
-                                              "Organization", "Location"}
     served = {f"{e['resource']['resourceType']}/{e['resource']['id']}"
               for e in r.json()["entry"] if e["search"]["mode"] != "outcome"}
+    assert set(rec["operation"]["types"]) == {s.split("/")[0] for s in served}
+    assert {"Patient", "Encounter", "DocumentReference", "Practitioner"} <= set(
+        rec["operation"]["types"])
     assert set(rec["entities"]) == served
+    # every type served, clinical ones included
+    assert set(rec["operation"]["types"]) == {s.split("/")[0] for s in served}
+    assert set(rec["operation"]["types"]) > {"Patient", "Encounter", "Practitioner",
+                                             "Organization", "Location"}
 
 
 @pytest.fixture
@@ -298,3 +354,33 @@ async def test_types_the_dates_cannot_narrow_are_named(
              for i in e["resource"]["issue"]]
     assert notes == ["_since does not apply to (no last-updated time): Encounter"]
     assert not [e for e in plain.json()["entry"] if e["search"]["mode"] == "outcome"]
+
+
+async def test_the_patients_documents_are_in_it_and_their_content_is_not(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    """DocumentReference is in the patient compartment (its patient reference): every live
+    document of the patient is there, once; Binary (the same documents' content, served by
+    gateway.binary) is not a compartment type, so nothing is served twice."""
+    import sqlalchemy as sa
+
+    c, url, _ = gw
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            oracle = {str(r[0]) for r in conn.execute(sa.text(
+                """SELECT "DOCMT_REFNO" FROM "DOCUMENTS" WHERE "PATNT_REFNO" = 100001 """
+                """AND "DELETED_FLAG" = 'N' """))}
+    finally:
+        engine.dispose()
+    assert len(oracle) >= 8  # the fixture patient: every format, both stores
+    _, pages = await walk(c, "/STU3/Patient/100001/$everything?_count=50")
+    served = [e["resource"] for p in pages for e in p.get("entry", [])]
+    docs = [r["id"] for r in served if r["resourceType"] == "DocumentReference"]
+    assert sorted(docs) == sorted(oracle)
+    assert "Binary" not in {r["resourceType"] for r in served}
+    for r in served:
+        if r["resourceType"] == "DocumentReference":
+            assert r["subject"]["reference"] == "Patient/100001"
+            assert r["content"][0]["attachment"]["url"] == f"Binary/{r['id']}"
+    ids, _ = await walk(c, "/STU3/Patient/100001/$everything?_type=DocumentReference")
+    assert len(ids) == len(set(ids)) and set(ids) - {"100001"} == oracle

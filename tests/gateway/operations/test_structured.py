@@ -156,8 +156,9 @@ def registry_of(directory: Path, url: str) -> Registry:
 def test_problems_name_file_and_line(demo_copy: Path, demo_sqlite_url: str) -> None:
     f = demo_copy / "operations" / "structured-record.yaml"
     text = f.read_text()
+    # Appointment: a STU3 type the demo does not serve (Condition once was; it is now)
     text = text.replace("    resource: Encounter\n    search: {class: EMER}",
-                        "    resource: Condition\n    search: {class: EMER}")
+                        "    resource: Appointment\n    search: {class: EMER}")
     text = text.replace("    include_if: includeAppointments", "    include_if: recentEncounters")
     text = text.replace("    sort: -date\n    from_date: encounterSearchFromDate\n  - title: A&E",
                         "    sort: -family\n    from_date: encounterSearchFromDate\n  - title: A&E")
@@ -173,8 +174,8 @@ def test_problems_name_file_and_line(demo_copy: Path, demo_sqlite_url: str) -> N
     assert got == [
         ("structured-record.yaml", line("sort: -family"),
          "sections.0.sort: Encounter cannot be sorted by 'family' (sortable: date)"),
-        ("structured-record.yaml", line("resource: Condition"),
-         "sections.1.resource: Condition is not served by this mapping directory"),
+        ("structured-record.yaml", line("resource: Appointment"),
+         "sections.1.resource: Appointment is not served by this mapping directory"),
         ("structured-record.yaml", line("include_if: recentEncounters"),
          "sections.2.include_if: 'recentEncounters' is not a declared boolean parameter"),
     ]

@@ -77,7 +77,7 @@ def test_coverage_table_and_html(small_demo: None, tmp_path: Path,
     assert text.startswith("<!DOCTYPE html>") and "<script" not in text and "http-equiv" not in text
     assert "src=" not in text and "<link" not in text  # standalone: no external assets
     rows = {eid: filled for filled, eid in re.findall(
-        r'<tr class="(yes|no)"><td class="e">(?:&nbsp;)*([^<]+)</td>', text)}
+        r'<tr class="(yes|no)"[^>]*><td class="e">(?:&nbsp;)*([^<]+)</td>', text)}
     assert rows["Patient.identifier:nhsNumber"] == "yes"
     assert rows["Patient.identifier:nhsNumber.extension:nhsNumberVerificationStatus"] == "yes"
     assert rows["Patient.extension:ethnicCategory"] == "yes"
@@ -89,3 +89,13 @@ def test_coverage_table_and_html(small_demo: None, tmp_path: Path,
     assert rows["Encounter.hospitalization.extension:admissionMethod"] == "yes"
     assert "Patient.animal" not in rows  # prohibited by the profile
     assert "mustSupport filled: 0 of 0 (the profile flags none)" in text
+
+
+@pytest.mark.parametrize("where", ["no-such-dir/coverage.html", "."])
+def test_coverage_html_to_a_bad_path_is_one_line(small_demo: None, tmp_path: Path, where: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / where
+    assert cli.main(["mappings", "coverage", "--html", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"cannot write the HTML report to {target}: ")

@@ -63,6 +63,8 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
     ("/STU3/AllergyIntolerance?patient=100001", 100, 23),
     ("/STU3/Flag?patient=100001", 100, 20),
     ("/STU3/Procedure?patient=100001", 100, 38),
+    # Every document (STU3 base profile: Care Connect has none for DocumentReference).
+    ("/STU3/DocumentReference?_count=100", 100_000, 300),
     ("/STU3/Medication?_count=100", 10_000, 70),
     ("/STU3/MedicationRequest?_count=100", 200, 200),
     ("/STU3/MedicationStatement?_count=100", 200, 200),

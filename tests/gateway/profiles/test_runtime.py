@@ -44,6 +44,11 @@ async def test_responses_are_unchanged(demo_sqlite_url: str,
         if path.startswith("/STU3/Patient"):
             assert a.content == b.content
     assert rv.resources >= 2
+    # $everything builds a section's resources as a batch (Provider.resources): checked too
+    before = rv.resources
+    r = await _get(checked, "/STU3/Patient/100001/$everything?_count=50")
+    assert r.status_code == 200
+    assert rv.resources - before == len(r.json()["entry"])  # 1 + 50 matches + included
     assert not rv.counts
 
 

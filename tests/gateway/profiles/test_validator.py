@@ -284,6 +284,22 @@ def test_load_and_validate_speed() -> None:
     assert statistics.median(times) <= 0.001
 
 
+def test_a_core_resource_url_validates_against_the_base_definition() -> None:
+    """DocumentReference has no Care Connect profile: its STU3 canonical URL is checked
+    against the base resource, and really checked (a broken one fails)."""
+    import json
+    from pathlib import Path
+
+    url = "http://hl7.org/fhir/StructureDefinition/DocumentReference"
+    golden = Path(__file__).parents[2] / "golden" / "DocumentReference"
+    good = json.loads(next(golden.glob("*.expected.json")).read_text())
+    assert url in load_profiles()
+    assert [i for i in validate(good, url) if i.severity == "error"] == []
+    broken = {**good, "status": "lost", "indexed": None}
+    broken["content"] = [{"attachment": {"size": "big"}}]
+    errors = [i for i in validate(broken, url) if i.severity == "error"]
+    assert {i.expression.split(".")[1].split("[")[0] for i in errors} >= {"status", "content"}
+    assert "http://hl7.org/fhir/StructureDefinition/NoSuchThing" not in load_profiles()
 # --- a data type's own backbone typed "Element" in a snapshot (Timing.repeat) ------------------
 
 

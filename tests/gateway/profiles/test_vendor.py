@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from gateway.profiles import vendor
 from gateway.profiles.validator import DATA_DIR
-
-SHARED = Path(__file__).resolve().parents[3].parent / "shared"
+from tests.reference import SHARED, require_shared
 
 
 def test_data_files_present_with_notice() -> None:
@@ -26,8 +23,8 @@ def test_data_files_present_with_notice() -> None:
         assert f"{vendor.CC}CareConnect-{t}-1" in urls
 
 
-@pytest.mark.skipif(not (SHARED / "careconnect").is_dir(), reason="needs ../shared")
 def test_regenerating_from_shared_gives_the_committed_data(tmp_path: Path) -> None:
+    require_shared(SHARED / "careconnect")
     vendor.vendor(SHARED, tmp_path)
     for name in ("structuredefinitions.json", "terminology.json", "base-stu3.json",
                  "NOTICE.md"):

@@ -1,4 +1,4 @@
-"""An MLLP listener for the demo PAS and the tests (the gateway itself only connects out).
+"""An MLLP listener: the gateway's inbound ADT feed (gateway.adt), the demo PAS and the tests.
 
 Framing is the adapter's own (``adapters.hl7v2.mllp.FrameDecoder`` / ``frame``), so what this
 server reads and writes is exactly what the gateway's client does.

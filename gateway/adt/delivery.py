@@ -1,0 +1,163 @@
+"""Rest-hook delivery of Subscription notifications from the store's outbox.
+
+At least once, in order per (subscription, patient): only the head of each patient's queue is
+sent; it leaves the queue when the subscriber answers 2xx, or after ``max_attempts`` failures
+(exponential backoff with jitter, capped), when it becomes a dead letter (status ``dead``, the
+Subscription's ``status`` turns ``error``) and the patient's next notification follows.
+A crash between the subscriber's 2xx and our commit resends the same notification: the
+``X-Notification-Id`` header and the Bundle id (``<subscription>-<seq>``) are the same every
+time, for the subscriber to deduplicate on.
+
+One process delivers per store at a time (a lease in the store): two could otherwise send a
+patient's notifications out of order.
+
+Nothing is sent to an endpoint outside the configured allow-list (checked again before each
+attempt, so narrowing the list stops delivery) and redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import structlog
+
+from gateway.adt.config import AdtSettings
+from gateway.adt.store import AdtStore, Due
+
+log = structlog.get_logger("gateway.adt.delivery")
+
+FHIR_JSON = "application/fhir+json"
+
+
+def notification_bundle(due: Due, base_url: str) -> dict[str, Any]:
+    entries = [{"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}", "resource": r}
+               for r in due.resources]
+    return {
+        "resourceType": "Bundle",
+        "id": due.notification_id,
+        "meta": {"lastUpdated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+        "type": "collection",
+        "entry": entries,
+    }
+
+
+class Deliverer:
+    def __init__(self, store: AdtStore, settings: AdtSettings, *, base_url: str = "",
+                 clock: Callable[[], float] = time.time, holder: str | None = None) -> None:
+        self.store = store
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        """Who delivers (the lease holder): host and listen address for the listener."""
+        # long enough to cover one round of attempts, each up to the timeout
+        self.lease_ttl = settings.delivery_timeout * 9 + 30
+        self.settings = settings
+        self.base_url = base_url.rstrip("/")
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._client = httpx.AsyncClient(timeout=settings.delivery_timeout,
+                                         follow_redirects=False, trust_env=False)
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        pruned_at = 0.0
+        while True:
+            try:
+                if self.clock() - pruned_at > 3600:  # hourly: the store's disk is bounded
+                    pruned_at = self.clock()
+                    await asyncio.to_thread(self.store.prune, pruned_at
+                                            - self.settings.retention_days * 86400)
+                held = await asyncio.to_thread(self.store.acquire_lease, "delivery",
+                                               self.holder, self.lease_ttl)
+                n = await self.run_once() if held else 0
+            except Exception as exc:  # the store is briefly unavailable: try again
+                log.error("delivery_loop_failed", error=type(exc).__name__)
+                n = 0
+            if n == 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+
+    async def run_once(self) -> int:
+        """Attempt every due head-of-queue notification once; how many were attempted."""
+        due = await asyncio.to_thread(self.store.due, self.clock(),
+                                      self.settings.delivery_concurrency * 8)
+        if not due:
+            return 0
+        sem = asyncio.Semaphore(self.settings.delivery_concurrency)
+
+        async def one(d: Due) -> None:
+            async with sem:
+                await self._attempt(d)
+
+        await asyncio.gather(*(one(d) for d in due))
+        return len(due)
+
+    async def _attempt(self, due: Due) -> None:
+        error = await self._post(due)
+        if error is None:
+            await asyncio.to_thread(self.store.delivered, due.id, due.subscription_id,
+                                    recovered=due.subscription.get("status") == "error")
+            log.info("notification_delivered", notification=due.notification_id,
+                     attempts=due.attempts + 1)
+            return
+        attempts = due.attempts + 1
+        if attempts >= self.settings.max_attempts:
+            retry_at = None
+            log.warning("notification_dead_lettered", notification=due.notification_id,
+                        attempts=attempts, error=error)
+        else:
+            delay = min(self.settings.backoff_seconds * 2 ** (attempts - 1),
+                        self.settings.backoff_max_seconds)
+            retry_at = self.clock() + delay * random.uniform(0.8, 1.2)
+            log.info("notification_retry", notification=due.notification_id,
+                     attempts=attempts, error=error)
+        await asyncio.to_thread(self.store.failed, due.id, due.subscription_id, error, retry_at)
+
+    async def _post(self, due: Due) -> str | None:
+        """None on success, else why not (no PHI: status codes and error types only)."""
+        if not self.settings.endpoint_allowed(due.endpoint):
+            return "endpoint not in the allow-list"
+        channel = due.subscription.get("channel") or {}
+        headers = {"X-Notification-Id": due.notification_id,
+                   "X-Subscription-Id": due.subscription_id,
+                   "X-ADT-Event": due.event}
+        for h in channel.get("header") or []:
+            name, sep, value = str(h).partition(":")
+            if sep and name.strip():
+                headers[name.strip()] = value.strip()
+        payload = channel.get("payload")
+        content = b""
+        if payload:
+            headers["Content-Type"] = FHIR_JSON
+            content = orjson.dumps(notification_bundle(due, self.base_url))
+        try:
+            resp = await self._client.post(due.endpoint, content=content, headers=headers)
+        except httpx.TimeoutException:
+            return "timeout"
+        except httpx.HTTPError as exc:
+            return f"connection failed ({type(exc).__name__})"
+        if 200 <= resp.status_code < 300:
+            return None
+        return f"HTTP {resp.status_code}"

@@ -1,0 +1,111 @@
+"""The inbound MLLP listener for the PAS's ADT feed.
+
+Each message is parsed, mapped and recorded in one store transaction, and only then ACKed:
+a message the PAS saw ACKed is on disk with its notifications. A message it did not see
+ACKed (the gateway died first) it resends with the same MSH-10, and the store answers that
+as a duplicate — AA again, recorded once. One connection is served one message at a time
+(MLLP is synchronous), so the PAS's order per connection is the order of record; writes go
+through a single writer, so it is also the order of the sequence numbers delivery follows.
+Messages arriving on several connections at once share a transaction (group commit): one
+fsync for the batch, each ACKed when it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+
+from adapters.hl7v2 import er7
+from adapters.hl7v2.mllp_server import MllpServer
+from gateway.adt.events import Mapper, Refused, answer
+from gateway.adt.store import AdtStore, Incoming, Recorded
+
+log = structlog.get_logger("gateway.adt.listener")
+
+
+class AdtListener:
+    def __init__(self, mapper: Mapper, store: AdtStore, *, host: str = "127.0.0.1",
+                 port: int = 0, ssl: Any = None) -> None:
+        self.mapper = mapper
+        self.store = store
+        self.server = MllpServer(self.handle, host=host, port=port, ssl=ssl)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adt-store")
+        self._queue: asyncio.Queue[tuple[Incoming, asyncio.Future[Recorded]]] | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self.max_batch = 256
+        self.on_recorded: list[Any] = []
+        """Callbacks (no arguments) after each new message is committed (wakes delivery)."""
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._batcher = asyncio.create_task(self._write_batches())
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+        self._writer.shutdown(wait=True)
+
+    async def _write_batches(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await loop.run_in_executor(
+                    self._writer, self.store.record_many, [m for m, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), rec in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(rec)
+
+    async def _record(self, incoming: Incoming) -> Recorded:
+        assert self._queue is not None
+        fut: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        await self._queue.put((incoming, fut))
+        return await fut
+
+    async def handle(self, raw: bytes) -> bytes | None:
+        try:
+            msg = er7.parse(raw)
+        except er7.Er7Error:
+            log.warning("adt_refused", code="AR", error="100", reason="unreadable message")
+            return answer(None, "AR", error="100", text="the message could not be read")
+        try:
+            incoming = self.mapper.incoming(raw, msg)
+        except Refused as exc:
+            log.warning("adt_refused", code=exc.code, error=exc.error, reason=exc.text,
+                        control_id=msg.control_id, message_type=msg.message_type)
+            return answer(msg, exc.code, error=exc.error, text=exc.text)
+        try:
+            rec = await self._record(incoming)
+        except Exception as exc:  # the store is down: refuse, so the PAS resends later
+            log.error("adt_store_failed", error=type(exc).__name__, control_id=incoming.control_id)
+            return answer(msg, "AR", error="207", text="the message could not be recorded; "
+                          "resend it")
+        if rec.conflict:
+            return answer(msg, "AE", error="205", text="this message control id was received "
+                          "before with different content")
+        log.info("adt_recorded", adt_event=incoming.event, control_id=incoming.control_id,
+                 seq=rec.seq, duplicate=rec.duplicate, notifications=rec.notifications)
+        if rec.notifications:
+            for cb in self.on_recorded:
+                cb()
+        return answer(msg, "AA")

@@ -1,0 +1,202 @@
+"""Prometheus metrics: what operations teams graph and alert on, with bounded labels only.
+
+Every label value comes from a closed set the gateway itself defines — a route template, a
+served resource type, an interaction name, an HTTP status, a connection or message type from
+the mappings, an error class — never an id, a search value or anything a client typed, so no
+series is ever created per patient or per request (and no PHI reaches Prometheus).
+
+With several worker processes (``serve --workers N``) the values live in files under
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, chosen when that variable
+is set before this module is imported) and ``/metrics`` adds up every worker's. The exposition
+is served on the gateway's own port at ``/metrics`` (outside FHIR authentication), or, with
+``CCG_METRICS_PORT``, on a separate port/interface only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Scope
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+# Request latency: from a cached read (~1 ms) to a backend at its timeout (10-30 s).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0)
+
+REQUESTS = Counter(
+    "ccg_http_requests", "HTTP requests served, by route template, resource type, "
+    "interaction and status", ["route", "resource_type", "interaction", "method", "status"])
+LATENCY = Histogram(
+    "ccg_http_request_duration_seconds", "Time to serve a request (to the last body byte)",
+    ["route", "resource_type", "interaction"], buckets=_LATENCY_BUCKETS)
+ADAPTER_SECONDS = Histogram(
+    "ccg_adapter_call_duration_seconds", "Time in one backend call (SQL or HL7 v2 adapter)",
+    ["connection", "adapter", "operation"], buckets=_LATENCY_BUCKETS)
+ADAPTER_ERRORS = Counter(
+    "ccg_adapter_errors", "Backend calls that failed, by error class",
+    ["connection", "adapter", "operation", "error"])
+POOL_WAIT = Histogram(
+    "ccg_adapter_pool_wait_seconds", "Time a backend call waited for a free connection",
+    ["connection"], buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+                             10.0))
+MLLP_EXCHANGES = Histogram(
+    "ccg_mllp_exchange_duration_seconds", "One MLLP request/reply exchange (including retries)",
+    ["connection", "message_type", "outcome"], buckets=_LATENCY_BUCKETS)
+MLLP_EVENTS = Counter(
+    "ccg_mllp_events", "MLLP retries, timeouts, rejections (NAK), unreachable PAS and "
+    "unusable replies", ["connection", "event"])
+REFUSALS = Counter(
+    "ccg_refusals", "Requests refused to protect the service (rate limit, load shedding)",
+    ["reason"])
+AUDIT_FAILURES = Counter(
+    "ccg_audit_write_failures", "Audit records that could not be written")
+UNMAPPED_DROPPED = Counter(
+    "ccg_mapping_values_dropped", "Source values left out by a code map's unmapped policy "
+    "(omit), by code map", ["codemap"])
+DROPPED_VALUES = Counter(
+    "ccg_dropped_values", "Source values read but left out of a resource because they could "
+    "not be mapped (adapters.dropped), by where (a storage type, a mapping field or segment "
+    "from the configuration) and why", ["where", "reason"])
+SHARED_STATE_FALLBACKS = Counter(
+    "ccg_shared_state_fallbacks", "Shared-state operations that could not reach Redis, by "
+    "store and what happened instead (local: served from process memory; refused: failed "
+    "closed)", ["store", "action"])
+SHUTTING_DOWN = Gauge(
+    "ccg_draining", "1 while this process drains before shutdown (readiness is false)",
+    multiprocess_mode="max")
+
+KNOWN_RESOURCE_TYPES: frozenset[str] = frozenset()
+"""Set by the app builder from the registry: any other ``{type}`` is labelled ``other``."""
+
+_recording = True
+_request_children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+_adapter_children: dict[tuple[str, str, str], Any] = {}
+
+
+def set_resource_types(types: Iterable[str]) -> None:
+    global KNOWN_RESOURCE_TYPES
+    KNOWN_RESOURCE_TYPES = frozenset(types)
+
+
+def set_recording(on: bool) -> None:
+    """``CCG_METRICS=false``: requests and adapter calls are not counted (nor served)."""
+    global _recording
+    _recording = on
+
+
+def _interaction(path_format: str, method: str, params: dict[str, Any]) -> str:
+    if path_format.endswith("/{id}"):
+        if params.get("id") == "_search":
+            return "search"
+        return {"GET": "read", "HEAD": "read", "PUT": "update"}.get(method, "other")
+    if path_format.endswith("/{type}"):
+        return {"GET": "search", "HEAD": "search", "POST": "create"}.get(method, "other")
+    if path_format.endswith("/_search"):
+        return "search"
+    if path_format.endswith("/metadata"):
+        return "capabilities"
+    if "$" in path_format:
+        return "operation"
+    return "other"
+
+
+def classify(scope: Scope) -> tuple[str, str, str]:
+    """(route template, resource type, interaction) of a routed request: bounded labels."""
+    route = scope.get("route")
+    path_format = getattr(route, "path_format", None) or "unmatched"
+    params = scope.get("path_params") or {}
+    rtype = params.get("type")
+    if rtype is not None and rtype not in KNOWN_RESOURCE_TYPES:
+        rtype = "other"
+    method = scope["method"]
+    interaction = _interaction(path_format, method, params) if route else "none"
+    return path_format, rtype or "none", interaction
+
+
+def observe_request(scope: Scope, status: int, seconds: float) -> None:
+    """Count one finished request (called once per request by ``RequestContext``)."""
+    if not _recording:
+        return
+    params = scope.get("path_params") or {}
+    method = scope["method"]
+    key = (getattr(scope.get("route"), "path_format", None), params.get("type"), method,
+           status, params.get("id") == "_search")
+    children = _request_children.get(key)
+    if children is None:
+        path_format, rtype, interaction = classify(scope)
+        if method not in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            method = "other"
+        children = (REQUESTS.labels(path_format, rtype, interaction, method, str(status)),
+                    LATENCY.labels(path_format, rtype, interaction))
+        if len(_request_children) < 4096:  # bounded by construction; the cap is a backstop
+            _request_children[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+def observe_adapter(connection: str, adapter: str, operation: str, seconds: float,
+                    error: BaseException | None) -> None:
+    if not _recording:
+        return
+    key = (connection, adapter, operation)
+    child = _adapter_children.get(key)
+    if child is None:
+        child = _adapter_children[key] = ADAPTER_SECONDS.labels(connection, adapter, operation)
+    child.observe(seconds)
+    if error is not None:
+        ADAPTER_ERRORS.labels(connection, adapter, operation, type(error).__name__).inc()
+
+
+def refused(reason: str) -> None:
+    REFUSALS.labels(reason).inc()
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of every metric (all workers' in multiprocess mode), in the
+    0.0.4 text format every Prometheus version reads."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body, ctype = exposition()
+    return Response(body, media_type=None, headers={"content-type": ctype,
+                                                    "cache-control": "no-store"})
+
+
+def serve_separately(host: str, port: int) -> Any:
+    """The exposition on its own port (a thread in this process): for Prometheus only,
+    typically on an interface the FHIR clients cannot reach."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    registry = REGISTRY
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+def worker_exited(pid: int) -> None:
+    """Multiprocess mode: a worker's live gauges go with it (its counters stay summed)."""
+    if MULTIPROCESS:
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

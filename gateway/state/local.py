@@ -1,0 +1,51 @@
+"""Shared state in this process's memory: for a single process only (see the package doc)."""
+
+from __future__ import annotations
+
+import time
+
+from gateway.auth.tokens import ReplayCache
+from gateway.limits import TokenBuckets
+
+
+class LocalState:
+    def __init__(self, max_keys: int = 10_000, max_replay_entries: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._buckets: dict[tuple[float, int], TokenBuckets] = {}
+        self._replay = ReplayCache(max_replay_entries)
+        self._in_flight: dict[str, int] = {}
+
+    async def take(self, key: str, rate: float, burst: int) -> float:
+        return self.take_now(key, rate, burst)
+
+    def take_now(self, key: str, rate: float, burst: int) -> float:
+        buckets = self._buckets.get((rate, burst))
+        if buckets is None:
+            buckets = self._buckets[(rate, burst)] = TokenBuckets(rate, burst, self.max_keys)
+        return buckets.take(key)
+
+    async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
+        return self.acquire_now(key, limit)
+
+    def acquire_now(self, key: str, limit: int) -> str | None:
+        held = self._in_flight.get(key, 0)
+        if held >= limit:
+            return None
+        self._in_flight[key] = held + 1
+        return key
+
+    async def release(self, key: str, lease: str) -> None:
+        self.release_now(key)
+
+    def release_now(self, key: str) -> None:
+        held = self._in_flight.get(key, 0) - 1
+        if held > 0:
+            self._in_flight[key] = held
+        else:  # no entry for a client with nothing in flight: the table stays bounded
+            self._in_flight.pop(key, None)
+
+    async def seen(self, key: str, expires_at: float) -> bool:
+        return self._replay.seen(key, expires_at, time.time())
+
+    async def aclose(self) -> None:
+        return None

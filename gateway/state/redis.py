@@ -1,0 +1,139 @@
+"""Shared state in Redis (redis-py's asyncio client): see the package doc for the contract."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+import time
+from typing import Any
+
+import structlog
+
+from gateway import metrics
+from gateway.state import SharedStateUnavailable
+from gateway.state.local import LocalState
+
+log = structlog.get_logger("gateway.state")
+
+RETRY_AFTER_FAILURE = 1.0
+WARN_EVERY = 60.0
+
+# A token bucket, atomically: refill by the time since the last take (Redis's own clock, so
+# replicas' clocks do not matter), take one if there is one, and keep the key only until the
+# bucket would be full again (a missing key IS a full bucket). Returns the wait in seconds as
+# a string (a Lua number would come back truncated to an integer).
+TOKEN_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local v = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(v[1]) or burst
+local ts = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+# Leases on a client's concurrency slots: a sorted set of lease ids scored by when each
+# ends (Redis's clock). Ended leases go first; the key lives as long as its newest lease.
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+
+def _key(kind: str, raw: str) -> str:
+    # Fixed length whatever the client sent; no client string in Redis's key space.
+    return f"ccg:{kind}:{hashlib.sha256(raw.encode()).hexdigest()[:40]}"
+
+
+class RedisState:
+    def __init__(self, url: str, timeout: float = 0.25) -> None:
+        import redis.asyncio as aioredis
+        from redis import exceptions
+
+        self.client: Any = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry_on_timeout=False, health_check_interval=30)
+        self._bucket = self.client.register_script(TOKEN_BUCKET)
+        self._acquire = self.client.register_script(ACQUIRE)
+        self._errors = (exceptions.RedisError, OSError, TimeoutError)
+        self._down_until = 0.0
+        self._warned_at: dict[str, float] = {}
+        self.local = LocalState()
+        """The fallback for rate limits while Redis cannot be reached."""
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, store: str, action: str, exc: BaseException | None) -> None:
+        now = time.monotonic()
+        if exc is not None:
+            self._down_until = now + RETRY_AFTER_FAILURE
+        metrics.SHARED_STATE_FALLBACKS.labels(store, action).inc()
+        if now - self._warned_at.get(store, -WARN_EVERY) >= WARN_EVERY:  # a minute per store
+            self._warned_at[store] = now
+            log.warning("shared_state_unavailable", store=store, action=action,
+                        error=type(exc).__name__ if exc else "recently_failed")
+
+    async def take(self, key: str, rate: float, burst: int) -> float:
+        if self._available():
+            try:
+                wait = await self._bucket(keys=[_key("rl", key)], args=[repr(rate), burst])
+                return float(wait)
+            except self._errors as exc:
+                self._failed("rate_limit", "local", exc)
+        else:
+            self._failed("rate_limit", "local", None)
+        return self.local.take_now(key, rate, burst)
+
+    async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
+        if self._available():
+            lease = "r:" + secrets.token_hex(8)
+            try:
+                got = await self._acquire(keys=[_key("cc", key)],
+                                          args=[limit, max(1, int(lease_seconds * 1000)), lease])
+                return lease if int(got) == 1 else None
+            except self._errors as exc:
+                self._failed("concurrency", "local", exc)
+        else:
+            self._failed("concurrency", "local", None)
+        local = self.local.acquire_now(key, limit)
+        return None if local is None else "l:" + local
+
+    async def release(self, key: str, lease: str) -> None:
+        if lease.startswith("l:"):  # taken locally while Redis was away
+            self.local.release_now(key)
+            return
+        with contextlib.suppress(*self._errors):  # else the lease ends by itself
+            await self.client.zrem(_key("cc", key), lease)
+
+    async def seen(self, key: str, expires_at: float) -> bool:
+        if not self._available():
+            self._failed("replay", "refused", None)
+            raise SharedStateUnavailable()
+        ttl_ms = max(1, int((expires_at - time.time()) * 1000))
+        try:
+            stored = await self.client.set(_key("jti", key), b"1", nx=True, px=ttl_ms)
+        except self._errors as exc:
+            self._failed("replay", "refused", exc)
+            raise SharedStateUnavailable() from None
+        return stored is None
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

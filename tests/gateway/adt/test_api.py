@@ -1,0 +1,231 @@
+"""Subscription through the FHIR API (real uvicorn, real tokens from the dev key): scopes,
+audit, checks on create; merges answered at read time; the CapabilityStatement."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.adt.store import AdtStore, Incoming
+from gateway.app import build_app
+from gateway.auth.devkeys import mint_dev_token
+from tests.conftest import LiveServer, gateway_settings
+from tests.gateway.adt.conftest import GOLDEN, Receiver, Sender, er7_bytes, msa
+
+PAS = "https://fhir.demo-trust.nhs.uk/Id/pas-number"
+
+
+@pytest.fixture
+def gateway(demo_sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+            ) -> Iterator[tuple[LiveServer, Path]]:
+    monkeypatch.setenv("CCG_ADT_MODE", "api")
+    monkeypatch.setenv("CCG_ADT_STORE_URL", f"sqlite:///{tmp_path / 'adt.sqlite'}")
+    monkeypatch.setenv("CCG_SUBSCRIPTION_ALLOWED_ENDPOINTS", "http://127.0.0.1:*")
+    settings = gateway_settings(demo_sqlite_url, tmp_path, auth_mode="",
+                                audit_log=str(tmp_path / "audit.log"))
+    with LiveServer(build_app(settings)) as server:
+        yield server, tmp_path
+
+
+def token(tmp: Path, scope: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_dev_token(tmp, scope)}",
+            "Content-Type": "application/fhir+json"}
+
+
+def sub(endpoint: str = "http://127.0.0.1:9/hook", **over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"resourceType": "Subscription", "status": "requested",
+                            "reason": "ward notifications",
+                            "criteria": "Encounter?patient=D0000001",
+                            "channel": {"type": "rest-hook", "endpoint": endpoint,
+                                        "payload": "application/fhir+json"}}
+    body.update(over)
+    return body
+
+
+def code(resp: httpx.Response) -> str:
+    return str(resp.json()["issue"][0]["details"]["coding"][0]["code"])
+
+
+def test_create_read_search_delete(gateway: tuple[LiveServer, Path]) -> None:
+    server, tmp = gateway
+    base = f"{server.url}/STU3"
+    h = token(tmp, "user/Subscription.*")
+    r = httpx.post(f"{base}/Subscription", content=json.dumps(sub()), headers=h)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    sid = created["id"]
+    assert created["status"] == "active"
+    assert r.headers["location"].endswith(f"/STU3/Subscription/{sid}")
+    r = httpx.get(f"{base}/Subscription/{sid}", headers=h)
+    assert r.status_code == 200 and r.json()["criteria"] == "Encounter?patient=D0000001"
+    r = httpx.get(f"{base}/Subscription?status=active", headers=h)
+    assert r.json()["total"] == 1 and r.json()["entry"][0]["resource"]["id"] == sid
+    assert httpx.delete(f"{base}/Subscription/{sid}", headers=h).status_code == 204
+    r = httpx.get(f"{base}/Subscription/{sid}", headers=h)
+    assert r.status_code == 404 and code(r) == "RESOURCE_NOT_FOUND"
+    audit = (tmp / "audit.log").read_text()
+    records = [json.loads(line) for line in audit.splitlines() if line.strip()]
+    seen = {(a["interaction"], a["resource_type"], a["outcome"]["status"]) for a in records}
+    assert {("create", "Subscription", 201), ("read", "Subscription", 200),
+            ("search-type", "Subscription", 200), ("delete", "Subscription", 204)} <= seen
+
+
+@pytest.mark.parametrize(("scope", "method", "status"), [
+    ("user/Patient.read", "POST", 403),
+    ("user/Subscription.read", "POST", 403),
+    ("user/Subscription.rs", "GET", 200),
+    ("user/Subscription.c", "GET", 403),
+])
+def test_scopes(gateway: tuple[LiveServer, Path], scope: str, method: str,
+                status: int) -> None:
+    server, tmp = gateway
+    h = token(tmp, scope)
+    url = f"{server.url}/STU3/Subscription"
+    r = (httpx.post(url, content=json.dumps(sub()), headers=h) if method == "POST"
+         else httpx.get(url, headers=h))
+    assert r.status_code == status
+    if status == 403:
+        assert code(r) == "ACCESS_DENIED"
+    assert httpx.get(url).status_code == 401
+
+
+@pytest.mark.parametrize("body", [
+    sub(endpoint="http://10.0.0.5/hook"),                      # outside the allow-list
+    sub(endpoint="https://127.0.0.1/hook"),
+    sub(criteria="Observation?patient=1"),                     # not a type the feed maps
+    sub(criteria="Patient?family=smith"),                      # not a parameter it can test
+    sub(channel={"type": "websocket"}),
+    sub(channel={"type": "rest-hook", "endpoint": "http://127.0.0.1:9/h",
+                 "payload": "application/xml"}),
+    sub(status="off"),
+    {"resourceType": "Patient"},
+    {k: v for k, v in sub().items() if k != "reason"},          # STU3: reason is required
+])
+def test_bad_subscriptions_are_refused(gateway: tuple[LiveServer, Path], body: dict[str, Any]
+                                   ) -> None:
+    server, tmp = gateway
+    r = httpx.post(f"{server.url}/STU3/Subscription", content=json.dumps(body),
+                   headers=token(tmp, "user/Subscription.*"))
+    # STU3 structure errors are the gateway's 422 INVALID_RESOURCE, the rest 400
+    structural = body.get("resourceType") == "Subscription" and "reason" not in body
+    assert r.status_code == (422 if structural else 400), r.text
+    assert r.json()["resourceType"] == "OperationOutcome"
+
+
+def test_capability_statement_lists_subscription(gateway: tuple[LiveServer, Path]) -> None:
+    server, _ = gateway
+    cs = httpx.get(f"{server.url}/STU3/metadata").json()
+    res = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    assert {i["code"] for i in res["Subscription"]["interaction"]} == {
+        "create", "read", "search-type", "delete"}
+
+
+def test_no_subscription_when_the_feed_is_off(demo_sqlite_url: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCG_ADT_MODE", raising=False)
+    app = build_app(gateway_settings(demo_sqlite_url, tmp_path))
+    with LiveServer(app) as server:
+        cs = httpx.get(f"{server.url}/STU3/metadata").json()
+        assert "Subscription" not in {r["type"] for r in cs["rest"][0]["resource"]}
+        r = httpx.get(f"{server.url}/STU3/Subscription",
+                      headers=token(tmp_path, "user/*.*"))
+        assert r.status_code == 404
+
+
+def test_merged_patient_answers_replaced_by(gateway: tuple[LiveServer, Path]) -> None:
+    server, tmp = gateway
+    store = AdtStore(f"sqlite:///{tmp / 'adt.sqlite'}")
+    try:
+        # the PAS merged D0000002 into D0000001 (an A40): recorded by the listener's store
+        store.record(Incoming("PAS^RCB", "M1", "d", "A40", "D0000001",
+                              [{"resourceType": "Patient", "id": "D0000001"}],
+                              retired="D0000002"))
+    finally:
+        store.close()
+    h = token(tmp, "user/Patient.rs")
+    base = f"{server.url}/STU3"
+    r = httpx.get(f"{base}/Patient/D0000002", headers=h)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["active"] is False
+    assert body["link"] == [{"other": {"reference": "Patient/D0000001"}, "type": "replaced-by"}]
+    # a search by the retired PAS number finds the survivor
+    r = httpx.get(f"{base}/Patient", params={"identifier": f"{PAS}|D0000002"}, headers=h)
+    found = [e["resource"] for e in r.json().get("entry", [])]
+    assert [i["value"] for p in found for i in p["identifier"] if i["system"] == PAS] == [
+        "D0000001"]
+    # without read permission the merge is not disclosed
+    r = httpx.get(f"{base}/Patient/D0000002", headers=token(tmp, "user/Encounter.rs"))
+    assert r.status_code == 403
+
+
+def test_serve_runs_the_listener_when_configured(demo_sqlite_url: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 receiver: Receiver) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("CCG_ADT_MODE", "serve")
+    monkeypatch.setenv("CCG_ADT_LISTEN", f"127.0.0.1:{port}")
+    monkeypatch.setenv("CCG_ADT_STORE_URL", f"sqlite:///{tmp_path / 'adt.sqlite'}")
+    monkeypatch.setenv("CCG_SUBSCRIPTION_ALLOWED_ENDPOINTS", "http://127.0.0.1:*")
+    app = build_app(gateway_settings(demo_sqlite_url, tmp_path, auth_mode=""))
+    with LiveServer(app) as server:
+        r = httpx.post(f"{server.url}/STU3/Subscription",
+                       headers=token(tmp_path, "user/Subscription.*"),
+                       content=json.dumps(sub(endpoint=receiver.url,
+                                              criteria="Patient?identifier="
+                                              "https://fhir.nhs.uk/Id/nhs-number|3333333333")))
+        assert r.status_code == 201
+        sender = Sender(port)
+        try:
+            reply = sender.send(er7_bytes(GOLDEN / "itk-a28.hl7"))
+        finally:
+            sender.close()
+        assert reply is not None and msa(reply)[1] == "AA"
+        (got,) = receiver.wait_for(1)
+    assert got.body is not None
+    assert got.body["entry"][0]["resource"]["id"] == "R1234567"
+    assert got.headers["x-adt-event"] == "A28"
+
+
+def test_subscriptions_per_client_are_bounded(gateway: tuple[LiveServer, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    server, tmp = gateway
+    h = token(tmp, "user/Subscription.*")
+    url = f"{server.url}/STU3/Subscription"
+    statuses = [httpx.post(url, content=json.dumps(sub()), headers=h).status_code
+                for _ in range(51)]
+    assert statuses == [201] * 50 + [422], statuses
+    r = httpx.post(url, content=json.dumps(sub()), headers=h)
+    assert code(r) == "SUBSCRIPTION_LIMIT"
+
+
+def test_a_subscription_past_its_end_is_off_and_not_fed(tmp_path: Path) -> None:
+    import time
+
+    from gateway.adt.api import checked, end_of
+    from tests.gateway.adt.conftest import adt_settings
+
+    store = AdtStore(f"sqlite:///{tmp_path / 'a.sqlite'}")
+    try:
+        res = checked(sub(end="2999-01-01T00:00:00Z", criteria="Patient"), adt_settings(tmp_path))
+        store.add_subscription(res["id"], res, "c", time.time() + 0.3)
+        assert end_of(res) is not None
+        rec = store.record(Incoming("P^R", "X1", "d", "A08", "D1",
+                                    [{"resourceType": "Patient", "id": "D1"}]))
+        assert rec.notifications == 1
+        time.sleep(0.6)  # past its end (and past the half-second subscription cache)
+        rec = store.record(Incoming("P^R", "X2", "d", "A08", "D1",
+                                    [{"resourceType": "Patient", "id": "D1"}]))
+        assert rec.notifications == 0
+        got = store.get_subscription(res["id"])
+        assert got is not None and got["status"] == "off"
+    finally:
+        store.close()

@@ -1,0 +1,147 @@
+"""``mappings explain``: the plan of a search, without running it, and never its values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import cli
+from gateway.settings import bundled_mappings_roots
+
+HL7 = bundled_mappings_roots()[0] / "demo-hl7v2"
+# distinctive values: none may appear anywhere in an explanation
+SECRET_NAME, SECRET_NHS = "qzxwvutname", "9990000018"
+
+
+@pytest.fixture(autouse=True)
+def small_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CCG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CCG_DEMO_PATIENTS", "60")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = cli.main(["mappings", "explain", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_sql_search_shows_parameters_statement_and_children_not_values(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    search = (f"Patient?family={SECRET_NAME}&gender=female&birthdate=ge1965"
+              "&_include=Patient:general-practitioner&bogus=1")
+    # strict by default, as the server is: the unknown parameter is the answer
+    code, out = run(capsys, search)
+    assert code == 1 and out.startswith("UNKNOWN_PARAMETER: ") and "'bogus'" in out
+    assert SECRET_NAME not in out
+    code, out = run(capsys, "--lenient", search)
+    assert code == 0, out
+    assert "Patient search: Patient.sql.yaml via connection 'pas' (sql adapter)" in out
+    assert "parameters used: family, gender, birthdate, _include" in out
+    assert "ignored: bogus" in out
+    assert "criteria: and(p.SURNAME prefix ?,p.SEXXX_CODE=?,p.DTTM_OF_BIRTH>=?)" in out
+    assert 'FROM "PATIENTS"' in out and 'p."SURNAME" LIKE ?' in out
+    assert "child addresses:" in out and 'FROM "ADDRESSES"' in out
+    assert "_include general-practitioner" in out
+    for value in (SECRET_NAME, "female", "1965", "'2'"):  # '2': female's local code
+        assert value not in out.lower(), value
+
+
+def test_nothing_is_run(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a database URL that cannot be reached: explaining does not connect
+    monkeypatch.setenv("CCG_PAS_URL", "postgresql+psycopg://nobody:x@127.0.0.1:9/none")
+    code, out = run(capsys, "Encounter?patient=100001&date=ge2020&_total=accurate")
+    assert code == 0, out
+    assert "SQL (postgresql)" in out and "%(" in out  # psycopg's own placeholders
+    assert "_total=accurate: also" in out and "count(*)" in out
+    assert "100001" not in out and "2020" not in out
+
+
+def test_hl7_search_shows_the_message_and_qpd_fields(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "--mappings", "demo-hl7v2",
+                    f"Patient?family={SECRET_NAME}&gender=female")
+    assert code == 0, out
+    assert "(hl7v2 adapter)" in out and "QBP^Q22" in out
+    assert "QPD-3: @PID.5^?~@PID.8^?" in out
+    assert "child addresses: each repetition of PID-11" in out
+    assert SECRET_NAME not in out.lower()
+    code, out = run(capsys, "--mappings", str(HL7), "Patient?_id=D0000001")
+    assert "QBP^Q21" in out and "D0000001" not in out
+    code, out = run(capsys, "--mappings", "demo-hl7v2",
+                    f"Patient?family:contains={SECRET_NAME}&gender=female")
+    assert code == 0 and "not sent:" in out and "UNSUPPORTED_SEARCH" in out
+
+
+@pytest.mark.parametrize(("search", "code"), [
+    ("Foo?x=1", "UNKNOWN_RESOURCE_TYPE"),
+    ("Patient?family=smith", "INSUFFICIENT_SEARCH_CRITERIA"),
+    (f"Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{SECRET_NHS[:-1]}7",
+     "INVALID_NHS_NUMBER"),
+    ("family=smith", "BAD_REQUEST"),
+])
+def test_a_search_that_would_fail_says_why(capsys: pytest.CaptureFixture[str], search: str,
+                                           code: str) -> None:
+    status, out = run(capsys, search)
+    assert status == 1 and out.startswith(f"{code}: ")
+    assert SECRET_NHS[:-1] not in out
+
+
+def test_cost_from_sqlite_runs_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "--cost", f"Patient?family={SECRET_NAME}&gender=female")
+    assert code == 0, out
+    plan = out.split("SQLite's plan", 1)[1]
+    assert "SCAN p" in plan or "SEARCH p" in plan
+    assert SECRET_NAME not in out.lower()
+    code, out = run(capsys, "--cost", "Patient?_id=100001")
+    assert "SEARCH p USING INTEGER PRIMARY KEY" in out or "SEARCH p USING" in out
+
+
+@pytest.mark.postgres
+def test_cost_from_postgresql(capsys: pytest.CaptureFixture[str], demo_pg_url: str,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CCG_PAS_URL", demo_pg_url)
+    code, out = run(capsys, "--cost", f"Patient?family={SECRET_NAME}&gender=female")
+    assert code == 0, out
+    assert "SQL (postgresql)" in out
+    estimate = out.split("PostgreSQL's estimate: cost ", 1)[1]
+    first = estimate.splitlines()[0]
+    assert "row(s) (the page asks for 21)" in first
+    assert "on PATIENTS" in estimate  # the plan's nodes, by table
+    assert SECRET_NAME not in out.lower()
+
+
+def test_a_type_with_several_sources_has_one_plan_per_source(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "Encounter?patient=100001&date=ge2024-01-01&_sort=-date")
+    assert code == 0, out
+    assert out.startswith("Encounter search: 3 sources, merged in sort order")
+    assert "parameters used: patient, date, _sort" in out
+    sections = out.split("\nsource ")[1:]
+    assert [s.split(":", 1)[0] for s in sections] == [
+        "Encounter.ae.sql (ids ae-...)", "Encounter.outpatient.sql (ids op-...)",
+        "Encounter.sql"]
+    # each on its own table and columns, sorted by its own date column, newest first
+    for section, table, sort in zip(sections, ("AE_ATTENDANCES", "OUTPATIENT_ATTENDANCES",
+                                               "PROVIDER_SPELLS"),
+                                    ("-e.ARRIVAL_DTTM", "-o.APPT_DTTM", "-s.ADMIT_DTTM"),
+                                    strict=True):
+        assert f'FROM "{table}"' in section and f"sort: {sort}," in section
+        assert section.count("SQL (sqlite): one statement per page") == 1
+    assert "100001" not in out and "2024" not in out
+
+
+def test_a_chained_parameter_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    # same database: the target's search is a subquery of each source's statement
+    code, out = run(capsys, f"Encounter?patient.family={SECRET_NAME}")
+    assert code == 0, out
+    assert "parameters used: patient.family" in out
+    assert "criteria: s.PATNT_REFNO in p.PATNT_REFNO(p.SURNAME prefix ?)" in out
+    assert out.count('IN (SELECT p."PATNT_REFNO"') == 3  # in every source's statement
+    # over HL7 v2: the Patient search runs first, its keys go into the Encounter query
+    code, out = run(capsys, "--mappings", "demo-hl7v2", f"Encounter?patient.family={SECRET_NAME}")
+    assert code == 0, out
+    assert ("chain patient.family: first a search of Patient (Patient.hl7v2.yaml, "
+            "PID-5.1 prefix ?)") in out
+    assert "HL7 v2 QBP^ZV1" in out and "not sent" not in out
+    assert SECRET_NAME not in out.lower()
