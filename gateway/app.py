@@ -39,8 +39,13 @@ from gateway.limits import (
     TokenBuckets,
 )
 from gateway.mapping.loader import LoadedSet, load_directory
+from gateway.messaging.config import load_messaging
+from gateway.messaging.delivery import Outbox
+from gateway.messaging.process import Messaging, ProcessMessage
+from gateway.messaging.store import MessageStore
 from gateway.middleware import RequestContext, gateway_error_handler, http_error_handler
 from gateway.operations import OperationRegistry
+from gateway.operations.document import Document, load_documents
 from gateway.operations.everything import Everything
 from gateway.operations.structured import load_operations
 from gateway.operations.validate import Validate
@@ -157,15 +162,38 @@ def build_app(settings: Settings | None = None) -> Starlette:
             for provider in new.sources():
                 app_validation.wrap(provider)
 
+    # The messaging state (store, outbox, workers) is built once and outlives reloads; it
+    # finds providers through the live mappings, and a reload re-reads its declaration.
+    messaging: Messaging | None = None
+    messaging_spec = load_messaging(loaded.directory, registry)
+    if messaging_spec is not None:
+        store = MessageStore(settings.data_dir / "messages.sqlite")
+        allow = [u.strip() for u in settings.messaging_response_urls.split(",") if u.strip()]
+        messaging = Messaging(messaging_spec, registry, store, allow, Outbox(
+            store, allow, max_attempts=settings.messaging_max_attempts,
+            backoff_base=settings.messaging_retry_seconds,
+            retention_seconds=settings.messaging_retention_days * 86_400),
+            retry_seconds=settings.messaging_retry_seconds)
+
     def build_operations(from_set: LoadedSet, over: Registry) -> OperationRegistry:
-        return OperationRegistry([Validate(), Everything(),
-                                  *load_operations(from_set.directory, over),
-                                  *terminology.served_operations(over)])
+        documents = load_documents(from_set.directory, over)
+        spec = load_messaging(from_set.directory, over) if messaging is not None else None
+        built = OperationRegistry([Validate(), Everything(),
+                                   *load_operations(from_set.directory, over),
+                                   *terminology.served_operations(over),
+                                   *([Document(documents)] if documents else []),
+                                   *([ProcessMessage(messaging)] if spec is not None
+                                     and messaging is not None else [])])
+        if spec is not None and messaging is not None:
+            messaging.spec = spec  # last: nothing after this can refuse the reload
+        return built
 
     operations = build_operations(loaded, registry)
     live = LiveMappings(registry, str(loaded.directory), load_again, prepare,
                         operations=operations, build_operations=build_operations,
                         build_registry=build_registry)
+    if messaging is not None:
+        messaging.registry_source = live
     api = Api(live, settings, Pager(settings.paging_secret))
     from gateway.adt.app import AdtPart  # the ADT feed and Subscription, when configured
 
@@ -183,7 +211,11 @@ def build_app(settings: Settings | None = None) -> Starlette:
         sweeper = (asyncio.create_task(_sweep(audit_trail.denials))
                    if audit_trail.denials is not None else None)
         await adt_part.start()
+        if messaging is not None:
+            await messaging.start()
         yield
+        if messaging is not None:
+            await messaging.stop()
         await adt_part.stop()
         if sweeper is not None:
             sweeper.cancel()
@@ -239,6 +271,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.registry = registry  # the first generation; app.state.mappings is the live set
     app.state.operations = operations
+    app.state.messaging = messaging
     app.state.mappings = live
     app.state.settings = settings
     app.state.response_validation = app_validation

@@ -113,6 +113,17 @@ def capability_statement(registry: Registry, base_url: str,
                          operations: OperationRegistry | None = None,
                          extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     """``extra``: resource entries served outside the registry (the ADT feed's Subscription)."""
+    out = _statement(registry, base_url, operations, extra)
+    # FHIR messaging: the events the messaging declaration routes (gateway.messaging)
+    messaging = [op.messaging_capability(base_url) for op in operations or ()
+                 if hasattr(op, "messaging_capability")]
+    if messaging:
+        out["messaging"] = messaging
+    return out
+
+
+def _statement(registry: Registry, base_url: str, operations: OperationRegistry | None,
+               extra: Iterable[dict[str, Any]]) -> dict[str, Any]:
     resources = [resource_capability(p, registry) for p in registry]
     resources += [t.capability() for t in registry.terminology_providers()]
     binary = binary_capability(registry)  # not a provider: gateway.binary serves it

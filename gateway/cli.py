@@ -135,13 +135,17 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
               f"({len(m.spec.search)} search parameters)")
+    from gateway.messaging.config import load_messaging
+    from gateway.operations.document import load_documents
     from gateway.operations.structured import load_operations
     from gateway.providers import Provider
     from gateway.registry import Registry
 
+    registry = Registry(Provider(m) for m in loaded.mappings)
     try:
-        operations = load_operations(loaded.directory,
-                                     Registry(Provider(m) for m in loaded.mappings))
+        operations = load_operations(loaded.directory, registry)
+        documents = load_documents(loaded.directory, registry)
+        messaging = load_messaging(loaded.directory, registry)
     except MappingError as exc:
         for p in exc.problems:
             print(str(p))
@@ -149,6 +153,12 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
         return 1
     for op in operations:
         print(f"ok  operation ${op.name}: {len(op.spec.sections)} section(s)")
+    for doc in documents:
+        print(f"ok  document {doc.name} ({doc.subject}/[id]/$document): "
+              f"{len(doc.sections)} section(s)")
+    if messaging is not None:
+        print(f"ok  messaging: {len(messaging.events)} event(s): "
+              + ", ".join(messaging.events))
     from gateway.mapping.cases import case_files, report, run_all
     from gateway.profiles.golden import check_cli
 

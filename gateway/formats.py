@@ -103,3 +103,29 @@ def to_xml(resource: dict[str, Any], pretty: bool = False) -> bytes:
     model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
     out = model.model_dump_xml(pretty_print=pretty)
     return out if isinstance(out, bytes) else out.encode("utf-8")
+
+
+def wants_html(accept: str | None, format_param: str | None) -> bool:
+    """``_format=html`` or an Accept header that prefers HTML to the FHIR formats."""
+    if format_param is not None:
+        return format_param.strip().lower() in ("html", "text/html")
+    accept = accept or ""
+    best: tuple[float, int] | None = None
+    html: tuple[float, int] | None = None
+    for order, part in enumerate(accept.split(",")):
+        media, *params = (p.strip().lower() for p in part.split(";"))
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        key = (q, -order)
+        if media in ("text/html", "application/xhtml+xml"):
+            html = max(html, key) if html else key
+        elif "fhir" in media or media in ("application/json", "application/xml"):
+            best = max(best, key) if best else key
+    return html is not None and (best is None or html > best)

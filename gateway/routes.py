@@ -39,7 +39,7 @@ from gateway.errors import (
     issue,
     operation_outcome,
 )
-from gateway.formats import Format, negotiate, render
+from gateway.formats import Format, negotiate, render, wants_html
 from gateway.operations import OperationRegistry
 from gateway.operations.base import Invocation, Level
 from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
@@ -198,7 +198,9 @@ class Api:
 
     async def operation(self, request: Request) -> Response:
         """``$name`` at system, type or instance level: dispatched to the operation registry."""
-        self.fmt(request)
+        if not (request.path_params["op"] == "$document" and wants_html(
+                request.headers.get("accept"), request.query_params.get("_format"))):
+            self.fmt(request)  # an HTML page of a document is negotiated by the operation
         params = request.path_params
         name = params["op"][1:]
         rtype, rid = params.get("type"), params.get("id")

@@ -140,6 +140,17 @@ class Settings:
     """On SIGTERM: seconds of readiness false (503) while still serving, before stopping."""
     shutdown_timeout: int = 30
     """Then at most this long for the requests in flight to finish."""
+    messaging_response_urls: str = ""
+    """Where asynchronous $process-message responses may be delivered: comma-separated
+    origins (``https://ehr.trust.nhs.uk``; without a port: any port of that host)."""
+    messaging_retry_seconds: int = 2
+    """First delay before an asynchronous response (or a message that met a transient
+    error) is tried again; doubled each time, at most 300 s."""
+    messaging_max_attempts: int = 12
+    """Delivery attempts of one response before it is kept as dead (never deleted)."""
+    messaging_retention_days: int = 30
+    """Answered messages (their stored responses: idempotency) and delivered responses are
+    forgotten after this many days; a resend after that is processed as a new message."""
     # -- authentication and authorisation (gateway/auth, docs/security.md)
     env: str = ""
     """``production`` refuses the demo fallbacks even on the bundled demo mappings."""

@@ -8,6 +8,8 @@ Layout of a mapping directory::
 
     connections.yaml        named connections (secrets come from the environment)
     <Type>.<source>.yaml    one per resource type per source, e.g. Patient.sql.yaml
+    messaging.yaml          FHIR messaging events (gateway.messaging), if any
+    operations/, documents/ declared extracts and documents (gateway.operations)
     ../codemaps/*.yaml      shared code maps (path configurable in connections.yaml)
 """
 
@@ -46,6 +48,8 @@ from gateway.mapping.yamlfile import (
 )
 
 CONNECTIONS_FILE = "connections.yaml"
+ROLE_FILES = frozenset({CONNECTIONS_FILE, "messaging.yaml"})
+"""Files beside the mappings that are not mappings (messaging.yaml: gateway.messaging)."""
 _PASSWORD_IN_URL = re.compile(r"://[^/@:]+:[^/@]+@")
 
 
@@ -256,7 +260,7 @@ def load_directory(
 
     compiled: list[CompiledMapping] = []
     seen: dict[str, list[tuple[Path, Any, MappingFile]]] = {}
-    files = [p for p in sorted(directory.glob("*.yaml")) if p.name != CONNECTIONS_FILE]
+    files = [p for p in sorted(directory.glob("*.yaml")) if p.name not in ROLE_FILES]
     for i, rel in enumerate(settings.include):
         included = (directory / rel).resolve()
         if not included.is_file():

@@ -435,7 +435,7 @@ class _Walker:
                              "of the form [type]/[id]; its target type is not checked", path)
                 return
             rtype = m.group(1)
-        if rtype not in prop.targets:
+        if rtype not in prop.targets and "Resource" not in prop.targets:  # Reference(Any)
             self.add("error", "invalid", f"{prop.element.id}: the reference must be to "
                      f"{' or '.join(sorted(prop.targets))}", f"{path}.reference")
 

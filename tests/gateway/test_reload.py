@@ -158,6 +158,41 @@ async def test_the_operations_are_reloaded_with_the_providers(
         "Smith", "Smith"]
 
 
+async def test_documents_are_reloaded_with_the_providers(
+        served: tuple[httpx.AsyncClient, Starlette, Path]) -> None:
+    """documents/*.yaml are part of the generation too: $document changes with a reload, and
+    a bad declaration refuses the whole reload."""
+    client, app, directory = served
+    live = app.state.mappings
+    doc_file = directory / "documents" / "patient-summary.yaml"
+    path = "/STU3/Patient/100001/$document"
+
+    def title(bundle: dict[str, Any]) -> str:
+        return str(bundle["entry"][0]["resource"]["title"])
+
+    r = await client.get(path)
+    assert r.status_code == 200, r.text
+    before = title(r.json())
+    text = doc_file.read_text(encoding="utf-8")
+    old_title = next(x for x in text.split("\n") if x.startswith("title: "))
+    edit(doc_file, old_title, "title: Summary after a reload")
+    result = await live.reload()
+    assert result.ok, result.problems
+    after = (await client.get(path)).json()
+    assert title(after) == "Summary after a reload" != before
+    # a section over a type nobody serves: refused with file:line, the reloaded one serves on
+    text = doc_file.read_text(encoding="utf-8")
+    line = next(i for i, x in enumerate(text.split("\n"), 1)
+                if x.strip().startswith("resource: "))
+    lines = text.split("\n")
+    lines[line - 1] = lines[line - 1].split("resource:")[0] + "resource: NoSuchType"
+    doc_file.write_text("\n".join(lines), encoding="utf-8")
+    result = await live.reload()
+    assert not result.ok and result.generation == 2
+    assert any(p.startswith(f"{doc_file}:{line}:") for p in result.problems), result.problems
+    assert title((await client.get(path)).json()) == "Summary after a reload"
+
+
 async def test_a_failing_case_stops_the_reload(
         served: tuple[httpx.AsyncClient, Starlette, Path]) -> None:
     client, app, directory = served

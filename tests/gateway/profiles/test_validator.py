@@ -321,3 +321,16 @@ def test_timing_repeat_is_checked_as_the_backbone_it_is() -> None:
     assert issue.expression == "MedicationRequest.dosageInstruction[0].timing.repeat.perod"
     issue = only(errors(_medication_request({"frequency": "twice"})))
     assert issue.expression == "MedicationRequest.dosageInstruction[0].timing.repeat.frequency"
+
+
+def test_reference_to_any_resource_takes_every_type() -> None:
+    """Reference(Any) (Composition.subject, section.entry): any type; a typed one still
+    refuses others."""
+    comp = {"resourceType": "Composition", "status": "final", "type": {"text": "x"},
+            "date": "2024-01-01", "title": "t", "subject": {"reference": "Patient/1"},
+            "author": [{"reference": "Practitioner/1"}],
+            "section": [{"title": "s", "entry": [{"reference": "Condition/1"}]}]}
+    assert [i for i in validate(comp) if i.severity == "error"] == []
+    comp["author"] = [{"reference": "Condition/1"}]
+    errors = [i for i in validate(comp) if i.severity == "error"]
+    assert [i.expression for i in errors] == ["Composition.author[0].reference"]

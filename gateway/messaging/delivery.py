@@ -1,0 +1,96 @@
+"""Delivering asynchronous responses: the outbox, posted to each ``response-url``.
+
+At least once: a response leaves the outbox only when its receiver answered 2xx; a failed
+attempt is retried with exponential backoff (capped), up to ``max_attempts``, then kept as
+dead with its last error (never deleted). The outbox is in the store, so a restart resumes
+where it stopped. Only URLs on the configured allow-list are ever accepted (checked when the
+message arrives, and again here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from gateway.messaging.store import MessageStore
+
+log = structlog.get_logger("gateway.messaging")
+
+
+def allowed(url: str, allow_list: list[str]) -> bool:
+    """``url`` is http(s) and its origin is on the list (an entry without a port: any port
+    of that host)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+        return False
+    for entry in allow_list:
+        want = urlsplit(entry.strip())
+        if (want.scheme == parts.scheme and want.hostname == parts.hostname
+                and (want.port is None or want.port == port)):
+            return True
+    return False
+
+
+class Outbox:
+    def __init__(self, store: MessageStore, allow_list: list[str], *, max_attempts: int = 8,
+                 backoff_base: float = 1.0, backoff_max: float = 300.0, poll: float = 0.5,
+                 timeout: float = 10.0, retention_seconds: float = 30 * 86_400) -> None:
+        self.retention_seconds = retention_seconds
+        self.store = store
+        self.allow_list = allow_list
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.poll = poll
+        self.timeout = timeout
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False,
+                                     trust_env=False) as client:
+            purged_at = 0.0
+            while True:
+                if time.monotonic() - purged_at > 3600:  # hourly: the file stays bounded
+                    purged_at = time.monotonic()
+                    await self.store.purge(self.retention_seconds)
+                for item in await self.store.due():
+                    await self._send(client, item.seq, item.url, item.body, item.attempts)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll)
+
+    async def _send(self, client: httpx.AsyncClient, seq: int, url: str, body: bytes,
+                    attempts: int) -> None:
+        error = ""
+        if not allowed(url, self.allow_list):
+            await self.store.failed(seq, "response-url no longer on the allow-list", None)
+            return
+        try:
+            r = await client.post(url, content=body,
+                                  headers={"Content-Type": "application/fhir+json"})
+            if 200 <= r.status_code < 300:
+                await self.store.delivered(seq)
+                log.info("message_response_delivered", seq=seq, attempts=attempts + 1)
+                return
+            error = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            error = type(exc).__name__
+        done = attempts + 1
+        if done >= self.max_attempts:
+            await self.store.failed(seq, error, None)
+            log.warning("message_response_dead", seq=seq, attempts=done, error=error)
+            return
+        delay = min(self.backoff_max, self.backoff_base * 2 ** attempts)
+        await self.store.failed(seq, error, time.time() + delay)

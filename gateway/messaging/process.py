@@ -1,0 +1,442 @@
+"""``POST [base]/$process-message``: a message Bundle in, its response message out.
+
+Synchronous (the default): the event's write is made and the response message returned
+(200): ``MessageHeader.response.code`` ok, transient-error or fatal-error, with an
+OperationOutcome when not ok. ``async=true`` with a ``response-url`` on the allow-list: the
+message is recorded durably and accepted (202); a worker processes it and the response is
+delivered to the URL through the outbox (gateway.messaging.delivery).
+
+Idempotent by MessageHeader.id: a final response (ok or fatal-error) is stored, and the same
+id sent again is answered with it, byte for byte, without a second write; the same id with
+other content is refused. A transient error before anything reached the backend is not
+stored (the sender may simply send again). A write sent and not acknowledged is recorded as
+``unknown`` and answered transient-error (WRITE_OUTCOME_UNKNOWN); when the same message
+comes again, a create first looks for the patient by the identifiers sent (as a REST client
+would with If-None-Exist) and answers ok if it is there, so it is applied once. Once the
+backend acknowledged (AA), the answer is ok — whatever a read-back does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from starlette.responses import Response
+
+from adapters.base import Write
+from gateway import writes
+from gateway.auth import authorize
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    GatewayTimeout,
+    ServiceUnavailable,
+    issue,
+    operation_outcome,
+)
+from gateway.messaging.config import MessagingFile
+from gateway.messaging.delivery import Outbox, allowed
+from gateway.messaging.store import MessageStore
+from gateway.operations.base import Context, Invocation, Operation, Parameter
+from gateway.registry import Registry
+
+log = structlog.get_logger("gateway.messaging")
+DEFINITION = "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message"
+_NS = uuid.UUID("6d1f2c3a-8e4b-5f70-a1b2-c3d4e5f60718")
+_FHIR_JSON = "application/fhir+json"
+
+
+class Outcome(Exception):
+    """A message that cannot be processed, answered with a response message (not HTTP)."""
+
+    def __init__(self, code: str, issues: list[dict[str, Any]], final: bool = True) -> None:
+        super().__init__(code)
+        self.code = code
+        self.issues = issues
+        self.final = final
+
+
+def _fatal(error_code: str, text: str, issue_code: str = "invalid") -> Outcome:
+    return Outcome("fatal-error", [issue("error", issue_code, error_code, text)])
+
+
+def digest(message: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(message, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def header_of(message: dict[str, Any]) -> dict[str, Any]:
+    """The MessageHeader of a message Bundle, checked enough to answer it (else 400)."""
+    if message.get("resourceType") != "Bundle" or message.get("type") != "message":
+        raise BadRequest("$process-message takes a Bundle of type message")
+    entries = message.get("entry")
+    first = entries[0].get("resource") if isinstance(entries, list) and entries and \
+        isinstance(entries[0], dict) else None
+    if not isinstance(first, dict) or first.get("resourceType") != "MessageHeader":
+        raise BadRequest("the message Bundle's first entry must be its MessageHeader")
+    mid = first.get("id")
+    if not isinstance(mid, str) or not 1 <= len(mid) <= 64:
+        raise BadRequest("the MessageHeader needs an id (1 to 64 characters): it identifies "
+                         "the message")
+    event = first.get("event")
+    if not isinstance(event, dict) or not event.get("code"):
+        raise BadRequest("the MessageHeader needs an event (a Coding)")
+    return first
+
+
+class _HasRegistry(Protocol):
+    @property
+    def registry(self) -> Registry: ...
+
+
+class Messaging:
+    """The messaging service: the declaration, the store, the outbox and its workers."""
+
+    def __init__(self, spec: MessagingFile, registry: Registry, store: MessageStore,
+                 allow_list: list[str], outbox: Outbox | None = None,
+                 retry_seconds: float = 2.0) -> None:
+        self.retry_seconds = retry_seconds
+        self.spec = spec
+        self._registry = registry
+        # the live mappings (gateway.reload.LiveMappings), once the app has them: a reload's
+        # providers are found there, the request's pinned generation first
+        self.registry_source: _HasRegistry | None = None
+        self.store = store
+        self.allow_list = allow_list
+        self.outbox = outbox or Outbox(store, allow_list)
+        self._locks: dict[str, list[Any]] = {}
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def registry(self) -> Registry:
+        if self.registry_source is not None:
+            return self.registry_source.registry
+        return self._registry
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self.outbox.run()),
+                       asyncio.create_task(self._worker())]
+        for found in await self.store.waiting():  # accepted before a restart
+            self._queue.put_nowait(found.id)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self.store.close()
+
+    # -- processing
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, mid: str) -> AsyncIterator[None]:
+        """One message id processed at a time; the lock is dropped when nobody holds or
+        waits for it (memory stays bounded by the messages in flight)."""
+        entry = self._locks.get(mid)
+        if entry is None:
+            entry = self._locks[mid] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._locks.pop(mid, None)
+
+    async def process(self, message: dict[str, Any], base: str) -> dict[str, Any]:
+        """The response message (synchronous mode), the write applied at most once."""
+        header = header_of(message)
+        mid, dg = header["id"], digest(message)
+        async with self._lock(mid):
+            stored = await self.store.get(mid)
+            if stored is not None and stored.digest != dg:
+                return self.response(header, base, _fatal(
+                    "MESSAGE_ID_REUSED", "this MessageHeader.id was already used for another "
+                    "message; a new message needs a new id", "duplicate"))
+            if stored is not None and stored.response is not None:
+                return stored.response
+            again = stored is not None and stored.state == "unknown"
+            if stored is None:
+                await self.store.put(mid, dg, "processing")
+            response, final = await self._apply(message, header, base, again)
+            if final:  # accepted asynchronously before: its response-url gets it too
+                await self.store.finish(mid, response, stored.response_url if stored else None)
+                self.outbox.wake()
+            elif response["entry"][0]["resource"]["response"]["code"] == "transient-error" \
+                    and not self._unknown(response):
+                await self.store.forget(mid)
+            return response
+
+    async def accept(self, message: dict[str, Any], response_url: str, base: str) -> None:
+        """Asynchronous mode: recorded durably (then 202), processed by the worker; a message
+        answered before is not processed again (its response was delivered)."""
+        header = header_of(message)
+        mid, dg = header["id"], digest(message)
+        async with self._lock(mid):
+            stored = await self.store.get(mid)
+            if stored is not None and stored.digest != dg:
+                raise BadRequest("this MessageHeader.id was already used for another message")
+            if stored is None:
+                await self.store.put(mid, dg, "accepted", body={"message": message,
+                                                                "base": base},
+                                     response_url=response_url)
+                self._queue.put_nowait(mid)
+
+    async def _worker(self) -> None:
+        while True:
+            mid = await self._queue.get()
+            try:
+                await self._process_stored(mid)
+            except Exception:  # one message must not stop the others; logged without PHI
+                log.exception("message_processing_failed")
+
+    async def _process_stored(self, mid: str) -> None:
+        async with self._lock(mid):
+            stored = await self.store.get(mid)
+            if stored is None or stored.response is not None or stored.body is None:
+                return
+            message, base = stored.body["message"], stored.body["base"]
+            header = header_of(message)
+            response, final = await self._apply(message, header, base,
+                                                stored.state == "unknown")
+            if final:
+                await self.store.finish(mid, response, stored.response_url)
+                self.outbox.wake()
+                return
+        # transient: try again later (the row stays accepted/unknown, so a restart resumes it)
+        asyncio.get_running_loop().call_later(self.retry_seconds, self._queue.put_nowait, mid)
+
+    @staticmethod
+    def _unknown(response: dict[str, Any]) -> bool:
+        for e in response["entry"][1:]:
+            for i in e["resource"].get("issue", ()):
+                for c in (i.get("details") or {}).get("coding", ()):
+                    if c.get("code") == "WRITE_OUTCOME_UNKNOWN":
+                        return True
+        return False
+
+    async def _apply(self, message: dict[str, Any], header: dict[str, Any], base: str,
+                     again: bool) -> tuple[dict[str, Any], bool]:
+        mid = header["id"]
+        try:
+            focus = await self._write(message, header, again, mid)
+        except Outcome as out:
+            return self.response(header, base, out), out.final
+        return self.response(header, base, None, focus), True
+
+    def event_of(self, header: dict[str, Any]) -> tuple[str, Any]:
+        event = header["event"]
+        code = event.get("code")
+        found = self.spec.events.get(code) if event.get("system") == self.spec.event_system \
+            else None
+        if found is None:
+            raise _fatal("MESSAGE_EVENT_NOT_SUPPORTED",
+                         "this server does not process that message event (see the "
+                         "CapabilityStatement's messaging events)", "not-supported")
+        return code, found
+
+    def focus_of(self, message: dict[str, Any], header: dict[str, Any], rtype: str
+                 ) -> dict[str, Any]:
+        entries = [e for e in message["entry"][1:] if isinstance(e, dict)
+                   and isinstance(e.get("resource"), dict)]
+        refs = [f.get("reference") for f in header.get("focus") or () if isinstance(f, dict)]
+        for ref in refs:
+            for e in entries:
+                r = e["resource"]
+                if ref in (e.get("fullUrl"), f"{r.get('resourceType')}/{r.get('id')}"):
+                    if r.get("resourceType") != rtype:
+                        raise _fatal("MESSAGE_FOCUS_INVALID", f"the event's focus must be a "
+                                                              f"{rtype}")
+                    return dict(r)
+        if refs:
+            raise _fatal("MESSAGE_FOCUS_INVALID", "MessageHeader.focus does not resolve to "
+                                                  "an entry of the message")
+        mine = [e["resource"] for e in entries if e["resource"].get("resourceType") == rtype]
+        if len(mine) != 1:
+            raise _fatal("MESSAGE_FOCUS_INVALID", f"the message must carry one {rtype} (or "
+                                                  "name it in MessageHeader.focus)", "required")
+        return dict(mine[0])
+
+    async def _write(self, message: dict[str, Any], header: dict[str, Any], again: bool,
+                     mid: str) -> str | None:
+        _, event = self.event_of(header)
+        resource = self.focus_of(message, header, event.focus)
+        provider = self.registry.get(event.focus)
+        try:
+            if event.write == "create":
+                resource.pop("id", None)  # the PAS gives the new id
+            writes.validate(resource, event.focus, provider.profile)
+            record = provider.to_record(resource)
+            if event.write == "update":
+                rid = resource.get("id")
+                if not isinstance(rid, str):
+                    raise _fatal("MESSAGE_FOCUS_INVALID", f"an update needs the {event.focus}'s"
+                                                          " id", "required")
+                if await provider.read(rid) is None:
+                    raise _fatal("RESOURCE_NOT_FOUND", f"{event.focus} with that id was not "
+                                                       "found", "not-found")
+            elif again:
+                found = await self._existing(provider, resource)
+                if found is not None:
+                    return f"{event.focus}/{found}"
+        except GatewayError as exc:
+            raise self._from_error(exc, sent=False) from exc
+        await self.store.state(mid, "unknown")  # from here the write may reach the PAS
+        try:
+            if event.write == "create":
+                result = await provider.write(Write("create", record))
+                return f"{event.focus}/{result.id}" if result.id else None
+            await provider.write(Write("update", record, id=resource["id"]))
+            return f"{event.focus}/{resource['id']}"
+        except GatewayError as exc:
+            raise self._from_error(exc, sent=True) from exc
+
+    async def _existing(self, provider: Any, resource: dict[str, Any]) -> str | None:
+        """After an unacknowledged create: the patient if the first attempt was applied."""
+        for ident in resource.get("identifier") or ():
+            if ident.get("system") == writes.NHS_NUMBER_SYSTEM and ident.get("value"):
+                plan = self.registry.plan(provider, [
+                    ("identifier", f"{ident['system']}|{ident['value']}")], default_count=2,
+                    max_count=2, strict=True, note=False)
+                page = await provider.search(plan)
+                if len(page.records) == 1:
+                    return str(provider.resource(page.records[0])["id"])
+        return None
+
+    @staticmethod
+    def _from_error(exc: GatewayError, sent: bool) -> Outcome:
+        if isinstance(exc, GatewayTimeout) and sent:
+            return Outcome("transient-error", [issue(
+                "error", "timeout", "WRITE_OUTCOME_UNKNOWN",
+                "the write was sent but the system behind this server did not acknowledge it "
+                "in time, so it MAY HAVE BEEN APPLIED; send the same message (the same "
+                "MessageHeader.id) again: it is applied at most once")], final=False)
+        if isinstance(exc, ServiceUnavailable | GatewayTimeout):
+            return Outcome("transient-error", exc.outcome()["issue"], final=False)
+        return Outcome("fatal-error", exc.outcome()["issue"])
+
+    def response(self, header: dict[str, Any], base: str, out: Outcome | None,
+                 focus: str | None = None) -> dict[str, Any]:
+        mid = header["id"]
+        rid = str(uuid.uuid5(_NS, f"response/{mid}"))
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        resp: dict[str, Any] = {
+            "resourceType": "MessageHeader", "id": rid, "event": header["event"],
+            "timestamp": now, "source": {"name": "careconnect-gateway", "endpoint": base},
+            "response": {"identifier": mid, "code": out.code if out else "ok"}}
+        src = header.get("source")
+        if isinstance(src, dict) and isinstance(src.get("endpoint"), str):
+            resp["destination"] = [{"endpoint": src["endpoint"]}]
+        entries: list[dict[str, Any]] = [{"fullUrl": f"urn:uuid:{rid}", "resource": resp}]
+        if focus:
+            resp["focus"] = [{"reference": focus}]
+        if out is not None:
+            oid = str(uuid.uuid5(_NS, f"outcome/{mid}"))
+            resp["response"]["details"] = {"reference": f"urn:uuid:{oid}"}
+            entries.append({"fullUrl": f"urn:uuid:{oid}",
+                            "resource": {**operation_outcome(out.issues), "id": oid}})
+        bid = str(uuid.uuid5(_NS, f"bundle/{mid}"))
+        return {"resourceType": "Bundle", "id": bid, "meta": {"lastUpdated": now},
+                "type": "message", "entry": entries}
+
+    def capability(self, base: str) -> dict[str, Any]:
+        """The CapabilityStatement's ``messaging``: exactly the events declared."""
+        return {
+            "endpoint": [{"protocol": {"system": "http://hl7.org/fhir/message-transport",
+                                       "code": "http"},
+                          "address": f"{base}/$process-message"}],
+            "documentation": "Synchronous by default; async=true with a response-url on the "
+                             "server's allow-list for asynchronous processing. Idempotent by "
+                             "MessageHeader.id.",
+            "event": [{"code": {"system": self.spec.event_system, "code": code,
+                                "display": e.display},
+                       "category": "Consequence", "mode": "receiver", "focus": e.focus,
+                       "request": {"reference": self.registry.get(e.focus).profile},
+                       "response": {"reference":
+                                    "http://hl7.org/fhir/StructureDefinition/MessageHeader"},
+                       **({"documentation": e.documentation} if e.documentation else {})}
+                      for code, e in self.spec.events.items()]}
+
+
+class ProcessMessage(Operation):
+    name = "process-message"
+    levels = frozenset({"system"})
+    methods = ("POST",)
+    idempotent = False
+    definition_url = DEFINITION
+    parameters = (
+        Parameter("content", "Bundle", min=1, documentation="The message (the request body)"),
+        Parameter("async", "boolean", documentation="Process later; the response goes to "
+                                                    "response-url"),
+        Parameter("response-url", "uri", documentation="Where to deliver the response "
+                                                       "(asynchronous; allow-listed)"),
+        Parameter("return", "Bundle", use="out", documentation="The response message"),
+    )
+    scopes = "create (or update) of the event's focus type, as the write it makes"
+
+    def __init__(self, messaging: Messaging) -> None:
+        self.messaging = messaging
+
+    def messaging_capability(self, base_url: str) -> dict[str, Any]:
+        return self.messaging.capability(base_url)
+
+    async def run(self, ctx: Context, call: Invocation) -> Response:
+        request = call.request
+        fmt = ctx.fmt(request)
+        message = await writes.read_body(request, ctx.settings.max_body_bytes)
+        is_async, url = False, None
+        if message.get("resourceType") == "Parameters":
+            content = None
+            for p in message.get("parameter") or ():
+                if not isinstance(p, dict):
+                    continue
+                if p.get("name") == "content":
+                    content = p.get("resource")
+                elif p.get("name") == "async":
+                    is_async = p.get("valueBoolean") is True
+                elif p.get("name") == "response-url":
+                    url = p.get("valueUri")
+            if not isinstance(content, dict):
+                raise BadRequest("the Parameters need a 'content' parameter (the message)")
+            message = content
+        q = request.query_params
+        if "async" in q:
+            if q["async"] not in ("true", "false"):
+                raise BadRequest("'async' is true or false")
+            is_async = q["async"] == "true"
+        url = q.get("response-url", url)
+        header = header_of(message)
+        base = ctx.base_url(request)
+        try:
+            _, event = self.messaging.event_of(header)
+        except Outcome:
+            event = None
+        if event is not None:  # the write's own scope, before anything is stored
+            authorize.require(request, event.focus, "c" if event.write == "create" else "u")
+        else:
+            authorize.principal_of(request)
+        if not is_async:
+            if url:
+                raise BadRequest("'response-url' is for async=true")
+            return ctx.respond(await self.messaging.process(message, base), fmt)
+        if not url:
+            raise BadRequest("async=true needs a 'response-url'")
+        if not allowed(url, self.messaging.allow_list):
+            raise BadRequest("'response-url' is not on this server's allow-list "
+                             "(CCG_MESSAGING_RESPONSE_URLS)")
+        await self.messaging.accept(message, url, base)
+        body = operation_outcome([issue("information", "informational", "MESSAGE_ACCEPTED",
+                                        "accepted; the response message will be delivered "
+                                        "to the response-url")])
+        return ctx.respond(body, fmt, status=202)

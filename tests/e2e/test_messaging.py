@@ -1,0 +1,402 @@
+"""FHIR messaging end to end: ``$process-message`` over real HTTP (uvicorn) to the PAS
+simulator over real MLLP (ADT^A28 / ADT^A31), the PAS's answers varied (AA, NAK, late ACK),
+and the asynchronous mode's outbox across a restart of a real gateway subprocess.
+
+The oracle for "applied once" is the PAS's own database, read with plain SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+from fhir.resources.STU3 import get_fhir_model_class
+from jsonschema import Draft6Validator
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from adapters.hl7v2 import er7, messages
+from adapters.hl7v2.mllp_server import Reply
+from gateway.app import build_app
+from gateway.demo_pas import ensure_sqlite_demo
+from gateway.demo_pas.hl7v2 import PasSimulator
+from gateway.settings import Settings
+from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
+from tests.conftest import LiveServer
+from tests.security.principals import as_, install, user_token
+
+pytestmark = pytest.mark.anyio
+
+MAPPINGS = Path(__file__).resolve().parents[2] / "mappings" / "demo-hl7v2"
+EVENTS = "https://careconnect-gateway.github.io/fhir/CodeSystem/message-event"
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+ERRORS = "https://careconnect-gateway.github.io/fhir/CodeSystem/gateway-error-code"
+
+
+def message(mid: str, event: str, patient: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "message", "entry": [
+        {"fullUrl": f"urn:uuid:{mid}", "resource": {
+            "resourceType": "MessageHeader", "id": mid,
+            "event": {"system": EVENTS, "code": event},
+            "timestamp": "2026-12-07T09:00:00+00:00",
+            "source": {"endpoint": "https://ehr.example.nhs.uk/fhir"},
+            "focus": [{"reference": "urn:uuid:patient-1"}]}},
+        {"fullUrl": "urn:uuid:patient-1", "resource": patient}]}
+
+
+def new_patient(number: str, family: str = "O'Connor") -> dict[str, Any]:
+    p = copy.deepcopy(NEW_PATIENT)
+    p["identifier"][0]["value"] = number
+    p["name"][0]["family"] = family
+    return p
+
+
+def rows(url: str, number: str) -> list[tuple[Any, ...]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        found = conn.execute(sa.text('SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE '
+                                     '"NHS_NUMBER" = :n'), {"n": number}).all()
+    engine.dispose()
+    return [tuple(r) for r in found]
+
+
+@functools.cache
+def _schema() -> Draft6Validator:
+    return Draft6Validator(json.loads((Path(__file__).resolve().parents[2].parent / "shared" /
+                                       "fhir-stu3" / "fhir.schema.json").read_text()))
+
+
+def response_of(bundle: dict[str, Any]) -> tuple[str, list[str]]:
+    """The response code, and the gateway error codes of its OperationOutcome (the message
+    checked by the STU3 JSON Schema and model first)."""
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "message"
+    errors = [e.message[:200] for e in _schema().iter_errors(bundle)]
+    assert not errors, errors
+    get_fhir_model_class("Bundle").model_validate(bundle)
+    header = bundle["entry"][0]["resource"]
+    assert header["resourceType"] == "MessageHeader"
+    codes = [c["code"] for e in bundle["entry"][1:]
+             for i in e["resource"].get("issue", ())
+             for c in i.get("details", {}).get("coding", ()) if c.get("system") == ERRORS]
+    if header["response"]["code"] != "ok":
+        assert header["response"]["details"]["reference"] == bundle["entry"][1]["fullUrl"]
+        assert bundle["entry"][1]["resource"]["resourceType"] == "OperationOutcome"
+    return header["response"]["code"], codes
+
+
+class Faults:
+    """The simulator's MLLP handler, with a fault chosen for the next ADT^A28s."""
+
+    def __init__(self, sim: PasSimulator) -> None:
+        self.handler = sim._server.handler
+        self.next: list[str] = []
+        self.a28s = 0
+
+    async def __call__(self, data: bytes) -> bytes | Reply | None:
+        if b"ADT^A28" not in data:
+            return await self.handler(data)
+        self.a28s += 1
+        fault = self.next.pop(0) if self.next else None
+        control = er7.parse(data).control_id or ""
+        if fault == "nak":
+            return messages.ack(messages.Header(sending_application="PAS"),
+                                messages.new_control_id(), acknowledges=control, code="AE",
+                                text="rejected", error=("207", "rejected"))
+        reply = await self.handler(data)  # applied
+        if fault == "late":
+            return Reply(reply, delay=1.5)  # past the reply timeout: AA never seen in time
+        return reply
+
+
+@pytest.fixture
+async def pas(tmp_path_factory: pytest.TempPathFactory
+              ) -> AsyncIterator[tuple[PasSimulator, str, Faults]]:
+    db = tmp_path_factory.mktemp("msgpas") / "pas.sqlite"
+    ensure_sqlite_demo(db, patients=200, progress=False)
+    url = f"sqlite:///{db}"
+    async with PasSimulator(url, dialect="itk") as sim:
+        faults = Faults(sim)
+        sim._server.handler = faults
+        yield sim, url, faults
+
+
+def settings(tmp: Path, url: str, port: int, **more: Any) -> Settings:
+    return Settings(mappings_dir=MAPPINGS, data_dir=tmp, paging_secret="t", log_level="error",
+                    progress=False, auth_mode="insecure-demo", connection_urls={
+                        "pas": url, "pas-hl7": f"mllp://127.0.0.1:{port}"}, **more)
+
+
+@pytest.fixture
+async def gw(gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette]
+             ) -> tuple[httpx.AsyncClient, str, Faults]:
+    c, url, faults, _ = gw_app
+    return c, url, faults
+
+
+@pytest.fixture
+async def gw_app(pas: tuple[PasSimulator, str, Faults], tmp_path: Path
+                 ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Faults, Starlette]]:
+    sim, url, faults = pas
+    app = build_app(settings(tmp_path, url, sim.port))
+    install(app, {"reader": user_token("user/*.read")})
+    adapter = next(p.mapping.adapter for p in app.state.registry if p.resource_type == "Patient")
+    adapter.client.reply_timeout = 1.0
+    adapter.client.backoff_base = 0.01
+    adapter.options = adapter.options.model_copy(update={"deadline": 2.0})
+    with LiveServer(app) as server:
+        async with httpx.AsyncClient(base_url=server.url + "/STU3", timeout=30) as c:
+            yield c, url, faults, app
+
+
+async def test_registration_then_update_applied_once_and_answered_the_same(
+        gw: tuple[httpx.AsyncClient, str, Faults]) -> None:
+    c, url, faults = gw
+    number = "9430001000"
+    assert rows(url, number) == []
+    msg = message("msg-reg-1", "patient-registration", new_patient(number))
+    r = await c.post("/$process-message", json=msg,
+                     headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 200, r.text
+    code, _ = response_of(r.json())
+    assert code == "ok", r.text
+    header = r.json()["entry"][0]["resource"]
+    assert header["response"]["identifier"] == "msg-reg-1"
+    [(refno,)] = rows(url, number)
+    pid = header["focus"][0]["reference"].removeprefix("Patient/")
+    read = (await c.get(f"/Patient/{pid}")).json()
+    assert read["identifier"][0]["value"] == number  # the focus is the patient registered
+    again = await c.post("/$process-message", json=msg)
+    assert again.content == r.content  # answered the same, byte for byte
+    assert rows(url, number) == [(refno,)] and faults.a28s == 1  # applied once
+    # the same id with other content is refused, not applied
+    other = message("msg-reg-1", "patient-registration", new_patient("9430001019"))
+    code, errors = response_of((await c.post("/$process-message", json=other)).json())
+    assert (code, errors) == ("fatal-error", ["MESSAGE_ID_REUSED"])
+    # a demographics update: ADT^A31, read back through the gateway
+    changed = (await c.get(f"/Patient/{pid}")).json()
+    changed["name"][0]["family"] = "Byrne"
+    up = message("msg-upd-1", "patient-demographics-update", changed)
+    r = await c.post("/$process-message", json=up)
+    assert response_of(r.json())[0] == "ok", r.text
+    assert (await c.get(f"/Patient/{pid}")).json()["name"][0]["family"] == "Byrne"
+
+
+async def test_a_reload_keeps_the_message_store_and_uses_the_new_providers(
+        gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette]) -> None:
+    """A mappings reload (SIGHUP) swaps the providers; the messaging state is built once: a
+    message answered before the reload is replayed after it, new ones go through the new
+    generation's adapters."""
+    c, url, faults, app = gw_app
+    messaging = app.state.messaging
+    live = app.state.mappings
+    msg = message("msg-rel-1", "patient-registration", new_patient("9430001035"))
+    first = await c.post("/$process-message", json=msg)
+    assert response_of(first.json())[0] == "ok", first.text
+    old = live.registry
+    assert messaging.registry is old
+    result = await live.reload()
+    assert result.ok, result.problems
+    assert app.state.messaging is messaging and live.registry is not old
+    assert messaging.registry is live.registry  # providers found through the live mappings
+    again = await c.post("/$process-message", json=msg)
+    assert again.content == first.content and faults.a28s == 1  # the store survived
+    other = message("msg-rel-2", "patient-registration", new_patient("9430001043"))
+    r = await c.post("/$process-message", json=other)
+    assert response_of(r.json())[0] == "ok", r.text
+    assert faults.a28s == 2 and len(rows(url, "9430001043")) == 1
+    cs = (await c.get("/metadata")).json()
+    assert {e["code"]["code"] for m in cs["messaging"] for e in m["event"]} == {
+        "patient-registration", "patient-demographics-update"}
+
+
+async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults]) -> None:
+    c, _, faults = gw
+    msg = message("msg-x-1", "patient-admission", new_patient("9430001027"))
+    r = await c.post("/$process-message", json=msg)
+    assert r.status_code == 200
+    assert response_of(r.json()) == ("fatal-error", ["MESSAGE_EVENT_NOT_SUPPORTED"])
+    other_system = message("msg-x-2", "patient-registration", new_patient("9430001027"))
+    other_system["entry"][0]["resource"]["event"]["system"] = "http://example.org/events"
+    r = await c.post("/$process-message", json=other_system)
+    assert response_of(r.json()) == ("fatal-error", ["MESSAGE_EVENT_NOT_SUPPORTED"])
+    invalid = message("msg-x-3", "patient-registration", {**new_patient("9430001027"),
+                                                          "gender": "sometimes"})
+    code, errors = response_of((await c.post("/$process-message", json=invalid)).json())
+    assert code == "fatal-error" and errors and set(errors) == {"INVALID_RESOURCE"}
+    assert faults.a28s == 0
+    for bad in ({"resourceType": "Patient"}, {"resourceType": "Bundle", "type": "message",
+                                               "entry": [{"resource": {"resourceType":
+                                                                       "Patient"}}]}):
+        r = await c.post("/$process-message", json=bad)
+        assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
+    r = await c.get("/$process-message")
+    assert r.status_code == 405
+    # the write's own scope: a reader cannot register a patient by message
+    msg = message("msg-x-4", "patient-registration", new_patient("9430001027"))
+    r = await c.post("/$process-message", json=msg, headers=as_("reader"))
+    assert r.status_code == 403 and faults.a28s == 0
+    cs = (await c.get("/metadata")).json()
+    assert not list(_schema().iter_errors(cs))
+    events = [e["code"]["code"] for m in cs["messaging"] for e in m["event"]]
+    assert events == ["patient-registration", "patient-demographics-update"]
+    assert "process-message" in [o["name"] for o in cs["rest"][0]["operation"]]
+
+
+async def test_a_pas_that_naks(gw: tuple[httpx.AsyncClient, str, Faults]) -> None:
+    c, url, faults = gw
+    faults.next = ["nak"]
+    msg = message("msg-nak-1", "patient-registration", new_patient("9430001035"))
+    r = await c.post("/$process-message", json=msg)
+    assert response_of(r.json()) == ("fatal-error", ["BACKEND_REJECTED"])
+    assert rows(url, "9430001035") == []
+    again = await c.post("/$process-message", json=msg)  # answered the same, not resent
+    assert again.content == r.content and faults.a28s == 1
+
+
+async def test_a_pas_that_times_out_is_never_reported_failed(
+        gw: tuple[httpx.AsyncClient, str, Faults]) -> None:
+    c, url, faults = gw
+    faults.next = ["late"]  # applied, AA too late
+    msg = message("msg-late-1", "patient-registration", new_patient("9430001043"))
+    r = await c.post("/$process-message", json=msg)
+    code, errors = response_of(r.json())
+    assert (code, errors) == ("transient-error", ["WRITE_OUTCOME_UNKNOWN"])  # not a failure
+    await asyncio.sleep(1.0)
+    [(refno,)] = rows(url, "9430001043")  # it was applied
+    again = await c.post("/$process-message", json=msg)  # the sender resends
+    code, _ = response_of(again.json())
+    assert code == "ok", again.text
+    pid = again.json()["entry"][0]["resource"]["focus"][0]["reference"].removeprefix("Patient/")
+    assert (await c.get(f"/Patient/{pid}")).json()["identifier"][0]["value"] == "9430001043"
+    assert rows(url, "9430001043") == [(refno,)] and faults.a28s == 1  # still once
+
+
+# --- asynchronous: the outbox across a restart of a real gateway process -----------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Receiver:
+    """The sender's endpoint for responses: refuses (503) until told to accept."""
+
+    def __init__(self) -> None:
+        self.accepting = False
+        self.got: list[dict[str, Any]] = []
+        self.refused = 0
+
+        async def post(request: Request) -> Response:
+            if not self.accepting:
+                self.refused += 1
+                return Response(status_code=503)
+            self.got.append(orjson.loads(await request.body()))
+            return Response(status_code=204)
+
+        self.app = Starlette(routes=[Route("/responses", post, methods=["POST"])])
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Receiver, LiveServer]]:
+    rec = Receiver()
+    with LiveServer(rec.app) as server:
+        yield rec, server
+
+
+def start_gateway(tmp: Path, url: str, mllp_port: int, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCG_")}
+    env.update({"CCG_PAS_URL": url, "CCG_PAS_HL7_URL": f"mllp://127.0.0.1:{mllp_port}",
+                "CCG_AUTH_MODE": "insecure-demo", "CCG_PAGING_SECRET": "t",
+                "CCG_LOG_LEVEL": "warning", "CCG_PROGRESS": "false",
+                "CCG_MESSAGING_RESPONSE_URLS": "http://127.0.0.1",
+                "CCG_MESSAGING_RETRY_SECONDS": "1"})
+    with (tmp / "stderr").open("ab") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port",
+                                 str(port), "--mappings", str(MAPPINGS), "--data-dir",
+                                 str(tmp / "data")], stdout=subprocess.DEVNULL, stderr=err,
+                                env=env, cwd=tmp)
+    return proc
+
+
+async def wait_for(check: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+async def test_async_response_survives_a_restart(
+        pas: tuple[PasSimulator, str, Faults], receiver: tuple[Receiver, LiveServer],
+        tmp_path: Path) -> None:
+    sim, url, faults = pas
+    rec, rserver = receiver
+    port = free_port()
+    proc = start_gateway(tmp_path, url, sim.port, port)
+    base = f"http://127.0.0.1:{port}/STU3"
+    try:
+        async with httpx.AsyncClient(timeout=30) as c:
+            async def up() -> bool:
+                try:
+                    return (await c.get(f"http://127.0.0.1:{port}/_health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+            deadline = time.monotonic() + 60
+            while not await up():
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()[-2000:]
+                assert time.monotonic() < deadline, "the gateway did not start"
+                await asyncio.sleep(0.2)
+            # a response-url off the allow-list is refused before anything is recorded
+            msg = message("msg-async-1", "patient-registration", new_patient("9430001051"))
+            r = await c.post(f"{base}/$process-message", json=msg, params={
+                "async": "true", "response-url": "http://198.51.100.7/responses"})
+            assert r.status_code == 400
+            r = await c.post(f"{base}/$process-message", json=msg, params={
+                "async": "true", "response-url": f"{rserver.url}/responses"})
+            assert r.status_code == 202, r.text
+            await wait_for(lambda: rows(url, "9430001051") != [], 30, "not applied")
+            await wait_for(lambda: rec.refused >= 1, 30, "no delivery attempted")
+            proc.kill()  # no goodbye: only what is on disk survives
+            proc.wait()
+            rec.accepting = True
+            proc = start_gateway(tmp_path, url, sim.port, port)
+            deadline = time.monotonic() + 60
+            while not await up():
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()[-2000:]
+                assert time.monotonic() < deadline, "the gateway did not restart"
+                await asyncio.sleep(0.2)
+            await wait_for(lambda: rec.got != [], 60, "the response was not delivered")
+            got = rec.got[0]
+            assert response_of(got)[0] == "ok"
+            assert got["entry"][0]["resource"]["response"]["identifier"] == "msg-async-1"
+            [(refno,)] = rows(url, "9430001051")
+            assert got["entry"][0]["resource"]["focus"][0]["reference"].startswith("Patient/")
+            # the same message again: not applied again; the same response if sent sync
+            r = await c.post(f"{base}/$process-message", json=msg)
+            assert orjson.loads(r.content) == got
+            assert faults.a28s == 1 and rows(url, "9430001051") == [(refno,)]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
