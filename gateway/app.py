@@ -54,6 +54,7 @@ from gateway.registry import Registry
 from gateway.reload import LiveMappings, PinLayer
 from gateway.routes import Api, routes
 from gateway.settings import Settings
+from gateway.terminology.operations import served_operations as served_terminology_operations
 
 log = structlog.get_logger("gateway.app")
 
@@ -180,7 +181,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
         spec = load_messaging(from_set.directory, over) if messaging is not None else None
         built = OperationRegistry([Validate(), Everything(),
                                    *load_operations(from_set.directory, over),
-                                   *terminology.served_operations(over),
+                                   *served_terminology_operations(over),
                                    *([Document(documents)] if documents else []),
                                    *([ProcessMessage(messaging)] if spec is not None
                                      and messaging is not None else [])])

@@ -10,7 +10,7 @@ not patient data, but it is served under the same scope rules as every other typ
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,6 +24,9 @@ from gateway.randomness import uuid4
 from gateway.terminology import conceptmaps
 from gateway.terminology.content import Catalogue, Concept
 from gateway.terminology.provider import ConceptMapProvider, TerminologyProvider
+
+if TYPE_CHECKING:
+    from gateway.registry import Registry
 
 HL7 = "http://hl7.org/fhir/OperationDefinition/"
 MAX_EXPANSION = 1000
@@ -362,3 +365,9 @@ class Lookup(_TerminologyOperation):
 
 def operations() -> list[Operation]:
     return [Translate(), Expand(), ValidateCode(), Lookup()]
+
+
+def served_operations(registry: Registry) -> list[Operation]:
+    """The terminology operations whose type the registry serves as terminology."""
+    return [op for op in operations()
+            if op.resource_types and registry.terminology(op.resource_types[0]) is not None]
