@@ -209,9 +209,16 @@ def test_the_overlay_lists_the_example_mappings() -> None:
         f"mappings/operations/{name}" for name in operations]
     deployment_patch = next(p for p in prod["patches"] if p["target"]["kind"] == "Deployment")
     ops = yaml.safe_load(deployment_patch["patch"])
-    items = next(op["value"]["configMap"]["items"] for op in ops
-                 if op["path"].endswith("/projected/sources/-"))
-    assert items == [{"key": n, "path": f"operations/{n}"} for n in operations]
+    projected = {op["value"]["configMap"]["name"]: op["value"]["configMap"]["items"]
+                 for op in ops if op["path"].endswith("/projected/sources/-")}
+    assert projected["careconnect-gateway-operations"] == [
+        {"key": n, "path": f"operations/{n}"} for n in operations]
+    # and the $document declarations the same way
+    documents = sorted(p.name for p in (demo / "documents").iterdir())
+    assert sorted(gens["careconnect-gateway-documents"]) == [
+        f"mappings/documents/{name}" for name in documents]
+    assert projected["careconnect-gateway-documents"] == [
+        {"key": n, "path": f"documents/{n}"} for n in documents]
     assert sorted(gens["careconnect-gateway-codemaps"]) == sorted(
         f"codemaps/{p.name}" for p in (ROOT / "mappings" / "codemaps").iterdir())
 
@@ -248,7 +255,7 @@ def test_kustomize_renders_the_production_overlay(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     docs = [d for d in yaml.safe_load_all(run.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "ConfigMap", "Deployment",
+    assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "ConfigMap", "ConfigMap", "Deployment",
                      "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget",
                      "Service", "ServiceAccount"]
     assert {d["metadata"]["namespace"] for d in docs} == {"careconnect"}
@@ -261,10 +268,12 @@ def test_kustomize_renders_the_production_overlay(tmp_path: Path) -> None:
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     # the generated (hashed) ConfigMap names are the ones the Deployment mounts
     sources = [s["configMap"] for s in volumes["mappings"]["projected"]["sources"]]
-    assert len(sources) == 2 and all(s["name"] in names for s in sources)
-    operations_cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"]
-                         == sources[1]["name"])
-    assert set(operations_cm["data"]) == {i["key"] for i in sources[1]["items"]}
+    # the mappings, then the operations and the $document declarations projected into place
+    assert len(sources) == 3 and all(s["name"] in names for s in sources)
+    for projected in sources[1:]:
+        cm = next(d for d in docs if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"] == projected["name"])
+        assert set(cm["data"]) == {i["key"] for i in projected["items"]}
     assert volumes["codemaps"]["configMap"]["name"] in names
     assert pod["containers"][0]["envFrom"][0]["configMapRef"]["name"] in names
     assert pod["containers"][0]["image"] == "registry.trust.nhs.uk/careconnect-gateway:0.1.0"

@@ -91,7 +91,7 @@ async def test_405_and_404_are_public_answers_before_403(gw: httpx.AsyncClient,
             deleted = await gw.delete(f"/STU3/{rtype}/{READ_IDS[rtype]}", headers=headers)
             for r in (created, updated, deleted):
                 assert r.status_code == 405 and code(r) == "METHOD_NOT_ALLOWED", (scope, r.url)
-        unknown = await gw.get("/STU3/DocumentReference", headers=headers)
+        unknown = await gw.get("/STU3/Appointment", headers=headers)  # not served
         assert unknown.status_code == 404 and code(unknown) == "UNKNOWN_RESOURCE_TYPE"
 
 

@@ -15,7 +15,8 @@ from tests.browser import Browser, require_chromium
 
 MAPPINGS = bundled_mappings_roots()[0]
 # one section per mapping: Encounter's two prefixed sources have their own (type.prefix)
-TYPES = ["AllergyIntolerance", "Condition", "Encounter.ae", "Encounter.op", "Encounter", "Flag",
+TYPES = ["AllergyIntolerance", "Condition", "DocumentReference", "Encounter.ae", "Encounter.op",
+         "Encounter", "Flag",
          "Immunization", "Location", "Medication", "MedicationRequest", "MedicationStatement",
          "Observation", "Organization", "Patient", "Practitioner", "PractitionerRole",
          "Procedure"]
