@@ -411,7 +411,8 @@ def test_codemap_files_are_well_formed() -> None:
     maps = _load_codemaps()
     assert set(CODED_COLUMNS) <= set(maps)
     for name, doc in maps.items():
-        assert set(doc) <= {"name", "source", "target_system", "unmapped", "default", "map"}, name
+        assert set(doc) <= {"name", "source", "source_system", "target_system", "unmapped",
+                            "default", "map"}, name
         assert doc["unmapped"] in ("error", "omit", "default"), name
         assert ("default" in doc) == (doc["unmapped"] == "default"), name
         if name in CODED_COLUMNS:  # the ones for this PAS's coded columns all name a system
