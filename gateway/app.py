@@ -7,6 +7,7 @@ raises MappingError (with file:line for every problem) and the server does not s
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -208,7 +209,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         audit_trail.open()  # closed by the end of a previous lifespan
         log.info("started", resources=[p.resource_type for p in registry],
-                 mappings=str(loaded.directory), reload_on_sighup=live.install_signal())
+                 mappings=str(loaded.directory), reload_on_sighup=live.install_signal(),
+                 pid=os.getpid())  # which worker, with --workers
         sweeper = (asyncio.create_task(_sweep(audit_trail.denials))
                    if audit_trail.denials is not None else None)
         await adt_part.start()

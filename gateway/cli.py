@@ -81,9 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(banner(settings), file=sys.stderr, flush=True)
     print(f"Audit trail: {app.state.audit.sink.destination}" if settings.workers == 1 else
           "Audit trail: see CCG_AUDIT_LOG (one per worker process)", file=sys.stderr, flush=True)
-    if settings.workers == 1:  # several workers: restart them instead (mappings/README)
-        print(f"Mappings: {settings.mappings_dir} (reload them after an edit: kill -HUP "
-              f"{os.getpid()})", file=sys.stderr, flush=True)
+    # with --workers, the parent passes SIGHUP on to every worker (gateway.workers)
+    print(f"Mappings: {settings.mappings_dir} (reload them after an edit: kill -HUP "
+          f"{os.getpid()})", file=sys.stderr, flush=True)
     workers.serve(app if settings.workers == 1 else None, settings,
                   proxy_headers=args.proxy_headers, tls=uvicorn_tls_options(settings))
     return 0

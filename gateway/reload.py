@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -155,7 +156,7 @@ class LiveMappings:
             self._retired.append(old)
             if old.in_flight == 0:
                 await self._close(old)
-            log.info("mappings_reloaded", generation=self.current.number,
+            log.info("mappings_reloaded", generation=self.current.number, pid=os.getpid(),
                      resources=[p.resource_type for p in registry],
                      sources=sum(1 for _ in registry.sources()),
                      operations=len(list(operations)),
@@ -167,7 +168,7 @@ class LiveMappings:
     def _refused(self, problems: list[Problem] | list[str]) -> ReloadResult:
         lines = [str(p) for p in problems]
         # file:line and the mapping's own words: no patient data is in a mapping problem
-        log.error("mappings_reload_refused", generation=self.current.number,
+        log.error("mappings_reload_refused", generation=self.current.number, pid=os.getpid(),
                   problem_count=len(lines), problems=lines[:100],
                   hint="the previous mappings are still being served")
         return ReloadResult(False, self.current.number, lines)

@@ -10,7 +10,11 @@ With ``--workers N`` (N > 1):
   worker must open on another);
 * Prometheus metrics go through files in ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary
   directory unless one is set) so ``/metrics`` reports the sum over the workers;
-* rate limits and the ``jti`` replay cache are per process unless ``CCG_REDIS_URL`` is set.
+* rate limits and the ``jti`` replay cache are per process unless ``CCG_REDIS_URL`` is set;
+* ``SIGHUP`` to the parent reloads the mappings in every worker (``Supervisor``): each re-reads,
+  checks and swaps in place (``gateway.reload``), or keeps its old mappings on a problem —
+  uvicorn's own SIGHUP would restart the workers instead, and a worker started on a bad
+  mapping directory would stop the whole service.
 
 On SIGTERM or SIGINT a process first drains (``gateway.lifecycle``): ``/_ready`` answers 503
 for ``CCG_SHUTDOWN_DRAIN_SECONDS`` while requests are still served, then uvicorn stops
@@ -20,6 +24,7 @@ signal stops at once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import secrets
@@ -30,7 +35,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.workers")
 
 _ENV_OVERRIDES = ("mappings_dir", "demo_patients", "base_path", "log_level", "data_dir",
                   "paging_secret")
@@ -127,15 +136,54 @@ def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, A
         # workers=1 given: uvicorn would otherwise read WEB_CONCURRENCY (the gateway does not)
         uvicorn.Server(uvicorn.Config(single, factory=True, workers=1, **common)).run()
         return
-    from uvicorn.supervisors import Multiprocess
-
     # The workers are spawned with a pickled config: a class made at run time (the header
     # deadline's protocol) cannot travel, so each worker builds its own by name.
     common["http"] = "gateway.workers:HttpProtocol"
     config = uvicorn.Config("gateway.workers:worker_app", factory=True,
                             workers=settings.workers, **common)
     sock = config.bind_socket()
-    Multiprocess(config, sockets=[sock]).run()
+    _supervisor_class()(config, sockets=[sock]).run()
+
+
+def _supervisor_class() -> Any:
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class Supervisor(Multiprocess):
+        """uvicorn's supervisor, with SIGHUP forwarded to the workers (a reload in place).
+
+        A worker still starting has no SIGHUP handler yet (the default action would kill
+        it): it is signalled once it reports ready, after its start-up has read the mappings.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.pending_hup: set[int] = set()
+
+        def handle_hup(self) -> None:
+            pids = [p.pid for p in self.processes if p.pid is not None]
+            self.pending_hup.update(pids)
+            log.info("mappings_reload_requested", signal="SIGHUP", workers=pids)
+            self.forward_hup()
+
+        def forward_hup(self) -> None:
+            for process in self.processes:
+                pid = process.pid
+                if pid is None or pid not in self.pending_hup:
+                    continue
+                if not process.process.is_alive():
+                    self.pending_hup.discard(pid)  # replaced: its successor reads afresh
+                elif process.is_ready(timeout=1):
+                    self.pending_hup.discard(pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)
+            self.pending_hup &= {p.pid for p in self.processes}
+
+        def keep_subprocess_alive(self) -> None:
+            super().keep_subprocess_alive()
+            if self.pending_hup and not self.should_exit.is_set():
+                self.forward_hup()
+
+    return Supervisor
 
 
 _http_protocol: Any = None

@@ -251,7 +251,7 @@ def executable() -> list[str]:
 
 
 class Server:
-    def __init__(self, tmp: Path, mappings: Path, **env: str) -> None:
+    def __init__(self, tmp: Path, mappings: Path, *args: str, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = tmp / "serve.out"
@@ -262,7 +262,8 @@ class Server:
                         "CCG_DEMO_PATIENTS": "300", "CCG_PAGING_SECRET": "reload-test"}, **env)
         with self.out.open("wb") as o, self.err.open("wb") as e:
             self.proc = subprocess.Popen(
-                [*executable(), "serve", "--port", str(self.port), "--mappings", str(mappings)],
+                [*executable(), "serve", "--port", str(self.port), "--mappings", str(mappings),
+                 *args],
                 stdout=o, stderr=e, env=environ, cwd=tmp)
         deadline = time.monotonic() + 60
         while True:
@@ -336,6 +337,47 @@ def test_sighup_reloads_a_real_server(server_dir: tuple[Path, list[Server]],
         # still serving, on the mappings before the bad edit
         assert families(c.get("/STU3/Patient", params=FEMALE_SMITHS).json()) == ["SMITH", "SMITH"]
         assert server.proc.poll() is None
+
+
+def test_sighup_reloads_every_worker(server_dir: tuple[Path, list[Server]],
+                                     tmp_path: Path) -> None:
+    """``serve --workers 2``: SIGHUP to the parent reaches both workers; each re-reads, checks
+    and swaps in place (no worker restarted), and a bad edit keeps both on the old mappings."""
+    directory, started = server_dir
+    server = Server(tmp_path, directory, "--workers", "2")
+    started.append(server)
+
+    def pids(event: str) -> set[int]:
+        return {e["pid"] for e in server.events(event)}
+
+    def served_families(n: int = 16) -> set[tuple[str, ...]]:
+        # fresh connections: the kernel spreads them over both workers
+        return {tuple(families(httpx.get(server.url + "/STU3/Patient", params=FEMALE_SMITHS,
+                                         headers=HEADERS, timeout=15).json()))
+                for _ in range(n)}
+
+    deadline = time.monotonic() + 60
+    while len(pids("started")) < 2:  # both workers up (the health check saw only one)
+        assert time.monotonic() < deadline and server.proc.poll() is None
+        time.sleep(0.1)
+    workers = pids("started")
+    assert served_families() == {("Smith", "Smith")}
+
+    patient = directory / "Patient.sql.yaml"
+    edit(patient, TITLE, UPPER)
+    server.hup_and_wait("mappings_reloaded", 2)
+    reloaded = server.events("mappings_reloaded")
+    assert {e["pid"] for e in reloaded} == workers  # each worker, in place: the same pids
+    assert all(e["generation"] == 2 for e in reloaded)
+    assert served_families() == {("SMITH", "SMITH")}
+
+    line = edit(patient, UPPER, "      family: {column: p.SURNAME, transform: shout}")
+    server.hup_and_wait("mappings_reload_refused", 2)
+    refused = server.events("mappings_reload_refused")
+    assert {e["pid"] for e in refused} == workers
+    assert all(any(p.startswith(f"{patient}:{line}: ") for p in e["problems"]) for e in refused)
+    assert served_families() == {("SMITH", "SMITH")}  # both still on the good mappings
+    assert pids("started") == workers and server.proc.poll() is None
 
 
 async def test_a_request_in_flight_finishes_on_its_mappings(tmp_path: Path) -> None:
