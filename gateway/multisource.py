@@ -37,10 +37,10 @@ from gateway.errors import (
     InvalidId,
     InvalidPageToken,
     NotImplementedInteraction,
-    issue,
     operation_outcome,
 )
 from gateway.mapping.model import SearchParam
+from gateway.notices import notice
 from gateway.plan import SearchPlan
 from gateway.providers import Provider
 from gateway.search import ID_RE
@@ -174,7 +174,7 @@ class MultiSource:
         """Warning entries for the sources missing from a page: never a silent gap."""
         if not isinstance(page, MergedPage) or not page.failed:
             return []
-        issues = [issue("warning", "incomplete", "SOURCE_UNAVAILABLE",
+        issues = [notice("SOURCE_UNAVAILABLE",
                         f"{self.resource_type} source '{name}' did not answer "
                         f"({exc.error_code}); this page lacks its records (the next page "
                         "asks it again)") for name, exc in page.failed]

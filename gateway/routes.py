@@ -36,10 +36,10 @@ from gateway.errors import (
     NotImplementedInteraction,
     PreconditionFailed,
     UnsupportedMediaType,
-    issue,
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render, wants_html
+from gateway.notices import notice
 from gateway.operations import OperationRegistry
 from gateway.operations.base import Invocation, Level
 from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
@@ -418,8 +418,8 @@ class Api:
                     seen.add(key)
                     out.append(bundle.entry(base, resource, "include"))
         if truncated:  # never silently: say which includes were cut at the limit
-            oo = operation_outcome([issue(
-                "warning", "too-costly", "INCLUDE_LIMIT",
+            oo = operation_outcome([notice(
+                "INCLUDE_LIMIT",
                 f"{', '.join(dict.fromkeys(truncated))} matched more than {limit} resources; "
                 f"only {limit} were included")])
             out.append({"resource": oo, "search": {"mode": "outcome"}})
@@ -496,12 +496,11 @@ async def _read_back(provider: TypeProvider, rid: str, record: dict[str, Any],
 
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
-    issues = [issue("information", "informational", "CHAIN_RESOLVED_BY_SEARCH", note)
+    issues = [notice("CHAIN_RESOLVED_BY_SEARCH", note)
               for note in plan.notes]  # how a chained parameter was answered (gateway.chain)
     if plan.ignored:
         names = ", ".join(sorted(set(plan.ignored)))
-        issues.insert(0, issue("warning", "not-supported", "UNKNOWN_PARAMETER",
-                               f"search parameters ignored: {names}"))
+        issues.insert(0, notice("UNKNOWN_PARAMETER", f"search parameters ignored: {names}"))
     if not issues:
         return []
     return [{"resource": operation_outcome(issues), "search": {"mode": "outcome"}}]

@@ -44,6 +44,7 @@ from gateway.errors import (
 from gateway.messaging.config import MessagingFile
 from gateway.messaging.delivery import Outbox, allowed
 from gateway.messaging.store import MessageStore
+from gateway.notices import notice
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.registry import Registry
 
@@ -436,7 +437,7 @@ class ProcessMessage(Operation):
             raise BadRequest("'response-url' is not on this server's allow-list "
                              "(CCG_MESSAGING_RESPONSE_URLS)")
         await self.messaging.accept(message, url, base)
-        body = operation_outcome([issue("information", "informational", "MESSAGE_ACCEPTED",
-                                        "accepted; the response message will be delivered "
-                                        "to the response-url")])
+        body = operation_outcome([notice("MESSAGE_ACCEPTED",
+                                         "accepted; the response message will be delivered "
+                                         "to the response-url")])
         return ctx.respond(body, fmt, status=202)

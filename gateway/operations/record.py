@@ -22,8 +22,9 @@ import orjson
 from adapters.base import Compare, Criterion, Nothing, Page, all_of, any_of
 from gateway import compartment
 from gateway.auth.principal import Principal
-from gateway.errors import GatewayError, InvalidParameter, issue, operation_outcome
+from gateway.errors import GatewayError, InvalidParameter, operation_outcome
 from gateway.multisource import SOURCE_FAILURES, source_name
+from gateway.notices import notice
 from gateway.plan import SearchPlan, plan_search
 from gateway.providers import Provider
 from gateway.registry import Registry
@@ -206,5 +207,5 @@ def parse_day(name: str, raw: str) -> str:
 def warnings(messages: list[str], code: str = "SOURCE_UNAVAILABLE") -> list[dict[str, Any]]:
     if not messages:
         return []
-    oo = operation_outcome([issue("warning", "incomplete", code, m) for m in messages])
+    oo = operation_outcome([notice(code, m) for m in messages])
     return [{"resource": oo, "search": {"mode": "outcome"}}]

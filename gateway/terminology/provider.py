@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import bundle
-from gateway.errors import BadRequest, UnsupportedSearch, issue, operation_outcome
+from gateway.errors import BadRequest, UnsupportedSearch, operation_outcome
 from gateway.mapping.codemaps import CodeMap
+from gateway.notices import notice
 from gateway.randomness import uuid4
 from gateway.terminology import conceptmaps
 from gateway.terminology.content import Catalogue, walk
@@ -152,8 +153,8 @@ def search_bundle(provider: TerminologyProvider, pairs: list[tuple[str, str]], b
             base_url, provider.resource_type, [*used, ("_offset", str(max(0, offset - count)))])))
     entries = [bundle.entry(base_url, r, "match") for r in page]
     if ignored:
-        entries.append({"resource": operation_outcome([issue(
-            "warning", "not-supported", "UNKNOWN_PARAMETER",
+        entries.append({"resource": operation_outcome([notice(
+            "UNKNOWN_PARAMETER",
             "search parameters ignored: " + ", ".join(sorted(set(ignored))))]),
             "search": {"mode": "outcome"}})
     return bundle.searchset(bundle_id=str(uuid4()), links=links, entries=entries,

@@ -1,0 +1,56 @@
+"""The warnings and information the gateway puts in a successful answer, by stable code.
+
+An error stops a request (``gateway.errors``: a ``GatewayError`` subclass per code); a notice
+does not: it travels beside the result — an ``OperationOutcome`` entry of a searchset
+(``search.mode = outcome``) or the body of a 202 — so a client knows the answer is partial,
+narrowed or only accepted. Each code is registered here once, with its severity and FHIR
+``issue.code``, and issued only through ``notice``: the README's table of them is generated
+from ``NOTICES`` (``gateway.error_table``) and cannot drift from what is sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gateway.errors import issue
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    code: str
+    severity: Literal["warning", "information"]
+    issue_code: str
+    """The FHIR ``OperationOutcome.issue.code``."""
+    when: str
+    """When a client sees it (the README's table)."""
+
+
+NOTICES: dict[str, Notice] = {n.code: n for n in (
+    Notice("SOURCE_UNAVAILABLE", "warning", "incomplete",
+           "a source of a multi-source type, or a section of `$everything` or "
+           "`$getstructuredrecord`, did not answer: the answer lacks its records (a "
+           "search's next page asks it again)"),
+    Notice("INCLUDE_LIMIT", "warning", "too-costly",
+           "an `_include` or `_revinclude` matched more than `CCG_INCLUDE_LIMIT` resources: "
+           "only that many were included"),
+    Notice("UNKNOWN_PARAMETER", "warning", "not-supported",
+           "with `Prefer: handling=lenient`: search parameters ignored, named"),
+    Notice("NOT_INCLUDED", "warning", "incomplete",
+           "`$everything`: parameters ignored, or types that `start`/`end`/`_since` could "
+           "not narrow (returned whole)"),
+    Notice("CHAIN_RESOLVED_BY_SEARCH", "information", "informational",
+           "a chained parameter was answered by searching its target first"),
+    Notice("MESSAGE_ACCEPTED", "information", "informational",
+           "`$process-message?async=true` (202): the response message will be delivered to "
+           "the response-url"),
+)}
+
+
+def notice(code: str, diagnostics: str, *, expression: str | None = None) -> dict[str, Any]:
+    """One ``OperationOutcome.issue`` of a registered notice (KeyError: not registered)."""
+    n = NOTICES[code]
+    return issue(n.severity, n.issue_code, code, diagnostics, expression=expression)
+
+
+__all__ = ["NOTICES", "Notice", "notice"]
