@@ -4,23 +4,37 @@ The same planner and adapter code as a request (``Registry.plan``, the adapter's
 builder), stopped before anything is sent: the parameters used and ignored, the criteria's
 shape, the page and sort, and the adapter's own account — SQL with placeholders, or the HL7
 v2 message type and QPD fields — and the children queried per page. Never a value from the
-search: the adapters render placeholders, and the criteria are shown as shapes. With
-``cost``, the database's own estimate (``EXPLAIN``, never ``ANALYZE``: nothing runs).
+search: the adapters render placeholders, and the criteria are shown as shapes. Each source's
+estimated cost as the budget check sees it (gateway.cost); with ``cost``, also the database's
+own estimate (``EXPLAIN``, never ``ANALYZE``: nothing runs).
+
+The same explanation for one request while serving (``log_search_plan``): a search sent with
+``X-Explain: plan`` by a principal whose role is an admin role (``CCG_ADMIN_ROLES``) writes
+it as one DEBUG line, ``search_explained``, with the request's id. For anyone else the header
+is ignored — no error (it changes nothing the client sees) and nothing logged.
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import structlog
+
 from adapters.base import In, Query, UnsupportedCriteria, all_of, any_of
+from gateway import cost as search_cost
 from gateway.audit import _shape
+from gateway.auth import authorize
 from gateway.errors import BadRequest, GatewayError, UnknownResourceType
 from gateway.mapping.loader import LoadedSet
 from gateway.multisource import MultiPlan, MultiSource, source_name
 from gateway.plan import SearchPlan
 from gateway.providers import Provider
-from gateway.registry import Registry
+from gateway.registry import Registry, TypeProvider
 from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.explain")
+HEADER = "x-explain"
 
 
 def parse_search(text: str) -> tuple[str, list[tuple[str, str]]]:
@@ -52,6 +66,14 @@ def explain(loaded: LoadedSet, settings: Settings, search: str, cost: bool = Fal
     plan = registry.plan(provider, pairs, default_count=settings.default_count,
                          max_count=settings.max_count, strict=settings.strict_search,
                          note=False)
+    return describe(registry, provider, plan, cost=cost, budget=settings.search_cost_budget)
+
+
+def describe(registry: Registry, provider: TypeProvider, plan: SearchPlan, *,
+             cost: bool = False, budget: int = 0) -> list[str]:
+    """The explanation of a search already planned (``cost``: ask the database too, which
+    runs its own event loop: never while serving)."""
+    rtype = provider.resource_type
     if isinstance(provider, MultiSource):
         assert isinstance(plan, MultiPlan)
         # one plan per source, each on its own columns; the pages are merged in _sort order
@@ -60,13 +82,13 @@ def explain(loaded: LoadedSet, settings: Settings, search: str, cost: bool = Fal
         lines += _shared(plan)
         for source, part in zip(provider.sources, plan.parts, strict=True):
             lines.append("")
-            lines += _source(registry, source, part, cost,
+            lines += _source(registry, source, part, cost, budget,
                              title=f"source {source_name(source)}"
                                    + (f" (ids {source.id_prefix}...)" if source.id_prefix
                                       else ""))
         return lines
     assert isinstance(provider, Provider)
-    return _shared(plan, provider) + _source(registry, provider, plan, cost)
+    return _shared(plan, provider) + _source(registry, provider, plan, cost, budget)
 
 
 def _shared(plan: SearchPlan, provider: Provider | None = None) -> list[str]:
@@ -89,7 +111,7 @@ def _shared(plan: SearchPlan, provider: Provider | None = None) -> list[str]:
 
 
 def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool,
-            title: str | None = None) -> list[str]:
+            budget: int = 0, title: str | None = None) -> list[str]:
     """One source's part: its criteria, sort, chains and the adapter's own account."""
     m = provider.mapping
     lines: list[str] = []
@@ -99,6 +121,10 @@ def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool
     lines.append(f"criteria: {_shape(plan.criteria)}  (? = a value from the search)")
     lines.append("sort: " + ", ".join(("-" if k.descending else "") + k.ref for k in plan.sort)
                  + f"; page size {plan.count}")
+    estimate = search_cost.estimate(plan.criteria, provider.key.split(".", 1)[0])
+    over = "; over it: 400 SEARCH_TOO_COSTLY" if budget and estimate > budget else ""
+    lines.append(f"estimated cost: {estimate} "
+                 + (f"(budget {budget}{over})" if budget else "(no budget)"))
     for deferred in plan.deferred:
         # a chain the adapter cannot join: the target's search runs first, for every page
         for part in deferred.parts:
@@ -129,6 +155,23 @@ def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool
 
         lines += anyio.run(ask)
     return lines
+
+
+def log_search_plan(request: Any, registry: Registry, provider: TypeProvider,
+                    plan: SearchPlan, settings: Settings) -> None:
+    """One DEBUG line explaining this search, if asked for (``X-Explain: plan``) by an admin."""
+    if request.headers.get(HEADER, "").strip().lower() != "plan":
+        return
+    principal = authorize.admin(request, settings.admin_roles)
+    if principal is None:
+        return  # not an admin: ignored, and nothing said about the plan
+    try:
+        lines = describe(registry, provider, plan, budget=settings.search_cost_budget)
+    except Exception as exc:  # a diagnostic must never fail the search it describes
+        log.warning("search_explain_failed", error=type(exc).__name__)
+        return
+    log.debug("search_explained", resource_type=provider.resource_type,
+              client_id=principal.client_id, role=principal.role, plan=lines)
 
 
 def explain_cli(loaded: LoadedSet, settings: Settings, search: str, cost: bool = False) -> int:

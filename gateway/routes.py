@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.base import Page, Write
-from gateway import bundle, chain, compartment, cost, lifecycle, tracing, writes
+from gateway import bundle, chain, compartment, cost, explain, lifecycle, tracing, writes
 from gateway.auth import authorize
 from gateway.auth.capability import with_security
 from gateway.binary import BinaryEndpoint
@@ -335,6 +335,8 @@ class Api:
                                   max_count=s.max_count, strict=self.strict(request),
                                   # a source failing: a partial page, unless asked for strict
                                   whole=_prefer_handling(request) == "strict")
+        if "x-explain" in request.headers:  # an admin's diagnostic (before the cost check)
+            explain.log_search_plan(request, self.registry, provider, plan, s)
         _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         base = self.base_url(request)

@@ -175,6 +175,9 @@ class Settings:
     ssl_ca_certs: str = ""
     oauth_authorize_url: str = ""
     oauth_token_url: str = ""
+    admin_roles: str = "gateway-admin"
+    """Roles (a token's ``role`` claim, an API key's or mTLS client's ``role:``) that may ask
+    for diagnostics (``X-Explain: plan``), comma-separated; empty: nobody."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -59,6 +59,16 @@ def _deny(principal: Principal, resource_type: str, permissions: Iterable[str]) 
                         headers=headers)
 
 
+def admin(request: Any, roles: str) -> Principal | None:
+    """The principal, if its role is one of ``roles`` (comma-separated; ``CCG_ADMIN_ROLES``):
+    who may ask for diagnostics about the gateway itself (never more data)."""
+    principal = get_principal(request)
+    if principal is None or not principal.role:
+        return None
+    allowed = {r.strip() for r in roles.split(",") if r.strip()}
+    return principal if principal.role in allowed else None
+
+
 def require(request: Any, resource_type: str, permission: str) -> Principal:
     principal = principal_of(request)
     if not principal.allows(resource_type, permission):

@@ -36,7 +36,7 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
         return 2
     print(mint_dev_token(settings.data_dir, args.scope, patient=args.patient,
                          client_id=args.client_id, subject=args.subject,
-                         lifetime=args.lifetime))
+                         lifetime=args.lifetime, role=args.role))
     return 0
 
 
@@ -48,6 +48,8 @@ def cmd_api_key_new(args: argparse.Namespace) -> int:
     key = secrets.token_urlsafe(32)
     entry: dict[str, Any] = {"client_id": args.client_id, "sha256": sha256_hex(key),
                              "scopes": args.scope}
+    if args.role:
+        entry["role"] = args.role
     print(f"# API key for {args.client_id} (give it to the client; it is not stored):",
           file=sys.stderr)
     print(key, file=sys.stderr)
@@ -68,6 +70,8 @@ def register(sub: Any) -> None:
                      help="the client_id claim (default dev-client)")
     dev.add_argument("--subject", default="dev-user", help="the sub claim (the user)")
     dev.add_argument("--lifetime", type=int, default=3600, help="seconds (default 3600)")
+    dev.add_argument("--role", help="the role claim (gateway-admin: may ask for diagnostics, "
+                                    "X-Explain)")
     dev.add_argument("--data-dir", type=Path, help="where the dev key is kept (as serve)")
     dev.add_argument("--mappings", type=Path, help=argparse.SUPPRESS)
     dev.set_defaults(func=cmd_dev_token)
@@ -80,4 +84,6 @@ def register(sub: Any) -> None:
     new.add_argument("--client-id", required=True,
                      help="the client the key identifies (in the audit trail and rate limits)")
     new.add_argument("--scope", required=True, help="system/ scopes, e.g. 'system/*.read'")
+    new.add_argument("--role", help="the client's role (gateway-admin: may ask for "
+                                    "diagnostics, X-Explain)")
     new.set_defaults(func=cmd_api_key_new)

@@ -89,7 +89,7 @@ def ensure_dev_key(data_dir: Path) -> DevKey:
 def mint_dev_token(data_dir: Path, scope: str, *, patient: str | None = None,
                    client_id: str = "dev-client", subject: str | None = "dev-user",
                    lifetime: int = 3600, audience: str = DEV_AUDIENCE,
-                   issuer: str = DEV_ISSUER) -> str:
+                   issuer: str = DEV_ISSUER, role: str | None = None) -> str:
     """An RFC 9068 access token signed with the local development key."""
     key = ensure_dev_key(data_dir)
     now = int(time.time())
@@ -100,5 +100,7 @@ def mint_dev_token(data_dir: Path, scope: str, *, patient: str | None = None,
     claims["sub"] = subject or client_id
     if patient is not None:
         claims["patient"] = patient
+    if role:
+        claims["role"] = role
     return jwt.encode(claims, key.private_key, algorithm=DEV_ALGORITHM,
                       headers={"kid": key.kid, "typ": "at+jwt"})

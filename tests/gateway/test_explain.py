@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from starlette.applications import Starlette
 
 from gateway import cli
 from gateway.settings import bundled_mappings_roots
@@ -145,3 +149,121 @@ def test_a_chained_parameter_is_explained(capsys: pytest.CaptureFixture[str]) ->
             "PID-5.1 prefix ?)") in out
     assert "HL7 v2 QBP^ZV1" in out and "not sent" not in out
     assert SECRET_NAME not in out.lower()
+
+
+# --- the same explanation for one request, in the debug log, for an admin -----------------------
+
+ADMIN_KEY, PLAIN_KEY, OTHER_ROLE_KEY = "explain-admin-key", "explain-plain-key", "explain-other"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    import hashlib
+
+    def entry(key: str, client: str, role: str | None) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return (f"  - {{client_id: {client}, sha256: '{digest}', scopes: system/*.read"
+                + (f", role: {role}" if role else "") + "}\n")
+
+    f = tmp_path / "api-keys.yaml"
+    f.write_text("keys:\n" + entry(ADMIN_KEY, "ops-desk", "gateway-admin")
+                 + entry(PLAIN_KEY, "ehr", None) + entry(OTHER_ROLE_KEY, "dash", "dashboard"))
+    return f
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.anyio
+async def test_an_admin_gets_the_plan_in_the_debug_log(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], keys: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], restore_logging: None) -> None:
+    app = make_app(demo_sqlite_url, auth_mode="api-key", api_keys_file=str(keys),
+                   audit_log=str(tmp_path / "audit.jsonl"), log_level="debug")
+    params = {"family": SECRET_NAME, "gender": "female", "birthdate": "ge1965",
+              "identifier": f"https://fhir.nhs.uk/Id/nhs-number|{SECRET_NHS}"}
+    capfd.readouterr()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            sent: dict[str, str] = {}
+            for key in (ADMIN_KEY, PLAIN_KEY, OTHER_ROLE_KEY):
+                r = await c.get("/STU3/Patient", params=params,
+                                headers={"X-API-Key": key, "X-Explain": "plan"})
+                assert r.status_code == 200, r.text
+                sent[key] = r.headers["x-request-id"]
+            # an admin without the header: no explanation either
+            r = await c.get("/STU3/Patient", params=params, headers={"X-API-Key": ADMIN_KEY})
+            quiet = r.headers["x-request-id"]
+    out = capfd.readouterr().out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    explained = [r for r in records if r.get("event") == "search_explained"]
+    assert len(explained) == 1, explained  # the admin's request, and only it
+    line = explained[0]
+    assert line["level"] == "debug" and line["request_id"] == sent[ADMIN_KEY]
+    assert (line["client_id"], line["role"]) == ("ops-desk", "gateway-admin")
+    plan = "\n".join(line["plan"])
+    assert "parameters used: family, gender, birthdate, identifier" in plan
+    assert 'FROM "PATIENTS"' in plan and "?" in plan  # the SQL, with placeholders
+    assert "child addresses:" in plan  # the children queried per page
+    assert "estimated cost: " in plan and "(budget 5000)" in plan
+    assert not any(r.get("request_id") in (sent[PLAIN_KEY], sent[OTHER_ROLE_KEY], quiet)
+                   and "plan" in r for r in records)
+    # no value of the search anywhere in the explanation (nor in any line logged)
+    for value in (SECRET_NAME, SECRET_NHS, "1965"):
+        assert value not in out, value
+
+
+@pytest.mark.anyio
+async def test_explaining_needs_a_configured_admin_role(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], keys: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], restore_logging: None) -> None:
+    """CCG_ADMIN_ROLES names who is an admin: emptied, nobody is (the header is ignored)."""
+    app = make_app(demo_sqlite_url, auth_mode="api-key", api_keys_file=str(keys),
+                   audit_log=str(tmp_path / "audit.jsonl"), log_level="debug", admin_roles="")
+    capfd.readouterr()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            r = await c.get("/STU3/Patient", params={"family": "smith", "gender": "female"},
+                            headers={"X-API-Key": ADMIN_KEY, "X-Explain": "plan"})
+            assert r.status_code == 200
+    assert '"search_explained"' not in capfd.readouterr().out
+
+
+@pytest.mark.anyio
+async def test_a_token_role_claim_makes_an_admin(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], restore_logging: None) -> None:
+    """The demo's JWT path: ``dev-token --role gateway-admin`` (the README's example)."""
+    from gateway.auth.devkeys import mint_dev_token
+
+    app = make_app(demo_sqlite_url, auth_mode="", audit_log=str(tmp_path / "audit.jsonl"),
+                   log_level="debug")
+    admin = mint_dev_token(tmp_path, "user/*.read", role="gateway-admin")
+    plain = mint_dev_token(tmp_path, "user/*.read")
+    capfd.readouterr()
+    ids = []
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            for token in (plain, admin):
+                r = await c.get("/STU3/Encounter", params={"patient": SECRET_NHS},
+                                headers={"Authorization": f"Bearer {token}",
+                                         "X-Explain": "plan"})
+                assert r.status_code == 200, r.text
+                ids.append(r.headers["x-request-id"])
+    out = capfd.readouterr().out
+    explained = [json.loads(line) for line in out.splitlines()
+                 if '"search_explained"' in line]
+    assert [e["request_id"] for e in explained] == [ids[1]]
+    plan = explained[0]["plan"]
+    assert plan[0].startswith("Encounter search: 3 sources")  # one part per source
+    assert sum(line.startswith("estimated cost: ") for line in plan) == 3
+    assert SECRET_NHS not in out
