@@ -110,10 +110,14 @@ class Translate(_TerminologyOperation):
         Parameter("code", "code", documentation="The code to translate"),
         Parameter("system", "uri", documentation="The system of the code"),
         Parameter("coding", "Coding", documentation="The code as a Coding"),
-        Parameter("target", "uri", documentation="Not supported: a target ValueSet"),
+        Parameter("target", "uri", documentation=(
+            "A ValueSet held here (its url): only translations into its codes count (one "
+            "defined by a filter cannot be expanded here: 422)")),
         Parameter("targetsystem", "uri", documentation="The system to translate into"),
         Parameter("reverse", "boolean",
                   documentation="Target to source: every local code that maps to the code"),
+        Parameter("dependency", "string", documentation=(
+            "Not accepted: the code maps have no dependencies (dependsOn); 400")),
         Parameter("result", "boolean", use="out", min=1),
         Parameter("message", "string", use="out"),
     )
@@ -127,9 +131,18 @@ class Translate(_TerminologyOperation):
         provider = _provider(ctx, "ConceptMap")
         assert isinstance(provider, ConceptMapProvider)
         inputs, codings = await _inputs(request, ctx)
-        if _one(inputs, "target") is not None or _one(inputs, "dependency") is not None:
-            raise BadRequest("$translate here supports system/targetsystem, not target value "
-                             "sets or dependencies")
+        if inputs.get("dependency"):
+            raise BadRequest("$translate takes no dependency here: the code maps behind these "
+                             "ConceptMaps translate a code on its own (no dependsOn)")
+        target_url = _one(inputs, "target")
+        members: set[tuple[str, str]] | None = None
+        if target_url is not None:  # before any map is chosen: a bad target is the answer
+            held = ctx.registry.terminology("ValueSet")
+            catalogue: Catalogue | None = getattr(held, "catalogue", None)
+            target_vs = catalogue.value_set(target_url) if catalogue is not None else None
+            if catalogue is None or target_vs is None:
+                raise NotFound("no ValueSet held here has the target's url")
+            members = {(c.system, c.code) for c in catalogue.expand(target_vs)}
         reverse_raw = (_one(inputs, "reverse") or "false").lower()
         if reverse_raw not in ("true", "false"):
             raise BadRequest("reverse must be true or false")
@@ -166,6 +179,8 @@ class Translate(_TerminologyOperation):
                                                                if target_system else "")}]}
             return ctx.respond(answer, fmt)
         answers = [conceptmaps.translate(c, code, reverse, base) for c in chosen]
+        if members is not None:
+            answers = [_within(a, members, target_url or "") for a in answers]
         if len(answers) == 1:
             return ctx.respond(answers[0], fmt)
         # Several maps from one system: every map's matches; true if any translated.
@@ -177,6 +192,27 @@ class Translate(_TerminologyOperation):
             params.append({"name": "message", "valueString": "; ".join(messages)})
         params += [m for a in answers for m in a["parameter"] if m["name"] == "match"]
         return ctx.respond({"resourceType": "Parameters", "parameter": params}, fmt)
+
+
+def _within(answer: dict[str, Any], members: set[tuple[str, str]], vs_url: str
+            ) -> dict[str, Any]:
+    """``answer`` with only the matches whose concept is in the target ValueSet."""
+    params = answer["parameter"]
+    matches = [m for m in params if m["name"] == "match"]
+    kept = [m for m in matches if _concept_key(m) in members]
+    if len(kept) == len(matches):
+        return answer
+    message = (f"{len(matches) - len(kept)} translation(s) left out: not in the target "
+               f"ValueSet {vs_url}")
+    messages = [p["valueString"] for p in params if p["name"] == "message"] + [message]
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "result", "valueBoolean": bool(kept)},
+        {"name": "message", "valueString": "; ".join(messages)}, *kept]}
+
+
+def _concept_key(match: dict[str, Any]) -> tuple[str, str]:
+    concept = next(p["valueCoding"] for p in match["part"] if p["name"] == "concept")
+    return concept.get("system", ""), concept["code"]
 
 
 def _value_set(ctx: Context, call: Invocation, inputs: dict[str, list[str]]

@@ -184,6 +184,41 @@ async def test_type_level_translate_finds_the_map_by_system(fhir: httpx.AsyncCli
     assert (result, matches) == (False, []) and message
 
 
+VS = "https://fhir.hl7.org.uk/STU3/ValueSet/CareConnect-"
+
+
+async def test_translate_into_a_target_value_set(fhir: httpx.AsyncClient) -> None:
+    """``target``: only translations into the ValueSet's codes count (the one the profile
+    binds: Patient.gender to CareConnect-AdministrativeGender-1)."""
+    gender = VS + "AdministrativeGender-1"
+    doc = yaml_maps()["sex"]
+    for local, target in doc["map"].items():
+        r = await fhir.get("/ConceptMap/sex/$translate", params={"code": local,
+                                                                   "target": gender})
+        result, message, matches = params(r.json())
+        assert result and message is None, (local, message)
+        assert [m["concept"]["code"] for m in matches] == [target["code"]]
+    # the same code into a ValueSet of another system: no translation, and why
+    r = await fhir.get("/ConceptMap/sex/$translate", params={
+        "code": "2", "target": VS + "EthnicCategory-1"})
+    result, message, matches = params(r.json())
+    assert (result, matches) == (False, []) and "not in the target ValueSet" in (message or "")
+    # at type level with targetsystem and target together, as a Parameters body
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "coding", "valueCoding": {"system": source_system(doc), "code": "1"}},
+        {"name": "targetsystem", "valueUri": "http://hl7.org/fhir/administrative-gender"},
+        {"name": "target", "valueUri": gender}]}
+    r = await fhir.post("/ConceptMap/$translate", json=body,
+                        headers={"Content-Type": "application/fhir+json"})
+    result, _, matches = params(r.json())
+    assert result and [m["concept"]["code"] for m in matches] == ["male"]
+    # reversed, the answers are local codes: never in a published ValueSet
+    r = await fhir.get("/ConceptMap/sex/$translate", params={
+        "code": "female", "reverse": "true", "target": gender})
+    result, message, matches = params(r.json())
+    assert (result, matches) == (False, []) and message
+
+
 @pytest.mark.parametrize(("path", "query", "status", "code"), [
     ("/ConceptMap/$translate", {"code": "x"}, 400, "BAD_REQUEST"),
     ("/ConceptMap/$translate", {"system": "http://read.info/ctv3"}, 400, "BAD_REQUEST"),
@@ -191,8 +226,13 @@ async def test_type_level_translate_finds_the_map_by_system(fhir: httpx.AsyncCli
     ("/ConceptMap/$translate", {"url": "http://x/none", "code": "x"}, 404, "RESOURCE_NOT_FOUND"),
     ("/ConceptMap/ctv3-snomed/$translate", {"code": "x", "reverse": "maybe"}, 400,
      "BAD_REQUEST"),
-    ("/ConceptMap/ctv3-snomed/$translate", {"code": "x", "target": "http://vs"}, 400,
-     "BAD_REQUEST"),
+    ("/ConceptMap/ctv3-snomed/$translate", {"code": "x", "target": "http://vs"}, 404,
+     "RESOURCE_NOT_FOUND"),  # a target ValueSet not held here
+    ("/ConceptMap/ctv3-snomed/$translate", {"code": "x", "dependency": "y"}, 400,
+     "BAD_REQUEST"),  # the code maps have no dependsOn
+    # a SNOMED CT ValueSet defined by a filter: membership cannot be known here
+    ("/ConceptMap/ctv3-snomed/$translate", {"code": "X40J5", "target": VS + "VaccineCode-1"},
+     422, "VALUESET_NOT_EXPANDABLE"),
     ("/ConceptMap/nope", {}, 404, "RESOURCE_NOT_FOUND"),
     ("/ConceptMap", {"nonsense": "1"}, 400, "UNSUPPORTED_SEARCH"),  # strict by default
 ])
