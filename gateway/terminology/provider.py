@@ -10,7 +10,10 @@ Search: ``uri`` parameters match exactly; ``string`` parameters match the start 
 case-insensitively (``:exact``: the whole value, case-sensitively; ``:contains``: anywhere);
 ``token`` parameters match a code exactly (``system|code`` also checks the system). A comma
 is OR, a repeated parameter AND. ``_count`` caps the page; the result sets are small, so the
-whole match is counted (``total``) and later pages are reached with ``_offset``.
+whole match is counted (``total``) and later pages are reached with ``_offset``. ``_sort``
+orders by the type's single-valued parameters (``url``, ``name``, ``version``, ``status``,
+``_id``; ``-`` for descending; string parameters case-insensitively; a resource without the
+value last); unsorted, the order is the held order (by id for ConceptMaps).
 
 Access: terminology is not patient data, but it is served under the same rules as every other
 type (the principal's scopes must grant read/search of the type — ``user/ValueSet.read``,
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import bundle
-from gateway.errors import BadRequest, UnsupportedSearch, operation_outcome
+from gateway.errors import BadRequest, InvalidParameter, UnsupportedSearch, operation_outcome
 from gateway.mapping.codemaps import CodeMap
 from gateway.notices import notice
 from gateway.randomness import uuid4
@@ -34,7 +37,7 @@ from gateway.terminology import conceptmaps
 from gateway.terminology.content import Catalogue, walk
 
 CORE = "http://hl7.org/fhir/StructureDefinition/"
-RESULT_PARAMS = frozenset({"_format", "_pretty", "_count", "_offset"})
+RESULT_PARAMS = frozenset({"_format", "_pretty", "_count", "_offset", "_sort"})
 MAX_COUNT = 500
 
 
@@ -45,13 +48,15 @@ class Param:
     documentation: str
     values: Callable[[dict[str, Any]], Iterable[tuple[str | None, str]]]
     """(system, value) pairs of a resource for this parameter (system: tokens only)."""
+    sortable: bool = False
+    """One value per resource (a top-level element): ``_sort`` may use it."""
 
 
 def _top(key: str) -> Callable[[dict[str, Any]], Iterable[tuple[str | None, str]]]:
     return lambda r: [(None, r[key])] if isinstance(r.get(key), str) else []
 
 
-ID = Param("_id", "token", "The logical id of the resource", _top("id"))
+ID = Param("_id", "token", "The logical id of the resource", _top("id"), sortable=True)
 
 
 class TerminologyProvider(abc.ABC):
@@ -93,6 +98,28 @@ class TerminologyProvider(abc.ABC):
             tests.append(_test(param, modifier, raw.split(",")))
         return [r for r in self.resources(base_url) if all(t(r) for t in tests)], ignored
 
+    def sort(self, resources: list[dict[str, Any]], spec: list[str]) -> list[dict[str, Any]]:
+        """``_sort`` values (each ``name`` or ``-name``, comma-separated), last key first."""
+        keys: list[tuple[Param, bool]] = []
+        for raw in spec:
+            for item in raw.split(","):
+                desc = item.startswith("-")
+                name = item[1:] if desc else item
+                param = {"_id": ID, **self.params}.get(name)
+                if param is None or not param.sortable:
+                    allowed = ", ".join(n for n, p in {"_id": ID, **self.params}.items()
+                                        if p.sortable)
+                    raise InvalidParameter(f"cannot sort {self.resource_type} by "
+                                           f"'{name[:64]}' (sortable: {allowed})")
+                keys.append((param, desc))
+        out = list(resources)
+        for param, desc in reversed(keys):  # stable sorts: the first key decides last
+            valued = [(_sort_value(param, r), r) for r in out]
+            present = [(v, r) for v, r in valued if v is not None]
+            present.sort(key=_first, reverse=desc)
+            out = [r for _, r in present] + [r for v, r in valued if v is None]
+        return out
+
     def capability(self) -> dict[str, Any]:
         return {
             "type": self.resource_type,
@@ -108,8 +135,22 @@ class TerminologyProvider(abc.ABC):
                             for p in (ID, *self.params.values())],
             "documentation": ("Terminology served by the gateway itself (not patient data). "
                               "Search: string parameters match the start of the value "
-                              "(:exact and :contains supported); _count and _offset page."),
+                              "(:exact and :contains supported); _count and _offset page; "
+                              "_sort by " + ", ".join(
+                                  n for n, p in {"_id": ID, **self.params}.items()
+                                  if p.sortable) + "."),
         }
+
+
+def _first(pair: tuple[str | None, dict[str, Any]]) -> str:
+    return pair[0] or ""
+
+
+def _sort_value(param: Param, resource: dict[str, Any]) -> str | None:
+    value = next((v for _, v in param.values(resource)), None)
+    if value is None:
+        return None
+    return value.casefold() if param.type == "string" else value
 
 
 def _test(param: Param, modifier: str, wanted: list[str]) -> Callable[[dict[str, Any]], bool]:
@@ -137,6 +178,9 @@ def _test(param: Param, modifier: str, wanted: list[str]) -> Callable[[dict[str,
 def search_bundle(provider: TerminologyProvider, pairs: list[tuple[str, str]], base_url: str,
                   strict: bool) -> dict[str, Any]:
     matches, ignored = provider.search(pairs, base_url, strict)
+    sort = [v for k, v in pairs if k == "_sort"]
+    if sort:
+        matches = provider.sort(matches, sort)
     count, offset = _int(pairs, "_count", MAX_COUNT), _int(pairs, "_offset", None)
     count = min(count if count is not None else MAX_COUNT, MAX_COUNT)
     offset = offset or 0
@@ -194,9 +238,9 @@ def _target_codes(r: dict[str, Any]) -> Iterable[tuple[str | None, str]]:
 class ConceptMapProvider(TerminologyProvider):
     resource_type = "ConceptMap"
     params = {p.name: p for p in (
-        Param("url", "uri", "The canonical URL of the concept map", _top("url")),
-        Param("name", "string", "The code map's name", _top("name")),
-        Param("status", "token", "The status of the concept map", _top("status")),
+        Param("url", "uri", "The canonical URL of the concept map", _top("url"), True),
+        Param("name", "string", "The code map's name", _top("name"), True),
+        Param("status", "token", "The status of the concept map", _top("status"), True),
         Param("source-system", "uri", "The system of the codes mapped from (group.source)",
               _group("source")),
         Param("target-system", "uri", "The system of the codes mapped to (group.target)",
@@ -217,10 +261,10 @@ class ConceptMapProvider(TerminologyProvider):
 
 
 _CONFORMANCE = (
-    Param("url", "uri", "The canonical URL", _top("url")),
-    Param("name", "string", "The computer-friendly name", _top("name")),
-    Param("status", "token", "draft | active | retired | unknown", _top("status")),
-    Param("version", "token", "The business version", _top("version")),
+    Param("url", "uri", "The canonical URL", _top("url"), True),
+    Param("name", "string", "The computer-friendly name", _top("name"), True),
+    Param("status", "token", "draft | active | retired | unknown", _top("status"), True),
+    Param("version", "token", "The business version", _top("version"), True),
 )
 
 
@@ -239,7 +283,8 @@ class CodeSystemProvider(TerminologyProvider):
     resource_type = "CodeSystem"
     params = {p.name: p for p in (
         *_CONFORMANCE,
-        Param("system", "uri", "The system of the codes it defines (its url)", _top("url")),
+        Param("system", "uri", "The system of the codes it defines (its url)", _top("url"),
+              True),
         Param("code", "token", "A code it defines",
               lambda r: [(r["url"], c["code"]) for c in walk(r.get("concept") or [])]),
     )}

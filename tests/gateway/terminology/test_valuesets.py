@@ -4,6 +4,7 @@ vendored JSON the gateway serves)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,42 @@ async def test_search_pages_with_count_and_offset(fhir: httpx.AsyncClient) -> No
     assert walked == every and len(every) > 20
     r = await fhir.get("/ValueSet", params={"_count": "x"})
     assert r.status_code == 400
+
+
+async def walk(fhir: httpx.AsyncClient, url: str | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while url:
+        body = (await fhir.get(url)).json()
+        out += [e["resource"] for e in body.get("entry", []) if e["search"]["mode"] == "match"]
+        url = next((lk["url"].removeprefix("http://gateway/STU3") for lk in body["link"]
+                    if lk["relation"] == "next"), None)
+    return out
+
+
+async def test_search_sorts(fhir: httpx.AsyncClient) -> None:
+    every = await served_valuesets(fhir)
+    names = [v["name"] for v in every]
+    by_name = await walk(fhir, "/ValueSet?_sort=name&_count=7")  # paged: the sort is kept
+    assert [v["name"] for v in by_name] == sorted(names, key=str.casefold)
+    assert [v["name"] for v in await walk(fhir, "/ValueSet?_sort=-name")] == sorted(
+        names, key=str.casefold, reverse=True)
+    assert sorted(names) != names or sorted(names, reverse=True) != names  # not a no-op
+    # two keys: status, then url descending (ties of the first broken by the second)
+    two = await walk(fhir, "/ValueSet?_sort=status,-url")
+    expected = sorted(sorted(every, key=lambda v: v["url"], reverse=True),
+                      key=lambda v: v["status"])
+    assert [v["id"] for v in two] == [v["id"] for v in expected]
+    cms = await walk(fhir, "/ConceptMap?_sort=-_id&name=s")
+    assert [c["id"] for c in cms] == sorted((c["id"] for c in cms), reverse=True)
+    assert len(cms) > 3
+    codesystems = await walk(fhir, "/CodeSystem?_sort=-version,name")
+    pairs = [(c["version"], c["name"].casefold()) for c in codesystems]
+    for earlier, later in itertools.pairwise(pairs):
+        assert earlier[0] > later[0] or (earlier[0] == later[0] and earlier[1] <= later[1])
+    for bad in ("code", "nonsense", "-"):  # a multi-valued or unknown parameter
+        r = await fhir.get("/CodeSystem", params={"_sort": bad})
+        assert r.status_code == 400, bad
+        assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "INVALID_PARAMETER"
 
 
 async def test_lenient_search_says_what_it_ignored(fhir: httpx.AsyncClient) -> None:
