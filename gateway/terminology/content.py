@@ -6,6 +6,13 @@ gateway.terminology.vendor``). An expansion is computed only from what is here: 
 ValueSet lists, whole local CodeSystems and imported local ValueSets. A ValueSet defined by a
 filter (the SNOMED CT intensional ones) or drawing on a code system not held here cannot be
 expanded locally: that is a 422 ``VALUESET_NOT_EXPANDABLE``, never an empty expansion.
+
+What a CodeSystem says about each concept beyond its display — its definition, designations,
+properties (``inactive``, ``status``...), and its place in a hierarchy (nested concepts, or
+``parent``/``child`` properties) — is kept for ``$lookup`` and for ``$expand``'s
+``activeOnly``, ``includeDesignations`` and ``displayLanguage``. (The Care Connect
+CodeSystems held today are flat, with definitions but no designations or properties; the
+code is general, so content that has them is served as published.)
 """
 
 from __future__ import annotations
@@ -42,6 +49,40 @@ def walk(concepts: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from walk(c.get("concept") or [])
 
 
+def _with_parents(concepts: list[dict[str, Any]], parent: str | None = None
+                  ) -> Iterator[tuple[dict[str, Any], str | None]]:
+    for c in concepts:
+        yield c, parent
+        yield from _with_parents(c.get("concept") or [], c["code"])
+
+
+INACTIVE_STATUS = frozenset({"retired", "inactive"})
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """A concept as its CodeSystem defines it (``$lookup``)."""
+
+    concept: dict[str, Any]
+    parents: tuple[str, ...]
+    children: tuple[str, ...]
+
+    @property
+    def properties(self) -> list[dict[str, Any]]:
+        """The concept's own ``property`` entries other than parent/child (STU3 shape)."""
+        return [p for p in self.concept.get("property") or ()
+                if isinstance(p, dict) and p.get("code") not in ("parent", "child")]
+
+    @property
+    def inactive(self) -> bool:
+        for p in self.concept.get("property") or ():
+            if p.get("code") == "inactive" and p.get("valueBoolean") is True:
+                return True
+            if p.get("code") == "status" and p.get("valueCode") in INACTIVE_STATUS:
+                return True
+        return False
+
+
 class Catalogue:
     """The held ValueSets and CodeSystems, by id and by canonical url."""
 
@@ -55,6 +96,7 @@ class Catalogue:
                                           tuple(x.get("designation") or ()))
                        for x in walk(c.get("concept") or [])}
             for c in self.code_systems}
+        self._definitions = {c["url"]: _definitions(c) for c in self.code_systems}
 
     def value_set(self, url: str) -> dict[str, Any] | None:
         return self._vs_url.get(url)
@@ -64,6 +106,13 @@ class Catalogue:
 
     def concept(self, system: str, code: str) -> Concept | None:
         return self._concepts.get(system, {}).get(code)
+
+    def definition(self, system: str, code: str) -> Definition | None:
+        return self._definitions.get(system, {}).get(code)
+
+    def inactive(self, concept: Concept) -> bool:
+        held = self.definition(concept.system, concept.code)
+        return held is not None and held.inactive
 
     def expand(self, vs: dict[str, Any]) -> list[Concept]:
         """Every code the ValueSet holds, in the order it states them (raises NotExpandable)."""
@@ -95,8 +144,9 @@ class Catalogue:
             for c in part["concept"]:
                 held = self.concept(system, c["code"])
                 display = c.get("display") or (held.display if held else None)
-                found.append(Concept(system, c["code"], display,
-                                     tuple(c.get("designation") or ())))
+                # the ValueSet's own designations, else the CodeSystem's
+                designation = c.get("designation") or (held.designation if held else ())
+                found.append(Concept(system, c["code"], display, tuple(designation)))
         elif system:
             if system not in self._concepts:
                 raise NotExpandable(f"{why}: it includes all of {system}, which is not held here")
@@ -113,6 +163,30 @@ class Catalogue:
             else:  # system and valueSet together: the intersection
                 found = [c for c in found if (c.system, c.code) in inner]
         return found or []
+
+
+def _definitions(cs: dict[str, Any]) -> dict[str, Definition]:
+    """Each concept with its parents and children: nesting, and parent/child properties."""
+    parents: dict[str, list[str]] = {}
+    children: dict[str, list[str]] = {}
+    raw: dict[str, dict[str, Any]] = {}
+    for c, parent in _with_parents(cs.get("concept") or []):
+        code = c["code"]
+        raw[code] = c
+        if parent is not None:
+            parents.setdefault(code, []).append(parent)
+            children.setdefault(parent, []).append(code)
+        for p in c.get("property") or ():
+            other = p.get("valueCode") if isinstance(p, dict) else None
+            if p.get("code") == "parent" and other:
+                parents.setdefault(code, []).append(other)
+                children.setdefault(other, []).append(code)
+            elif p.get("code") == "child" and other:
+                children.setdefault(code, []).append(other)
+                parents.setdefault(other, []).append(code)
+    return {code: Definition(c, tuple(dict.fromkeys(parents.get(code, ()))),
+                             tuple(dict.fromkeys(children.get(code, ()))))
+            for code, c in raw.items()}
 
 
 @cache

@@ -22,7 +22,7 @@ from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
 from gateway.randomness import uuid4
 from gateway.terminology import conceptmaps
-from gateway.terminology.content import Catalogue, Concept
+from gateway.terminology.content import Catalogue, Concept, Definition
 from gateway.terminology.provider import ConceptMapProvider, TerminologyProvider
 
 if TYPE_CHECKING:
@@ -246,6 +246,13 @@ class Expand(_TerminologyOperation):
         Parameter("offset", "integer", documentation="Paging: codes to skip"),
         Parameter("count", "integer", documentation=f"Paging: codes to return (at most "
                                                     f"{MAX_EXPANSION})"),
+        Parameter("activeOnly", "boolean", documentation=(
+            "Leave out concepts their CodeSystem marks inactive (property inactive, or status "
+            "retired/inactive)")),
+        Parameter("includeDesignations", "boolean", documentation=(
+            "Each code's designations (the ValueSet's, else its CodeSystem's)")),
+        Parameter("displayLanguage", "code", documentation=(
+            "The display from a designation in this language, where there is one")),
         Parameter("return", "ValueSet", use="out", min=1),
     )
     scopes = "read of ValueSet"
@@ -260,14 +267,25 @@ class Expand(_TerminologyOperation):
         text = _one(inputs, "filter")
         offset = _number(inputs, "offset", 0)
         count = min(_number(inputs, "count", MAX_EXPANSION), MAX_EXPANSION)
+        active_only = _flag(inputs, "activeOnly")
+        designations = _flag(inputs, "includeDesignations")
+        language = _one(inputs, "displayLanguage")
         concepts = catalogue.expand(vs)
         if text:
             concepts = [c for c in concepts if matches_filter(c, text)]
+        if active_only:
+            concepts = [c for c in concepts if not catalogue.inactive(c)]
         params: list[dict[str, Any]] = []
         if text:
             params.append({"name": "filter", "valueString": text})
         params += [{"name": "offset", "valueInteger": offset},
                    {"name": "count", "valueInteger": count}]
+        if active_only:
+            params.append({"name": "activeOnly", "valueBoolean": True})
+        if designations:
+            params.append({"name": "includeDesignations", "valueBoolean": True})
+        if language:
+            params.append({"name": "displayLanguage", "valueCode": language})
         expansion: dict[str, Any] = {
             "identifier": f"urn:uuid:{uuid4()}",
             "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -277,10 +295,41 @@ class Expand(_TerminologyOperation):
         }
         page = concepts[offset:offset + count]
         if page:
-            expansion["contains"] = [c.entry() for c in page]
+            expansion["contains"] = [_contains(c, designations, language) for c in page]
         out = {k: v for k, v in vs.items() if k != "compose"}
         out["expansion"] = expansion
         return ctx.respond(out, fmt)
+
+
+def _contains(concept: Concept, designations: bool, language: str | None) -> dict[str, Any]:
+    out = concept.entry()
+    if language:
+        display = in_language(concept, language)
+        if display is not None:
+            out["display"] = display
+    if designations and concept.designation:
+        out["designation"] = [{k: d[k] for k in ("language", "use", "value") if k in d}
+                              for d in concept.designation]
+    return out
+
+
+def in_language(concept: Concept, language: str) -> str | None:
+    """The concept's designation in ``language`` (``en`` also takes ``en-GB``), if any."""
+    wanted = language.lower()
+    for exact in (True, False):
+        for d in concept.designation:
+            lang = str(d.get("language") or "").lower()
+            if d.get("value") and (lang == wanted if exact
+                                   else lang.split("-")[0] == wanted.split("-")[0]):
+                return str(d["value"])
+    return None
+
+
+def _flag(inputs: dict[str, list[str]], name: str) -> bool:
+    raw = (_one(inputs, name) or "false").lower()
+    if raw not in ("true", "false"):
+        raise BadRequest(f"{name} must be true or false")
+    return raw == "true"
 
 
 def matches_filter(concept: Concept, text: str) -> bool:
@@ -361,6 +410,9 @@ class Lookup(_TerminologyOperation):
         Parameter("code", "code", documentation="The code to look up"),
         Parameter("system", "uri", documentation="The code system", min=0),
         Parameter("coding", "Coding", documentation="The code as a Coding"),
+        Parameter("property", "code", max="*", documentation=(
+            "The properties wanted (definition, designation, parent, child, or a property "
+            "the CodeSystem defines); none given: all there are")),
         Parameter("name", "string", use="out", min=1),
         Parameter("version", "string", use="out"),
         Parameter("display", "string", use="out", min=1),
@@ -382,13 +434,15 @@ class Lookup(_TerminologyOperation):
         if cs is None:
             raise UnknownCode("that code system is not held by this server")
         concept = catalogue.concept(system, coding["code"])
-        if concept is None:
+        held = catalogue.definition(system, coding["code"])
+        if concept is None or held is None:
             raise UnknownCode(f"the code is not defined in CodeSystem {cs['id']}")
+        wanted = set(inputs.get("property") or ())
         params: list[dict[str, Any]] = [{"name": "name", "valueString": cs.get("name", "")}]
         if cs.get("version"):
             params.append({"name": "version", "valueString": cs["version"]})
         params.append({"name": "display", "valueString": concept.display or concept.code})
-        for d in concept.designation:
+        for d in (concept.designation if not wanted or "designation" in wanted else ()):
             part: list[dict[str, Any]] = []
             if d.get("language"):
                 part.append({"name": "language", "valueCode": d["language"]})
@@ -396,7 +450,27 @@ class Lookup(_TerminologyOperation):
                 part.append({"name": "use", "valueCoding": d["use"]})
             part.append({"name": "value", "valueString": d.get("value", "")})
             params.append({"name": "designation", "part": part})
+        params += [p for p in _properties(held)
+                   if not wanted or p["part"][0]["valueCode"] in wanted]
         return ctx.respond({"resourceType": "Parameters", "parameter": params}, fmt)
+
+
+def _properties(held: Definition) -> list[dict[str, Any]]:
+    """``$lookup``'s property parts: definition, parent, child, then the concept's own."""
+    def prop(code: str, value: dict[str, Any]) -> dict[str, Any]:
+        return {"name": "property", "part": [{"name": "code", "valueCode": code},
+                                             {"name": "value", **value}]}
+
+    out: list[dict[str, Any]] = []
+    if held.concept.get("definition"):
+        out.append(prop("definition", {"valueString": held.concept["definition"]}))
+    out += [prop("parent", {"valueCode": c}) for c in held.parents]
+    out += [prop("child", {"valueCode": c}) for c in held.children]
+    for p in held.properties:
+        value = {k: v for k, v in p.items() if k.startswith("value")}
+        if p.get("code") and len(value) == 1:
+            out.append(prop(str(p["code"]), value))
+    return out
 
 
 def operations() -> list[Operation]:

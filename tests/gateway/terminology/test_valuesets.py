@@ -314,3 +314,128 @@ async def test_every_claimed_search_parameter_finds_what_it_describes(
             assert rid in [e["resource"]["id"] for e in r.json().get("entry", [])], (rtype, p)
             r = await fhir.get(f"/{rtype}", params={p["name"]: "zz-matches-nothing"})
             assert r.json()["total"] == 0, (rtype, p)
+
+
+def xml_definitions(shared: Path, url: str) -> dict[str, str]:
+    for path in (shared / "codesystems").glob("*.xml"):
+        root = etree.parse(str(path)).getroot()
+        if _v(root, "url") == url:
+            return {_v(c, "code") or "": _v(c, "definition") or ""
+                    for c in root.iter(F + "concept") if _v(c, "definition")}
+    return {}
+
+
+def properties(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    out = []
+    for p in body["parameter"]:
+        if p["name"] == "property":
+            parts = {q["name"]: next(v for k, v in q.items() if k.startswith("value"))
+                     for q in p["part"]}
+            out.append((parts["code"], parts["value"]))
+    return out
+
+
+async def test_lookup_gives_the_published_definitions(fhir: httpx.AsyncClient,
+                                                      shared: Path) -> None:
+    """The Care Connect CodeSystems are flat, with definitions on some concepts: $lookup
+    returns each as the property ``definition`` — as the XML has it — and nothing else."""
+    url = CS + "CareConnect-AdmissionMethod-1"
+    definitions = xml_definitions(shared, url)
+    assert len(definitions) > 10
+    for code, text in definitions.items():
+        r = await fhir.get("/CodeSystem/$lookup", params={"system": url, "code": code})
+        assert properties(r.json()) == [("definition", text)], code
+    other = CS + "CareConnect-EthnicCategory-1"  # no definitions published
+    assert xml_definitions(shared, other) == {}
+    r = await fhir.get("/CodeSystem/$lookup", params={"system": other, "code": "A"})
+    assert r.status_code == 200 and properties(r.json()) == []
+    r = await fhir.get("/CodeSystem/$lookup", params={"system": url, "code": "11",
+                                                      "property": "parent"})
+    assert properties(r.json()) == []  # asked for parent only: the definition is left out
+
+
+# A CodeSystem with what the Care Connect ones lack: a hierarchy (nested and by property),
+# designations, inactive and retired concepts, a property of its own.
+EX = "http://example.org/fhir/CodeSystem/ops-test"
+EX_VS = "http://example.org/fhir/ValueSet/ops-test"
+RICH = {
+    "valueSets": [{"resourceType": "ValueSet", "id": "ops-test", "url": EX_VS, "name": "OpsTest",
+                   "status": "active", "compose": {"include": [{"system": EX}]}}],
+    "codeSystems": [{
+        "resourceType": "CodeSystem", "id": "ops-test", "url": EX, "name": "OpsTest",
+        "version": "1", "status": "active", "content": "complete",
+        "property": [{"code": "inactive", "type": "boolean"}, {"code": "order",
+                                                              "type": "integer"}],
+        "concept": [
+            {"code": "A", "display": "Alpha", "definition": "The first.",
+             "designation": [{"language": "en-GB", "value": "Alpha (GB)"},
+                             {"language": "cy", "use": {"system": "http://snomed.info/sct",
+                                                        "code": "900000000000013009"},
+                              "value": "Alffa"}],
+             "concept": [
+                 {"code": "A1", "display": "Alpha one",
+                  "property": [{"code": "inactive", "valueBoolean": True}]},
+                 {"code": "A2", "display": "Alpha two",
+                  "property": [{"code": "status", "valueCode": "retired"}]}]},
+            {"code": "B", "display": "Beta",
+             "property": [{"code": "parent", "valueCode": "A"},
+                          {"code": "order", "valueInteger": 3}]}]}],
+}
+
+
+@pytest.fixture
+async def rich(app: Any, fhir: httpx.AsyncClient) -> httpx.AsyncClient:
+    from gateway.terminology.content import Catalogue
+
+    held = Catalogue(RICH)
+    registry = app.state.mappings.current.registry
+    for rtype in ("ValueSet", "CodeSystem"):
+        registry.terminology(rtype).catalogue = held
+    return fhir
+
+
+async def test_expand_active_only_designations_and_display_language(
+        rich: httpx.AsyncClient) -> None:
+    async def expand(**params: str) -> list[dict[str, Any]]:
+        r = await rich.get("/ValueSet/$expand", params={"url": EX_VS, **params})
+        assert r.status_code == 200, r.text
+        return list(r.json()["expansion"]["contains"])
+
+    assert [c["code"] for c in await expand()] == ["A", "A1", "A2", "B"]
+    assert [c["code"] for c in await expand(activeOnly="true")] == ["A", "B"]
+    plain = await expand()
+    assert all("designation" not in c for c in plain)
+    with_designations = await expand(includeDesignations="true")
+    assert with_designations[0]["designation"] == RICH["codeSystems"][0][  # type: ignore[index]
+        "concept"][0]["designation"]
+    assert all("designation" not in c for c in with_designations[1:])
+    welsh = await expand(displayLanguage="cy")
+    assert [c["display"] for c in welsh] == ["Alffa", "Alpha one", "Alpha two", "Beta"]
+    assert (await expand(displayLanguage="en"))[0]["display"] == "Alpha (GB)"  # en → en-GB
+    r = await rich.get("/ValueSet/$expand", params={"url": EX_VS, "activeOnly": "yes"})
+    assert r.status_code == 400
+
+
+async def test_lookup_properties_of_a_hierarchy(rich: httpx.AsyncClient) -> None:
+    async def lookup(code: str, *wanted: str) -> dict[str, Any]:
+        r = await rich.get("/CodeSystem/$lookup", params=[
+            ("system", EX), ("code", code), *(("property", w) for w in wanted)])
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    a = await lookup("A")
+    # children by nesting (A1, A2) and by B's parent property
+    assert properties(a) == [("definition", "The first."), ("child", "A1"), ("child", "A2"),
+                             ("child", "B")]
+    designations = [p for p in a["parameter"] if p["name"] == "designation"]
+    assert [[q["name"] for q in d["part"]] for d in designations] == [
+        ["language", "value"], ["language", "use", "value"]]
+    assert properties(await lookup("A1")) == [("parent", "A"), ("inactive", True)]
+    assert properties(await lookup("A2")) == [("parent", "A"), ("status", "retired")]
+    assert properties(await lookup("B")) == [("parent", "A"), ("order", 3)]
+    only = await lookup("A", "child")
+    assert properties(only) == [("child", "A1"), ("child", "A2"), ("child", "B")]
+    assert not [p for p in only["parameter"] if p["name"] == "designation"]
+    assert [p["name"] for p in (await lookup("A", "designation"))["parameter"]] == [
+        "name", "version", "display", "designation", "designation"]
