@@ -90,6 +90,19 @@ def header_of(message: dict[str, Any]) -> dict[str, Any]:
     return first
 
 
+def _instant(value: Any) -> dt.datetime | None:
+    """A FHIR dateTime to the minute, as a comparable instant (None when it is not one)."""
+    if not isinstance(value, str) or len(value) < 16:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
+
+
 class _HasRegistry(Protocol):
     @property
     def registry(self) -> Registry: ...
@@ -274,6 +287,8 @@ class Messaging:
         resource = self.focus_of(message, header, event.focus)
         provider = self.registry.get(event.focus)
         try:
+            if event.focus != "Patient":
+                resource = await self._patient_in_message(message, resource)
             if event.write == "create":
                 resource.pop("id", None)  # the PAS gives the new id
             writes.validate(resource, event.focus, provider.profile)
@@ -302,17 +317,72 @@ class Messaging:
         except GatewayError as exc:
             raise self._from_error(exc, sent=True) from exc
 
-    async def _existing(self, provider: Any, resource: dict[str, Any]) -> str | None:
-        """After an unacknowledged create: the patient if the first attempt was applied."""
-        for ident in resource.get("identifier") or ():
-            if ident.get("system") == writes.NHS_NUMBER_SYSTEM and ident.get("value"):
+    async def _patient_in_message(self, message: dict[str, Any], resource: dict[str, Any]
+                                  ) -> dict[str, Any]:
+        """The focus's ``subject``/``patient`` naming a Patient carried in the message (by
+        its fullUrl, e.g. ``urn:uuid:...``) becomes ``Patient/<id>`` of that patient here:
+        the PAS's record found by the Patient's identifiers (NHS number first)."""
+        for key in ("subject", "patient"):
+            ref = (resource.get(key) or {}).get("reference") if isinstance(
+                resource.get(key), dict) else None
+            if not isinstance(ref, str) or ref.startswith("Patient/"):
+                continue
+            entry = next((e for e in message["entry"][1:] if isinstance(e, dict)
+                          and e.get("fullUrl") == ref and isinstance(e.get("resource"), dict)),
+                         None)
+            if entry is None or entry["resource"].get("resourceType") != "Patient":
+                continue
+            if "Patient" not in self.registry:
+                raise _fatal("MESSAGE_FOCUS_INVALID", "this server cannot find the message's "
+                                                      "Patient: Patient is not served here")
+            found = await self._by_identifier(self.registry.get("Patient"), entry["resource"])
+            if found is None:
+                raise _fatal("RESOURCE_NOT_FOUND", "the message's Patient is not known to "
+                                                   "the system behind this server (by its "
+                                                   "identifiers); register it first",
+                             "not-found")
+            resource = {**resource, key: {**resource[key], "reference": f"Patient/{found}"}}
+        return resource
+
+    async def _by_identifier(self, provider: Any, resource: dict[str, Any]) -> str | None:
+        """The one record with an identifier of ``resource`` (NHS number first), if any."""
+        idents = [i for i in resource.get("identifier") or () if isinstance(i, dict)
+                  and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)]
+        idents.sort(key=lambda i: i["system"] != writes.NHS_NUMBER_SYSTEM)
+        for ident in idents:
+            try:
                 plan = self.registry.plan(provider, [
                     ("identifier", f"{ident['system']}|{ident['value']}")], default_count=2,
                     max_count=2, strict=True, note=False)
-                page = await provider.search(plan)
-                if len(page.records) == 1:
-                    return str(provider.resource(page.records[0])["id"])
+            except GatewayError:  # an identifier this source cannot search by
+                continue
+            page = await provider.search(plan)
+            if len(page.records) == 1:
+                return str(provider.resource(page.records[0])["id"])
         return None
+
+    async def _existing(self, provider: Any, resource: dict[str, Any]) -> str | None:
+        """After an unacknowledged create: the record if the first attempt was applied —
+        found by an identifier sent, else (a visit, whose number the PAS gives) the
+        subject's record of that type starting at the very time sent."""
+        found = await self._by_identifier(provider, resource)
+        if found is not None:
+            return found
+        subject = (resource.get("subject") or {}).get("reference")
+        start = (resource.get("period") or {}).get("start")
+        if not (isinstance(subject, str) and subject.startswith("Patient/")
+                and isinstance(start, str) and len(start) >= 10):
+            return None
+        try:
+            plan = self.registry.plan(provider, [("patient", subject), ("date", start[:10])],
+                                      default_count=50, max_count=50, strict=True, note=False)
+        except GatewayError:
+            return None
+        page = await provider.search(plan)
+        want = _instant(start)
+        same = [r for r in (provider.resource(rec) for rec in page.records)
+                if want is not None and _instant((r.get("period") or {}).get("start")) == want]
+        return str(same[0]["id"]) if len(same) == 1 else None
 
     @staticmethod
     def _from_error(exc: GatewayError, sent: bool) -> Outcome:

@@ -222,7 +222,7 @@ async def test_a_reload_keeps_the_message_store_and_uses_the_new_providers(
     assert faults.a28s == 2 and len(rows(url, "9430001043")) == 1
     cs = (await c.get("/metadata")).json()
     assert {e["code"]["code"] for m in cs["messaging"] for e in m["event"]} == {
-        "patient-registration", "patient-demographics-update"}
+        "patient-registration", "patient-demographics-update", "admit-inpatient"}
 
 
 async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults]) -> None:
@@ -254,7 +254,8 @@ async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults
     cs = (await c.get("/metadata")).json()
     assert not list(_schema().iter_errors(cs))
     events = [e["code"]["code"] for m in cs["messaging"] for e in m["event"]]
-    assert events == ["patient-registration", "patient-demographics-update"]
+    assert events == ["patient-registration", "patient-demographics-update",
+                      "admit-inpatient"]
     assert "process-message" in [o["name"] for o in cs["rest"][0]["operation"]]
 
 

@@ -39,6 +39,9 @@ class Profile:
     """Seconds a continuation pointer lives (AE 102 "expired" after); None: forever."""
     cancelled_visits: bool = True
     """Cancelled admissions are returned (PV1-41 C); off: gone, as after an A11."""
+    admissions: bool = True
+    """ADT^A01 (admit) is taken: a new inpatient spell; off: AR 201 (unsupported event), as
+    a PAS whose HL7 interface is read-only for visits answers."""
 
 
 PROFILES = {
@@ -50,9 +53,10 @@ PROFILES = {
                    visits="pid-then-visits", pid32=False, death="date", qak4="remaining",
                    pointer_ttl=300.0, cancelled_visits=False),
     # A PAS that reads identifiers by CX-5 only, prefix-matches natively (no wildcard), takes
-    # no identifier qualifiers in queries and lets continuation pointers expire in 2 s.
+    # no identifier qualifiers in queries, lets continuation pointers expire in 2 s and
+    # takes no admissions (A01) over HL7.
     "strict": Profile("strict", ack_pid=False, resend_dedup=False, nhs_by="cx5",
                       nhs_out="cx4", wildcard=None, matching="prefix", qualifiers=False,
                       visits="pid-then-visits", pid32=False, death="date", qak4="remaining",
-                      pointer_ttl=2.0, cancelled_visits=False),
+                      pointer_ttl=2.0, cancelled_visits=False, admissions=False),
 }
