@@ -23,7 +23,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -31,7 +31,7 @@ import structlog
 from starlette.responses import Response
 
 from adapters.base import Write
-from gateway import writes
+from gateway import audit, writes
 from gateway.auth import authorize
 from gateway.errors import (
     BadRequest,
@@ -123,6 +123,8 @@ class Messaging:
         self.store = store
         self.allow_list = allow_list
         self.outbox = outbox or Outbox(store, allow_list)
+        self.audit: audit.Deferred | None = None
+        """The audit of the worker's writes (set by the app with its trail)."""
         self._locks: dict[str, list[Any]] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -191,9 +193,12 @@ class Messaging:
                 await self.store.forget(mid)
             return response
 
-    async def accept(self, message: dict[str, Any], response_url: str, base: str) -> None:
+    async def accept(self, message: dict[str, Any], response_url: str, base: str,
+                     caller: dict[str, Any] | None = None) -> None:
         """Asynchronous mode: recorded durably (then 202), processed by the worker; a message
-        answered before is not processed again (its response was delivered)."""
+        answered before is not processed again (its response was delivered). ``caller``
+        (gateway.audit.caller) is kept with it: the worker's write is audited, and confined
+        to the token's patient, as the request's own would have been."""
         header = header_of(message)
         mid, dg = header["id"], digest(message)
         async with self._lock(mid):
@@ -202,7 +207,8 @@ class Messaging:
                 raise BadRequest("this MessageHeader.id was already used for another message")
             if stored is None:
                 await self.store.put(mid, dg, "accepted", body={"message": message,
-                                                                "base": base},
+                                                                "base": base,
+                                                                "caller": caller},
                                      response_url=response_url)
                 self._queue.put_nowait(mid)
 
@@ -221,14 +227,35 @@ class Messaging:
                 return
             message, base = stored.body["message"], stored.body["base"]
             header = header_of(message)
-            response, final = await self._apply(message, header, base,
-                                                stored.state == "unknown")
+            with self._audited(stored.body.get("caller")) as done:
+                response, final = await self._apply(message, header, base,
+                                                    stored.state == "unknown")
+                done(response)
             if final:
                 await self.store.finish(mid, response, stored.response_url)
                 self.outbox.wake()
                 return
         # transient: try again later (the row stays accepted/unknown, so a restart resumes it)
         asyncio.get_running_loop().call_later(self.retry_seconds, self._queue.put_nowait, mid)
+
+    @contextlib.contextmanager
+    def _audited(self, caller: dict[str, Any] | None
+                 ) -> Iterator[Callable[[dict[str, Any]], None]]:
+        """The worker's processing of one message, audited as a deferred write (an
+        ``attempt`` record before the PAS is asked, an ``access`` record with the response's
+        outcome), or not at all when the service has no trail (unit tests)."""
+        if self.audit is None:
+            yield lambda response: None
+            return
+        with self.audit.audited(caller) as done:
+            def finish(response: dict[str, Any]) -> None:
+                header = response["entry"][0]["resource"]
+                codes = [c.get("code") for e in response["entry"][1:]
+                         for i in e["resource"].get("issue", ())
+                         for c in (i.get("details") or {}).get("coding", ())]
+                done(200, codes[0] if codes else None, header["response"]["code"] == "ok")
+
+            yield finish
 
     @staticmethod
     def _unknown(response: dict[str, Any]) -> bool:
@@ -314,6 +341,8 @@ class Messaging:
                 return f"{event.focus}/{result.id}" if result.id else None
             await provider.write(Write("update", record, id=resource["id"]))
             return f"{event.focus}/{resource['id']}"
+        except audit.AuditUnavailable as exc:  # before anything was sent: try again later
+            raise Outcome("transient-error", exc.outcome()["issue"], final=False) from exc
         except GatewayError as exc:
             raise self._from_error(exc, sent=True) from exc
 
@@ -505,7 +534,7 @@ class ProcessMessage(Operation):
         if not allowed(url, self.messaging.allow_list):
             raise BadRequest("'response-url' is not on this server's allow-list "
                              "(CCG_MESSAGING_RESPONSE_URLS)")
-        await self.messaging.accept(message, url, base)
+        await self.messaging.accept(message, url, base, audit.caller(request.scope))
         body = operation_outcome([issue("information", "informational", "MESSAGE_ACCEPTED",
                                         "accepted; the response message will be delivered "
                                         "to the response-url")])

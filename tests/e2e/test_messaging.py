@@ -137,9 +137,10 @@ async def pas(tmp_path_factory: pytest.TempPathFactory
 
 
 def settings(tmp: Path, url: str, port: int, **more: Any) -> Settings:
-    return Settings(mappings_dir=MAPPINGS, data_dir=tmp, paging_secret="t", log_level="error",
-                    progress=False, auth_mode="insecure-demo", connection_urls={
-                        "pas": url, "pas-hl7": f"mllp://127.0.0.1:{port}"}, **more)
+    options: dict[str, Any] = {"log_level": "error", **more}
+    return Settings(mappings_dir=MAPPINGS, data_dir=tmp, paging_secret="t", progress=False,
+                    auth_mode="insecure-demo", connection_urls={
+                        "pas": url, "pas-hl7": f"mllp://127.0.0.1:{port}"}, **options)
 
 
 @pytest.fixture
