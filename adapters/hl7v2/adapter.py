@@ -1,7 +1,8 @@
 """HL7 v2 adapter: Care Connect over a PAS that speaks the NHS ITK HL7 v2.4 dialect over MLLP.
 
 Reads and searches become queries (QBP^Q21 Get Person Demographics, QBP^Q22 Find Candidates,
-QBP^ZV1 patient + visit); writes become ADT^A28 / ADT^A31. Replies are read with the fast
+QBP^ZV1 patient + visit); writes become ADT^A28 / ADT^A31 (Patient) and ADT^A01 (an
+Encounter create: an admission). Replies are read with the fast
 ER7 reader (hl7apy builds the outgoing messages, where its validation is worth its cost).
 
 Records are keyed by the field paths the mapping uses: ``PID-5.1``; ``PID-3.1[PID-3.5=NH]``

@@ -1,4 +1,4 @@
-"""Outgoing HL7 v2 messages, built with hl7apy: QBP queries, ADT A28/A31 and acknowledgements.
+"""Outgoing HL7 v2 messages, built with hl7apy: QBP queries, ADT A28/A31/A01 and acknowledgements.
 
 hl7apy gives the structure (segment order, field numbers and data types of the version in
 ``Header.version``: an unknown segment or field number is a ``ValueError`` here, not a message
@@ -21,7 +21,8 @@ Conventions (the PAS contract in :mod:`gateway.demo_pas.hl7v2` relies on them):
   query tag, RCP-1 is ``I`` (immediate), RCP-2 the quantity limit ``<n>^RD``, and a
   continuation pointer goes in DSC-1 with DSC-2 ``I``.
 * ADT: EVN-2 is now; PID-1 is 1; NK1-1 numbers the NK1 segments; PV1 is required by the
-  ADT_A05 structure, so unless values are given for it, it is ``PV1|1|N`` (not applicable).
+  ADT_A05 structure, so unless values are given for it, it is ``PV1|1|N`` (not applicable);
+  an A01's PV1 is the visit admitted, PV1-1 1.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ class Profile:
 
     name: str
     ack_pid: bool = True
-    """The ACK to an A28/A31 carries ``PID|1||<PAS number>...`` (a plain ACK does not)."""
+    """The ACK to an A28/A31 carries ``PID|1||<PAS number>...``, to an A01 that PID and the
+    new spell's ``PV1`` (a plain ACK does not)."""
     resend_dedup: bool = True
     """A resent MSH-10 gets the first ACK again (not applied twice); off: applied again."""
     nhs_by: Literal["cx4-or-cx5", "cx5"] = "cx4-or-cx5"
