@@ -348,12 +348,18 @@ def _note(ctx: AuditContext, lk: compartment.Link, provider: Provider, record: A
             patients.update(provider.reference_values(record, ref))
 
 
-def note_written(provider: Provider, rid: str) -> None:
+def note_written(provider: Provider, rid: str, record: Any = None) -> None:
+    """A resource written; its patient is itself (a Patient) or the one the written record
+    refers to (an Encounter's subject)."""
     ctx = _ctx.get()
     if ctx is not None:
         patients = ctx.entities.setdefault((provider.resource_type, str(rid)), set())
-        if compartment.link(provider).kind == "self":
+        lk = compartment.link(provider)
+        if lk.kind == "self":
             patients.add(str(rid))
+        elif record is not None:
+            for ref in lk.refs:
+                patients.update(provider.reference_values(record, ref))
 
 
 def note_alias(rtype: str, rid: str, alias_type: str, alias_id: str) -> None:

@@ -146,3 +146,10 @@ async def test_the_worker_confines_a_patient_token_to_its_patient(
     await wait_for(lambda: len(rec.got) == 2, 30, "no second response")
     assert response_of(rec.got[1])[0] == "ok", rec.got[1]
     assert len(spells(url, "D0000003")) >= 1
+    spell = rec.got[1]["entry"][0]["resource"]["focus"][0]["reference"]
+    await wait_for(lambda: len([x for x in records(trail) if x.get("deferred")
+                                and x["event"] == "access"]) == 2, 10, "no access record")
+    admitted = [x for x in records(trail) if x.get("deferred") and x["event"] == "access"][1]
+    # the admission's record names the patient it is about, and the spell written
+    assert admitted["patient"] == "D0000003" and admitted["entities"] == [spell]
+    assert admitted["context_patient"] == "D0000003"
