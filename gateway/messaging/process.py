@@ -255,7 +255,11 @@ class Messaging:
                          for c in (i.get("details") or {}).get("coding", ())]
                 done(200, codes[0] if codes else None, header["response"]["code"] == "ok")
 
-            yield finish
+            try:
+                yield finish
+            except Exception:  # as a request failing with a 500 is: recorded, then raised
+                done(500, "INTERNAL_SERVER_ERROR", False)
+                raise
 
     @staticmethod
     def _unknown(response: dict[str, Any]) -> bool:
