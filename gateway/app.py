@@ -22,7 +22,7 @@ from adapters import registry as adapter_registry
 from gateway import logging as gateway_logging
 from gateway import metrics, observability, terminology, tracing
 from gateway import state as shared_state
-from gateway.audit import AuditLayer, AuditTrail, DenialCounter
+from gateway.audit import AuditLayer, AuditTrail, Deferred, DenialCounter
 from gateway.audit import destination as audit_destination
 from gateway.auth.config import resolve_auth
 from gateway.auth.middleware import Authentication
@@ -204,6 +204,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
                              fhir_destination=settings.audit_fhir_log,
                              fail_closed=settings.audit_fail_closed,
                              denial_window=settings.audit_denial_window_seconds)
+    if messaging is not None:  # its worker's writes: the same trail as the requests'
+        messaging.audit = Deferred(audit_trail, settings.base_path)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:

@@ -34,16 +34,17 @@ before it happens rather than after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast, get_args
 from urllib.parse import parse_qsl
 
 import orjson
@@ -347,12 +348,18 @@ def _note(ctx: AuditContext, lk: compartment.Link, provider: Provider, record: A
             patients.update(provider.reference_values(record, ref))
 
 
-def note_written(provider: Provider, rid: str) -> None:
+def note_written(provider: Provider, rid: str, record: Any = None) -> None:
+    """A resource written; its patient is itself (a Patient) or the one the written record
+    refers to (an Encounter's subject)."""
     ctx = _ctx.get()
     if ctx is not None:
         patients = ctx.entities.setdefault((provider.resource_type, str(rid)), set())
-        if compartment.link(provider).kind == "self":
+        lk = compartment.link(provider)
+        if lk.kind == "self":
             patients.add(str(rid))
+        elif record is not None:
+            for ref in lk.refs:
+                patients.update(provider.reference_values(record, ref))
 
 
 def note_alias(rtype: str, rid: str, alias_type: str, alias_id: str) -> None:
@@ -707,6 +714,97 @@ class AuditLayer:
         return out
 
 
+# --- work done later for a request (the asynchronous messaging worker) -----------------------
+
+
+def caller(scope: Scope) -> dict[str, Any]:
+    """Who made a request, from where, and which request it was: kept (JSON) with work
+    done for it later, so that work is audited — and confined to the token's patient — as
+    the request itself would have been."""
+    principal = get_principal(scope)
+    state = scope.get("state") or {}
+    client = scope.get("client")
+    return {
+        "principal": None if principal is None else {
+            "client_id": principal.client_id, "subject": principal.subject,
+            "role": principal.role, "scopes": principal.scope_text,
+            "patient": principal.patient, "mode": principal.mode},
+        "request_id": state.get("request_id"), "source_ip": client[0] if client else None,
+        "method": scope.get("method", "POST"), "path": scope.get("path", "")}
+
+
+def _caller_scope(who: dict[str, Any] | None) -> dict[str, Any]:
+    """An ASGI-like scope of the request ``caller`` described (no connection behind it)."""
+    from gateway.auth.principal import PRINCIPAL_SCOPE_KEY, AuthMode, Principal, parse_scopes
+
+    who = who or {}
+    state: dict[str, Any] = {"request_id": who.get("request_id")}
+    p = who.get("principal")
+    if isinstance(p, dict) and p.get("mode") in get_args(AuthMode):
+        state[PRINCIPAL_SCOPE_KEY] = Principal(
+            client_id=str(p.get("client_id") or ""), subject=p.get("subject"),
+            role=p.get("role"), scopes=parse_scopes(str(p.get("scopes") or "")),
+            patient=p.get("patient"), mode=cast("AuthMode", p["mode"]))
+    return {"type": "http", "method": who.get("method") or "POST",
+            "path": who.get("path") or "", "query_string": b"", "headers": [],
+            "client": (who["source_ip"], 0) if who.get("source_ip") else None,
+            "state": state}
+
+
+class Deferred:
+    """Auditing a write made after its request was answered (``$process-message`` with
+    ``async=true``: the worker applies it later): the same trail and record format as the
+    synchronous request's, ``"deferred": true`` added, the accepting request's id and caller.
+
+    ``with deferred.audited(caller) as done:`` the ``attempt`` record is written just before
+    the backend is asked (as for any write: fail closed, the write never starts), the token's
+    patient compartment applies, the backend's correlation ids are collected; ``done(status,
+    code, ok)`` writes the ``access`` record with the outcome."""
+
+    def __init__(self, trail: AuditTrail, base_path: str = "") -> None:
+        self._layer = AuditLayer(_no_app, trail, base_path)
+
+    @contextlib.contextmanager
+    def audited(self, who: dict[str, Any] | None) -> Iterator[Callable[[int, str | None, bool],
+                                                                        bool]]:
+        scope = _caller_scope(who)
+        layer = self._layer
+        interaction, rtype, target = _classify(scope["method"], scope["path"], layer.base)
+        ctx = AuditContext()
+
+        def records(status: int, code: str | None, event: str) -> list[dict[str, Any]]:
+            out = layer._records(scope, ctx, interaction, rtype, target, status, code, event)
+            for r in out:
+                r["deferred"] = True
+            return out
+
+        def attempt() -> bool:
+            return layer._write(records(0, None, "attempt")) or not layer.trail.fail_closed
+
+        def done(status: int, code: str | None, ok: bool) -> bool:
+            out = records(status, code, "access")
+            for r in out:
+                r["outcome"]["result"] = "success" if ok else "failure"
+            return layer._write(out)
+
+        ctx.attempt = attempt
+        token = _ctx.set(ctx)
+        corr_token = backend_correlations.set(ctx.correlations)
+        started_token = request_started.set(asyncio.get_running_loop().time())
+        confine = compartment.confined_to(scope)
+        try:
+            with confine:
+                yield done
+        finally:
+            _ctx.reset(token)
+            backend_correlations.reset(corr_token)
+            request_started.reset(started_token)
+
+
+async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("a deferred audit has no application")  # pragma: no cover
+
+
 # --- FHIR STU3 AuditEvent (IHE BALP shape) ---------------------------------------------------
 
 _ACTIONS = {"create": "C", "update": "U", "delete": "D", "read": "R", "search-type": "E",
@@ -796,6 +894,6 @@ def audit_event(record: dict[str, Any], source_id: str) -> dict[str, Any]:
     return event
 
 
-__all__ = ["AuditLayer", "AuditTrail", "AuditUnavailable", "audit_event",
-           "classify", "note_backend", "note_operation", "note_resource", "note_search",
+__all__ = ["AuditLayer", "AuditTrail", "AuditUnavailable", "Deferred", "audit_event",
+           "caller", "classify", "note_backend", "note_operation", "note_resource", "note_search",
            "note_written"]

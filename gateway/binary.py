@@ -13,6 +13,15 @@ content base64-encoded (capped at ``binary_fhir_max_bytes``: beyond it 406
 ``BINARY_TOO_LARGE``, and the native form stays available); anything else (no Accept,
 ``*/*``, the document's own type) streams the bytes as they are, with their media type.
 
+Ranges (RFC 9110 §14) on the native form: ``Accept-Ranges: bytes`` is advertised; one range
+``bytes=a-b``, ``bytes=a-`` or ``bytes=-n`` is answered 206 with ``Content-Range``, the slice
+streamed like the whole; a range that starts beyond the content (or any range of empty
+content) is 416 ``RANGE_NOT_SATISFIABLE`` (an OperationOutcome, with ``Content-Range: bytes
+*/<size>``). ``If-Range`` with the strong ETag (or the Last-Modified date) applies the range
+only while the content is unchanged; otherwise, and for several ranges, a range in another
+unit or one that cannot be parsed, the Range header is ignored and the whole is sent (200),
+as the RFC allows. A FHIR Binary is never served in parts.
+
 Streaming never holds a document in memory: files are read in chunks; BLOBs are read a chunk
 at a time (SQLite: incremental blob I/O; other databases: ``substring`` per chunk, which
 PostgreSQL serves from the stored slices of an uncompressed ``bytea``). A file path from the
@@ -25,6 +34,7 @@ import base64
 import datetime as dt
 import hashlib
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from email.utils import format_datetime
@@ -77,6 +87,14 @@ class ContentUnavailable(UpstreamError):
     """The record exists but its content cannot be read (a missing file, a refused path)."""
 
     error_code = "DOCUMENT_CONTENT_UNAVAILABLE"
+
+
+class RangeNotSatisfiable(GatewayError):
+    """The Range asked for lies outside the content (416, with ``Content-Range: bytes */n``)."""
+
+    status = 416
+    issue_code = "invalid"
+    error_code = "RANGE_NOT_SATISFIABLE"
 
 
 class BinaryMisconfigured(GatewayError):
@@ -174,17 +192,29 @@ class ContentStore:
 
     # -- the bytes, a chunk at a time
 
-    async def chunks(self, where: _Located) -> AsyncIterator[bytes]:
+    async def chunks(self, where: _Located, start: int = 0, length: int | None = None
+                     ) -> AsyncIterator[bytes]:
+        """The content from byte ``start``, ``length`` bytes (to the end when None)."""
+        end = where.size if length is None else min(where.size, start + length)
         if where.path is not None:
             flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
             fd = await anyio.to_thread.run_sync(os.open, where.path, flags)
             with os.fdopen(fd, "rb", buffering=0) as f:
-                while chunk := await anyio.to_thread.run_sync(f.read, CHUNK):
+                if start:
+                    await anyio.to_thread.run_sync(f.seek, start)
+                left = None if length is None else end - start
+                while left is None or left > 0:
+                    n = CHUNK if left is None else min(CHUNK, left)
+                    chunk = await anyio.to_thread.run_sync(f.read, n)
+                    if not chunk:
+                        break
+                    if left is not None:
+                        left -= len(chunk)
                     yield chunk
             return
-        offset = 0
-        while offset < where.size:
-            n = min(CHUNK, where.size - offset)
+        offset = start
+        while offset < end:
+            n = min(CHUNK, end - offset)
             chunk = await self.run(self._blob_slice, where.blob_key, offset, n)
             if not chunk:
                 break
@@ -282,11 +312,19 @@ class BinaryEndpoint:
         if not _accepts(request.headers.get("accept"), where.media_type):
             raise NotAcceptable(f"this document is available as {where.media_type} or as a "
                                 "FHIR Binary (application/fhir+json, application/fhir+xml)")
-        headers["Content-Length"] = str(where.size)
+        headers["Accept-Ranges"] = "bytes"
         headers["X-Content-Type-Options"] = "nosniff"
+        wanted = _range(request, headers, where.size)
         request.scope.setdefault("state", {})["stream_response"] = True  # gateway.audit
-        return StreamingResponse(store.chunks(where), media_type=where.media_type,
-                                 headers=headers)
+        if wanted is None:
+            headers["Content-Length"] = str(where.size)
+            return StreamingResponse(store.chunks(where), media_type=where.media_type,
+                                     headers=headers)
+        first, last = wanted
+        headers["Content-Length"] = str(last - first + 1)
+        headers["Content-Range"] = f"bytes {first}-{last}/{where.size}"
+        return StreamingResponse(store.chunks(where, first, last - first + 1), status_code=206,
+                                 media_type=where.media_type, headers=headers)
 
     async def _fhir(self, request: Request, store: ContentStore, rid: str,
                     resource: dict[str, Any], where: _Located, fmt: Format,
@@ -376,6 +414,48 @@ def _validators(resource: dict[str, Any], where: _Located, updated: str | None
         headers["Last-Modified"] = format_datetime(
             dt.datetime.fromisoformat(updated).astimezone(dt.UTC), usegmt=True)
     return headers
+
+
+_RANGE = re.compile(r"^bytes=(?:(\d{1,18})-(\d{0,18})|-(\d{1,18}))$")
+
+
+def _range(request: Request, headers: dict[str, str], size: int) -> tuple[int, int] | None:
+    """The one byte range to send (first, last, inclusive), or None for the whole content;
+    :class:`RangeNotSatisfiable` for a range outside it."""
+    text = request.headers.get("range")
+    if text is None or request.method not in ("GET", "HEAD"):
+        return None
+    if_range = request.headers.get("if-range")
+    if if_range is not None and not _if_range_holds(if_range.strip(), headers):
+        return None  # the content changed since the client's part: all of it, afresh
+    m = _RANGE.match(text.strip().replace(" ", ""))
+    if m is None:  # another unit, several ranges, or not a range at all: ignored (RFC 9110)
+        return None
+    first, last, suffix = m.groups()
+    if suffix is not None:
+        n = int(suffix)
+        if n == 0 or size == 0:
+            raise _unsatisfiable(size)
+        return max(0, size - n), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # not a valid range: ignored
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, min(int(last) if last else size - 1, size - 1)
+
+
+def _unsatisfiable(size: int) -> RangeNotSatisfiable:
+    return RangeNotSatisfiable(f"the range asked for is outside the content ({size} bytes)",
+                               headers={"Content-Range": f"bytes */{size}"})
+
+
+def _if_range_holds(validator: str, headers: dict[str, str]) -> bool:
+    """If-Range: a strong ETag equal to the current one, or the Last-Modified date."""
+    if validator.startswith(('"', "W/")):
+        etag = headers.get("ETag")
+        return bool(etag) and not validator.startswith("W/") and validator == etag
+    return validator == headers.get("Last-Modified")
 
 
 def _not_modified(request: Request, headers: dict[str, str]) -> bool:

@@ -422,7 +422,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--dialect", choices=["demo", "itk", "strict"], default="demo",
                      help="how this PAS speaks HL7 v2 (gateway/demo_pas/hl7v2/profiles.py): "
                           "demo (default), itk (plain ACKs, ITK sample style), strict "
-                          "(CX-5 identifiers, native prefix match, no qualifiers)")
+                          "(CX-5 identifiers, native prefix match, no qualifiers, no A01)")
     sim.set_defaults(func=cmd_pas_simulator)
 
     adt = sub.add_parser("adt-listener", help="receive the PAS's ADT feed over MLLP and send "

@@ -36,6 +36,7 @@ is refused on compartment types (403).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator, MutableMapping, Sequence
 from contextvars import ContextVar
@@ -176,6 +177,17 @@ class Restriction:
 
 _scope: ContextVar[MutableMapping[str, Any] | None] = ContextVar("compartment_scope",
                                                                  default=None)
+
+
+@contextlib.contextmanager
+def confined_to(scope: MutableMapping[str, Any]) -> Iterator[None]:
+    """Work done outside a request for it (the asynchronous messaging worker) is confined as
+    the request was: ``scope`` carries its principal (gateway.audit.caller)."""
+    token = _scope.set(scope)
+    try:
+        yield
+    finally:
+        _scope.reset(token)
 
 
 def current() -> Restriction | None:

@@ -45,6 +45,8 @@ WHEN: dict[str, str] = {
                          "`Prefer: handling=lenient`)",
     "BINARY_TOO_LARGE": "a FHIR Binary (base64) was asked for content over "
                         "`CCG_BINARY_FHIR_MAX_BYTES`; ask for its own media type (streamed)",
+    "RANGE_NOT_SATISFIABLE": "`Binary/[id]` with a `Range` outside the document (with "
+                             "`Content-Range: bytes */<size>`)",
     "BINARY_NOT_CONFIGURED": "the document store behind Binary is misconfigured (more than "
                              "one mapping declares `binary:`; refused at start-up)",
     "SUBSCRIPTION_LIMIT": "the client already has `CCG_SUBSCRIPTION_MAX_PER_CLIENT` active "

@@ -247,7 +247,7 @@ class Provider:
         async with limits.backend_slot():
             with _backend_call(self, write.interaction):
                 result = await self.mapping.adapter.write(self.mapping.prepared, write)
-        audit.note_written(self, result.id)
+        audit.note_written(self, result.id, write.record)
         return result
 
     def reference_values(self, rec: Any, ref: str) -> Iterator[str]:

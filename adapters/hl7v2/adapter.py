@@ -1,7 +1,8 @@
 """HL7 v2 adapter: Care Connect over a PAS that speaks the NHS ITK HL7 v2.4 dialect over MLLP.
 
 Reads and searches become queries (QBP^Q21 Get Person Demographics, QBP^Q22 Find Candidates,
-QBP^ZV1 patient + visit); writes become ADT^A28 / ADT^A31. Replies are read with the fast
+QBP^ZV1 patient + visit); writes become ADT^A28 / ADT^A31 (Patient) and ADT^A01 (an
+Encounter create: an admission). Replies are read with the fast
 ER7 reader (hl7apy builds the outgoing messages, where its validation is worth its cost).
 
 Records are keyed by the field paths the mapping uses: ``PID-5.1``; ``PID-3.1[PID-3.5=NH]``
@@ -148,7 +149,8 @@ class ChildSpec(_Strict):
 
 
 class WriteSpec(_Strict):
-    create: Literal["A28"] | None = None
+    create: Literal["A28", "A01"] | None = None
+    """A28 adds a person (Patient); A01 notifies an admission (Encounter: the PV1)."""
     update: Literal["A31"] | None = None
 
 
@@ -558,19 +560,21 @@ class Hl7v2Adapter(Adapter):
     # -- writes
 
     async def write(self, prepared: Prepared, write: Write) -> WriteResult:
-        """ADT^A28 / A31. Once the PAS says AA this never raises: a new patient's number that
-        cannot be learned is an empty ``WriteResult.id`` (the write *was* applied). A failure
-        after the message may have reached the PAS is :class:`WriteOutcomeUnknown`. A28 is
-        never resent after it left (a PAS need not recognise a resent MSH-10); A31 replaces
-        the whole record, so resending it is harmless."""
+        """ADT^A28 / A01 / A31. Once the PAS says AA this never raises: a new record's key
+        that cannot be learned is an empty ``WriteResult.id`` (the write *was* applied). A
+        failure after the message may have reached the PAS is :class:`WriteOutcomeUnknown`.
+        A28 and A01 are never resent after they left (a PAS need not recognise a resent
+        MSH-10); A31 replaces the whole record, so resending it is harmless."""
         w = prepared.source.write
-        event: Literal["A28", "A31"] = "A28" if write.interaction == "create" else "A31"
-        if w is None or (event == "A28" and not w.create) or (event == "A31" and not w.update):
+        event: messages.AdtEvent | None = (
+            (w.create if write.interaction == "create" else w.update) if w else None)
+        if event is None:
             raise UnsupportedCriteria(f"this source does not accept {write.interaction}")
         record = dict(write.record)
         if write.id is not None:
             record[prepared.key_ref] = write.id
-        elif self.dialect.new_patient_number == ("sent",) and not record.get(prepared.key_ref):
+        elif (event == "A28" and self.dialect.new_patient_number == ("sent",)
+              and not record.get(prepared.key_ref)):
             raise UnsupportedCriteria("this PAS takes a new patient's number from the gateway: "
                                       "the resource must carry it (the id's identifier)")
         values = _adt_values(prepared, record)
@@ -592,8 +596,49 @@ class Hl7v2Adapter(Adapter):
                                  deadline=deadline, idempotent=event == "A31", write=True)
         if write.id is not None:
             return WriteResult(id=write.id, created=False, correlation=control)
-        new_id = await self._new_number(prepared, record, reply, deadline)
+        if event == "A01":
+            new_id = await self._new_visit(prepared, record, reply, deadline)
+        else:
+            new_id = await self._new_number(prepared, record, reply, deadline)
         return WriteResult(id=new_id or "", created=True, correlation=control)
+
+    async def _new_visit(self, prepared: Prepared, record: Record, reply: er7.Message,
+                         deadline: float) -> str | None:
+        """The key (PV1-19 visit number) of the visit an A01 just added: the one sent, else
+        a PV1 in the ACK, else the patient's visits asked for (ZV1 on the patient and the
+        admission's day) and the one admitted at the very time sent."""
+        key = prepared.key_ref
+        if record.get(key):
+            return str(record[key])
+        for group in reply.groups(prepared.source.group):
+            found = _extract(group, {key: prepared.key}, prepared.alternatives).get(key)
+            if found:
+                return str(found)
+        found = await self._find_visit(prepared, record, deadline)
+        if found is None:
+            log.warning("new_visit_number_unknown", connection=self.label)
+        return found
+
+    async def _find_visit(self, prepared: Prepared, record: Record, deadline: float
+                          ) -> str | None:
+        """The visit of the patient in ``record`` admitted at its admission time (PV1-44)."""
+        admit_ref = next((ref for ref, fr in prepared.fields.items()
+                          if fr.path == Path("PV1", 44) and not fr.where), None)
+        admitted = str(record.get(admit_ref) or "") if admit_ref else ""
+        patient = [(ref, v) for ref, v in record.items() if v and ref in prepared.fields
+                   and prepared.fields[ref].where and prepared.fields[ref].path.segment == "PID"]
+        if prepared.source.search != "ZV1" or not admit_ref or not admitted or not patient:
+            return None
+        try:
+            pairs = _pairs_for(patient[0][0], str(patient[0][1]), self.dialect)
+            pairs += _pairs_for(admit_ref, admitted[:8], self.dialect)
+            page = await self._search(prepared, pairs, [], 20, None, deadline)
+        except (BackendError, UnsupportedCriteria) as exc:
+            log.warning("new_visit_number_query_failed", connection=self.label,
+                        error=type(exc).__name__)
+            return None
+        at = [r for r in page.records if str(r.get(admit_ref) or "")[:12] == admitted[:12]]
+        return str(at[0][prepared.key_ref]) if len(at) == 1 else None
 
     async def _new_number(self, prepared: Prepared, record: Record, reply: er7.Message,
                           deadline: float) -> str | None:

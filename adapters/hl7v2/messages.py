@@ -1,4 +1,4 @@
-"""Outgoing HL7 v2 messages, built with hl7apy: QBP queries, ADT A28/A31 and acknowledgements.
+"""Outgoing HL7 v2 messages, built with hl7apy: QBP queries, ADT A28/A31/A01 and acknowledgements.
 
 hl7apy gives the structure (segment order, field numbers and data types of the version in
 ``Header.version``: an unknown segment or field number is a ``ValueError`` here, not a message
@@ -21,7 +21,8 @@ Conventions (the PAS contract in :mod:`gateway.demo_pas.hl7v2` relies on them):
   query tag, RCP-1 is ``I`` (immediate), RCP-2 the quantity limit ``<n>^RD``, and a
   continuation pointer goes in DSC-1 with DSC-2 ``I``.
 * ADT: EVN-2 is now; PID-1 is 1; NK1-1 numbers the NK1 segments; PV1 is required by the
-  ADT_A05 structure, so unless values are given for it, it is ``PV1|1|N`` (not applicable).
+  ADT_A05 structure, so unless values are given for it, it is ``PV1|1|N`` (not applicable);
+  an A01's PV1 is the visit admitted, PV1-1 1.
 """
 
 from __future__ import annotations
@@ -332,10 +333,16 @@ def _field_text(components: dict[int, dict[int, str]]) -> str:
     return _join(parts, _ENC.component)
 
 
-def adt(header: Header, control_id: str, *, event: Literal["A28", "A31"],
+AdtEvent = Literal["A01", "A28", "A31"]
+# The message structure of each event (HL7 v2.4 chapter 3): A28/A31 share ADT_A05; A01 is
+# ADT_A01, whose segments this writer fills come in the same order.
+_STRUCTURE = {"A01": "ADT_A01", "A28": "ADT_A05", "A31": "ADT_A05"}
+
+
+def adt(header: Header, control_id: str, *, event: AdtEvent,
         values: Mapping[str, Any]) -> bytes:
     """ADT^A28 (add person) or ADT^A31 (update person), structure ADT_A05 (v2.4 uses it for
-    both).
+    both), or ADT^A01 (admit/visit notification), structure ADT_A01.
 
     ``values`` are keyed by HL7 paths: ``SEG[segment repetition]-field[repetition].component
     .subcomponent``, brackets and parts after the field optional: ``PID-5.1``, ``PID-3[1].5``,
@@ -352,8 +359,8 @@ def adt(header: Header, control_id: str, *, event: Literal["A28", "A31"],
         "MSH", _ENC.component + _ENC.repetition + _ENC.escape + _ENC.subcomponent,
         _composite(header.sending_application), _composite(header.sending_facility),
         _composite(header.receiving_application), _composite(header.receiving_facility),
-        _now(), "", f"ADT^{event}^ADT_A05", control_id, _composite(header.processing_id),
-        _composite(header.version),
+        _now(), "", f"ADT^{event}^{_STRUCTURE[event]}", control_id,
+        _composite(header.processing_id), _composite(header.version),
     ]
     if header.charset:
         msh += ["", "", "", "", "", _esc(header.charset)]
@@ -378,13 +385,15 @@ def adt(header: Header, control_id: str, *, event: Literal["A28", "A31"],
 
 
 def _adt_prepared(header: Header, event: str, values: Mapping[str, Any]) -> _Tree:
-    if event not in ("A28", "A31"):
-        raise ValueError("event must be A28 or A31")
+    if event not in _STRUCTURE:
+        raise ValueError("event must be A01, A28 or A31")
     tree = _adt_tree(values)
     tree.setdefault(("EVN", 0), {}).setdefault(2, {0: {1: {1: _now()}}})
     tree.setdefault(("PID", 0), {}).setdefault(1, {0: {1: {1: "1"}}})
     if ("PV1", 0) not in tree:
         tree[("PV1", 0)] = {1: {0: {1: {1: "1"}}}, 2: {0: {1: {1: "N"}}}}
+    elif event == "A01":  # the visit is the message's subject: numbered as any PV1
+        tree[("PV1", 0)].setdefault(1, {0: {1: {1: "1"}}})
     for (seg, segrep), fields in tree.items():
         if seg == "NK1":
             fields.setdefault(1, {0: {1: {1: str(segrep + 1)}}})
@@ -415,11 +424,12 @@ def _max_field(segment: str, version: str) -> int:
     return count
 
 
-def _adt_hl7apy(header: Header, control_id: str, *, event: Literal["A28", "A31"],
+def _adt_hl7apy(header: Header, control_id: str, *, event: AdtEvent,
                 values: Mapping[str, Any]) -> bytes:
     """:func:`adt` built with hl7apy: the oracle for the direct ER7 writer."""
     tree = _adt_prepared(header, event, values)
-    m = _new("ADT_A05", header, control_id, f"ADT^{event}^ADT_A05")
+    structure = _STRUCTURE[event]
+    m = _new(structure, header, control_id, f"ADT^{event}^{structure}")
     for seg in _ADT_SEGMENTS:
         reps = sorted(r for (s, r) in tree if s == seg)
         if not reps:

@@ -23,7 +23,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -31,7 +31,7 @@ import structlog
 from starlette.responses import Response
 
 from adapters.base import Write
-from gateway import writes
+from gateway import audit, writes
 from gateway.auth import authorize
 from gateway.errors import (
     BadRequest,
@@ -91,6 +91,19 @@ def header_of(message: dict[str, Any]) -> dict[str, Any]:
     return first
 
 
+def _instant(value: Any) -> dt.datetime | None:
+    """A FHIR dateTime to the minute, as a comparable instant (None when it is not one)."""
+    if not isinstance(value, str) or len(value) < 16:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
+
+
 class _HasRegistry(Protocol):
     @property
     def registry(self) -> Registry: ...
@@ -111,6 +124,8 @@ class Messaging:
         self.store = store
         self.allow_list = allow_list
         self.outbox = outbox or Outbox(store, allow_list)
+        self.audit: audit.Deferred | None = None
+        """The audit of the worker's writes (set by the app with its trail)."""
         self._locks: dict[str, list[Any]] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -179,9 +194,12 @@ class Messaging:
                 await self.store.forget(mid)
             return response
 
-    async def accept(self, message: dict[str, Any], response_url: str, base: str) -> None:
+    async def accept(self, message: dict[str, Any], response_url: str, base: str,
+                     caller: dict[str, Any] | None = None) -> None:
         """Asynchronous mode: recorded durably (then 202), processed by the worker; a message
-        answered before is not processed again (its response was delivered)."""
+        answered before is not processed again (its response was delivered). ``caller``
+        (gateway.audit.caller) is kept with it: the worker's write is audited, and confined
+        to the token's patient, as the request's own would have been."""
         header = header_of(message)
         mid, dg = header["id"], digest(message)
         async with self._lock(mid):
@@ -190,7 +208,8 @@ class Messaging:
                 raise BadRequest("this MessageHeader.id was already used for another message")
             if stored is None:
                 await self.store.put(mid, dg, "accepted", body={"message": message,
-                                                                "base": base},
+                                                                "base": base,
+                                                                "caller": caller},
                                      response_url=response_url)
                 self._queue.put_nowait(mid)
 
@@ -209,14 +228,39 @@ class Messaging:
                 return
             message, base = stored.body["message"], stored.body["base"]
             header = header_of(message)
-            response, final = await self._apply(message, header, base,
-                                                stored.state == "unknown")
+            with self._audited(stored.body.get("caller")) as done:
+                response, final = await self._apply(message, header, base,
+                                                    stored.state == "unknown")
+                done(response)
             if final:
                 await self.store.finish(mid, response, stored.response_url)
                 self.outbox.wake()
                 return
         # transient: try again later (the row stays accepted/unknown, so a restart resumes it)
         asyncio.get_running_loop().call_later(self.retry_seconds, self._queue.put_nowait, mid)
+
+    @contextlib.contextmanager
+    def _audited(self, caller: dict[str, Any] | None
+                 ) -> Iterator[Callable[[dict[str, Any]], None]]:
+        """The worker's processing of one message, audited as a deferred write (an
+        ``attempt`` record before the PAS is asked, an ``access`` record with the response's
+        outcome), or not at all when the service has no trail (unit tests)."""
+        if self.audit is None:
+            yield lambda response: None
+            return
+        with self.audit.audited(caller) as done:
+            def finish(response: dict[str, Any]) -> None:
+                header = response["entry"][0]["resource"]
+                codes = [c.get("code") for e in response["entry"][1:]
+                         for i in e["resource"].get("issue", ())
+                         for c in (i.get("details") or {}).get("coding", ())]
+                done(200, codes[0] if codes else None, header["response"]["code"] == "ok")
+
+            try:
+                yield finish
+            except Exception:  # as a request failing with a 500 is: recorded, then raised
+                done(500, "INTERNAL_SERVER_ERROR", False)
+                raise
 
     @staticmethod
     def _unknown(response: dict[str, Any]) -> bool:
@@ -275,6 +319,8 @@ class Messaging:
         resource = self.focus_of(message, header, event.focus)
         provider = self.registry.get(event.focus)
         try:
+            if event.focus != "Patient":
+                resource = await self._patient_in_message(message, resource)
             if event.write == "create":
                 resource.pop("id", None)  # the PAS gives the new id
             writes.validate(resource, event.focus, provider.profile)
@@ -300,20 +346,77 @@ class Messaging:
                 return f"{event.focus}/{result.id}" if result.id else None
             await provider.write(Write("update", record, id=resource["id"]))
             return f"{event.focus}/{resource['id']}"
+        except audit.AuditUnavailable as exc:  # before anything was sent: try again later
+            raise Outcome("transient-error", exc.outcome()["issue"], final=False) from exc
         except GatewayError as exc:
             raise self._from_error(exc, sent=True) from exc
 
-    async def _existing(self, provider: Any, resource: dict[str, Any]) -> str | None:
-        """After an unacknowledged create: the patient if the first attempt was applied."""
-        for ident in resource.get("identifier") or ():
-            if ident.get("system") == writes.NHS_NUMBER_SYSTEM and ident.get("value"):
+    async def _patient_in_message(self, message: dict[str, Any], resource: dict[str, Any]
+                                  ) -> dict[str, Any]:
+        """The focus's ``subject``/``patient`` naming a Patient carried in the message (by
+        its fullUrl, e.g. ``urn:uuid:...``) becomes ``Patient/<id>`` of that patient here:
+        the PAS's record found by the Patient's identifiers (NHS number first)."""
+        for key in ("subject", "patient"):
+            ref = (resource.get(key) or {}).get("reference") if isinstance(
+                resource.get(key), dict) else None
+            if not isinstance(ref, str) or ref.startswith("Patient/"):
+                continue
+            entry = next((e for e in message["entry"][1:] if isinstance(e, dict)
+                          and e.get("fullUrl") == ref and isinstance(e.get("resource"), dict)),
+                         None)
+            if entry is None or entry["resource"].get("resourceType") != "Patient":
+                continue
+            if "Patient" not in self.registry:
+                raise _fatal("MESSAGE_FOCUS_INVALID", "this server cannot find the message's "
+                                                      "Patient: Patient is not served here")
+            found = await self._by_identifier(self.registry.get("Patient"), entry["resource"])
+            if found is None:
+                raise _fatal("RESOURCE_NOT_FOUND", "the message's Patient is not known to "
+                                                   "the system behind this server (by its "
+                                                   "identifiers); register it first",
+                             "not-found")
+            resource = {**resource, key: {**resource[key], "reference": f"Patient/{found}"}}
+        return resource
+
+    async def _by_identifier(self, provider: Any, resource: dict[str, Any]) -> str | None:
+        """The one record with an identifier of ``resource`` (NHS number first), if any."""
+        idents = [i for i in resource.get("identifier") or () if isinstance(i, dict)
+                  and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)]
+        idents.sort(key=lambda i: i["system"] != writes.NHS_NUMBER_SYSTEM)
+        for ident in idents:
+            try:
                 plan = self.registry.plan(provider, [
                     ("identifier", f"{ident['system']}|{ident['value']}")], default_count=2,
                     max_count=2, strict=True, note=False)
-                page = await provider.search(plan)
-                if len(page.records) == 1:
-                    return str(provider.resource(page.records[0])["id"])
+            except GatewayError:  # an identifier this source cannot search by
+                continue
+            page = await provider.search(plan)
+            if len(page.records) == 1:
+                return str(provider.resource(page.records[0])["id"])
         return None
+
+    async def _existing(self, provider: Any, resource: dict[str, Any]) -> str | None:
+        """After an unacknowledged create: the record if the first attempt was applied —
+        found by an identifier sent, else (a visit, whose number the PAS gives) the
+        subject's record of that type starting at the very time sent."""
+        found = await self._by_identifier(provider, resource)
+        if found is not None:
+            return found
+        subject = (resource.get("subject") or {}).get("reference")
+        start = (resource.get("period") or {}).get("start")
+        if not (isinstance(subject, str) and subject.startswith("Patient/")
+                and isinstance(start, str) and len(start) >= 10):
+            return None
+        try:
+            plan = self.registry.plan(provider, [("patient", subject), ("date", start[:10])],
+                                      default_count=50, max_count=50, strict=True, note=False)
+        except GatewayError:
+            return None
+        page = await provider.search(plan)
+        want = _instant(start)
+        same = [r for r in (provider.resource(rec) for rec in page.records)
+                if want is not None and _instant((r.get("period") or {}).get("start")) == want]
+        return str(same[0]["id"]) if len(same) == 1 else None
 
     @staticmethod
     def _from_error(exc: GatewayError, sent: bool) -> Outcome:
@@ -436,7 +539,7 @@ class ProcessMessage(Operation):
         if not allowed(url, self.messaging.allow_list):
             raise BadRequest("'response-url' is not on this server's allow-list "
                              "(CCG_MESSAGING_RESPONSE_URLS)")
-        await self.messaging.accept(message, url, base)
+        await self.messaging.accept(message, url, base, audit.caller(request.scope))
         body = operation_outcome([notice("MESSAGE_ACCEPTED",
                                          "accepted; the response message will be delivered "
                                          "to the response-url")])

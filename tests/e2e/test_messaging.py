@@ -137,9 +137,10 @@ async def pas(tmp_path_factory: pytest.TempPathFactory
 
 
 def settings(tmp: Path, url: str, port: int, **more: Any) -> Settings:
-    return Settings(mappings_dir=MAPPINGS, data_dir=tmp, paging_secret="t", log_level="error",
-                    progress=False, auth_mode="insecure-demo", connection_urls={
-                        "pas": url, "pas-hl7": f"mllp://127.0.0.1:{port}"}, **more)
+    options: dict[str, Any] = {"log_level": "error", **more}
+    return Settings(mappings_dir=MAPPINGS, data_dir=tmp, paging_secret="t", progress=False,
+                    auth_mode="insecure-demo", connection_urls={
+                        "pas": url, "pas-hl7": f"mllp://127.0.0.1:{port}"}, **options)
 
 
 @pytest.fixture
@@ -222,7 +223,7 @@ async def test_a_reload_keeps_the_message_store_and_uses_the_new_providers(
     assert faults.a28s == 2 and len(rows(url, "9430001043")) == 1
     cs = (await c.get("/metadata")).json()
     assert {e["code"]["code"] for m in cs["messaging"] for e in m["event"]} == {
-        "patient-registration", "patient-demographics-update"}
+        "patient-registration", "patient-demographics-update", "admit-inpatient"}
 
 
 async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults]) -> None:
@@ -254,7 +255,8 @@ async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults
     cs = (await c.get("/metadata")).json()
     assert not list(_schema().iter_errors(cs))
     events = [e["code"]["code"] for m in cs["messaging"] for e in m["event"]]
-    assert events == ["patient-registration", "patient-demographics-update"]
+    assert events == ["patient-registration", "patient-demographics-update",
+                      "admit-inpatient"]
     assert "process-message" in [o["name"] for o in cs["rest"][0]["operation"]]
 
 

@@ -78,3 +78,32 @@ async def test_ids_are_pas_numbers_and_archived_patients_are_hidden(
     assert (await hl7_demo.get("/STU3/Patient/D0000004")).status_code == 200
     archived = await hl7_demo.get("/STU3/Patient/D0000005")  # 100005, archived duplicate
     assert archived.status_code == 404
+
+
+def readme_admission_message() -> dict[str, Any]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"--data '(\{\"resourceType\": \"Bundle\".*?admit-inpatient.*?\})' \\",
+                      text, re.DOTALL)
+    assert match, "the README's admission message example is gone"
+    body: dict[str, Any] = json.loads(match.group(1))
+    return body
+
+
+async def test_the_readme_admission_message_example_works(hl7_demo: httpx.AsyncClient
+                                                          ) -> None:
+    r = await hl7_demo.post("/STU3/$process-message", json=readme_admission_message(),
+                            headers=JSON)
+    assert r.status_code == 200, r.text
+    header = r.json()["entry"][0]["resource"]
+    assert header["response"]["code"] == "ok", r.text
+    spell = header["focus"][0]["reference"].removeprefix("Encounter/")
+    found = (await hl7_demo.get("/STU3/Encounter", params={"patient": "D0000001"})).json()
+    assert spell in [e["resource"]["id"] for e in found["entry"]]
+    # the same admission by REST: POST /Encounter is an ADT^A01 too
+    encounter = readme_admission_message()["entry"][1]["resource"]
+    encounter["period"]["start"] = "2026-12-06T10:00:00Z"
+    r = await hl7_demo.post("/STU3/Encounter", json=encounter, headers=JSON)
+    assert r.status_code == 201, r.text
+    new = r.headers["location"].rsplit("/", 1)[1]
+    back = (await hl7_demo.get(f"/STU3/Encounter/{new}")).json()
+    assert back["subject"]["reference"] == "Patient/D0000001"

@@ -1,11 +1,11 @@
 """A demo PAS that speaks HL7 v2: an MLLP server over the demo PAS database, with faults.
 
 Split by concern: ``listener`` (MLLP, one message in, one reply out, idempotency memory),
-``queries`` (QBP answers), ``adt`` (A28/A31 applied to the tables), ``faults`` (scripted
+``queries`` (QBP answers), ``adt`` (A28/A31/A01 applied to the tables), ``faults`` (scripted
 failures), ``profiles`` (dialects: ``demo``, ``itk``, ``strict``), ``wire`` (ER7 in and out).
 It is a demo and test peer, not part of the gateway's adapters.
 
-It answers the NHS ITK query dialect (QBP^Q21, QBP^Q22, QBP^ZV1) and takes ADT^A28/A31, from
+It answers the NHS ITK query dialect (QBP^Q21, QBP^Q22, QBP^ZV1) and takes ADT^A28/A31/A01, from
 the demo PAS tables (``gateway.demo_pas.schema``) through SQLAlchemy Core, in worker threads
 so the server loop never waits on the database. ``Faults`` scripts what goes wrong next
 (delays, dropped connections, NAKs, split or unterminated frames, a wrong MSA-2), so the
@@ -115,8 +115,17 @@ ADT^A31 Update Person → ACK^A31
     one (the same address changes nothing). A PD1-3/PD1-4 naming another practice or GP ends
     the current GP registration and starts a new one; PD1-3 ``""`` just ends it. MODIF_DTTM is
     set. The ACK carries the same PID-3 as for A28.
+ADT^A01 Admit/Visit Notification → ACK^A01 (profiles ``demo`` and ``itk``; ``strict``: AR 201)
+    Adds an inpatient spell (PROVIDER_SPELLS, status ``A``) for the patient named by the PID-3
+    ``PI`` repetition (else the NHS number; none, unknown or archived → AE 204). PV1-44
+    admitted ``YYYYMMDD[HHMM]`` is required (AE 101); PV1-2 ``I``/``D`` (AE 103 otherwise),
+    PV1-3.1 ward code and PV1-7.1 consultant GMC code must be known (AE 204); PV1-4, PV1-10
+    and PV1-14 are stored as sent. PV1-19.1, when sent, is the spell number (AE 205 if taken),
+    otherwise the next free ``IP`` + 8 digits is allocated. With ``ack_pid`` the ACK (AA)
+    carries ``PID|1||<PASID>^^^RX1^PI`` and ``PV1|1|...|<spell number>^^^RX1^VN`` (PV1-19);
+    the spell is then in every ZV1 answer.
 Resends
-    A28 and A31 are idempotent on (MSH-3, MSH-4, MSH-10): a message whose control id was
+    A28, A31 and A01 are idempotent on (MSH-3, MSH-4, MSH-10): a message whose control id was
     already processed gets the very same ACK again (same bytes) without being applied twice —
     so a resend after a lost ACK never creates a duplicate patient. (Remembered in memory, for
     the last 10,000 messages.) Queries are simply answered again.

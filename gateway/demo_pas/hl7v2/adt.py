@@ -1,9 +1,10 @@
-"""Applying ADT^A28 / A31 to the demo PAS tables, inside one transaction."""
+"""Applying ADT^A28 / A31 / A01 to the demo PAS tables, inside one transaction."""
 
 from __future__ import annotations
 
 # ruff: noqa: SIM300
 import datetime as dt
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ from adapters.hl7v2 import er7
 from gateway import nhs_number
 from gateway.demo_pas.hl7v2.wire import (
     _ADDRESS_FROM_HL7,
+    _CLASS_FROM_HL7,
     _DATE_PART,
     _PASID,
     _SEX_FROM_WIRE,
@@ -25,8 +27,10 @@ from gateway.demo_pas.hl7v2.wire import (
     addr,
     clin,
     gpreg,
+    loc,
     org,
     pat,
+    spell,
 )
 
 # --- ADT processing (inside one transaction) --------------------------------------------------
@@ -302,3 +306,71 @@ def _register_gp(conn: Connection, refno: int, gp: tuple[int | None, int | None]
     conn.execute(gpreg.insert(), [{
         "GPREG_REFNO": _next_key(conn, gpreg.c.GPREG_REFNO), "PATNT_REFNO": refno,
         "ORGAN_REFNO": gp[0], "PROCA_REFNO": gp[1], "START_DTTM": stamp, "END_DTTM": None}])
+
+
+_SPELL_NUMBER = re.compile(r"^[A-Z0-9]{1,12}$")
+
+
+def _admit(conn: Connection, pid: er7.Segment, pv1: er7.Segment | None,
+           nhs_by: str = "cx4-or-cx5") -> tuple[int, str]:
+    """ADT^A01: a new inpatient spell (PROVIDER_SPELLS) for a known patient; (PATNT_REFNO,
+    SPELL_NUMBER)."""
+    if pv1 is None:
+        raise _Reject("101", "PV1 segment missing")
+    pasid, nhs = _identifiers(pid, nhs_by)
+    if pasid is not None:
+        where = pat.c.PASID == pasid
+    elif nhs is not None:
+        where = pat.c.NHS_NUMBER == nhs
+    else:
+        raise _Reject("204", "PID-3 carries no PAS number (type PI) or NHS number")
+    refno: int | None = conn.execute(sa.select(pat.c.PATNT_REFNO).where(
+        where, pat.c.ARCHV_FLAG != "Y")).scalar()
+    if refno is None:
+        raise _Reject("204", "no patient has this identifier")
+    admitted = _text(pv1, 44)
+    if admitted is None:
+        raise _Reject("101", "PV1-44 admit date/time is required")
+    if not _DATE_PART.match(admitted[:12]) or len(admitted) < 8:
+        raise _Reject("102", "PV1-44 admit date/time must be YYYYMMDD[HHMM]")
+    patcl = None
+    if (klass := _text(pv1, 2)) is not None:
+        patcl = _CLASS_FROM_HL7.get(klass.upper())
+        if patcl is None:
+            raise _Reject("103", "PV1-2 patient class is not supported (I or D)")
+    ward = _text(pv1, 3)
+    loctn = None
+    if ward is not None:
+        loctn = conn.execute(sa.select(loc.c.LOCTN_REFNO).where(loc.c.LOCTN_CODE == ward)
+                             ).scalar()
+        if loctn is None:
+            raise _Reject("204", "PV1-3 ward code is not known")
+    proca = None
+    if (gmc := _text(pv1, 7)) is not None:
+        proca = conn.execute(sa.select(clin.c.PROCA_REFNO).where(clin.c.GMC_CODE == gmc)
+                             ).scalar()
+        if proca is None:
+            raise _Reject("204", "PV1-7 consultant code is not known")
+    number = _text(pv1, 19)
+    if number is not None:
+        if not _SPELL_NUMBER.match(number):
+            raise _Reject("102", "PV1-19 visit number is not valid")
+        if conn.execute(sa.select(spell.c.PRVSP_REFNO).where(spell.c.SPELL_NUMBER == number)
+                        ).first():
+            raise _Reject("205", "a spell with this visit number already exists")
+    key = _next_key(conn, spell.c.PRVSP_REFNO)
+    if number is None:
+        last = conn.execute(sa.select(sa.func.max(spell.c.SPELL_NUMBER)).where(
+            spell.c.SPELL_NUMBER.like("IP________"))).scalar()
+        n = int(last[2:]) + 1 if last and last[2:].isdigit() else 1
+        number = f"IP{n:08d}"
+    values: dict[str, Any] = {
+        "PRVSP_REFNO": key, "PATNT_REFNO": refno, "SPELL_NUMBER": number,
+        "ADMIT_DTTM": admitted[:12].ljust(12, "0"), "DISCH_DTTM": None, "SPELL_STATUS": "A",
+        "PATCL_CODE": patcl, "ADMET_CODE": _text(pv1, 4), "ADSOR_CODE": _text(pv1, 14),
+        "DISMT_CODE": None, "DISDE_CODE": None, "PROCA_REFNO": proca, "LOCTN_REFNO": loctn,
+        "MAIN_SPECT_CODE": _text(pv1, 10), "MODIF_DTTM": _modif(_now())}
+    for column in ("ADMET_CODE", "ADSOR_CODE", "MAIN_SPECT_CODE"):
+        _check_length(spell.c[column], values[column], column.lower().replace("_", " "))
+    conn.execute(spell.insert(), [values])
+    return refno, number

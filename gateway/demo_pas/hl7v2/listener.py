@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from adapters.hl7v2 import er7, messages
 from adapters.hl7v2.mllp_server import MllpServer, Reply
 from adapters.text import fold
-from gateway.demo_pas.hl7v2.adt import _create, _update
+from gateway.demo_pas.hl7v2.adt import _admit, _create, _update
 from gateway.demo_pas.hl7v2.faults import Faults, deliver
 from gateway.demo_pas.hl7v2.profiles import PROFILES, Profile
 from gateway.demo_pas.hl7v2.queries import Queries
@@ -126,6 +126,8 @@ class PasSimulator(Queries):
             ("QBP", "Q21"): self._q21, ("QBP", "Q22"): self._find,
             ("QBP", "ZV1"): self._find, ("ADT", "A28"): self._adt, ("ADT", "A31"): self._adt,
         }
+        if self.profile.admissions:
+            handlers[("ADT", "A01")] = self._adt
         handler = handlers.get((request.kind, request.trigger))
         if handler is None:
             known = request.kind in ("QBP", "ADT")
@@ -173,6 +175,14 @@ class PasSimulator(Queries):
             raise _Reject("101", "PID segment missing")
         by = self.profile.nhs_by
         with self.engine.begin() as conn:
+            if request.trigger == "A01":
+                refno, number = _admit(conn, pid, msg.segment("PV1"), by)
+                row = conn.execute(sa.select(pat.c.PASID, pat.c.NHS_NUMBER)
+                                   .where(pat.c.PATNT_REFNO == refno)).one()
+                ids = [_f(row.PASID, None, None, TRUST_ODS, "PI")]
+                # the ACK names the new visit, as it names a new patient after an A28
+                return "\r".join([_seg("PID", {1: "1", 3: ids}), _seg("PV1", {
+                    1: "1", 19: _f(number, None, None, TRUST_ODS, "VN")})])
             if request.trigger == "A28":
                 refno = _create(conn, pid, msg.segment("PD1"), msg.encoding, by)
             else:

@@ -12,7 +12,8 @@ class Profile:
 
     name: str
     ack_pid: bool = True
-    """The ACK to an A28/A31 carries ``PID|1||<PAS number>...`` (a plain ACK does not)."""
+    """The ACK to an A28/A31 carries ``PID|1||<PAS number>...``, to an A01 that PID and the
+    new spell's ``PV1`` (a plain ACK does not)."""
     resend_dedup: bool = True
     """A resent MSH-10 gets the first ACK again (not applied twice); off: applied again."""
     nhs_by: Literal["cx4-or-cx5", "cx5"] = "cx4-or-cx5"
@@ -39,6 +40,9 @@ class Profile:
     """Seconds a continuation pointer lives (AE 102 "expired" after); None: forever."""
     cancelled_visits: bool = True
     """Cancelled admissions are returned (PV1-41 C); off: gone, as after an A11."""
+    admissions: bool = True
+    """ADT^A01 (admit) is taken: a new inpatient spell; off: AR 201 (unsupported event), as
+    a PAS whose HL7 interface is read-only for visits answers."""
 
 
 PROFILES = {
@@ -50,9 +54,10 @@ PROFILES = {
                    visits="pid-then-visits", pid32=False, death="date", qak4="remaining",
                    pointer_ttl=300.0, cancelled_visits=False),
     # A PAS that reads identifiers by CX-5 only, prefix-matches natively (no wildcard), takes
-    # no identifier qualifiers in queries and lets continuation pointers expire in 2 s.
+    # no identifier qualifiers in queries, lets continuation pointers expire in 2 s and
+    # takes no admissions (A01) over HL7.
     "strict": Profile("strict", ack_pid=False, resend_dedup=False, nhs_by="cx5",
                       nhs_out="cx4", wildcard=None, matching="prefix", qualifiers=False,
                       visits="pid-then-visits", pid32=False, death="date", qak4="remaining",
-                      pointer_ttl=2.0, cancelled_visits=False),
+                      pointer_ttl=2.0, cancelled_visits=False, admissions=False),
 }

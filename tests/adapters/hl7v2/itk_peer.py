@@ -10,7 +10,14 @@ patients as PID field lists in memory and answers:
   trailing ``*`` is "starts with"), ``@PID.7`` and ``@PID.8`` — anything else AE;
 * ADT^A28 (a new PAS number; a plain ACK unless ``ack_pid``) and ADT^A31 (by PAS number).
 
-Behaviour varies by constructor flags, so the gateway is tried against more than one PAS.
+Behaviour varies by constructor flags, so the gateway is tried against more than one PAS,
+and ``behaviour`` scripts what the next ADT messages meet (one entry each, in order):
+
+* ``accept`` — applied, AA (as without a script);
+* ``AE`` / ``AR`` — refused, not applied: an ACK with that code and an ERR;
+* ``late`` — applied, the AA sent ``late_seconds`` later (after the sender stopped waiting);
+* ``drop`` — applied, then the connection closed without an answer;
+* ``drop-unapplied`` — the connection closed on receipt: nothing applied, nothing answered.
 """
 
 from __future__ import annotations
@@ -38,9 +45,15 @@ def _identifiers(field: str) -> list[list[str]]:
 
 
 class ItkPeer:
-    def __init__(self, *, ack_pid: bool = False, wildcard: str = "*") -> None:
+    def __init__(self, *, ack_pid: bool = False, wildcard: str = "*",
+                 late_seconds: float = 2.0) -> None:
         self.ack_pid = ack_pid
         self.wildcard = wildcard
+        self.late_seconds = late_seconds
+        self.behaviour: list[str] = []
+        """What the next ADT messages meet (see the module's docstring), consumed in order."""
+        self.adt_controls: list[str] = []
+        """MSH-10 of every ADT message received (a resend shows as the same id twice)."""
         pid = _sample_pid()
         pid[3] = f"{FIRST_NUMBER}^^^RCB^PI~{pid[3]}"
         self.patients: dict[str, list[str]] = {FIRST_NUMBER: pid}
@@ -63,7 +76,24 @@ class ItkPeer:
         try:
             while True:
                 message = await reader.readmessage()
-                writer.writeblock(self.answer(message).encode("utf-8"))
+                step = "accept"
+                if str(message["MSH.F9.R1.C1"]) == "ADT":
+                    self.adt_controls.append(str(message["MSH.F10"]))
+                    step = self.behaviour.pop(0) if self.behaviour else "accept"
+                if step == "drop-unapplied":
+                    self.received.append(f"{message['MSH.F9.R1.C1']}^{message['MSH.F9.R1.C2']}")
+                    return
+                if step in ("AE", "AR"):
+                    self.received.append(f"{message['MSH.F9.R1.C1']}^{message['MSH.F9.R1.C2']}")
+                    answer = self._ack(str(message["MSH.F10"]), str(message["MSH.F9.R1.C2"]),
+                                       step, "refused by the test script")
+                else:
+                    answer = self.answer(message)
+                if step == "drop":
+                    return
+                if step == "late":
+                    await asyncio.sleep(self.late_seconds)
+                writer.writeblock(answer.encode("utf-8"))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -93,6 +123,8 @@ class ItkPeer:
     def _ack(self, control: str, trigger: str, code: str, text: str = "",
              extra: str = "") -> str:
         lines = [self._msh(f"ACK^{trigger}^ACK"), f"MSA|{code}|{control}|{text}".rstrip("|")]
+        if code != "AA":  # v2.4 ERR-1: ^^^<code>&<text>&HL70357 (207: application error)
+            lines.append(f"ERR|^^^207&{text or 'error'}&HL70357")
         return "\r".join(lines + ([extra] if extra else [])) + "\r"
 
     def _query(self, msg: Any, control: str, trigger: str) -> str:

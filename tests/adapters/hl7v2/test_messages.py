@@ -368,7 +368,7 @@ def test_ack_echoes_any_control_id() -> None:
                              query_tag="t"),
     lambda: messages.qbp_q22(HEADER, "C", criteria=[("PID.5.1", "X")], quantity=-1,
                              query_tag="t"),
-    lambda: messages.adt(HEADER, "C", event="A01", values={}),  # type: ignore[arg-type]
+    lambda: messages.adt(HEADER, "C", event="A02", values={}),  # type: ignore[arg-type]
     lambda: messages.adt(HEADER, "C", event="A28", values={"PID.5.1": "X"}),
     lambda: messages.adt(HEADER, "C", event="A28", values={"ZZ1-1": "X"}),
     lambda: messages.adt(HEADER, "C", event="A28", values={"PID[1]-5": "X"}),
@@ -424,8 +424,12 @@ def test_fast_adt_equals_what_hl7apy_builds(family: str, addresses: int, kin: in
         values[f"NK1[{i * 2}]-2.1"] = family
     if null:
         values["PID-29.1"] = '""'
-    for event in ("A28", "A31"):
-        fast = messages.adt(HEADER, "CID1", event=event, values=values)
-        slow = messages._adt_hl7apy(HEADER, "CID1", event=event, values=values)
+    admission = {"PV1-2.1": "I", "PV1-3.1": family, "PV1-19.1": "IP00000001",
+                 "PV1-44.1": "202612070930"}
+    for event, more in (("A28", {}), ("A31", {}), ("A01", admission)):
+        fast = messages.adt(HEADER, "CID1", event=event, values={**values, **more})
+        slow = messages._adt_hl7apy(HEADER, "CID1", event=event, values={**values, **more})
         stamp = re.compile(r"\d{14}[+-]\d{4}")  # MSH-7 and EVN-2: now
         assert stamp.sub("TS", fast.decode("utf-8")) == stamp.sub("TS", slow.decode("utf-8"))
+        if event == "A01":  # ADT_A01, its visit numbered as any PV1
+            assert b"|ADT^A01^ADT_A01|" in fast and b"\rPV1|1|I|" in fast

@@ -694,7 +694,7 @@ async def test_unreadable_message_closes_the_connection(sim: PasSimulator,
     assert sim.received == [""]
 
 
-@pytest.mark.parametrize(("message_type", "code"), [("ADT^A01^ADT_A01", "201"),
+@pytest.mark.parametrize(("message_type", "code"), [("ADT^A02^ADT_A02", "201"),
                                                     ("ORU^R01^ORU_R01", "200")])
 async def test_unsupported_message_types(client: MllpClient, message_type: str,
                                          code: str) -> None:
