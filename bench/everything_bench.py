@@ -132,9 +132,8 @@ def baseline_statements(db: Path, pid: str, count: int) -> tuple[int, int]:
 
     seen: list[str] = []
     d = eb.Db(str(db))
-    rec = eb.Record(str(db))
     d.conn().set_trace_callback(seen.append)
-    found = eb.full_work(d, rec, int(pid), count)
+    found = eb.record(d, int(pid), count)
     assert found is not None
     return len(seen), len(found[0]) + len(found[1])
 
