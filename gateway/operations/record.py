@@ -334,29 +334,41 @@ def referenced_by(served: Iterable[tuple[Provider, Sequence[dict[str, Any]]]]
     """type → ids (first-seen order) of the Practitioner/Organization/Location/Medication
     references of each source's resources, read where its mapping writes them (no walk of
     every node, no JSON scan)."""
-    wanted: dict[str, dict[str, None]] = {}
+    seen: dict[Any, None] = {}  # each distinct reference once (most repeat on every row)
     for source, resources in served:
         for path in reference_paths(source):
             first, rest = path[0], path[1:]
+            if rest == ("reference",):  # {"reference": ...}, or a list of them: most paths
+                for res in resources:
+                    node = res.get(first)
+                    if node.__class__ is dict:
+                        seen[node.get("reference")] = None
+                    elif node.__class__ is list:
+                        for item in node:
+                            if item.__class__ is dict:
+                                seen[item.get("reference")] = None
+                continue
             for res in resources:
-                node = res.get(first)
-                if node is None:
-                    continue
-                values = [node]
-                for key in rest:
-                    nxt: list[Any] = []
-                    for n in values:
-                        if isinstance(n, list):
-                            nxt += [m.get(key) for m in n if isinstance(m, dict)]
-                        elif isinstance(n, dict):
-                            nxt.append(n.get(key))
-                    values = nxt
-                for v in values:
-                    if v.__class__ is str:
-                        rtype, _, rid = v.partition("/")
-                        if rtype in REFERENCED and rid:
-                            wanted.setdefault(rtype, {})[rid] = None
+                _collect(res.get(first), rest, seen)
+    wanted: dict[str, dict[str, None]] = {}
+    for v in seen:
+        if v.__class__ is str:
+            rtype, _, rid = v.partition("/")
+            if rtype in REFERENCED and rid:
+                wanted.setdefault(rtype, {})[rid] = None
     return wanted
+
+
+def _collect(node: Any, path: tuple[str, ...], into: dict[Any, None]) -> None:
+    """The values at ``path`` under ``node``, every repetition of a list looked at."""
+    if node.__class__ is list:
+        for item in node:
+            _collect(item, path, into)
+    elif node.__class__ is dict:
+        if len(path) == 1:
+            into[node.get(path[0])] = None
+        else:
+            _collect(node.get(path[0]), path[1:], into)
 
 
 async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
