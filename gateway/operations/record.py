@@ -19,7 +19,7 @@ import datetime as dt
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -166,7 +166,7 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
                          and id(reader.mapping.adapter) == key), None)
     found: dict[str, Any] = {}
 
-    def group_work(key: int, idxs: list[int]) -> Any:
+    def group_work(key: int, idxs: list[int]) -> Callable[[Fetch], Page | None]:
         def work(fetch: Fetch) -> Page | None:
             patient_page = None
             if key == with_patient:
@@ -180,7 +180,8 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
                     break
                 source, plan = sections[i], plans[i]
                 query = Query(criteria=plan.criteria, sort=plan.sort, count=room,
-                              after=after if i == 0 else None)
+                              after=after if i == 0 else None,
+                              with_total=plan.total == "accurate")  # as Provider.search
                 try:
                     page = source.fetch_in(fetch, query)
                 except (BackendError, UnsupportedCriteria) as exc:
