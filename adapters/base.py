@@ -7,8 +7,11 @@ An adapter is about as small as an httpx transport:
   :class:`SourceConfigError` naming the problem).
 * ``fetch(prepared, query)`` — run a query plan, return raw records and a continuation.
 * ``ping()`` — readiness probe; ``aclose()`` — release connections.
-* optional: ``layout``, ``interactions``, ``count``, ``write``, and ``chains(prepared,
-  target)`` — whether a :class:`Chain` into another mapping is answered in the same query.
+* optional: ``layout``, ``interactions``, ``count``, ``write``, ``chains(prepared,
+  target)`` — whether a :class:`Chain` into another mapping is answered in the same query —
+  and ``batch(work)``: several queries of one request, each depending on the ones before
+  (a patient's record, section after section), run in one go (SQL: one connection, one hop
+  to a worker thread) instead of one ``fetch`` each.
 
 Records are flat ``dict[str, Any]`` keyed by the source reference the mapping used
 (``"p.SURNAME"`` for SQL, ``"PID-5.1"`` for HL7 v2); one-to-many children sit under
@@ -30,10 +33,10 @@ message.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 Record = dict[str, Any]
 Row = tuple[Any, ...]
@@ -300,6 +303,12 @@ class QueryTooLarge(UnsupportedCriteria):
 
 # --- the interface ----------------------------------------------------------------------------
 
+T = TypeVar("T")
+
+Fetch = Callable[[Any, Query], Page]
+"""``fetch`` as a plain (blocking) call, given to the work of :meth:`Adapter.batch`: one query
+on the batch's connection; backend failures raised as :class:`BackendError` (translated)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Needs:
@@ -342,6 +351,18 @@ class Adapter(abc.ABC):
 
     async def count(self, prepared: Any, query: Count) -> int:
         raise UnsupportedCriteria(f"{self.name} adapter cannot count")
+
+    batches: bool = False
+    """Whether :meth:`batch` is implemented."""
+
+    async def batch(self, work: Callable[[Fetch], T]) -> T:
+        """``work(fetch)``, where ``fetch(prepared, query)`` answers one query as
+        :meth:`fetch` would, synchronously: the queries ``work`` makes, one after another, in
+        one go (one connection, one hop off the event loop; the connection's timeout covers
+        the whole batch). ``work`` only decides and fetches: it runs on the adapter's thread.
+        A failure of one query is raised by its ``fetch`` call (``work`` may go on with the
+        others); whatever ``work`` raises is raised here. Only when :attr:`batches`."""
+        raise UnsupportedCriteria(f"{self.name} adapter does not run batches")
 
     async def write(self, prepared: Any, write: Write) -> WriteResult:
         raise UnsupportedCriteria(f"{self.name} adapter does not accept writes")

@@ -53,6 +53,7 @@ from adapters.base import (
     Compare,
     Count,
     Criterion,
+    Fetch,
     In,
     IsNull,
     Layout,
@@ -65,6 +66,7 @@ from adapters.base import (
     QueryTooLarge,
     Row,
     SourceConfigError,
+    T,
     Text,
     source_config_error,
 )
@@ -254,6 +256,7 @@ class _Timeouts(threading.local):
 
 class SqlAdapter(Adapter):
     name = "sql"
+    batches = True
 
     def __init__(
         self,
@@ -476,27 +479,53 @@ class SqlAdapter(Adapter):
                                 f"'{self.label}' database takes at most {limit}")
 
     def _fetch_sync(self, p: Prepared, query: Query) -> Page:
-        stmt, params, new = _page_statement(p, query, self.dialect)
         with self.engine.connect() as conn:
-            self._check_binds(conn, params)
-            keep = new is None or p.statements.fits(new[1])
-            if not keep:  # built for this request only: nor does SQLAlchemy keep it
-                conn = conn.execution_options(compiled_cache=None)
-            # Records are the rows as the statement selects them (p.layout.fields, in order):
-            # SQL Server's page statement is built per call (TOP n): SQLAlchemy runs it
-            rows = self._rows(conn, stmt, params, reused=keep and self.dialect != "mssql")
-            if new is not None:  # it ran: a shape that fails is never kept
-                p.statements.put(new[0], stmt, new[1])
-            more = len(rows) > query.count
-            rows = rows[: query.count]
-            if query.backwards:
-                rows.reverse()
-            if rows and p.layout.children:
-                rows = (self._with_children(conn, p, rows) if query.children
-                        else [r + ((),) * len(p.layout.children) for r in rows])
-            total = None
-            if query.with_total:
-                total = self._count(conn, p, query.criteria)
+            return self._fetch_on(conn, p, query)
+
+    async def batch(self, work: Callable[[Fetch], T]) -> T:
+        result: T = await self._run(self._batch_sync, work)
+        return result
+
+    def _batch_sync(self, work: Callable[[Fetch], T]) -> T:
+        with self.engine.connect() as conn:
+            lost: list[BackendError] = []
+
+            def fetch(p: Prepared, query: Query) -> Page:
+                if lost:  # the connection is gone: what failed it fails the rest
+                    raise lost[0]
+                try:
+                    return self._fetch_on(conn, p, query)
+                except sa_exc.DBAPIError as exc:
+                    error = self._translate(exc)
+                    if isinstance(error, BackendError) and (
+                            exc.connection_invalidated or not _rolled_back(conn)):
+                        lost.append(error)
+                    raise error from exc
+
+            return work(fetch)
+
+    def _fetch_on(self, conn: sa.Connection, p: Prepared, query: Query) -> Page:
+        stmt, params, new = _page_statement(p, query, self.dialect)
+        self._check_binds(conn, params)
+        keep = new is None or p.statements.fits(new[1])
+        run = conn
+        if not keep:  # built for this request only: nor does SQLAlchemy keep it
+            run = conn.execution_options(compiled_cache=None)
+        # Records are the rows as the statement selects them (p.layout.fields, in order):
+        # SQL Server's page statement is built per call (TOP n): SQLAlchemy runs it
+        rows = self._rows(run, stmt, params, reused=keep and self.dialect != "mssql")
+        if new is not None:  # it ran: a shape that fails is never kept
+            p.statements.put(new[0], stmt, new[1])
+        more = len(rows) > query.count
+        rows = rows[: query.count]
+        if query.backwards:
+            rows.reverse()
+        if rows and p.layout.children:
+            rows = (self._with_children(run, p, rows) if query.children
+                    else [r + ((),) * len(p.layout.children) for r in rows])
+        total = None
+        if query.with_total:
+            total = self._count(run, p, query.criteria)
         page = Page(records=rows, more=more, total=total)
         if rows:
             at = [p.positions[k.ref] for k in query.sort]
@@ -609,6 +638,22 @@ class SqlAdapter(Adapter):
                                              dialect=self.engine.dialect) from exc
         finally:
             cursor.close()
+
+
+def _rolled_back(conn: sa.Connection) -> bool:
+    """After a failed statement in a batch: end the failed transaction (PostgreSQL refuses
+    every later statement in it), as the pool does when a connection comes back. Whether the
+    connection can go on."""
+    try:
+        if conn.in_transaction():
+            conn.rollback()
+        else:  # the direct path ran on the DBAPI connection, past SQLAlchemy's transaction
+            dbapi_conn = conn.connection.dbapi_connection
+            if dbapi_conn is not None:
+                dbapi_conn.rollback()
+        return True
+    except Exception:  # any failure here: the batch's connection is done
+        return False
 
 
 @dataclass(frozen=True, slots=True)

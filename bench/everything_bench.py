@@ -132,9 +132,8 @@ def baseline_statements(db: Path, pid: str, count: int) -> tuple[int, int]:
 
     seen: list[str] = []
     d = eb.Db(str(db))
-    rec = eb.Record(str(db))
     d.conn().set_trace_callback(seen.append)
-    found = eb.full_work(d, rec, int(pid), count)
+    found = eb.record(d, int(pid), count)
     assert found is not None
     return len(seen), len(found[0]) + len(found[1])
 
@@ -151,6 +150,8 @@ def main() -> int:
     ap.add_argument("--client-cpu", type=int, default=0)
     ap.add_argument("--gateway-port", type=int, default=8097)
     ap.add_argument("--baseline-port", type=int, default=8098)
+    ap.add_argument("--memo", action="store_true",
+                    help="the stronger baseline: conversions cached (everything_baseline.memoise)")
     args = ap.parse_args()
     for port in (args.gateway_port, args.baseline_port):
         if not port_free(port):
@@ -162,6 +163,8 @@ def main() -> int:
     full = f"/STU3/Patient/{rich}/$everything?_count={args.count}"
     full_poor = f"/STU3/Patient/{poor}/$everything?_count={args.count}"
     print(f"# $everything bench — {machine()}; {versions()}")
+    memo = "cached (--memo)" if args.memo else "not cached"
+    print(f"# baseline: hand-written, value conversions {memo}")
     print(f"# demo PAS {args.patients:,} patients; richest record: patient {rich}, {n_rich} "
           f"resources in its compartment (all types, all sources); a poor one: {poor}, "
           f"{n_poor}. Page: _count={args.count} (max), plus the referenced resources.")
@@ -179,7 +182,8 @@ def main() -> int:
                 args.gateway_port, logs / "everything-gateway.log")
     bl = Server("baseline", [*taskset(args.server_cpu), sys.executable,
                              str(Path(__file__).resolve().parent / "everything_baseline.py"),
-                             "--db", str(db), "--port", str(args.baseline_port)], env,
+                             "--db", str(db), "--port", str(args.baseline_port),
+                             *(["--memo"] if args.memo else [])], env,
                 args.baseline_port, logs / "everything-baseline.log")
     import httpx
 

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import statistics
 import sys
 import time
@@ -38,6 +39,8 @@ def main() -> int:
     ap.add_argument("--path", default="/STU3/Patient/100001/$everything?_count=500")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--block", type=int, default=10, help="requests per block")
+    ap.add_argument("--memo", action="store_true",
+                    help="the stronger baseline: conversions cached (everything_baseline.memoise)")
     args = ap.parse_args()
     db, _ = ensure_demo(args.patients)
     apply_gateway_env(CCG_PAS_URL=f"sqlite:///{db.resolve()}", CCG_LOG_LEVEL="warning",
@@ -49,7 +52,7 @@ def main() -> int:
     from gateway.settings import Settings
 
     logging.disable(logging.CRITICAL)
-    gw, bl = build_app(Settings.from_env()), eb.build(str(db))
+    gw, bl = build_app(Settings.from_env()), eb.build(str(db), args.memo)
 
     async def run() -> tuple[list[float], list[float]]:
         def client(app: object) -> httpx.AsyncClient:
@@ -76,7 +79,9 @@ def main() -> int:
 
     g_ms, b_ms = asyncio.run(run())
     ratios = sorted(b / g for g, b in zip(g_ms, b_ms, strict=True))
-    print(f"# {args.path}, commit {git_rev()}, {args.pairs} pairs of {args.block} requests")
+    print(f"# {args.path}, commit {git_rev()}, {args.pairs} pairs of {args.block} requests; "
+          f"baseline {'with' if args.memo else 'without'} cached conversions; load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"gateway  CPU ms/request: median {statistics.median(g_ms):.1f} "
           f"(range {min(g_ms):.1f}-{max(g_ms):.1f})")
     print(f"baseline CPU ms/request: median {statistics.median(b_ms):.1f} "

@@ -151,7 +151,17 @@ def _path(text: str) -> tuple[str, ...]:
 def _values(node: Any, path: tuple[str, ...]) -> list[Any]:
     """The values at ``path``, every repetition of a list looked at (document order). An
     explicit stack: asked of every resource a record access serves (audit), where a
-    recursive generator cost more than the lookups themselves."""
+    recursive generator cost more than the lookups themselves; and first a plain descent,
+    for the usual path through dicts only (``subject.reference``)."""
+    n = node
+    for key in path:
+        if n.__class__ is not dict:
+            break  # a list (or nothing) on the way: the walk below
+        if key not in n:
+            return []
+        n = n[key]
+    else:
+        return [n]
     out: list[Any] = []
     stack = [(node, 0)]
     end = len(path)

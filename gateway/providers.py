@@ -8,9 +8,9 @@ composing the providers of a type served by several sources (gateway.multisource
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from adapters.base import (
     And,
@@ -21,6 +21,7 @@ from adapters.base import (
     Compare,
     Count,
     Criterion,
+    Fetch,
     In,
     Page,
     Query,
@@ -51,6 +52,8 @@ from gateway.search import ID_RE
 from gateway.timing import adapter_seconds
 
 __all__ = ["Provider", "adapter_seconds", "translate_backend_error"]
+
+T = TypeVar("T")
 
 
 class Provider:
@@ -129,6 +132,43 @@ class Provider:
             with _backend_call(self, "fetch"):
                 return await self.mapping.adapter.fetch(self.mapping.prepared, query)
 
+    # -- several queries in one backend call (adapters.base.Adapter.batch)
+
+    @property
+    def batches(self) -> bool:
+        """Whether this source's adapter runs several queries in one go (:meth:`batch`)."""
+        return self.mapping.adapter.batches
+
+    async def batch(self, work: Callable[[Fetch], T]) -> T:
+        """``work(fetch)`` as one backend call on this source's connection: one of the
+        client's backend slots, timed, and its errors translated, as one :meth:`_fetch` is.
+        ``work`` runs on the adapter's thread and asks each query through :meth:`fetch_in`
+        (of this source or of another on the same adapter)."""
+        async with limits.backend_slot():
+            with _backend_call(self, "fetch"):
+                return await self.mapping.adapter.batch(work)
+
+    def fetch_in(self, fetch: Fetch, query: Query) -> Page:
+        """One query of a :meth:`batch`: confined to the token's compartment and noted for
+        the audit trail, as every query :meth:`_fetch` sends. Backend failures come as the
+        adapter's errors (``translate_backend_error`` gives the gateway's)."""
+        query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
+        audit.note_backend(self, "fetch", query)
+        return fetch(self.mapping.prepared, query)
+
+    def read_query(self, rid: str) -> Query:
+        """The query :meth:`read` sends for ``rid``."""
+        if not ID_RE.match(rid):
+            raise InvalidId("the resource id is not valid (1-64 of A-Z a-z 0-9 - .)")
+        return Query(self._ids([rid]), self.key_sort, count=1)
+
+    def read_many_query(self, ids: Iterable[str], limit: int) -> Query | None:
+        """The query :meth:`read_many` sends for ``ids`` (None: no valid id, no query)."""
+        wanted = [i for i in dict.fromkeys(ids) if ID_RE.match(i)][:limit]
+        if not wanted:
+            return None
+        return Query(self._ids(wanted), self.key_sort, count=len(wanted))
+
     async def _count(self, criteria: Criterion | None) -> int:
         query = compartment.restrict_count(self, Count(criteria))
         audit.note_backend(self, "count", query)
@@ -153,19 +193,21 @@ class Provider:
         return any_of([In(self.key, keys)] if keys else [])
 
     async def read(self, rid: str) -> dict[str, Any] | None:
-        if not ID_RE.match(rid):
-            raise InvalidId("the resource id is not valid (1-64 of A-Z a-z 0-9 - .)")
-        page = await self._fetch(Query(self._ids([rid]), self.key_sort, count=1))
+        page = await self._fetch(self.read_query(rid))
         return self.resource(page.records[0]) if page.records else None
 
     async def read_many(self, ids: Iterable[str], limit: int) -> list[dict[str, Any]]:
-        wanted = [i for i in dict.fromkeys(ids) if ID_RE.match(i)][:limit]
-        if not wanted:
+        query = self.read_many_query(ids, limit)
+        if query is None:
             return []
-        page = await self._fetch(Query(self._ids(wanted), self.key_sort, count=len(wanted)))
+        page = await self._fetch(query)
+        return self.mapped(page.records)
+
+    def mapped(self, records: Sequence[Any]) -> list[dict[str, Any]]:
+        """:meth:`resources`, traced as a batch."""
         with tracing.traced("map batch", {"fhir.resource_type": self.resource_type,
-                                          "ccg.records": len(page.records)}):
-            return self.resources(page.records)
+                                          "ccg.records": len(records)}):
+            return self.resources(records)
 
     async def search(
         self,

@@ -30,6 +30,7 @@ from gateway.errors import InvalidParameter, NotFound, UnknownParameter
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
+from gateway.providers import Provider
 from gateway.randomness import uuid4
 from gateway.search import split_values
 
@@ -117,18 +118,18 @@ class Everything(Operation):
         plans = [record.section_plan(ctx.registry, source, pid, count, date_pairs=date_pairs,
                                      since=since) for source in secs[at:]]
         failed: list[str] = []
-        # The patient and every remaining section at once (each at most a page): one round
-        # trip to the database threads instead of one per section; the statements are the
-        # same ones, never more than one per section.
-        patient, pages = await record.gather(
-            ctx.registry.get("Patient").read(pid),
-            [record.fetch(source, plan, after if i == 0 else None, strict, failed)
-             for i, (source, plan) in enumerate(zip(secs[at:], plans, strict=True))])
+        # The patient and the remaining sections until the page is full: on one connection
+        # in one backend call where the adapter allows (record.walk); never more than one
+        # statement per section.
+        patient, pages = await record.walk(ctx.registry, pid, secs[at:], plans, after, count,
+                                           strict, failed)
         if patient is None:
             raise NotFound("Patient with that id was not found")
         served: list[dict[str, Any]] = []
+        by_source: list[tuple[Provider, list[dict[str, Any]]]] = []
         if not page_token and (types is None or "Patient" in types):
             served.append(patient)
+            by_source.append((record.patient_source(ctx.registry, pid), [patient]))
         touched: dict[str, None] = {"Patient": None}
         room = count
         next_at: int | None = None
@@ -138,7 +139,9 @@ class Everything(Operation):
             if page is None:  # said so in a warning; the walk goes on past it
                 continue
             taken = page.records[:room]
-            served += source.resources(taken)
+            resources = source.resources(taken)
+            served += resources
+            by_source.append((source, resources))
             if taken:
                 touched[source.resource_type] = None
             room -= len(taken)
@@ -154,7 +157,10 @@ class Everything(Operation):
                 next_at, next_after = at + i + 1, None
                 break
         entries = [bundle.entry(base, r, "match") for r in served]
-        included = await record.referenced(ctx.registry, served, principal, types)
+        included = []
+        if types is None or not types.isdisjoint(record.REFERENCED):
+            included = await record.referenced_of(ctx.registry, record.referenced_by(by_source),
+                                                  principal, types)
         entries += [bundle.entry(base, r, "include") for r in included]
         for r in included:
             touched[r["resourceType"]] = None

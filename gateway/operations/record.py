@@ -5,6 +5,11 @@ patient's link (the compartment's own patient column, gateway.compartment) ANDed
 the caller narrowed by, planned by the same planner as a search; one statement per section
 per page, and referenced resources are fetched in one statement per type: the number of
 statements never grows with the number of resources.
+
+A page is walked section by section (:func:`walk`): the sections of one connection whose
+adapter runs batches (SQL) in one backend call — one connection, one hop to its thread —
+each asked for what the page still has room for, and none once the page is full; sections
+of other adapters (HL7 v2) each in a call of its own, at the same time.
 """
 
 from __future__ import annotations
@@ -13,20 +18,33 @@ import dataclasses
 import datetime as dt
 import re
 import time
-from collections.abc import Awaitable, Iterable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import orjson
 
-from adapters.base import Compare, Criterion, Nothing, Page, all_of, any_of
+from adapters.base import (
+    BackendError,
+    Compare,
+    Criterion,
+    Fetch,
+    Nothing,
+    Page,
+    Query,
+    UnsupportedCriteria,
+    all_of,
+    any_of,
+)
 from gateway import compartment
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError, InvalidParameter, operation_outcome
+from gateway.mapping.model import EXPR_KEYS
 from gateway.multisource import SOURCE_FAILURES, source_name
 from gateway.notices import notice
 from gateway.plan import SearchPlan, plan_search
-from gateway.providers import Provider
+from gateway.providers import Provider, translate_backend_error
 from gateway.registry import Registry
 from gateway.timing import adapter_seconds
 
@@ -109,13 +127,105 @@ async def fetch(source: Provider, plan: SearchPlan, after: tuple[Any, ...] | Non
     except GatewayError as exc:
         if strict or exc.status not in SOURCE_FAILURES:
             raise
-        failed.append(f"{source.resource_type} source '{source_name(source)}' did not answer "
-                      f"({exc.error_code})")
+        failed.append(failure(source, exc))
         return None
 
 
-async def gather(first: Awaitable[T], rest: list[Awaitable[Page | None]]
-                 ) -> tuple[T, list[Page | None]]:
+def failure(source: Provider, exc: GatewayError) -> str:
+    """The warning a section that did not answer gets (no value, no PHI: the error code)."""
+    return (f"{source.resource_type} source '{source_name(source)}' did not answer "
+            f"({exc.error_code})")
+
+
+async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
+               plans: Sequence[SearchPlan], after: tuple[Any, ...] | None, count: int,
+               strict: bool, failed: list[str]
+               ) -> tuple[dict[str, Any] | None, list[Page | None]]:
+    """The patient (None: not found) and a page of each section, in section order: None for a
+    section that did not answer (noted in ``failed``; strict: its error is raised) or that the
+    page had no room left for. ``after`` is the first section's keyset position.
+
+    Sections on an adapter that runs batches are asked in one backend call per connection,
+    one after another, each for at most the room the page has left after the ones before it
+    on that connection (never less than the room the whole page has left, so what
+    ``everything`` takes from them is what a walk of every section in turn would take), and
+    none once it is full; the patient's read goes in the first of those calls when its source
+    is on that connection. The other sections are asked at the same time, each for a page.
+    """
+    pages: list[Page | None] = [None] * len(sections)
+    groups: dict[int, list[int]] = {}
+    alone: list[int] = []
+    for i, (source, plan) in enumerate(zip(sections, plans, strict=True)):
+        if source.batches and not plan.deferred:
+            groups.setdefault(id(source.mapping.adapter), []).append(i)
+        else:
+            alone.append(i)
+    patient_type = registry.get(compartment.PATIENT)
+    reader = patient_type if isinstance(patient_type, Provider) else None
+    read_query = reader.read_query(patient) if reader is not None else None
+    with_patient = next((key for key in groups if reader is not None and reader.batches
+                         and id(reader.mapping.adapter) == key), None)
+    found: dict[str, Any] = {}
+
+    def group_work(key: int, idxs: list[int]) -> Callable[[Fetch], Page | None]:
+        def work(fetch: Fetch) -> Page | None:
+            patient_page = None
+            if key == with_patient:
+                assert reader is not None and read_query is not None
+                patient_page = reader.fetch_in(fetch, read_query)
+                if not patient_page.records:
+                    return patient_page  # no such patient: nothing else is asked
+            room = count
+            for i in idxs:
+                if room <= 0:
+                    break
+                source, plan = sections[i], plans[i]
+                query = Query(criteria=plan.criteria, sort=plan.sort, count=room,
+                              after=after if i == 0 else None,
+                              with_total=plan.total == "accurate")  # as Provider.search
+                try:
+                    page = source.fetch_in(fetch, query)
+                except (BackendError, UnsupportedCriteria) as exc:
+                    error = translate_backend_error(exc)
+                    if (strict or not isinstance(error, GatewayError)
+                            or error.status not in SOURCE_FAILURES):
+                        raise
+                    failed.append(failure(source, error))
+                    continue
+                pages[i] = page
+                room -= len(page.records)
+            return patient_page
+        return work
+
+    async def run_group(key: int, idxs: list[int]) -> None:
+        patient_page = await sections[idxs[0]].batch(group_work(key, idxs))
+        if patient_page is not None:
+            found["page"] = patient_page
+
+    async def run_alone(i: int) -> None:
+        pages[i] = await fetch(sections[i], plans[i], after if i == 0 else None, strict, failed)
+
+    async def read_patient() -> None:
+        found["resource"] = await patient_type.read(patient)
+
+    jobs: list[Awaitable[None]] = [run_group(k, idxs) for k, idxs in groups.items()]
+    jobs += [run_alone(i) for i in alone]
+    if with_patient is None:
+        jobs.append(read_patient())
+    await gather(_nothing(), jobs)
+    if with_patient is None:
+        return found["resource"], pages
+    assert reader is not None
+    records = found["page"].records
+    return (reader.resource(records[0]) if records else None), pages
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def gather(first: Awaitable[T], rest: list[Awaitable[Any]]
+                 ) -> tuple[T, list[Any]]:
     """``first`` and ``rest`` concurrently (the adapters run them on their threads); the
     first error, if any, is raised as itself (not as a group)."""
     results: list[Any] = [None] * (1 + len(rest))
@@ -176,6 +286,122 @@ async def referenced(registry: Registry, resources: list[dict[str, Any]],
             continue
         out += await registry.get(rtype).read_many(list(ids), len(ids))
     return out
+
+
+def patient_source(registry: Registry, patient: str) -> Provider:
+    """The source a patient's id belongs to."""
+    tp = registry.get(compartment.PATIENT)
+    if isinstance(tp, Provider):
+        return tp
+    found = tp.source_of(patient)
+    return found if found is not None else tp.sources[0]
+
+
+def _paths(node: Any, at: tuple[str, ...], out: dict[tuple[str, ...], None]) -> None:
+    """Paths of the literal ``reference`` strings of a mapping's output tree (an expression
+    node is a leaf: its references are in the mapping's ``references``)."""
+    if isinstance(node, list):
+        for item in node:
+            _paths(item, at, out)
+    elif isinstance(node, dict) and not (EXPR_KEYS & node.keys()):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                out[(*at, key)] = None
+            elif key != "each":
+                _paths(value, (*at, key), out)
+
+
+_REFERENCE_PATHS: weakref.WeakKeyDictionary[Provider, tuple[tuple[str, ...], ...]] = (
+    weakref.WeakKeyDictionary())
+
+
+def reference_paths(source: Provider) -> tuple[tuple[str, ...], ...]:
+    """Where a source's resources can hold a Practitioner/Organization/Location/Medication
+    reference: each ``reference`` its mapping writes from a column (``ref:``) or as a literal
+    (``serviceProvider: {reference: Organization/1}``). Worked out once per mapping."""
+    found = _REFERENCE_PATHS.get(source)
+    if found is None:
+        out: dict[tuple[str, ...], None] = {}
+        for path, target, _child in source.mapping.references:
+            parts = tuple(part.split("[", 1)[0] for part in path.split("."))
+            if target in REFERENCED and parts[-1] == "reference":
+                out[parts] = None
+        _paths(source.mapping.spec.output, (), out)
+        found = _REFERENCE_PATHS[source] = tuple(out)
+    return found
+
+
+def referenced_by(served: Iterable[tuple[Provider, Sequence[dict[str, Any]]]]
+                  ) -> dict[str, dict[str, None]]:
+    """type → ids (first-seen order) of the Practitioner/Organization/Location/Medication
+    references of each source's resources, read where its mapping writes them (no walk of
+    every node, no JSON scan)."""
+    seen: dict[Any, None] = {}  # each distinct reference once (most repeat on every row)
+    for source, resources in served:
+        for path in reference_paths(source):
+            first, rest = path[0], path[1:]
+            if rest == ("reference",):  # {"reference": ...}, or a list of them: most paths
+                for res in resources:
+                    node = res.get(first)
+                    if node.__class__ is dict:
+                        seen[node.get("reference")] = None
+                    elif node.__class__ is list:
+                        for item in node:
+                            if item.__class__ is dict:
+                                seen[item.get("reference")] = None
+                continue
+            for res in resources:
+                _collect(res.get(first), rest, seen)
+    wanted: dict[str, dict[str, None]] = {}
+    for v in seen:
+        if v.__class__ is str:
+            rtype, _, rid = v.partition("/")
+            if rtype in REFERENCED and rid:
+                wanted.setdefault(rtype, {})[rid] = None
+    return wanted
+
+
+def _collect(node: Any, path: tuple[str, ...], into: dict[Any, None]) -> None:
+    """The values at ``path`` under ``node``, every repetition of a list looked at."""
+    if node.__class__ is list:
+        for item in node:
+            _collect(item, path, into)
+    elif node.__class__ is dict:
+        if len(path) == 1:
+            into[node.get(path[0])] = None
+        else:
+            _collect(node.get(path[0]), path[1:], into)
+
+
+async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
+                        principal: Principal, types: set[str] | None) -> list[dict[str, Any]]:
+    """The resources ``wanted`` names that the caller may read, in type order then key order:
+    one statement per type (per source); the types of one connection whose adapter runs
+    batches in one backend call."""
+    asked: list[tuple[str, Any]] = []
+    for rtype in REFERENCED:
+        ids = wanted.get(rtype)
+        if not ids or rtype not in registry or (types is not None and rtype not in types):
+            continue
+        if principal.allows(rtype, "r"):
+            asked.append((rtype, registry.get(rtype)))
+    found: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[int, list[tuple[Provider, Query]]] = {}
+    for rtype, tp in asked:
+        if isinstance(tp, Provider) and tp.batches:
+            query = tp.read_many_query(wanted[rtype], len(wanted[rtype]))
+            if query is not None:
+                groups.setdefault(id(tp.mapping.adapter), []).append((tp, query))
+        else:
+            found[rtype] = await tp.read_many(list(wanted[rtype]), len(wanted[rtype]))
+    for jobs in groups.values():
+        def work(fetch: Fetch, jobs: list[tuple[Provider, Query]] = jobs) -> list[Page]:
+            return [source.fetch_in(fetch, query) for source, query in jobs]
+
+        pages = await jobs[0][0].batch(work)
+        for (source, _), page in zip(jobs, pages, strict=True):
+            found[source.resource_type] = source.mapped(page.records)
+    return [r for rtype, _ in asked for r in found.get(rtype, ())]
 
 
 def parse_since(raw: str) -> dt.datetime:

@@ -905,3 +905,86 @@ def test_the_statement_cache_bound_is_a_connection_option(tmp_path: Any) -> None
                 {"colour": "red"}):
         with pytest.raises(SourceConfigError):
             create("pas", connection(**bad), tmp_path)
+
+
+# --- batches: several queries of one request in one go -------------------------------------------
+
+
+async def test_a_batch_runs_its_queries_one_after_another_on_one_connection(url: str) -> None:
+    a = SqlAdapter(url, timeout_seconds=5, label="test")
+    checkouts: list[int] = []
+    sa.event.listen(a.engine, "checkout", lambda *_: checkouts.append(1))
+    try:
+        assert a.batches
+        items_p, patients_p = prepared_items(a), a.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+        first = Query(None, (SortKey("t.ID"),), 3)
+        people = Query(Text("p.SURNAME", "prefix", "o"), (SortKey("p.PATNT_REFNO"),), 50)
+
+        def work(fetch: Any) -> list[Page]:
+            one = fetch(items_p, first)
+            # the next query depends on the answer to the one before
+            two = fetch(items_p, Query(None, (SortKey("t.ID"),), 3, after=one.end))
+            return [one, two, fetch(patients_p, people)]
+
+        got = await a.batch(work)
+        assert len(checkouts) == 1
+        alone = [await a.fetch(items_p, first),
+                 await a.fetch(items_p, Query(None, (SortKey("t.ID"),), 3, after=got[0].end)),
+                 await a.fetch(patients_p, people)]
+        assert [_d(p, g).records for p, g in zip((items_p, items_p, patients_p), got,
+                                                   strict=True)] == \
+            [_d(p, g).records for p, g in zip((items_p, items_p, patients_p), alone,
+                                              strict=True)]
+        assert [r["t.ID"] for r in got[0].records + got[1].records] == [1, 2, 3, 4, 5, 6]
+        assert [t["g.POS"] for t in got[1].records[0]["@tags"]] == [1, 2, 3]  # item 4's
+    finally:
+        await a.aclose()
+
+
+async def test_a_failed_query_in_a_batch_leaves_the_others_and_the_connection(url: str) -> None:
+    """One query's failure is raised by its fetch; the work may go on with the rest on the
+    same connection (PostgreSQL: the failed transaction is ended first); what the work
+    raises is the batch's error; the adapter is usable afterwards."""
+    a = SqlAdapter(url, timeout_seconds=5, label="pas", pool_size=1)
+    try:
+        wrong = a.prepare({"connection": "test", "table": "ITEMS", "alias": "t"},
+                          Needs(key="t.ID", fields=frozenset({"t.ID", "t.NO_SUCH_COLUMN"}),
+                                children=frozenset()))
+        p = prepared_items(a)
+        by_id = Query(Compare("t.ID", "=", 4), (SortKey("t.ID"),), 1)
+        seen: list[BaseException] = []
+
+        def work(fetch: Any) -> Page:
+            try:
+                fetch(wrong, by_id)
+            except BackendError as exc:
+                seen.append(exc)
+            return fetch(p, by_id)  # type: ignore[no-any-return]
+
+        page = _d(p, await a.batch(work))
+        assert [r["t.ID"] for r in page.records] == [4]
+        [error] = seen
+        assert "does not match the mapping" in str(error)
+        assert "NO_SUCH_COLUMN" not in str(error)
+        with pytest.raises(BackendError):
+            await a.batch(lambda fetch: fetch(wrong, by_id))
+        assert [r["t.ID"] for r in _d(p, await a.fetch(p, by_id)).records] == [4]
+    finally:
+        await a.aclose()
+
+
+async def test_a_batch_is_one_call_under_the_connections_timeout(url: str) -> None:
+    a = SqlAdapter(url, timeout_seconds=0.2, label="slow")
+    try:
+        slow = a.prepare(SLOW_SOURCE, SLOW_NEEDS)
+        fast = a.prepare({"connection": "test", "table": "BIG", "alias": "a"},
+                         Needs(key="a.ID", fields=frozenset({"a.ID"}), children=frozenset()))
+        started = time.monotonic()
+        with pytest.raises(BackendTimeout):
+            await a.batch(lambda fetch: [fetch(fast, Query(None, (SortKey("a.ID"),), 5)),
+                                         fetch(slow, Query(NEVER, (SortKey("a.ID"),), 5))])
+        assert time.monotonic() - started < 1.0
+        page = await a.batch(lambda fetch: fetch(fast, Query(None, (SortKey("a.ID"),), 2)))
+        assert [r[0] for r in page.records] == [0, 1]
+    finally:
+        await a.aclose()

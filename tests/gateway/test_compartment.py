@@ -399,3 +399,37 @@ async def test_queries_and_writes_are_confined_at_the_provider(
     finally:
         compartment._scope.reset(token)
     assert compartment.current() is None
+
+
+def test_values_at_a_path_against_an_independent_walk() -> None:
+    """compartment._values (its plain descent through dicts and its walk through lists)
+    against a recursive oracle, on every shape a path can meet."""
+    from gateway.compartment import _values
+
+    def oracle(node: Any, path: tuple[str, ...]) -> list[Any]:
+        if not path:
+            return [node]
+        if isinstance(node, list):
+            return [v for item in node for v in oracle(item, path)]
+        if isinstance(node, dict) and path[0] in node:
+            return oracle(node[path[0]], path[1:])
+        return []
+
+    resource = {
+        "subject": {"reference": "Patient/1"},
+        "participant": [{"individual": {"reference": "Practitioner/2"}},
+                        {"type": "x"}, "junk",
+                        {"individual": [{"reference": "Practitioner/3"},
+                                        {"reference": None}]}],
+        "context": {"reference": ["Encounter/4", "Encounter/5"]},
+        "text": "not a dict",
+        "empty": {},
+    }
+    paths = [("subject", "reference"), ("participant", "individual", "reference"),
+             ("context", "reference"), ("text", "reference"), ("empty", "reference"),
+             ("missing", "reference"), ("subject",), ("participant", "type")]
+    for path in paths:
+        assert _values(resource, path) == oracle(resource, path), path
+    assert _values(resource, ("subject", "reference")) == ["Patient/1"]
+    assert _values(resource, ("participant", "individual", "reference")) == [
+        "Practitioner/2", "Practitioner/3", None]

@@ -384,3 +384,65 @@ async def test_the_patients_documents_are_in_it_and_their_content_is_not(
             assert r["content"][0]["attachment"]["url"] == f"Binary/{r['id']}"
     ids, _ = await walk(c, "/STU3/Patient/100001/$everything?_type=DocumentReference")
     assert len(ids) == len(set(ids)) and set(ids) - {"100001"} == oracle
+
+
+async def test_a_section_that_fails_mid_record_is_said_and_the_walk_goes_on(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """The sections share one connection (one backend call): under ``Prefer:
+    handling=lenient`` a section whose source fails is a warning naming it, and the sections
+    after it are still served (from the same connection); strict (the default), the failure
+    is the answer."""
+    import shutil
+    import sqlite3
+
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(demo_sqlite_url.removeprefix("sqlite:///"), copy)
+    db = sqlite3.connect(copy)
+    try:
+        db.execute('ALTER TABLE "ALERTS" RENAME TO "ALERTS_GONE"')  # Flag's source
+        db.commit()
+    finally:
+        db.close()
+    app = make_app(f"sqlite:///{copy}")
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        strict = await c.get("/STU3/Patient/100001/$everything?_count=500",
+                             headers={"Prefer": "handling=strict"})
+        assert strict.status_code == 502
+        assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
+        r = await c.get("/STU3/Patient/100001/$everything?_count=500",
+                        headers={"Prefer": "handling=lenient"})
+    assert r.status_code == 200, r.text
+    entries = r.json()["entry"]
+    issues = [i for e in entries if e["search"]["mode"] == "outcome"
+              for i in e["resource"]["issue"]]
+    assert [(i["severity"], i["details"]["coding"][0]["code"]) for i in issues] == [
+        ("warning", "SOURCE_UNAVAILABLE")]
+    assert "Flag source 'Flag.sql' did not answer" in issues[0]["diagnostics"]
+    kinds = [e["resource"]["resourceType"] for e in entries if e["search"]["mode"] == "match"]
+    assert "Flag" not in kinds
+    # the sections before and after Flag (type order) are there
+    assert {"Encounter", "Immunization", "Observation"} <= set(kinds)
+
+
+async def test_each_page_brings_exactly_what_its_matches_refer_to(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    """The included Practitioners/Organizations/Locations/Medications of every page are
+    exactly those its matches refer to (an independent walk of every node of every match),
+    each once, in type order then key order."""
+    c, url, _ = gw
+    pid = richest(encounters(url))
+    _, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_count=37")
+    kinds = ("Practitioner", "Organization", "Location", "Medication")
+    seen = set()
+    for page in pages:
+        entries = page.get("entry", [])
+        matches = [e["resource"] for e in entries if e["search"]["mode"] == "match"]
+        included = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in entries
+                    if e["search"]["mode"] == "include"]
+        wanted = {tuple(r.split("/", 1)) for m in matches for r in _refs(m)
+                  if r.split("/", 1)[0] in kinds}
+        assert set(included) == wanted
+        assert included == sorted(included, key=lambda x: (kinds.index(x[0]), int(x[1])))
+        seen |= {k for k, _ in included}
+    assert seen == set(kinds)
