@@ -238,8 +238,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
     source_failures = _buckets(settings.auth_failures_per_minute, settings.auth_failures_burst)
     client_slots = (CountedSlots(settings.max_in_flight_per_client)
                     if settings.max_in_flight_per_client > 0 else None)
-    client_queues = (ClientQueues(settings.max_backend_calls_per_client)
-                     if settings.max_backend_calls_per_client > 0 else None)
+    backend_calls = settings.backend_calls_per_client(
+        [c.pool_size for c in loaded.settings.connections.values()])
+    client_queues = ClientQueues(backend_calls) if backend_calls > 0 else None
     app = Starlette(
         routes=[*adt_part.routes(), *app_routes],
         middleware=[*tracing_layers,

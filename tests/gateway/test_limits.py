@@ -216,6 +216,48 @@ async def test_in_flight_requests_are_capped(build: Callable[..., Starlette],
         assert (await api.get("/STU3/Practitioner/2", headers=as_("b"))).status_code == 200
 
 
+@pytest.mark.parametrize(("setting", "most"), [(None, 4), (2, 2), (0, 12)])
+async def test_a_clients_backend_calls_queue_at_what_the_pool_allows(
+        build: Callable[..., Starlette], monkeypatch: pytest.MonkeyPatch,
+        setting: int | None, most: int) -> None:
+    """Unset, the per-client backend queue is one less than the smallest connection pool (the
+    demo's pool_size is 5): a lone busy client keeps 4 of its 5 workers, not 2, and another
+    client's read still goes first (it does not wait behind the busy one's queue)."""
+    from gateway import limits
+
+    app = build(**({} if setting is None else {"max_backend_calls_per_client": setting}))
+    adapter = app.state.registry.get("Patient").sources[0].mapping.adapter
+    running: dict[str | None, int] = {}
+    peak: dict[str | None, int] = {}
+    finished: list[str] = []
+    original = adapter.fetch
+
+    async def counted(prepared: Any, query: Any) -> Any:  # the real adapter, observed
+        who = limits.current_client.get()
+        running[who] = running.get(who, 0) + 1
+        peak[who] = max(peak.get(who, 0), running[who])
+        try:
+            await anyio.sleep(0.05)
+            return await original(prepared, query)
+        finally:
+            running[who] -= 1
+
+    monkeypatch.setattr(adapter, "fetch", counted)
+    async with _client(app) as api, anyio.create_task_group() as tg:
+        async def read(who: str, pid: int) -> None:
+            r = await api.get(f"/STU3/Patient/{pid}", headers=as_(who))
+            assert r.status_code == 200
+            finished.append(f"{who}{pid}")
+
+        for i in range(12):
+            tg.start_soon(read, "a", 100001 + i)
+        await anyio.sleep(0.01)
+        tg.start_soon(read, "b", 100050)
+    assert peak["client:client-a"] == most
+    if setting != 0:  # with a queue, b's read is not behind a's twelve
+        assert finished.index("b100050") < len(finished) - 1, finished
+
+
 # --- XML parsed safely --------------------------------------------------------------------------
 
 LAUGHS = """<?xml version="1.0" encoding="{enc}"?>
