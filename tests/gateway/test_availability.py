@@ -293,11 +293,17 @@ def test_invalid_tokens_are_limited_by_address_and_counted_in_the_audit(
                   audit_denial_window_seconds=1)
     sent = 200
     with LiveServer(app) as server, httpx.Client(base_url=server.url) as http:
+        started = time.monotonic()
         statuses = [http.get("/STU3/Patient/100001",
                              headers={"Authorization": f"Bearer not-a-token-{i}"}).status_code
                     for i in range(sent)]
+        elapsed = time.monotonic() - started
         assert statuses[:10] == [401] * 10
-        assert set(statuses[10:]) == {429}  # before the token is even looked at
+        # before the token is even looked at; the bucket refills one failure a second, so a
+        # slow (loaded) machine may see that many more 401s, never more
+        assert set(statuses[10:]) <= {401, 429}
+        assert statuses[10:].count(401) <= int(elapsed) + 1
+        assert statuses[10:].count(429) >= sent - 10 - int(elapsed) - 1
         r = http.get("/STU3/Patient/100001", headers={"Authorization": "Bearer x"})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         sent += 1
