@@ -125,9 +125,16 @@ class Provider:
     async def _fetch(self, query: Query) -> Page:
         query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
         audit.note_backend(self, "fetch", query)
+        adapter, prepared = self.mapping.adapter, self.mapping.prepared
+        if adapter.shares(prepared, query):
+            # A read by key shares one statement with the concurrent ones, one statement at a
+            # time per mapping: it cannot hold more than that worker, and queued per client
+            # it could no longer share (a lone busy client's reads went one by one).
+            with _backend_call(self, "fetch"):
+                return await adapter.fetch(prepared, query)
         async with limits.backend_slot():  # the client's own queue (gateway/limits.py)
             with _backend_call(self, "fetch"):
-                return await self.mapping.adapter.fetch(self.mapping.prepared, query)
+                return await adapter.fetch(prepared, query)
 
     async def _count(self, criteria: Criterion | None) -> int:
         query = compartment.restrict_count(self, Count(criteria))
