@@ -105,8 +105,9 @@ class Settings:
     max_backend_calls_per_client: int | None = None
     """Backend calls of one client that run at once; its others wait in turn; 0 = no limit.
     Unset: one less than the smallest connection ``pool_size`` (4 with the demo's 5), at least
-    2 (``backend_calls_per_client``): a lone busy client keeps most of the workers (and its
-    concurrent reads by id still share statements), one is always left for the others."""
+    2 (``backend_calls_per_client``): a lone busy client keeps most of the workers, one is
+    always left for the others. Reads by key are not queued (``Adapter.shares``): they share
+    one statement at a time per mapping."""
     source_rate_limit_per_minute: int = 6000
     """Before authentication, per source address: requests a minute (429 beyond); 0 = off."""
     source_rate_limit_burst: int = 1000
