@@ -52,12 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (
     DATA_DIR,
+    HZ,
     REPO,
     SPEED_ENV,
     Interference,
     ensure_demo,
     gateway_env,
     machine,
+    proc_jiffies,
     taskset,
     versions,
     wait_quiet,
@@ -454,13 +456,19 @@ def main() -> int:
                 if args.warmup > 0:
                     load(args.warmup, 500 + rnd)
                 assert server.proc is not None
+                cpu0 = proc_jiffies(server.proc.pid)
                 with Interference([server.proc.pid]) as noise:
                     r = load(args.duration, rnd * 97)
+                # The server's own CPU time per request (all its threads, /proc): what a
+                # request costs it, much less moved by a busy machine than req/s are.
+                r["cpu_us_per_req"] = ((proc_jiffies(server.proc.pid) - cpu0) / HZ * 1e6
+                                       / max(1, r["requests"]))
                 r["others_cpu_pct"] = round(noise.percent, 1)
                 retry = noise.percent > args.max_interference and attempt < args.retries
                 print(f"  {SCENARIOS[scen]:38} {server.name:8} round {rnd + 1}: "
                       f"{r['rps']:8,.0f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms  "
-                      f"p99 {r['p99_us'] / 1000:6.2f} ms  errors {r['errors']}  "
+                      f"p99 {r['p99_us'] / 1000:6.2f} ms  CPU {r['cpu_us_per_req']:5.0f} us/req  "
+                      f"errors {r['errors']}  "
                       f"others' CPU {noise.percent:4.1f}%{'  (retrying)' if retry else ''}",
                       flush=True)
                 if speed and r["errors"]:
@@ -488,6 +496,7 @@ def main() -> int:
                 med = statistics.median_low([r["rps"] for r in rs])
                 chosen = next(r for r in rs if r["rps"] == med)
                 chosen["rounds_rps"] = [round(r["rps"], 1) for r in rs]
+                chosen["rounds_cpu_us"] = [round(r["cpu_us_per_req"], 1) for r in rs]
                 row[name] = chosen
             results.append(row)
         shipped: list[dict[str, Any]] = []
@@ -519,6 +528,18 @@ def main() -> int:
               f"{', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x"
               + (f", 95% CI {low:.2f}-{high:.2f}x (bootstrap over rounds)"
                  if len(ratios) >= 5 else ""))
+        cpu = [b / g for g, b in zip(r["gateway"]["rounds_cpu_us"],
+                                     r["baseline"]["rounds_cpu_us"], strict=True) if g > 0]
+        r["cpu_ratios"] = [round(x, 3) for x in cpu]
+        if cpu:
+            clow, chigh = bootstrap_median_ci(cpu)
+            print(f"{SCENARIOS[r['scenario']]}: server CPU per request, baseline/gateway "
+                  f"(above 1: the gateway spends less): "
+                  f"{', '.join(f'{x:.2f}' for x in cpu)}; median {statistics.median(cpu):.2f}x"
+                  + (f", 95% CI {clow:.2f}-{chigh:.2f}x" if len(cpu) >= 5 else "")
+                  + f"; gateway {statistics.median(r['gateway']['rounds_cpu_us']):.0f} us, "
+                  f"baseline {statistics.median(r['baseline']['rounds_cpu_us']):.0f} us "
+                  "(medians)")
         if r["scenario"] in ("a", "b"):
             ratio = r["gateway"]["rps"] / r["baseline"]["rps"]
             steady = ("" if len(ratios) < 5 else
