@@ -349,6 +349,12 @@ class Adapter(abc.ABC):
         """FHIR interactions this source serves for a mapping (writes only if declared)."""
         return frozenset({"read", "search-type"})
 
+    def shares(self, prepared: Any, query: Query) -> bool:
+        """Whether ``fetch`` runs ``query`` in a statement shared with the concurrent ones like
+        it, one at a time per mapping (the SQL adapter's reads by key): such a call holds at
+        most one worker whoever asks, so the gateway does not queue it per client."""
+        return False
+
     async def count(self, prepared: Any, query: Count) -> int:
         raise UnsupportedCriteria(f"{self.name} adapter cannot count")
 

@@ -337,6 +337,9 @@ class SqlAdapter(Adapter):
     def layout(self, prepared: Prepared) -> Layout:
         return prepared.layout
 
+    def shares(self, prepared: Prepared, query: Query) -> bool:
+        return _by_key(prepared, query)
+
     async def fetch(self, prepared: Prepared, query: Query) -> Page:
         if _by_key(prepared, query):
             return await self._reads.read(prepared, query)

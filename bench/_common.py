@@ -71,15 +71,28 @@ def ensure_demo(patients: int, data_dir: pathlib.Path | None = None,
     return path, info
 
 
+# Every per-client and per-address limit off: a load generator is one client on one address,
+# and with the shipped limits a speed round measures throttling, not the hot path (the source
+# limit answers 429 beyond 100 requests a second after a burst of 1,000; the per-client backend
+# queue lets a lone client run only a few backend calls at once). These are the real setting
+# names (gateway/settings.py); http_bench.py prints them, and its --shipped-limits round runs
+# without them.
+SPEED_ENV = {
+    "CCG_RATE_LIMIT_PER_MINUTE": "0",
+    "CCG_SOURCE_RATE_LIMIT_PER_MINUTE": "0",
+    "CCG_AUTH_FAILURES_PER_MINUTE": "0",
+    "CCG_MAX_IN_FLIGHT_PER_CLIENT": "0",
+    "CCG_MAX_BACKEND_CALLS_PER_CLIENT": "0",
+}
+
 # Settings the benches give the gateway unless the caller's environment already sets them.
 # Unknown CCG_* variables are ignored by gateway.settings, so these are harmless on a gateway
-# that predates a feature. A load test comes from one client: the per-client rate limit
-# would answer 429s, so it is off; authentication is the demo's "insecure-demo" mode unless a
-# bench asks for tokens (http_bench.py --auth jwt).
+# that predates a feature. Authentication is the demo's "insecure-demo" mode unless a bench
+# asks for tokens (http_bench.py --auth jwt).
 GATEWAY_BENCH_ENV = {
     "CCG_PAGING_SECRET": "bench-paging-secret",
     "CCG_AUTH_MODE": "insecure-demo",
-    "CCG_RATE_LIMIT_PER_MINUTE": "0",
+    **SPEED_ENV,
 }
 
 

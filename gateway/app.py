@@ -235,6 +235,16 @@ def build_app(settings: Settings | None = None) -> Starlette:
     # Traces off: not even a layer to pass through.
     tracing_layers = ([Middleware(tracing.TracingLayer, classify=metrics.classify)]
                       if tracing.enabled() else [])
+    # A limit that is off adds no layer: every layer costs each request its call, its checks
+    # and its frame, also when it only passes the request on.
+    source_requests = _buckets(settings.source_rate_limit_per_minute,
+                               settings.source_rate_limit_burst)
+    source_failures = _buckets(settings.auth_failures_per_minute, settings.auth_failures_burst)
+    client_slots = (CountedSlots(settings.max_in_flight_per_client)
+                    if settings.max_in_flight_per_client > 0 else None)
+    backend_calls = settings.backend_calls_per_client(
+        [c.pool_size for c in loaded.settings.connections.values()])
+    client_queues = ClientQueues(backend_calls) if backend_calls > 0 else None
     app = Starlette(
         routes=[*adt_part.routes(), *app_routes],
         middleware=[*tracing_layers,
@@ -244,29 +254,27 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     # audit sees every outcome, including the limits' and authentication's
                     Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
                     # before authentication: by source address, whoever it claims to be
-                    Middleware(SourceLimit, requests=_buckets(
-                                   settings.source_rate_limit_per_minute,
-                                   settings.source_rate_limit_burst),
-                               failures=_buckets(settings.auth_failures_per_minute,
-                                                 settings.auth_failures_burst)),
-                    Middleware(ConcurrencyLimit, max_in_flight=settings.max_in_flight),
-                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                               timeout=settings.body_timeout_seconds),
+                    *([Middleware(SourceLimit, requests=source_requests,
+                                  failures=source_failures)]
+                      if source_requests is not None or source_failures is not None else []),
+                    *([Middleware(ConcurrencyLimit, max_in_flight=settings.max_in_flight)]
+                      if settings.max_in_flight > 0 else []),
+                    *([Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                                  timeout=settings.body_timeout_seconds)]
+                      if settings.max_body_bytes > 0 or settings.body_timeout_seconds > 0
+                      else []),
                     Middleware(Authentication, config=auth, base_path=settings.base_path,
                                patient_id=live_patient_id_check(live),
                                shared_state=shared if settings.redis_url else None,
                                public=frozenset({"/metrics"})),
                     # inside authentication: these need the principal it sets
-                    Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
-                               burst=settings.rate_limit_burst,
-                               shared=shared if settings.redis_url else None),
+                    *([Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
+                                  burst=settings.rate_limit_burst,
+                                  shared=shared if settings.redis_url else None)]
+                      if settings.rate_limit_per_minute > 0 else []),
                     # per process (also with Redis): see deploy/README.md "Shared state"
-                    Middleware(ClientConcurrency,
-                               slots=(CountedSlots(settings.max_in_flight_per_client)
-                                      if settings.max_in_flight_per_client > 0 else None),
-                               backend=(ClientQueues(settings.max_backend_calls_per_client)
-                                        if settings.max_backend_calls_per_client > 0
-                                        else None)),
+                    *([Middleware(ClientConcurrency, slots=client_slots, backend=client_queues)]
+                      if client_slots is not None or client_queues is not None else []),
                     Middleware(CompartmentLayer), *adt_part.middleware(),
                     # innermost: a request is served by the mappings current when it began
                     Middleware(PinLayer, live=live)],

@@ -40,7 +40,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -85,6 +85,14 @@ class BodyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (self.max_bytes <= 0 and self.timeout <= 0):
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"transfer-encoding" or (key == b"content-length" and value != b"0"):
+                break
+        else:
+            # No body (HTTP/1.1: no Transfer-Encoding, no Content-Length or 0): nothing to
+            # count or wait for. Most requests (GET) pass straight through.
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes if self.max_bytes > 0 else math.inf
@@ -355,16 +363,29 @@ class ClientQueues:
 _backend_queues: ContextVar[ClientQueues | None] = ContextVar("backend_queues", default=None)
 
 
-@asynccontextmanager
-async def backend_slot() -> AsyncIterator[None]:
+class _NoSlot:
+    """The slot of a request without a backend queue: nothing to wait for. One shared object,
+    not an async generator made and run per backend call."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+
+_NO_SLOT = _NoSlot()
+
+
+def backend_slot() -> AbstractAsyncContextManager[None]:
     """Around one backend call: wait for one of the client's backend slots."""
     queues = _backend_queues.get()
+    if queues is None:
+        return _NO_SLOT
     key = current_client.get()
-    if queues is None or key is None:
-        yield
-        return
-    async with queues.slot(key):
-        yield
+    if key is None:
+        return _NO_SLOT
+    return queues.slot(key)
 
 
 class ClientConcurrency:

@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines on stdout, one per request, plus an error stream.
+"""structlog set-up: JSON lines on stdout (the current one: see ``StdoutLogger``), one per
+request, plus an error stream.
 
 PHI never goes to info level: request lines carry the route template, status and timings,
 never the query string, bodies or resource content.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -26,6 +28,23 @@ def _add_request_id(_logger: WrappedLogger, _method: str, event_dict: EventDict)
     if rid is not None:
         event_dict.setdefault("request_id", rid)
     return event_dict
+
+
+# structlog's own context variables (``bind_contextvars``), made when something is first bound;
+# None if a structlog release keeps them elsewhere (then every line merges, as before).
+_BOUND_VARS: dict[str, Any] | None = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
+
+
+def _merge_contextvars(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """``structlog.contextvars.merge_contextvars``, skipped while nothing was ever bound.
+
+    structlog's walks every context variable of the context, not only its own: with the
+    ~15 a request sets (request id, audit, limits, compartment, mapping generation, asyncio's)
+    that was ~3.5 µs per log line, on every request, to find nothing. Once anything is bound
+    (a deployment's own processors, tests), every line merges again."""
+    if _BOUND_VARS is not None and not _BOUND_VARS:
+        return event_dict
+    return structlog.contextvars.merge_contextvars(logger, method, event_dict)
 
 
 _second: tuple[int, str] = (-1, "")
@@ -64,6 +83,43 @@ def render_json(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> 
     return orjson.dumps(event_dict, default=_fallback)
 
 
+class StdoutLogger:
+    """``structlog.BytesLogger`` on the stdout of the moment: ``sys.stdout`` is looked up at
+    each line, as the audit sink does with its streams.
+
+    A logger holding the stream it was configured with keeps writing there after the process
+    replaces ``sys.stdout`` (a test's fd capture, a supervisor's redirect): to a stream nobody
+    reads any more, or, once that is closed, into ``ValueError: write to closed file`` raised
+    from the request layer — and the request's line is lost. One lock for every thread.
+    """
+
+    _lock = threading.Lock()
+
+    def msg(self, message: bytes) -> None:
+        stream: Any = sys.stdout
+        if stream is None:  # no stdout at all (pythonw): nowhere to write
+            return
+        buffer = getattr(stream, "buffer", None)
+        with self._lock:
+            if buffer is not None:
+                buffer.write(message + b"\n")
+                buffer.flush()
+            else:  # a text-only stream (io.StringIO)
+                stream.write(message.decode("utf-8") + "\n")
+                stream.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+_STDOUT = StdoutLogger()
+
+
+def _stdout_logger(*_args: Any) -> StdoutLogger:
+    """The structlog logger factory: one logger for every name, writing to the current stdout."""
+    return _STDOUT
+
+
 class _Pipeline:
     """What ``configure`` installed, so ``info`` can run those very processors directly.
 
@@ -72,14 +128,13 @@ class _Pipeline:
     call, paid on every request for the request line. ``info`` skips only that construction.
     """
 
-    def __init__(self, processors: list[Any], factory: Any, wrapper: Any, level: int,
-                 file: Any) -> None:
+    def __init__(self, processors: list[Any], factory: Any, wrapper: Any, level: int) -> None:
         self.processors = processors
         self.snapshot = list(processors)
         self.factory = factory
         self.wrapper = wrapper
         self.level = level
-        self.logger = structlog.BytesLogger(file)  # shares the file's write lock
+        self.logger = _STDOUT
 
     def active(self) -> bool:
         """Still the configuration in force? (Not after another ``structlog.configure``, and
@@ -99,22 +154,20 @@ def configure(level: str = "info", extra: tuple[Any, ...] = ()) -> None:
     processors: list[Any] = [
         _add_request_id,
         *extra,
-        structlog.contextvars.merge_contextvars,
+        _merge_contextvars,
         structlog.processors.add_log_level,
         _timestamp,
         render_json,
     ]
-    file = sys.stdout.buffer
-    factory = structlog.BytesLoggerFactory(file=file)
     wrapper = structlog.make_filtering_bound_logger(lvl)
     structlog.configure(
         processors=processors,
         wrapper_class=wrapper,
-        logger_factory=factory,
-        # Not cached: a cached logger keeps the level and stream of the first configure().
+        logger_factory=_stdout_logger,
+        # Not cached: a cached logger keeps the level of the first configure().
         cache_logger_on_first_use=False,
     )
-    _pipeline = _Pipeline(processors, factory, wrapper, lvl, file)
+    _pipeline = _Pipeline(processors, _stdout_logger, wrapper, lvl)
 
 
 def info(logger: Any, event: str, fields: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from adapters.base import (
@@ -128,9 +128,16 @@ class Provider:
     async def _fetch(self, query: Query) -> Page:
         query = compartment.restrict_query(self, query)  # patient/ tokens: in every query
         audit.note_backend(self, "fetch", query)
+        adapter, prepared = self.mapping.adapter, self.mapping.prepared
+        if adapter.shares(prepared, query):
+            # A read by key shares one statement with the concurrent ones, one statement at a
+            # time per mapping: it cannot hold more than that worker, and queued per client
+            # it could no longer share (a lone busy client's reads went one by one).
+            with _backend_call(self, "fetch"):
+                return await adapter.fetch(prepared, query)
         async with limits.backend_slot():  # the client's own queue (gateway/limits.py)
             with _backend_call(self, "fetch"):
-                return await self.mapping.adapter.fetch(self.mapping.prepared, query)
+                return await adapter.fetch(prepared, query)
 
     # -- several queries in one backend call (adapters.base.Adapter.batch)
 
@@ -328,35 +335,45 @@ class Provider:
                     yield str(row[i])
 
 
-@contextmanager
-def _backend_call(provider: Provider, operation: str) -> Iterator[None]:
+def _backend_call(provider: Provider, operation: str) -> AbstractContextManager[None]:
     """Time a backend call (request log, metrics; a span while tracing), and translate its
     errors at this boundary."""
     mapping = provider.mapping
     if tracing.enabled():
-        name = observability.adapter_name(mapping.adapter)
-        with observability.backend_span(mapping.connection, name, operation):
-            yield from _timed_call(mapping, operation)
-        return
-    yield from _timed_call(mapping, operation)  # a plain generator: no second context manager
+        return _traced_call(mapping, operation)
+    return _TimedCall(mapping, operation)  # no generator to make and drive per call
 
 
-def _timed_call(mapping: CompiledMapping, operation: str) -> Iterator[None]:
-    started = time.perf_counter()
-    error: BaseException | None = None
-    try:
+@contextmanager
+def _traced_call(mapping: CompiledMapping, operation: str) -> Iterator[None]:
+    name = observability.adapter_name(mapping.adapter)
+    with observability.backend_span(mapping.connection, name, operation), \
+            _TimedCall(mapping, operation):
         yield
-    except (BackendError, UnsupportedCriteria) as exc:
-        error = exc
-        raise translate_backend_error(exc) from exc
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        elapsed = time.perf_counter() - started
+
+
+class _TimedCall:
+    """The timing and error translation of one backend call, as a plain context manager."""
+
+    __slots__ = ("mapping", "operation", "started")
+
+    def __init__(self, mapping: CompiledMapping, operation: str) -> None:
+        self.mapping = mapping
+        self.operation = operation
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, _type: type[BaseException] | None, exc: BaseException | None,
+                 _tb: Any) -> None:
+        elapsed = time.perf_counter() - self.started
         adapter_seconds.set(adapter_seconds.get() + elapsed)
+        mapping = self.mapping
         metrics.observe_adapter(mapping.connection, observability.adapter_name(mapping.adapter),
-                                operation, elapsed, error)
+                                self.operation, elapsed, exc)
+        if isinstance(exc, BackendError | UnsupportedCriteria):
+            raise translate_backend_error(exc) from exc
 
 
 def translate_backend_error(exc: Exception) -> Exception:

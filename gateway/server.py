@@ -52,12 +52,21 @@ def with_header_deadline(base: type[asyncio.Protocol], seconds: float) -> type[a
             self._timer = self.loop.call_later(seconds, self._late)
 
         def data_received(self, data: bytes) -> None:
-            if self._timer is None and (self.cycle is None or self.cycle.response_complete):
-                self._start()  # the first bytes of the next request on a kept-alive connection
+            if self._timer is not None or not (self.cycle is None
+                                               or self.cycle.response_complete):
+                super().data_received(data)
+                if self._timer is not None and self.cycle is not self._waiting_after:
+                    self._timer.cancel()
+                    self._timer = None
+                return
+            # The first bytes of the next request on a kept-alive connection. Nearly always
+            # they hold all its headers (a new cycle once parsed): no timer then; one is
+            # started only when the headers are still incomplete after this chunk (the
+            # deadline then counts from now, microseconds after their first byte).
+            before = self.cycle
             super().data_received(data)
-            if self._timer is not None and self.cycle is not self._waiting_after:
-                self._timer.cancel()
-                self._timer = None
+            if self.cycle is before and not self.transport.is_closing():
+                self._start()
 
         def _late(self) -> None:
             self._timer = None

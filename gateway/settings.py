@@ -102,8 +102,12 @@ class Settings:
     max_in_flight_per_client: int = 32
     """Most requests one client may have in flight (429 TOO_MANY_CONCURRENT_REQUESTS beyond
     it), so one client cannot hold every slot of max_in_flight; 0 = no limit."""
-    max_backend_calls_per_client: int = 2
-    """Backend calls of one client that run at once; its others wait in turn; 0 = no limit."""
+    max_backend_calls_per_client: int | None = None
+    """Backend calls of one client that run at once; its others wait in turn; 0 = no limit.
+    Unset: one less than the smallest connection ``pool_size`` (4 with the demo's 5), at least
+    2 (``backend_calls_per_client``): a lone busy client keeps most of the workers, one is
+    always left for the others. Reads by key are not queued (``Adapter.shares``): they share
+    one statement at a time per mapping."""
     source_rate_limit_per_minute: int = 6000
     """Before authentication, per source address: requests a minute (429 beyond); 0 = off."""
     source_rate_limit_burst: int = 1000
@@ -187,7 +191,7 @@ class Settings:
             if raw is None or f.name == "connection_urls":
                 continue
             name = f"CCG_{f.name.upper()}"
-            if f.type in ("int", int):
+            if f.type in ("int", int, "int | None"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:
@@ -205,6 +209,13 @@ class Settings:
         if not 0 <= port <= 65535:
             raise SettingsError(f"the port must be between 0 and 65535, not {port}")
         return cls(**values)
+
+    def backend_calls_per_client(self, pool_sizes: list[int]) -> int:
+        """``max_backend_calls_per_client``, or, unset, what the connection pools allow:
+        one less than the smallest (its workers are what the queue shares out), at least 2."""
+        if self.max_backend_calls_per_client is not None:
+            return self.max_backend_calls_per_client
+        return max(2, min(pool_sizes) - 1) if pool_sizes else 2
 
     def with_secret(self) -> tuple[Settings, bool]:
         """Fill in a random paging secret if none is configured; report whether it was."""

@@ -4,6 +4,7 @@ or headers that never end only exist on a real connection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -138,6 +139,8 @@ def test_a_client_that_leaves_mid_upload_is_not_a_server_error(
     lines = [json.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith("{")]
     assert not [x for x in lines if x.get("level") == "error"], lines
     assert not any("stack" in x for x in lines)
+    requests = [x for x in lines if x.get("event") == "request"]
+    assert [(x["route"], x["status"]) for x in requests] == [("/STU3/{type}/{op}", 499)], lines
     # (The request line's status 499 is written too, seen with `pytest -s`; under pytest's
     # default fd capture it is not captured since the branches were merged: to look into.)
 
@@ -178,6 +181,47 @@ def test_headers_that_never_complete_are_closed_after_the_deadline(
                 assert http.get("/STU3/Patient/100001").status_code == 200
             time.sleep(1.2)  # idle past the header deadline between requests: still fine
             assert http.get("/STU3/Patient/100001").status_code == 200
+
+
+def test_slow_headers_of_a_kept_alive_connections_next_request_meet_the_deadline(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> None:
+    """The deadline's timer starts only when a chunk leaves the headers incomplete (a whole
+    request in one chunk costs no timer): the second request of a connection, dripped."""
+    from gateway.server import uvicorn_options
+
+    app = make_app(demo_sqlite_url)
+    with LiveServer(app, **uvicorn_options(1.0)) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=6) as s:
+        s.sendall(b"GET /STU3/Patient/100001 HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += s.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:100]
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += s.recv(65536)
+        started = time.monotonic()
+        s.sendall(b"GET /STU3/Patient/100001 HTTP/1.1\r\n")  # then a header now and then
+        answer = b""
+        for i in range(20):
+            with contextlib.suppress(OSError):
+                s.sendall(b"X-Slow-%d: y\r\n" % i)
+            time.sleep(0.25)
+            s.settimeout(0.01)
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            answer += chunk
+            if not chunk:
+                break
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert elapsed < 3.0
 
 
 def _drip_search(port: int, who: str, length: int = 200) -> socket.socket:
@@ -249,11 +293,17 @@ def test_invalid_tokens_are_limited_by_address_and_counted_in_the_audit(
                   audit_denial_window_seconds=1)
     sent = 200
     with LiveServer(app) as server, httpx.Client(base_url=server.url) as http:
+        started = time.monotonic()
         statuses = [http.get("/STU3/Patient/100001",
                              headers={"Authorization": f"Bearer not-a-token-{i}"}).status_code
                     for i in range(sent)]
+        elapsed = time.monotonic() - started
         assert statuses[:10] == [401] * 10
-        assert set(statuses[10:]) == {429}  # before the token is even looked at
+        # before the token is even looked at; the bucket refills one failure a second, so a
+        # slow (loaded) machine may see that many more 401s, never more
+        assert set(statuses[10:]) <= {401, 429}
+        assert statuses[10:].count(401) <= int(elapsed) + 1
+        assert statuses[10:].count(429) >= sent - 10 - int(elapsed) - 1
         r = http.get("/STU3/Patient/100001", headers={"Authorization": "Bearer x"})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         sent += 1

@@ -216,6 +216,52 @@ async def test_in_flight_requests_are_capped(build: Callable[..., Starlette],
         assert (await api.get("/STU3/Practitioner/2", headers=as_("b"))).status_code == 200
 
 
+@pytest.mark.parametrize(("setting", "most"), [(None, 4), (2, 2), (0, 12)])
+async def test_a_clients_backend_calls_queue_at_what_the_pool_allows(
+        build: Callable[..., Starlette], monkeypatch: pytest.MonkeyPatch,
+        setting: int | None, most: int) -> None:
+    """Unset, the per-client backend queue is one less than the smallest connection pool (the
+    demo's pool_size is 5): a lone busy client's searches run 4 at a time, not 2, and another
+    client's search still goes first (it does not wait behind the busy one's queue). Reads by
+    id are not queued at all: they share statements, one at a time per mapping."""
+    from gateway import limits
+
+    app = build(**({} if setting is None else {"max_backend_calls_per_client": setting}))
+    adapter = app.state.registry.get("Patient").sources[0].mapping.adapter
+    running: dict[tuple[str | None, bool], int] = {}
+    peak: dict[tuple[str | None, bool], int] = {}
+    finished: list[str] = []
+    original = adapter.fetch
+
+    async def counted(prepared: Any, query: Any) -> Any:  # the real adapter, observed
+        who = (limits.current_client.get(), adapter.shares(prepared, query))
+        running[who] = running.get(who, 0) + 1
+        peak[who] = max(peak.get(who, 0), running[who])
+        try:
+            await anyio.sleep(0.05)
+            return await original(prepared, query)
+        finally:
+            running[who] -= 1
+
+    monkeypatch.setattr(adapter, "fetch", counted)
+    async with _client(app) as api, anyio.create_task_group() as tg:
+        async def get(who: str, path: str) -> None:
+            r = await api.get(path, headers=as_(who))
+            assert r.status_code == 200, r.text
+            finished.append(f"{who} {path}")
+
+        for i in range(12):
+            tg.start_soon(get, "a", f"/STU3/Patient?family=smith&gender=female&_count={i + 1}")
+            tg.start_soon(get, "a", f"/STU3/Patient/{100001 + i}")
+        await anyio.sleep(0.01)
+        tg.start_soon(get, "b", "/STU3/Patient?family=jones&gender=male")
+    assert peak[("client:client-a", False)] == most  # searches: queued per client
+    assert peak[("client:client-a", True)] == 12  # reads by id: never queued
+    if setting != 0:  # with a queue, b's search is not behind a's twelve
+        searches = [f for f in finished if "?" in f]
+        assert searches.index("b /STU3/Patient?family=jones&gender=male") < len(searches) - 1
+
+
 # --- XML parsed safely --------------------------------------------------------------------------
 
 LAUGHS = """<?xml version="1.0" encoding="{enc}"?>

@@ -183,3 +183,24 @@ def test_the_json_renderer_is_structlogs() -> None:
     reference = structlog.processors.JSONRenderer(serializer=orjson.dumps)
     assert gateway_logging.render_json(None, "info", dict(event)) == reference(
         None, "info", dict(event))
+
+
+def test_lines_follow_stdout_when_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configured, then stdout replaced and the old one closed (a test's capture ending, a
+    redirect): the lines go to the stdout of the moment, the request line too, and nothing
+    raises from a closed stream (a request line lost that way is the mid-upload 499 line of
+    tests/gateway/test_availability.py)."""
+    import io
+    import sys
+
+    old = io.TextIOWrapper(io.BytesIO())
+    monkeypatch.setattr(sys, "stdout", old)
+    gateway_logging.configure("info")
+    new = io.TextIOWrapper(io.BytesIO(), write_through=True)
+    monkeypatch.setattr(sys, "stdout", new)
+    old.close()
+    log = structlog.get_logger("gateway.test")
+    log.info("after")
+    gateway_logging.info(log, "request", {"status": 499})
+    out = [json.loads(line) for line in new.buffer.getvalue().splitlines()]
+    assert [(x["event"], x.get("status")) for x in out] == [("after", None), ("request", 499)]
