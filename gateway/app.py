@@ -144,7 +144,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
     shared = shared_state.create(settings.redis_url, settings.redis_timeout_ms)
     if not settings.redis_url and settings.workers > 1:
         log.warning("local_shared_state", workers=settings.workers,
-                    hint="rate limits and the jti replay cache are per process: set "
+                    hint="rate limits, in-flight caps and the jti replay cache are per "
+                         "process: set "
                          "CCG_REDIS_URL to share them between workers and replicas")
     if settings.validate_responses:
         from gateway.profiles import runtime
@@ -244,7 +245,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
                                    settings.source_rate_limit_per_minute,
                                    settings.source_rate_limit_burst),
                                failures=_buckets(settings.auth_failures_per_minute,
-                                                 settings.auth_failures_burst)),
+                                                 settings.auth_failures_burst),
+                               shared=shared if settings.redis_url else None),
                     Middleware(ConcurrencyLimit, max_in_flight=settings.max_in_flight),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                timeout=settings.body_timeout_seconds),
@@ -256,13 +258,17 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
                                burst=settings.rate_limit_burst,
                                shared=shared if settings.redis_url else None),
-                    # per process (also with Redis): see deploy/README.md "Shared state"
+                    # in-flight cap: in Redis when set; the backend queue is per process
+                    # (it guards this process's pool): deploy/README.md "Shared state"
                     Middleware(ClientConcurrency,
                                slots=(CountedSlots(settings.max_in_flight_per_client)
                                       if settings.max_in_flight_per_client > 0 else None),
                                backend=(ClientQueues(settings.max_backend_calls_per_client)
                                         if settings.max_backend_calls_per_client > 0
-                                        else None)),
+                                        else None),
+                               shared=shared if settings.redis_url else None,
+                               limit=settings.max_in_flight_per_client,
+                               lease_seconds=float(settings.concurrency_lease_seconds)),
                     Middleware(CompartmentLayer), *adt_part.middleware(),
                     # innermost: a request is served by the mappings current when it began
                     Middleware(PinLayer, live=live)],

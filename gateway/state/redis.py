@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import secrets
@@ -53,6 +54,40 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
 
+# Renew this process's leases of one key that still exist (an ended one is not brought back:
+# its slot may already be someone else's); the key lives as long as its newest lease.
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local kept = 0
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+    kept = kept + 1
+  end
+end
+if kept > 0 and redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return kept
+"""
+
+# How long until ``key``'s bucket has a token, taking nothing (a missing key is a full bucket).
+PEEK = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local v = redis.call('HMGET', KEYS[1], 't', 'ts')
+if not v[1] then return '0' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+if tokens >= 1 then return '0' end
+return tostring((1 - tokens) / rate)
+"""
+
+
+_STORES = {"rl": "rate_limit", "src": "source_limit", "authfail": "auth_failures"}
+"""Bucket kinds (key prefixes) and their ``store`` label on the fallback metric."""
+
 
 def _key(kind: str, raw: str) -> str:
     # Fixed length whatever the client sent; no client string in Redis's key space.
@@ -69,6 +104,11 @@ class RedisState:
             retry_on_timeout=False, health_check_interval=30)
         self._bucket = self.client.register_script(TOKEN_BUCKET)
         self._acquire = self.client.register_script(ACQUIRE)
+        self._renew = self.client.register_script(RENEW)
+        self._peek = self.client.register_script(PEEK)
+        self._held: dict[str, tuple[str, float]] = {}
+        """This process's leases in Redis (lease -> key, seconds), renewed while held."""
+        self._renewer: asyncio.Task[None] | None = None
         self._errors = (exceptions.RedisError, OSError, TimeoutError)
         self._down_until = 0.0
         self._warned_at: dict[str, float] = {}
@@ -88,16 +128,27 @@ class RedisState:
             log.warning("shared_state_unavailable", store=store, action=action,
                         error=type(exc).__name__ if exc else "recently_failed")
 
-    async def take(self, key: str, rate: float, burst: int) -> float:
+    async def take(self, key: str, rate: float, burst: int, kind: str = "rl") -> float:
         if self._available():
             try:
-                wait = await self._bucket(keys=[_key("rl", key)], args=[repr(rate), burst])
+                wait = await self._bucket(keys=[_key(kind, key)], args=[repr(rate), burst])
                 return float(wait)
             except self._errors as exc:
-                self._failed("rate_limit", "local", exc)
+                self._failed(_STORES[kind], "local", exc)
         else:
-            self._failed("rate_limit", "local", None)
-        return self.local.take_now(key, rate, burst)
+            self._failed(_STORES[kind], "local", None)
+        return self.local.take_now(key, rate, burst, kind)
+
+    async def peek(self, key: str, rate: float, burst: int, kind: str) -> float:
+        if self._available():
+            try:
+                return float(await self._peek(keys=[_key(kind, key)],
+                                              args=[repr(rate), burst]))
+            except self._errors as exc:
+                self._failed(_STORES[kind], "local", exc)
+        else:
+            self._failed(_STORES[kind], "local", None)
+        return self.local.peek_now(key, rate, burst, kind)
 
     async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
         if self._available():
@@ -105,7 +156,12 @@ class RedisState:
             try:
                 got = await self._acquire(keys=[_key("cc", key)],
                                           args=[limit, max(1, int(lease_seconds * 1000)), lease])
-                return lease if int(got) == 1 else None
+                if int(got) != 1:
+                    return None
+                self._held[lease] = (_key("cc", key), lease_seconds)
+                if self._renewer is None or self._renewer.done():
+                    self._renewer = asyncio.create_task(self._renew_held(lease_seconds))
+                return lease
             except self._errors as exc:
                 self._failed("concurrency", "local", exc)
         else:
@@ -117,8 +173,24 @@ class RedisState:
         if lease.startswith("l:"):  # taken locally while Redis was away
             self.local.release_now(key)
             return
+        self._held.pop(lease, None)
         with contextlib.suppress(*self._errors):  # else the lease ends by itself
             await self.client.zrem(_key("cc", key), lease)
+
+    async def _renew_held(self, lease_seconds: float) -> None:
+        """While this process holds leases, push their ends out every third of their
+        lifetime: a long request keeps its slot, a dead process's slots end with it."""
+        while self._held:
+            await asyncio.sleep(max(0.05, lease_seconds / 3))
+            by_key: dict[tuple[str, float], list[str]] = {}
+            for lease, (rkey, seconds) in list(self._held.items()):
+                by_key.setdefault((rkey, seconds), []).append(lease)
+            with contextlib.suppress(*self._errors):  # Redis away: they end by themselves
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for (rkey, seconds), leases in by_key.items():
+                        await self._renew(keys=[rkey], args=[max(1, int(seconds * 1000)),
+                                                             *leases], client=pipe)
+                    await pipe.execute()
 
     async def seen(self, key: str, expires_at: float) -> bool:
         if not self._available():
@@ -136,4 +208,8 @@ class RedisState:
         await self.client.ping()
 
     async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         await self.client.aclose()
