@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
+from gateway import metrics
 from gateway.messaging.store import MessageStore
 
 log = structlog.get_logger("gateway.messaging")
@@ -83,14 +84,17 @@ class Outbox:
             if 200 <= r.status_code < 300:
                 await self.store.delivered(seq)
                 log.info("message_response_delivered", seq=seq, attempts=attempts + 1)
+                metrics.delivery("message_response", "delivered")
                 return
             error = f"HTTP {r.status_code}"
         except httpx.HTTPError as exc:
             error = type(exc).__name__
         done = attempts + 1
         if done >= self.max_attempts:
+            metrics.delivery("message_response", "dead_letter")
             await self.store.failed(seq, error, None)
             log.warning("message_response_dead", seq=seq, attempts=done, error=error)
             return
+        metrics.delivery("message_response", "retry")
         delay = min(self.backoff_max, self.backoff_base * 2 ** attempts)
         await self.store.failed(seq, error, time.time() + delay)

@@ -31,7 +31,7 @@ import structlog
 from starlette.responses import Response
 
 from adapters.base import Write
-from gateway import writes
+from gateway import metrics, writes
 from gateway.auth import authorize
 from gateway.errors import (
     BadRequest,
@@ -229,10 +229,14 @@ class Messaging:
     async def _apply(self, message: dict[str, Any], header: dict[str, Any], base: str,
                      again: bool) -> tuple[dict[str, Any], bool]:
         mid = header["id"]
+        event = header["event"].get("code") if header["event"].get(
+            "system") == self.spec.event_system else None
         try:
             focus = await self._write(message, header, again, mid)
         except Outcome as out:
+            metrics.message_processed(event, self.spec.events, out.code)
             return self.response(header, base, out), out.final
+        metrics.message_processed(event, self.spec.events, "ok")
         return self.response(header, base, None, focus), True
 
     def event_of(self, header: dict[str, Any]) -> tuple[str, Any]:
