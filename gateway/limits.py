@@ -336,9 +336,13 @@ class SourceLimit:
     async def _shared(self, scope: Scope, receive: Receive, send: Send) -> None:
         shared, key = self.shared, source_key(scope)
         failures, requests = self.failures, self.requests
-        wait = (await shared.peek(key, failures.rate, failures.burst, "authfail")
-                if failures is not None else 0.0)
-        if not wait and requests is not None:
+        if failures is not None and requests is not None:  # one round trip for both
+            wait = await shared.admit(key, (failures.rate, failures.burst),
+                                      (requests.rate, requests.burst))
+        elif failures is not None:
+            wait = await shared.peek(key, failures.rate, failures.burst, "authfail")
+        else:
+            assert requests is not None
             wait = await shared.take(key, requests.rate, requests.burst, "src")
         if wait > 0:
             await _reject(scope, receive, send, TooManyRequests(

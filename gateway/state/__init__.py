@@ -62,6 +62,11 @@ class SharedState(Protocol):
         """Record ``key`` until ``expires_at`` (Unix time); True if it was already there.
         Raises SharedStateUnavailable when that cannot be known."""
 
+    async def admit(self, key: str, failures: tuple[float, int],
+                    requests: tuple[float, int]) -> float:
+        """``peek`` the ``authfail`` bucket (rate, burst) and, if it has a token, ``take``
+        from the ``src`` bucket, in one call: the wait, 0.0 if admitted."""
+
     async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
         """A lease on one of ``limit`` slots for ``key``, or None when all are taken. The
         lease is renewed while it is held (every third of ``lease_seconds``) and ends by

@@ -34,6 +34,15 @@ class LocalState:
     def peek_now(self, key: str, rate: float, burst: int, kind: str) -> float:
         return self._table(rate, burst, kind).peek(key)
 
+    async def admit(self, key: str, failures: tuple[float, int],
+                    requests: tuple[float, int]) -> float:
+        return self.admit_now(key, failures, requests)
+
+    def admit_now(self, key: str, failures: tuple[float, int],
+                  requests: tuple[float, int]) -> float:
+        wait = self.peek_now(key, *failures, "authfail")
+        return wait if wait > 0 else self.take_now(key, *requests, "src")
+
     async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
         return self.acquire_now(key, limit)
 

@@ -85,6 +85,31 @@ return tostring((1 - tokens) / rate)
 """
 
 
+# Before authentication, one call per request: the address's failed-authentication bucket
+# is looked at (KEYS[1], nothing taken) and, if it has a token, one is taken from its request
+# bucket (KEYS[2]) -- PEEK's and TOKEN_BUCKET's arithmetic, in one round trip.
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local frate, fburst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local f = redis.call('HMGET', KEYS[1], 't', 'ts')
+if f[1] then
+  local ftokens = math.min(fburst, tonumber(f[1]) + math.max(0, now - tonumber(f[2])) * frate)
+  if ftokens < 1 then return tostring((1 - ftokens) / frate) end
+end
+local rate, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local v = redis.call('HMGET', KEYS[2], 't', 'ts')
+local tokens = tonumber(v[1]) or burst
+local ts = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[2], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
 _STORES = {"rl": "rate_limit", "src": "source_limit", "authfail": "auth_failures"}
 """Bucket kinds (key prefixes) and their ``store`` label on the fallback metric."""
 
@@ -106,6 +131,7 @@ class RedisState:
         self._acquire = self.client.register_script(ACQUIRE)
         self._renew = self.client.register_script(RENEW)
         self._peek = self.client.register_script(PEEK)
+        self._admit = self.client.register_script(ADMIT)
         self._held: dict[str, tuple[str, float]] = {}
         """This process's leases in Redis (lease -> key, seconds), renewed while held."""
         self._renewer: asyncio.Task[None] | None = None
@@ -149,6 +175,19 @@ class RedisState:
         else:
             self._failed(_STORES[kind], "local", None)
         return self.local.peek_now(key, rate, burst, kind)
+
+    async def admit(self, key: str, failures: tuple[float, int],
+                    requests: tuple[float, int]) -> float:
+        if self._available():
+            try:
+                return float(await self._admit(
+                    keys=[_key("authfail", key), _key("src", key)],
+                    args=[repr(failures[0]), failures[1], repr(requests[0]), requests[1]]))
+            except self._errors as exc:
+                self._failed("source_limit", "local", exc)
+        else:
+            self._failed("source_limit", "local", None)
+        return self.local.admit_now(key, failures, requests)
 
     async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
         if self._available():

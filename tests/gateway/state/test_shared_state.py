@@ -219,3 +219,25 @@ async def test_per_address_buckets_with_redis_down_are_local() -> None:
         assert fallbacks("source_limit", "local") >= 1
     finally:
         await dead.aclose()
+
+
+async def test_admit_peeks_the_failures_and_takes_a_request_in_one_call(
+        redis_server: TempRedis) -> None:
+    one, two = RedisState(redis_server.url), RedisState(redis_server.url)
+    address = f"ip:{uuid.uuid4()}"
+    failures, requests = (1 / 60, 1), (1 / 60, 2)
+    try:
+        assert await one.admit(address, failures, requests) == 0.0
+        assert await two.admit(address, failures, requests) == 0.0
+        assert 55 < await one.admit(address, failures, requests) <= 60  # requests used up
+        other = f"ip:{uuid.uuid4()}"
+        assert await one.take(other, *failures, "authfail") == 0.0  # one failure: used up
+        assert 55 < await two.admit(other, failures, requests) <= 60  # refused, nothing taken
+        assert await one.peek(other, *requests, "src") == 0.0
+    finally:
+        await one.aclose()
+        await two.aclose()
+    local = LocalState()
+    assert local.admit_now("k", failures, requests) == 0.0
+    local.take_now("k", *failures, "authfail")
+    assert local.admit_now("k", failures, requests) > 0
