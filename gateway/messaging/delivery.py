@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -44,7 +47,8 @@ def allowed(url: str, allow_list: list[str]) -> bool:
 class Outbox:
     def __init__(self, store: MessageStore, allow_list: list[str], *, max_attempts: int = 8,
                  backoff_base: float = 1.0, backoff_max: float = 300.0, poll: float = 0.5,
-                 timeout: float = 10.0, retention_seconds: float = 30 * 86_400) -> None:
+                 timeout: float = 10.0, retention_seconds: float = 30 * 86_400,
+                 holder: str | None = None) -> None:
         self.retention_seconds = retention_seconds
         self.store = store
         self.allow_list = allow_list
@@ -54,6 +58,11 @@ class Outbox:
         self.poll = poll
         self.timeout = timeout
         self._wake = asyncio.Event()
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        """This deliverer, in the store's ``outbox`` lease: processes sharing the store
+        (workers on one data directory) take turns, so no response is posted twice at once.
+        Renewed before each post, for longer than one post can take."""
+        self.lease_ttl = timeout + 30.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -67,6 +76,10 @@ class Outbox:
                     purged_at = time.monotonic()
                     await self.store.purge(self.retention_seconds)
                 for item in await self.store.due():
+                    # held (taken or renewed) before each post: another process that took the
+                    # outbox over after this one stalled posts the rest, not this one too
+                    if not await self.store.lease("outbox", self.holder, self.lease_ttl):
+                        break
                     await self._send(client, item.seq, item.url, item.body, item.attempts)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -51,6 +51,9 @@ log = structlog.get_logger("gateway.messaging")
 DEFINITION = "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message"
 _NS = uuid.UUID("6d1f2c3a-8e4b-5f70-a1b2-c3d4e5f60718")
 _FHIR_JSON = "application/fhir+json"
+MESSAGE_LEASE_SECONDS = 600.0
+"""Longer than any one message's processing (its backend deadline); after it, a message whose
+process died is another's to take."""
 
 
 class Outcome(Exception):
@@ -202,6 +205,17 @@ class Messaging:
                 log.exception("message_processing_failed")
 
     async def _process_stored(self, mid: str) -> None:
+        # Another process on this store (``--workers``) may have queued it too (each reads the
+        # waiting messages when it starts): the one holding its lease applies it, once.
+        lease = f"message:{mid}"
+        if not await self.store.lease(lease, self.outbox.holder, MESSAGE_LEASE_SECONDS):
+            return
+        try:
+            await self._process_leased(mid)
+        finally:
+            await self.store.unlease(lease, self.outbox.holder)
+
+    async def _process_leased(self, mid: str) -> None:
         async with self._lock(mid):
             stored = await self.store.get(mid)
             if stored is None or stored.response is not None or stored.body is None:
