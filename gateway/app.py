@@ -226,6 +226,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
         await shared.aclose()
         audit_trail.close()
 
+    # With Redis, a client's rate and its in-flight lease are one call (ClientConcurrency)
+    rated_lease = bool(settings.redis_url and settings.rate_limit_per_minute > 0
+                       and settings.max_in_flight_per_client > 0)
     app_routes = routes(api, live, settings.base_path.rstrip("/"))
     if settings.metrics and not settings.metrics_port:  # else: on its own port (cli.py)
         app_routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
@@ -255,7 +258,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
                                shared_state=shared if settings.redis_url else None,
                                public=frozenset({"/metrics"})),
                     # inside authentication: these need the principal it sets
-                    Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
+                    Middleware(RateLimit, per_minute=(0 if rated_lease
+                                                      else settings.rate_limit_per_minute),
                                burst=settings.rate_limit_burst,
                                shared=shared if settings.redis_url else None),
                     # in-flight cap: in Redis when set; the backend queue is per process
@@ -268,7 +272,10 @@ def build_app(settings: Settings | None = None) -> Starlette:
                                         else None),
                                shared=shared if settings.redis_url else None,
                                limit=settings.max_in_flight_per_client,
-                               lease_seconds=float(settings.concurrency_lease_seconds)),
+                               lease_seconds=float(settings.concurrency_lease_seconds),
+                               rate=((settings.rate_limit_per_minute / 60.0,
+                                      max(1, settings.rate_limit_burst))
+                                     if rated_lease else None)),
                     Middleware(CompartmentLayer), *adt_part.middleware(),
                     # innermost: a request is served by the mappings current when it began
                     Middleware(PinLayer, live=live)],

@@ -412,7 +412,7 @@ class ClientConcurrency:
 
     def __init__(self, app: ASGIApp, slots: Slots | None, backend: ClientQueues | None,
                  retry_after: int = 1, shared: Any = None, limit: int = 0,
-                 lease_seconds: float = 30.0) -> None:
+                 lease_seconds: float = 30.0, rate: tuple[float, int] | None = None) -> None:
         self.app = app
         self.slots = slots
         self.backend = backend
@@ -423,6 +423,9 @@ class ClientConcurrency:
         self.shared: Any = shared if limit > 0 else None
         self.limit = limit
         self.lease_seconds = lease_seconds
+        # (per second, burst): the client's rate limit, checked here in the same Redis call
+        # as its lease (the app builder then leaves RateLimit out of the shared path)
+        self.rate = rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
@@ -449,7 +452,17 @@ class ClientConcurrency:
 
     async def _leased(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = client_key(scope)
-        lease = await self.shared.acquire(key, self.limit, self.lease_seconds)
+        if self.rate is not None:
+            wait, lease = await self.shared.acquire_rated(key, self.rate[0], self.rate[1],
+                                                          self.limit, self.lease_seconds)
+            if wait > 0:
+                metrics.refused("rate_limit")
+                await _reject(scope, receive, send, TooManyRequests(
+                    "too many requests from this client; slow down",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+                return
+        else:
+            lease = await self.shared.acquire(key, self.limit, self.lease_seconds)
         if lease is None:
             await _reject(scope, receive, send, TooManyConcurrent(
                 "too many requests from this client at once; wait for some to finish",

@@ -72,6 +72,11 @@ class SharedState(Protocol):
         lease is renewed while it is held (every third of ``lease_seconds``) and ends by
         itself ``lease_seconds`` after its holder stops renewing it (the process died)."""
 
+    async def acquire_rated(self, key: str, rate: float, burst: int, limit: int,
+                            lease_seconds: float) -> tuple[float, str | None]:
+        """``take`` (kind ``rl``) then, if a token was taken, ``acquire``, in one call:
+        (the wait, None) when over the rate; (0.0, the lease or None at the cap)."""
+
     async def release(self, key: str, lease: str) -> None:
         """Give a lease back (a lease already expired is ignored)."""
 

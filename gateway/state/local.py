@@ -53,6 +53,11 @@ class LocalState:
         self._in_flight[key] = held + 1
         return key
 
+    async def acquire_rated(self, key: str, rate: float, burst: int, limit: int,
+                            lease_seconds: float) -> tuple[float, str | None]:
+        wait = self.take_now(key, rate, burst)
+        return (wait, None) if wait > 0 else (0.0, self.acquire_now(key, limit))
+
     async def release(self, key: str, lease: str) -> None:
         self.release_now(key)
 

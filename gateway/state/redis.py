@@ -110,6 +110,32 @@ return tostring(wait)
 """
 
 
+# After authentication, one call per request: the client's rate (TOKEN_BUCKET on KEYS[1])
+# and, if a token was taken, a lease on one of its in-flight slots (ACQUIRE on KEYS[2]).
+# Returns {wait (a string, as TOKEN_BUCKET), 1 if a lease was taken else 0}.
+ACQUIRE_RATED = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local v = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(v[1]) or burst
+local ts = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+if wait > 0 then return {tostring(wait), 0} end
+local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', nowms)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return {'0', 0} end
+redis.call('ZADD', KEYS[2], nowms + ttl, ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {'0', 1}
+"""
+
+
 _STORES = {"rl": "rate_limit", "src": "source_limit", "authfail": "auth_failures"}
 """Bucket kinds (key prefixes) and their ``store`` label on the fallback metric."""
 
@@ -132,6 +158,7 @@ class RedisState:
         self._renew = self.client.register_script(RENEW)
         self._peek = self.client.register_script(PEEK)
         self._admit = self.client.register_script(ADMIT)
+        self._acquire_rated = self.client.register_script(ACQUIRE_RATED)
         self._held: dict[str, tuple[str, float]] = {}
         """This process's leases in Redis (lease -> key, seconds), renewed while held."""
         self._renewer: asyncio.Task[None] | None = None
@@ -189,6 +216,37 @@ class RedisState:
             self._failed("source_limit", "local", None)
         return self.local.admit_now(key, failures, requests)
 
+    async def acquire_rated(self, key: str, rate: float, burst: int, limit: int,
+                            lease_seconds: float) -> tuple[float, str | None]:
+        if self._available():
+            lease = "r:" + secrets.token_hex(8)
+            try:
+                wait, got = await self._acquire_rated(
+                    keys=[_key("rl", key), _key("cc", key)],
+                    args=[repr(rate), burst, limit, max(1, int(lease_seconds * 1000)), lease])
+                if float(wait) > 0:
+                    return float(wait), None
+                if int(got) != 1:
+                    return 0.0, None
+                self._hold(lease, key, lease_seconds)
+                return 0.0, lease
+            except self._errors as exc:
+                self._failed("rate_limit", "local", exc)
+                self._failed("concurrency", "local", None)
+        else:
+            self._failed("rate_limit", "local", None)
+            self._failed("concurrency", "local", None)
+        wait = self.local.take_now(key, rate, burst)
+        if wait > 0:
+            return wait, None
+        local = self.local.acquire_now(key, limit)
+        return 0.0, None if local is None else "l:" + local
+
+    def _hold(self, lease: str, key: str, lease_seconds: float) -> None:
+        self._held[lease] = (_key("cc", key), lease_seconds)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_held(lease_seconds))
+
     async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
         if self._available():
             lease = "r:" + secrets.token_hex(8)
@@ -197,9 +255,7 @@ class RedisState:
                                           args=[limit, max(1, int(lease_seconds * 1000)), lease])
                 if int(got) != 1:
                     return None
-                self._held[lease] = (_key("cc", key), lease_seconds)
-                if self._renewer is None or self._renewer.done():
-                    self._renewer = asyncio.create_task(self._renew_held(lease_seconds))
+                self._hold(lease, key, lease_seconds)
                 return lease
             except self._errors as exc:
                 self._failed("concurrency", "local", exc)

@@ -241,3 +241,32 @@ async def test_admit_peeks_the_failures_and_takes_a_request_in_one_call(
     assert local.admit_now("k", failures, requests) == 0.0
     local.take_now("k", *failures, "authfail")
     assert local.admit_now("k", failures, requests) > 0
+
+
+async def test_rate_and_lease_in_one_call(redis_server: TempRedis) -> None:
+    one, two = RedisState(redis_server.url), RedisState(redis_server.url)
+    client = f"client:{uuid.uuid4()}"
+    try:
+        wait, a = await one.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert wait == 0.0 and a is not None
+        wait, b = await two.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert wait == 0.0 and b is None  # a token taken, the one slot held by the other
+        await one.release(client, a)
+        wait, c = await two.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert wait == 0.0 and c is not None
+        await two.release(client, c)
+        wait, d = await one.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert 55 < wait <= 60 and d is None  # the burst of 3 is spent: no lease taken
+        assert await one.client.zcard(_key("cc", client)) == 0
+    finally:
+        await one.aclose()
+        await two.aclose()
+    dead = RedisState(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    try:
+        before = fallbacks("concurrency", "local")
+        wait, lease = await dead.acquire_rated("client:z", 1 / 60, 1, 1, 30)
+        assert wait == 0.0 and lease is not None and lease.startswith("l:")
+        assert (await dead.acquire_rated("client:z", 1 / 60, 1, 1, 30))[0] > 0
+        assert fallbacks("concurrency", "local") == before + 2
+    finally:
+        await dead.aclose()
