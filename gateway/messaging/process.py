@@ -54,6 +54,8 @@ _FHIR_JSON = "application/fhir+json"
 MESSAGE_LEASE_SECONDS = 600.0
 """Longer than any one message's processing (its backend deadline); after it, a message whose
 process died is another's to take."""
+MESSAGE_WAIT_SECONDS = 30.0
+"""How long a synchronous message waits for another worker processing the same id."""
 
 
 class Outcome(Exception):
@@ -161,7 +163,12 @@ class Messaging:
         """The response message (synchronous mode), the write applied at most once."""
         header = header_of(message)
         mid, dg = header["id"], digest(message)
-        async with self._lock(mid):
+        async with self._lock(mid), self._claim(mid, MESSAGE_WAIT_SECONDS) as held:
+            if not held:  # another worker on this store has it (and is still at it)
+                return self.response(header, base, Outcome("transient-error", [issue(
+                    "error", "transient", "MESSAGE_IN_PROGRESS", "another worker is "
+                    "processing this message; send the same message again shortly")],
+                    final=False))
             stored = await self.store.get(mid)
             if stored is not None and stored.digest != dg:
                 return self.response(header, base, _fatal(
@@ -207,16 +214,9 @@ class Messaging:
     async def _process_stored(self, mid: str) -> None:
         # Another process on this store (``--workers``) may have queued it too (each reads the
         # waiting messages when it starts): the one holding its lease applies it, once.
-        lease = f"message:{mid}"
-        if not await self.store.lease(lease, self.outbox.holder, MESSAGE_LEASE_SECONDS):
-            return
-        try:
-            await self._process_leased(mid)
-        finally:
-            await self.store.unlease(lease, self.outbox.holder)
-
-    async def _process_leased(self, mid: str) -> None:
-        async with self._lock(mid):
+        async with self._lock(mid), self._claim(mid) as held:
+            if not held:
+                return
             stored = await self.store.get(mid)
             if stored is None or stored.response is not None or stored.body is None:
                 return
@@ -230,6 +230,24 @@ class Messaging:
                 return
         # transient: try again later (the row stays accepted/unknown, so a restart resumes it)
         asyncio.get_running_loop().call_later(self.retry_seconds, self._queue.put_nowait, mid)
+
+    @contextlib.asynccontextmanager
+    async def _claim(self, mid: str, wait: float = 0.0) -> AsyncIterator[bool]:
+        """Inside ``_lock(mid)``: the store's lease on message ``mid``, which processes
+        sharing the store (workers on one data directory) take in turn; waited for up to
+        ``wait`` seconds. Yields whether this process holds it."""
+        name, holder = f"message:{mid}", self.outbox.holder
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not (held := await self.store.lease(name, holder, MESSAGE_LEASE_SECONDS)):
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        try:
+            yield held
+        finally:
+            if held:
+                await self.store.unlease(name, holder)
 
     @staticmethod
     def _unknown(response: dict[str, Any]) -> bool:

@@ -185,15 +185,24 @@ class MessageStore:
         """Take or renew ``name`` for ``ttl`` seconds; False while another holder has it."""
         now = time.time()
         with self._lock:
-            n = self._db.execute(
+            return bool(self._unsynced(
                 "INSERT INTO lease (name, holder, expires) VALUES (?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, "
                 "expires = excluded.expires WHERE lease.holder = excluded.holder "
-                "OR lease.expires < ?", (name, holder, now + ttl, now)).rowcount
-        return bool(n)
+                "OR lease.expires < ?", (name, holder, now + ttl, now)))
 
     def release_lease(self, name: str, holder: str) -> None:
-        self._run("DELETE FROM lease WHERE name = ? AND holder = ?", (name, holder))
+        with self._lock:
+            self._unsynced("DELETE FROM lease WHERE name = ? AND holder = ?", (name, holder))
+
+    def _unsynced(self, sql: str, args: tuple[Any, ...]) -> int:
+        # A lease need not survive power loss (every holder is gone then too): no fsync of
+        # its own; the next synchronous commit syncs it with everything else.
+        self._db.execute("PRAGMA synchronous=OFF")
+        try:
+            return int(self._db.execute(sql, args).rowcount)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     async def lease(self, name: str, holder: str, ttl: float) -> bool:
         return await anyio.to_thread.run_sync(self.acquire_lease, name, holder, ttl)

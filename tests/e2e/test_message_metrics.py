@@ -89,3 +89,28 @@ async def test_response_deliveries_are_counted_by_outcome(tmp_path: Path) -> Non
     after = [value(name, channel="message_response", outcome=o) for o in outcomes]
     # m1: a retry, then delivered; m2: a retry, then dead
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 2, 1]
+
+
+async def test_a_message_another_worker_holds_is_not_applied_twice(
+        gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers sharing a data directory share messages.sqlite: while another worker holds a
+    message's lease (it is applying it), this one does not apply it too; it answers
+    transient-error MESSAGE_IN_PROGRESS (send the same message again), and nothing reaches
+    the PAS. Once the lease is given back the message is processed."""
+    from gateway.messaging import process
+
+    c, _, faults, app = gw_app
+    monkeypatch.setattr(process, "MESSAGE_WAIT_SECONDS", 0.3)
+    store = app.state.messaging.store
+    msg = message("msg-lease-1", "patient-registration", new_patient("9430001094"))
+    assert store.acquire_lease("message:msg-lease-1", "another-worker", 30)
+    r = await c.post("/$process-message", json=msg)
+    assert r.status_code == 200
+    assert response_of(r.json()) == ("transient-error", ["MESSAGE_IN_PROGRESS"])
+    assert faults.a28s == 0
+    store.release_lease("message:msg-lease-1", "another-worker")
+    r = await c.post("/$process-message", json=msg)
+    assert response_of(r.json())[0] == "ok"
+    assert faults.a28s == 1
+    assert store._run("SELECT count(*) FROM lease")[0][0] == 0  # given back after use
