@@ -18,6 +18,9 @@ from gateway.state.local import LocalState
 log = structlog.get_logger("gateway.state")
 
 RETRY_AFTER_FAILURE = 1.0
+RELEASE_DELAY = 0.002
+"""Seconds a given-back lease waits to be sent with others (another process may see the slot
+taken that much longer; this process's own next acquire on the key sends it at once)."""
 WARN_EVERY = 60.0
 
 # A token bucket, atomically: refill by the time since the last take (Redis's own clock, so
@@ -42,11 +45,13 @@ return tostring(wait)
 
 
 # Leases on a client's concurrency slots: a sorted set of lease ids scored by when each
-# ends (Redis's clock). Ended leases go first; the key lives as long as its newest lease.
+# ends (Redis's clock). Ended leases go first, and this process's leases given back but not
+# yet sent (ARGV[4..]); the key lives as long as its newest lease.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
+for i = 4, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
@@ -112,9 +117,11 @@ return tostring(wait)
 
 # After authentication, one call per request: the client's rate (TOKEN_BUCKET on KEYS[1])
 # and, if a token was taken, a lease on one of its in-flight slots (ACQUIRE on KEYS[2]).
-# Returns {wait (a string, as TOKEN_BUCKET), 1 if a lease was taken else 0}.
+# Returns {wait (a string, as TOKEN_BUCKET), 1 if a lease was taken else 0}. ARGV[6..]: this
+# process's leases on KEYS[2] given back but not yet sent, removed first (as in ACQUIRE).
 ACQUIRE_RATED = """
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 6, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local v = redis.call('HMGET', KEYS[1], 't', 'ts')
@@ -162,6 +169,11 @@ class RedisState:
         self._held: dict[str, tuple[str, float]] = {}
         """This process's leases in Redis (lease -> key, seconds), renewed while held."""
         self._renewer: asyncio.Task[None] | None = None
+        self._releasing: dict[str, list[str]] = {}
+        """Leases given back, by key, not yet sent: sent together RELEASE_DELAY later (one
+        call for every request that ended meanwhile), or with this process's next acquire
+        on the same key, whichever is first."""
+        self._releaser: asyncio.Task[None] | None = None
         self._errors = (exceptions.RedisError, OSError, TimeoutError)
         self._down_until = 0.0
         self._warned_at: dict[str, float] = {}
@@ -221,9 +233,11 @@ class RedisState:
         if self._available():
             lease = "r:" + secrets.token_hex(8)
             try:
+                rkey = _key("cc", key)
                 wait, got = await self._acquire_rated(
-                    keys=[_key("rl", key), _key("cc", key)],
-                    args=[repr(rate), burst, limit, max(1, int(lease_seconds * 1000)), lease])
+                    keys=[_key("rl", key), rkey],
+                    args=[repr(rate), burst, limit, max(1, int(lease_seconds * 1000)), lease,
+                          *self._releasing.pop(rkey, ())])
                 if float(wait) > 0:
                     return float(wait), None
                 if int(got) != 1:
@@ -251,8 +265,10 @@ class RedisState:
         if self._available():
             lease = "r:" + secrets.token_hex(8)
             try:
-                got = await self._acquire(keys=[_key("cc", key)],
-                                          args=[limit, max(1, int(lease_seconds * 1000)), lease])
+                rkey = _key("cc", key)
+                got = await self._acquire(keys=[rkey],
+                                          args=[limit, max(1, int(lease_seconds * 1000)), lease,
+                                                *self._releasing.pop(rkey, ())])
                 if int(got) != 1:
                     return None
                 self._hold(lease, key, lease_seconds)
@@ -269,8 +285,20 @@ class RedisState:
             self.local.release_now(key)
             return
         self._held.pop(lease, None)
-        with contextlib.suppress(*self._errors):  # else the lease ends by itself
-            await self.client.zrem(_key("cc", key), lease)
+        self._releasing.setdefault(_key("cc", key), []).append(lease)
+        if self._releaser is None or self._releaser.done():
+            self._releaser = asyncio.create_task(self._send_releases(RELEASE_DELAY))
+
+    async def _send_releases(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        batch, self._releasing = self._releasing, {}
+        if not batch:
+            return
+        with contextlib.suppress(*self._errors):  # else the leases end by themselves
+            async with self.client.pipeline(transaction=False) as pipe:
+                for rkey, leases in batch.items():
+                    pipe.zrem(rkey, *leases)
+                await pipe.execute()
 
     async def _renew_held(self, lease_seconds: float) -> None:
         """While this process holds leases, push their ends out every third of their
@@ -303,6 +331,9 @@ class RedisState:
         await self.client.ping()
 
     async def aclose(self) -> None:
+        if self._releaser is not None:
+            self._releaser.cancel()
+        await self._send_releases(0)
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
