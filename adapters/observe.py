@@ -6,6 +6,9 @@ exchange) and ``statement`` only while tracing is on (a span per SQL statement).
 
 * ``statement(connection, dialect, sql)`` — a context manager around one SQL statement;
   ``sql`` is the statement text with placeholders, never the values.
+* ``statement_timer(connection, dialect, sql)`` — for one statement (its text with
+  placeholders), a function the adapter calls with each run's seconds; asked once per
+  statement object and kept with it (metrics: time by statement shape).
 * ``exchange(connection, message_type, control_id)`` — a context manager around one HL7 v2
   request/reply (retries included); an exception leaving it is the exchange's outcome.
 * ``event(connection, name)`` — a countable occurrence: ``mllp_retry``.
@@ -22,6 +25,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 statement: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
+statement_timer: Callable[[str, str, str], Callable[[float], None]] | None = None
 exchange: Callable[[str, str, str], AbstractContextManager[Any]] | None = None
 event: Callable[[str, str], None] | None = None
 pool_wait: Callable[[str, float], None] | None = None

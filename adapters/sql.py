@@ -290,6 +290,8 @@ class SqlAdapter(Adapter):
         self._direct: weakref.WeakKeyDictionary[Any, _Direct | None] = (
             weakref.WeakKeyDictionary())
         self._texts: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._timers: weakref.WeakKeyDictionary[Any, Callable[[float], None]] = (
+            weakref.WeakKeyDictionary())
         self._reads = _KeyReads(self)
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
@@ -601,8 +603,24 @@ class SqlAdapter(Adapter):
         hook = observe.statement
         if hook is not None:  # tracing: a span per statement, its text with placeholders
             with hook(self.label, self.dialect, self._statement_text(stmt)):
-                return self._rows_unobserved(conn, stmt, params, reused)
-        return self._rows_unobserved(conn, stmt, params, reused)
+                return self._rows_timed(conn, stmt, params, reused)
+        return self._rows_timed(conn, stmt, params, reused)
+
+    def _rows_timed(self, conn: sa.Connection, stmt: Any, params: dict[str, Any],
+                    reused: bool) -> list[Row]:
+        timer = observe.statement_timer
+        if timer is None:
+            return self._rows_unobserved(conn, stmt, params, reused)
+        try:
+            record = self._timers[stmt]
+        except KeyError:  # once per statement object: its shape id is found from its text
+            record = self._timers[stmt] = timer(self.label, self.dialect,
+                                                self._statement_text(stmt))
+        started = time.perf_counter()
+        try:
+            return self._rows_unobserved(conn, stmt, params, reused)
+        finally:
+            record(time.perf_counter() - started)
 
     def _statement_text(self, stmt: Any) -> str:
         """The SQL text of a statement (placeholders, no values), compiled once per statement

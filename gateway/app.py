@@ -145,7 +145,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
     shared = shared_state.create(settings.redis_url, settings.redis_timeout_ms)
     if not settings.redis_url and settings.workers > 1:
         log.warning("local_shared_state", workers=settings.workers,
-                    hint="rate limits and the jti replay cache are per process: set "
+                    hint="rate limits, in-flight caps and the jti replay cache are per "
+                         "process: set "
                          "CCG_REDIS_URL to share them between workers and replicas")
     if settings.validate_responses:
         from gateway.profiles import runtime
@@ -229,6 +230,9 @@ def build_app(settings: Settings | None = None) -> Starlette:
         await shared.aclose()
         audit_trail.close()
 
+    # With Redis, a client's rate and its in-flight lease are one call (ClientConcurrency)
+    rated_lease = bool(settings.redis_url and settings.rate_limit_per_minute > 0
+                       and settings.max_in_flight_per_client > 0)
     app_routes = routes(api, live, settings.base_path.rstrip("/"))
     if settings.metrics and not settings.metrics_port:  # else: on its own port (cli.py)
         app_routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
@@ -255,7 +259,8 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     Middleware(AuditLayer, trail=audit_trail, base_path=settings.base_path),
                     # before authentication: by source address, whoever it claims to be
                     *([Middleware(SourceLimit, requests=source_requests,
-                                  failures=source_failures)]
+                                  failures=source_failures,
+                                  shared=shared if settings.redis_url else None)]
                       if source_requests is not None or source_failures is not None else []),
                     *([Middleware(ConcurrencyLimit, max_in_flight=settings.max_in_flight)]
                       if settings.max_in_flight > 0 else []),
@@ -271,9 +276,16 @@ def build_app(settings: Settings | None = None) -> Starlette:
                     *([Middleware(RateLimit, per_minute=settings.rate_limit_per_minute,
                                   burst=settings.rate_limit_burst,
                                   shared=shared if settings.redis_url else None)]
-                      if settings.rate_limit_per_minute > 0 else []),
-                    # per process (also with Redis): see deploy/README.md "Shared state"
-                    *([Middleware(ClientConcurrency, slots=client_slots, backend=client_queues)]
+                      if settings.rate_limit_per_minute > 0 and not rated_lease else []),
+                    # in-flight cap: in Redis when set; the backend queue is per process
+                    # (it guards this process's pool): deploy/README.md "Shared state"
+                    *([Middleware(ClientConcurrency, slots=client_slots, backend=client_queues,
+                                  shared=shared if settings.redis_url else None,
+                                  limit=settings.max_in_flight_per_client,
+                                  lease_seconds=float(settings.concurrency_lease_seconds),
+                                  rate=((settings.rate_limit_per_minute / 60.0,
+                                         max(1, settings.rate_limit_burst))
+                                        if rated_lease else None))]
                       if client_slots is not None or client_queues is not None else []),
                     Middleware(CompartmentLayer), *adt_part.middleware(),
                     # innermost: a request is served by the mappings current when it began

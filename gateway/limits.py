@@ -25,9 +25,11 @@
   when it is not complete ``timeout`` seconds after the request started.
 
 The limiters' state sits behind two small interfaces (``Buckets``, ``Slots``) with
-in-memory implementations here, so a shared store (Redis) can replace them for replicas.
-The backend queue (``ClientQueues``) is per process by nature: it bounds this process's
-worker threads.
+in-memory implementations here. With ``CCG_REDIS_URL`` the per-client rate and in-flight
+caps and the per-address buckets live in Redis instead (``shared``: gateway.state), shared
+by every worker and replica; without it nothing on the request path awaits anything extra.
+The backend queue (``ClientQueues``) stays per process with Redis too: it bounds this
+process's worker threads and connection pool, which no other process shares.
 
 ``/_health`` and ``/_ready`` are exempt from the concurrency and rate limits, so probes keep
 answering under load. Responses are OperationOutcomes in the negotiated format.
@@ -173,6 +175,9 @@ class ConcurrencyLimit:
 class Buckets(Protocol):
     """Per-key token buckets (in memory here; a shared store can implement the same)."""
 
+    rate: float
+    burst: int
+
     def take(self, key: str) -> float:
         """Take one token: 0.0 if allowed, else the seconds until one is available."""
 
@@ -295,18 +300,25 @@ def source_key(scope: Scope) -> str:
 
 
 class SourceLimit:
-    """Outside authentication: limits by source address, whoever the request claims to be."""
+    """Outside authentication: limits by source address, whoever the request claims to be.
 
-    def __init__(self, app: ASGIApp, requests: Buckets | None, failures: Buckets | None
-                 ) -> None:
+    With ``shared`` (gateway.state, Redis) the buckets are Redis's, at the rates and bursts
+    of ``requests`` and ``failures``; those tables then serve only as the configuration."""
+
+    def __init__(self, app: ASGIApp, requests: Buckets | None, failures: Buckets | None,
+                 shared: Any = None) -> None:
         self.app = app
         self.requests = requests
         self.failures = failures
+        self.shared = shared
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["path"] in EXEMPT_PATHS
                 or (self.requests is None and self.failures is None)):
             await self.app(scope, receive, send)
+            return
+        if self.shared is not None:
+            await self._shared(scope, receive, send)
             return
         key = source_key(scope)
         wait = self.failures.peek(key) if self.failures is not None else 0.0
@@ -325,6 +337,33 @@ class SourceLimit:
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 401:
                 failures.take(key)
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+    async def _shared(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shared, key = self.shared, source_key(scope)
+        failures, requests = self.failures, self.requests
+        if failures is not None and requests is not None:  # one round trip for both
+            wait = await shared.admit(key, (failures.rate, failures.burst),
+                                      (requests.rate, requests.burst))
+        elif failures is not None:
+            wait = await shared.peek(key, failures.rate, failures.burst, "authfail")
+        else:
+            assert requests is not None
+            wait = await shared.take(key, requests.rate, requests.burst, "src")
+        if wait > 0:
+            await _reject(scope, receive, send, TooManyRequests(
+                "too many requests from this address; slow down",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+            return
+        if failures is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                await shared.take(key, failures.rate, failures.burst, "authfail")
             await send(message)
 
         await self.app(scope, receive, watch)
@@ -393,15 +432,28 @@ class ClientConcurrency:
     backend queue for the request's backend calls."""
 
     def __init__(self, app: ASGIApp, slots: Slots | None, backend: ClientQueues | None,
-                 retry_after: int = 1) -> None:
+                 retry_after: int = 1, shared: Any = None, limit: int = 0,
+                 lease_seconds: float = 30.0, rate: tuple[float, int] | None = None) -> None:
         self.app = app
         self.slots = slots
         self.backend = backend
         self.retry_after = retry_after
+        # gateway.state.SharedState (Redis): leases on ``limit`` slots per client that every
+        # worker and replica share; ``slots`` is then unused. The backend queue stays in
+        # this process: it guards this process's worker threads and pool.
+        self.shared: Any = shared if limit > 0 else None
+        self.limit = limit
+        self.lease_seconds = lease_seconds
+        # (per second, burst): the client's rate limit, checked here in the same Redis call
+        # as its lease (the app builder then leaves RateLimit out of the shared path)
+        self.rate = rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
+            return
+        if self.shared is not None:
+            await self._leased(scope, receive, send)
             return
         key = client_key(scope)
         if self.slots is not None and not self.slots.acquire(key):
@@ -418,3 +470,30 @@ class ClientConcurrency:
             _backend_queues.reset(queues_token)
             if self.slots is not None:
                 self.slots.release(key)
+
+    async def _leased(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = client_key(scope)
+        if self.rate is not None:
+            wait, lease = await self.shared.acquire_rated(key, self.rate[0], self.rate[1],
+                                                          self.limit, self.lease_seconds)
+            if wait > 0:
+                metrics.refused("rate_limit")
+                await _reject(scope, receive, send, TooManyRequests(
+                    "too many requests from this client; slow down",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+                return
+        else:
+            lease = await self.shared.acquire(key, self.limit, self.lease_seconds)
+        if lease is None:
+            await _reject(scope, receive, send, TooManyConcurrent(
+                "too many requests from this client at once; wait for some to finish",
+                headers={"Retry-After": str(self.retry_after)}))
+            return
+        client_token = current_client.set(key)
+        queues_token = _backend_queues.set(self.backend)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_client.reset(client_token)
+            _backend_queues.reset(queues_token)
+            await self.shared.release(key, lease)

@@ -14,10 +14,12 @@ is served on the gateway's own port at ``/metrics`` (outside FHIR authentication
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from typing import Any
 
+import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -75,6 +77,21 @@ SHARED_STATE_FALLBACKS = Counter(
     "ccg_shared_state_fallbacks", "Shared-state operations that could not reach Redis, by "
     "store and what happened instead (local: served from process memory; refused: failed "
     "closed)", ["store", "action"])
+SQL_SECONDS = Histogram(
+    "ccg_sql_statement_duration_seconds", "Time of one SQL statement, by connection and "
+    "statement shape (an id of its text with placeholders, logged once as sql_shape)",
+    ["connection", "shape"], buckets=_LATENCY_BUCKETS)
+ADT_MESSAGES = Counter(
+    "ccg_adt_messages", "ADT messages received on the MLLP feed, by trigger event (the "
+    "configured events; any other is 'other') and the acknowledgement code sent",
+    ["event", "ack_code"])
+PROCESSED_MESSAGES = Counter(
+    "ccg_messages_processed", "$process-message messages processed, by event (the declared "
+    "events; any other is 'other') and response code", ["event", "outcome"])
+DELIVERIES = Counter(
+    "ccg_deliveries", "Delivery attempts of Subscription notifications (channel "
+    "'subscription') and $process-message responses ('message_response'), by outcome "
+    "(delivered, retry, dead_letter)", ["channel", "outcome"])
 SHUTTING_DOWN = Gauge(
     "ccg_draining", "1 while this process drains before shutdown (readiness is false)",
     multiprocess_mode="max")
@@ -127,10 +144,29 @@ def classify(scope: Scope) -> tuple[str, str, str]:
     return path_format, rtype or "none", interaction
 
 
+def would_route(scope: Scope) -> Scope:
+    """A request answered before routing (authentication, the limits): the route it would
+    have been served by, matched as the router would (no endpoint runs), so a 401 or a 429
+    is counted under its route template; unchanged when no route matches."""
+    from starlette.routing import Match
+
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        try:
+            match, child = route.matches(scope)
+        except Exception:  # a malformed scope: counted as unmatched
+            return scope
+        if match is Match.FULL and getattr(route, "path_format", None):
+            return {**scope, **child, "route": route}
+    return scope
+
+
 def observe_request(scope: Scope, status: int, seconds: float) -> None:
     """Count one finished request (called once per request by ``RequestContext``)."""
     if not _recording:
         return
+    if scope.get("route") is None:
+        scope = would_route(scope)
     params = scope.get("path_params") or {}
     method = scope["method"]
     key = (getattr(scope.get("route"), "path_format", None), params.get("type"), method,
@@ -159,6 +195,55 @@ def observe_adapter(connection: str, adapter: str, operation: str, seconds: floa
     child.observe(seconds)
     if error is not None:
         ADAPTER_ERRORS.labels(connection, adapter, operation, type(error).__name__).inc()
+
+
+MAX_SQL_SHAPES = 200
+"""Distinct statement shapes given their own label value; later ones are labelled 'other'."""
+_sql_shapes: dict[str, str] = {}
+
+
+def sql_shape(connection: str, sql: str) -> str:
+    """A statement's shape id: the same text (placeholders, never values) gets the same id in
+    every process and replica; at most ``MAX_SQL_SHAPES`` of them, then 'other'."""
+    found = _sql_shapes.get(sql)
+    if found is not None:
+        return found
+    if len(_sql_shapes) >= MAX_SQL_SHAPES:
+        return "other"
+    shape = "q" + hashlib.blake2b(sql.encode(), digest_size=5).hexdigest()
+    _sql_shapes[sql] = shape
+    # once per shape: how an operator finds the statement behind a label value
+    structlog.get_logger("gateway.metrics").info("sql_shape", connection=connection,
+                                                 shape=shape, statement=sql)
+    return shape
+
+
+def statement_timer(connection: str, dialect: str, sql: str) -> Any:
+    """``adapters.observe.statement_timer``: the observer of one statement's time (the
+    adapter asks once per statement object and keeps it)."""
+    return SQL_SECONDS.labels(connection, sql_shape(connection, sql)).observe
+
+
+_ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
+
+
+def adt_message(event: str, known: Iterable[str], ack_code: str | None) -> None:
+    """One ADT message answered (``ack_code`` None: the sender asked for no ACK)."""
+    ADT_MESSAGES.labels(event if event in known else "other",
+                        "none" if ack_code is None
+                        else ack_code if ack_code in _ACK_CODES else "other").inc()
+
+
+_MESSAGE_OUTCOMES = frozenset({"ok", "transient-error", "fatal-error"})
+
+
+def message_processed(event: str | None, known: Iterable[str], outcome: str) -> None:
+    PROCESSED_MESSAGES.labels(event if event is not None and event in known else "other",
+                              outcome if outcome in _MESSAGE_OUTCOMES else "other").inc()
+
+
+def delivery(channel: str, outcome: str) -> None:
+    DELIVERIES.labels(channel, outcome).inc()
 
 
 def refused(reason: str) -> None:

@@ -21,6 +21,8 @@ def install(resource_types: list[str], traces: str, record_metrics: bool = True)
     metrics.set_resource_types(resource_types)
     metrics.set_recording(record_metrics)
     observe.exchange = _exchange
+    # time by statement shape: off with the metrics (then nothing on the statement path)
+    observe.statement_timer = metrics.statement_timer if record_metrics else None
     observe.event = _event
     observe.pool_wait = _pool_wait
     observe.dropped = _dropped

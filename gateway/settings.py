@@ -124,10 +124,14 @@ class Settings:
     """Seconds a connection may take to send a request's headers before it is closed."""
     # -- scale-out and observability (gateway/state, gateway/metrics.py, gateway/tracing.py)
     redis_url: str = ""
-    """Redis for the state workers and replicas share (rate limits, jti replay cache);
+    """Redis for the state workers and replicas share (rate limits, in-flight caps,
+    per-address limits, jti replay cache);
     unset: process memory, correct for a single process only."""
     redis_timeout_ms: int = 250
     """How long one Redis call may take before the declared fallback applies."""
+    concurrency_lease_seconds: int = 30
+    """With Redis: how long a client's in-flight slot outlives a process that stopped
+    renewing it (died); renewed every third of that while its request runs."""
     workers: int = 1
     """Worker processes (``serve --workers``); more than 1 needs CCG_REDIS_URL to share
     limits and the replay cache, and CCG_PAGING_SECRET to share paging links."""

@@ -31,6 +31,7 @@ import httpx
 import orjson
 import structlog
 
+from gateway import metrics
 from gateway.adt.config import AdtSettings
 from gateway.adt.store import AdtStore, Due
 
@@ -121,6 +122,7 @@ class Deliverer:
                                     recovered=due.subscription.get("status") == "error")
             log.info("notification_delivered", notification=due.notification_id,
                      attempts=due.attempts + 1)
+            metrics.delivery("subscription", "delivered")
             return
         attempts = due.attempts + 1
         if attempts >= self.settings.max_attempts:
@@ -133,6 +135,7 @@ class Deliverer:
             retry_at = self.clock() + delay * random.uniform(0.8, 1.2)
             log.info("notification_retry", notification=due.notification_id,
                      attempts=attempts, error=error)
+        metrics.delivery("subscription", "retry" if retry_at is not None else "dead_letter")
         await asyncio.to_thread(self.store.failed, due.id, due.subscription_id, error, retry_at)
 
     async def _post(self, due: Due) -> str | None:

@@ -21,6 +21,7 @@ import structlog
 
 from adapters.hl7v2 import er7
 from adapters.hl7v2.mllp_server import MllpServer
+from gateway import metrics
 from gateway.adt.events import Mapper, Refused, answer
 from gateway.adt.store import AdtStore, Incoming, Recorded
 
@@ -32,7 +33,7 @@ class AdtListener:
                  port: int = 0, ssl: Any = None) -> None:
         self.mapper = mapper
         self.store = store
-        self.server = MllpServer(self.handle, host=host, port=port, ssl=ssl)
+        self.server = MllpServer(self._counted, host=host, port=port, ssl=ssl)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adt-store")
         self._queue: asyncio.Queue[tuple[Incoming, asyncio.Future[Recorded]]] | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -82,6 +83,12 @@ class AdtListener:
         await self._queue.put((incoming, fut))
         return await fut
 
+    async def _counted(self, raw: bytes) -> bytes | None:
+        reply = await self.handle(raw)
+        metrics.adt_message(_field(raw, b"MSH", 9, 2), self.mapper.events,
+                            _field(reply, b"MSA", 1) if reply is not None else None)
+        return reply
+
     async def handle(self, raw: bytes) -> bytes | None:
         try:
             msg = er7.parse(raw)
@@ -109,3 +116,21 @@ class AdtListener:
             for cb in self.on_recorded:
                 cb()
         return answer(msg, "AA")
+
+
+def _field(raw: bytes, segment: bytes, field: int, component: int = 1) -> str:
+    """One component of one field of the first ``segment`` of an ER7 message, read without
+    parsing the message (for metric labels only: the caller bounds the value); ''."""
+    if len(raw) < 8 or not raw.startswith(b"MSH"):
+        return ""
+    sep, comp = raw[3:4], raw[4:5]
+    for line in raw.replace(b"\n", b"\r").split(b"\r"):
+        if line[:3] == segment:
+            fields = line.split(sep)
+            at = field if segment != b"MSH" else field - 1  # MSH-1 is the separator itself
+            if at >= len(fields):
+                return ""
+            parts = fields[at].split(comp)
+            return parts[component - 1].decode("ascii", "replace") if component <= len(
+                parts) else ""
+    return ""

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
 import time
 from urllib.parse import urlsplit
 
 import httpx
 import structlog
 
+from gateway import metrics
 from gateway.messaging.store import MessageStore
 
 log = structlog.get_logger("gateway.messaging")
@@ -43,7 +47,8 @@ def allowed(url: str, allow_list: list[str]) -> bool:
 class Outbox:
     def __init__(self, store: MessageStore, allow_list: list[str], *, max_attempts: int = 8,
                  backoff_base: float = 1.0, backoff_max: float = 300.0, poll: float = 0.5,
-                 timeout: float = 10.0, retention_seconds: float = 30 * 86_400) -> None:
+                 timeout: float = 10.0, retention_seconds: float = 30 * 86_400,
+                 holder: str | None = None) -> None:
         self.retention_seconds = retention_seconds
         self.store = store
         self.allow_list = allow_list
@@ -53,6 +58,11 @@ class Outbox:
         self.poll = poll
         self.timeout = timeout
         self._wake = asyncio.Event()
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        """This deliverer, in the store's ``outbox`` lease: processes sharing the store
+        (workers on one data directory) take turns, so no response is posted twice at once.
+        Renewed before each post, for longer than one post can take."""
+        self.lease_ttl = timeout + 30.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -66,6 +76,10 @@ class Outbox:
                     purged_at = time.monotonic()
                     await self.store.purge(self.retention_seconds)
                 for item in await self.store.due():
+                    # held (taken or renewed) before each post: another process that took the
+                    # outbox over after this one stalled posts the rest, not this one too
+                    if not await self.store.lease("outbox", self.holder, self.lease_ttl):
+                        break
                     await self._send(client, item.seq, item.url, item.body, item.attempts)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -83,14 +97,17 @@ class Outbox:
             if 200 <= r.status_code < 300:
                 await self.store.delivered(seq)
                 log.info("message_response_delivered", seq=seq, attempts=attempts + 1)
+                metrics.delivery("message_response", "delivered")
                 return
             error = f"HTTP {r.status_code}"
         except httpx.HTTPError as exc:
             error = type(exc).__name__
         done = attempts + 1
         if done >= self.max_attempts:
+            metrics.delivery("message_response", "dead_letter")
             await self.store.failed(seq, error, None)
             log.warning("message_response_dead", seq=seq, attempts=done, error=error)
             return
+        metrics.delivery("message_response", "retry")
         delay = min(self.backoff_max, self.backoff_base * 2 ** attempts)
         await self.store.failed(seq, error, time.time() + delay)

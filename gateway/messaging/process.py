@@ -31,7 +31,7 @@ import structlog
 from starlette.responses import Response
 
 from adapters.base import Write
-from gateway import audit, writes
+from gateway import audit, metrics, writes
 from gateway.auth import authorize
 from gateway.errors import (
     BadRequest,
@@ -52,6 +52,11 @@ log = structlog.get_logger("gateway.messaging")
 DEFINITION = "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message"
 _NS = uuid.UUID("6d1f2c3a-8e4b-5f70-a1b2-c3d4e5f60718")
 _FHIR_JSON = "application/fhir+json"
+MESSAGE_LEASE_SECONDS = 600.0
+"""Longer than any one message's processing (its backend deadline); after it, a message whose
+process died is another's to take."""
+MESSAGE_WAIT_SECONDS = 30.0
+"""How long a synchronous message waits for another worker processing the same id."""
 
 
 class Outcome(Exception):
@@ -174,7 +179,12 @@ class Messaging:
         """The response message (synchronous mode), the write applied at most once."""
         header = header_of(message)
         mid, dg = header["id"], digest(message)
-        async with self._lock(mid):
+        async with self._lock(mid), self._claim(mid, MESSAGE_WAIT_SECONDS) as held:
+            if not held:  # another worker on this store has it (and is still at it)
+                return self.response(header, base, Outcome("transient-error", [issue(
+                    "error", "transient", "MESSAGE_IN_PROGRESS", "another worker is "
+                    "processing this message; send the same message again shortly")],
+                    final=False))
             stored = await self.store.get(mid)
             if stored is not None and stored.digest != dg:
                 return self.response(header, base, _fatal(
@@ -222,7 +232,11 @@ class Messaging:
                 log.exception("message_processing_failed")
 
     async def _process_stored(self, mid: str) -> None:
-        async with self._lock(mid):
+        # Another process on this store (``--workers``) may have queued it too (each reads the
+        # waiting messages when it starts): the one holding its lease applies it, once.
+        async with self._lock(mid), self._claim(mid) as held:
+            if not held:
+                return
             stored = await self.store.get(mid)
             if stored is None or stored.response is not None or stored.body is None:
                 return
@@ -262,6 +276,24 @@ class Messaging:
                 done(500, "INTERNAL_SERVER_ERROR", False)
                 raise
 
+    @contextlib.asynccontextmanager
+    async def _claim(self, mid: str, wait: float = 0.0) -> AsyncIterator[bool]:
+        """Inside ``_lock(mid)``: the store's lease on message ``mid``, which processes
+        sharing the store (workers on one data directory) take in turn; waited for up to
+        ``wait`` seconds. Yields whether this process holds it."""
+        name, holder = f"message:{mid}", self.outbox.holder
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not (held := await self.store.lease(name, holder, MESSAGE_LEASE_SECONDS)):
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        try:
+            yield held
+        finally:
+            if held:
+                await self.store.unlease(name, holder)
+
     @staticmethod
     def _unknown(response: dict[str, Any]) -> bool:
         for e in response["entry"][1:]:
@@ -274,10 +306,14 @@ class Messaging:
     async def _apply(self, message: dict[str, Any], header: dict[str, Any], base: str,
                      again: bool) -> tuple[dict[str, Any], bool]:
         mid = header["id"]
+        event = header["event"].get("code") if header["event"].get(
+            "system") == self.spec.event_system else None
         try:
             focus = await self._write(message, header, again, mid)
         except Outcome as out:
+            metrics.message_processed(event, self.spec.events, out.code)
             return self.response(header, base, out), out.final
+        metrics.message_processed(event, self.spec.events, "ok")
         return self.response(header, base, None, focus), True
 
     def event_of(self, header: dict[str, Any]) -> tuple[str, Any]:

@@ -6,6 +6,10 @@ content is refused), its state (``accepted`` — asynchronous, not yet processed
 message once final. The message body is held only while it waits to be processed; a done
 row keeps the response (ids and codes, no patient data) for as long as the file is kept.
 ``outbox``: responses to deliver to a ``response-url``, with attempts and the next try.
+``lease``: who works what, when several processes share the file (``serve --workers N`` on
+one data directory): the outbox (one deliverer at a time) and each asynchronous message
+while it is processed (applied by one process only). A lease ends when its holder gives it
+back or ``ttl`` seconds after its holder last renewed it (the holder died).
 Each call is short and runs on a worker thread (the event loop never waits on a disk sync).
 """
 
@@ -29,6 +33,8 @@ CREATE TABLE IF NOT EXISTS outbox (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
   body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL,
   delivered REAL, dead INTEGER NOT NULL DEFAULT 0, last_error TEXT);
+CREATE TABLE IF NOT EXISTS lease (
+  name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
 """
 
 
@@ -167,9 +173,42 @@ class MessageStore:
                 n += self._db.execute(
                     "DELETE FROM message WHERE state = 'done' AND created < ? AND id NOT IN "
                     "(SELECT message_id FROM outbox)", (cut,)).rowcount
+                # leases of holders that died (a live holder renews or gives its back)
+                self._db.execute("DELETE FROM lease WHERE expires < ?", (time.time(),))
                 return int(n)
 
         return await anyio.to_thread.run_sync(go)
+
+    # -- leases (SQLite serialises writers across processes: the claim is atomic)
+
+    def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew ``name`` for ``ttl`` seconds; False while another holder has it."""
+        now = time.time()
+        with self._lock:
+            return bool(self._unsynced(
+                "INSERT INTO lease (name, holder, expires) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, "
+                "expires = excluded.expires WHERE lease.holder = excluded.holder "
+                "OR lease.expires < ?", (name, holder, now + ttl, now)))
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._lock:
+            self._unsynced("DELETE FROM lease WHERE name = ? AND holder = ?", (name, holder))
+
+    def _unsynced(self, sql: str, args: tuple[Any, ...]) -> int:
+        # A lease need not survive power loss (every holder is gone then too): no fsync of
+        # its own; the next synchronous commit syncs it with everything else.
+        self._db.execute("PRAGMA synchronous=OFF")
+        try:
+            return int(self._db.execute(sql, args).rowcount)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        return await anyio.to_thread.run_sync(self.acquire_lease, name, holder, ttl)
+
+    async def unlease(self, name: str, holder: str) -> None:
+        await anyio.to_thread.run_sync(self.release_lease, name, holder)
 
     def outbox_rows(self) -> list[tuple[Any, ...]]:
         """Every outbox row (operations and tests): message id, attempts, delivered, dead."""

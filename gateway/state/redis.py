@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import secrets
@@ -17,6 +18,9 @@ from gateway.state.local import LocalState
 log = structlog.get_logger("gateway.state")
 
 RETRY_AFTER_FAILURE = 1.0
+RELEASE_DELAY = 0.002
+"""Seconds a given-back lease waits to be sent with others (another process may see the slot
+taken that much longer; this process's own next acquire on the key sends it at once)."""
 WARN_EVERY = 60.0
 
 # A token bucket, atomically: refill by the time since the last take (Redis's own clock, so
@@ -41,17 +45,106 @@ return tostring(wait)
 
 
 # Leases on a client's concurrency slots: a sorted set of lease ids scored by when each
-# ends (Redis's clock). Ended leases go first; the key lives as long as its newest lease.
+# ends (Redis's clock). Ended leases go first, and this process's leases given back but not
+# yet sent (ARGV[4..]); the key lives as long as its newest lease.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
+for i = 4, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
+
+# Renew this process's leases of one key that still exist (an ended one is not brought back:
+# its slot may already be someone else's); the key lives as long as its newest lease.
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local kept = 0
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+    kept = kept + 1
+  end
+end
+if kept > 0 and redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return kept
+"""
+
+# How long until ``key``'s bucket has a token, taking nothing (a missing key is a full bucket).
+PEEK = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local v = redis.call('HMGET', KEYS[1], 't', 'ts')
+if not v[1] then return '0' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+if tokens >= 1 then return '0' end
+return tostring((1 - tokens) / rate)
+"""
+
+
+# Before authentication, one call per request: the address's failed-authentication bucket
+# is looked at (KEYS[1], nothing taken) and, if it has a token, one is taken from its request
+# bucket (KEYS[2]) -- PEEK's and TOKEN_BUCKET's arithmetic, in one round trip.
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local frate, fburst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local f = redis.call('HMGET', KEYS[1], 't', 'ts')
+if f[1] then
+  local ftokens = math.min(fburst, tonumber(f[1]) + math.max(0, now - tonumber(f[2])) * frate)
+  if ftokens < 1 then return tostring((1 - ftokens) / frate) end
+end
+local rate, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local v = redis.call('HMGET', KEYS[2], 't', 'ts')
+local tokens = tonumber(v[1]) or burst
+local ts = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[2], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+# After authentication, one call per request: the client's rate (TOKEN_BUCKET on KEYS[1])
+# and, if a token was taken, a lease on one of its in-flight slots (ACQUIRE on KEYS[2]).
+# Returns {wait (a string, as TOKEN_BUCKET), 1 if a lease was taken else 0}. ARGV[6..]: this
+# process's leases on KEYS[2] given back but not yet sent, removed first (as in ACQUIRE).
+ACQUIRE_RATED = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 6, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local v = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(v[1]) or burst
+local ts = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+if wait > 0 then return {tostring(wait), 0} end
+local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', nowms)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return {'0', 0} end
+redis.call('ZADD', KEYS[2], nowms + ttl, ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {'0', 1}
+"""
+
+
+_STORES = {"rl": "rate_limit", "src": "source_limit", "authfail": "auth_failures"}
+"""Bucket kinds (key prefixes) and their ``store`` label on the fallback metric."""
 
 
 def _key(kind: str, raw: str) -> str:
@@ -69,6 +162,18 @@ class RedisState:
             retry_on_timeout=False, health_check_interval=30)
         self._bucket = self.client.register_script(TOKEN_BUCKET)
         self._acquire = self.client.register_script(ACQUIRE)
+        self._renew = self.client.register_script(RENEW)
+        self._peek = self.client.register_script(PEEK)
+        self._admit = self.client.register_script(ADMIT)
+        self._acquire_rated = self.client.register_script(ACQUIRE_RATED)
+        self._held: dict[str, tuple[str, float]] = {}
+        """This process's leases in Redis (lease -> key, seconds), renewed while held."""
+        self._renewer: asyncio.Task[None] | None = None
+        self._releasing: dict[str, list[str]] = {}
+        """Leases given back, by key, not yet sent: sent together RELEASE_DELAY later (one
+        call for every request that ended meanwhile), or with this process's next acquire
+        on the same key, whichever is first."""
+        self._releaser: asyncio.Task[None] | None = None
         self._errors = (exceptions.RedisError, OSError, TimeoutError)
         self._down_until = 0.0
         self._warned_at: dict[str, float] = {}
@@ -88,24 +193,86 @@ class RedisState:
             log.warning("shared_state_unavailable", store=store, action=action,
                         error=type(exc).__name__ if exc else "recently_failed")
 
-    async def take(self, key: str, rate: float, burst: int) -> float:
+    async def take(self, key: str, rate: float, burst: int, kind: str = "rl") -> float:
         if self._available():
             try:
-                wait = await self._bucket(keys=[_key("rl", key)], args=[repr(rate), burst])
+                wait = await self._bucket(keys=[_key(kind, key)], args=[repr(rate), burst])
                 return float(wait)
             except self._errors as exc:
+                self._failed(_STORES[kind], "local", exc)
+        else:
+            self._failed(_STORES[kind], "local", None)
+        return self.local.take_now(key, rate, burst, kind)
+
+    async def peek(self, key: str, rate: float, burst: int, kind: str) -> float:
+        if self._available():
+            try:
+                return float(await self._peek(keys=[_key(kind, key)],
+                                              args=[repr(rate), burst]))
+            except self._errors as exc:
+                self._failed(_STORES[kind], "local", exc)
+        else:
+            self._failed(_STORES[kind], "local", None)
+        return self.local.peek_now(key, rate, burst, kind)
+
+    async def admit(self, key: str, failures: tuple[float, int],
+                    requests: tuple[float, int]) -> float:
+        if self._available():
+            try:
+                return float(await self._admit(
+                    keys=[_key("authfail", key), _key("src", key)],
+                    args=[repr(failures[0]), failures[1], repr(requests[0]), requests[1]]))
+            except self._errors as exc:
+                self._failed("source_limit", "local", exc)
+        else:
+            self._failed("source_limit", "local", None)
+        return self.local.admit_now(key, failures, requests)
+
+    async def acquire_rated(self, key: str, rate: float, burst: int, limit: int,
+                            lease_seconds: float) -> tuple[float, str | None]:
+        if self._available():
+            lease = "r:" + secrets.token_hex(8)
+            try:
+                rkey = _key("cc", key)
+                wait, got = await self._acquire_rated(
+                    keys=[_key("rl", key), rkey],
+                    args=[repr(rate), burst, limit, max(1, int(lease_seconds * 1000)), lease,
+                          *self._releasing.pop(rkey, ())])
+                if float(wait) > 0:
+                    return float(wait), None
+                if int(got) != 1:
+                    return 0.0, None
+                self._hold(lease, key, lease_seconds)
+                return 0.0, lease
+            except self._errors as exc:
                 self._failed("rate_limit", "local", exc)
+                self._failed("concurrency", "local", None)
         else:
             self._failed("rate_limit", "local", None)
-        return self.local.take_now(key, rate, burst)
+            self._failed("concurrency", "local", None)
+        wait = self.local.take_now(key, rate, burst)
+        if wait > 0:
+            return wait, None
+        local = self.local.acquire_now(key, limit)
+        return 0.0, None if local is None else "l:" + local
+
+    def _hold(self, lease: str, key: str, lease_seconds: float) -> None:
+        self._held[lease] = (_key("cc", key), lease_seconds)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_held(lease_seconds))
 
     async def acquire(self, key: str, limit: int, lease_seconds: float) -> str | None:
         if self._available():
             lease = "r:" + secrets.token_hex(8)
             try:
-                got = await self._acquire(keys=[_key("cc", key)],
-                                          args=[limit, max(1, int(lease_seconds * 1000)), lease])
-                return lease if int(got) == 1 else None
+                rkey = _key("cc", key)
+                got = await self._acquire(keys=[rkey],
+                                          args=[limit, max(1, int(lease_seconds * 1000)), lease,
+                                                *self._releasing.pop(rkey, ())])
+                if int(got) != 1:
+                    return None
+                self._hold(lease, key, lease_seconds)
+                return lease
             except self._errors as exc:
                 self._failed("concurrency", "local", exc)
         else:
@@ -117,8 +284,36 @@ class RedisState:
         if lease.startswith("l:"):  # taken locally while Redis was away
             self.local.release_now(key)
             return
-        with contextlib.suppress(*self._errors):  # else the lease ends by itself
-            await self.client.zrem(_key("cc", key), lease)
+        self._held.pop(lease, None)
+        self._releasing.setdefault(_key("cc", key), []).append(lease)
+        if self._releaser is None or self._releaser.done():
+            self._releaser = asyncio.create_task(self._send_releases(RELEASE_DELAY))
+
+    async def _send_releases(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        batch, self._releasing = self._releasing, {}
+        if not batch:
+            return
+        with contextlib.suppress(*self._errors):  # else the leases end by themselves
+            async with self.client.pipeline(transaction=False) as pipe:
+                for rkey, leases in batch.items():
+                    pipe.zrem(rkey, *leases)
+                await pipe.execute()
+
+    async def _renew_held(self, lease_seconds: float) -> None:
+        """While this process holds leases, push their ends out every third of their
+        lifetime: a long request keeps its slot, a dead process's slots end with it."""
+        while self._held:
+            await asyncio.sleep(max(0.05, lease_seconds / 3))
+            by_key: dict[tuple[str, float], list[str]] = {}
+            for lease, (rkey, seconds) in list(self._held.items()):
+                by_key.setdefault((rkey, seconds), []).append(lease)
+            with contextlib.suppress(*self._errors):  # Redis away: they end by themselves
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for (rkey, seconds), leases in by_key.items():
+                        await self._renew(keys=[rkey], args=[max(1, int(seconds * 1000)),
+                                                             *leases], client=pipe)
+                    await pipe.execute()
 
     async def seen(self, key: str, expires_at: float) -> bool:
         if not self._available():
@@ -136,4 +331,11 @@ class RedisState:
         await self.client.ping()
 
     async def aclose(self) -> None:
+        if self._releaser is not None:
+            self._releaser.cancel()
+        await self._send_releases(0)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         await self.client.aclose()

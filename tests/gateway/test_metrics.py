@@ -6,6 +6,7 @@ before and after the requests of the test.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,8 +62,9 @@ async def test_requests_latency_and_adapter_time_with_bounded_labels(
         after = await scrape(c)
     name = "ccg_http_requests_total"
     assert sample(after, name, READ) - sample(before, name, READ) == 1
-    # Refused before routing (authentication is outside the router): no route yet.
-    unauth = {"route": "unmatched", "resource_type": "none", "status": "401"}
+    # Refused before routing (authentication is outside the router): counted under the route
+    # it would have been served by, matched without running it.
+    unauth = {**READ, "status": "401"}
     assert sample(after, name, unauth) - sample(before, name, unauth) == 1
     search = {"route": "/STU3/{type}", "resource_type": "Patient", "interaction": "search",
               "status": "200"}
@@ -71,13 +73,63 @@ async def test_requests_latency_and_adapter_time_with_bounded_labels(
     assert sample(after, name, other) - sample(before, name, other) == 1
     latency = "ccg_http_request_duration_seconds_count"
     labels = {"route": "/STU3/{type}/{id}", "resource_type": "Patient", "interaction": "read"}
-    assert sample(after, latency, labels) - sample(before, latency, labels) == 1
+    # the read and the 401 of the same route (latency has no status label)
+    assert sample(after, latency, labels) - sample(before, latency, labels) == 2
     adapter = "ccg_adapter_call_duration_seconds_count"
     fetch = {"connection": "pas", "adapter": "sql", "operation": "fetch"}
     assert sample(after, adapter, fetch) - sample(before, adapter, fetch) >= 2
-    # No id, search value, resource type the client made up, or token in any label.
+    # SQL time by statement shape: an id of the statement's text (placeholders only)
+    shapes = {s.labels["shape"] for f in text_string_to_metric_families(after)
+              for s in f.samples if s.name == "ccg_sql_statement_duration_seconds_count"
+              and s.labels["connection"] == "pas"}
+    assert shapes and all(re.fullmatch(r"q[0-9a-f]{10}|other", x) for x in shapes), shapes
+    statements = "ccg_sql_statement_duration_seconds_count"
+    assert (sum(sample(after, statements, {"shape": x}) for x in shapes)
+            - sum(sample(before, statements, {"shape": x}) for x in shapes)) >= 2
+    # No id, search value, resource type the client made up, or token in any label; every
+    # label value of every ccg_ series comes from a closed set or is a bounded id.
     for leak in ("100001", "smith", "female", "Xyzzy", "12345", token[:20]):
         assert leak not in after
+    for family in text_string_to_metric_families(after):
+        for s in family.samples:
+            if s.name.startswith("ccg_"):
+                for label, v in s.labels.items():
+                    assert (len(v) <= 64 and "/" not in v) or label == "route", (s.name, v)
+                    # a template (other tests' apps share the registry), never a path
+                    assert label != "route" or v == "unmatched" or (
+                        v.startswith("/") and "Patient/" not in v), v
+
+
+def test_statement_shapes_are_bounded_and_stable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import metrics
+
+    monkeypatch.setattr(metrics, "_sql_shapes", {})
+    monkeypatch.setattr(metrics, "MAX_SQL_SHAPES", 3)
+    first = metrics.sql_shape("pas", "SELECT a FROM t WHERE b = ?")
+    assert metrics.sql_shape("pas", "SELECT a FROM t WHERE b = ?") == first  # the same text
+    assert re.fullmatch(r"q[0-9a-f]{10}", first)
+    others = [metrics.sql_shape("pas", f"SELECT a FROM t WHERE c{i} = ?") for i in range(4)]
+    assert len(set(others[:2]) | {first}) == 3 and others[2:] == ["other", "other"]
+    assert metrics.sql_shape("pas", "SELECT a FROM t WHERE b = ?") == first  # still known
+
+
+async def test_refused_requests_are_labelled_with_the_route_they_would_match(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    app = make_app(demo_sqlite_url, rate_limit_per_minute=1, rate_limit_burst=1,
+                   audit_log=str(tmp_path / "audit.jsonl"))
+    async with app.router.lifespan_context(app), await _client(app) as c:
+        before = await scrape(c)
+        search = {"family": "smith", "gender": "female"}
+        assert (await c.get("/STU3/Patient", params=search)).status_code == 200
+        assert (await c.get("/STU3/Patient", params=search)).status_code == 429
+        assert (await c.get("/nothing/here")).status_code == 429
+        after = await scrape(c)
+    name = "ccg_http_requests_total"
+    limited = {"route": "/STU3/{type}", "resource_type": "Patient", "interaction": "search",
+               "status": "429"}
+    assert sample(after, name, limited) - sample(before, name, limited) == 1
+    nowhere = {"route": "unmatched", "status": "429"}
+    assert sample(after, name, nowhere) - sample(before, name, nowhere) == 1
 
 
 async def test_refusals_and_audit_failures_are_counted(

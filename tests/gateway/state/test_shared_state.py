@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 import structlog
@@ -166,3 +167,108 @@ async def test_concurrency_with_redis_down_is_counted_locally() -> None:
     assert lease is not None and await local.acquire("k", 1, 30) is None
     await local.release("k", lease)
     assert local._in_flight == {}  # nothing kept for a client with nothing in flight
+
+
+async def test_a_held_lease_is_renewed_and_an_abandoned_one_ends(
+        redis_server: TempRedis) -> None:
+    one, two = RedisState(redis_server.url), RedisState(redis_server.url)
+    client = f"client:{uuid.uuid4()}"
+    try:
+        held = await one.acquire(client, 1, 0.3)
+        assert held is not None
+        await anyio.sleep(0.7)  # over twice its lifetime: its holder renewed it
+        assert await two.acquire(client, 1, 0.3) is None
+        # the holder stops renewing (as if it died): the slot comes back on its own
+        assert one._renewer is not None
+        one._renewer.cancel()
+        await anyio.sleep(0.5)
+        assert await two.acquire(client, 1, 0.3) is not None
+        # a lease that ended is not brought back by a late renewal of its old holder
+        assert await one._renew(keys=[_key("cc", client)], args=[300, held]) == 0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_per_address_buckets_are_shared_and_apart_from_the_client_rate(
+        redis_server: TempRedis) -> None:
+    one, two = RedisState(redis_server.url), RedisState(redis_server.url)
+    address = f"ip:{uuid.uuid4()}"
+    try:
+        assert await one.peek(address, 1 / 60, 2, "authfail") == 0.0  # nothing yet: full
+        assert await one.take(address, 1 / 60, 2, "authfail") == 0.0
+        assert await two.peek(address, 1 / 60, 2, "authfail") == 0.0  # one token left
+        assert await two.take(address, 1 / 60, 2, "authfail") == 0.0
+        assert 55 < await one.peek(address, 1 / 60, 2, "authfail") <= 60  # used up, shared
+        # the same address's request bucket and client bucket are other keys
+        assert await one.take(address, 1 / 60, 2, "src") == 0.0
+        assert await one.take(address, 1 / 60, 2) == 0.0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_per_address_buckets_with_redis_down_are_local() -> None:
+    dead = RedisState(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    try:
+        before = fallbacks("auth_failures", "local")
+        assert await dead.take("ip:x", 1 / 60, 1, "authfail") == 0.0
+        assert await dead.peek("ip:x", 1 / 60, 1, "authfail") > 0  # still limited, here
+        assert await dead.take("ip:x", 1 / 60, 1, "src") == 0.0  # its own bucket
+        assert fallbacks("auth_failures", "local") == before + 2
+        assert fallbacks("source_limit", "local") >= 1
+    finally:
+        await dead.aclose()
+
+
+async def test_admit_peeks_the_failures_and_takes_a_request_in_one_call(
+        redis_server: TempRedis) -> None:
+    one, two = RedisState(redis_server.url), RedisState(redis_server.url)
+    address = f"ip:{uuid.uuid4()}"
+    failures, requests = (1 / 60, 1), (1 / 60, 2)
+    try:
+        assert await one.admit(address, failures, requests) == 0.0
+        assert await two.admit(address, failures, requests) == 0.0
+        assert 55 < await one.admit(address, failures, requests) <= 60  # requests used up
+        other = f"ip:{uuid.uuid4()}"
+        assert await one.take(other, *failures, "authfail") == 0.0  # one failure: used up
+        assert 55 < await two.admit(other, failures, requests) <= 60  # refused, nothing taken
+        assert await one.peek(other, *requests, "src") == 0.0
+    finally:
+        await one.aclose()
+        await two.aclose()
+    local = LocalState()
+    assert local.admit_now("k", failures, requests) == 0.0
+    local.take_now("k", *failures, "authfail")
+    assert local.admit_now("k", failures, requests) > 0
+
+
+async def test_rate_and_lease_in_one_call(redis_server: TempRedis) -> None:
+    one, two = RedisState(redis_server.url), RedisState(redis_server.url)
+    client = f"client:{uuid.uuid4()}"
+    try:
+        wait, a = await one.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert wait == 0.0 and a is not None
+        wait, b = await two.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert wait == 0.0 and b is None  # a token taken, the one slot held by the other
+        await one.release(client, a)
+        await anyio.sleep(0.05)  # sent to Redis (with any others) a moment later
+        wait, c = await two.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert wait == 0.0 and c is not None
+        await two.release(client, c)
+        wait, d = await one.acquire_rated(client, 1 / 60, 3, 1, 30)
+        assert 55 < wait <= 60 and d is None  # the burst of 3 is spent: no lease taken
+        await anyio.sleep(0.05)
+        assert await one.client.zcard(_key("cc", client)) == 0  # nothing held, nothing taken
+    finally:
+        await one.aclose()
+        await two.aclose()
+    dead = RedisState(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    try:
+        before = fallbacks("concurrency", "local")
+        wait, lease = await dead.acquire_rated("client:z", 1 / 60, 1, 1, 30)
+        assert wait == 0.0 and lease is not None and lease.startswith("l:")
+        assert (await dead.acquire_rated("client:z", 1 / 60, 1, 1, 30))[0] > 0
+        assert fallbacks("concurrency", "local") == before + 2
+    finally:
+        await dead.aclose()
