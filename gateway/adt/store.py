@@ -47,6 +47,8 @@ merges = sa.Table(
     sa.Column("survivor", sa.String(200), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
 )
+# the survivor's read asks which ids were merged into it (Patient.link replaces)
+_MERGE_SURVIVOR_INDEX = sa.Index("ix_adt_merge_survivor", merges.c.survivor)
 
 subscriptions = sa.Table(
     "subscription", metadata,
@@ -156,6 +158,7 @@ class AdtStore:
         if url.startswith("sqlite"):
             sa_event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         metadata.create_all(self.engine)
+        _MERGE_SURVIVOR_INDEX.create(self.engine, checkfirst=True)  # stores made before it
         self._subs: list[tuple[str, criteria_mod.Criteria]] | None = None
         self._subs_checked = 0.0
 
@@ -221,6 +224,16 @@ class AdtStore:
             row = conn.execute(sa.select(merges.c.survivor)
                                .where(merges.c.retired == patient_id)).first()
         return None if row is None else str(row.survivor)
+
+    def merge_links(self, patient_id: str) -> tuple[str | None, list[str]]:
+        """(the survivor ``patient_id`` was merged into, or None; the ids merged into it)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(merges.c.retired, merges.c.survivor, merges.c.seq)
+                                .where(sa.or_(merges.c.retired == patient_id,
+                                              merges.c.survivor == patient_id))
+                                .order_by(merges.c.seq)).all()
+        survivor = next((str(r.survivor) for r in rows if r.retired == patient_id), None)
+        return survivor, [str(r.retired) for r in rows if r.survivor == patient_id]
 
     def message_count(self) -> int:
         with self.engine.connect() as conn:

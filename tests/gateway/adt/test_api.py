@@ -229,3 +229,44 @@ def test_a_subscription_past_its_end_is_off_and_not_fed(tmp_path: Path) -> None:
         assert got is not None and got["status"] == "off"
     finally:
         store.close()
+
+
+def test_the_survivor_gains_replaces_links(gateway: tuple[LiveServer, Path]) -> None:
+    server, tmp = gateway
+    base = f"{server.url}/STU3"
+    h = token(tmp, "user/Patient.rs")
+    first, other = (httpx.get(f"{base}/Patient", params={"identifier": f"{PAS}|{pas}"},
+                              headers=h).json()["entry"][0]["resource"]["id"]
+                    for pas in ("D0000001", "D0000003"))
+    before = httpx.get(f"{base}/Patient/{first}", headers=h).json()
+    store = AdtStore(f"sqlite:///{tmp / 'adt.sqlite'}")
+    try:  # two merges into the demo Patient ``first`` (A40, then A34)
+        for n, retired in enumerate(("OLD-1", "OLD-2")):
+            store.record(Incoming("PAS^RCB", f"MS{n}", "d", "A40" if n == 0 else "A34", first,
+                                  [{"resourceType": "Patient", "id": first}], retired=retired))
+    finally:
+        store.close()
+    r = httpx.get(f"{base}/Patient/{first}", headers=h)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [ln for ln in body["link"] if ln["type"] == "replaces"] == [
+        {"other": {"reference": "Patient/OLD-1"}, "type": "replaces"},
+        {"other": {"reference": "Patient/OLD-2"}, "type": "replaces"}]
+    # nothing else changed, and the retired ids still answer replaced-by
+    assert {k: v for k, v in body.items() if k != "link"} == \
+        {k: v for k, v in before.items() if k != "link"}
+    assert int(r.headers["content-length"]) == len(r.content)
+    for retired in ("OLD-1", "OLD-2"):
+        assert httpx.get(f"{base}/Patient/{retired}", headers=h).json()["link"] == [
+            {"other": {"reference": f"Patient/{first}"}, "type": "replaced-by"}]
+    # in XML as asked, and the same through HEAD
+    r = httpx.get(f"{base}/Patient/{first}", params={"_format": "xml"}, headers=h)
+    assert r.status_code == 200 and r.headers["content-type"].startswith(
+        "application/fhir+xml")
+    assert r.text.count('<type value="replaces"/>') == 2 and "Patient/OLD-2" in r.text
+    r = httpx.head(f"{base}/Patient/{first}", headers=h)
+    assert r.status_code == 200 and r.content == b""
+    # a Patient nothing was merged into is untouched; a refusal passes through unchanged
+    assert "replaces" not in httpx.get(f"{base}/Patient/{other}", headers=h).text
+    r = httpx.get(f"{base}/Patient/{first}", headers=token(tmp, "user/Encounter.rs"))
+    assert r.status_code == 403 and "OLD-1" not in r.text
