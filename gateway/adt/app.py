@@ -31,7 +31,9 @@ CAPABILITY: dict[str, Any] = {
                      "status, class); payload application/fhir+json or none; endpoints "
                      "limited to the configured allow-list",
     "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"},
-                    {"code": "delete"}],
+                    {"code": "update"}, {"code": "delete"}],
+    "versioning": "versioned-update",
+    "updateCreate": False,
     "searchParam": [{"name": "status", "type": "token",
                      "documentation": "requested | active | error | off"}],
 }

@@ -271,6 +271,33 @@ class AdtStore:
                     subscriptions.c.owner == owner, subscriptions.c.status == "active")
             ).scalar_one())
 
+    def stored_subscription(self, sub_id: str) -> bytes | None:
+        """The stored resource as stored (for an update's compare-and-swap), None if gone."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(subscriptions.c.resource).where(
+                subscriptions.c.id == sub_id, subscriptions.c.status != "deleted")).first()
+        return None if row is None else bytes(row.resource)
+
+    def update_subscription(self, sub_id: str, resource: dict[str, Any], previous: bytes,
+                            end_at: float | None) -> bool:
+        """Replace the Subscription if it is still ``previous`` (False: it changed meanwhile,
+        or was deleted). Turned off, its pending notifications are cancelled."""
+        status = "off" if resource["status"] == "off" else "active"
+        with self.engine.begin() as conn:
+            n = conn.execute(subscriptions.update().where(
+                subscriptions.c.id == sub_id, subscriptions.c.status != "deleted",
+                subscriptions.c.resource == previous).values(
+                status=status, criteria=resource["criteria"],
+                endpoint=resource["channel"]["endpoint"], resource=orjson.dumps(resource),
+                end_at=end_at)).rowcount
+            if n and status == "off":
+                conn.execute(notifications.update().where(
+                    notifications.c.subscription_id == sub_id,
+                    notifications.c.status == "pending").values(status="cancelled",
+                                                                 finished_at=time.time()))
+        self._subs = None
+        return bool(n)
+
     def get_subscription(self, sub_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(subscriptions.c.resource, subscriptions.c.status,
@@ -335,7 +362,8 @@ class AdtStore:
                        messages.c.event, messages.c.resources)
              .join(subscriptions, subscriptions.c.id == n.c.subscription_id)
              .join(messages, messages.c.seq == n.c.seq)
-             .where(n.c.status == "pending", n.c.id == head, n.c.next_attempt_at <= now)
+             .where(n.c.status == "pending", n.c.id == head, n.c.next_attempt_at <= now,
+                    subscriptions.c.status == "active")
              .order_by(n.c.id).limit(limit))
         with self.engine.connect() as conn:
             rows = conn.execute(q).all()
