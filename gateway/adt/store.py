@@ -77,6 +77,22 @@ notifications = sa.Table(
 )
 
 
+refusals = sa.Table(
+    "adt_refusal", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sender", sa.String(200), nullable=False),
+    sa.Column("control_id", sa.String(200), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("event", sa.String(16), nullable=False),
+    sa.Column("code", sa.String(2), nullable=False),
+    sa.Column("error", sa.String(8), nullable=False),
+    sa.Column("text", sa.String(200), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+"""Messages refused after their header was accepted (AE): what was refused and why (no PHI:
+ids, the HL7 error code and our text). Recording it is what makes an enhanced-mode CA honest
+— the message was committed, as a refusal — before the application ACK AE reports it."""
+
 leases = sa.Table(
     "adt_lease", metadata,
     sa.Column("name", sa.String(64), primary_key=True),
@@ -224,6 +240,19 @@ class AdtStore:
             row = conn.execute(sa.select(merges.c.survivor)
                                .where(merges.c.retired == patient_id)).first()
         return None if row is None else str(row.survivor)
+
+    def record_refusal(self, sender: str, control_id: str, digest: str, event: str,
+                       code: str, error: str, text: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(refusals.insert().values(
+                sender=sender[:200], control_id=control_id[:200], digest=digest,
+                event=event[:16], code=code, error=error, text=text[:200],
+                received_at=time.time()))
+
+    def refused(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(refusals).order_by(refusals.c.id)).mappings().all()
+        return [dict(r) for r in rows]
 
     def merge_links(self, patient_id: str) -> tuple[str | None, list[str]]:
         """(the survivor ``patient_id`` was merged into, or None; the ids merged into it)."""
@@ -411,6 +440,8 @@ class AdtStore:
             keep = sa.select(n.c.seq).where(n.c.status.in_(["pending", "dead"]))
             gone += conn.execute(messages.delete().where(
                 messages.c.received_at < before, messages.c.seq.not_in(keep))).rowcount
+            gone += conn.execute(refusals.delete().where(
+                refusals.c.received_at < before)).rowcount
         return int(gone)
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
