@@ -370,8 +370,10 @@ class AdtStore:
             res["error"] = error
         else:
             res.pop("error", None)
+        # only an active one: a Subscription turned off (or deleted) while a notification was
+        # in flight stays as its client left it
         conn.execute(subscriptions.update().where(subscriptions.c.id == sub_id,
-                                                  subscriptions.c.status != "deleted")
+                                                  subscriptions.c.status == "active")
                      .values(resource=orjson.dumps(res)))
 
     # -- the outbox

@@ -383,12 +383,13 @@ def test_update_is_versioned_and_rechecked(gateway: tuple[LiveServer, Path]) -> 
             ("update", "Subscription", 403)} <= seen
 
 
-def test_off_stops_notifications_and_active_resumes(tmp_path: Path) -> None:
+def test_off_stops_notifications_and_active_resumes(tmp_path: Path, any_store: AdtStore
+                                                     ) -> None:
     from gateway.adt.api import checked, checked_update
     from tests.gateway.adt.conftest import adt_settings
 
     settings = adt_settings(tmp_path)
-    store = AdtStore(f"sqlite:///{tmp_path / 'a.sqlite'}")
+    store = any_store  # SQLite and PostgreSQL (the update is a compare-and-swap on bytes)
 
     def ev(n: int) -> Incoming:
         return Incoming("P^R", f"OFF{n}", "d", "A08", "D1",
@@ -410,8 +411,12 @@ def test_off_stops_notifications_and_active_resumes(tmp_path: Path) -> None:
         assert store.outbox_counts() == {"cancelled": 1}
         assert store.due(time.time() + 1) == []
         assert store.record(ev(2)).notifications == 0
+        # a notification in flight when it was turned off does not turn it back on
+        store.failed(1, res["id"], "HTTP 503", None)
+        assert json.loads(store.stored_subscription(res["id"]) or b"{}")["status"] == "off"
         update("requested")
-        assert store.record(ev(3)).notifications == 1
-        assert [d.seq for d in store.due(time.time() + 1)] == [3]
+        seq = store.record(ev(3)).seq
+        assert store.record(ev(3)).notifications == 0  # a resend: recorded once
+        assert [d.seq for d in store.due(time.time() + 1)] == [seq]
     finally:
         store.close()
