@@ -84,6 +84,7 @@ def _sender(port: int, payloads: list[bytes], connections: int, cpu: int | None,
         s.close()
 
     threads = [threading.Thread(target=run, args=(c,)) for c in chunks]
+    result.put("ready")
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -104,9 +105,10 @@ async def _serve_and_measure(messages: list[bytes], connections: int, store_url:
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     proc = ctx.Process(target=_sender, args=(listener.port, messages, connections, sender_cpu, q))
-    cpu0 = time.process_time()  # this process is the listener (the sender is another one)
     proc.start()
     loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, q.get)  # the sender is up (its start-up is not counted)
+    cpu0 = time.process_time()  # this process is the listener (the sender is another one)
     seconds, bad = await loop.run_in_executor(None, q.get)
     cpu = time.process_time() - cpu0
     await loop.run_in_executor(None, proc.join)
