@@ -240,7 +240,10 @@ def test_the_survivor_gains_replaces_links(gateway: tuple[LiveServer, Path]) -> 
     first, other = (httpx.get(f"{base}/Patient", params={"identifier": f"{PAS}|{pas}"},
                               headers=h).json()["entry"][0]["resource"]["id"]
                     for pas in ("D0000001", "D0000003"))
-    before = httpx.get(f"{base}/Patient/{first}", headers=h).json()
+    r = httpx.get(f"{base}/Patient/{first}", headers=h)
+    before, before_etag = r.json(), r.headers["etag"]
+    assert httpx.get(f"{base}/Patient/{first}", headers={**h, "If-None-Match": before_etag}
+                     ).status_code == 304
     store = AdtStore(f"sqlite:///{tmp / 'adt.sqlite'}")
     try:  # two merges into the demo Patient ``first`` (A40, then A34)
         for n, retired in enumerate(("OLD-1", "OLD-2")):
@@ -268,6 +271,14 @@ def test_the_survivor_gains_replaces_links(gateway: tuple[LiveServer, Path]) -> 
     assert r.text.count('<type value="replaces"/>') == 2 and "Patient/OLD-2" in r.text
     r = httpx.head(f"{base}/Patient/{first}", headers=h)
     assert r.status_code == 200 and r.content == b""
+    # a cached copy from before the merge is not "not modified"; one from after it is
+    old_tag = before_etag
+    assert httpx.get(f"{base}/Patient/{first}", headers={**h, "If-None-Match": old_tag}
+                     ).status_code == 200
+    tag = httpx.get(f"{base}/Patient/{first}", headers=h).headers["etag"]
+    assert tag != old_tag
+    r = httpx.get(f"{base}/Patient/{first}", headers={**h, "If-None-Match": tag})
+    assert r.status_code == 304 and r.content == b"" and r.headers["etag"] == tag
     # a Patient nothing was merged into is untouched; a refusal passes through unchanged
     assert "replaces" not in httpx.get(f"{base}/Patient/{other}", headers=h).text
     r = httpx.get(f"{base}/Patient/{first}", headers=token(tmp, "user/Encounter.rs"))
