@@ -54,6 +54,8 @@ class SubscriptionLimit(GatewayError):
 
 
 class VersionConflict(GatewayError):
+    """an update's `If-Match` or `meta.versionId` is not the current version"""
+
     status = 412
     issue_code = "conflict"
     error_code = "VERSION_CONFLICT"
