@@ -44,11 +44,12 @@ def server_ssl_context(
 
 @dataclass
 class Reply:
-    """What a server handler may return instead of bytes, to inject faults.
+    """What a server handler may return instead of bytes: further messages, or faults.
 
     The server waits ``delay`` seconds, then (if ``payload`` is not None) writes it framed —
     in ``split_into`` writes ``chunk_pause`` seconds apart, without the final CR if
-    ``omit_final_cr`` — and then closes the connection if ``drop_connection``.
+    ``omit_final_cr`` — followed by each of ``more`` framed (an enhanced-mode application
+    ACK after the accept ACK), and then closes the connection if ``drop_connection``.
     """
 
     payload: bytes | None = None
@@ -57,6 +58,7 @@ class Reply:
     split_into: int = 1
     omit_final_cr: bool = False
     chunk_pause: float = 0.005
+    more: tuple[bytes, ...] = ()
 
 
 Handler = Callable[[bytes], Awaitable[bytes | Reply | None]]
@@ -167,6 +169,7 @@ class MllpServer:
                 data = frame(reply.payload)
                 if reply.omit_final_cr:
                     data = data[:-1]
+            data += b"".join(frame(m) for m in reply.more)
         except Exception as exc:  # a failing handler must not take the listener down
             log.error("mllp_handler_failed", error=type(exc).__name__)
             return False

@@ -29,9 +29,12 @@ CAPABILITY: dict[str, Any] = {
     "documentation": "rest-hook notifications of the PAS's ADT feed: criteria on Patient "
                      "(_id, identifier) or Encounter (_id, identifier, patient, subject, "
                      "status, class); payload application/fhir+json or none; endpoints "
-                     "limited to the configured allow-list",
+                     "limited to the configured allow-list; channel headers are write-only "
+                     "(answers show their names, meta.security REDACTED)",
     "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"},
-                    {"code": "delete"}],
+                    {"code": "update"}, {"code": "delete"}],
+    "versioning": "versioned-update",
+    "updateCreate": False,
     "searchParam": [{"name": "status", "type": "token",
                      "documentation": "requested | active | error | off"}],
 }

@@ -8,8 +8,11 @@ each implies (Encounter status, merges) is declared in ``adt/events.yaml`` besid
 ACKs follow HL7 v2: original mode (MSH-15 and MSH-16 empty) answers AA, AE (the message is
 understood but cannot be applied: a required field is missing, a code cannot be mapped) or AR
 (refused: not ADT, an event not configured, wrong processing id or version, or the store
-could not record it — resend). Enhanced mode (MSH-15 set) answers the commit ACK CA / CE /
-CR, sent as MSH-15 asks (AL always, NE never, ER on error only, SU on success only).
+could not record it — resend). Enhanced mode (MSH-15 or MSH-16 set) answers in two steps
+(HL7 v2.4 2.13.2): the accept ACK CA / CE / CR — was the message committed to safe storage —
+sent as MSH-15 asks, then the application ACK AA / AE / AR — the outcome of processing it — as
+a separate message sent as MSH-16 asks (AL always, NE never, ER on error only, SU on success
+only; an empty MSH-15 is read as AL, an empty MSH-16 as NE). See ``replies``.
 """
 
 from __future__ import annotations
@@ -174,8 +177,12 @@ _ACK_CONTROL = 0
 
 
 def ack(msg: er7.Message | None, code: str, *, error: str | None = None,
-        text: str | None = None, control_id: str | None = None) -> bytes:
-    """An ACK to ``msg`` (None: it could not be read), built on the sender's delimiters."""
+        text: str | None = None, control_id: str | None = None,
+        application: bool = False) -> bytes:
+    """An ACK to ``msg`` (None: it could not be read), built on the sender's delimiters.
+
+    ``application``: the enhanced-mode application ACK, a message of its own that asks for
+    no acknowledgement back (MSH-15 and MSH-16 NE)."""
     global _ACK_CONTROL
     _ACK_CONTROL += 1
     enc = msg.encoding if msg is not None else None
@@ -193,8 +200,11 @@ def ack(msg: er7.Message | None, code: str, *, error: str | None = None,
     event = (msh.value(9, 2) if msh is not None else None) or ""
     mtype = cs.join(("ACK", event, "ACK")) if event else "ACK"
     ours = f"CCG{now}{_ACK_CONTROL:06d}"
-    header = fs.join(["MSH", chars, v(5), v(6), v(3), v(4), now, "", mtype, ours,
-                      v(11) or "P", v(12) or "2.4"])
+    fields = ["MSH", chars, v(5), v(6), v(3), v(4), now, "", mtype, ours,
+              v(11) or "P", v(12) or "2.4"]
+    if application:
+        fields += ["", "", "NE", "NE"]
+    header = fs.join(fields)
     acked = control_id or (msg.control_id if msg is not None else None) or ""
     msa = fs.join(["MSA", code, esc(acked)] + ([esc(text)] if text else []))
     segs = [header, msa]
@@ -221,6 +231,36 @@ def ack_mode(msg: er7.Message | None) -> tuple[Mode, str]:
     return ("enhanced" if accept or app else "original"), accept
 
 
+def _wanted(condition: str, ok: bool) -> bool:
+    """Whether an acknowledgement is sent under an MSH-15/16 condition (table 0155)."""
+    return not (condition == "NE" or (condition == "ER" and ok) or (condition == "SU" and not ok))
+
+
+Commit = Literal["CA", "CE", "CR"]
+
+
+def replies(msg: er7.Message | None, outcome: str | None, *, commit: Commit,
+            error: str | None = None, text: str | None = None) -> list[bytes]:
+    """Every acknowledgement of ``msg``, in the order to send them.
+
+    Original mode: the one ACK, ``outcome`` (AA/AE/AR; None is read as AR, resend).
+    Enhanced mode: the accept ACK ``commit`` if MSH-15 asks for it, then the application
+    ACK ``outcome`` if MSH-16 asks for it (None: the message was not processed — it could
+    not be committed, the sender resends it — so there is no application ACK)."""
+    mode, accept = ack_mode(msg)
+    if mode == "original":
+        return [ack(msg, outcome or "AR", error=error, text=text)]
+    assert msg is not None
+    out = []
+    if _wanted(accept, commit == "CA"):
+        out.append(ack(msg, commit, error=None if commit == "CA" else error,
+                       text=None if commit == "CA" else text))
+    app = (msg.segments[0].value(16) or "NE").upper()
+    if outcome is not None and _wanted(app, outcome == "AA"):
+        out.append(ack(msg, outcome, error=error, text=text, application=True))
+    return out
+
+
 def answer(msg: er7.Message | None, outcome: str, *, error: str | None = None,
            text: str | None = None) -> bytes | None:
     """The ACK for ``outcome`` (AA/AE/AR) in the sender's mode; None if it asked for none."""
@@ -228,7 +268,6 @@ def answer(msg: er7.Message | None, outcome: str, *, error: str | None = None,
     if mode == "original":
         return ack(msg, outcome, error=error, text=text)
     commit = {"AA": "CA", "AE": "CE", "AR": "CR"}[outcome]
-    ok = outcome == "AA"
-    if accept == "NE" or (accept == "ER" and ok) or (accept == "SU" and not ok):
+    if not _wanted(accept, outcome == "AA"):
         return None
     return ack(msg, commit, error=error, text=text)

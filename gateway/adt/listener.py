@@ -8,21 +8,28 @@ as a duplicate — AA again, recorded once. One connection is served one message
 through a single writer, so it is also the order of the sequence numbers delivery follows.
 Messages arriving on several connections at once share a transaction (group commit): one
 fsync for the batch, each ACKed when it is committed.
+
+In enhanced mode the accept ACK and the application ACK (events.replies) go back on the same
+connection, one after the other, once the message is processed: processing is recording, so
+both are known at the commit. A message refused after its header was accepted (AE) is
+recorded as a refusal first, so its CA is as durable as an AA's. An ACK the sender sends back
+(an accept ACK of our application ACK) is never answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
 
 from adapters.hl7v2 import er7
-from adapters.hl7v2.mllp_server import MllpServer
+from adapters.hl7v2.mllp_server import MllpServer, Reply
 from gateway import metrics
-from gateway.adt.events import Mapper, Refused, answer
+from gateway.adt.events import Mapper, Refused, ack_mode, answer, replies
 from gateway.adt.store import AdtStore, Incoming, Recorded
 
 log = structlog.get_logger("gateway.adt.listener")
@@ -83,39 +90,77 @@ class AdtListener:
         await self._queue.put((incoming, fut))
         return await fut
 
-    async def _counted(self, raw: bytes) -> bytes | None:
+    async def _counted(self, raw: bytes) -> bytes | Reply | None:
         reply = await self.handle(raw)
+        # counted by the last acknowledgement sent: in enhanced mode the application ACK,
+        # which says what became of the message (the accept ACK only that it was kept)
+        last = (reply.more[-1] if reply.more else reply.payload) \
+            if isinstance(reply, Reply) else reply
         metrics.adt_message(_field(raw, b"MSH", 9, 2), self.mapper.events,
-                            _field(reply, b"MSA", 1) if reply is not None else None)
+                            _field(last, b"MSA", 1) if last is not None else None)
         return reply
 
-    async def handle(self, raw: bytes) -> bytes | None:
+    async def handle(self, raw: bytes) -> bytes | Reply | None:
         try:
             msg = er7.parse(raw)
         except er7.Er7Error:
             log.warning("adt_refused", code="AR", error="100", reason="unreadable message")
             return answer(None, "AR", error="100", text="the message could not be read")
+        if msg.segments[0].value(9, 1) == "ACK":
+            # a sender's accept ACK of our application ACK: never acknowledge an ACK
+            log.debug("adt_ack_received", control_id=msg.control_id)
+            return None
         try:
             incoming = self.mapper.incoming(raw, msg)
         except Refused as exc:
             log.warning("adt_refused", code=exc.code, error=exc.error, reason=exc.text,
                         control_id=msg.control_id, message_type=msg.message_type)
-            return answer(msg, exc.code, error=exc.error, text=exc.text)
+            if exc.code == "AR":  # the header is refused: not accepted, not processed
+                return _send(replies(msg, "AR", commit="CR", error=exc.error, text=exc.text))
+            # understood, not applicable: recorded as a refusal (the commit), then reported
+            try:
+                await self._refusal(raw, msg, exc)
+            except Exception as store_exc:
+                log.error("adt_store_failed", error=type(store_exc).__name__,
+                          control_id=msg.control_id)
+                return _send(replies(msg, "AE", commit="CE", error=exc.error, text=exc.text)
+                             if ack_mode(msg)[0] == "original" else
+                             replies(msg, None, commit="CE", error="207",
+                                     text="the message could not be recorded; resend it"))
+            return _send(replies(msg, "AE", commit="CA", error=exc.error, text=exc.text))
         try:
             rec = await self._record(incoming)
         except Exception as exc:  # the store is down: refuse, so the PAS resends later
             log.error("adt_store_failed", error=type(exc).__name__, control_id=incoming.control_id)
-            return answer(msg, "AR", error="207", text="the message could not be recorded; "
-                          "resend it")
+            return _send(replies(msg, None, commit="CE", error="207",
+                                 text="the message could not be recorded; resend it"))
         if rec.conflict:
-            return answer(msg, "AE", error="205", text="this message control id was received "
-                          "before with different content")
+            return _send(replies(msg, "AE", commit="CA", error="205",
+                                 text="this message control id was received before with "
+                                 "different content"))
         log.info("adt_recorded", adt_event=incoming.event, control_id=incoming.control_id,
                  seq=rec.seq, duplicate=rec.duplicate, notifications=rec.notifications)
         if rec.notifications:
             for cb in self.on_recorded:
                 cb()
-        return answer(msg, "AA")
+        return _send(replies(msg, "AA", commit="CA"))
+
+    async def _refusal(self, raw: bytes, msg: er7.Message, exc: Refused) -> None:
+        msh = msg.segments[0]
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self.store.record_refusal,
+            f"{msh.value(3) or ''}^{msh.value(4) or ''}", msg.control_id or "",
+            hashlib.sha256(raw).hexdigest(), msh.value(9, 2) or "", exc.code, exc.error,
+            exc.text)
+
+
+def _send(acks: list[bytes]) -> bytes | Reply | None:
+    """The acknowledgements as the MLLP server sends them: one, several in order, or none."""
+    if not acks:
+        return None
+    if len(acks) == 1:
+        return acks[0]
+    return Reply(payload=acks[0], more=tuple(acks[1:]))
 
 
 def _field(raw: bytes, segment: bytes, field: int, component: int = 1) -> str:

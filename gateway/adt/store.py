@@ -47,6 +47,8 @@ merges = sa.Table(
     sa.Column("survivor", sa.String(200), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
 )
+# the survivor's read asks which ids were merged into it (Patient.link replaces)
+_MERGE_SURVIVOR_INDEX = sa.Index("ix_adt_merge_survivor", merges.c.survivor)
 
 subscriptions = sa.Table(
     "subscription", metadata,
@@ -74,6 +76,22 @@ notifications = sa.Table(
     sa.Index("ix_notification_queue", "status", "subscription_id", "patient_key", "id"),
 )
 
+
+refusals = sa.Table(
+    "adt_refusal", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sender", sa.String(200), nullable=False),
+    sa.Column("control_id", sa.String(200), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("event", sa.String(16), nullable=False),
+    sa.Column("code", sa.String(2), nullable=False),
+    sa.Column("error", sa.String(8), nullable=False),
+    sa.Column("text", sa.String(200), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+"""Messages refused after their header was accepted (AE): what was refused and why (no PHI:
+ids, the HL7 error code and our text). Recording it is what makes an enhanced-mode CA honest
+— the message was committed, as a refusal — before the application ACK AE reports it."""
 
 leases = sa.Table(
     "adt_lease", metadata,
@@ -156,6 +174,7 @@ class AdtStore:
         if url.startswith("sqlite"):
             sa_event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         metadata.create_all(self.engine)
+        _MERGE_SURVIVOR_INDEX.create(self.engine, checkfirst=True)  # stores made before it
         self._subs: list[tuple[str, criteria_mod.Criteria]] | None = None
         self._subs_checked = 0.0
 
@@ -222,6 +241,29 @@ class AdtStore:
                                .where(merges.c.retired == patient_id)).first()
         return None if row is None else str(row.survivor)
 
+    def record_refusal(self, sender: str, control_id: str, digest: str, event: str,
+                       code: str, error: str, text: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(refusals.insert().values(
+                sender=sender[:200], control_id=control_id[:200], digest=digest,
+                event=event[:16], code=code, error=error, text=text[:200],
+                received_at=time.time()))
+
+    def refused(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(refusals).order_by(refusals.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def merge_links(self, patient_id: str) -> tuple[str | None, list[str]]:
+        """(the survivor ``patient_id`` was merged into, or None; the ids merged into it)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(merges.c.retired, merges.c.survivor, merges.c.seq)
+                                .where(sa.or_(merges.c.retired == patient_id,
+                                              merges.c.survivor == patient_id))
+                                .order_by(merges.c.seq)).all()
+        survivor = next((str(r.survivor) for r in rows if r.retired == patient_id), None)
+        return survivor, [str(r.retired) for r in rows if r.survivor == patient_id]
+
     def message_count(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(messages)).scalar_one())
@@ -257,6 +299,33 @@ class AdtStore:
                 sa.select(sa.func.count()).select_from(subscriptions).where(
                     subscriptions.c.owner == owner, subscriptions.c.status == "active")
             ).scalar_one())
+
+    def stored_subscription(self, sub_id: str) -> bytes | None:
+        """The stored resource as stored (for an update's compare-and-swap), None if gone."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(subscriptions.c.resource).where(
+                subscriptions.c.id == sub_id, subscriptions.c.status != "deleted")).first()
+        return None if row is None else bytes(row.resource)
+
+    def update_subscription(self, sub_id: str, resource: dict[str, Any], previous: bytes,
+                            end_at: float | None) -> bool:
+        """Replace the Subscription if it is still ``previous`` (False: it changed meanwhile,
+        or was deleted). Turned off, its pending notifications are cancelled."""
+        status = "off" if resource["status"] == "off" else "active"
+        with self.engine.begin() as conn:
+            n = conn.execute(subscriptions.update().where(
+                subscriptions.c.id == sub_id, subscriptions.c.status != "deleted",
+                subscriptions.c.resource == previous).values(
+                status=status, criteria=resource["criteria"],
+                endpoint=resource["channel"]["endpoint"], resource=orjson.dumps(resource),
+                end_at=end_at)).rowcount
+            if n and status == "off":
+                conn.execute(notifications.update().where(
+                    notifications.c.subscription_id == sub_id,
+                    notifications.c.status == "pending").values(status="cancelled",
+                                                                 finished_at=time.time()))
+        self._subs = None
+        return bool(n)
 
     def get_subscription(self, sub_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -301,8 +370,10 @@ class AdtStore:
             res["error"] = error
         else:
             res.pop("error", None)
+        # only an active one: a Subscription turned off (or deleted) while a notification was
+        # in flight stays as its client left it
         conn.execute(subscriptions.update().where(subscriptions.c.id == sub_id,
-                                                  subscriptions.c.status != "deleted")
+                                                  subscriptions.c.status == "active")
                      .values(resource=orjson.dumps(res)))
 
     # -- the outbox
@@ -322,7 +393,8 @@ class AdtStore:
                        messages.c.event, messages.c.resources)
              .join(subscriptions, subscriptions.c.id == n.c.subscription_id)
              .join(messages, messages.c.seq == n.c.seq)
-             .where(n.c.status == "pending", n.c.id == head, n.c.next_attempt_at <= now)
+             .where(n.c.status == "pending", n.c.id == head, n.c.next_attempt_at <= now,
+                    subscriptions.c.status == "active")
              .order_by(n.c.id).limit(limit))
         with self.engine.connect() as conn:
             rows = conn.execute(q).all()
@@ -370,6 +442,8 @@ class AdtStore:
             keep = sa.select(n.c.seq).where(n.c.status.in_(["pending", "dead"]))
             gone += conn.execute(messages.delete().where(
                 messages.c.received_at < before, messages.c.seq.not_in(keep))).rowcount
+            gone += conn.execute(refusals.delete().where(
+                refusals.c.received_at < before)).rowcount
         return int(gone)
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
