@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from adapters.base import In, Query, UnsupportedCriteria, all_of, any_of
 from gateway.audit import _shape
+from gateway.chain import combined
 from gateway.errors import BadRequest, GatewayError, UnknownResourceType
 from gateway.mapping.loader import LoadedSet
 from gateway.multisource import MultiPlan, MultiSource, source_name
@@ -99,7 +100,8 @@ def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool
     lines.append(f"criteria: {_shape(plan.criteria)}  (? = a value from the search)")
     lines.append("sort: " + ", ".join(("-" if k.descending else "") + k.ref for k in plan.sort)
                  + f"; page size {plan.count}")
-    for deferred in plan.deferred:
+    deferreds = combined(plan.deferred)  # as they run: one search per reference and target
+    for deferred in deferreds:
         # a chain the adapter cannot join: the target's search runs first, for every page
         for part in deferred.parts:
             t = part.target.mapping
@@ -109,7 +111,7 @@ def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool
     criteria = plan.criteria
     if plan.deferred:  # as the query is sent once the chains' searches have found their keys
         criteria = all_of([c for c in (criteria, *(
-            any_of([In(part.ref, ("?",)) for part in d.parts]) for d in plan.deferred))
+            any_of([In(part.ref, ("?",)) for part in d.parts]) for d in deferreds))
             if c is not None])
     query = Query(criteria=criteria, sort=plan.sort, count=plan.count,
                   with_total=plan.total == "accurate")

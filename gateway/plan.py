@@ -29,6 +29,7 @@ from adapters.base import (
 )
 from gateway import nhs_number
 from gateway.errors import (
+    InsufficientChainCriteria,
     InsufficientSearchCriteria,
     InvalidNHSNumber,
     InvalidParameter,
@@ -90,6 +91,26 @@ class Chained:
     """How it counts for a search policy (a parameter of type reference)."""
     note: str | None = None
     """Said to the client in an information entry (how it was resolved)."""
+    policies: tuple[TargetPolicy, ...] = ()
+    """The search policies of the types it chains into (a forward chain's targets)."""
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """A chain into a type with a search policy: that type's own rule applies to the chained
+    parameters into it (``Encounter?patient.family=x`` is refused as ``Patient?family=x``)."""
+
+    reference: str
+    """The reference parameter chained through (``patient``)."""
+    written: str
+    """The chain's head as the client wrote it (``patient``, ``subject:Patient``)."""
+    resource_type: str
+    policy: SearchPolicy
+    param: str
+    """The target's parameter chained into (``family``)."""
+    param_type: str
+    others: tuple[tuple[str, str], ...] = ()
+    """The target's other parameters (name, type), to suggest one the rule would take."""
 
 
 @dataclass
@@ -151,6 +172,7 @@ def plan_search(
     used: list[tuple[str, str]] = []
     ignored: list[str] = []
     used_types: dict[str, str] = {}
+    chain_policies: list[TargetPolicy] = []
     plan = SearchPlan(criteria=None, sort=(), count=default_count)
     sort_spec: list[tuple[str, bool]] = []
 
@@ -177,6 +199,7 @@ def plan_search(
             if term.note:
                 plan.notes.append(term.note)
             plan.searched_types |= term.searched
+            chain_policies += term.policies
             used.append((key, raw))
             used_types[term.policy_name] = "reference"
             continue
@@ -199,6 +222,8 @@ def plan_search(
             "(send 'Prefer: handling=lenient' to have them ignored)")
     if ctx.policy and not plan.page_token:
         _check_policy(ctx, ctx.policy, used_types)
+    if chain_policies and not plan.page_token:
+        _check_chain_policies(chain_policies)
 
     key_sort = SortKey(ctx.key_ref)
     plan.sort = (*(SortKey(_sort_ref(ctx, name), desc) for name, desc in sort_spec), key_sort)
@@ -302,6 +327,39 @@ def _check_policy(ctx: SearchContext, policy: SearchPolicy, used: dict[str, str]
             f"a {ctx.resource_type} search needs at least {policy.minimum_parameters} "
             f"{kinds}{unless}"
         )
+
+
+def _check_chain_policies(policies: list[TargetPolicy]) -> None:
+    """Each chained-into type's own search policy, on the chained parameters into it through
+    one reference (``patient.family`` and ``patient.birthdate`` count together)."""
+    groups: dict[tuple[str, str], list[TargetPolicy]] = {}
+    for tp in policies:
+        groups.setdefault((tp.reference, tp.resource_type), []).append(tp)
+    for (_ref, rtype), items in groups.items():
+        policy = items[0].policy
+        used = {tp.param: tp.param_type for tp in items}
+        if any(name in used for name in policy.unless_any_of):
+            continue
+        count = len(set(used.values())) if policy.distinct_types else len(used)
+        if count >= policy.minimum_parameters:
+            continue
+        head = items[0].written
+        kinds = "parameters of different types" if policy.distinct_types else "parameters"
+        unless = (f" unless searching by {' or '.join(policy.unless_any_of)}"
+                  if policy.unless_any_of else "")
+        taken = set(used.values()) if policy.distinct_types else set()
+        other = next((n for n, t in items[0].others if n not in used and t not in taken
+                      and t != "reference" and n not in policy.unless_any_of), None)
+        adds = [f"{head}.{u}" for u in policy.unless_any_of]
+        if other is not None:
+            adds.append(f"another {head}.<parameter>"
+                        + (" of a different type" if policy.distinct_types else "")
+                        + f" (e.g. {head}.{other})")
+        chained = ", ".join(f"{head}.{n}" for n in used)
+        raise InsufficientChainCriteria(
+            f"'{chained}': a chained {rtype} search needs at least "
+            f"{policy.minimum_parameters} {kinds}{unless}, as a {rtype} search does"
+            + (f"; add {' or '.join(adds)}" if adds else ""))
 
 
 # --- one parameter → criteria -----------------------------------------------------------------
