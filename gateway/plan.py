@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from adapters.base import (
@@ -43,11 +44,13 @@ from gateway.search import (
     MODIFIERS,
     DateValue,
     MissingValue,
+    QuantityValue,
     ReferenceValue,
     StringValue,
     TokenValue,
     parse_date,
     parse_missing,
+    parse_quantity,
     parse_reference,
     parse_string,
     parse_token,
@@ -395,7 +398,7 @@ def _criterion(
         raise InvalidParameter(f"'{name}' does not support the modifier ':{modifier}'")
     if modifier == "missing":
         missing = parse_missing(name, raw)
-        refs = param.refs[:1] if param.period else param.refs
+        refs = param.refs[:1] if param.period or param.unit else param.refs
         if missing.missing:
             return all_of([IsNull(r) for r in refs]) or Nothing()
         return any_of([IsNull(r, null=False) for r in refs])
@@ -411,6 +414,8 @@ def _criterion(
         return found
     if param.type == "date":
         return any_of([_date(ctx, param, parse_date(name, v, ctx.tz)) for v in values])
+    if param.type == "quantity":
+        return any_of([_quantity(ctx, name, param, parse_quantity(name, v)) for v in values])
     targets = param.reference_targets()
     restrict = modifier if modifier in targets else None
     out: list[Criterion] = []
@@ -420,6 +425,46 @@ def _criterion(
             raise InvalidParameter(f"'{name}:{restrict}' cannot take a {ref.type} reference")
         out.append(_reference(ctx, targets, ReferenceValue(ref.type or restrict, ref.id)))
     return any_of(out)
+
+
+def _quantity(ctx: SearchContext, name: str, param: SearchParam, q: QuantityValue
+              ) -> Criterion:
+    """STU3 quantity search: the number by its prefix (``eq``/``ne``/``ap`` over its implicit
+    precision range), and the unit by code — as the code map translates the stored unit
+    into the system named (UCUM), or, with no system (``number||code``), as stored too."""
+    ref = param.refs[0]
+
+    def cmp(op: Literal["<", "<=", ">", ">="], v: Decimal) -> Compare:
+        return Compare(ref, op, float(v), numeric=True)
+
+    number: Criterion
+    if q.prefix == "eq":
+        number = And((cmp(">=", q.low), cmp("<", q.high)))
+    elif q.prefix == "ne":
+        number = Or((cmp("<", q.low), cmp(">=", q.high)))
+    elif q.prefix == "ap":  # STU3 leaves "approximately" to the server: 10%, at least the precision
+        margin = max(abs(q.number) / 10, q.high - q.number)
+        number = And((cmp(">=", q.number - margin), cmp("<=", q.number + margin)))
+    else:
+        op = {"gt": ">", "sa": ">", "lt": "<", "eb": "<", "ge": ">=", "le": "<="}[q.prefix]
+        number = cmp(op, q.number)  # type: ignore[arg-type]
+    if q.code is None:
+        return number
+    if param.unit is None:
+        raise InvalidParameter(f"'{name}' cannot be searched by unit on this server: "
+                               "send the number alone")
+    cmap = ctx.codemaps.get(param.unit.codemap) if param.unit.codemap else None
+    local: set[str] = set()
+    if cmap is not None and q.system in (None, cmap.target_system or ""):
+        local.update(cmap.local_codes(q.code))
+    if q.system is None:
+        local.add(q.code)  # the unit as the source writes it
+    if not local:
+        return Nothing()
+    units = tuple(sorted(local))
+    unit = In(param.unit.column, units) if len(units) > 1 else Compare(
+        param.unit.column, "=", units[0])
+    return And((number, unit))
 
 
 def _null_safe(c: Criterion) -> Criterion:
