@@ -389,3 +389,34 @@ def test_previous_from_a_partial_page_is_the_page_before(
             url = _link(body, "next")
     assert len(seen) == len(set(seen))
     assert set(seen) == {r["id"] for r in rows if r["practitioner"] == who}
+
+
+async def test_a_page_either_way_is_one_statement_per_source(
+        demo_url: str, make_app: Callable[..., Starlette]) -> None:
+    from tests.gateway.test_chain import _count_statements
+
+    app = make_app(demo_url, rate_limit_per_minute=100_000, rate_limit_burst=100_000,
+                   source_rate_limit_per_minute=0)
+    engine = app.state.registry.get("Encounter").sources[0].mapping.adapter.engine
+    tables = ("PROVIDER_SPELLS", "OUTPATIENT_ATTENDANCES", "AE_ATTENDANCES")
+    sent: list[str] = []
+    _count_statements(engine, sent)
+    rows = encounters(demo_url)
+    who = busiest_practitioner(rows)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            pages, urls = await walk_pages(
+                c, f"/STU3/Encounter?practitioner={who}&_sort=-date&_count=3", "next")
+            assert len(pages) >= 4
+            url: str | None = urls[-1]
+            asked_back = 0
+            while url is not None:
+                sent.clear()
+                body = (await c.get(url)).json()
+                asked = [t for st in sent for t in tables if f'"{t}"' in st]
+                # every source at most once (none twice: no probe when every source answers)
+                assert len(asked) == len(set(asked)) <= 3, asked
+                asked_back += len(asked)
+                url = link(body, "previous")
+            assert asked_back > len(pages)  # the walk back did ask the sources
