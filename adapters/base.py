@@ -52,6 +52,9 @@ class Compare:
     ref: str
     op: Literal["=", "!=", "<", "<=", ">", ">="]
     value: Any
+    numeric: bool = False
+    """Compare the stored value as a number (``value`` a float), whatever the column's type:
+    legacy systems keep results as text. A stored value that is not a number never matches."""
 
 
 @dataclass(frozen=True, slots=True)

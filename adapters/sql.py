@@ -999,8 +999,10 @@ class _Binder:
         if isinstance(c, Chain):
             return self._chain(c, col)
         if isinstance(c, Compare):
-            self.shape.append(("cmp", c.ref, c.op))
+            self.shape.append(("cmp", c.ref, c.op, c.numeric))
             v = self.bind(c.value)
+            if c.numeric:
+                col = _as_number(col, self.dialect)
             ops: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
                 "=": lambda a, b: a == b, "!=": lambda a, b: a != b,
                 "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
@@ -1112,7 +1114,7 @@ def _collect(c: Criterion, shape: list[Any], values: list[Any]) -> None:
     elif isinstance(c, Nothing):
         shape.append("nothing")
     elif isinstance(c, Compare):
-        shape.append(("cmp", c.ref, c.op))
+        shape.append(("cmp", c.ref, c.op, c.numeric))
         values.append(c.value)
     elif isinstance(c, In):
         shape.append(("in", c.ref, len(c.values)))
@@ -1126,6 +1128,23 @@ def _collect(c: Criterion, shape: list[Any], values: list[Any]) -> None:
     else:
         shape.append(("text", c.ref, c.mode, c.value.isascii()))
         values.append(_like_pattern(c))
+
+
+_NUMBER_SQL = r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
+
+
+def _as_number(col: ColumnElement[Any], dialect: str) -> ColumnElement[Any]:
+    """A column as a number, NULL where it holds no number (legacy results are text): never
+    an error for a stray value (PostgreSQL evaluates the CASE before the cast)."""
+    if dialect == "postgresql":
+        text = sa.cast(col, sa.Text)
+        return sa.case((text.regexp_match(_NUMBER_SQL), sa.cast(text, sa.Float)), else_=None)
+    if dialect == "sqlite":
+        trimmed: ColumnElement[Any] = sa.func.trim(sa.cast(col, sa.Text))
+        return sa.case((sa.and_(trimmed != "", trimmed.op("NOT GLOB")("*[^0-9.eE+-]*"),
+                                trimmed.op("GLOB")("*[0-9]*")), sa.cast(trimmed, sa.Float)),
+                       else_=None)
+    return sa.cast(col, sa.Float)
 
 
 def _like_pattern(c: Text) -> str:

@@ -48,6 +48,14 @@ def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str,
             if not chain_joined(registry, provider, name):
                 doc += (f" (resolved through a search of the target, at most "
                         f"{MAX_CHAIN_MATCHES} matches)")
+            for t in p.reference_targets():
+                rule = registry.get(t).policy if t in registry else None
+                if rule is not None and rule.minimum_parameters > 1:
+                    doc += (f". A chain into {t} follows {t}'s own rule: at least "
+                            f"{rule.minimum_parameters} chained parameters"
+                            + (" of different types" if rule.distinct_types else "")
+                            + (f" unless by {' or '.join(rule.unless_any_of)}"
+                               if rule.unless_any_of else ""))
         if doc:
             entry["documentation"] = doc
         params.append(entry)

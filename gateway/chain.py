@@ -33,10 +33,11 @@ says: ignoring a chain would widen the result.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.base import (
+    And,
     Chain,
     Compare,
     Count,
@@ -48,7 +49,7 @@ from adapters.base import (
 )
 from gateway import compartment
 from gateway.errors import BadRequest
-from gateway.plan import Chained, SearchPlan, id_criterion, param_criterion
+from gateway.plan import Chained, SearchPlan, TargetPolicy, id_criterion, param_criterion
 
 if TYPE_CHECKING:
     from adapters.base import Page
@@ -131,6 +132,9 @@ class _Part:
 class Deferred:
     label: str
     parts: tuple[_Part, ...]
+    forward: bool = False
+    """A chained parameter (not ``_has``): chains through the same reference into the same
+    targets are one search of the target (``patient.family`` with ``patient.birthdate``)."""
 
 
 def plan_chain(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
@@ -169,21 +173,39 @@ def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chai
             f"'{_safe(tname)}' on this server")
     searched = frozenset(t.resource_type for t, _ in found)
     label = f"{name}.{tname}"
+    policies = _policies(registry, name, head, searched, tname)
     # A reference column holds ids of its target type's unprefixed source (an output
     # reference is written without a prefix): a source whose ids carry one is never among
     # its targets. Joining its keys to the column would match unrelated records by number.
     found = [(t, ref) for t, ref in found if _referable(t)]
     if not found:
-        return Chained(Nothing(), None, searched, label)
+        return Chained(Nothing(), None, searched, label, policies=policies)
     if all(_joinable(provider, t) for t, _ in found):
         return Chained(any_of([
             Chain(ref, t.mapping.prepared, t.key,
                   _confined(t, _target_criteria(registry, t, tname, tmod, raw)))
-            for t, ref in found]), None, searched, label)
+            for t, ref in found]), None, searched, label, policies=policies)
     # one of them cannot be joined: all go through their target's search
     parts = tuple(_Part(t, _target_criteria(registry, t, tname, tmod, raw), ref,
                         provider.mapping.storage(ref), t.key) for t, ref in found)
-    return Chained(None, Deferred(label, parts), searched, label, _note(label, searched))
+    return Chained(None, Deferred(label, parts, forward=True), searched, label,
+                   _note(label, searched), policies=policies)
+
+
+def _policies(registry: Registry, name: str, head: str, types: frozenset[str], tname: str
+              ) -> tuple[TargetPolicy, ...]:
+    """The search policy of each type chained into, as its own search would apply it."""
+    out: list[TargetPolicy] = []
+    for t in sorted(types):
+        target = registry.get(t)
+        policy = target.policy
+        if policy is None:
+            continue
+        ptype = "token" if tname == "_id" else next(
+            s.params[tname].type for s in _sources(target) if tname in s.params)
+        others = tuple((n, p.type) for n, p in target.params.items())
+        out.append(TargetPolicy(name, head, t, policy, tname, ptype, others))
+    return tuple(out)
 
 
 def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
@@ -284,12 +306,29 @@ async def resolve(plan: SearchPlan) -> None:
     """Run the deferred chains' searches and AND what they found into the plan's criteria."""
     if not plan.deferred:
         return
-    found = [await _resolve(d) for d in plan.deferred]
+    found = [await _resolve(d) for d in combined(plan.deferred)]
     if any(isinstance(c, Nothing) for c in found):
         plan.criteria = Nothing()  # a chain found nothing: no query (HL7 v2 takes no AND false)
     else:
         plan.criteria = all_of([c for c in (plan.criteria, *found) if c is not None])
     plan.deferred = []
+
+
+def combined(deferred: list[Deferred]) -> list[Deferred]:
+    """Chained parameters through one reference into the same targets, as one search of each
+    target (their criteria ANDed): a single-valued reference makes that the same answer, and
+    a target's search policy (gateway.plan.TargetPolicy) may ask for both together."""
+    out: dict[Any, Deferred] = {}
+    for i, d in enumerate(deferred):
+        key = (tuple((id(p.target), p.ref) for p in d.parts) if d.forward else i)
+        had = out.get(key)
+        if had is None:
+            out[key] = d
+            continue
+        out[key] = Deferred(f"{had.label}, {d.label}", tuple(
+            replace(a, criteria=And((a.criteria, b.criteria)))
+            for a, b in zip(had.parts, d.parts, strict=True)), forward=True)
+    return list(out.values())
 
 
 async def _resolve(d: Deferred) -> Criterion:

@@ -56,6 +56,9 @@ WHEN: dict[str, str] = {
     "INVALID_NHS_NUMBER": "an NHS number with a bad check digit",
     "INSUFFICIENT_SEARCH_CRITERIA": "Care Connect: a Patient search needs two parameters "
                                     "of different types (or `identifier`)",
+    "INSUFFICIENT_CHAIN_CRITERIA": "chained parameters into a type its own search rule "
+                                   "would refuse (`Encounter?patient.family=x` alone, as "
+                                   "`Patient?family=x`): the message names what to add",
     "INVALID_PAGE_TOKEN": "a paging link that was altered, expired or made by another key",
     "UNSUPPORTED_SEARCH": "a valid FHIR search the system behind this resource cannot answer",
     "INVALID_RESOURCE_ID": "a resource id that is not a valid FHIR id",

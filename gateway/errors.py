@@ -101,6 +101,12 @@ class InsufficientSearchCriteria(BadRequest):
     error_code = "INSUFFICIENT_SEARCH_CRITERIA"
 
 
+class InsufficientChainCriteria(InsufficientSearchCriteria):
+    """Chained parameters into a type (``patient.family``) its own search policy refuses."""
+
+    error_code = "INSUFFICIENT_CHAIN_CRITERIA"
+
+
 class InvalidPageToken(BadRequest):
     error_code = "INVALID_PAGE_TOKEN"
 

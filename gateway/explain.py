@@ -25,6 +25,7 @@ from adapters.base import In, Query, UnsupportedCriteria, all_of, any_of
 from gateway import cost as search_cost
 from gateway.audit import _shape
 from gateway.auth import authorize
+from gateway.chain import combined
 from gateway.errors import BadRequest, GatewayError, UnknownResourceType
 from gateway.mapping.loader import LoadedSet
 from gateway.multisource import MultiPlan, MultiSource, source_name
@@ -125,7 +126,8 @@ def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool
     over = "; over it: 400 SEARCH_TOO_COSTLY" if budget and estimate > budget else ""
     lines.append(f"estimated cost: {estimate} "
                  + (f"(budget {budget}{over})" if budget else "(no budget)"))
-    for deferred in plan.deferred:
+    deferreds = combined(plan.deferred)  # as they run: one search per reference and target
+    for deferred in deferreds:
         # a chain the adapter cannot join: the target's search runs first, for every page
         for part in deferred.parts:
             t = part.target.mapping
@@ -135,7 +137,7 @@ def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool
     criteria = plan.criteria
     if plan.deferred:  # as the query is sent once the chains' searches have found their keys
         criteria = all_of([c for c in (criteria, *(
-            any_of([In(part.ref, ("?",)) for part in d.parts]) for d in plan.deferred))
+            any_of([In(part.ref, ("?",)) for part in d.parts]) for d in deferreds))
             if c is not None])
     query = Query(criteria=criteria, sort=plan.sort, count=plan.count,
                   with_total=plan.total == "accurate")

@@ -8,15 +8,17 @@ mapping file of its own. The composite answers as one provider (routes do not kn
 * **search** fans out to every source with the same parameters (each planned against its own
   mapping), and merges the pages in ``_sort`` order, ties broken by source order and then by
   each source's own key order, so the order is total and the same on every request.
-* **paging** is stateless: the page link holds one keyset position per source (inside the
-  same encrypted, signed token as a single-source search). A page asks each unfinished source
-  for at most ``_count`` records, takes the first ``_count`` of the merge and moves each
-  source's position to the last of its records taken — one statement per source per page,
-  and a walk to the end yields the merged set exactly once.
+* **paging** is stateless, forwards and back: the page link holds one cut per source (inside
+  the same encrypted, signed token as a single-source search), the keyset positions either
+  side of where the page begins or ends in that source. A page asks each source with records
+  that way for at most ``_count`` records, takes the first ``_count`` of the merge (going
+  back: the last) and moves each source's cut past the records taken — one statement per
+  source per page — so a walk to the end yields the merged set exactly once, and the
+  ``previous`` links walk back through the same pages.
 * **a failing source** (502/503/504) gives a partial page with an OperationOutcome warning
-  entry naming the source, never a silent gap; its position does not move, so the next page
-  asks it again. Under ``Prefer: handling=strict``, or when no source answered, the error is
-  the answer.
+  entry naming the source, never a silent gap; its cut does not move, so the next page asks
+  it again (a link the other way first finds the cut's other side with a one-record probe).
+  Under ``Prefer: handling=strict``, or when no source answered, the error is the answer.
 * **what is claimed** is what every source supports: a parameter, a ``_sort`` key or an
   interaction only one source has is not the type's (so the CapabilityStatement, generated
   from this, does not list it, and a search treats it as unknown).
@@ -24,14 +26,18 @@ mapping file of its own. The composite answers as one provider (routes do not kn
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import heapq
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import islice
 from typing import Any
 
+import orjson
+
 from adapters.base import Criterion, Page, SortKey, Write, WriteResult
+from gateway import chain
 from gateway.errors import (
     GatewayError,
     InvalidId,
@@ -46,8 +52,38 @@ from gateway.providers import Provider
 from gateway.search import ID_RE
 
 SOURCE_FAILURES = frozenset({502, 503, 504})
-DONE = False
-"""A source's position once it has no more records."""
+START = "S"
+"""A cut before a source's first record."""
+END = "E"
+"""A cut after a source's last record."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Where a merged page begins or ends in one source: between the record at ``lo`` and
+    the record at ``hi`` (keyset positions), or at START / END. A forward page needs ``lo``,
+    a backward page ``hi``; a side not known is None (at most one)."""
+
+    lo: Any
+    hi: Any
+
+    def dump(self) -> list[Any]:
+        return [self.lo, self.hi]
+
+    @classmethod
+    def load(cls, raw: Any) -> Cut:
+        ok = (isinstance(raw, list) and len(raw) == 2
+              and (raw[0] == START or isinstance(raw[0], list) or raw[0] is None)
+              and (raw[1] == END or isinstance(raw[1], list) or raw[1] is None)
+              and raw != [None, None])
+        if not ok:
+            raise InvalidPageToken("the paging link is not valid (altered or expired)")
+        return cls(raw[0], raw[1])
+
+
+def _one(part: SearchPlan) -> SearchPlan:
+    """The same search for one record, without a total (a probe for a cut's other side)."""
+    return replace(part, count=1, total="none", deferred=[])
 
 
 @dataclass
@@ -212,64 +248,126 @@ class MultiSource:
                      backwards: bool = False, extra: Criterion | None = None) -> MergedPage:
         assert isinstance(plan, MultiPlan)
         n = len(self.sources)
-        if backwards or (after is not None and len(after) != n):
-            raise InvalidPageToken("the paging link is not valid (altered or expired)")
-        states: list[Any] = list(after) if after is not None else [None] * n
+        if after is None:
+            if backwards:
+                raise InvalidPageToken("the paging link is not valid (altered or expired)")
+            cuts = [Cut(START, None)] * n
+        else:
+            if len(after) != n:
+                raise InvalidPageToken("the paging link is not valid (altered or expired)")
+            cuts = [Cut.load(x) for x in after]
         pages: list[Page | None] = []
+        resolved: list[Cut] = []
         failed: list[tuple[str, GatewayError]] = []
-        for source, part, state in zip(self.sources, plan.parts, states, strict=True):
-            if state is DONE:
-                pages.append(None)
+        asked = 0
+        for source, part, cut in zip(self.sources, plan.parts, cuts, strict=True):
+            if (cut.lo == START) if backwards else (cut.hi == END):
+                pages.append(None)  # nothing that way
+                resolved.append(cut)
                 continue
+            asked += 1
             try:
-                pages.append(await source.search(
-                    part, tuple(state) if state is not None else None, False, extra))
+                got, known = await self._fetch(source, part, cut, backwards, extra)
             except GatewayError as exc:
                 if plan.strict or exc.status not in SOURCE_FAILURES:
                     raise
                 failed.append((source_name(source), exc))
                 pages.append(None)
-        if failed and all(p is None for p in pages) and len(failed) == sum(
-                st is not DONE for st in states):
+                resolved.append(cut)
+                continue
+            pages.append(got)
+            resolved.append(known)
+        if failed and len(failed) == asked:
             raise failed[0][1]  # nothing answered: an error, not an empty page with warnings
         runs = [
             [(self._merge_key(i, r, plan.parts[i].sort), i, r) for r in page.records]
             if page is not None else []
             for i, page in enumerate(pages)
         ]
-        taken = list(islice(heapq.merge(*runs, key=lambda t: t[0]), plan.count))
+        merged = heapq.merge(*runs, key=lambda t: t[0])
+        if backwards:  # the last `count` before the cut, in the merged (forward) order
+            taken = list(collections.deque(merged, maxlen=plan.count))
+        else:
+            taken = list(islice(merged, plan.count))
         consumed = [0] * n
         for _key, i, _r in taken:
             consumed[i] += 1
-        new_states: list[Any] = []
+        starts: list[Cut] = []
+        ends: list[Cut] = []
         more = bool(failed)
+        can_go_back = True
         for i, page in enumerate(pages):
-            if page is None:
-                new_states.append(states[i])  # done, or failed: asked again next page
+            if page is None:  # nothing that way, or failed: the cut stays (asked again)
+                starts.append(resolved[i])
+                ends.append(resolved[i])
                 continue
+            if page.records and page.start is None:
+                can_go_back = False  # a source that cannot page backwards
+            pos = self._positions(i, page.records, plan.parts[i].sort)
             k = consumed[i]
-            if k < len(page.records):
-                more = True
-                new_states.append(list(self.sources[i].position(page.records[k - 1],
-                                                                  plan.parts[i].sort))
-                                  if k else states[i])
-            elif page.more and page.end is not None:
-                more = True
-                new_states.append(list(page.end))
+            old = resolved[i]
+            if not backwards:
+                before = Cut(old.lo, pos[0] if pos else END)
+                if k:
+                    after_hi: Any = pos[k] if k < len(pos) else (None if page.more else END)
+                    end_cut = Cut(pos[k - 1], after_hi)
+                else:
+                    end_cut = before
+                starts.append(before)
+                ends.append(end_cut)
             else:
-                new_states.append(DONE)
+                behind = Cut(pos[-1] if pos else START, old.hi)
+                if k:
+                    j = len(pos) - k
+                    lo: Any = pos[j - 1] if j else (None if page.more else START)
+                    start_cut = Cut(lo, pos[j])
+                else:
+                    start_cut = behind
+                starts.append(start_cut)
+                ends.append(behind)
+            more = more or k < len(pos) or page.more
         total = None
         if plan.total == "accurate" and not failed:
             total = 0
             for i, page in enumerate(pages):
                 if page is not None and page.total is not None:
                     total += page.total
-                else:  # finished on an earlier page: counted on its own
+                else:  # nothing to fetch that way: counted on its own
                     total += await self.sources[i].count(plan.parts[i])
         out = MergedPage(records=[(i, r) for _k, i, r in taken], more=more, total=total,
                          failed=failed)
-        out.end = tuple(new_states) if more else None
+        out.start = tuple(c.dump() for c in starts) if can_go_back else None
+        out.end = tuple(c.dump() for c in ends)
         return out
+
+    async def _fetch(self, source: Provider, part: SearchPlan, cut: Cut, backwards: bool,
+                     extra: Criterion | None) -> tuple[Page, Cut]:
+        """One source's page from its cut, and the cut with the side that way known.
+
+        A cut known only on the other side (a source that failed on a page walked the other
+        way) is first found with a one-record probe the other way."""
+        await chain.resolve(part)  # once, not again for the probe
+        if not backwards:
+            lo = cut.lo
+            if lo is None:
+                probe = await source.search(_one(part), tuple(cut.hi), True, extra)
+                lo = (list(source.position(probe.records[-1], part.sort)) if probe.records
+                      else START)
+            page = await source.search(part, None if lo == START else tuple(lo), False, extra)
+            return page, Cut(lo, cut.hi)
+        hi = cut.hi
+        if hi is None:
+            probe = await source.search(_one(part), tuple(cut.lo), False, extra)
+            hi = list(source.position(probe.records[0], part.sort)) if probe.records else END
+        page = await source.search(part, None if hi == END else tuple(hi), True, extra)
+        return page, Cut(cut.lo, hi)
+
+    def _positions(self, i: int, records: list[Any], sort: tuple[SortKey, ...]
+                   ) -> list[list[Any]]:
+        # As a paging link carries them (JSON), so a cut compares and serialises the same.
+        source = self.sources[i]
+        return [orjson.loads(orjson.dumps(list(source.position(r, sort)), default=str))
+                for r in records]
 
     def _merge_key(self, i: int, rec: Any, sort: tuple[SortKey, ...]) -> tuple[Any, ...]:
         """Comparable values of a record's ``_sort`` keys (the trailing record key is the

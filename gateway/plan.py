@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from adapters.base import (
@@ -29,6 +30,7 @@ from adapters.base import (
 )
 from gateway import nhs_number
 from gateway.errors import (
+    InsufficientChainCriteria,
     InsufficientSearchCriteria,
     InvalidNHSNumber,
     InvalidParameter,
@@ -42,11 +44,13 @@ from gateway.search import (
     MODIFIERS,
     DateValue,
     MissingValue,
+    QuantityValue,
     ReferenceValue,
     StringValue,
     TokenValue,
     parse_date,
     parse_missing,
+    parse_quantity,
     parse_reference,
     parse_string,
     parse_token,
@@ -90,6 +94,26 @@ class Chained:
     """How it counts for a search policy (a parameter of type reference)."""
     note: str | None = None
     """Said to the client in an information entry (how it was resolved)."""
+    policies: tuple[TargetPolicy, ...] = ()
+    """The search policies of the types it chains into (a forward chain's targets)."""
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """A chain into a type with a search policy: that type's own rule applies to the chained
+    parameters into it (``Encounter?patient.family=x`` is refused as ``Patient?family=x``)."""
+
+    reference: str
+    """The reference parameter chained through (``patient``)."""
+    written: str
+    """The chain's head as the client wrote it (``patient``, ``subject:Patient``)."""
+    resource_type: str
+    policy: SearchPolicy
+    param: str
+    """The target's parameter chained into (``family``)."""
+    param_type: str
+    others: tuple[tuple[str, str], ...] = ()
+    """The target's other parameters (name, type), to suggest one the rule would take."""
 
 
 @dataclass
@@ -151,6 +175,7 @@ def plan_search(
     used: list[tuple[str, str]] = []
     ignored: list[str] = []
     used_types: dict[str, str] = {}
+    chain_policies: list[TargetPolicy] = []
     plan = SearchPlan(criteria=None, sort=(), count=default_count)
     sort_spec: list[tuple[str, bool]] = []
 
@@ -177,6 +202,7 @@ def plan_search(
             if term.note:
                 plan.notes.append(term.note)
             plan.searched_types |= term.searched
+            chain_policies += term.policies
             used.append((key, raw))
             used_types[term.policy_name] = "reference"
             continue
@@ -199,6 +225,8 @@ def plan_search(
             "(send 'Prefer: handling=lenient' to have them ignored)")
     if ctx.policy and not plan.page_token:
         _check_policy(ctx, ctx.policy, used_types)
+    if chain_policies and not plan.page_token:
+        _check_chain_policies(chain_policies)
 
     key_sort = SortKey(ctx.key_ref)
     plan.sort = (*(SortKey(_sort_ref(ctx, name), desc) for name, desc in sort_spec), key_sort)
@@ -304,6 +332,39 @@ def _check_policy(ctx: SearchContext, policy: SearchPolicy, used: dict[str, str]
         )
 
 
+def _check_chain_policies(policies: list[TargetPolicy]) -> None:
+    """Each chained-into type's own search policy, on the chained parameters into it through
+    one reference (``patient.family`` and ``patient.birthdate`` count together)."""
+    groups: dict[tuple[str, str], list[TargetPolicy]] = {}
+    for tp in policies:
+        groups.setdefault((tp.reference, tp.resource_type), []).append(tp)
+    for (_ref, rtype), items in groups.items():
+        policy = items[0].policy
+        used = {tp.param: tp.param_type for tp in items}
+        if any(name in used for name in policy.unless_any_of):
+            continue
+        count = len(set(used.values())) if policy.distinct_types else len(used)
+        if count >= policy.minimum_parameters:
+            continue
+        head = items[0].written
+        kinds = "parameters of different types" if policy.distinct_types else "parameters"
+        unless = (f" unless searching by {' or '.join(policy.unless_any_of)}"
+                  if policy.unless_any_of else "")
+        taken = set(used.values()) if policy.distinct_types else set()
+        other = next((n for n, t in items[0].others if n not in used and t not in taken
+                      and t != "reference" and n not in policy.unless_any_of), None)
+        adds = [f"{head}.{u}" for u in policy.unless_any_of]
+        if other is not None:
+            adds.append(f"another {head}.<parameter>"
+                        + (" of a different type" if policy.distinct_types else "")
+                        + f" (e.g. {head}.{other})")
+        chained = ", ".join(f"{head}.{n}" for n in used)
+        raise InsufficientChainCriteria(
+            f"'{chained}': a chained {rtype} search needs at least "
+            f"{policy.minimum_parameters} {kinds}{unless}, as a {rtype} search does"
+            + (f"; add {' or '.join(adds)}" if adds else ""))
+
+
 # --- one parameter → criteria -----------------------------------------------------------------
 
 
@@ -337,7 +398,7 @@ def _criterion(
         raise InvalidParameter(f"'{name}' does not support the modifier ':{modifier}'")
     if modifier == "missing":
         missing = parse_missing(name, raw)
-        refs = param.refs[:1] if param.period else param.refs
+        refs = param.refs[:1] if param.period or param.unit else param.refs
         if missing.missing:
             return all_of([IsNull(r) for r in refs]) or Nothing()
         return any_of([IsNull(r, null=False) for r in refs])
@@ -353,6 +414,8 @@ def _criterion(
         return found
     if param.type == "date":
         return any_of([_date(ctx, param, parse_date(name, v, ctx.tz)) for v in values])
+    if param.type == "quantity":
+        return any_of([_quantity(ctx, name, param, parse_quantity(name, v)) for v in values])
     targets = param.reference_targets()
     restrict = modifier if modifier in targets else None
     out: list[Criterion] = []
@@ -362,6 +425,46 @@ def _criterion(
             raise InvalidParameter(f"'{name}:{restrict}' cannot take a {ref.type} reference")
         out.append(_reference(ctx, targets, ReferenceValue(ref.type or restrict, ref.id)))
     return any_of(out)
+
+
+def _quantity(ctx: SearchContext, name: str, param: SearchParam, q: QuantityValue
+              ) -> Criterion:
+    """STU3 quantity search: the number by its prefix (``eq``/``ne``/``ap`` over its implicit
+    precision range), and the unit by code — as the code map translates the stored unit
+    into the system named (UCUM), or, with no system (``number||code``), as stored too."""
+    ref = param.refs[0]
+
+    def cmp(op: Literal["<", "<=", ">", ">="], v: Decimal) -> Compare:
+        return Compare(ref, op, float(v), numeric=True)
+
+    number: Criterion
+    if q.prefix == "eq":
+        number = And((cmp(">=", q.low), cmp("<", q.high)))
+    elif q.prefix == "ne":
+        number = Or((cmp("<", q.low), cmp(">=", q.high)))
+    elif q.prefix == "ap":  # STU3 leaves "approximately" to the server: 10%, at least the precision
+        margin = max(abs(q.number) / 10, q.high - q.number)
+        number = And((cmp(">=", q.number - margin), cmp("<=", q.number + margin)))
+    else:
+        op = {"gt": ">", "sa": ">", "lt": "<", "eb": "<", "ge": ">=", "le": "<="}[q.prefix]
+        number = cmp(op, q.number)  # type: ignore[arg-type]
+    if q.code is None:
+        return number
+    if param.unit is None:
+        raise InvalidParameter(f"'{name}' cannot be searched by unit on this server: "
+                               "send the number alone")
+    cmap = ctx.codemaps.get(param.unit.codemap) if param.unit.codemap else None
+    local: set[str] = set()
+    if cmap is not None and q.system in (None, cmap.target_system or ""):
+        local.update(cmap.local_codes(q.code))
+    if q.system is None:
+        local.add(q.code)  # the unit as the source writes it
+    if not local:
+        return Nothing()
+    units = tuple(sorted(local))
+    unit = In(param.unit.column, units) if len(units) > 1 else Compare(
+        param.unit.column, "=", units[0])
+    return And((number, unit))
 
 
 def _null_safe(c: Criterion) -> Criterion:

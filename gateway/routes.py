@@ -378,6 +378,8 @@ class Api:
 
         links = [self_link]
         first_page = after is None
+        if not first_page:  # the search again, from its beginning
+            links.append(("first", bundle.search_url(base, provider.resource_type, used)))
         if page.records:
             has_next = page.more if not backwards else True
             has_prev = (not first_page) if not backwards else page.more

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import typing
 import unicodedata
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -30,6 +32,7 @@ MODIFIERS: dict[str, frozenset[str]] = {
     "token": frozenset({"missing", "not"}),
     "date": frozenset({"missing"}),
     "reference": frozenset({"missing"}),
+    "quantity": frozenset({"missing"}),
 }
 
 
@@ -65,6 +68,21 @@ class ReferenceValue:
 @dataclass(frozen=True, slots=True)
 class MissingValue:
     missing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QuantityValue:
+    """``[prefix]number|system|code`` (STU3 quantity search)."""
+
+    prefix: DatePrefix
+    number: Decimal
+    low: Decimal
+    high: Decimal
+    """The number's implicit range [low, high): its precision (``5.4`` is 5.35 to 5.45)."""
+    system: str | None
+    """``None``: any system (``number||code`` or no unit)."""
+    code: str | None
+    """``None``: any unit."""
 
 
 Value = StringValue | TokenValue | DateValue | ReferenceValue | MissingValue
@@ -205,6 +223,35 @@ def parse_date(name: str, raw: str, tz: ZoneInfo, now: dt.datetime | None = None
         gap = max(gap, dt.timedelta(days=1))
         low, high = low - gap, high + gap
     return DateValue(prefix, low, high)
+
+
+_NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?$")
+
+
+def parse_quantity(name: str, raw: str) -> QuantityValue:
+    """``[prefix]number|system|code``, ``[prefix]number||code`` or ``[prefix]number``."""
+    _check_text(name, raw)
+    parts = raw.split("|")
+    if len(parts) not in (1, 3):
+        raise InvalidParameter(f"'{name}' takes [prefix]number|system|code (or just the "
+                               "number)")
+    number = parts[0]
+    prefix: DatePrefix = "eq"
+    if number[:2] in DATE_PREFIXES:
+        prefix, number = typing.cast(DatePrefix, number[:2]), number[2:]
+    if not _NUMBER_RE.match(number):
+        raise InvalidParameter(f"'{name}' needs a number (with an optional prefix such as gt)")
+    value = Decimal(number)
+    # STU3: the number's precision is its implicit range (5.4 means [5.35, 5.45)).
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    half = Decimal(5).scaleb(exponent - 1)
+    system = code = None
+    if len(parts) == 3:
+        system, code = _unescape(parts[1]) or None, _unescape(parts[2]) or None
+        if code is None:
+            raise InvalidParameter(f"'{name}' names a unit system but no unit code")
+    return QuantityValue(prefix, value, value - half, value + half, system, code)
 
 
 def parse_reference(name: str, raw: str, allowed: tuple[str, ...]) -> ReferenceValue:

@@ -421,6 +421,10 @@ def _compile(
                                         f"search.{name}.systems[{i}].codemap: {system.codemap!r} "
                                         f"translates into {cmap.target_system!r}, not "
                                         f"{system.system!r}"))
+        if param.unit is not None and param.unit.codemap and param.unit.codemap not in codemaps:
+            problems.append(Problem(path, line_of(doc, ["search", name, "unit", "codemap"]),
+                                    f"search.{name}.unit.codemap: unknown codemap "
+                                    f"{param.unit.codemap!r}"))
         if param.type == "date":
             for ref in param.refs:
                 if storage(ref).kind not in ("date", "datetime"):

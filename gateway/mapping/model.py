@@ -99,8 +99,16 @@ class Period(_Strict):
     end: str
 
 
+class QuantityUnit(_Strict):
+    """Where a ``quantity`` parameter finds the unit: a column, translated by a code map into
+    the code system a search names (UCUM), or matched as stored when no map is given."""
+
+    column: str
+    codemap: str | None = None
+
+
 class SearchParam(_Strict):
-    type: Literal["string", "token", "date", "reference"]
+    type: Literal["string", "token", "date", "reference", "quantity"]
     description: str | None = None
     column: str | None = None
     field: str | None = None
@@ -110,11 +118,19 @@ class SearchParam(_Strict):
     period: Period | None = None
     target: str | None = None
     targets: dict[str, str] | None = None
+    unit: QuantityUnit | None = None
+    """A ``quantity`` parameter's unit (the number is ``column``)."""
 
     @model_validator(mode="after")
     def _shape(self) -> SearchParam:
         single = self.column or self.field
-        if self.type == "reference":
+        if self.unit is not None and self.type != "quantity":
+            raise ValueError("unit is only for quantity parameters")
+        if self.type == "quantity":
+            if not self.column or self.field or self.columns:
+                raise ValueError("a quantity parameter reads its number from one column "
+                                 "(SQL sources)")
+        elif self.type == "reference":
             if bool(self.targets) == bool(self.target):
                 raise ValueError("a reference parameter needs either target (+ column) or targets")
             if self.target and not single:
@@ -146,6 +162,8 @@ class SearchParam(_Strict):
             return [with_where(r, self.where) or r for r in self.targets.values()]
         single = self.column or self.field
         refs = [single] if single else list(self.columns or [])
+        if self.unit is not None:  # the number first: what a sort or :missing reads
+            refs.append(self.unit.column)
         return [with_where(r, self.where) or r for r in refs]
 
     def reference_targets(self) -> dict[str, str]:

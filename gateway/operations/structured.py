@@ -14,8 +14,11 @@ An empty section says why (``List.emptyReason``):
 * ``nilknown`` (STU3 list-empty-reason) when every record found is the source's explicit
   "nothing known" record, which the section declares (``nothing_known``: a code on an
   element, e.g. SNOMED 716186003 No known allergy on ``code``);
-* ``no-content-recorded`` (CareConnect-ListEmptyReasonCode-1) when nothing is recorded —
-  which is not the same as "none": nobody may have asked;
+* ``notasked`` (STU3 list-empty-reason) when the section declares ``nothing_known`` (the
+  source records "nothing known" explicitly, so its absence means something) and the patient
+  has no record of the type at all — not even one the section's filters leave out;
+* ``no-content-recorded`` (CareConnect-ListEmptyReasonCode-1) when nothing the section asks
+  for is recorded — which is not the same as "none";
 * ``withheld`` when the client's scopes do not allow reading the type;
 * ``unavailable`` when a source did not answer (with a warning entry; strict: the error).
 
@@ -45,8 +48,9 @@ from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_n
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
+from gateway.plan import SearchPlan
 from gateway.randomness import uuid4
-from gateway.registry import Registry
+from gateway.registry import Registry, TypeProvider
 
 OPERATIONS_DIR = "operations"
 LIST_PROFILE = "https://fhir.hl7.org.uk/STU3/StructureDefinition/CareConnect-List-1"
@@ -54,6 +58,7 @@ CC_EMPTY = "https://fhir.hl7.org.uk/STU3/CodeSystem/CareConnect-ListEmptyReasonC
 FHIR_EMPTY = "http://hl7.org/fhir/list-empty-reason"
 EMPTY_REASONS = {
     "nilknown": (FHIR_EMPTY, "nilknown", "Nil Known"),
+    "notasked": (FHIR_EMPTY, "notasked", "Not Asked"),
     "no-content-recorded": (CC_EMPTY, "no-content-recorded", "No Content Recorded"),
     "withheld": (FHIR_EMPTY, "withheld", "Information Withheld"),
     "unavailable": (FHIR_EMPTY, "unavailable", "Unavailable"),
@@ -118,7 +123,9 @@ class SectionSpec(_Strict):
     sort: str | None = None
     """A ``_sort`` key of the type (``-date``: the most recent first)."""
     from_date: str | None = None
-    """A date parameter: only resources whose ``date`` is on or after it."""
+    """A date parameter: only resources whose ``date_search`` is on or after it."""
+    date_search: str = "date"
+    """The type's date search parameter ``from_date`` narrows (``effective``, ``authoredon``)."""
     nothing_known: NothingKnown | None = None
 
 
@@ -205,8 +212,10 @@ def _check(path: Path, doc: Any, spec: OperationFile, registry: Registry,
         if sec.sort is not None and sec.sort.lstrip("-") not in tp.sortable:
             bad([*at, "sort"], f"{sec.resource} cannot be sorted by {sec.sort.lstrip('-')!r} "
                                f"(sortable: {', '.join(tp.sortable) or 'nothing'})")
-        if sec.from_date is not None and "date" not in tp.params:
-            bad([*at, "from_date"], f"{sec.resource} has no date search parameter")
+        if sec.from_date is not None and (sec.date_search not in tp.params
+                                          or tp.params[sec.date_search].type != "date"):
+            bad([*at, "date_search" if "date_search" in doc["sections"][i] else "from_date"],
+                f"{sec.resource} has no date search parameter {sec.date_search!r}")
 
 
 # --- the operation ----------------------------------------------------------------------------
@@ -335,19 +344,15 @@ class StructuredRecord(Operation):
         if sec.sort:
             pairs.append(("_sort", sec.sort))
         if sec.from_date and values.get(sec.from_date):
-            pairs.append(("date", f"ge{values[sec.from_date]}"))
-        s = ctx.settings
-        plan = ctx.registry.plan(tp, pairs, default_count=s.default_count,
-                                 max_count=max(s.max_count, int(count or 1)), strict=True,
-                                 note=False)
-        parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
-        for source, part in zip(tp.sources, parts, strict=True):
-            mine = record.patient_criterion(source, pid)
-            part.criteria = mine if part.criteria is None else And((part.criteria, mine))
-        if isinstance(plan, MultiPlan):
-            plan = replace(plan, strict=strict)
+            pairs.append((sec.date_search, f"ge{values[sec.from_date]}"))
         try:
-            page = await tp.search(plan)
+            page = await tp.search(_plan_of(ctx, tp, pairs, int(count or 1), pid, strict))
+            if (not page.records and sec.nothing_known is not None
+                    and not (isinstance(page, MergedPage) and page.failed)):
+                anything = await tp.search(_plan_of(ctx, tp, [("_count", "1")], 1, pid, strict))
+                if not anything.records and not (isinstance(anything, MergedPage)
+                                                 and anything.failed):
+                    return [], "notasked"  # nothing at all, not even "nothing known"
         except GatewayError as exc:
             if strict or exc.status not in SOURCE_FAILURES:
                 raise
@@ -366,6 +371,21 @@ class StructuredRecord(Operation):
                                                  for r in found):
             return found, "nilknown"
         return found, None
+
+
+def _plan_of(ctx: Context, tp: TypeProvider, pairs: list[tuple[str, str]], count: int,
+             pid: str, strict: bool) -> SearchPlan:
+    """The section's search as planned, narrowed to the patient in every source."""
+    s = ctx.settings
+    plan = ctx.registry.plan(tp, pairs, default_count=s.default_count,
+                             max_count=max(s.max_count, count), strict=True, note=False)
+    parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
+    for source, part in zip(tp.sources, parts, strict=True):
+        mine = record.patient_criterion(source, pid)
+        part.criteria = mine if part.criteria is None else And((part.criteria, mine))
+    if isinstance(plan, MultiPlan):
+        plan = replace(plan, strict=strict)
+    return plan
 
 
 def _says_nothing_known(resource: dict[str, Any], nk: NothingKnown) -> bool:

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 RESOURCE_PROFILES = ["Patient", "Practitioner", "Organization", "Location", "Encounter",
                      "Condition", "AllergyIntolerance", "Flag", "Procedure", "PractitionerRole",
                      "Medication", "MedicationRequest", "MedicationStatement", "Immunization",
-                     "Observation"]
+                     "Observation", "List"]
 # Profiles taken from careconnect/later-corrections (same canonical URL, a later version):
 # Immunization-1 1.2.0 fixes notGiven to false, so a vaccine offered and refused could not be
 # recorded at all; 1.4.0 lifts that.

@@ -83,6 +83,10 @@ def vendor(shared: Path, out: Path = OUT) -> dict[str, int]:
         if url in valuesets or url not in vs_index:
             continue
         vs = valuesets[url] = _convert(ValueSet, vs_index[url])
+        # HL7 UK's ValueSet-CareConnect-ListEmptyReasonCode-1.xml carries the id of
+        # ListWarningCode-1 (a copy slip): two served ValueSets must not share an id, so the
+        # id follows the canonical URL, as it does in every other published ValueSet.
+        vs["id"] = url.rsplit("/", 1)[-1]
         used.append(f"valuesets/{vs_index[url].name}")
         compose = vs.get("compose") or {}
         for part in compose.get("include", []) + compose.get("exclude", []):

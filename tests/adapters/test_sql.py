@@ -988,3 +988,23 @@ async def test_a_batch_is_one_call_under_the_connections_timeout(url: str) -> No
         assert [r[0] for r in page.records] == [0, 1]
     finally:
         await a.aclose()
+
+
+async def test_numeric_compare_reads_numbers_and_skips_text(adapter: SqlAdapter) -> None:
+    """``Compare(numeric=True)``: a column compared as a number whatever its type; a stored
+    value that is not a number never matches, and is never a database error (PostgreSQL
+    would refuse to cast 'O''BRIEN')."""
+    p = adapter.prepare(PATIENTS_SOURCE, PATIENTS_NEEDS)
+    for op in ("<", ">=", "!="):
+        page = await adapter.fetch(p, Query(Compare("p.SURNAME", op, 0.0, numeric=True),
+                                            (SortKey("p.PATNT_REFNO"),), 100))
+        assert page.records == []
+    items_p = prepared_items(adapter)
+    sort = (SortKey("t.ID"),)
+    for op, value in ((">", 2.0), ("<=", 1.5), (">=", 3.0)):
+        page = _d(items_p, await adapter.fetch(items_p, Query(
+            Compare("t.SCORE", op, value, numeric=True), sort, 100)))
+        want = [r["ID"] for r in ITEM_ROWS if r["SCORE"] is not None and {
+            ">": r["SCORE"] > value, "<=": r["SCORE"] <= value,
+            ">=": r["SCORE"] >= value}[op]]
+        assert [r["t.ID"] for r in page.records] == want and want

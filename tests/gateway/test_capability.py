@@ -243,7 +243,8 @@ def companion(rtype: str, ptype: str) -> dict[str, str]:
     return {"family": "smith"} if ptype == "token" else {"gender": "female"}
 
 
-VALUES = {"string": "a", "token": "x", "date": "ge1900-01-01", "reference": "1"}
+VALUES = {"string": "a", "token": "x", "date": "ge1900-01-01", "reference": "1",
+          "quantity": "gt0"}
 
 
 def test_metadata_renders_as_xml(http: httpx.Client, app: Starlette) -> None:

@@ -27,6 +27,11 @@ pytestmark = pytest.mark.anyio
 NHS = "https://fhir.nhs.uk/Id/nhs-number"
 MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
 Params = list[tuple[str, str]]
+# Patient's search policy (two parameters of different types, unless identifier or _id)
+# applies to chains into Patient too: a date every demo patient's birth date satisfies
+# keeps a string or token chain's oracle unchanged.
+ANY_BIRTH = ("patient.birthdate", "le2100-01-01")
+ANY_GENDER = "male,female,other,unknown"  # every sex code the demo maps
 
 
 # --- the oracle: plain SQL over the demo tables ----------------------------------------------
@@ -238,10 +243,11 @@ async def test_target_mapping_checks_apply(api: httpx.AsyncClient, oracle: Oracl
 async def test_patient_family(api: httpx.AsyncClient, oracle: Oracle, value: str) -> None:
     expected = {str(s) for s, _, _, surname, _, _ in oracle.rows(SPELLS_WITH_PATIENT)
                 if fold(surname).startswith(fold(value))}
-    assert await found(api, "Encounter", [("patient.family", value)]) == expected
+    assert await found(api, "Encounter", [("patient.family", value), ANY_BIRTH]) == expected
     exact = {str(s) for s, _, _, surname, _, _ in oracle.rows(SPELLS_WITH_PATIENT)
              if fold(surname) == fold(value)}
-    assert await found(api, "Encounter", [("patient.family:exact", value)]) == exact
+    assert await found(api, "Encounter", [("patient.family:exact", value), ANY_BIRTH]
+                       ) == exact
 
 
 @pytest.mark.parametrize("value", ["lt1950", "ge1950-06", "1962", "gt1990-01-01"])
@@ -257,7 +263,8 @@ async def test_subject_birthdate(api: httpx.AsyncClient, oracle: Oracle, value: 
              "eq": 'p."DTTM_OF_BIRTH" >= :lo AND p."DTTM_OF_BIRTH" < :hi'}[prefix]
     expected = oracle.ids(SPELLS_WITH_PATIENT + " WHERE " + where, lo=lo, hi=hi)
     assert expected or prefix == "eq"
-    assert await found(api, "Encounter", [("subject:Patient.birthdate", value)]) == expected
+    assert await found(api, "Encounter", [("subject:Patient.birthdate", value),
+                                          ("subject:Patient.gender", ANY_GENDER)]) == expected
 
 
 def _next_month(yyyymm: str) -> str:
@@ -274,10 +281,10 @@ def _next_day(yyyymmdd: str) -> str:
 
 async def test_code_map_and_not_on_the_target(api: httpx.AsyncClient, oracle: Oracle) -> None:
     female = oracle.ids(SPELLS_WITH_PATIENT + ' WHERE p."SEXXX_CODE" = \'2\'')
-    assert await found(api, "Encounter", [("patient.gender", "female")]) == female
+    assert await found(api, "Encounter", [("patient.gender", "female"), ANY_BIRTH]) == female
     everyone = oracle.ids('SELECT "PRVSP_REFNO" FROM "PROVIDER_SPELLS"')
     # :not is the target's: encounters whose patient is not female (a spell always has one)
-    assert await found(api, "Encounter", [("patient.gender:not", "female")]
+    assert await found(api, "Encounter", [("patient.gender:not", "female"), ANY_BIRTH]
                        ) == everyone - female
 
 
@@ -285,7 +292,8 @@ async def test_chain_and_plain_parameters_together(api: httpx.AsyncClient,
                                                    oracle: Oracle) -> None:
     expected = oracle.ids(SPELLS_WITH_PATIENT + ' WHERE p."SEXXX_CODE" = \'1\' AND '
                           's."SPELL_STATUS" = \'D\' AND s."ADMIT_DTTM" >= \'2015\'')
-    params = [("patient.gender", "male"), ("status", "finished"), ("date", "ge2015-01-01")]
+    params = [("patient.gender", "male"), ANY_BIRTH, ("status", "finished"),
+              ("date", "ge2015-01-01")]
     assert await found(api, "Encounter", params) == expected
     # the chained parameter's id, and a repeat of it (AND)
     pid = oracle.rows('SELECT "PATNT_REFNO" FROM "PROVIDER_SPELLS" ORDER BY "PRVSP_REFNO"')[0][0]
@@ -304,7 +312,7 @@ async def test_paging_sorting_and_totals(api: httpx.AsyncClient, oracle: Oracle)
     # newest admission first, the key breaking ties (the gateway's total order)
     rows.sort(key=lambda r: r[0])
     rows.sort(key=lambda r: r[1], reverse=True)
-    params = [("patient.family", "s"), ("_sort", "-date"), ("_count", "4")]
+    params = [("patient.family", "s"), ANY_BIRTH, ("_sort", "-date"), ("_count", "4")]
     assert await search(api, "Encounter", params) == [str(r[0]) for r in rows]
     # totals count every Encounter source: outpatient and A&E attendances too
     others = sum(1 for (name,) in oracle.rows(
@@ -315,7 +323,7 @@ async def test_paging_sorting_and_totals(api: httpx.AsyncClient, oracle: Oracle)
     assert others > 0
     r = await api.get("/STU3/Encounter", params=[*params, ("_total", "accurate")])
     assert r.json()["total"] == len(rows) + others
-    r = await api.get("/STU3/Encounter", params=[("patient.family", "s"),
+    r = await api.get("/STU3/Encounter", params=[("patient.family", "s"), ANY_BIRTH,
                                                  ("_summary", "count")])
     assert r.json()["total"] == len(rows) + others
 
@@ -440,6 +448,56 @@ async def test_errors(api: httpx.AsyncClient, rtype: str, params: Params, code: 
         assert await error(api, rtype, params, headers={"Prefer": prefer}) == code
 
 
+# --- the target's own search policy ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [
+    [("patient.family", "smith")],                                   # one parameter
+    [("patient.family", "smith"), ("patient.given", "jane")],        # two, both strings
+    [("patient.gender", "female"), ("patient.gender:not", "male")],  # two, both tokens
+    [("subject:Patient.family", "smith"), ("patient.birthdate", "1970")],  # two references
+    [("patient.family", "smith"), ("status", "finished")],  # Encounter's, not Patient's
+])
+async def test_a_chain_into_patient_follows_patients_rule(api: httpx.AsyncClient,
+                                                         params: Params) -> None:
+    """``Patient?family=smith`` alone is refused (Care Connect: two parameters of different
+    types unless identifier): so is ``Encounter?patient.family=smith``, which would run the
+    same weak Patient search inside it. The error names what to add."""
+    for prefer in (None, "handling=lenient", "handling=strict"):
+        r = await api.get("/STU3/Encounter", params=params,
+                          headers={"Prefer": prefer} if prefer else {})
+        assert r.status_code == 400, r.text
+        issue = r.json()["issue"][0]
+        assert (issue["severity"], issue["code"]) == ("error", "required")
+        assert issue["details"]["coding"][0]["code"] == "INSUFFICIENT_CHAIN_CRITERIA"
+        head = params[0][0].split(".")[0]
+        assert f"{head}.identifier" in issue["diagnostics"]
+        assert "of a different type" in issue["diagnostics"]
+        assert "smith" not in issue["diagnostics"] and "jane" not in issue["diagnostics"]
+
+
+async def test_a_chain_that_meets_the_rule_is_answered(api: httpx.AsyncClient,
+                                                      oracle: Oracle) -> None:
+    rows = oracle.rows(SPELLS_WITH_PATIENT)
+    smith_1970s = {str(s) for s, _, _, surname, born, _ in rows
+                   if fold(surname).startswith("smith") and "1970" <= born[:4] < "1980"}
+    smith_women = {str(s) for s, _, _, surname, _, sex in rows
+                   if fold(surname).startswith("smith") and sex == "2"}
+    assert smith_1970s != smith_women
+    for head in ("patient", "subject:Patient"):
+        got = await found(api, "Encounter", [(f"{head}.family", "smith"),
+                                             (f"{head}.birthdate", "ge1970"),
+                                             (f"{head}.birthdate", "lt1980")])
+        assert got == smith_1970s
+    # the two halves of one reference count together, whichever way each is written
+    assert await found(api, "Encounter", [("patient.family", "smith"),
+                                          ("patient:Patient.gender", "female")]) == smith_women
+    # identifier (or _id) alone is enough, as for a Patient search
+    nhs, = next((n,) for _, _, n, _, _, _ in rows if n)
+    assert await found(api, "Encounter", [("patient.identifier", f"{NHS}|{nhs}")]) == {
+        str(s) for s, _, n, _, _, _ in rows if n == nhs}
+
+
 # --- one statement per page --------------------------------------------------------------------
 
 
@@ -482,7 +540,8 @@ async def test_one_statement_per_page(demo_url: str, make_app: Callable[..., Sta
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
-            url: str | None = "/STU3/Encounter?patient.family=s&_count=3"
+            url: str | None = ("/STU3/Encounter?patient.family=s"
+                               "&patient.birthdate=le2100-01-01&_count=3")
             pages = 0
             while url is not None and pages < 4:
                 sent.clear()
@@ -574,11 +633,20 @@ async def test_capability_statement_lists_what_works(api: httpx.AsyncClient) -> 
     assert "general-practitioner:Practitioner.family" in gp["documentation"]
     assert "general-practitioner:Organization.name" in gp["documentation"]
     assert "_has:Encounter:patient:<parameter>" in resources["Patient"]["documentation"]
-    # every chain it lists answers (no 400) and every _has it lists too
-    for name in doc.split("Chains (one level): ")[1].split(", "):
+    assert "A chain into Patient follows Patient's own rule" in doc
+    # every chain it lists answers (no 400) — with Patient's rule met: by identifier or _id,
+    # or with a chained parameter of another type
+    listed = doc.split("Chains (one level): ")[1].split(". ")[0].split(", ")
+    assert "patient.family" in listed and "patient.identifier" in listed
+    for name in listed:
+        target = name.split(".")[1]
         value = {"birthdate": "1970", "death-date": "1970", "_id": "1",
-                 "general-practitioner": "Practitioner/1"}.get(name.split(".")[1], "a")
-        r = await api.get("/STU3/Encounter", params={name: value, "_count": "1"})
+                 "general-practitioner": "Practitioner/1"}.get(target, "a")
+        params = [(name, value), ("_count", "1")]
+        if target not in ("identifier", "_id"):
+            params.append(("patient.gender", ANY_GENDER) if target.endswith("date")
+                          else ("patient.birthdate", "le2100-01-01"))
+        r = await api.get("/STU3/Encounter", params=params)
         assert r.status_code == 200, (name, r.text)
 
 
@@ -681,7 +749,7 @@ async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) 
     # several patients (an OR of their keys), paged: as the join would answer
     few = {str(s) for s, _, _, surname, _, _ in rows if fold(surname).startswith("smith")}
     assert len(few) > 1
-    assert await found(split_api, "Encounter", [("patient.family", "smith"),
+    assert await found(split_api, "Encounter", [("patient.family", "smith"), ANY_BIRTH,
                                                 ("_count", "3")]) == few
     # _has the other way round, with the Patient two-type rule
     female = oracle.ids('SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "SEXXX_CODE" = \'2\'')
@@ -690,10 +758,12 @@ async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) 
                                               ("gender", "female")]) == ongoing
     # a costly chain is refused before the Patient search it would run first (issue 13)
     addresses = ",".join(f"a{i}" for i in range(50))
-    r = await split_api.get("/STU3/Encounter", params={"patient.address": addresses})
+    r = await split_api.get("/STU3/Encounter", params=[("patient.address", addresses),
+                                                       ANY_BIRTH])
     assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
         "SEARCH_TOO_COSTLY"), r.text
     # more than the bound: refused, never cut
-    r = await split_api.get("/STU3/Encounter", params={"patient.gender": "female"})
+    r = await split_api.get("/STU3/Encounter", params=[("patient.gender", "female"),
+                                                       ANY_BIRTH])
     assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
         "CHAIN_TOO_BROAD")

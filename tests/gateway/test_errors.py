@@ -30,6 +30,7 @@ EXPECTED: dict[str, tuple[int, str, str]] = {
     "UnknownParameter": (400, "not-supported", "UNKNOWN_PARAMETER"),
     "InvalidNHSNumber": (400, "invalid", "INVALID_NHS_NUMBER"),
     "InsufficientSearchCriteria": (400, "required", "INSUFFICIENT_SEARCH_CRITERIA"),
+    "InsufficientChainCriteria": (400, "required", "INSUFFICIENT_CHAIN_CRITERIA"),
     "InvalidPageToken": (400, "invalid", "INVALID_PAGE_TOKEN"),
     "UnsupportedSearch": (400, "not-supported", "UNSUPPORTED_SEARCH"),
     "InvalidId": (400, "invalid", "INVALID_RESOURCE_ID"),

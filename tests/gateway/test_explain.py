@@ -137,16 +137,20 @@ def test_a_type_with_several_sources_has_one_plan_per_source(
 
 def test_a_chained_parameter_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
     # same database: the target's search is a subquery of each source's statement
-    code, out = run(capsys, f"Encounter?patient.family={SECRET_NAME}")
+    # (two chained parameters into Patient: Patient's own rule applies to them)
+    code, out = run(capsys, f"Encounter?patient.family={SECRET_NAME}&patient.gender=female")
     assert code == 0, out
-    assert "parameters used: patient.family" in out
-    assert "criteria: s.PATNT_REFNO in p.PATNT_REFNO(p.SURNAME prefix ?)" in out
-    assert out.count('IN (SELECT p."PATNT_REFNO"') == 3  # in every source's statement
+    assert "parameters used: patient.family, patient.gender" in out
+    assert ("criteria: and(s.PATNT_REFNO in p.PATNT_REFNO(p.SURNAME prefix ?),"
+            "s.PATNT_REFNO in p.PATNT_REFNO(p.SEXXX_CODE=?))") in out
+    assert out.count('IN (SELECT p."PATNT_REFNO"') == 6  # in every source's statement
     # over HL7 v2: the Patient search runs first, its keys go into the Encounter query
-    code, out = run(capsys, "--mappings", "demo-hl7v2", f"Encounter?patient.family={SECRET_NAME}")
+    code, out = run(capsys, "--mappings", "demo-hl7v2",
+                    f"Encounter?patient.family={SECRET_NAME}&patient.gender=female")
     assert code == 0, out
-    assert ("chain patient.family: first a search of Patient (Patient.hl7v2.yaml, "
-            "PID-5.1 prefix ?)") in out
+    # one Patient search for both
+    assert ("chain patient.family, patient.gender: first a search of Patient "
+            "(Patient.hl7v2.yaml, and(PID-5.1 prefix ?,PID-8 in ?[2]))") in out, out
     assert "HL7 v2 QBP^ZV1" in out and "not sent" not in out
     assert SECRET_NAME not in out.lower()
 

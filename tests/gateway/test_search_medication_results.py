@@ -246,7 +246,7 @@ async def test_capability_statement_lists_the_new_types(client: httpx.AsyncClien
                          "lot-number", "practitioner", "location", "reason",
                          "reason-not-given"},
         "Observation": {"patient", "subject", "category", "code", "date", "status", "context",
-                        "encounter", "performer", "value-string"},
+                        "encounter", "performer", "value-string", "value-quantity"},
     }
     for rtype, params in expected.items():
         resource = served[rtype]

@@ -133,8 +133,19 @@ def test_search_parameter_refusals(data: dict[str, Any], message: str) -> None:
 
 
 def test_an_unknown_search_parameter_type_is_refused() -> None:
-    [(loc, kind, _)] = _errors(SearchParam, {"type": "quantity", "column": "p.A"})
+    [(loc, kind, _)] = _errors(SearchParam, {"type": "number", "column": "p.A"})
     assert (loc, kind) == (("type",), "literal_error")
+
+
+def test_a_quantity_parameter_reads_one_column_and_its_unit() -> None:
+    q = SearchParam.model_validate({"type": "quantity", "column": "o.V",
+                                    "unit": {"column": "o.U", "codemap": "ucum-unit"}})
+    assert q.refs == ["o.V", "o.U"]
+    [(_, _, msg)] = _errors(SearchParam, {"type": "quantity", "field": "OBX-5"})
+    assert "one column" in msg
+    [(_, _, msg)] = _errors(SearchParam, {"type": "string", "column": "o.V",
+                                          "unit": {"column": "o.U"}})
+    assert msg == "unit is only for quantity parameters"
 
 
 def test_an_identifier_system_needs_a_column_or_field() -> None:

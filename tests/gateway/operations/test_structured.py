@@ -11,13 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import yaml
 from starlette.applications import Starlette
 
 from adapters.registry import create
 from gateway.auth.apikeys import sha256_hex
 from gateway.mapping.loader import MappingError, load_directory
-from gateway.operations.structured import CC_EMPTY, FHIR_EMPTY, load_operations
+from gateway.operations.structured import CC_EMPTY, FHIR_EMPTY, LIST_PROFILE, load_operations
+from gateway.profiles.validator import validate
 from gateway.providers import Provider
 from gateway.registry import Registry
 from tests.gateway.test_conformance import model_errors, schema_errors
@@ -27,6 +29,10 @@ from tests.security.principals import as_, install, user_token
 pytestmark = pytest.mark.anyio
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "mappings" / "demo-pas"
+CLINICAL = ["Allergies and adverse reactions", "Problems", "Medication", "Prescriptions",
+            "Immunisations"]
+SECTION_TYPES = {"Encounter", "AllergyIntolerance", "Condition", "MedicationStatement",
+                 "MedicationRequest", "Immunization"}
 
 
 @pytest.fixture
@@ -57,20 +63,24 @@ async def test_a_list_per_section_most_recent_first(gw: tuple[httpx.AsyncClient,
     assert bundle["type"] == "collection"
     assert bundle["entry"][0]["resource"]["resourceType"] == "Patient"
     by_title = lists(bundle)
-    assert list(by_title) == ["Hospital stays", "A&E attendances", "Outpatient appointments"]
+    assert list(by_title) == [*CLINICAL, "Hospital stays", "A&E attendances",
+                              "Outpatient appointments"]
     for title, source in (("Hospital stays", 2), ("A&E attendances", 0),
                           ("Outpatient appointments", 1)):
         newest = max((x for x in rows if x["source"] == source), key=lambda x: x["at"])
         assert items(by_title[title]) == [f"Encounter/{newest['id']}"], title
     listed = {ref for lst in by_title.values() for ref in items(lst)}
     served = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle["entry"]
-              if e["resource"]["resourceType"] == "Encounter"}
+              if e["resource"]["resourceType"] in SECTION_TYPES}
     assert listed == served  # every listed resource is in the Bundle, and only those
     kinds = {e["resource"]["resourceType"] for e in bundle["entry"]}
-    assert {"Practitioner", "Organization", "Location"} <= kinds
-    # The whole collection against the STU3 JSON schema and the fhir.resources models (the
-    # gateway's own validator does not vendor CareConnect-List-1: it validates served types).
+    assert {"Practitioner", "Organization", "Location", "Medication"} <= kinds
+    # The whole collection against the STU3 JSON schema and the fhir.resources models, and
+    # every List against CareConnect-List-1 with the gateway's own validator.
     assert schema_errors(bundle) == [] and model_errors(bundle) == []
+    for lst in by_title.values():
+        assert lst["meta"]["profile"] == [LIST_PROFILE]
+        assert [i.message for i in validate(lst, LIST_PROFILE)] == []
 
 
 async def test_parameters_shape_the_extract(gw: tuple[httpx.AsyncClient, str]) -> None:
@@ -79,7 +89,7 @@ async def test_parameters_shape_the_extract(gw: tuple[httpx.AsyncClient, str]) -
     r = await c.get("/STU3/Patient/100001/$structured-record?includeAppointments=false"
                     "&recentEncounters=100")
     by_title = lists(r.json())
-    assert list(by_title) == ["Hospital stays", "A&E attendances"]
+    assert list(by_title) == [*CLINICAL, "Hospital stays", "A&E attendances"]
     assert len(items(by_title["A&E attendances"])) == len([x for x in rows if x["source"] == 0])
     r = await c.get("/STU3/Patient/100001/$structured-record?encounterSearchFromDate=2024-01-01")
     ae = items(lists(r.json())["A&E attendances"])
@@ -134,7 +144,10 @@ async def test_definition_and_capability(gw: tuple[httpx.AsyncClient, str]) -> N
         "structured-record", True, False, False)
     names = {p["name"]: p["type"] for p in od["parameter"]}
     assert names == {"recentEncounters": "integer", "includeAppointments": "boolean",
-                     "encounterSearchFromDate": "date", "return": "Bundle"}
+                     "encounterSearchFromDate": "date", "includeAllergies": "boolean",
+                     "includeProblems": "boolean", "includeMedication": "boolean",
+                     "medicationSearchFromDate": "date", "includeImmunisations": "boolean",
+                     "return": "Bundle"}
     assert (await c.get("/STU3/OperationDefinition/nope")).status_code == 404
 
 
@@ -173,11 +186,11 @@ def test_problems_name_file_and_line(demo_copy: Path, demo_sqlite_url: str) -> N
     got = [(p.file.name, p.line, p.message) for p in info.value.problems]
     assert got == [
         ("structured-record.yaml", line("sort: -family"),
-         "sections.0.sort: Encounter cannot be sorted by 'family' (sortable: date)"),
+         "sections.5.sort: Encounter cannot be sorted by 'family' (sortable: date)"),
         ("structured-record.yaml", line("resource: Appointment"),
-         "sections.1.resource: Appointment is not served by this mapping directory"),
+         "sections.6.resource: Appointment is not served by this mapping directory"),
         ("structured-record.yaml", line("include_if: recentEncounters"),
-         "sections.2.include_if: 'recentEncounters' is not a declared boolean parameter"),
+         "sections.7.include_if: 'recentEncounters' is not a declared boolean parameter"),
     ]
 
 
@@ -191,29 +204,115 @@ def test_schema_problems_name_the_key(demo_copy: Path, demo_sqlite_url: str) -> 
     with pytest.raises(MappingError) as info:
         load_operations(demo_copy, registry_of(demo_copy, demo_sqlite_url))
     [p] = info.value.problems
-    assert p.message == "sections.0.colour: unknown key"
+    assert p.message == "sections.5.colour: unknown key"
     assert "colour: red" in f.read_text().splitlines()[p.line - 1]
 
 
-NOTHING_KNOWN = """\
-name: outpatient-summary
-title: Outpatient summary
+def oracle(url: str, sql: str, **params: Any) -> list[str]:
+    """Keys the database itself gives for ``sql`` (the first column, as text, in order)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [str(row[0]) for row in conn.execute(sa.text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def ids(lst: dict[str, Any]) -> list[str]:
+    return [ref.split("/")[1] for ref in items(lst)]
+
+
+async def test_clinical_sections_are_the_patients_record(
+        gw: tuple[httpx.AsyncClient, str]) -> None:
+    c, url = gw
+    r = await c.get("/STU3/Patient/100001/$structured-record?includeAppointments=false")
+    assert r.status_code == 200, r.text
+    by_title = lists(r.json())
+    allergies = oracle(url, 'SELECT "ALLGY_REFNO" FROM "ALLERGIES" WHERE "PATNT_REFNO" = 100001 '
+                            'AND "DELETED_FLAG" = \'N\' AND "ALLGY_STATUS" = \'A\'')
+    assert sorted(ids(by_title["Allergies and adverse reactions"])) == sorted(allergies)
+    problems = oracle(url, 'SELECT "PROBL_REFNO" FROM "PROBLEMS" WHERE "PATNT_REFNO" = 100001 '
+                           'AND "DELETED_FLAG" = \'N\' AND "PROBL_STATUS" = \'A\' '
+                           'ORDER BY "RECORDED_DTTM" DESC, "PROBL_REFNO"')  # ties: key order
+    assert ids(by_title["Problems"]) == problems  # most recently recorded first
+    statements = oracle(url, 'SELECT "MEDLS_REFNO" FROM "MEDICATION_LIST" WHERE '
+                             '"PATNT_REFNO" = 100001 AND "DEL_FLAG" = \'N\'')
+    assert sorted(ids(by_title["Medication"])) == sorted(statements)
+    orders = oracle(url, 'SELECT "PRESC_REFNO" FROM "PRESCRIPTIONS" WHERE "PATNT_REFNO" = 100001'
+                         ' AND "DEL_FLAG" = \'N\' ORDER BY "ORDER_DTTM" DESC, "PRESC_REFNO"')
+    assert ids(by_title["Prescriptions"]) == orders
+    jabs = oracle(url, 'SELECT "IMMUN_REFNO" FROM "IMMUNISATIONS" WHERE "PATNT_REFNO" = 100001 '
+                       'AND "DEL_FLAG" = \'N\'')
+    assert sorted(ids(by_title["Immunisations"])) == sorted(jabs)
+    assert all(len(x) > 5 for x in (allergies, problems, statements, orders, jabs))
+
+    # medicationSearchFromDate narrows prescriptions by when they were written, statements by
+    # when the medicine was taken (a period: on or after the date, or not ended)
+    since = "2023-01-01"
+    r = await c.get("/STU3/Patient/100001/$structured-record?includeAppointments=false"
+                    f"&medicationSearchFromDate={since}&includeAllergies=false")
+    by_title = lists(r.json())
+    assert "Allergies and adverse reactions" not in by_title
+    recent = oracle(url, 'SELECT "PRESC_REFNO" FROM "PRESCRIPTIONS" WHERE "PATNT_REFNO" = 100001'
+                         ' AND "DEL_FLAG" = \'N\' AND "ORDER_DTTM" >= \'202301010000\' '
+                         'ORDER BY "ORDER_DTTM" DESC, "PRESC_REFNO"')
+    assert ids(by_title["Prescriptions"]) == recent and 0 < len(recent) < len(orders)
+    taking = oracle(url, 'SELECT "MEDLS_REFNO" FROM "MEDICATION_LIST" WHERE "PATNT_REFNO" = '
+                         '100001 AND "DEL_FLAG" = \'N\' AND ("END_DATE" IS NULL OR '
+                         '"END_DATE" >= \'20230101\')')
+    assert sorted(ids(by_title["Medication"])) == sorted(taking)
+    assert 0 < len(taking) < len(statements)
+
+
+async def test_no_known_allergies_is_told_apart_from_not_asked(
+        gw: tuple[httpx.AsyncClient, str]) -> None:
+    # 100002: "no known allergies" recorded explicitly (and nothing else);
+    # 100004: no allergy record at all — never asked.
+    c, url = gw
+    assert oracle(url, 'SELECT "SUBST_CODE" FROM "ALLERGIES" WHERE "PATNT_REFNO" = 100002 '
+                       'AND "DELETED_FLAG" = \'N\'') == ["NKA"]
+    assert oracle(url, 'SELECT "SUBST_CODE" FROM "ALLERGIES" WHERE "PATNT_REFNO" = 100004') == []
+    known = (await c.get("/STU3/Patient/100002/$structured-record")).json()
+    lst = lists(known)["Allergies and adverse reactions"]
+    assert "entry" not in lst
+    assert lst["emptyReason"]["coding"] == [{"system": FHIR_EMPTY, "code": "nilknown",
+                                             "display": "Nil Known"}]
+    # the "no known allergies" record itself travels with the List
+    [nka] = [e["resource"] for e in known["entry"]
+             if e["resource"]["resourceType"] == "AllergyIntolerance"]
+    assert {"system": "http://snomed.info/sct", "code": "716186003"}.items() <= \
+        nka["code"]["coding"][0].items()
+    never = (await c.get("/STU3/Patient/100004/$structured-record")).json()
+    lst = lists(never)["Allergies and adverse reactions"]
+    assert "entry" not in lst
+    assert lst["emptyReason"]["coding"] == [{"system": FHIR_EMPTY, "code": "notasked",
+                                             "display": "Not Asked"}]
+    assert not [e for e in never["entry"] if e["resource"]["resourceType"] ==
+                "AllergyIntolerance"]
+    for body in (known, never):
+        for x in lists(body).values():
+            assert [i.message for i in validate(x, LIST_PROFILE)] == []
+        assert schema_errors(body) == [] and model_errors(body) == []
+
+
+RESOLVED_ONLY = """\
+name: past-allergies
+title: Past allergies
 parameters: {}
 sections:
-  - title: Outpatient appointments
-    resource: Encounter
-    search: {class: AMB}
+  - title: Resolved allergies
+    resource: AllergyIntolerance
+    search: {clinical-status: resolved}
     sort: -date
-    nothing_known: {element: class, system: "http://hl7.org/fhir/v3/ActCode", code: AMB}
+    nothing_known: {element: code, system: "http://snomed.info/sct", code: "716186003"}
 """
 
 
-async def test_nothing_known_is_told_apart_from_nothing_recorded(
+async def test_records_the_filters_leave_out_are_not_not_asked(
         demo_copy: Path, demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> None:
-    # The demo has no "no known allergies" records yet (clinical types come later), so the
-    # recognition is exercised on a code every outpatient Encounter carries: when all a
-    # section finds is the declared "nothing known" record, the List is empty, nilknown.
-    (demo_copy / "operations" / "outpatient.yaml").write_text(NOTHING_KNOWN)
+    # 100002 was asked (an active "no known allergies" record): a section that asks only for
+    # resolved allergies finds nothing, and says nothing is recorded — not "not asked".
+    (demo_copy / "operations" / "past.yaml").write_text(RESOLVED_ONLY)
     # Not the bundled demo directory: a real client credential (an API key) is needed.
     key = "k3y-structured-record-test-0123456789abcdef0123456789"
     keys = demo_copy.parent / "keys.yaml"
@@ -221,19 +320,12 @@ async def test_nothing_known_is_told_apart_from_nothing_recorded(
                                               "scopes": "system/*.read"}]}))
     app = make_app(demo_sqlite_url, mappings_dir=demo_copy, auth_mode="api-key",
                    api_keys_file=str(keys), audit_log=str(demo_copy.parent / "audit.jsonl"))
-    rows = encounters(demo_sqlite_url)
-    with_op = next(r["patient"] for r in rows if r["source"] == 1)
-    without = next(r["patient"] for r in rows if r["patient"] not in
-                   {x["patient"] for x in rows if x["source"] == 1})
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://gw",
             headers={"X-API-Key": key}) as c:
-        known = (await c.get(f"/STU3/Patient/{with_op}/$outpatient-summary")).json()
-        empty = (await c.get(f"/STU3/Patient/{without}/$outpatient-summary")).json()
-    [lst] = lists(known).values()
-    assert "entry" not in lst
-    assert lst["emptyReason"]["coding"][0] == {"system": FHIR_EMPTY, "code": "nilknown",
-                                               "display": "Nil Known"}
-    assert any(e["resource"]["resourceType"] == "Encounter" for e in known["entry"])
-    [lst] = lists(empty).values()
+        asked = (await c.get("/STU3/Patient/100002/$past-allergies")).json()
+        never = (await c.get("/STU3/Patient/100004/$past-allergies")).json()
+    [lst] = lists(asked).values()
     assert lst["emptyReason"]["coding"][0]["code"] == "no-content-recorded"
+    [lst] = lists(never).values()
+    assert lst["emptyReason"]["coding"][0]["code"] == "notasked"

@@ -19,8 +19,23 @@ def test_data_files_present_with_notice() -> None:
     assert "79f29a65bf607f7058feebabd0c21ffed194ef4c" in notice
     sds = json.loads((DATA_DIR / "structuredefinitions.json").read_text())
     urls = set(sds["structureDefinitions"])
-    for t in ("Patient", "Practitioner", "Organization", "Location", "Encounter"):
+    for t in ("Patient", "Practitioner", "Organization", "Location", "Encounter", "List"):
         assert f"{vendor.CC}CareConnect-{t}-1" in urls
+
+
+def test_lists_are_checked_against_care_connect_list() -> None:
+    # The structured record's sections and $document's Lists claim CareConnect-List-1: the
+    # validator has it (not just the STU3 base), with its bindings and cardinalities.
+    from gateway.profiles.validator import validate
+
+    url = f"{vendor.CC}CareConnect-List-1"
+    empty = {"resourceType": "List", "meta": {"profile": [url]}, "status": "current",
+             "mode": "snapshot", "subject": {"reference": "Patient/1"},
+             "emptyReason": {"coding": [{"system": "http://hl7.org/fhir/list-empty-reason",
+                                         "code": "nilknown"}]}}
+    assert validate(empty, url) == []
+    bad = validate({**empty, "status": "draft", "mode": None}, url)
+    assert {i.expression for i in bad} >= {"List.status", "List.mode"}, bad
 
 
 def test_regenerating_from_shared_gives_the_committed_data(tmp_path: Path) -> None:
