@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -103,6 +104,33 @@ def _instant(value: Any) -> dt.datetime | None:
     if moment.tzinfo is None:
         return None
     return moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
+
+
+def audit_outcome(response: dict[str, Any]) -> tuple[str | None, bool, int]:
+    """(first error code, ok, equivalent status) of a response message, for its audit record
+    (gateway.audit.note_outcome): the status the same failure has over REST (its error's),
+    else 422 for a message the gateway refused (fatal-error) and 503 for a transient-error."""
+    code = response["entry"][0]["resource"]["response"]["code"]
+    if code == "ok":
+        return None, True, 200
+    codes = [c.get("code") for e in response["entry"][1:]
+             for i in e["resource"].get("issue", ())
+             for c in (i.get("details") or {}).get("coding", ())]
+    first = codes[0] if codes and isinstance(codes[0], str) else None
+    status = _error_status(first) if first else None
+    return first, False, status or (503 if code == "transient-error" else 422)
+
+
+@functools.cache
+def _error_status(code: str) -> int | None:
+    """The HTTP status of the gateway error with this stable code (None: a messaging code)."""
+    todo: list[type[GatewayError]] = [GatewayError]
+    while todo:
+        cls = todo.pop()
+        if cls.error_code == code:
+            return cls.status
+        todo.extend(cls.__subclasses__())
+    return None
 
 
 def _distinct(response: dict[str, Any], salt: str) -> dict[str, Any]:
@@ -277,11 +305,8 @@ class Messaging:
             return
         with self.audit.audited(caller) as done:
             def finish(response: dict[str, Any]) -> None:
-                header = response["entry"][0]["resource"]
-                codes = [c.get("code") for e in response["entry"][1:]
-                         for i in e["resource"].get("issue", ())
-                         for c in (i.get("details") or {}).get("coding", ())]
-                done(200, codes[0] if codes else None, header["response"]["code"] == "ok")
+                code, ok, equivalent = audit_outcome(response)
+                done(200, code, ok, equivalent)
 
             try:
                 yield finish
@@ -593,7 +618,9 @@ class ProcessMessage(Operation):
         if not is_async:
             if url:
                 raise BadRequest("'response-url' is for async=true")
-            return ctx.respond(await self.messaging.process(message, base), fmt)
+            response = await self.messaging.process(message, base)
+            audit.note_outcome(*audit_outcome(response))  # the response's, not the 200's
+            return ctx.respond(response, fmt)
         if not url:
             raise BadRequest("async=true needs a 'response-url'")
         if not allowed(url, self.messaging.allow_list):
