@@ -4,7 +4,9 @@ Synchronous (the default): the event's write is made and the response message re
 (200): ``MessageHeader.response.code`` ok, transient-error or fatal-error, with an
 OperationOutcome when not ok. ``async=true`` with a ``response-url`` on the allow-list: the
 message is recorded durably and accepted (202); a worker processes it and the response is
-delivered to the URL through the outbox (gateway.messaging.delivery).
+delivered to the URL through the outbox (gateway.messaging.delivery). The worker retries a
+transient error within a bound (``Messaging.retry``, gateway.retry.Backoff), then gives up: a
+dead letter, and a final transient-error (MESSAGE_RETRIES_EXHAUSTED) delivered.
 
 Idempotent by MessageHeader.id: a final response (ok or fatal-error) is stored, and the same
 id sent again is answered with it, byte for byte, without a second write; the same id with
