@@ -6,8 +6,6 @@ content is refused), its state (``accepted`` — asynchronous, not yet processed
 message once final. The message body is held only while it waits to be processed; a done
 row keeps the response (ids and codes, no patient data) for as long as the file is kept.
 ``outbox``: responses to deliver to a ``response-url``, with attempts and the next try.
-``retry`` / ``dead_letter``: the worker's attempts at an accepted message that met transient
-errors, and the messages it gave up on (gateway.retry.Backoff; kept, never deleted).
 Each call is short and runs on a worker thread (the event loop never waits on a disk sync).
 """
 
@@ -180,7 +178,9 @@ class MessageStore:
                          "ORDER BY seq")
 
 
-# -- the worker's retries and its dead letters (kept apart from the tables above)
+# -- the worker's retries and its dead letters (kept apart from the tables above):
+# ``retry``, the worker's attempts at an accepted message that met transient errors;
+# ``dead_letter``, the messages it gave up on (gateway.retry.Backoff; kept, never deleted).
 
 _RETRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS retry (
