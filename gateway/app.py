@@ -53,6 +53,7 @@ from gateway.operations.validate import Validate
 from gateway.providers import Provider
 from gateway.registry import Registry
 from gateway.reload import LiveMappings, PinLayer
+from gateway.retry import Backoff
 from gateway.routes import Api, routes
 from gateway.settings import Settings
 from gateway.terminology.operations import served_operations as served_terminology_operations
@@ -175,8 +176,12 @@ def build_app(settings: Settings | None = None) -> Starlette:
         messaging = Messaging(messaging_spec, registry, store, allow, Outbox(
             store, allow, max_attempts=settings.messaging_max_attempts,
             backoff_base=settings.messaging_retry_seconds,
+            backoff_max=settings.messaging_retry_max_seconds,
             retention_seconds=settings.messaging_retention_days * 86_400),
-            retry_seconds=settings.messaging_retry_seconds)
+            retry_seconds=settings.messaging_retry_seconds, retry=Backoff(
+                settings.messaging_retry_seconds, settings.messaging_retry_max_seconds,
+                settings.messaging_process_max_attempts,
+                settings.messaging_process_max_age_seconds))
 
     def build_operations(from_set: LoadedSet, over: Registry) -> OperationRegistry:
         documents = load_documents(from_set.directory, over)

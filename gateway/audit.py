@@ -295,8 +295,8 @@ def destination(settings: Settings) -> str:
 class AuditContext:
     """What the request touched; one per request (plain slots: made on every request)."""
 
-    __slots__ = ("attempt", "backend", "correlations", "entities", "operation", "query",
-                 "query_type")
+    __slots__ = ("attempt", "backend", "correlations", "entities", "operation", "outcome",
+                 "query", "query_type")
 
     def __init__(self) -> None:
         self.attempt: Any = None
@@ -309,6 +309,9 @@ class AuditContext:
         self.correlations: list[str] = []
         self.operation: tuple[str, str, list[str]] | None = None
         """(operation, its patient, the types it touched): a record access, one record."""
+        self.outcome: tuple[str | None, bool, int] | None = None
+        """(code, ok, equivalent status) of an answer whose HTTP status does not tell it (a
+        ``$process-message`` response message): see :func:`note_outcome`."""
 
 
 _ctx: ContextVar[AuditContext | None] = ContextVar("audit_context", default=None)
@@ -395,6 +398,17 @@ def note_operation(name: str, patient: str, types: list[str]) -> None:
     ctx = _ctx.get()
     if ctx is not None:
         ctx.operation = (name, patient, types)
+
+
+def note_outcome(code: str | None, ok: bool, equivalent_status: int) -> None:
+    """The request's outcome when its HTTP status does not carry it: ``$process-message``
+    answers 200 with a response message that may be a fatal-error. The record then says
+    ``result`` failure with the response's first error ``code``, and ``equivalent_status``
+    (the status the same failure has over REST), which gives the AuditEvent its outcome
+    (0 success, 4 minor failure, 8 serious failure)."""
+    ctx = _ctx.get()
+    if ctx is not None:
+        ctx.outcome = (code, ok, equivalent_status)
 
 
 def note_backend(provider: Provider, operation: str, query: Query | Count | None) -> None:
@@ -497,6 +511,8 @@ def _classify(method: str, path: str, base: str) -> tuple[str, str | None, str |
     if not parts:
         return "unknown", None, None
     first = parts[0]
+    if first[0] == "$":  # a system-level operation ($process-message): never a create
+        return "operation", None, None
     rtype = first if first[0].isupper() else None  # segments are never empty here
     if len(parts) == 1:
         if first == "metadata":
@@ -511,6 +527,12 @@ def _classify(method: str, path: str, base: str) -> tuple[str, str | None, str |
     if len(parts) == 2:
         return _INSTANCE.get(method, "read"), rtype, target
     return ("history" if parts[2] == "_history" else "unknown"), rtype, target
+
+
+def _operation_name(path: str) -> str:
+    """``process-message`` of ``/STU3/$process-message`` (``[type]/[id]/$name`` alike)."""
+    last = path.rsplit("/", 1)[-1]
+    return last[1:65] if last.startswith("$") else ""
 
 
 def _result(status: int) -> str:
@@ -579,9 +601,10 @@ class AuditLayer:
             else:
                 body.append(message)
 
-        if interaction in _WRITES:
+        if interaction in _WRITES or (interaction == "operation" and method == "POST"):
             # Written by the provider just before the backend is asked (audit.before_write),
             # when authentication has named the caller: an attempt record names who tried.
+            # An operation may write too ($process-message): only a write asks for it.
             def attempt() -> bool:
                 written = self._write(self._records(scope, ctx, interaction, rtype, target,
                                                     0, None, "attempt"))
@@ -681,6 +704,12 @@ class AuditLayer:
             "backend": {"sent": list(ctx.correlations), "queries": list(ctx.backend)},
         }
         common["target"] = target
+        if ctx.outcome is not None and event == "access" and status < 400:
+            ocode, ok, equivalent = ctx.outcome
+            common["outcome"] = {"status": status, "code": ocode,
+                                 "result": "success" if ok else "failure"}
+            if equivalent != status:
+                common["outcome"]["equivalent_status"] = equivalent
         by_patient: dict[str | None, list[str]] = {}
         for (etype, eid), patients in ctx.entities.items():
             for p in patients or (None,):
@@ -690,6 +719,9 @@ class AuditLayer:
             common["operation"] = {"name": name, "types": types}
             if set(by_patient) <= {subject, None}:  # one record access, not one per kind
                 by_patient = {subject: [e for ents in by_patient.values() for e in ents]}
+        elif interaction == "operation":  # which one, and the types it touched (or wrote)
+            common["operation"] = {"name": _operation_name(scope["path"]),
+                                   "types": sorted({t for t, _ in ctx.entities})}
         if not any(p is not None for p in by_patient):
             # Nothing about a patient was served (not found, denied, a count): the record is
             # still about the patient the request aimed at, or the token's compartment.
@@ -759,14 +791,14 @@ class Deferred:
     ``with deferred.audited(caller) as done:`` the ``attempt`` record is written just before
     the backend is asked (as for any write: fail closed, the write never starts), the token's
     patient compartment applies, the backend's correlation ids are collected; ``done(status,
-    code, ok)`` writes the ``access`` record with the outcome."""
+    code, ok, equivalent_status=None)`` writes the ``access`` record with the outcome (as
+    :func:`note_outcome` gives it)."""
 
     def __init__(self, trail: AuditTrail, base_path: str = "") -> None:
         self._layer = AuditLayer(_no_app, trail, base_path)
 
     @contextlib.contextmanager
-    def audited(self, who: dict[str, Any] | None) -> Iterator[Callable[[int, str | None, bool],
-                                                                        bool]]:
+    def audited(self, who: dict[str, Any] | None) -> Iterator[Callable[..., bool]]:
         scope = _caller_scope(who)
         layer = self._layer
         interaction, rtype, target = _classify(scope["method"], scope["path"], layer.base)
@@ -781,11 +813,10 @@ class Deferred:
         def attempt() -> bool:
             return layer._write(records(0, None, "attempt")) or not layer.trail.fail_closed
 
-        def done(status: int, code: str | None, ok: bool) -> bool:
-            out = records(status, code, "access")
-            for r in out:
-                r["outcome"]["result"] = "success" if ok else "failure"
-            return layer._write(out)
+        def done(status: int, code: str | None, ok: bool,
+                 equivalent_status: int | None = None) -> bool:
+            ctx.outcome = (code, ok, equivalent_status or status)
+            return layer._write(records(status, code, "access"))
 
         ctx.attempt = attempt
         token = _ctx.set(ctx)
@@ -816,9 +847,11 @@ _REST = {"read": "read", "search-type": "search-type", "create": "create", "upda
 
 def audit_event(record: dict[str, Any], source_id: str) -> dict[str, Any]:
     """An audit record as a FHIR STU3 AuditEvent, shaped as IHE BALP's RESTful events."""
-    status = record["outcome"]["status"]
+    status = record["outcome"].get("equivalent_status") or record["outcome"]["status"]
     # STU3 AuditEventOutcome: 0 success, 4 minor failure (client), 8 serious failure (server)
     outcome = "0" if status < 400 else ("4" if status < 500 else "8")
+    if outcome == "0" and record["outcome"].get("result") == "failure":
+        outcome = "8"  # a failure without an equivalent status is never a success
     interaction = record["interaction"]
     subtype = [{"system": "http://hl7.org/fhir/restful-interaction", "code": _REST[interaction]}
                ] if interaction in _REST else []

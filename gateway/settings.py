@@ -156,6 +156,14 @@ class Settings:
     error) is tried again; doubled each time, at most 300 s."""
     messaging_max_attempts: int = 12
     """Delivery attempts of one response before it is kept as dead (never deleted)."""
+    messaging_retry_max_seconds: int = 300
+    """The longest delay between two attempts (a delivery, or a message's processing)."""
+    messaging_process_max_attempts: int = 12
+    """Attempts at an asynchronous message that meets transient errors (the PAS unreachable,
+    a write not acknowledged) before the worker gives up: a dead letter, and a final
+    transient-error response to the response-url (0: no limit by count)."""
+    messaging_process_max_age_seconds: int = 3600
+    """Nor is a message retried longer than this after its first attempt (0: no limit)."""
     messaging_retention_days: int = 30
     """Answered messages (their stored responses: idempotency) and delivered responses are
     forgotten after this many days; a resend after that is processed as a new message."""

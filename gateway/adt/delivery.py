@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
-import random
 import socket
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import structlog
 from gateway import metrics
 from gateway.adt.config import AdtSettings
 from gateway.adt.store import AdtStore, Due
+from gateway.retry import Backoff
 
 log = structlog.get_logger("gateway.adt.delivery")
 
@@ -125,14 +125,14 @@ class Deliverer:
             metrics.delivery("subscription", "delivered")
             return
         attempts = due.attempts + 1
-        if attempts >= self.settings.max_attempts:
+        policy = Backoff(self.settings.backoff_seconds, self.settings.backoff_max_seconds,
+                         self.settings.max_attempts)
+        if policy.exhausted(attempts):
             retry_at = None
             log.warning("notification_dead_lettered", notification=due.notification_id,
                         attempts=attempts, error=error)
         else:
-            delay = min(self.settings.backoff_seconds * 2 ** (attempts - 1),
-                        self.settings.backoff_max_seconds)
-            retry_at = self.clock() + delay * random.uniform(0.8, 1.2)
+            retry_at = self.clock() + policy.delay(attempts)
             log.info("notification_retry", notification=due.notification_id,
                      attempts=attempts, error=error)
         metrics.delivery("subscription", "retry" if retry_at is not None else "dead_letter")

@@ -1,10 +1,10 @@
 """Delivering asynchronous responses: the outbox, posted to each ``response-url``.
 
 At least once: a response leaves the outbox only when its receiver answered 2xx; a failed
-attempt is retried with exponential backoff (capped), up to ``max_attempts``, then kept as
-dead with its last error (never deleted). The outbox is in the store, so a restart resumes
-where it stopped. Only URLs on the configured allow-list are ever accepted (checked when the
-message arrives, and again here).
+attempt is retried with exponential backoff (capped, with jitter: gateway.retry.Backoff), up
+to ``max_attempts``, then kept as dead with its last error (never deleted). The outbox is in
+the store, so a restart resumes where it stopped. Only URLs on the configured allow-list are
+ever accepted (checked when the message arrives, and again here).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import structlog
 
 from gateway import metrics
 from gateway.messaging.store import MessageStore
+from gateway.retry import Backoff
 
 log = structlog.get_logger("gateway.messaging")
 
@@ -109,5 +110,5 @@ class Outbox:
             log.warning("message_response_dead", seq=seq, attempts=done, error=error)
             return
         metrics.delivery("message_response", "retry")
-        delay = min(self.backoff_max, self.backoff_base * 2 ** attempts)
+        delay = Backoff(self.backoff_base, self.backoff_max, self.max_attempts).delay(done)
         await self.store.failed(seq, error, time.time() + delay)

@@ -4,7 +4,9 @@ Synchronous (the default): the event's write is made and the response message re
 (200): ``MessageHeader.response.code`` ok, transient-error or fatal-error, with an
 OperationOutcome when not ok. ``async=true`` with a ``response-url`` on the allow-list: the
 message is recorded durably and accepted (202); a worker processes it and the response is
-delivered to the URL through the outbox (gateway.messaging.delivery).
+delivered to the URL through the outbox (gateway.messaging.delivery). The worker retries a
+transient error within a bound (``Messaging.retry``, gateway.retry.Backoff), then gives up: a
+dead letter, and a final transient-error (MESSAGE_RETRIES_EXHAUSTED) delivered.
 
 Idempotent by MessageHeader.id: a final response (ok or fatal-error) is stored, and the same
 id sent again is answered with it, byte for byte, without a second write; the same id with
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,10 +46,11 @@ from gateway.errors import (
 )
 from gateway.messaging.config import MessagingFile
 from gateway.messaging.delivery import Outbox, allowed
-from gateway.messaging.store import MessageStore
+from gateway.messaging.store import MessageStore, attempted, clear_retries, give_up, reaccept
 from gateway.notices import notice
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.registry import Registry
+from gateway.retry import Backoff
 
 log = structlog.get_logger("gateway.messaging")
 DEFINITION = "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message"
@@ -109,6 +113,50 @@ def _instant(value: Any) -> dt.datetime | None:
     return moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
 
 
+def audit_outcome(response: dict[str, Any]) -> tuple[str | None, bool, int]:
+    """(first error code, ok, equivalent status) of a response message, for its audit record
+    (gateway.audit.note_outcome): the status the same failure has over REST (its error's),
+    else 422 for a message the gateway refused (fatal-error) and 503 for a transient-error."""
+    code = response["entry"][0]["resource"]["response"]["code"]
+    if code == "ok":
+        return None, True, 200
+    codes = [c.get("code") for e in response["entry"][1:]
+             for i in e["resource"].get("issue", ())
+             for c in (i.get("details") or {}).get("coding", ())]
+    first = codes[0] if codes and isinstance(codes[0], str) else None
+    status = _error_status(first) if first else None
+    return first, False, status or (503 if code == "transient-error" else 422)
+
+
+@functools.cache
+def _error_status(code: str) -> int | None:
+    """The HTTP status of the gateway error with this stable code (None: a messaging code)."""
+    todo: list[type[GatewayError]] = [GatewayError]
+    while todo:
+        cls = todo.pop()
+        if cls.error_code == code:
+            return cls.status
+        todo.extend(cls.__subclasses__())
+    return None
+
+
+def _distinct(response: dict[str, Any], salt: str) -> dict[str, Any]:
+    """A response message with ids of its own (a give-up is not the message's answer: a
+    later answer to a resend is another message, which a receiver must not drop as a
+    duplicate)."""
+    out: dict[str, Any] = orjson.loads(orjson.dumps(response))
+    ids = {e["resource"]["id"]: str(uuid.uuid5(_NS, f"{salt}/{e['resource']['id']}"))
+           for e in out["entry"]}
+    out["id"] = str(uuid.uuid5(_NS, f"{salt}/{out['id']}"))
+    for e in out["entry"]:
+        e["resource"]["id"] = ids[e["resource"]["id"]]
+        e["fullUrl"] = f"urn:uuid:{e['resource']['id']}"
+    details = out["entry"][0]["resource"]["response"].get("details")
+    if details:
+        details["reference"] = f"urn:uuid:{ids[details['reference'].removeprefix('urn:uuid:')]}"
+    return out
+
+
 class _HasRegistry(Protocol):
     @property
     def registry(self) -> Registry: ...
@@ -119,8 +167,10 @@ class Messaging:
 
     def __init__(self, spec: MessagingFile, registry: Registry, store: MessageStore,
                  allow_list: list[str], outbox: Outbox | None = None,
-                 retry_seconds: float = 2.0) -> None:
+                 retry_seconds: float = 2.0, retry: Backoff | None = None) -> None:
         self.retry_seconds = retry_seconds
+        self.retry = retry or Backoff(retry_seconds, 300.0, 12, 3600.0)
+        """The worker's bound on an accepted message meeting transient errors."""
         self.spec = spec
         self._registry = registry
         # the live mappings (gateway.reload.LiveMappings), once the app has them: a reload's
@@ -216,11 +266,13 @@ class Messaging:
             stored = await self.store.get(mid)
             if stored is not None and stored.digest != dg:
                 raise BadRequest("this MessageHeader.id was already used for another message")
+            body = {"message": message, "base": base, "caller": caller}
             if stored is None:
-                await self.store.put(mid, dg, "accepted", body={"message": message,
-                                                                "base": base,
-                                                                "caller": caller},
+                await self.store.put(mid, dg, "accepted", body=body,
                                      response_url=response_url)
+                self._queue.put_nowait(mid)
+            elif stored.state == "unknown" and stored.body is None and stored.response is None:
+                await reaccept(self.store, mid, body, response_url)  # given up on before
                 self._queue.put_nowait(mid)
 
     async def _worker(self) -> None:
@@ -248,10 +300,15 @@ class Messaging:
                 done(response)
             if final:
                 await self.store.finish(mid, response, stored.response_url)
+                await clear_retries(self.store, mid)
                 self.outbox.wake()
                 return
+            delay = await self._retry_or_give_up(mid, response, base, stored.response_url,
+                                                 stored.state)
+            if delay is None:
+                return
         # transient: try again later (the row stays accepted/unknown, so a restart resumes it)
-        asyncio.get_running_loop().call_later(self.retry_seconds, self._queue.put_nowait, mid)
+        asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, mid)
 
     @contextlib.contextmanager
     def _audited(self, caller: dict[str, Any] | None
@@ -264,11 +321,8 @@ class Messaging:
             return
         with self.audit.audited(caller) as done:
             def finish(response: dict[str, Any]) -> None:
-                header = response["entry"][0]["resource"]
-                codes = [c.get("code") for e in response["entry"][1:]
-                         for i in e["resource"].get("issue", ())
-                         for c in (i.get("details") or {}).get("coding", ())]
-                done(200, codes[0] if codes else None, header["response"]["code"] == "ok")
+                code, ok, equivalent = audit_outcome(response)
+                done(200, code, ok, equivalent)
 
             try:
                 yield finish
@@ -293,6 +347,39 @@ class Messaging:
         finally:
             if held:
                 await self.store.unlease(name, holder)
+
+    async def _retry_or_give_up(self, mid: str, response: dict[str, Any], base: str,
+                                url: str | None, before: str) -> float | None:
+        """After a transient error: the delay before the next attempt, or None when the
+        worker gives up (``self.retry``): a dead letter is kept and the response-url gets a
+        final transient-error saying so — never a fatal-error, and never "not applied" for a
+        write that may have reached the backend (any attempt's WRITE_OUTCOME_UNKNOWN)."""
+        if before != "unknown" and not self._unknown(response):
+            # nothing reached the backend (as a synchronous message's row is forgotten then)
+            await self.store.state(mid, before)
+        codes = [c.get("code") for e in response["entry"][1:]
+                 for i in e["resource"].get("issue", ())
+                 for c in (i.get("details") or {}).get("coding", ())]
+        attempts, age = await attempted(self.store, mid, str(codes[0] if codes else ""))
+        if not self.retry.exhausted(attempts, age):
+            return self.retry.delay(attempts)
+        stored = await self.store.get(mid)
+        unknown = stored is not None and stored.state == "unknown"
+        header = response["entry"][0]["resource"]
+        text = (f"the gateway gave up after {attempts} attempts over {int(age)} s; "
+                + ("the write MAY HAVE BEEN APPLIED: send the same message (the same "
+                   "MessageHeader.id) again, and it is applied at most once" if unknown else
+                   "nothing was applied: the same message may be sent again"))
+        issues = [i for e in response["entry"][1:] for i in e["resource"].get("issue", ())]
+        final = self.response({"id": mid, "event": header["event"]}, base, Outcome(
+            "transient-error", [*issues, issue("error", "transient",
+                                               "MESSAGE_RETRIES_EXHAUSTED", text)]))
+        dead = await give_up(self.store, mid, "unknown" if unknown else "unsent",
+                             _distinct(final, f"gave-up/{uuid.uuid4()}"), url)
+        log.warning("message_dead_lettered", dead_letter=dead, attempts=attempts,
+                    outcome="unknown" if unknown else "unsent")
+        self.outbox.wake()
+        return None
 
     @staticmethod
     def _unknown(response: dict[str, Any]) -> bool:
@@ -569,7 +656,9 @@ class ProcessMessage(Operation):
         if not is_async:
             if url:
                 raise BadRequest("'response-url' is for async=true")
-            return ctx.respond(await self.messaging.process(message, base), fmt)
+            response = await self.messaging.process(message, base)
+            audit.note_outcome(*audit_outcome(response))  # the response's, not the 200's
+            return ctx.respond(response, fmt)
         if not url:
             raise BadRequest("async=true needs a 'response-url'")
         if not allowed(url, self.messaging.allow_list):

@@ -66,6 +66,7 @@ class MessageStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._db.executescript(_RETRY_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -214,3 +215,94 @@ class MessageStore:
         """Every outbox row (operations and tests): message id, attempts, delivered, dead."""
         return self._run("SELECT message_id, attempts, delivered, dead, last_error FROM outbox "
                          "ORDER BY seq")
+
+
+# -- the worker's retries and its dead letters (kept apart from the tables above):
+# ``retry``, the worker's attempts at an accepted message that met transient errors;
+# ``dead_letter``, the messages it gave up on (gateway.retry.Backoff; kept, never deleted).
+
+_RETRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS retry (
+  message_id TEXT PRIMARY KEY, attempts INTEGER NOT NULL, first_at REAL NOT NULL,
+  last_error TEXT);
+CREATE TABLE IF NOT EXISTS dead_letter (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, outcome TEXT NOT NULL,
+  attempts INTEGER NOT NULL, first_at REAL NOT NULL, at REAL NOT NULL, last_error TEXT);
+"""
+
+
+def _attempted(store: MessageStore, mid: str, error: str) -> tuple[int, float]:
+    now = time.time()
+    with store._lock:
+        row = store._db.execute(
+            "INSERT INTO retry (message_id, attempts, first_at, last_error) VALUES (?, 1, ?, ?) "
+            "ON CONFLICT(message_id) DO UPDATE SET attempts = attempts + 1, "
+            "last_error = excluded.last_error RETURNING attempts, first_at",
+            (mid, now, error[:200])).fetchone()
+    return int(row[0]), now - float(row[1])
+
+
+async def attempted(store: MessageStore, mid: str, error: str) -> tuple[int, float]:
+    """One more failed attempt at message ``mid``: (attempts so far, seconds since the first);
+    durable, so a restart does not reset the bound."""
+    return await anyio.to_thread.run_sync(_attempted, store, mid, error)
+
+
+async def clear_retries(store: MessageStore, mid: str) -> None:
+    await anyio.to_thread.run_sync(store._run, "DELETE FROM retry WHERE message_id = ?", (mid,))
+
+
+async def give_up(store: MessageStore, mid: str, outcome: str, response: dict[str, Any],
+                  deliver_to: str | None) -> int:
+    """The worker gives up on message ``mid``, in one transaction: a dead letter (kept), the
+    final response queued for the response-url, and the message row left so that the same
+    message sent again is processed again: forgotten when nothing reached the backend
+    (``outcome`` ``unsent``), kept ``unknown`` without its body when a write may have been
+    applied (a resend then looks for it first). The dead letter's id."""
+    raw = orjson.dumps(response)
+
+    def go() -> int:
+        with store._lock:
+            db = store._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                row = db.execute("SELECT attempts, first_at, last_error FROM retry WHERE "
+                                 "message_id = ?", (mid,)).fetchone() or (0, now, None)
+                dead = db.execute(
+                    "INSERT INTO dead_letter (message_id, outcome, attempts, first_at, at, "
+                    "last_error) VALUES (?, ?, ?, ?, ?, ?)",
+                    (mid, outcome, row[0], row[1], now, row[2])).lastrowid
+                db.execute("DELETE FROM retry WHERE message_id = ?", (mid,))
+                if outcome == "unsent":
+                    db.execute("DELETE FROM message WHERE id = ? AND state != 'done'", (mid,))
+                else:
+                    db.execute("UPDATE message SET body = NULL, response_url = NULL WHERE "
+                               "id = ? AND state != 'done'", (mid,))
+                if deliver_to:  # its own outbox row: a later answer to a resend gets one too
+                    db.execute("INSERT INTO outbox (message_id, url, body, next_at) VALUES "
+                               "(?, ?, ?, ?)", (f"{mid}#gave-up-{dead}", deliver_to, raw, now))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return int(dead or 0)
+
+    return await anyio.to_thread.run_sync(go)
+
+
+async def reaccept(store: MessageStore, mid: str, body: dict[str, Any],
+                   response_url: str) -> None:
+    """A message given up on with its outcome unknown, sent again asynchronously: waiting
+    again (its state stays ``unknown``: the worker looks for the first write first)."""
+    await anyio.to_thread.run_sync(store._run, (
+        "UPDATE message SET body = ?, response_url = ? WHERE id = ? AND state = 'unknown' "
+        "AND body IS NULL"), (orjson.dumps(body), response_url, mid))
+
+
+def dead_letters(store: MessageStore) -> list[dict[str, Any]]:
+    """The messages the worker gave up on (operations and tests), oldest first."""
+    rows = store._run("SELECT id, message_id, outcome, attempts, first_at, at, last_error FROM "
+                      "dead_letter ORDER BY id")
+    keys = ("id", "message_id", "outcome", "attempts", "first_at", "at", "last_error")
+    return [dict(zip(keys, r, strict=True)) for r in rows]

@@ -402,3 +402,49 @@ async def test_async_response_survives_a_restart(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- the audit of a synchronous message: its response's outcome, as an operation -------------
+
+
+def audit_records(tmp: Path, request_id: str) -> list[dict[str, Any]]:
+    lines = (tmp / "audit.jsonl").read_bytes().splitlines()
+    return [r for r in map(orjson.loads, lines) if r.get("request_id") == request_id]
+
+
+async def test_a_synchronous_message_is_audited_as_an_operation_with_its_responses_outcome(
+        gw: tuple[httpx.AsyncClient, str, Faults], tmp_path: Path) -> None:
+    from gateway.audit import audit_event
+
+    c, _, faults = gw
+    seen: dict[str, tuple[str, str | None, str, str]] = {}
+    faults.next = [None, "nak"]  # type: ignore[list-item]
+    for mid, event, expect in (
+            ("msg-audit-ok", "patient-registration", "ok"),
+            ("msg-audit-nak", "patient-registration", "fatal-error"),
+            ("msg-audit-unrouted", "patient-admission", "fatal-error")):
+        number = {"msg-audit-ok": "9430001108", "msg-audit-nak": "9430001116"}.get(
+            mid, "9430001124")
+        r = await c.post("/$process-message", json=message(mid, event, new_patient(number)))
+        assert r.status_code == 200 and response_of(r.json())[0] == expect, r.text
+        records = audit_records(tmp_path, r.headers["x-request-id"])
+        access = [x for x in records if x["event"] == "access"]
+        attempts = [x for x in records if x["event"] == "attempt"]
+        assert len(access) == 1
+        [rec] = access
+        assert rec["interaction"] == "operation"  # not a create
+        assert rec["operation"]["name"] == "process-message"
+        # the attempt record, before the PAS is asked, is kept for a message that writes
+        assert [x["interaction"] for x in attempts] == (
+            [] if mid == "msg-audit-unrouted" else ["operation"])
+        seen[mid] = (rec["outcome"]["result"], rec["outcome"]["code"],
+                     audit_event(rec, "t")["outcome"], audit_event(rec, "t")["action"])
+        assert rec["outcome"]["status"] == 200  # the HTTP status, as sent
+    assert seen == {
+        "msg-audit-ok": ("success", None, "0", "E"),
+        # the PAS's NAK: a 502 over REST, a serious failure
+        "msg-audit-nak": ("failure", "BACKEND_REJECTED", "8", "E"),
+        # the message refused: a minor failure
+        "msg-audit-unrouted": ("failure", "MESSAGE_EVENT_NOT_SUPPORTED", "4", "E"),
+    }
+    assert faults.a28s == 2

@@ -303,6 +303,7 @@ def test_a_requests_records_go_in_one_write(tmp_path: Path) -> None:
     ("PUT", "/STU3/Patient/1", ("update", "Patient")),
     ("POST", "/STU3/Patient/$validate", ("operation", "Patient")),
     ("GET", "/STU3/Patient/1/$validate", ("operation", "Patient")),
+    ("POST", "/STU3/$process-message", ("operation", None)),
     ("GET", "/STU3/Patient/1/_history", ("history", "Patient")),
     ("GET", "/elsewhere", ("unknown", None)),
 ])
