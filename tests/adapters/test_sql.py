@@ -742,9 +742,9 @@ async def test_slow_query_times_out(url: str) -> None:
             with pytest.raises(BackendTimeout) as info:
                 await call()
             elapsed = time.monotonic() - started
-            # stopped by the database itself (progress handler / statement_timeout), well
-            # before the caller's backstop at timeout + 1 s
-            assert elapsed < 1.0, elapsed
+            # stopped by the database itself (progress handler / statement_timeout), before
+            # the caller's backstop at timeout + 1 s (which alone would take at least that)
+            assert elapsed < a.timeout + 1.0, elapsed
             assert "no such name" not in str(info.value) and "SELECT" not in str(info.value)
         # the adapter is still usable afterwards
         plain = a.prepare({"connection": "test", "table": "BIG", "alias": "a"},
@@ -777,7 +777,7 @@ async def test_database_down(closed_port: int) -> None:
         started = time.monotonic()
         with pytest.raises(BackendUnavailable) as info:
             _d(p, await a.fetch(p, Query(None, (SortKey("p.PATNT_REFNO"),), 5)))
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < a.timeout  # refused, not waited out
         assert not isinstance(info.value, BackendTimeout)
         message = str(info.value)
         assert "pas" in message
@@ -983,7 +983,7 @@ async def test_a_batch_is_one_call_under_the_connections_timeout(url: str) -> No
         with pytest.raises(BackendTimeout):
             await a.batch(lambda fetch: [fetch(fast, Query(None, (SortKey("a.ID"),), 5)),
                                          fetch(slow, Query(NEVER, (SortKey("a.ID"),), 5))])
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < a.timeout + 1.0  # the database, not the backstop
         page = await a.batch(lambda fetch: fetch(fast, Query(None, (SortKey("a.ID"),), 2)))
         assert [r[0] for r in page.records] == [0, 1]
     finally:

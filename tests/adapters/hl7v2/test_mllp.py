@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import anyio
 import pytest
 import structlog
 from hypothesis import given, settings
@@ -75,6 +76,13 @@ class Pas:
             return ack(er7.parse(payload).control_id)
         finally:
             self.in_flight -= 1
+
+
+async def until(condition: Callable[[], bool], limit: float = 30.0) -> None:
+    """Wait (bounded) for ``condition``: what a slow machine delays is waited for, not guessed."""
+    with anyio.fail_after(limit):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -205,43 +213,57 @@ async def test_reply_without_final_cr() -> None:
 
 
 async def test_slow_reply_times_out_after_retries_with_the_same_control_id() -> None:
-    pas = Pas(script=lambda n, p: Reply(ack(er7.parse(p).control_id), delay=1.0))
+    late = 60.0  # far beyond the three reply timeouts: no race with a slow machine
+    pas = Pas(script=lambda n, p: Reply(ack(er7.parse(p).control_id), delay=late))
     async with running(pas) as server, client_for(server, reply_timeout=0.15,
                                                   retries=2) as client:
         started = time.monotonic()
         with pytest.raises(MllpTimeout):
             await client.send(query("SLOW1"), "SLOW1")
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < late  # gave up; did not wait for the reply
+        await until(lambda: len(pas.received) >= 3)  # the last may still be in the server
         assert pas.control_ids == ["SLOW1"] * 3
         assert len(set(pas.received)) == 1  # the same bytes each time
         assert server.connections_accepted == 3  # each retry on a fresh connection
 
 
 async def test_late_reply_is_never_taken_for_the_next_one() -> None:
-    def script(n: int, payload: bytes) -> Reply:
-        return Reply(ack(er7.parse(payload).control_id), delay=0.3 if n == 1 else 0.0)
+    second_arrived = asyncio.Event()
 
-    pas = Pas(script=script)
-    async with running(pas) as server, client_for(server, reply_timeout=0.1, retries=0) as client:
+    async def pas(payload: bytes) -> bytes:
+        cid = er7.parse(payload).control_id
+        if cid == "FIRST":  # answered only once SECOND is on the wire: late, whatever the load
+            await second_arrived.wait()
+        elif cid == "SECOND":
+            second_arrived.set()
+            await asyncio.sleep(0)  # FIRST's late reply goes out first
+        return ack(cid)
+
+    async with MllpServer(pas) as server, client_for(server, reply_timeout=0.1,
+                                                     retries=0) as client:
         with pytest.raises(MllpTimeout):
             await client.send(query("FIRST"), "FIRST")
+        client.reply_timeout = 30.0  # from here on, no reply may race the clock
         reply = await client.send(query("SECOND"), "SECOND")
         msa = er7.parse(reply).segment("MSA")
         assert msa is not None and msa.value(2) == "SECOND"
-        await asyncio.sleep(0.3)  # the late reply to FIRST lands on a closed connection
-        assert er7.parse(await client.send(query("THIRD"), "THIRD")).segment("MSA") is not None
+        # the late reply to FIRST has gone out on its (closed) connection, which is gone
+        await until(lambda: server.active_connections == 1)
+        msa = er7.parse(await client.send(query("THIRD"), "THIRD")).segment("MSA")
+        assert msa is not None and msa.value(2) == "THIRD"
+        assert server.connections_accepted == 2
 
 
 async def test_connection_refused_fails_fast() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    client = MllpClient(Endpoint("127.0.0.1", port), connect_timeout=1.0, retries=2,
+    client = MllpClient(Endpoint("127.0.0.1", port), connect_timeout=10.0, retries=2,
                         backoff_base=0.01, backoff_cap=0.02)
     started = time.monotonic()
     with pytest.raises(MllpUnavailable) as info:
         await client.send(query("R1"), "R1")
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < client.connect_timeout  # refused, not waited out
     assert "R1" not in str(info.value)
     await client.aclose()
 
@@ -315,7 +337,8 @@ async def test_server_closing_idle_connections_is_survived() -> None:
     async with running(pas) as server, client_for(server, retries=1) as client:
         for i in range(3):
             await client.send(query(f"IDLE{i}"), f"IDLE{i}")
-            await asyncio.sleep(0.02)  # the server's close reaches the pooled connection
+            # the server has closed its side: the pooled connection has seen the close
+            await until(lambda: server.active_connections == 0)
         assert pas.control_ids == ["IDLE0", "IDLE1", "IDLE2"]  # no resend was needed
         assert server.connections_accepted == 3
 
@@ -329,7 +352,7 @@ async def test_failing_handler_closes_the_connection() -> None:
         started = time.monotonic()
         with structlog.testing.capture_logs() as logs, pytest.raises(MllpUnavailable):
             await client.send(query("H1"), "H1")
-        assert time.monotonic() - started < 1.0  # not a reply timeout
+        assert time.monotonic() - started < client.reply_timeout  # not a reply timeout
         assert {"event": "mllp_handler_failed", "error": "RuntimeError",
                 "log_level": "error"} in logs
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from hl7apy.parser import parse_message
@@ -609,14 +610,25 @@ async def test_a31_changes_gp_and_refuses_unknown_patients(wclient: MllpClient) 
 
 
 async def test_fault_delay_beyond_the_reply_timeout(sim: PasSimulator) -> None:
-    sim.faults.delay_seconds = 0.5
+    reply_timeout = 0.5
+    # Held far beyond the timeout (the listener's task is cancelled when the simulator stops),
+    # so the timeout cannot be a race between the delay and a slow machine.
+    sim.faults.delay_seconds = 100 * reply_timeout
     sim.faults.delay_count = 1
-    async with client_for(sim, reply_timeout=0.1) as c:
+    async with client_for(sim, reply_timeout=reply_timeout) as c:
         with pytest.raises(MllpTimeout):
             await ask(c, q21("D0000001", "PI"))
-        assert sim.faults.delay_count == 0
-        msg = await ask(c, q21("D0000001", "PI"))  # the next one is answered in time
+        # On a loaded machine the client may time out while the query still runs: wait for
+        # the simulator to have taken the fault before the next message can compete for it.
+        with anyio.fail_after(30):
+            while sim.faults.delay_count:
+                await anyio.sleep(0.01)
+        assert len(sim.received) == 1
+        # The next one is answered, on the same client; its timeout no longer races the query.
+        c.reply_timeout = 30.0
+        msg = await ask(c, q21("D0000001", "PI"))
         assert ack_code(msg) == "AA"
+        assert sim.faults.delay_count == 0 and len(sim.received) == 2
 
 
 async def test_fault_drop_then_retry_succeeds(sim: PasSimulator) -> None:

@@ -63,7 +63,8 @@ async def test_a_replayed_jti_is_seen_by_another_process(redis_server: TempRedis
 
 
 async def test_redis_unavailable_replay_fails_closed_rate_limit_goes_local() -> None:
-    dead = RedisState(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    timeout = 1.0
+    dead = RedisState(f"redis://127.0.0.1:{free_port()}/0", timeout=timeout)
     try:
         refused = fallbacks("replay", "refused")
         with pytest.raises(SharedStateUnavailable) as caught:
@@ -75,7 +76,7 @@ async def test_redis_unavailable_replay_fails_closed_rate_limit_goes_local() -> 
         started = time.perf_counter()
         with pytest.raises(SharedStateUnavailable):
             await dead.seen("issuer\x00def", time.time() + 30)
-        assert time.perf_counter() - started < 0.1
+        assert time.perf_counter() - started < timeout
 
         local = fallbacks("rate_limit", "local")
         with structlog.testing.capture_logs() as logs:
@@ -141,10 +142,11 @@ async def test_concurrency_leases_are_shared_and_end_by_themselves(
         assert 0 < await one.client.pttl(_key("cc", client)) <= 30_000
         # a lease nobody gives back (its process died) ends by itself
         short = f"client:{uuid.uuid4()}"
-        assert await one.acquire(short, 1, 0.2) is not None
-        assert await two.acquire(short, 1, 0.2) is None
-        time.sleep(0.3)
-        assert await two.acquire(short, 1, 0.2) is not None
+        lease = 1.0  # long enough that a loaded machine still asks again within it
+        assert await one.acquire(short, 1, lease) is not None
+        assert await two.acquire(short, 1, lease) is None
+        time.sleep(lease + 0.2)
+        assert await two.acquire(short, 1, lease) is not None
     finally:
         await one.aclose()
         await two.aclose()
