@@ -101,6 +101,9 @@ class Api:
         handling = _prefer_handling(request)
         return self.settings.strict_search if handling is None else handling == "strict"
 
+    def whole(self, request: Request) -> bool:
+        return _prefer_handling(request) == "strict"
+
     # -- interactions
 
     async def metadata(self, request: Request) -> Response:
@@ -334,7 +337,7 @@ class Api:
         plan = self.registry.plan(provider, pairs, default_count=s.default_count,
                                   max_count=s.max_count, strict=self.strict(request),
                                   # a source failing: a partial page, unless asked for strict
-                                  whole=_prefer_handling(request) == "strict")
+                                  whole=self.whole(request))
         if "x-explain" in request.headers:  # an admin's diagnostic (before the cost check)
             explain.log_search_plan(request, self.registry, provider, plan, s)
         _check_cost(provider, plan, s.search_cost_budget)

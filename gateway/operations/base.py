@@ -37,7 +37,17 @@ class Context(Protocol):
 
     def base_url(self, request: Request) -> str: ...
 
-    def strict(self, request: Request) -> bool: ...
+    def strict(self, request: Request) -> bool:
+        """Unknown parameters are refused (``Prefer: handling``, else the server's default)."""
+        ...
+
+    def whole(self, request: Request) -> bool:
+        """A source that does not answer fails the request with its 502/503/504, rather than
+        leaving a gap the answer names: only on the client's explicit ``Prefer:
+        handling=strict`` (STU3 defines ``handling`` for unknown parameters; the gateway reads
+        an explicit ``strict`` as "all or nothing" for sources too, as multi-source search
+        does)."""
+        ...
 
 
 @dataclass(frozen=True)

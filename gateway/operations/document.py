@@ -19,6 +19,13 @@ Deterministic: the same request over unchanged data gives the same bytes. Ids (B
 Composition, Device) are UUIDv5 of the document type, the subject and the content;
 ``Bundle.meta.lastUpdated`` and ``Composition.date`` are the latest ``meta.lastUpdated`` of
 the resources in it (for a discharge summary at least the encounter's end), never the clock.
+
+A section whose source does not answer does not fail the document (as a multi-source search
+and ``$everything``): the section says so — ``emptyReason`` ``unavailable`` when it has
+nothing, an "Incomplete" line in its narrative when other sources gave entries — the
+Composition's narrative lists what is missing, and its status is ``preliminary`` (STU3: the
+content may be incomplete), never ``final``. A client that wants all or nothing sends
+``Prefer: handling=strict`` and gets the source's 502/503/504.
 """
 
 from __future__ import annotations
@@ -242,8 +249,8 @@ class Document(Operation):
         failed: list[str] = []
         found: list[tuple[DocSection, list[dict[str, Any]], str | None]] = []
         for sec in spec.sections:
-            items, reason = await _section(ctx, sec, pid, rid if encounter else None, strict,
-                                           failed)
+            items, reason = await _section(ctx, sec, pid, rid if encounter else None,
+                                           ctx.whole(request), failed)
             found.append((sec, items, reason))
         held: dict[tuple[str, str], dict[str, Any]] = {}
         for _, items, _ in found:
@@ -356,6 +363,9 @@ def build(spec: DocumentFile, base: str, patient: dict[str, Any],
             out["code"] = {"coding": [_coding(sec.code)]}
         if items and why is None:
             div = narrative.table([(c.header, c.element) for c in sec.columns], items)
+            missing = [m for m in failed if m.startswith(f"section '{sec.title}':")]
+            if missing:  # entries, but a source's are missing: the section says so
+                div.append(narrative.paragraph("Incomplete: " + "; ".join(missing))[0])
         else:
             shown = ("Nothing known (recorded as such)" if why == "nilknown"
                      else EMPTY_REASONS[why or "no-content-recorded"][2])
@@ -391,7 +401,8 @@ def build(spec: DocumentFile, base: str, patient: dict[str, Any],
         "text": {"status": "generated", "div": narrative.to_xhtml(narrative.summary(
             spec.title, facts, [s["title"] for s in sections]))},
         "identifier": {"system": DOCUMENT_ID_SYSTEM, "value": f"urn:uuid:{comp_id}"},
-        "status": "final",
+        # STU3: "preliminary ... the content may be incomplete" — a source did not answer.
+        "status": "preliminary" if failed else "final",
         "type": {"coding": [_coding(spec.type)]},
         "subject": {"reference": pref},
         "date": date,

@@ -13,6 +13,13 @@ costs one statement per section it reaches plus one per referenced type: never o
 resource. An unknown patient is 404; a patient-context token sees only its own patient (any
 other is 404, as a read is). The audit trail gets one record for the patient, listing every
 type touched.
+
+A section whose source does not answer (502/503/504) is never a silent gap, and never fails
+the record by default — as a multi-source search: the page goes on without it and says so in
+a ``SOURCE_UNAVAILABLE`` warning entry naming the type and source (no patient data), and the
+audit record lists only the types actually served. The link holds one position, so a later
+page does not come back for a section the walk went past. ``Prefer: handling=strict`` makes
+the source's error the answer (an OperationOutcome with its 502/503/504).
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ class Everything(Operation):
         assert pid is not None
         fmt = ctx.fmt(request)
         principal = authorize.require(request, "Patient", "r")
-        strict = ctx.strict(request)
+        strict = ctx.strict(request)  # unknown parameters
+        whole = ctx.whole(request)  # a section's source failing fails the request
         s = ctx.settings
         pairs = await input_pairs(request, s.max_body_bytes)
         start = end = page_token = None
@@ -122,7 +130,7 @@ class Everything(Operation):
         # in one backend call where the adapter allows (record.walk); never more than one
         # statement per section.
         patient, pages = await record.walk(ctx.registry, pid, secs[at:], plans, after, count,
-                                           strict, failed)
+                                           whole, failed)
         if patient is None:
             raise NotFound("Patient with that id was not found")
         served: list[dict[str, Any]] = []

@@ -20,7 +20,8 @@ An empty section says why (``List.emptyReason``):
 * ``no-content-recorded`` (CareConnect-ListEmptyReasonCode-1) when nothing the section asks
   for is recorded — which is not the same as "none";
 * ``withheld`` when the client's scopes do not allow reading the type;
-* ``unavailable`` when a source did not answer (with a warning entry; strict: the error).
+* ``unavailable`` when a source did not answer (with a warning entry; under the client's
+  explicit ``Prefer: handling=strict``: the source's 502/503/504, as a multi-source search).
 
 Everything is checked when the gateway starts (``careconnect-gateway mappings check``
 too), every problem reported as ``file:line: key: message``. The OperationDefinition is
@@ -308,15 +309,18 @@ class StructuredRecord(Operation):
         for sec in self.spec.sections:
             if sec.include_if is not None and not values.get(sec.include_if):
                 continue
-            found, reason = await self._section(ctx, sec, pid, values, principal, strict,
-                                                failed)
+            asked = len(failed)
+            found, reason = await self._section(ctx, sec, pid, values, principal,
+                                                ctx.whole(request), failed)
             items = []
             for res in found:
                 listed[(res["resourceType"], res["id"])] = res
                 touched[res["resourceType"]] = None
                 if reason is None:
                     items.append({"item": {"reference": f"{res['resourceType']}/{res['id']}"}})
-            lists.append(_list(sec, pid, now, items, reason))
+            # A List with entries but a source missing says so itself, not only the Bundle.
+            lists.append(_list(sec, pid, now, items, reason,
+                               failed[asked:] if reason is None else []))
         resources = list(listed.values())
         included = await record.referenced(ctx.registry, resources, principal, None)
         for r in included:
@@ -335,7 +339,8 @@ class StructuredRecord(Operation):
     async def _section(self, ctx: Context, sec: SectionSpec, pid: str, values: dict[str, Any],
                        principal: Any, strict: bool, failed: list[str]
                        ) -> tuple[list[dict[str, Any]], str | None]:
-        """The section's resources, and why its List is empty (None: it is not)."""
+        """The section's resources, and why its List is empty (None: it is not); ``strict``:
+        a source that does not answer fails the request rather than the section."""
         tp = ctx.registry.get(sec.resource)
         if not principal.allows(sec.resource, "r"):
             return [], "withheld"
@@ -398,7 +403,7 @@ def _says_nothing_known(resource: dict[str, Any], nk: NothingKnown) -> bool:
 
 
 def _list(sec: SectionSpec, pid: str, now: str, items: list[dict[str, Any]],
-          reason: str | None) -> dict[str, Any]:
+          reason: str | None, missing: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "resourceType": "List",
         "meta": {"profile": [LIST_PROFILE]},
@@ -413,6 +418,8 @@ def _list(sec: SectionSpec, pid: str, now: str, items: list[dict[str, Any]],
         out["code"] = {"coding": [coding]}
     out["subject"] = {"reference": f"Patient/{pid}"}
     out["date"] = now
+    if missing:
+        out["note"] = [{"text": "Incomplete: " + "; ".join(missing)}]
     if items:
         out["entry"] = items
     else:

@@ -294,3 +294,73 @@ def test_build_is_pure_and_dated_from_the_data() -> None:
     assert narrative_problems('<div xmlns="http://www.w3.org/1999/xhtml"><p onclick="x">y'
                               '</p></div>')
     assert narrative_problems("<div><p>no namespace</p></div>")
+
+
+async def test_a_source_that_fails_is_said_in_its_section(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """As a multi-source search and ``$everything``: with the immunisations table gone the
+    patient summary still comes — a valid document whose Immunisations section says
+    ``unavailable`` (not "nothing recorded"), whose Composition is ``preliminary`` and names
+    what is missing; the other sections are as with every source up. Under ``Prefer:
+    handling=strict`` the source's 502 is the answer."""
+    from tests.gateway.operations.test_everything import broken_copy
+
+    healthy = make_app(demo_sqlite_url)
+    async with healthy.router.lifespan_context(healthy), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=healthy), base_url="http://gw") as c:
+        whole = (await c.get("/STU3/Patient/100001/$document")).json()
+    app = make_app(broken_copy(demo_sqlite_url, tmp_path, "IMMUNISATIONS"))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        strict = await c.get("/STU3/Patient/100001/$document",
+                             headers={"Prefer": "handling=strict"})
+        r = await c.get("/STU3/Patient/100001/$document")
+    assert strict.status_code == 502
+    assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    check_document(doc)
+    comp = doc["entry"][0]["resource"]
+    assert whole["entry"][0]["resource"]["status"] == "final"
+    assert comp["status"] == "preliminary"
+    assert "Incomplete" in comp["text"]["div"] and "Immunization did not answer" in (
+        comp["text"]["div"])
+    by_title = {s["title"]: s for s in comp["section"]}
+    imm = by_title["Immunisations"]
+    assert "entry" not in imm
+    assert imm["emptyReason"]["coding"][0]["code"] == "unavailable"
+    assert "Unavailable" in imm["text"]["div"]
+    before = {s["title"]: s for s in whole["entry"][0]["resource"]["section"]}
+    assert before["Immunisations"].get("entry")  # the gap is real: the patient has some
+    for title in ("Problems", "Current medication", "Allergies and adverse reactions"):
+        assert by_title[title] == before[title]
+
+
+def test_a_section_missing_a_source_says_so_in_its_narrative() -> None:
+    """A section that has entries but lacks a source's (a type with several sources) says so
+    in its own narrative, and the Composition is preliminary; without a failure, neither."""
+    from gateway.operations.document import DocumentFile, build
+
+    spec = DocumentFile.model_validate({
+        "name": "t", "title": "T", "subject": "Patient",
+        "type": {"system": "http://loinc.org", "code": "60591-5"},
+        "sections": [{"title": "Problems", "resource": "Condition",
+                      "columns": [{"header": "Problem", "element": "code"}]},
+                     {"title": "Other", "resource": "Condition",
+                      "columns": [{"header": "Problem", "element": "code"}]}]})
+    first, second = spec.sections
+    patient = {"resourceType": "Patient", "id": "1", "birthDate": "1970-01-02"}
+    cond = {"resourceType": "Condition", "id": "7", "subject": {"reference": "Patient/1"},
+            "code": {"text": "Asthma"}}
+    found = [(first, [cond], None), (second, [cond], None)]
+    missing = "section 'Problems': a Condition source did not answer (BACKEND_ERROR)"
+    doc = build(spec, "http://x/STU3", patient, None, found, [cond], [], [missing])
+    comp = doc["entry"][0]["resource"]
+    assert comp["status"] == "preliminary"
+    problems, other = comp["section"]
+    assert f"Incomplete: {missing}" in problems["text"]["div"]
+    assert "Incomplete" not in other["text"]["div"]
+    assert narrative_problems(problems["text"]["div"]) == []
+    ok = build(spec, "http://x/STU3", patient, None, found, [cond], [], [])["entry"][0]
+    assert ok["resource"]["status"] == "final"
+    assert "Incomplete" not in ok["resource"]["text"]["div"]

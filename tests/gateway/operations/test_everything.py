@@ -386,12 +386,8 @@ async def test_the_patients_documents_are_in_it_and_their_content_is_not(
     assert len(ids) == len(set(ids)) and set(ids) - {"100001"} == oracle
 
 
-async def test_a_section_that_fails_mid_record_is_said_and_the_walk_goes_on(
-        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
-    """The sections share one connection (one backend call): under ``Prefer:
-    handling=lenient`` a section whose source fails is a warning naming it, and the sections
-    after it are still served (from the same connection); strict (the default), the failure
-    is the answer."""
+def broken_copy(demo_sqlite_url: str, tmp_path: Path, table: str) -> str:
+    """A private copy of the SQLite demo whose ``table`` is gone (its source fails: 502)."""
     import shutil
     import sqlite3
 
@@ -399,30 +395,92 @@ async def test_a_section_that_fails_mid_record_is_said_and_the_walk_goes_on(
     shutil.copy(demo_sqlite_url.removeprefix("sqlite:///"), copy)
     db = sqlite3.connect(copy)
     try:
-        db.execute('ALTER TABLE "ALERTS" RENAME TO "ALERTS_GONE"')  # Flag's source
+        db.execute(f'ALTER TABLE "{table}" RENAME TO "{table}_GONE"')
         db.commit()
     finally:
         db.close()
-    app = make_app(f"sqlite:///{copy}")
+    return f"sqlite:///{copy}"
+
+
+def outcome_issues(pages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [i for page in pages for e in page.get("entry", [])
+            if e["search"]["mode"] == "outcome" for i in e["resource"]["issue"]]
+
+
+async def test_a_section_that_fails_is_said_and_the_walk_goes_on(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """As a multi-source search: by default (and under ``Prefer: handling=lenient``) a section
+    whose source fails is a warning naming its type and source, never a silent gap, and every
+    other section is still served, walked to the end; the audit record lists only the types
+    served. Under ``Prefer: handling=strict`` the source's error is the answer."""
+    url = broken_copy(demo_sqlite_url, tmp_path, "ALERTS")  # Flag's source
+    pid = "100001"
+    engine = sa.create_engine(demo_sqlite_url)
+    try:
+        with engine.connect() as conn:
+            flags = conn.execute(sa.text(
+                'SELECT COUNT(*) FROM "ALERTS" WHERE "PATNT_REFNO" = :p AND "ARCHV_FLAG" = '
+                "'N'"), {"p": int(pid)}).scalar_one()
+    finally:
+        engine.dispose()
+    assert flags > 0  # the gap is real: the patient has flags the answer cannot hold
+    expected = {x for x in whole_record(demo_sqlite_url, encounters(demo_sqlite_url), pid)
+                if not x.startswith("Flag/")}
+    app = make_app(url, audit_log=str(tmp_path / "audit.jsonl"))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-        strict = await c.get("/STU3/Patient/100001/$everything?_count=500",
+        strict = await c.get(f"/STU3/Patient/{pid}/$everything?_count=500",
                              headers={"Prefer": "handling=strict"})
         assert strict.status_code == 502
+        body = strict.json()
+        assert body["resourceType"] == "OperationOutcome"
+        assert body["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
+        for headers in ({}, {"Prefer": "handling=lenient"}):
+            _, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_count=40", headers)
+            issues = outcome_issues(pages)
+            assert [(i["severity"], i["code"], i["details"]["coding"][0]["code"])
+                    for i in issues] == [("warning", "incomplete", "SOURCE_UNAVAILABLE")]
+            diag = issues[0]["diagnostics"]
+            assert diag == "Flag source 'Flag.sql' did not answer (BACKEND_ERROR)"
+            served = typed(pages)
+            assert len(served) == len(set(served))
+            assert set(served) - {f"Patient/{pid}"} == expected  # every other section, whole
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines if "$everything" in x]
+    assert recs[0]["outcome"]["status"] == 502  # the strict request, first
+    partial = [r for r in recs if r["outcome"]["status"] == 200]
+    assert len(partial) >= 4  # both walks, several pages each
+    for rec in partial:  # Flag was asked (the backend list says so) but not served
+        assert "Flag" not in rec["operation"]["types"]
+        assert not any(e.startswith("Flag/") for e in rec["entities"])
+    assert any(q["resource_type"] == "Flag" for r in partial for q in r["backend"]["queries"])
+    assert {"Encounter", "Observation"} <= {t for r in partial for t in r["operation"]["types"]}
+
+
+def test_one_source_of_a_type_failing_over_http(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """Over real HTTP (uvicorn): one of Encounter's three sources gone, the record still comes
+    (the other two sources' encounters whole) with a warning naming that source; under
+    ``Prefer: handling=strict`` the answer is its 502 as an OperationOutcome."""
+    url = broken_copy(demo_sqlite_url, tmp_path, "AE_ATTENDANCES")
+    rows = encounters(demo_sqlite_url)
+    with_ae = {r["patient"] for r in rows if r["id"].startswith("ae-")}
+    pid = richest([r for r in rows if r["patient"] in with_ae])  # A&E and other encounters
+    with LiveServer(make_app(url)) as server, httpx.Client(base_url=server.url) as c:
+        strict = c.get(f"/STU3/Patient/{pid}/$everything?_type=Encounter&_count=500",
+                       headers={"Prefer": "handling=strict"})
+        assert strict.status_code == 502
+        assert strict.headers["content-type"].startswith("application/fhir+json")
         assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
-        r = await c.get("/STU3/Patient/100001/$everything?_count=500",
-                        headers={"Prefer": "handling=lenient"})
+        r = c.get(f"/STU3/Patient/{pid}/$everything?_type=Encounter&_count=500")
     assert r.status_code == 200, r.text
-    entries = r.json()["entry"]
-    issues = [i for e in entries if e["search"]["mode"] == "outcome"
-              for i in e["resource"]["issue"]]
-    assert [(i["severity"], i["details"]["coding"][0]["code"]) for i in issues] == [
-        ("warning", "SOURCE_UNAVAILABLE")]
-    assert "Flag source 'Flag.sql' did not answer" in issues[0]["diagnostics"]
-    kinds = [e["resource"]["resourceType"] for e in entries if e["search"]["mode"] == "match"]
-    assert "Flag" not in kinds
-    # the sections before and after Flag (type order) are there
-    assert {"Encounter", "Immunization", "Observation"} <= set(kinds)
+    issues = outcome_issues([r.json()])
+    assert [(i["details"]["coding"][0]["code"], i["diagnostics"]) for i in issues] == [
+        ("SOURCE_UNAVAILABLE", "Encounter source 'Encounter.ae.sql' did not answer "
+                               "(BACKEND_ERROR)")]
+    served = {x.split("/")[1] for x in typed([r.json()]) if x.startswith("Encounter/")}
+    assert served == {e for e in of(rows, pid) if not e.startswith("ae-")}
+    assert served  # inpatient or outpatient encounters: the other sources answered
 
 
 async def test_each_page_brings_exactly_what_its_matches_refer_to(

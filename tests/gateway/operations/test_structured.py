@@ -130,6 +130,49 @@ async def test_a_type_the_scopes_do_not_allow_is_withheld(
     assert {e["resource"]["resourceType"] for e in r.json()["entry"]} == {"Patient", "List"}
 
 
+async def test_a_source_that_fails_is_an_unavailable_section(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """As a multi-source search: with the A&E source gone the extract still comes, its A&E
+    List empty with ``unavailable`` and a warning naming the section (no patient data); the
+    other sections whole. Under ``Prefer: handling=strict`` the source's 502 is the answer."""
+    from tests.gateway.operations.test_everything import broken_copy
+
+    rows = encounters(demo_sqlite_url)
+    with_ae = {r["patient"] for r in rows if r["id"].startswith("ae-")}
+    pid = next(r["patient"] for r in rows if r["patient"] in with_ae
+               and r["id"][:3] not in ("ae-", "op-"))  # A&E attendances and hospital stays
+    app = make_app(broken_copy(demo_sqlite_url, tmp_path, "AE_ATTENDANCES"))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        strict = await c.get(f"/STU3/Patient/{pid}/$structured-record",
+                             headers={"Prefer": "handling=strict"})
+        r = await c.get(f"/STU3/Patient/{pid}/$structured-record")
+    assert strict.status_code == 502
+    assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
+    assert r.status_code == 200, r.text
+    by_title = lists(r.json())
+    ae = by_title["A&E attendances"]
+    assert "entry" not in ae
+    assert ae["emptyReason"]["coding"] == [{"system": FHIR_EMPTY, "code": "unavailable",
+                                            "display": "Unavailable"}]
+    assert "note" not in ae  # the emptyReason says it
+    # Every section asks each Encounter source: the ones that found records say they may
+    # lack the A&E source's, in the List itself and in a warning.
+    stays = by_title["Hospital stays"]
+    assert items(stays) and "emptyReason" not in stays
+    assert stays["note"] == [{"text": "Incomplete: section 'Hospital stays': Encounter source "
+                                      "'Encounter.ae.sql' did not answer (BACKEND_ERROR)"}]
+    for lst in by_title.values():
+        assert schema_errors(lst) == [] and model_errors(lst) == []
+    issues = [i for e in r.json()["entry"] if e["resource"]["resourceType"] == "OperationOutcome"
+              for i in e["resource"]["issue"]]
+    assert {(i["severity"], i["details"]["coding"][0]["code"]) for i in issues} == {
+        ("warning", "SOURCE_UNAVAILABLE")}
+    assert [i["diagnostics"] for i in issues] == [
+        f"section '{t}': Encounter source 'Encounter.ae.sql' did not answer (BACKEND_ERROR)"
+        for t in by_title]
+
+
 async def test_definition_and_capability(gw: tuple[httpx.AsyncClient, str]) -> None:
     c, _ = gw
     cs = (await c.get("/STU3/metadata")).json()
