@@ -168,9 +168,15 @@ async def test_a_source_that_fails_is_an_unavailable_section(
               for i in e["resource"]["issue"]]
     assert {(i["severity"], i["details"]["coding"][0]["code"]) for i in issues} == {
         ("warning", "SOURCE_UNAVAILABLE")}
+    # only the Encounter sections ask the A&E source; the clinical ones are whole
+    encounter_sections = ["Hospital stays", "A&E attendances", "Outpatient appointments"]
+    assert [t for t in by_title if t in encounter_sections] == encounter_sections
     assert [i["diagnostics"] for i in issues] == [
         f"section '{t}': Encounter source 'Encounter.ae.sql' did not answer (BACKEND_ERROR)"
-        for t in by_title]
+        for t in encounter_sections]
+    for t in set(by_title) - set(encounter_sections):
+        assert "note" not in by_title[t] and by_title[t].get("emptyReason", {}).get(
+            "coding", [{}])[0].get("code") != "unavailable", t
 
 
 async def test_definition_and_capability(gw: tuple[httpx.AsyncClient, str]) -> None:
