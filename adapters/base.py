@@ -364,6 +364,13 @@ class Adapter(abc.ABC):
     batches: bool = False
     """Whether :meth:`batch` is implemented."""
 
+    keyset_paging: bool = True
+    """Whether a page can begin right after any record it returned (``Query.after`` holding
+    that record's sort-key values): what every source of a type with several sources must do,
+    as a merged page may end part-way through one source's records (gateway.multisource). An
+    adapter paging by a cursor of the backend's own, given only at the end of a page it
+    chose (HL7 v2 continuation pointers), cannot."""
+
     async def batch(self, work: Callable[[Fetch], T]) -> T:
         """``work(fetch)``, where ``fetch(prepared, query)`` answers one query as
         :meth:`fetch` would, synchronously: the queries ``work`` makes, one after another, in

@@ -19,6 +19,9 @@ mapping file of its own. The composite answers as one provider (routes do not kn
   entry naming the source, never a silent gap; its cut does not move, so the next page asks
   it again (a link the other way first finds the cut's other side with a one-record probe).
   Under ``Prefer: handling=strict``, or when no source answered, the error is the answer.
+* **every source pages by key**: a cut is a record's keyset position, so an adapter that
+  resumes only at a cursor of the backend's own (HL7 v2's DSC-1 continuation pointer) cannot
+  be one of several; the loader refuses it (``Adapter.keyset_paging``).
 * **what is claimed** is what every source supports: a parameter, a ``_sort`` key or an
   interaction only one source has is not the type's (so the CapabilityStatement, generated
   from this, does not list it, and a search treats it as unknown).

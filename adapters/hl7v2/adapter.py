@@ -261,6 +261,7 @@ class Prepared:
 
 class Hl7v2Adapter(Adapter):
     name = "hl7v2"
+    keyset_paging = False  # a page resumes only at the PAS's DSC-1 pointer, never after a record
 
     def __init__(self, url: str, *, options: dict[str, Any] | None = None,
                  label: str = "hl7v2") -> None:

@@ -364,6 +364,47 @@ def test_sources_of_one_type_share_a_profile(demo_copy: Path) -> None:
         "profile: every source of Location must declare the same profile as Location.sql.yaml")
 
 
+def add_hl7v2_encounter(directory: Path) -> Path:
+    """The HL7 v2 demo's Encounter (a PAS over MLLP) as one more Encounter source, prefixed."""
+    edit(directory / "connections.yaml", "connections:\n",
+         "connections:\n  pas-hl7:\n    adapter: hl7v2\n    url: mllp://127.0.0.1:2575\n"
+         "    timezone: Europe/London\n")
+    text = (REPO / "mappings" / "demo-hl7v2" / "Encounter.hl7v2.yaml").read_text(encoding="utf-8")
+    assert text.count("resource: Encounter\n") == 1
+    out = directory / "Encounter.hl7v2.yaml"
+    out.write_text(text.replace("resource: Encounter\n", "resource: Encounter\nid_prefix: v2-\n"),
+                   encoding="utf-8")
+    return out
+
+
+HL7_IN_MULTI = (
+    "source.connection: Encounter is also mapped by {others}, and a type with several "
+    "sources needs each to page from any record it returned; connection 'pas-hl7' is hl7v2, "
+    "which pages only by the backend's own cursor (HL7 v2: the DSC-1 continuation pointer at "
+    "the end of each reply) and cannot resume after a given record. Serve Encounter from this "
+    "source alone, or from sources that page by key (SQL)")
+
+
+def test_an_hl7v2_source_cannot_join_a_type_with_several(demo_copy: Path) -> None:
+    # A merged page ends part-way through a source's records; the next page must resume that
+    # source after its last record taken. An HL7 v2 PAS resumes only at the DSC-1 pointer it
+    # gave for the end of its reply: refused at load, not a walk that breaks on page 2.
+    f = add_hl7v2_encounter(demo_copy)
+    sql = sorted(p.name for p in demo_copy.glob("Encounter.*.yaml") if p != f)
+    assert sql == ["Encounter.ae.sql.yaml", "Encounter.outpatient.sql.yaml", "Encounter.sql.yaml"]
+    assert one_problem(demo_copy) == (
+        "Encounter.hl7v2.yaml", line_with(f, "connection: pas-hl7"),
+        HL7_IN_MULTI.format(others=", ".join(sql)))
+
+
+def test_an_hl7v2_source_alone_still_serves_its_type(demo_copy: Path) -> None:
+    f = add_hl7v2_encounter(demo_copy)
+    for p in demo_copy.glob("Encounter.*sql.yaml"):
+        p.unlink()
+    loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
+    assert [m.file for m in loaded.mappings if m.resource_type == "Encounter"] == [f]
+
+
 @pytest.mark.parametrize("key", ["id", "meta"])
 def test_output_setting_id_or_meta(demo_copy: Path, key: str) -> None:
     f = demo_copy / "Organization.sql.yaml"
@@ -593,6 +634,22 @@ def test_mappings_check_fails_with_file_and_line(demo_copy: Path, tmp_path: Path
         f"{patient}:{line_with(patient, 'each: adresses')}: source: output repeats over "
         "child 'adresses', not declared",
         "2 problem(s)",
+    ]
+
+
+def test_mappings_check_reports_an_hl7v2_source_among_several(
+        demo_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CCG_PAS_URL", "sqlite://")
+    monkeypatch.setenv("CCG_DATA_DIR", str(tmp_path / "data"))
+    for p in ("Encounter.ae.sql.yaml", "Encounter.outpatient.sql.yaml"):
+        (demo_copy / p).unlink()
+    f = add_hl7v2_encounter(demo_copy)
+    assert main(["mappings", "check", str(demo_copy)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{f}:{line_with(f, 'connection: pas-hl7')}: "
+        + HL7_IN_MULTI.format(others="Encounter.sql.yaml"),
+        "1 problem(s)",
     ]
 
 
