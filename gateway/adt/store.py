@@ -24,6 +24,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from gateway import leases as lease_rows
 from gateway.adt import criteria as criteria_mod
 
 metadata = sa.MetaData()
@@ -452,21 +453,10 @@ class AdtStore:
         Delivery takes one, so two processes on one store never deliver at once (which could
         reorder a patient's notifications); a holder that died loses it when it expires, and
         the same holder restarting (same host and listen address) takes it back at once."""
-        now = time.time()
         with self.engine.begin() as conn:
-            n = conn.execute(leases.update().where(
-                leases.c.name == name,
-                sa.or_(leases.c.holder == holder, leases.c.expires < now),
-            ).values(holder=holder, expires=now + ttl)).rowcount
-            if n:
-                return True
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(leases.insert().values(name=name, holder=holder,
-                                                    expires=now + ttl))
-            return True
-        except IntegrityError:
-            return False
+            return lease_rows.acquire(
+                lambda sql, args: int(conn.execute(sa.text(sql), args).rowcount),
+                leases.name, name, holder, ttl)
 
     def outbox_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
+
+from gateway import leases
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
@@ -174,8 +177,7 @@ class MessageStore:
                 n += self._db.execute(
                     "DELETE FROM message WHERE state = 'done' AND created < ? AND id NOT IN "
                     "(SELECT message_id FROM outbox)", (cut,)).rowcount
-                # leases of holders that died (a live holder renews or gives its back)
-                self._db.execute("DELETE FROM lease WHERE expires < ?", (time.time(),))
+                leases.forget_ended(self._unsynced, "lease")
                 return int(n)
 
         return await anyio.to_thread.run_sync(go)
@@ -184,19 +186,14 @@ class MessageStore:
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
         """Take or renew ``name`` for ``ttl`` seconds; False while another holder has it."""
-        now = time.time()
         with self._lock:
-            return bool(self._unsynced(
-                "INSERT INTO lease (name, holder, expires) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, "
-                "expires = excluded.expires WHERE lease.holder = excluded.holder "
-                "OR lease.expires < ?", (name, holder, now + ttl, now)))
+            return leases.acquire(self._unsynced, "lease", name, holder, ttl)
 
     def release_lease(self, name: str, holder: str) -> None:
         with self._lock:
-            self._unsynced("DELETE FROM lease WHERE name = ? AND holder = ?", (name, holder))
+            leases.release(self._unsynced, "lease", name, holder)
 
-    def _unsynced(self, sql: str, args: tuple[Any, ...]) -> int:
+    def _unsynced(self, sql: str, args: Mapping[str, Any]) -> int:
         # A lease need not survive power loss (every holder is gone then too): no fsync of
         # its own; the next synchronous commit syncs it with everything else.
         self._db.execute("PRAGMA synchronous=OFF")
