@@ -457,17 +457,11 @@ class ClientConcurrency:
             return
         key = client_key(scope)
         if self.slots is not None and not self.slots.acquire(key):
-            await _reject(scope, receive, send, TooManyConcurrent(
-                "too many requests from this client at once; wait for some to finish",
-                headers={"Retry-After": str(self.retry_after)}))
+            await self._at_capacity(scope, receive, send)
             return
-        client_token = current_client.set(key)
-        queues_token = _backend_queues.set(self.backend)
         try:
-            await self.app(scope, receive, send)
+            await self._as_client(key, scope, receive, send)
         finally:
-            current_client.reset(client_token)
-            _backend_queues.reset(queues_token)
             if self.slots is not None:
                 self.slots.release(key)
 
@@ -485,10 +479,20 @@ class ClientConcurrency:
         else:
             lease = await self.shared.acquire(key, self.limit, self.lease_seconds)
         if lease is None:
-            await _reject(scope, receive, send, TooManyConcurrent(
-                "too many requests from this client at once; wait for some to finish",
-                headers={"Retry-After": str(self.retry_after)}))
+            await self._at_capacity(scope, receive, send)
             return
+        try:
+            await self._as_client(key, scope, receive, send)
+        finally:
+            await self.shared.release(key, lease)
+
+    async def _at_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _reject(scope, receive, send, TooManyConcurrent(
+            "too many requests from this client at once; wait for some to finish",
+            headers={"Retry-After": str(self.retry_after)}))
+
+    async def _as_client(self, key: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request, with its client and backend queue set for the backend calls."""
         client_token = current_client.set(key)
         queues_token = _backend_queues.set(self.backend)
         try:
@@ -496,4 +500,3 @@ class ClientConcurrency:
         finally:
             current_client.reset(client_token)
             _backend_queues.reset(queues_token)
-            await self.shared.release(key, lease)
