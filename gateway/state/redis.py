@@ -23,52 +23,76 @@ RELEASE_DELAY = 0.002
 taken that much longer; this process's own next acquire on the key sends it at once)."""
 WARN_EVERY = 60.0
 
-# A token bucket, atomically: refill by the time since the last take (Redis's own clock, so
-# replicas' clocks do not matter), take one if there is one, and keep the key only until the
-# bucket would be full again (a missing key IS a full bucket). Returns the wait in seconds as
-# a string (a Lua number would come back truncated to an integer).
-TOKEN_BUCKET = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+# Every script is composed of these pieces (plain Lua text: the one copy of each rule).
+# Redis's own clock, so replicas' clocks do not matter: ``now`` in seconds, ``nowms`` in ms.
+_CLOCK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local v = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(v[1]) or burst
-local ts = tonumber(v[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return tostring(wait)
+local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# A token bucket (a hash: tokens ``t`` at time ``ts``): refilled by the time since the last
+# take; a missing key IS a full bucket. ``take`` takes one if there is one and keeps the key
+# only until the bucket would be full again; ``peek`` takes nothing. Both answer the wait in
+# seconds (0: a token was there).
+_BUCKET = """
+local function refill(key, rate, burst)
+  local v = redis.call('HMGET', key, 't', 'ts')
+  if not v[1] then return burst, false end
+  return math.min(burst, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate), true
+end
+local function take(key, rate, burst)
+  local tokens = refill(key, rate, burst)
+  local wait = 0
+  if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+  redis.call('HSET', key, 't', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil(burst / rate * 1000) + 1000)
+  return wait
+end
+local function peek(key, rate, burst)
+  local tokens, found = refill(key, rate, burst)
+  if not found or tokens >= 1 then return 0 end
+  return (1 - tokens) / rate
+end
+"""
 
 # Leases on a client's concurrency slots: a sorted set of lease ids scored by when each
-# ends (Redis's clock). Ended leases go first, and this process's leases given back but not
-# yet sent (ARGV[4..]); the key lives as long as its newest lease.
-ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-for i = 4, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return 1
+# ends (ms). ``lease`` drops the ended ones, then takes one of ``limit`` slots (1) or none
+# (0); the key lives as long as its newest lease. ``drop`` first removes this process's
+# leases given back but not yet sent (ARGV[from..]).
+_LEASE = """
+local function drop(key, from)
+  for i = from, #ARGV do redis.call('ZREM', key, ARGV[i]) end
+end
+local function lease(key, limit, ttl, id)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', nowms)
+  if redis.call('ZCARD', key) >= limit then return 0 end
+  redis.call('ZADD', key, nowms + ttl, id)
+  redis.call('PEXPIRE', key, ttl)
+  return 1
+end
+"""
+
+# Take a token from KEYS[1] (ARGV: rate, burst). Returns the wait in seconds as a string (a
+# Lua number would come back truncated to an integer).
+TOKEN_BUCKET = _CLOCK + _BUCKET + """
+return tostring(take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])))
+"""
+
+# A lease on KEYS[1] (ARGV: limit, ttl ms, lease id, leases given back...): 1, or 0 at the limit.
+ACQUIRE = _CLOCK + _LEASE + """
+drop(KEYS[1], 4)
+return lease(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
 """
 
 # Renew this process's leases of one key that still exist (an ended one is not brought back:
 # its slot may already be someone else's); the key lives as long as its newest lease.
-RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+RENEW = _CLOCK + """
 local ttl = tonumber(ARGV[1])
 local kept = 0
 for i = 2, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+    redis.call('ZADD', KEYS[1], nowms + ttl, ARGV[i])
     kept = kept + 1
   end
 end
@@ -76,70 +100,32 @@ if kept > 0 and redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEY
 return kept
 """
 
-# How long until ``key``'s bucket has a token, taking nothing (a missing key is a full bucket).
-PEEK = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local v = redis.call('HMGET', KEYS[1], 't', 'ts')
-if not v[1] then return '0' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
-if tokens >= 1 then return '0' end
-return tostring((1 - tokens) / rate)
+# How long until ``key``'s bucket has a token, taking nothing.
+PEEK = _CLOCK + _BUCKET + """
+return tostring(peek(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])))
 """
 
 
 # Before authentication, one call per request: the address's failed-authentication bucket
 # is looked at (KEYS[1], nothing taken) and, if it has a token, one is taken from its request
-# bucket (KEYS[2]) -- PEEK's and TOKEN_BUCKET's arithmetic, in one round trip.
-ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local frate, fburst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local f = redis.call('HMGET', KEYS[1], 't', 'ts')
-if f[1] then
-  local ftokens = math.min(fburst, tonumber(f[1]) + math.max(0, now - tonumber(f[2])) * frate)
-  if ftokens < 1 then return tostring((1 - ftokens) / frate) end
-end
-local rate, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
-local v = redis.call('HMGET', KEYS[2], 't', 'ts')
-local tokens = tonumber(v[1]) or burst
-local ts = tonumber(v[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[2], 't', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
-return tostring(wait)
+# bucket (KEYS[2]), in one round trip.
+ADMIT = _CLOCK + _BUCKET + """
+local wait = peek(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if wait > 0 then return tostring(wait) end
+return tostring(take(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4])))
 """
 
 
-# After authentication, one call per request: the client's rate (TOKEN_BUCKET on KEYS[1])
-# and, if a token was taken, a lease on one of its in-flight slots (ACQUIRE on KEYS[2]).
-# Returns {wait (a string, as TOKEN_BUCKET), 1 if a lease was taken else 0}. ARGV[6..]: this
-# process's leases on KEYS[2] given back but not yet sent, removed first (as in ACQUIRE).
-ACQUIRE_RATED = """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 6, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local v = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(v[1]) or burst
-local ts = tonumber(v[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+# After authentication, one call per request: the client's rate (a token from KEYS[1]) and,
+# if a token was taken, a lease on one of its in-flight slots (KEYS[2]). ARGV: rate, burst,
+# limit, ttl ms, lease id, then this process's leases on KEYS[2] given back but not yet sent
+# (removed first, as in ACQUIRE). Returns {wait (a string, as TOKEN_BUCKET), 1 if a lease
+# was taken else 0}.
+ACQUIRE_RATED = _CLOCK + _BUCKET + _LEASE + """
+drop(KEYS[2], 6)
+local wait = take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 if wait > 0 then return {tostring(wait), 0} end
-local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', nowms)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return {'0', 0} end
-redis.call('ZADD', KEYS[2], nowms + ttl, ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ttl)
-return {'0', 1}
+return {'0', lease(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])}
 """
 
 
