@@ -126,11 +126,12 @@ def build_app(settings: Settings | None = None) -> Starlette:
     if generated_secret:
         log.warning("paging_secret_generated",
                     hint="set CCG_PAGING_SECRET so paging links survive restarts and replicas")
-    loaded = load_directory(
-        settings.mappings_dir, adapter_registry.create,
-        demo_url=lambda: demo_database_url(settings),
-        urls=settings.connection_urls,
-    )
+    def load_mappings() -> LoadedSet:  # at start, and again on each reload
+        return load_directory(settings.mappings_dir, adapter_registry.create,
+                              demo_url=lambda: demo_database_url(settings),
+                              urls=settings.connection_urls)
+
+    loaded = load_mappings()
     auth = resolve_auth(settings)  # AuthConfigError: refuse to start (after mapping errors)
     def build_registry(from_set: LoadedSet) -> Registry:
         # the mapped types, and the terminology the code maps and Care Connect make (FHIR
@@ -155,11 +156,6 @@ def build_app(settings: Settings | None = None) -> Starlette:
         app_validation: runtime.ResponseValidation | None = runtime.install(registry)
     else:
         app_validation = None
-
-    def load_again() -> LoadedSet:  # a reload: the same directory and connections
-        return load_directory(settings.mappings_dir, adapter_registry.create,
-                              demo_url=lambda: demo_database_url(settings),
-                              urls=settings.connection_urls)
 
     def prepare(new: Registry) -> None:
         if app_validation is not None:
@@ -197,7 +193,7 @@ def build_app(settings: Settings | None = None) -> Starlette:
         return built
 
     operations = build_operations(loaded, registry)
-    live = LiveMappings(registry, str(loaded.directory), load_again, prepare,
+    live = LiveMappings(registry, str(loaded.directory), load_mappings, prepare,
                         operations=operations, build_operations=build_operations,
                         build_registry=build_registry)
     if messaging is not None:
