@@ -19,15 +19,8 @@ from starlette.routing import Route
 from gateway.messaging.delivery import Outbox
 from gateway.messaging.store import MessageStore
 from tests.conftest import LiveServer
-from tests.e2e.test_messaging import (  # noqa: F401 - fixtures, used by name
-    Faults,
-    gw,
-    gw_app,
-    message,
-    new_patient,
-    pas,
-    response_of,
-)
+from tests.e2e.conftest import Faults
+from tests.e2e.test_messaging import message, new_patient, response_of
 
 pytestmark = pytest.mark.anyio
 
@@ -37,7 +30,7 @@ def value(name: str, **labels: str) -> float:
 
 
 async def test_messages_are_counted_by_event_and_outcome(
-        gw: tuple[httpx.AsyncClient, str, Faults]) -> None:  # noqa: F811
+        gw: tuple[httpx.AsyncClient, str, Faults]) -> None:
     c, _, _ = gw
     name = "ccg_messages_processed_total"
     keys = [("patient-registration", "ok"), ("other", "fatal-error"),
@@ -92,7 +85,7 @@ async def test_response_deliveries_are_counted_by_outcome(tmp_path: Path) -> Non
 
 
 async def test_a_message_another_worker_holds_is_not_applied_twice(
-        gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette],  # noqa: F811
+        gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers sharing a data directory share messages.sqlite: while another worker holds a
     message's lease (it is applying it), this one does not apply it too; it answers

@@ -12,11 +12,9 @@ import copy
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +25,16 @@ import sqlalchemy as sa
 from fhir.resources.STU3 import get_fhir_model_class
 from jsonschema import Draft6Validator
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
-from adapters.hl7v2 import er7, messages
-from adapters.hl7v2.mllp_server import Reply
-from gateway.app import build_app
-from gateway.demo_pas import ensure_sqlite_demo
 from gateway.demo_pas.hl7v2 import PasSimulator
-from gateway.settings import Settings
 from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
 from tests.conftest import LiveServer
-from tests.security.principals import as_, install, user_token
+from tests.e2e.conftest import MAPPINGS, Faults, Receiver, wait_for
+from tests.redis_server import free_port
+from tests.security.principals import as_
 
 pytestmark = pytest.mark.anyio
 
-MAPPINGS = Path(__file__).resolve().parents[2] / "mappings" / "demo-hl7v2"
 EVENTS = "https://careconnect-gateway.github.io/fhir/CodeSystem/message-event"
 NHS = "https://fhir.nhs.uk/Id/nhs-number"
 ERRORS = "https://careconnect-gateway.github.io/fhir/CodeSystem/gateway-error-code"
@@ -98,71 +89,6 @@ def response_of(bundle: dict[str, Any]) -> tuple[str, list[str]]:
         assert header["response"]["details"]["reference"] == bundle["entry"][1]["fullUrl"]
         assert bundle["entry"][1]["resource"]["resourceType"] == "OperationOutcome"
     return header["response"]["code"], codes
-
-
-class Faults:
-    """The simulator's MLLP handler, with a fault chosen for the next ADT^A28s."""
-
-    def __init__(self, sim: PasSimulator) -> None:
-        self.handler = sim._server.handler
-        self.next: list[str] = []
-        self.a28s = 0
-
-    async def __call__(self, data: bytes) -> bytes | Reply | None:
-        if b"ADT^A28" not in data:
-            return await self.handler(data)
-        self.a28s += 1
-        fault = self.next.pop(0) if self.next else None
-        control = er7.parse(data).control_id or ""
-        if fault == "nak":
-            return messages.ack(messages.Header(sending_application="PAS"),
-                                messages.new_control_id(), acknowledges=control, code="AE",
-                                text="rejected", error=("207", "rejected"))
-        reply = await self.handler(data)  # applied
-        if fault == "late":
-            return Reply(reply, delay=1.5)  # past the reply timeout: AA never seen in time
-        return reply
-
-
-@pytest.fixture
-async def pas(tmp_path_factory: pytest.TempPathFactory
-              ) -> AsyncIterator[tuple[PasSimulator, str, Faults]]:
-    db = tmp_path_factory.mktemp("msgpas") / "pas.sqlite"
-    ensure_sqlite_demo(db, patients=200, progress=False)
-    url = f"sqlite:///{db}"
-    async with PasSimulator(url, dialect="itk") as sim:
-        faults = Faults(sim)
-        sim._server.handler = faults
-        yield sim, url, faults
-
-
-def settings(tmp: Path, url: str, port: int, **more: Any) -> Settings:
-    options: dict[str, Any] = {"log_level": "error", **more}
-    return Settings(mappings_dir=MAPPINGS, data_dir=tmp, paging_secret="t", progress=False,
-                    auth_mode="insecure-demo", connection_urls={
-                        "pas": url, "pas-hl7": f"mllp://127.0.0.1:{port}"}, **options)
-
-
-@pytest.fixture
-async def gw(gw_app: tuple[httpx.AsyncClient, str, Faults, Starlette]
-             ) -> tuple[httpx.AsyncClient, str, Faults]:
-    c, url, faults, _ = gw_app
-    return c, url, faults
-
-
-@pytest.fixture
-async def gw_app(pas: tuple[PasSimulator, str, Faults], tmp_path: Path
-                 ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Faults, Starlette]]:
-    sim, url, faults = pas
-    app = build_app(settings(tmp_path, url, sim.port))
-    install(app, {"reader": user_token("user/*.read")})
-    adapter = next(p.mapping.adapter for p in app.state.registry if p.resource_type == "Patient")
-    adapter.client.reply_timeout = 1.0
-    adapter.client.backoff_base = 0.01
-    adapter.options = adapter.options.model_copy(update={"deadline": 2.0})
-    with LiveServer(app) as server:
-        async with httpx.AsyncClient(base_url=server.url + "/STU3", timeout=30) as c:
-            yield c, url, faults, app
 
 
 async def test_registration_then_update_applied_once_and_answered_the_same(
@@ -292,38 +218,6 @@ async def test_a_pas_that_times_out_is_never_reported_failed(
 # --- asynchronous: the outbox across a restart of a real gateway process -----------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Receiver:
-    """The sender's endpoint for responses: refuses (503) until told to accept."""
-
-    def __init__(self) -> None:
-        self.accepting = False
-        self.got: list[dict[str, Any]] = []
-        self.refused = 0
-
-        async def post(request: Request) -> Response:
-            if not self.accepting:
-                self.refused += 1
-                return Response(status_code=503)
-            self.got.append(orjson.loads(await request.body()))
-            return Response(status_code=204)
-
-        self.app = Starlette(routes=[Route("/responses", post, methods=["POST"])])
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, LiveServer]]:
-    rec = Receiver()
-    with LiveServer(rec.app) as server:
-        yield rec, server
-
-
 def start_gateway(tmp: Path, url: str, mllp_port: int, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CCG_")}
     env.update({"CCG_PAS_URL": url, "CCG_PAS_HL7_URL": f"mllp://127.0.0.1:{mllp_port}",
@@ -339,18 +233,12 @@ def start_gateway(tmp: Path, url: str, mllp_port: int, port: int) -> subprocess.
     return proc
 
 
-async def wait_for(check: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
-
-
 async def test_async_response_survives_a_restart(
         pas: tuple[PasSimulator, str, Faults], receiver: tuple[Receiver, LiveServer],
         tmp_path: Path) -> None:
     sim, url, faults = pas
     rec, rserver = receiver
+    rec.accepting = False  # until the gateway has been killed and started again
     port = free_port()
     proc = start_gateway(tmp_path, url, sim.port, port)
     base = f"http://127.0.0.1:{port}/STU3"

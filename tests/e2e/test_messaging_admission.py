@@ -22,10 +22,10 @@ import sqlalchemy as sa
 
 from adapters.hl7v2.mllp_server import Reply
 from gateway.app import build_app
-from gateway.demo_pas import ensure_sqlite_demo
 from gateway.demo_pas.hl7v2 import PasSimulator
 from tests.conftest import LiveServer
-from tests.e2e.test_messaging import EVENTS, NHS, response_of, settings
+from tests.e2e.conftest import settings
+from tests.e2e.test_messaging import EVENTS, NHS, response_of
 
 pytestmark = pytest.mark.anyio
 
@@ -111,11 +111,9 @@ class A01s:
 
 
 @pytest.fixture(params=["demo", "itk", "strict"])
-async def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-             tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, str, A01s, str]]:
-    db = tmp_path_factory.mktemp("admitpas") / "pas.sqlite"
-    ensure_sqlite_demo(db, patients=200, progress=False)
-    url = f"sqlite:///{db}"
+async def gw(request: pytest.FixtureRequest, pas_url: str, tmp_path: Path
+             ) -> AsyncIterator[tuple[httpx.AsyncClient, str, A01s, str]]:
+    url = pas_url
     async with PasSimulator(url, dialect=request.param) as sim:
         a01s = A01s(sim)
         sim._server.handler = a01s

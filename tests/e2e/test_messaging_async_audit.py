@@ -10,9 +10,7 @@ trail is read back from its file.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,10 @@ import orjson
 import pytest
 
 from gateway.app import build_app
-from gateway.demo_pas import ensure_sqlite_demo
 from gateway.demo_pas.hl7v2 import PasSimulator
 from tests.conftest import LiveServer
-from tests.e2e.test_messaging import Receiver, message, new_patient, response_of, rows, settings
+from tests.e2e.conftest import Receiver, settings, wait_for
+from tests.e2e.test_messaging import message, new_patient, response_of, rows
 from tests.e2e.test_messaging_admission import PATIENT, admission, admit_message, days_ago, spells
 from tests.security.principals import as_, install, patient_token, user_token
 
@@ -32,19 +30,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, LiveServer]]:
-    rec = Receiver()
-    rec.accepting = True
-    with LiveServer(rec.app) as server:
-        yield rec, server
-
-
-@pytest.fixture
-async def gw(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+async def gw(pas_url: str, tmp_path: Path
              ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Path]]:
-    db = tmp_path_factory.mktemp("auditpas") / "pas.sqlite"
-    ensure_sqlite_demo(db, patients=200, progress=False)
-    url = f"sqlite:///{db}"
+    url = pas_url
     trail = tmp_path / "audit.jsonl"
     async with PasSimulator(url, dialect="demo") as sim:
         app = build_app(settings(tmp_path, url, sim.port, audit_log=str(trail),
@@ -60,13 +48,6 @@ async def gw(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 
 def records(trail: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in trail.read_bytes().splitlines() if line.strip()]
-
-
-async def wait_for(check: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
 
 
 async def test_the_workers_write_is_audited_as_a_synchronous_one(

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +22,8 @@ import pytest
 from gateway.app import build_app
 from tests.adapters.hl7v2.itk_peer import FIRST_NUMBER, ItkPeer
 from tests.conftest import LiveServer
-from tests.e2e.test_messaging import Receiver, message, new_patient, response_of, settings
+from tests.e2e.conftest import Receiver, settings, wait_for
+from tests.e2e.test_messaging import message, new_patient, response_of
 from tests.e2e.test_messaging_admission import admission, admit_message, days_ago
 
 pytestmark = pytest.mark.anyio
@@ -38,14 +37,6 @@ def holding(peer: ItkPeer, nhs: str) -> list[str]:
     """The peer's PAS numbers of the patients with this NHS number (its own store)."""
     return [n for n, pid in peer.patients.items()
             if any(rep.split("^")[0] == nhs for rep in pid[3].split("~"))]
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, LiveServer]]:
-    rec = Receiver()
-    rec.accepting = True
-    with LiveServer(rec.app) as server:
-        yield rec, server
 
 
 @pytest.fixture
@@ -140,13 +131,6 @@ async def test_an_admission_to_a_peer_that_takes_no_a01(
     assert r.status_code == 200
     assert response_of(r.json()) == REJECTED
     assert peer.received.count("ADT^A01") == 1
-
-
-async def wait_for(check: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize(("case", "final", "a28s"), [

@@ -12,10 +12,7 @@ receiver for the responses; the store read back with its own functions.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -23,37 +20,15 @@ from starlette.applications import Starlette
 
 from adapters.hl7v2.mllp_server import Reply
 from gateway.app import build_app
-from gateway.demo_pas import ensure_sqlite_demo
 from gateway.demo_pas.hl7v2 import PasSimulator
 from gateway.messaging.store import dead_letters
 from gateway.retry import Backoff
 from tests.conftest import LiveServer
-from tests.e2e.test_messaging import (
-    Receiver,
-    free_port,
-    message,
-    new_patient,
-    response_of,
-    rows,
-    settings,
-)
+from tests.e2e.conftest import Receiver, settings, wait_for
+from tests.e2e.test_messaging import message, new_patient, response_of, rows
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, LiveServer]]:
-    rec = Receiver()
-    rec.accepting = True
-    with LiveServer(rec.app) as server:
-        yield rec, server
-
-
-@pytest.fixture
-def pas_db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    db = tmp_path_factory.mktemp("retrypas") / "pas.sqlite"
-    ensure_sqlite_demo(db, patients=200, progress=False)
-    return f"sqlite:///{db}"
 
 
 def gateway(tmp: Path, url: str, mllp_port: int) -> Starlette:
@@ -70,17 +45,10 @@ def gateway(tmp: Path, url: str, mllp_port: int) -> Starlette:
     return app
 
 
-async def wait_for(check: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
-
-
 async def test_a_pas_never_reached_gives_up_then_the_same_message_is_taken_again(
-        pas_db: str, receiver: tuple[Receiver, LiveServer], tmp_path: Path) -> None:
+        pas_url: str, receiver: tuple[Receiver, LiveServer], tmp_path: Path) -> None:
     rec, rserver = receiver
-    app = gateway(tmp_path, pas_db, free_port())  # nothing listens there: nothing is sent
+    app = gateway(tmp_path, pas_url, free_port())  # nothing listens there: nothing is sent
     store = app.state.messaging.store
     msg = message("msg-retry-1", "patient-registration", new_patient("9430001086"))
     params = {"async": "true", "response-url": f"{rserver.url}/responses"}
@@ -110,7 +78,7 @@ async def test_a_pas_never_reached_gives_up_then_the_same_message_is_taken_again
             assert rec.got[1]["entry"][0]["resource"]["response"]["identifier"] == \
                 "msg-retry-1"
             assert len(dead_letters(store)) == 2
-    assert rows(pas_db, "9430001086") == []
+    assert rows(pas_url, "9430001086") == []
 
 
 class Silent:
@@ -131,12 +99,12 @@ class Silent:
 
 
 async def test_an_unacknowledged_write_is_given_up_on_as_unknown_never_failed(
-        pas_db: str, receiver: tuple[Receiver, LiveServer], tmp_path: Path) -> None:
+        pas_url: str, receiver: tuple[Receiver, LiveServer], tmp_path: Path) -> None:
     rec, rserver = receiver
-    async with PasSimulator(pas_db, dialect="itk") as sim:
+    async with PasSimulator(pas_url, dialect="itk") as sim:
         silent = Silent(sim)
         sim._server.handler = silent
-        app = gateway(tmp_path, pas_db, sim.port)
+        app = gateway(tmp_path, pas_url, sim.port)
         store = app.state.messaging.store
         msg = message("msg-retry-2", "patient-registration", new_patient("9430001094"))
         params = {"async": "true", "response-url": f"{rserver.url}/responses"}
@@ -163,7 +131,7 @@ async def test_an_unacknowledged_write_is_given_up_on_as_unknown_never_failed(
                 assert r.status_code == 202, r.text
                 await wait_for(lambda: len(rec.got) == 2, 30, "the resend was not processed")
                 assert response_of(rec.got[1])[0] == "ok"
-                assert len(rows(pas_db, "9430001094")) == 1
+                assert len(rows(pas_url, "9430001094")) == 1
                 done = await store.get("msg-retry-2")
                 assert done is not None and done.state == "done"
                 assert len(dead_letters(store)) == 1  # the dead letter stays

@@ -15,7 +15,6 @@ headers sent (authenticated, counted) and its body not yet complete.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time
@@ -27,7 +26,7 @@ import httpx
 import pytest
 
 from gateway.auth.devkeys import mint_dev_token
-from tests.e2e.test_replicas import Gateway
+from tests.e2e.conftest import Gateway, replicas
 from tests.redis_server import TempRedis
 
 CAP = 2
@@ -35,34 +34,13 @@ LEASE = 2  # seconds
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("replica-limits")
-
-
-@pytest.fixture(scope="module")
 def pair(redis_server: TempRedis, data_dir: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCG_", "PROMETHEUS_"))}
-    env.update({
-        "CCG_DATA_DIR": str(data_dir), "CCG_DEMO_PATIENTS": "300", "CCG_PROGRESS": "false",
-        "CCG_REDIS_URL": redis_server.url, "CCG_PAGING_SECRET": "one-secret-for-all",
-        "CCG_MAX_IN_FLIGHT_PER_CLIENT": str(CAP), "CCG_CONCURRENCY_LEASE_SECONDS": str(LEASE),
-        "CCG_BODY_TIMEOUT_SECONDS": "60", "CCG_AUTH_FAILURES_PER_MINUTE": "1",
-        "CCG_AUTH_FAILURES_BURST": "3", "CCG_LOG_LEVEL": "warning",
-        "CCG_SHUTDOWN_DRAIN_SECONDS": "0",
-    })
-    first = Gateway({**env, "CCG_AUDIT_LOG": str(data_dir / "audit-a.jsonl")},
-                    data_dir / "a.log")
-    second: Gateway | None = None
-    try:
-        first.wait_ready()
-        second = Gateway({**env, "CCG_AUDIT_LOG": str(data_dir / "audit-b.jsonl")},
-                         data_dir / "b.log")
-        second.wait_ready()
-        yield first, second
-    finally:
-        first.stop()
-        if second is not None:
-            second.stop()
+    with replicas(redis_server.url, data_dir, {
+            "CCG_MAX_IN_FLIGHT_PER_CLIENT": str(CAP),
+            "CCG_CONCURRENCY_LEASE_SECONDS": str(LEASE), "CCG_BODY_TIMEOUT_SECONDS": "60",
+            "CCG_AUTH_FAILURES_PER_MINUTE": "1", "CCG_AUTH_FAILURES_BURST": "3",
+            "CCG_SHUTDOWN_DRAIN_SECONDS": "0"}) as two:
+        yield two
 
 
 def bearer(data_dir: Path, client: str) -> str:

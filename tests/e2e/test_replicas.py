@@ -24,73 +24,19 @@ import httpx
 import pytest
 
 from gateway.auth.devkeys import mint_dev_token
+from tests.e2e.conftest import Gateway, replicas
 from tests.redis_server import TempRedis, free_port
 
 BURST = 4
 DRAIN = 4
 
 
-class Gateway:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/_ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("replicas")
-
-
 @pytest.fixture(scope="module")
 def pair(redis_server: TempRedis, data_dir: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCG_", "PROMETHEUS_"))}
-    env.update({
-        "CCG_DATA_DIR": str(data_dir), "CCG_DEMO_PATIENTS": "300", "CCG_PROGRESS": "false",
-        "CCG_REDIS_URL": redis_server.url, "CCG_PAGING_SECRET": "one-secret-for-all",
-        "CCG_JWT_JTI_REPLAY": "true", "CCG_RATE_LIMIT_PER_MINUTE": "1",
-        "CCG_RATE_LIMIT_BURST": str(BURST), "CCG_LOG_LEVEL": "warning",
-        "CCG_SHUTDOWN_DRAIN_SECONDS": str(DRAIN),
-    })
-    first = Gateway({**env, "CCG_AUDIT_LOG": str(data_dir / "audit-a.jsonl")},
-                    data_dir / "a.log")
-    second: Gateway | None = None
-    try:
-        first.wait_ready()  # it built the demo PAS and the dev key: the second shares them
-        second = Gateway({**env, "CCG_AUDIT_LOG": str(data_dir / "audit-b.jsonl")},
-                         data_dir / "b.log")
-        second.wait_ready()
-        yield first, second
-    finally:
-        first.stop()
-        if second is not None:
-            second.stop()
+    with replicas(redis_server.url, data_dir, {
+            "CCG_JWT_JTI_REPLAY": "true", "CCG_RATE_LIMIT_PER_MINUTE": "1",
+            "CCG_RATE_LIMIT_BURST": str(BURST), "CCG_SHUTDOWN_DRAIN_SECONDS": str(DRAIN)}) as two:
+        yield two
 
 
 def token(data_dir: Path, client: str) -> dict[str, str]:
