@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -79,6 +80,14 @@ def demo_url(request: pytest.FixtureRequest) -> str:
     name = "demo_sqlite_url" if request.param == "sqlite" else "demo_pg_url"
     url: str = request.getfixturevalue(name)
     return url
+
+
+LIMITS_OFF: Mapping[str, Any] = MappingProxyType({
+    "rate_limit_per_minute": 0, "source_rate_limit_per_minute": 0})
+"""Settings that turn the request-rate limits off (per client, per source address), for a
+test whose one client sends more than they allow and is not about them (they are tested in
+tests/gateway/test_limits.py). The in-flight caps stay: one request at a time never meets
+them."""
 
 
 def gateway_settings(url: str, tmp: Path, **overrides: object) -> Settings:

@@ -22,7 +22,7 @@ from gateway.capability import FHIR_VERSION, capability_statement
 from gateway.errors import InvalidParameter
 from gateway.registry import Registry
 from gateway.settings import default_mappings_dir
-from tests.conftest import LiveServer, gateway_settings
+from tests.conftest import LIMITS_OFF, LiveServer, gateway_settings
 
 BASE = "http://fhir.example/STU3"
 
@@ -90,7 +90,7 @@ def app(demo_sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Starl
     # Every claim of fifteen types is tried by one client: more than the per-client rate
     # limit (tested in test_limits) allows in a burst.
     return build_app(gateway_settings(demo_sqlite_url, tmp_path_factory.mktemp("cap"),
-                                      rate_limit_per_minute=100_000, rate_limit_burst=100_000))
+                                      **LIMITS_OFF))
 
 
 def resources(statement: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ from jsonschema import Draft6Validator
 from lxml import etree
 
 from gateway.app import build_app
-from tests.conftest import gateway_settings
+from tests.conftest import LIMITS_OFF, gateway_settings
 from tests.reference import SHARED, unavailable
 
 pytestmark = pytest.mark.anyio
@@ -139,8 +139,7 @@ async def served(demo_url: str, tmp_path_factory: pytest.TempPathFactory
     # One client reads back every reference the sample holds (over a thousand): a burst the
     # per-client and per-address rate limits (tested in test_limits) would rightly refuse.
     app = build_app(gateway_settings(demo_url, tmp_path_factory.mktemp("conformance"),
-                                     rate_limit_per_minute=100_000, rate_limit_burst=100_000,
-                                     source_rate_limit_per_minute=0))
+                                     **LIMITS_OFF))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:

@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.applications import Starlette
 
-from tests.conftest import LiveServer
+from tests.conftest import LIMITS_OFF, LiveServer
 
 pytestmark = pytest.mark.anyio
 LONDON = ZoneInfo("Europe/London")
@@ -58,8 +58,7 @@ def encounters(url: str) -> list[dict[str, Any]]:
 async def client(demo_url: str, make_app: Callable[..., Starlette]
                  ) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     # many pages walked twice: the per-client limits are not under test here
-    app = make_app(demo_url, rate_limit_per_minute=100_000, rate_limit_burst=100_000,
-                   source_rate_limit_per_minute=0)
+    app = make_app(demo_url, **LIMITS_OFF)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
@@ -314,8 +313,7 @@ def test_a_source_failing_mid_walk_back_is_reported_and_caught_up(
     who = busiest_practitioner(rows)
     mine = [r for r in rows if r["practitioner"] == who]
     expected = [r["id"] for r in sorted(mine, key=lambda r: (r["at"], r["source"], r["key"]))]
-    app = make_app(copy_url, rate_limit_per_minute=100_000, rate_limit_burst=100_000,
-                   source_rate_limit_per_minute=0)
+    app = make_app(copy_url, **LIMITS_OFF)
     with LiveServer(app) as server, httpx.Client(base_url=server.url) as c:
         # forwards, every source answering: the pages to come back through
         pages: list[list[str]] = []
@@ -395,8 +393,7 @@ async def test_a_page_either_way_is_one_statement_per_source(
         demo_url: str, make_app: Callable[..., Starlette]) -> None:
     from tests.gateway.test_chain import _count_statements
 
-    app = make_app(demo_url, rate_limit_per_minute=100_000, rate_limit_burst=100_000,
-                   source_rate_limit_per_minute=0)
+    app = make_app(demo_url, **LIMITS_OFF)
     engine = app.state.registry.get("Encounter").sources[0].mapping.adapter.engine
     tables = ("PROVIDER_SPELLS", "OUTPATIENT_ATTENDANCES", "AE_ATTENDANCES")
     sent: list[str] = []

@@ -25,6 +25,8 @@ import pytest
 import sqlalchemy as sa
 from starlette.applications import Starlette
 
+from tests.conftest import LIMITS_OFF
+
 pytestmark = pytest.mark.anyio
 
 PAYLOADS = [
@@ -204,8 +206,7 @@ async def _attack(api: httpx.AsyncClient, app: Starlette, oracle: Oracle,
 async def sql_api(demo_url: str, make_app: Callable[..., Starlette]
                   ) -> AsyncIterator[tuple[httpx.AsyncClient, Starlette]]:
     # insecure-demo: a system/*.* principal, so every parameter of every type is reachable
-    app = make_app(demo_url, auth_mode="insecure-demo", rate_limit_per_minute=0,
-                   source_rate_limit_per_minute=0)
+    app = make_app(demo_url, auth_mode="insecure-demo", **LIMITS_OFF)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
@@ -282,8 +283,7 @@ async def hl7_api(hl7_db: str, tmp_path: Path
     async with PasSimulator(hl7_db) as sim:
         app = build_app(Settings(
             mappings_dir=HL7_MAPPINGS, data_dir=tmp_path, paging_secret="t", log_level="warning",
-            progress=False, auth_mode="insecure-demo", rate_limit_per_minute=0,
-            source_rate_limit_per_minute=0,
+            progress=False, auth_mode="insecure-demo", **LIMITS_OFF,
             connection_urls={"pas": hl7_db, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

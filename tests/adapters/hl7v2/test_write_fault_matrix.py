@@ -37,7 +37,7 @@ from gateway.demo_pas import ensure_sqlite_demo
 from gateway.demo_pas.hl7v2 import PasSimulator
 from gateway.settings import Settings
 from tests.adapters.hl7v2.test_adapter import NEW_PATIENT
-from tests.conftest import LiveServer
+from tests.conftest import LIMITS_OFF, LiveServer
 
 pytestmark = pytest.mark.anyio
 
@@ -123,7 +123,7 @@ async def test_a_thousand_creates_with_faults_none_duplicated_none_lost(
         app = build_app(Settings(
             mappings_dir=MAPPINGS, data_dir=tmp_path_factory.mktemp("gw"), paging_secret="t",
             log_level="error", progress=False, auth_mode="insecure-demo",
-            rate_limit_per_minute=0,  # one client sends everything: not what is tested here
+            **LIMITS_OFF,  # one client sends everything: not what is tested here
             connection_urls={"pas": url, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
         adapter = next(p.mapping.adapter for p in app.state.registry
                        if p.resource_type == "Patient")

@@ -10,7 +10,7 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway.app import build_app
-from tests.conftest import gateway_settings
+from tests.conftest import LIMITS_OFF, gateway_settings
 
 REPO = Path(__file__).resolve().parents[3]
 SHARED = REPO.parent / "shared" / "careconnect"
@@ -19,8 +19,7 @@ CODEMAPS = REPO / "mappings" / "codemaps"
 
 @pytest.fixture
 def app(demo_sqlite_url: str, tmp_path: Path) -> Starlette:
-    return build_app(gateway_settings(demo_sqlite_url, tmp_path, rate_limit_per_minute=100_000,
-                                      rate_limit_burst=100_000,
+    return build_app(gateway_settings(demo_sqlite_url, tmp_path, **LIMITS_OFF,
                                       audit_log=str(tmp_path / "audit.jsonl")))
 
 
