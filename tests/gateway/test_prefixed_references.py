@@ -15,6 +15,7 @@ attendances overlap, so a reference followed to the wrong source shows. SQLite a
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.applications import Starlette
 
+from gateway import cli
 from gateway.app import build_app
 from gateway.profiles.validator import validate
 from tests.conftest import gateway_settings
@@ -233,3 +235,19 @@ async def test_compartment_and_everything(api: httpx.AsyncClient, oracle: Oracle
             for params in ([("context", f"op-{k}")], [("context._id", f"op-{k}")]):
                 assert await matches(c, "Observation", params, as_("owner")) == clinic
                 assert await matches(c, "Observation", params, as_("stranger")) == set()
+
+
+def test_the_plan_joins_each_column_to_its_own_source(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # ``mappings explain`` (and X-Explain: plan, the same code): placeholders, no values
+    monkeypatch.setenv("CCG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CCG_DEMO_PATIENTS", "60")
+    code = cli.main(["mappings", "explain",
+                     "Observation?context.status=finished&context=Encounter/op-4321"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert ("criteria: and(or(h.PRVSP_REFNO in s.PRVSP_REFNO(s.SPELL_STATUS=?),"
+            "h.OPATT_REFNO in o.OPATT_REFNO(o.ATTND_CODE in ?[2])),h.OPATT_REFNO=?)") in out
+    assert 'h."OPATT_REFNO" IN (SELECT o."OPATT_REFNO" \n    FROM "OUTPATIENT_ATTENDANCES"' in out
+    assert "4321" not in out
