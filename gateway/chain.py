@@ -159,25 +159,26 @@ def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chai
     if param.type != "reference":
         raise ChainOnNonReference(
             f"'{name}' is a {param.type} parameter, not a reference: it cannot be chained")
-    targets = param.reference_targets()
+    columns = param.reference_columns()
     if rtype:
-        if rtype not in targets:
+        columns = [c for c in columns if c.target == rtype]
+        if not columns:
             raise UnknownChain(f"'{name}' does not refer to {_safe(rtype)}")
-        targets = {rtype: targets[rtype]}
-    # (a target source, this source's reference column) for every source that has the param
-    found = [(source, ref) for t, ref in targets.items() if t in registry
-             for source in _sources(registry.get(t)) if _has_param(source, tname)]
-    if not found:
+    targets = list(dict.fromkeys(c.target for c in columns))
+    having = [source for t in targets if t in registry for source in _sources(registry.get(t))
+              if _has_param(source, tname)]
+    if not having:
         raise UnknownChain(
             f"'{name}' refers to {', '.join(targets)}: none has a search parameter "
             f"'{_safe(tname)}' on this server")
-    searched = frozenset(t.resource_type for t, _ in found)
+    searched = frozenset(t.resource_type for t in having)
     label = f"{name}.{tname}"
     policies = _policies(registry, name, head, searched, tname)
-    # A reference column holds ids of its target type's unprefixed source (an output
-    # reference is written without a prefix): a source whose ids carry one is never among
-    # its targets. Joining its keys to the column would match unrelated records by number.
-    found = [(t, ref) for t, ref in found if _referable(t)]
+    # (a target source, this source's reference column): each column is joined to the one
+    # source of its target whose keys it holds (its id_prefix). Joining a column to another
+    # source's keys would match unrelated records that happen to share a number.
+    found = [(t, c.ref) for c in columns for t in having
+             if t.resource_type == c.target and t.id_prefix == c.prefix]
     if not found:
         return Chained(Nothing(), None, searched, label, policies=policies)
     if all(_joinable(provider, t) for t, _ in found):
@@ -217,8 +218,9 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
     _, rtype, name, tname, *mod = parts
     if rtype not in registry:
         raise UnknownChain(f"'_has': this server does not serve {_safe(rtype)}")
-    # (a source of the other type, its reference column to this type)
+    # (a source of the other type, its reference column to this source)
     found: list[tuple[Provider, str]] = []
+    asked = False
     for source in _sources(registry.get(rtype)):
         param = source.params.get(name)
         if param is None:
@@ -226,22 +228,24 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
         if param.type != "reference":
             raise ChainOnNonReference(f"'_has': {rtype} '{name}' is a {param.type} "
                                       "parameter, not a reference")
-        target_ref = param.reference_targets().get(provider.resource_type)
-        if target_ref is None:
+        columns = [c for c in param.reference_columns() if c.target == provider.resource_type]
+        if not columns:
             raise UnknownChain(
                 f"'_has': {rtype} '{name}' does not refer to {provider.resource_type}")
         if not _has_param(source, tname):
             raise UnknownChain(
                 f"'_has': '{_safe(tname)}' is not a search parameter of {rtype}")
-        found.append((source, target_ref))
-    if not found:
+        asked = True
+        # only its columns holding this source's keys (see _forward)
+        found += [(source, c.ref) for c in columns if c.prefix == provider.id_prefix]
+    if not asked:
         raise UnknownChain(f"'_has': '{_safe(name)}' is not a search parameter of {rtype}")
     modifier = mod[0] if mod else ""
     label = f"_has:{rtype}:{name}:{tname}"
     searched = frozenset({rtype})
-    if not _referable(provider):
-        # one of several sources of this type, its ids prefixed: no reference column holds
-        # them (see _forward), so nothing of the other type refers to its records
+    if not found:
+        # nothing of the other type refers to this source's records (one of several
+        # sources of this type, whose keys none of its reference columns holds)
         return Chained(Nothing(), None, searched, label)
     if all(_joinable(provider, s) for s, _ in found):
         return Chained(any_of([
@@ -257,11 +261,6 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
 def _sources(provider: Any) -> list[Provider]:
     """The per-source providers of a type (one, unless several mappings serve it)."""
     return list(getattr(provider, "sources", [provider]))
-
-
-def _referable(source: Provider) -> bool:
-    """Whether a reference column can hold this source's ids (they carry no prefix)."""
-    return not source.id_prefix
 
 
 def _has_param(target: Provider, name: str) -> bool:

@@ -128,9 +128,9 @@ def link(provider: Provider) -> Link:
 def _link(provider: Provider) -> Link:
     if provider.resource_type == PATIENT:
         return Link("self", (provider.key,))
-    refs = tuple(dict.fromkeys(
-        p.reference_targets()[PATIENT] for p in provider.params.values()
-        if p.type == "reference" and PATIENT in p.reference_targets()
+    refs = tuple(dict.fromkeys(  # a Patient reference is never prefixed (the loader checks)
+        c.ref for p in provider.params.values() if p.type == "reference"
+        for c in p.reference_columns() if c.target == PATIENT
     ))
     paths = tuple(dict.fromkeys(
         _path(path) for path, target, _child in provider.mapping.references if target == PATIENT

@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from itertools import islice
 from typing import Any
@@ -235,12 +235,12 @@ class MultiSource:
         assert isinstance(plan, MultiPlan)
         return sum([await s.count(p) for s, p in zip(self.sources, plan.parts, strict=True)])
 
-    async def revinclude(self, param: str, target: str, ids: list[str], limit: int
-                         ) -> tuple[list[dict[str, Any]], bool]:
+    async def revinclude(self, param: str, target: str, ids: list[str], limit: int,
+                         prefixes: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
         out: list[dict[str, Any]] = []
         more = False
         for s in self.sources:
-            found, cut = await s.revinclude(param, target, ids, limit)
+            found, cut = await s.revinclude(param, target, ids, limit, prefixes)
             out += found
             more = more or cut
         if len(out) > limit:

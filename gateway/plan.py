@@ -37,7 +37,7 @@ from gateway.errors import (
     UnknownParameter,
 )
 from gateway.mapping.codemaps import CodeMap
-from gateway.mapping.model import SearchParam, SearchPolicy
+from gateway.mapping.model import RefColumn, SearchParam, SearchPolicy
 from gateway.mapping.storage import Storage
 from gateway.search import (
     ID_RE,
@@ -161,6 +161,8 @@ class SearchContext:
     """Plans a chained parameter (``patient.family``) or ``_has`` (gateway.chain)."""
     id_prefix: str = ""
     """The source's id prefix (one of several sources of a type): ``_id`` values carry it."""
+    id_prefixes: Callable[[str], Sequence[str]] = lambda _type: ()
+    """The id prefixes of a served type's sources (which source a referenced id belongs to)."""
 
 
 def plan_search(
@@ -423,7 +425,8 @@ def _criterion(
         ref = parse_reference(name, v, tuple(targets))
         if restrict and ref.type not in (None, restrict):
             raise InvalidParameter(f"'{name}:{restrict}' cannot take a {ref.type} reference")
-        out.append(_reference(ctx, targets, ReferenceValue(ref.type or restrict, ref.id)))
+        out.append(_reference(ctx, param.reference_columns(),
+                              ReferenceValue(ref.type or restrict, ref.id)))
     return any_of(out)
 
 
@@ -541,9 +544,23 @@ def _token(ctx: SearchContext, name: str, param: SearchParam, value: TokenValue)
     return any_of([_key_equals(ctx, r, value.code) for r in param.refs])
 
 
-def _reference(ctx: SearchContext, targets: dict[str, str], value: ReferenceValue) -> Criterion:
-    refs = [targets[value.type]] if value.type else list(targets.values())
-    return any_of([_key_equals(ctx, r, value.id) for r in refs])
+def _reference(ctx: SearchContext, columns: Sequence[RefColumn], value: ReferenceValue
+               ) -> Criterion:
+    """The columns holding keys of the source the id belongs to (by its prefix), compared
+    with the id without it: ``encounter=ae-5`` is ``AEATT_REFNO = 5`` where the parameter has
+    an A&E column, and matches nothing where it has none — never the spell numbered 5."""
+    out: list[Criterion] = []
+    for c in columns:
+        if value.type not in (None, c.target) or owner(ctx, c.target, value.id) != c.prefix:
+            continue
+        out.append(_key_equals(ctx, c.ref, value.id[len(c.prefix):]))
+    return any_of(out)
+
+
+def owner(ctx: SearchContext, target: str, rid: str) -> str:
+    """The id prefix of the source of ``target`` that ``rid`` belongs to ("" for none): the
+    longest of its sources' prefixes the id starts with."""
+    return max((p for p in ctx.id_prefixes(target) if rid.startswith(p)), key=len, default="")
 
 
 def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion:

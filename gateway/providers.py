@@ -253,33 +253,43 @@ class Provider:
         return []
 
     def reference_ids(self, rec: Any, param: str, target: str) -> Iterator[str]:
-        """The ids a record's reference parameter ``param`` holds for ``target``."""
-        ref = self.params[param].reference_targets().get(target)
-        if ref is not None:
-            yield from self.reference_values(rec, ref)
+        """The ids a record's reference parameter ``param`` holds for ``target`` (with the
+        id prefix of the target's source each column points at)."""
+        for c in self.params[param].reference_columns():
+            if c.target == target:
+                for v in self.reference_values(rec, c.ref):
+                    yield c.prefix + v
 
-    async def revinclude(self, param: str, target: str, ids: list[str], limit: int
-                         ) -> tuple[list[dict[str, Any]], bool]:
+    async def revinclude(self, param: str, target: str, ids: list[str], limit: int,
+                         prefixes: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
         """Resources whose ``param`` refers to one of ``ids`` (at most ``limit``; and whether
-        there were more)."""
-        ref = self.params[param].reference_targets()[target]
-        keys = self.parse_keys(ref, ids)
-        if not keys:
+        there were more). ``prefixes``: the id prefixes of the target's sources, so each
+        column is asked only for the ids of the source whose keys it holds."""
+        wanted: list[tuple[str, tuple[Any, ...]]] = []
+        for c in self.params[param].reference_columns():
+            if c.target != target:
+                continue
+            mine = [i[len(c.prefix):] for i in ids if _owner(prefixes, i) == c.prefix]
+            keys = self.parse_keys(c.ref, mine)
+            if keys:
+                wanted.append((c.ref, keys))
+        if not wanted:
             return [], False
         # Not a client search: no search policy applies, only the link to this page.
         sub = SearchPlan(criteria=None, sort=self.key_sort, count=limit)
         try:
-            page = await self.search(sub, extra=In(ref, keys))
+            page = await self.search(sub, extra=any_of([In(ref, keys) for ref, keys in wanted]))
             records = page.records
             more = page.more
         except UnsupportedSearch:
             # A source that cannot ask for several at once (HL7 v2 queries): one by one.
             records = []
             more = False
-            for key in keys:
-                page = await self.search(sub, extra=Compare(ref, "=", key))
-                more = more or page.more or len(records) + len(page.records) > limit
-                records += page.records[: max(0, limit - len(records))]
+            for ref, keys in wanted:
+                for key in keys:
+                    page = await self.search(sub, extra=Compare(ref, "=", key))
+                    more = more or page.more or len(records) + len(page.records) > limit
+                    records += page.records[: max(0, limit - len(records))]
         return [self.resource(r) for r in records], more
 
     def to_record(self, resource: dict[str, Any]) -> dict[str, Any]:
@@ -333,6 +343,11 @@ class Provider:
             for row in rec[at]:
                 if row[i] is not None:
                     yield str(row[i])
+
+
+def _owner(prefixes: Sequence[str], rid: str) -> str:
+    """The prefix of the source ``rid`` belongs to among ``prefixes`` ("" for none)."""
+    return max((p for p in prefixes if rid.startswith(p)), key=len, default="")
 
 
 def _backend_call(provider: Provider, operation: str) -> AbstractContextManager[None]:

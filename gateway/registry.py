@@ -62,6 +62,11 @@ class Registry:
                                       "this server does not serve that resource type")
         return provider
 
+    def id_prefixes(self, resource_type: str) -> tuple[str, ...]:
+        """The id prefixes of a served type's sources (none for a type not served)."""
+        provider = self._providers.get(resource_type)
+        return tuple(s.id_prefix for s in provider.sources) if provider is not None else ()
+
     def search_context(self, provider: Provider, params: dict[str, SearchParam] | None = None,
                        sortable: list[str] | None = None) -> SearchContext:
         m = provider.mapping
@@ -86,6 +91,7 @@ class Registry:
             revinclude_sources=revinclude_source,
             chain=lambda key, raw: chain.plan_chain(self, provider, key, raw),
             id_prefix=provider.id_prefix,
+            id_prefixes=self.id_prefixes,
         )
 
     def plan(self, provider: TypeProvider, pairs: list[tuple[str, str]], *, default_count: int,

@@ -448,7 +448,8 @@ class Api:
     async def _revinclude(self, provider: TypeProvider, rev: RevInclude, ids: list[str],
                           limit: int, truncated: list[str]) -> list[dict[str, Any]]:
         source = self.registry.get(rev.source_type)
-        found, more = await source.revinclude(rev.param, provider.resource_type, ids, limit)
+        found, more = await source.revinclude(rev.param, provider.resource_type, ids, limit,
+                                              self.registry.id_prefixes(provider.resource_type))
         if more:
             truncated.append(f"_revinclude={rev.source_type}:{rev.param}")
         return found

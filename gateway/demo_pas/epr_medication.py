@@ -61,6 +61,8 @@ prescriptions = Table(
     Column("STOP_REASON", String(120)),
     Column("DEL_FLAG", CHAR(1), nullable=False),
     _modif(),
+    # the outpatient attendance an outpatient order was written at (added later, at the end)
+    Column("OPATT_REFNO", Integer),
     Index("UX_PRESCRIPTIONS_ORDER", "ORDER_NUMBER", unique=True),
     Index("IX_PRESCRIPTIONS_PATNT", "PATNT_REFNO"),
     Index("IX_PRESCRIPTIONS_DRUG", "DRUG_REFNO"),

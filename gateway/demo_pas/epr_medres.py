@@ -283,7 +283,7 @@ class MedicationAndResults:
     # -- prescriptions -------------------------------------------------------------------------
     def _order(self, p: _Patient, code: str, kind: str, order: int, minute: int,
                prescriber: int | None, spell: int | None, days: int | None,
-               status: str) -> int:
+               status: str, attendance: int | None = None) -> int:
         r = self.rng.random
         drug = _DRUG[code]
         _, _, _, _, _, dkind, value, unit, route, freq, per_day, pack, pack_unit = drug
@@ -317,7 +317,8 @@ class MedicationAndResults:
             "QTY_VALUE": qty, "QTY_UNIT": pack_unit if qty is not None else None,
             "SUPPLY_DAYS": days if kind != "IP" else None, "STOP_REASON": stop_reason,
             "DEL_FLAG": "Y" if r() < 0.005 else "N",
-            "MODIF_DTTM": _modif(order + (days or 0), int(r() * 1440))})
+            "MODIF_DTTM": _modif(order + (days or 0), int(r() * 1440)),
+            "OPATT_REFNO": attendance})
         self.next["presc"] += 1
         return refno
 
@@ -383,12 +384,12 @@ class MedicationAndResults:
             code = self.rng.choice(_CHRONIC if r() < 0.5 else _ACUTE)
             days = 28 if _DRUG[code][5] == "C" else 7
             self._order(p, code, "OP", day, minute + 20, att["PROCA_REFNO"], None, days,
-                        "C" if day + days <= _REF_ORD else "A")
+                        "C" if day + days <= _REF_ORD else "A", att["OPATT_REFNO"])
         if r() < (0.8 if rich else 0.12):
             for panel in self.rng.choice((("DIAB", "LIPID"), ("UE",), ("FBC", "UE"), ("TFT",),
                                           ("LFT", "UE"), ("MSU",))):
                 self._report(p, panel, day, minute + 30, None, att["PROCA_REFNO"],
-                             status="F", ill=0.2)
+                             status="F", ill=0.2, attendance=att["OPATT_REFNO"])
 
     def _rich_extras(self, p: _Patient, end: int) -> None:
         """A long history of clinic monitoring for the rich fixture patient."""
@@ -411,7 +412,8 @@ class MedicationAndResults:
 
     # -- results -------------------------------------------------------------------------------
     def _report(self, p: _Patient, panel: str, day: int, minute: int, spell: int | None,
-                who: int | None, status: str, ill: float = 0.0) -> None:
+                who: int | None, status: str, ill: float = 0.0,
+                attendance: int | None = None) -> None:
         r = self.rng.random
         repty, specimen, tests = res.PANELS[panel]
         minute = max(0, min(1439, minute))
@@ -430,7 +432,10 @@ class MedicationAndResults:
             "PROCA_REFNO": who,
             "ORGAN_REFNO": TRUST_ORGAN_REFNO if lab or spell is not None else None,
             "PRVSP_REFNO": spell, "REPORT_STATUS": status,
-            "DEL_FLAG": "N", "MODIF_DTTM": _modif(reported, rep_min)})
+            "DEL_FLAG": "N", "MODIF_DTTM": _modif(reported, rep_min),
+            # a clinic's samples: known from the attendance itself, no draw from the stream
+            # (so every other value stays as it was before the column came)
+            "OPATT_REFNO": attendance})
         self.next["reprt"] += 1
         sick = r() < ill
         values: dict[str, float] = {}

@@ -45,6 +45,8 @@ result_reports = Table(
     Column("REPORT_STATUS", String(1), nullable=False),
     Column("DEL_FLAG", CHAR(1), nullable=False),
     _modif(),
+    # the outpatient attendance (clinic) it was taken at, if any (added later, at the end)
+    Column("OPATT_REFNO", Integer),
     Index("UX_RESULT_REPORTS_ID", "REPORT_ID", unique=True),
     Index("IX_RESULT_REPORTS_PATNT", "PATNT_REFNO"),
 )

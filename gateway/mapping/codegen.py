@@ -253,9 +253,23 @@ def _emit_requires(w: _Writer, ir: tuple[Any, ...], rec: _Scope, depth: int, out
     w.line(depth, f"{out} = {v} if {v} is not None and {test} else None")
 
 
+def _emit_first(w: _Writer, ir: tuple[Any, ...], rec: _Scope, depth: int, out: str) -> None:
+    # compile._compile_sources: the first value; another one is noted, not served
+    _, fns, several = ir
+    w.line(depth, f"{out} = None")
+    for fn in fns:
+        v = _emit(w, fn, rec, depth)
+        w.line(depth, f"if {v} is not None:")
+        w.line(depth + 1, f"if {out} is None:")
+        w.line(depth + 2, f"{out} = {v}")
+        w.line(depth + 1, "else:")
+        w.line(depth + 2, f"{w.const(several)}()")
+
+
 _EMITTERS: dict[str, Callable[[_Writer, tuple[Any, ...], _Scope, int, str], None]] = {
     "expr": _emit_expr, "call": _emit_call, "tail": _emit_tail, "dict": _emit_dict,
     "each": _emit_each, "items": _emit_items, "list": _emit_list, "requires": _emit_requires,
+    "first": _emit_first,
 }
 """One per kind of closure compile.py describes."""
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapters import dropped
 from adapters.base import Layout
 from gateway.mapping import codegen
 from gateway.mapping.codegen import describe
@@ -51,6 +52,9 @@ class CompileContext:
     children: dict[str, set[str]] = field(default_factory=dict)
     references: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(element path, target resource type, child name or None) for each ``ref:`` expression."""
+    prefixed: list[tuple[str, str, str]] = field(default_factory=list)
+    """(path of its ``id_prefix`` key, target type, prefix or "") of each ``ref:`` expression:
+    the source of the target type it points at (checked against the directory by the loader)."""
     errors: list[CompileError] = field(default_factory=list)
     """Every problem found in an output tree (compile_output raises the first)."""
     _child: str | None = None
@@ -59,6 +63,8 @@ class CompileContext:
 
 
 def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
+    if expr.sources is not None:
+        return _compile_sources(expr, ctx, path)
     if expr.function:
         return _compile_function(expr, ctx, path)
     ref = expr.source_ref
@@ -80,8 +86,10 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
             raise CompileError(path, f"unknown codemap {expr.codemap!r}")
         steps.append(_codemap_step(cmap, expr.part, path))
     if expr.ref:
-        prefix = expr.ref + "/"
+        # id_prefix: the keys are of that source of the target type (Encounter/ae-5)
+        prefix = f"{expr.ref}/{expr.id_prefix or ''}"
         ctx.references.append((path, expr.ref, ctx._child))
+        ctx.prefixed.append((f"{path}.id_prefix", expr.ref, expr.id_prefix or ""))
         steps.append(lambda v: prefix + str(v))
 
     step = compose(steps) if steps else None
@@ -119,6 +127,38 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
         return None if v is None else step(v)
 
     return describe(get_step, "expr", ref, convert, False, step, path)
+
+
+SEVERAL_REFERENCES = "several reference columns hold a value; the first listed is served"
+
+
+def _compile_sources(expr: Expr, ctx: CompileContext, path: str) -> Builder:
+    """A reference from the first of several columns with a value, each holding keys of one
+    source of the target type. A record holding more than one is a data fault: the first is
+    served and the others are counted (adapters.dropped), never silently lost."""
+    assert expr.sources is not None and expr.ref is not None
+    built = []
+    for i, s in enumerate(expr.sources):
+        built.append(compile_expr(Expr(column=s.column, ref=expr.ref, id_prefix=s.id_prefix),
+                                  ctx, path))
+        ctx.prefixed[-1] = (f"{path}.sources[{i}].id_prefix", expr.ref, s.id_prefix or "")
+    fns = tuple(built)
+
+    def several() -> None:
+        dropped.note(path, SEVERAL_REFERENCES)
+
+    def first(rec: dict[str, Any]) -> Any:
+        found = None
+        for fn in fns:
+            v = fn(rec)
+            if v is not None:
+                if found is None:
+                    found = v
+                else:
+                    several()
+        return found
+
+    return describe(first, "first", fns, several)
 
 
 def _codemap_step(cmap: CodeMap, part: str, path: str) -> Callable[[Any], Any]:

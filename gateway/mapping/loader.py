@@ -84,6 +84,8 @@ class CompiledMapping:
     codemaps: dict[str, CodeMap]
     tz: ZoneInfo
     references: list[tuple[str, str, str | None]] = field(default_factory=list)
+    prefixed: list[tuple[str, str, str]] = field(default_factory=list)
+    """Output references and the source of their target each points at (CompileContext)."""
 
     @property
     def resource_type(self) -> str:
@@ -294,6 +296,7 @@ def load_directory(
     for sources in seen.values():
         _check_unprefixed(sources, problems)
         _check_keyset_paging(sources, adapters, problems)
+    _check_reference_sources(compiled, seen, problems)
     if problems:  # a broken connection is met once per mapping using it: report it once
         raise MappingError(list(dict.fromkeys(problems)))
     return LoadedSet(directory, compiled, adapters, codemaps, settings)
@@ -347,6 +350,58 @@ def _check_unprefixed(sources: list[tuple[Path, Any, MappingFile]], problems: li
                 path, line_of(doc, ["id"]),
                 f"id: {spec.resource} has several sources, so this one needs an id_prefix "
                 "unless its key is declared as an integer in types:"))
+
+
+def _check_reference_sources(compiled: list[CompiledMapping],
+                             seen: dict[str, list[tuple[Path, Any, MappingFile]]],
+                             problems: list[Problem]) -> None:
+    """Every reference points at a source of its target type that exists.
+
+    A reference column holds the keys of one source of its target (``id_prefix`` names it;
+    none: the source without a prefix). A prefix no source of the target declares, or a
+    prefix on a type this directory does not map, would serve references nothing resolves
+    and match searches against the wrong records, so both are refused here. A reference to
+    Patient must be to its source without a prefix: the patient compartment compares the
+    patient's id with the column as it is.
+    """
+    docs = {path: doc for sources in seen.values() for path, doc, _spec in sources}
+    for m in compiled:
+        doc = docs.get(m.file)
+        if doc is None:
+            continue
+        wanted: list[tuple[str, list[Any], str, str]] = [
+            (f"output.{at}", ["output", *split_path(at)], target, prefix)
+            for at, target, prefix in m.prefixed]
+        for name, param in m.spec.search.items():
+            if param.type != "reference":
+                continue
+            if param.sources:
+                wanted += [(f"search.{name}.sources[{i}].id_prefix",
+                            ["search", name, "sources", i, "id_prefix"], param.target or "",
+                            src.id_prefix or "") for i, src in enumerate(param.sources)]
+            else:
+                wanted += [(f"search.{name}.id_prefix", ["search", name, "id_prefix"],
+                            c.target, c.prefix) for c in param.reference_columns()]
+        for where, loc, target, prefix in wanted:
+            problem = _reference_source_problem(target, prefix, seen.get(target))
+            if problem is not None:
+                problems.append(Problem(m.file, line_of(doc, loc), f"{where}: {problem}"))
+
+
+def _reference_source_problem(target: str, prefix: str,
+                              sources: list[tuple[Path, Any, MappingFile]] | None) -> str | None:
+    if not prefix:  # its source without a prefix (or a type served elsewhere), as ever
+        return None
+    if not sources:
+        return f"{target} is not mapped in this directory, so id_prefix {prefix!r} names no source"
+    prefixes = {spec.id_prefix or "": path.name for path, _doc, spec in sources}
+    if prefix not in prefixes:
+        listed = ", ".join(f"{name} ({p or 'no prefix'})" for p, name in sorted(prefixes.items()))
+        return f"{target} has no source with id_prefix {prefix!r} (its sources: {listed})"
+    if target == "Patient":
+        return ("a reference to Patient must hold the keys of its source without an "
+                "id_prefix (the patient compartment compares them as they are)")
+    return None
 
 
 def _check_keyset_paging(sources: list[tuple[Path, Any, MappingFile]],
@@ -476,7 +531,7 @@ def _compile(
     # Reference parameters feed _include: their values must come back with the records.
     for p in spec.search.values():
         if p.type == "reference":
-            fields.update(p.reference_targets().values())
+            fields.update(c.ref for c in p.reference_columns())
     needs = Needs(
         key=key,
         fields=frozenset(fields),
@@ -520,4 +575,5 @@ def _compile(
         codemaps=codemaps,
         tz=tz,
         references=ctx.references,
+        prefixed=ctx.prefixed,
     )

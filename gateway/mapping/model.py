@@ -14,7 +14,7 @@ See mappings/README.md for the operations-facing description.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +23,30 @@ from gateway.mapping.storage import STORAGE_TYPES
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+ID_PREFIX_RE = r"^[A-Za-z0-9]{1,15}[-.]$"
+
+
+class RefSource(_Strict):
+    """One column of a reference and the source of the target type its keys belong to:
+    ``{column: h.OPATT_REFNO, id_prefix: op-}`` holds keys of the target's source declaring
+    ``id_prefix: op-`` (served as ``Encounter/op-<key>``); without ``id_prefix``, of its
+    source without one."""
+
+    column: str
+    id_prefix: str | None = Field(default=None, pattern=ID_PREFIX_RE)
+
+
+class RefColumn(NamedTuple):
+    """One column of a reference parameter (SearchParam.reference_columns)."""
+
+    target: str
+    """The resource type it refers to."""
+    ref: str
+    """The source reference (``alias.COLUMN``) holding the target's keys."""
+    prefix: str
+    """The ``id_prefix`` of the target's source those keys belong to ("" for none)."""
 
 
 class Expr(_Strict):
@@ -36,12 +60,31 @@ class Expr(_Strict):
     codemap: str | None = None
     part: Literal["code", "display", "system", "coding", "codeable-concept"] = "code"
     ref: str | None = None
+    id_prefix: str | None = Field(default=None, pattern=ID_PREFIX_RE)
+    """With ``ref``: the column holds keys of the target type's source with this prefix
+    (``{column: e.AEATT_REFNO, ref: Encounter, id_prefix: ae-}`` → ``Encounter/ae-5``)."""
+    sources: list[RefSource] | None = None
+    """With ``ref`` instead of ``column``: the first of these columns with a value, each
+    naming the target's source its keys belong to (a record linked to an inpatient spell or
+    to an outpatient attendance)."""
     where: dict[str, str] = Field(default_factory=dict)
     """HL7 v2: pick the repetition whose other components hold these values
     (``{field: PID-3.1, where: {PID-3.5: NH}}`` — the CX whose identifier type is NH)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> Expr:
+        if self.sources is not None:
+            if not self.ref:
+                raise ValueError("sources: lists the columns of a reference; it goes with ref")
+            if not self.sources:
+                raise ValueError("sources: lists at least one column")
+            if (self.column or self.field or self.function or self.transform or self.codemap
+                    or self.id_prefix or self.where):
+                raise ValueError("a reference with sources takes only ref (each source names "
+                                 "its column and id_prefix)")
+            return self
+        if self.id_prefix and not self.ref:
+            raise ValueError("id_prefix names a source of the referenced type; it goes with ref")
         given = [k for k in ("column", "field", "function") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("an expression needs exactly one of: column, field, function")
@@ -65,7 +108,7 @@ def with_where(ref: str | None, where: dict[str, str]) -> str | None:
     return ref + "[" + ",".join(f"{k}={v}" for k, v in sorted(where.items())) + "]"
 
 
-EXPR_KEYS = frozenset({"column", "field", "function"})
+EXPR_KEYS = frozenset({"column", "field", "function", "sources"})
 
 
 class TokenSystem(_Strict):
@@ -120,12 +163,27 @@ class SearchParam(_Strict):
     targets: dict[str, str] | None = None
     unit: QuantityUnit | None = None
     """A ``quantity`` parameter's unit (the number is ``column``)."""
+    id_prefix: str | None = Field(default=None, pattern=ID_PREFIX_RE)
+    """A reference parameter with ``target`` and ``column``: the column holds keys of the
+    target's source with this prefix (``encounter=ae-5`` compares the column with 5)."""
+    sources: list[RefSource] | None = None
+    """A reference parameter with ``target``: several columns, each holding keys of one
+    source of the target (a match through any of them)."""
 
     @model_validator(mode="after")
     def _shape(self) -> SearchParam:
         single = self.column or self.field
         if self.unit is not None and self.type != "quantity":
             raise ValueError("unit is only for quantity parameters")
+        if (self.id_prefix or self.sources is not None) and not (
+                self.type == "reference" and self.target):
+            raise ValueError("id_prefix and sources are for reference parameters with target")
+        if self.sources is not None:
+            if single or self.columns or self.id_prefix:
+                raise ValueError("use either sources or column (+ id_prefix), not both")
+            if not self.sources:
+                raise ValueError("sources: lists at least one column")
+            return self
         if self.type == "quantity":
             if not self.column or self.field or self.columns:
                 raise ValueError("a quantity parameter reads its number from one column "
@@ -154,6 +212,8 @@ class SearchParam(_Strict):
 
     @property
     def refs(self) -> list[str]:
+        if self.sources:
+            return [s.column for s in self.sources]
         if self.systems:
             return [s.source_ref for s in self.systems]
         if self.period:
@@ -167,11 +227,24 @@ class SearchParam(_Strict):
         return [with_where(r, self.where) or r for r in refs]
 
     def reference_targets(self) -> dict[str, str]:
+        """Target type → its first column. Only for which types it refers to: a type may
+        have several columns (``sources``); :meth:`reference_columns` gives them all."""
+        out: dict[str, str] = {}
+        for c in self.reference_columns():
+            out.setdefault(c.target, c.ref)
+        return out
+
+    def reference_columns(self) -> list[RefColumn]:
+        """Every column of a reference parameter, with its target type and the id prefix of
+        the target's source whose keys it holds."""
         if self.targets:
-            return {t: with_where(r, self.where) or r for t, r in self.targets.items()}
+            return [RefColumn(t, with_where(r, self.where) or r, "")
+                    for t, r in self.targets.items()]
+        if self.target and self.sources:
+            return [RefColumn(self.target, s.column, s.id_prefix or "") for s in self.sources]
         if self.target:
-            return {self.target: self.refs[0]}
-        return {}
+            return [RefColumn(self.target, self.refs[0], self.id_prefix or "")]
+        return []
 
 
 class SearchPolicy(_Strict):
@@ -196,9 +269,6 @@ class BinaryContent(_Strict):
     media_type: str
     file: str | None = None
     blob: BinaryBlob | None = None
-
-
-ID_PREFIX_RE = r"^[A-Za-z0-9]{1,15}[-.]$"
 
 
 class MappingFile(_Strict):

@@ -127,6 +127,8 @@ def _expr(expr: Expr, ctx: ReverseContext) -> Reader:
                     record.setdefault(ref, stored)
 
         return skip
+    if expr.sources is not None:
+        return _sources(expr, ctx)
     ref = expr.source_ref
     assert ref is not None
     storage = ctx.storage(ref)
@@ -134,7 +136,7 @@ def _expr(expr: Expr, ctx: ReverseContext) -> Reader:
         [expr.transform] if isinstance(expr.transform, str) else list(expr.transform or [])
     )
     cmap = ctx.codemaps.get(expr.codemap) if expr.codemap else None
-    prefix = expr.ref + "/" if expr.ref else None
+    prefix = f"{expr.ref}/{expr.id_prefix or ''}" if expr.ref else None
 
     def read(value: Any, record: Record, state: _State, path: str) -> None:
         v = value
@@ -159,6 +161,24 @@ def _expr(expr: Expr, ctx: ReverseContext) -> Reader:
         _consume_all(value, state, path)
         if stored is not None and ref not in record:
             record[ref] = stored
+
+    return read
+
+
+def _sources(expr: Expr, ctx: ReverseContext) -> Reader:
+    """A reference from one of several columns: stored in the column of the source whose
+    id prefix the reference carries (the longest that matches)."""
+    assert expr.ref is not None and expr.sources is not None
+    readers = sorted(((f"{expr.ref}/{s.id_prefix or ''}",
+                       _expr(Expr(column=s.column, ref=expr.ref, id_prefix=s.id_prefix), ctx))
+                      for s in expr.sources), key=lambda pr: -len(pr[0]))
+
+    def read(value: Any, record: Record, state: _State, path: str) -> None:
+        for prefix, reader in readers:
+            if isinstance(value, str) and value.startswith(prefix):
+                reader(value, record, state, path)
+                return
+        raise _Mismatch(f"expected a reference to {expr.ref}")
 
     return read
 

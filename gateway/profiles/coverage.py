@@ -107,6 +107,11 @@ class _Walk:
 
     def describe(self, expr: dict[str, Any], each: str | None) -> str:
         """One expression as an engineer looks for it in the PAS."""
+        if isinstance(expr.get("sources"), list):  # a reference, from the first with a value
+            parts = [self.describe({"column": s.get("column"), "ref": expr.get("ref"),
+                                    "id_prefix": s.get("id_prefix")}, None)
+                     for s in expr["sources"] if isinstance(s, dict)]
+            return " or ".join(parts) + (f" | each: {each}" if each else "")
         if "column" in expr:
             ref = str(expr["column"])
             alias, _, column = ref.partition(".")
@@ -125,7 +130,7 @@ class _Walk:
             policy = f"unmapped: {cm.unmapped}" if cm is not None else "not loaded"
             text += f" | codemap {name} ({policy})"
         if expr.get("ref"):
-            text += f" → {expr['ref']}/id"
+            text += f" → {expr['ref']}/{expr.get('id_prefix') or ''}id"
         if each:
             text += f" | each: {each}"
         return text

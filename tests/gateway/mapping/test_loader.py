@@ -377,6 +377,15 @@ def add_hl7v2_encounter(directory: Path) -> Path:
     return out
 
 
+def drop_outpatient_links(directory: Path) -> None:
+    """Without the outpatient Encounter source, the references the demo's clinical mappings
+    make to it (``id_prefix: op-``) point at nothing and are refused: take them out too."""
+    for name in ("Observation.sql.yaml", "MedicationRequest.sql.yaml"):
+        f = directory / name
+        lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
+        f.write_text("".join(ln for ln in lines if "OPATT_REFNO" not in ln), encoding="utf-8")
+
+
 HL7_IN_MULTI = (
     "source.connection: Encounter is also mapped by {others}, and a type with several "
     "sources needs each to page from any record it returned; connection 'pas-hl7' is hl7v2, "
@@ -401,6 +410,7 @@ def test_an_hl7v2_source_alone_still_serves_its_type(demo_copy: Path) -> None:
     f = add_hl7v2_encounter(demo_copy)
     for p in demo_copy.glob("Encounter.*sql.yaml"):
         p.unlink()
+    drop_outpatient_links(demo_copy)
     loaded = load_directory(demo_copy, create, urls={"pas": "sqlite://"})
     assert [m.file for m in loaded.mappings if m.resource_type == "Encounter"] == [f]
 
@@ -644,6 +654,7 @@ def test_mappings_check_reports_an_hl7v2_source_among_several(
     monkeypatch.setenv("CCG_DATA_DIR", str(tmp_path / "data"))
     for p in ("Encounter.ae.sql.yaml", "Encounter.outpatient.sql.yaml"):
         (demo_copy / p).unlink()
+    drop_outpatient_links(demo_copy)
     f = add_hl7v2_encounter(demo_copy)
     assert main(["mappings", "check", str(demo_copy)]) == 1
     assert capsys.readouterr().out.splitlines() == [
