@@ -92,6 +92,14 @@ DELIVERIES = Counter(
     "ccg_deliveries", "Delivery attempts of Subscription notifications (channel "
     "'subscription') and $process-message responses ('message_response'), by outcome "
     "(delivered, retry, dead_letter)", ["channel", "outcome"])
+WORKER_START_FAILURES = Counter(
+    "ccg_worker_start_failures", "Worker processes (serve --workers) that exited before they "
+    "were ready to serve; the supervisor starts another after a backoff while the others "
+    "keep serving")
+WORKERS = Gauge(
+    "ccg_workers", "Worker processes (serve --workers) by state: serving, starting, "
+    "restart_pending (failed to start; started again after a backoff)", ["state"],
+    multiprocess_mode="max")
 SHUTTING_DOWN = Gauge(
     "ccg_draining", "1 while this process drains before shutdown (readiness is false)",
     multiprocess_mode="max")
