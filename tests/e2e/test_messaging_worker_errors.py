@@ -152,3 +152,32 @@ async def test_an_error_that_persists_ends_in_a_dead_letter_never_failed(
                 await wait_for(lambda: by_identifier(rec.got, "msg-ok-4") != [], 30,
                                "the worker stopped")
                 assert response_of(by_identifier(rec.got, "msg-ok-4")[0])[0] == "ok"
+
+
+async def test_the_outbox_goes_on_when_one_delivery_cannot_be_recorded(
+        pas_db: str, receiver: tuple[Receiver, LiveServer], tmp_path: Path) -> None:
+    """The store refuses to record one response as delivered: that response is posted again
+    later (at least once), and the responses after it are delivered meanwhile."""
+    rec, rserver = receiver
+    params = {"async": "true", "response-url": f"{rserver.url}/responses"}
+    async with PasSimulator(pas_db, dialect="itk") as sim:
+        app = gateway(tmp_path, pas_db, sim.port)
+        store = app.state.messaging.store
+        app.state.messaging.outbox.backoff_base = 0.2
+        sql(store.path, "CREATE TRIGGER refuse BEFORE UPDATE OF delivered ON outbox WHEN "
+                        "OLD.message_id = 'msg-out-5' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        with LiveServer(app) as server:
+            before = worker_errors(server.url, "outbox")
+            async with httpx.AsyncClient(base_url=server.url + "/STU3", timeout=30) as c:
+                for mid, number in (("msg-out-5", "9430002007"), ("msg-out-6", "9430002015")):
+                    r = await c.post("/$process-message", params=params, json=message(
+                        mid, "patient-registration", new_patient(number)))
+                    assert r.status_code == 202, r.text
+                await wait_for(lambda: by_identifier(rec.got, "msg-out-6") != [], 30,
+                               "the outbox stopped at the response it could not record")
+                assert by_identifier(rec.got, "msg-out-5") != []
+                assert worker_errors(server.url, "outbox") > before
+                sql(store.path, "DROP TRIGGER refuse")
+                await wait_for(lambda: all(row[2] is not None for row in store.outbox_rows()),
+                               30, "the response was not recorded as delivered in the end")
+                assert all(response_of(b)[0] == "ok" for b in rec.got)
