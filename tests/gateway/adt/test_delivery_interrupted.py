@@ -14,6 +14,7 @@ A real HTTP receiver that holds each request until the test lets it answer; real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,12 @@ class Holding:
 
 @pytest.fixture
 def holding() -> Iterator[Holding]:
+    with holding_server() as state:
+        yield state
+
+
+@contextlib.contextmanager
+def holding_server() -> Iterator[Holding]:
     state = Holding()
 
     class Handler(BaseHTTPRequestHandler):
