@@ -84,9 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # with --workers, the parent passes SIGHUP on to every worker (gateway.workers)
     print(f"Mappings: {settings.mappings_dir} (reload them after an edit: kill -HUP "
           f"{os.getpid()})", file=sys.stderr, flush=True)
-    workers.serve(app if settings.workers == 1 else None, settings,
-                  proxy_headers=args.proxy_headers, tls=uvicorn_tls_options(settings))
-    return 0
+    return workers.serve(app if settings.workers == 1 else None, settings,
+                         proxy_headers=args.proxy_headers, tls=uvicorn_tls_options(settings))
 
 
 def _port_problem(host: str, port: int) -> str | None:

@@ -88,10 +88,24 @@ ADT_MESSAGES = Counter(
 PROCESSED_MESSAGES = Counter(
     "ccg_messages_processed", "$process-message messages processed, by event (the declared "
     "events; any other is 'other') and response code", ["event", "outcome"])
+MESSAGE_WORKER_ERRORS = Counter(
+    "ccg_message_worker_errors", "Unexpected errors (a bug, an unforeseen failure) of the "
+    "$process-message worker on an accepted message, by what followed: retry (later, with "
+    "backoff) or dead_letter (the worker's bound reached); outbox: its delivery loop met one "
+    "and went on", ["outcome"])
 DELIVERIES = Counter(
     "ccg_deliveries", "Delivery attempts of Subscription notifications (channel "
     "'subscription') and $process-message responses ('message_response'), by outcome "
-    "(delivered, retry, dead_letter)", ["channel", "outcome"])
+    "(delivered, retry, dead_letter; interrupted: stopped by our own shutdown, sent again "
+    "after the restart)", ["channel", "outcome"])
+WORKER_START_FAILURES = Counter(
+    "ccg_worker_start_failures", "Worker processes (serve --workers) that exited before they "
+    "were ready to serve; the supervisor starts another after a backoff while the others "
+    "keep serving")
+WORKERS = Gauge(
+    "ccg_workers", "Worker processes (serve --workers) by state: serving, starting, "
+    "restart_pending (failed to start; started again after a backoff)", ["state"],
+    multiprocess_mode="max")
 SHUTTING_DOWN = Gauge(
     "ccg_draining", "1 while this process drains before shutdown (readiness is false)",
     multiprocess_mode="max")
@@ -240,6 +254,10 @@ _MESSAGE_OUTCOMES = frozenset({"ok", "transient-error", "fatal-error"})
 def message_processed(event: str | None, known: Iterable[str], outcome: str) -> None:
     PROCESSED_MESSAGES.labels(event if event is not None and event in known else "other",
                               outcome if outcome in _MESSAGE_OUTCOMES else "other").inc()
+
+
+def message_worker_error(outcome: str) -> None:
+    MESSAGE_WORKER_ERRORS.labels(outcome).inc()
 
 
 def delivery(channel: str, outcome: str) -> None:

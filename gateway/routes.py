@@ -543,7 +543,18 @@ def _not_modified(request: Request, etag: str, when: dt.datetime) -> bool:
 
 
 async def health(request: Request) -> Response:
-    return JSONResponse({"status": "pass"})
+    """Liveness: this process answers. With ``--workers``, ``warn`` (still 200: the workers
+    serving must not be restarted) while the supervisor has fewer workers serving than
+    configured, e.g. a replacement that failed to start (gateway.workers)."""
+    from gateway.workers import supervisor_status
+
+    workers = supervisor_status()
+    if workers is None:
+        return JSONResponse({"status": "pass"})
+    short = workers.get("serving", 0) < workers.get("workers", 0)
+    return JSONResponse({"status": "warn" if short else "pass",
+                         "checks": {"workers": "warn" if short else "pass"},
+                         "workers": workers})
 
 
 def ready_endpoint(mappings: Registry | LiveMappings, timeout: float = 5.0) -> Any:

@@ -135,6 +135,12 @@ class Settings:
     workers: int = 1
     """Worker processes (``serve --workers``); more than 1 needs CCG_REDIS_URL to share
     limits and the replay cache, and CCG_PAGING_SECRET to share paging links."""
+    worker_restart_seconds: float = 1.0
+    """With workers: the first delay before a worker that failed to start is started again
+    (the others keep serving); doubled after each failure (±20 % jitter) up to
+    ``worker_restart_max_seconds``."""
+    worker_restart_max_seconds: float = 60.0
+    """The longest delay between two starts of a worker that keeps failing to start."""
     metrics: bool = True
     """Prometheus metrics (``/metrics``, outside FHIR authentication)."""
     metrics_port: int = 0
@@ -208,6 +214,11 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
+            elif f.type in ("float", float):
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise SettingsError(f"{name} must be a number, not {raw!r}") from None
             elif f.type in ("bool", bool):
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             elif f.name == "mappings_dir":

@@ -26,20 +26,29 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from gateway.retry import Backoff
 from gateway.settings import Settings
 
 log = structlog.get_logger("gateway.workers")
+STARTUP_FAILURE = 3
+"""The exit status when the service cannot start (uvicorn's, for a worker)."""
+STATUS_ENV = "CCG_WORKERS_STATUS_FILE"
+"""Set by the parent for its workers: the file where the supervisor keeps the workers' states
+(every worker's ``/_health`` reports them)."""
 
 _ENV_OVERRIDES = ("mappings_dir", "demo_patients", "base_path", "log_level", "data_dir",
                   "paging_secret")
@@ -84,11 +93,27 @@ def install_drain(drain_seconds: float) -> None:
 
 
 def worker_app() -> Any:
-    """The uvicorn factory each worker process calls (settings from ``CCG_*``)."""
+    """The uvicorn factory each worker process calls (settings from ``CCG_*``). A worker that
+    cannot build its app (the mappings on disk changed since the parent checked them, a
+    resource is exhausted) logs why and exits with ``STARTUP_FAILURE``: the supervisor keeps
+    the other workers serving and tries again later."""
+    from gateway import logging as gateway_logging
     from gateway.app import build_app
+    from gateway.auth.errors import AuthConfigError
+    from gateway.mapping.loader import MappingError
 
     settings = Settings.from_env(progress=False)
-    app = build_app(settings)
+    gateway_logging.configure(settings.log_level)
+    try:
+        app = build_app(settings)
+    except MappingError as exc:  # file:line: problem — configuration, never request data
+        log.error("worker_cannot_start", pid=os.getpid(), error="MappingError",
+                  problems=[str(p) for p in exc.problems[:20]])
+        sys.exit(STARTUP_FAILURE)
+    except (AuthConfigError, OSError) as exc:
+        log.error("worker_cannot_start", pid=os.getpid(), error=type(exc).__name__,
+                  detail=str(exc)[:300])
+        sys.exit(STARTUP_FAILURE)
     tune_gc()
     install_drain(settings.shutdown_drain_seconds)
     return app
@@ -109,11 +134,13 @@ def prepare_multiprocess(settings: Settings) -> Settings:
         settings = replace(settings, paging_secret=secrets.token_urlsafe(32))
     for name in _ENV_OVERRIDES:
         os.environ[f"CCG_{name.upper()}"] = str(getattr(settings, name))
+    os.environ[STATUS_ENV] = str(Path(tempfile.mkdtemp(prefix="ccg-workers-")) / "workers.json")
     return settings
 
 
-def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, Any]) -> None:
-    """Serve ``app`` in this process, or (``settings.workers`` > 1) in worker processes."""
+def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, Any]) -> int:
+    """Serve ``app`` in this process, or (``settings.workers`` > 1) in worker processes; the
+    exit status (``STARTUP_FAILURE`` when every worker failed to start)."""
     import uvicorn
 
     from gateway import metrics
@@ -135,29 +162,74 @@ def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, A
 
         # workers=1 given: uvicorn would otherwise read WEB_CONCURRENCY (the gateway does not)
         uvicorn.Server(uvicorn.Config(single, factory=True, workers=1, **common)).run()
-        return
+        return 0
     # The workers are spawned with a pickled config: a class made at run time (the header
     # deadline's protocol) cannot travel, so each worker builds its own by name.
     common["http"] = "gateway.workers:HttpProtocol"
     config = uvicorn.Config("gateway.workers:worker_app", factory=True,
                             workers=settings.workers, **common)
     sock = config.bind_socket()
-    _supervisor_class()(config, sockets=[sock]).run()
+    status = os.environ.get(STATUS_ENV)
+    supervisor = _supervisor_class()(
+        config, sockets=[sock], status_file=Path(status) if status else None,
+        retry=Backoff(settings.worker_restart_seconds, settings.worker_restart_max_seconds, 0))
+    try:
+        supervisor.run()
+    finally:
+        if status:
+            shutil.rmtree(Path(status).parent, ignore_errors=True)
+    return STARTUP_FAILURE if supervisor.failed else 0
+
+
+def supervisor_status() -> dict[str, Any] | None:
+    """The supervisor's last word on the workers (``--workers`` only; None otherwise)."""
+    path = os.environ.get(STATUS_ENV)
+    if not path:
+        return None
+    try:
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _supervisor_class() -> Any:
-    from uvicorn.supervisors.multiprocess import Multiprocess
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+    from gateway import metrics
 
     class Supervisor(Multiprocess):
-        """uvicorn's supervisor, with SIGHUP forwarded to the workers (a reload in place).
+        """uvicorn's supervisor, with SIGHUP forwarded to the workers (a reload in place),
+        and a worker that fails to start retried with backoff while the others serve.
 
         A worker still starting has no SIGHUP handler yet (the default action would kill
         it): it is signalled once it reports ready, after its start-up has read the mappings.
+
+        uvicorn stops the whole service when a replacement worker fails to start (a bad
+        mapping directory left on disk, a resource exhausted): here the workers still serving
+        go on, the failure is logged (no request data: slot, pid, exit code), counted
+        (``ccg_worker_start_failures_total``, ``ccg_workers{state}``), reported by every
+        worker's ``/_health`` (``warn``), and the slot is started again after a delay
+        (``retry``: doubled each time, capped). Only when no worker is serving or starting
+        any more does the parent stop (``failed``), so that the service manager restarts it
+        rather than leave a listening socket nobody answers.
         """
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, retry: Backoff, status_file: Path | None = None,
+                     **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.pending_hup: set[int] = set()
+            self.retry = retry
+            self.status_file = status_file
+            self.serving: set[int] = set()
+            """Pids of workers that reported ready."""
+            self.waiting: dict[int, float] = {}
+            """Slot → when (monotonic) it is started again, after its worker failed to start."""
+            self.failures: dict[int, int] = {}
+            """Slot → its failed starts in a row."""
+            self.start_failures = 0
+            self.failed = False
+            self._status: dict[str, Any] = {}
 
         def handle_hup(self) -> None:
             pids = [p.pid for p in self.processes if p.pid is not None]
@@ -179,9 +251,99 @@ def _supervisor_class() -> Any:
             self.pending_hup &= {p.pid for p in self.processes}
 
         def keep_subprocess_alive(self) -> None:
-            super().keep_subprocess_alive()
+            if self.should_exit.is_set():
+                return
+            now = time.monotonic()
+            for idx in [i for i in self.waiting if i >= len(self.processes)]:  # SIGTTOU
+                del self.waiting[idx]
+            for idx, process in enumerate(self.processes):
+                if idx in self.waiting:
+                    if now >= self.waiting[idx]:
+                        del self.waiting[idx]
+                        self._start(idx, again=True)
+                    continue
+                if self._alive(process):
+                    continue
+                process.kill()  # hung, or gone: make sure
+                process.join()
+                pid, code = process.pid, process.exitcode
+                was_serving = pid in self.serving
+                self.serving.discard(pid or 0)
+                if pid is not None:
+                    metrics.worker_exited(pid)
+                if self.should_exit.is_set():
+                    return
+                if was_serving:  # it served, then died: replaced at once (as uvicorn does)
+                    log.warning("worker_died", slot=idx, pid=pid, exitcode=code)
+                    self._start(idx)
+                    continue
+                self._start_failed(idx, pid, code, now)
+                if self.failed:
+                    return
+            self._publish()
             if self.pending_hup and not self.should_exit.is_set():
                 self.forward_hup()
+
+        def _alive(self, process: Process) -> bool:
+            """Alive and answering; a worker's first ready answer marks it serving."""
+            if not process.process.is_alive():
+                return False
+            timeout = self.config.timeout_worker_healthcheck
+            if process.pid in self.serving:
+                return process.ping(timeout)
+            if process.is_ready(timeout):
+                self.serving.add(process.pid or 0)
+                idx = self.processes.index(process)
+                if self.failures.pop(idx, 0):
+                    log.info("worker_recovered", slot=idx, pid=process.pid)
+                return True
+            return process.ping(timeout)  # still starting (or hung: no answer)
+
+        def _start(self, idx: int, again: bool = False) -> None:
+            process = Process(self.config, self.sockets)
+            process.start()
+            self.processes[idx] = process
+            if again:
+                log.info("worker_restarting", slot=idx, pid=process.pid,
+                         attempt=self.failures.get(idx, 0) + 1)
+
+        def _start_failed(self, idx: int, pid: int | None, code: int | None,
+                          now: float) -> None:
+            attempts = self.failures[idx] = self.failures.get(idx, 0) + 1
+            self.start_failures += 1
+            metrics.WORKER_START_FAILURES.inc()
+            others = [p for i, p in enumerate(self.processes)
+                      if i != idx and i not in self.waiting and p.process.is_alive()]
+            if not others:  # nothing serves, nothing is starting: stop, loudly
+                log.error("workers_failed_to_start", slot=idx, pid=pid, exitcode=code,
+                          attempts=attempts, action="stopping: no worker is serving")
+                self.failed = True
+                self.should_exit.set()
+                self._publish()
+                return
+            delay = self.retry.delay(attempts)
+            self.waiting[idx] = now + delay
+            log.error("worker_start_failed", slot=idx, pid=pid, exitcode=code,
+                      attempts=attempts, retry_in_seconds=round(delay, 1),
+                      serving=len(self.serving))
+
+        def _publish(self) -> None:
+            """The workers' states: the gauges, and the file every worker's /_health reads."""
+            alive = {p.pid for i, p in enumerate(self.processes) if i not in self.waiting}
+            status = {"workers": len(self.processes),
+                      "serving": len(self.serving & alive),
+                      "starting": len(alive - self.serving),
+                      "restart_pending": len(self.waiting),
+                      "start_failures": self.start_failures}
+            if status == self._status:
+                return
+            self._status = status
+            for state in ("serving", "starting", "restart_pending"):
+                metrics.WORKERS.labels(state).set(status[state])
+            if self.status_file is not None:
+                tmp = self.status_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(status), encoding="utf-8")
+                os.replace(tmp, self.status_file)
 
     return Supervisor
 

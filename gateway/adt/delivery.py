@@ -6,7 +6,11 @@ sent; it leaves the queue when the subscriber answers 2xx, or after ``max_attemp
 Subscription's ``status`` turns ``error``) and the patient's next notification follows.
 A crash between the subscriber's 2xx and our commit resends the same notification: the
 ``X-Notification-Id`` header and the Bundle id (``<subscription>-<seq>``) are the same every
-time, for the subscriber to deduplicate on.
+time, for the subscriber to deduplicate on. A send stopped by our own shutdown or
+cancellation records nothing (neither delivered: no 2xx was seen, nor a failed attempt: the
+failure was ours): it stays pending and is sent again after the restart; an outcome already
+seen is recorded before the stop completes. A notification cancelled meanwhile (its
+Subscription turned off or deleted) stays cancelled whatever the attempt's outcome.
 
 One process delivers per store at a time (a lease in the store): two could otherwise send a
 patient's notifications out of order.
@@ -67,6 +71,9 @@ class Deliverer:
         self._client = httpx.AsyncClient(timeout=settings.delivery_timeout,
                                          follow_redirects=False, trust_env=False)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._recording: set[asyncio.Future[None]] = set()
+        """Outcomes being recorded: a stop waits for them."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -75,10 +82,13 @@ class Deliverer:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopping = True  # from here, a failed send may be our own doing: not counted
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
         await self._client.aclose()
 
     async def _run(self) -> None:
@@ -112,11 +122,42 @@ class Deliverer:
             async with sem:
                 await self._attempt(d)
 
-        await asyncio.gather(*(one(d) for d in due))
+        # every attempt ends before the next round (or the client closes): one failing to
+        # record its outcome must not leave the others running unawaited
+        results = await asyncio.gather(*(one(d) for d in due), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for r in failed:
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+        if failed:
+            raise failed[0]
         return len(due)
 
     async def _attempt(self, due: Due) -> None:
-        error = await self._post(due)
+        try:
+            error = await self._post(due)
+        except asyncio.CancelledError:
+            self._interrupted(due)
+            raise
+        if error is not None and self._stopping:  # the client closed under it: unknown
+            self._interrupted(due)
+            return
+        # The outcome is known: recorded even if we are cancelled meanwhile (the thread
+        # runs to the end; a 2xx is never lost to a shutdown, nor a failure counted twice).
+        task = asyncio.ensure_future(self._record(due, error))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+        await asyncio.shield(task)
+
+    def _interrupted(self, due: Due) -> None:
+        """Stopped mid-send (shutdown, cancellation): whether the subscriber has it is not
+        known, so nothing is recorded — the notification stays pending with its attempts
+        unchanged, and is sent again (same X-Notification-Id) after the restart."""
+        log.info("notification_interrupted", notification=due.notification_id,
+                 attempts=due.attempts)
+        metrics.delivery("subscription", "interrupted")
+
+    async def _record(self, due: Due, error: str | None) -> None:
         if error is None:
             await asyncio.to_thread(self.store.delivered, due.id, due.subscription_id,
                                     recovered=due.subscription.get("status") == "error")

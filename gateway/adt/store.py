@@ -405,10 +405,12 @@ class AdtStore:
     def delivered(self, nid: int, sub_id: str, *, recovered: bool = False) -> None:
         """Delivered; ``recovered``: the Subscription said error, and is active again."""
         with self.engine.begin() as conn:
-            conn.execute(notifications.update().where(notifications.c.id == nid)
-                         .values(status="delivered", attempts=notifications.c.attempts + 1,
-                                 finished_at=time.time(), last_error=None))
-            if recovered:
+            # only a pending one: one cancelled while in flight stays cancelled
+            n = conn.execute(notifications.update().where(
+                notifications.c.id == nid, notifications.c.status == "pending")
+                .values(status="delivered", attempts=notifications.c.attempts + 1,
+                        finished_at=time.time(), last_error=None)).rowcount
+            if recovered and n:
                 self._set_subscription_status(conn, sub_id, "active", None)
 
     def failed(self, nid: int, sub_id: str, error: str, retry_at: float | None) -> None:
@@ -420,10 +422,13 @@ class AdtStore:
                 values.update(status="dead", finished_at=time.time())
             else:
                 values["next_attempt_at"] = retry_at
-            conn.execute(notifications.update().where(notifications.c.id == nid)
-                         .values(**values))
-            self._set_subscription_status(conn, sub_id, "error" if retry_at is None
-                                          else "active", error if retry_at is None else None)
+            n = conn.execute(notifications.update().where(
+                notifications.c.id == nid, notifications.c.status == "pending")
+                .values(**values)).rowcount
+            if n:  # a notification cancelled while in flight stays cancelled
+                self._set_subscription_status(conn, sub_id, "error" if retry_at is None
+                                              else "active", error if retry_at is None
+                                              else None)
 
     def dead_letters(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

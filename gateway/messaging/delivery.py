@@ -3,8 +3,11 @@
 At least once: a response leaves the outbox only when its receiver answered 2xx; a failed
 attempt is retried with exponential backoff (capped, with jitter: gateway.retry.Backoff), up
 to ``max_attempts``, then kept as dead with its last error (never deleted). The outbox is in
-the store, so a restart resumes where it stopped. Only URLs on the configured allow-list are
-ever accepted (checked when the message arrives, and again here).
+the store, so a restart resumes where it stopped; a post stopped by our own shutdown records
+nothing (sent again after the restart). A failure of the store itself is logged and the
+outbox goes on (a response whose delivery could not be recorded is posted again). Only URLs
+on the configured allow-list are ever accepted (checked when the message arrives, and again
+here).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class Outbox:
         (workers on one data directory) take turns, so no response is posted twice at once.
         Renewed before each post, for longer than one post can take."""
         self.lease_ttl = timeout + 30.0
+        self._troubled: dict[int, tuple[int, float]] = {}
+        """Outbox rows whose attempt could not be recorded: (failures, not before)."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -73,18 +78,40 @@ class Outbox:
                                      trust_env=False) as client:
             purged_at = 0.0
             while True:
-                if time.monotonic() - purged_at > 3600:  # hourly: the file stays bounded
-                    purged_at = time.monotonic()
-                    await self.store.purge(self.retention_seconds)
-                for item in await self.store.due():
-                    # held (taken or renewed) before each post: another process that took the
-                    # outbox over after this one stalled posts the rest, not this one too
-                    if not await self.store.lease("outbox", self.holder, self.lease_ttl):
-                        break
-                    await self._send(client, item.seq, item.url, item.body, item.attempts)
+                try:
+                    if time.monotonic() - purged_at > 3600:  # hourly: the file stays bounded
+                        purged_at = time.monotonic()
+                        await self.store.purge(self.retention_seconds)
+                    for item in await self.store.due():
+                        if self._troubled.get(item.seq, (0, 0.0))[1] > time.monotonic():
+                            continue
+                        # held (taken or renewed) before each post: another process that
+                        # took the outbox over after this one stalled posts the rest, not
+                        # this one too
+                        if not await self.store.lease("outbox", self.holder, self.lease_ttl):
+                            break
+                        try:
+                            await self._send(client, item.seq, item.url, item.body,
+                                             item.attempts)
+                            self._troubled.pop(item.seq, None)
+                        except Exception as exc:  # this one's record failed: the rest go on
+                            self._trouble(item.seq, exc)
+                except Exception as exc:  # the store failing: the outbox goes on (no PHI)
+                    log.error("message_outbox_failed", error=type(exc).__name__)
+                    metrics.message_worker_error("outbox")
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll)
+
+    def _trouble(self, seq: int, exc: Exception) -> None:
+        """A response whose attempt could not be recorded: tried again after a backoff of its
+        own (in memory: the store is what failed), the others meanwhile."""
+        count = self._troubled.get(seq, (0, 0.0))[0] + 1
+        delay = Backoff(self.backoff_base, self.backoff_max, 0).delay(count)
+        self._troubled[seq] = (count, time.monotonic() + delay)
+        log.error("message_outbox_failed", seq=seq, error=type(exc).__name__,
+                  retry_in_seconds=round(delay, 1))
+        metrics.message_worker_error("outbox")
 
     async def _send(self, client: httpx.AsyncClient, seq: int, url: str, body: bytes,
                     attempts: int) -> None:
@@ -95,14 +122,19 @@ class Outbox:
         try:
             r = await client.post(url, content=body,
                                   headers={"Content-Type": "application/fhir+json"})
+        except asyncio.CancelledError:  # our shutdown: not known to have arrived, not failed
+            log.info("message_response_interrupted", seq=seq, attempts=attempts)
+            metrics.delivery("message_response", "interrupted")
+            raise
+        except httpx.HTTPError as exc:
+            r, error = None, type(exc).__name__
+        if r is not None:
             if 200 <= r.status_code < 300:
                 await self.store.delivered(seq)
                 log.info("message_response_delivered", seq=seq, attempts=attempts + 1)
                 metrics.delivery("message_response", "delivered")
                 return
             error = f"HTTP {r.status_code}"
-        except httpx.HTTPError as exc:
-            error = type(exc).__name__
         done = attempts + 1
         if done >= self.max_attempts:
             metrics.delivery("message_response", "dead_letter")

@@ -6,7 +6,9 @@ OperationOutcome when not ok. ``async=true`` with a ``response-url`` on the allo
 message is recorded durably and accepted (202); a worker processes it and the response is
 delivered to the URL through the outbox (gateway.messaging.delivery). The worker retries a
 transient error within a bound (``Messaging.retry``, gateway.retry.Backoff), then gives up: a
-dead letter, and a final transient-error (MESSAGE_RETRIES_EXHAUSTED) delivered.
+dead letter, and a final transient-error (MESSAGE_RETRIES_EXHAUSTED) delivered. An unexpected
+error (a bug, an unforeseen failure of the store) is retried on the same bound, without
+waiting for a restart, and the worker goes on with the other messages meanwhile.
 
 Idempotent by MessageHeader.id: a final response (ok or fatal-error) is stored, and the same
 id sent again is answered with it, byte for byte, without a second write; the same id with
@@ -27,6 +29,7 @@ import functools
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -157,6 +160,18 @@ def _distinct(response: dict[str, Any], salt: str) -> dict[str, Any]:
     return out
 
 
+def _raised_at(exc: BaseException) -> str:
+    """Where ``exc`` was raised: the innermost frame's file (from the package root) and line
+    — code, never data."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "unknown"
+    parts = Path(tb.tb_frame.f_code.co_filename).parts
+    return f"{'/'.join(parts[-2:])}:{tb.tb_lineno}"
+
+
 class _HasRegistry(Protocol):
     @property
     def registry(self) -> Registry: ...
@@ -183,6 +198,8 @@ class Messaging:
         """The audit of the worker's writes (set by the app with its trail)."""
         self._locks: dict[str, list[Any]] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._failures: dict[str, int] = {}
+        """Unexpected errors of messages whose attempts the store could not count."""
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -280,8 +297,52 @@ class Messaging:
             mid = await self._queue.get()
             try:
                 await self._process_stored(mid)
-            except Exception:  # one message must not stop the others; logged without PHI
-                log.exception("message_processing_failed")
+                self._failures.pop(mid, None)
+            except Exception as exc:  # one message must not stop the others
+                await self._unexpected(mid, exc)
+
+    async def _unexpected(self, mid: str, exc: Exception) -> None:
+        """An unexpected error (a bug, an unforeseen failure) while processing message
+        ``mid``: tried again later on the worker's bound (``self.retry``, counted in the store
+        like a transient error), then given up on like one (a dead letter, and a final
+        transient-error MESSAGE_RETRIES_EXHAUSTED to the response-url). A write that may
+        have reached the PAS stays ``unknown`` (the next attempt looks for it first). Logged
+        with the error's class and where it was raised: no message content, no traceback
+        (whose values could hold patient data). Never raises: the worker goes on."""
+        error = type(exc).__name__
+        where = _raised_at(exc)
+        try:
+            delay = await self._retry_unexpected(mid, error)
+        except Exception as again:  # the store itself failing: retried all the same
+            attempts = self._failures[mid] = self._failures.get(mid, 0) + 1
+            delay = self.retry.delay(attempts)
+            log.error("message_processing_failed", error=error, where=where,
+                      then=type(again).__name__, attempts=attempts,
+                      retry_in_seconds=round(delay, 1))
+            metrics.message_worker_error("retry")
+        else:
+            self._failures.pop(mid, None)
+            outcome = "retry" if delay is not None else "dead_letter"
+            log.error("message_processing_failed", error=error, where=where, outcome=outcome,
+                      **({"retry_in_seconds": round(delay, 1)} if delay is not None else {}))
+            metrics.message_worker_error(outcome)
+        if delay is not None:
+            asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, mid)
+
+    async def _retry_unexpected(self, mid: str, error: str) -> float | None:
+        async with self._lock(mid), self._claim(mid) as held:
+            if not held:  # another process on this store has it now
+                return None
+            stored = await self.store.get(mid)
+            if stored is None or stored.response is not None or stored.body is None:
+                return None
+            header, base = header_of(stored.body["message"]), stored.body["base"]
+            response = self.response(header, base, Outcome("transient-error", [issue(
+                "error", "exception", "MESSAGE_PROCESSING_FAILED",
+                "an unexpected error stopped the processing of this message; the gateway "
+                "tries again (the same message is applied at most once)")], final=False))
+            return await self._retry_or_give_up(mid, response, base, stored.response_url,
+                                                stored.state, error=f"unexpected {error}")
 
     async def _process_stored(self, mid: str) -> None:
         # Another process on this store (``--workers``) may have queued it too (each reads the
@@ -349,7 +410,8 @@ class Messaging:
                 await self.store.unlease(name, holder)
 
     async def _retry_or_give_up(self, mid: str, response: dict[str, Any], base: str,
-                                url: str | None, before: str) -> float | None:
+                                url: str | None, before: str, error: str | None = None
+                                ) -> float | None:
         """After a transient error: the delay before the next attempt, or None when the
         worker gives up (``self.retry``): a dead letter is kept and the response-url gets a
         final transient-error saying so — never a fatal-error, and never "not applied" for a
@@ -360,7 +422,8 @@ class Messaging:
         codes = [c.get("code") for e in response["entry"][1:]
                  for i in e["resource"].get("issue", ())
                  for c in (i.get("details") or {}).get("coding", ())]
-        attempts, age = await attempted(self.store, mid, str(codes[0] if codes else ""))
+        attempts, age = await attempted(self.store, mid,
+                                        error or str(codes[0] if codes else ""))
         if not self.retry.exhausted(attempts, age):
             return self.retry.delay(attempts)
         stored = await self.store.get(mid)
