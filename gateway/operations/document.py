@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +40,6 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from adapters.base import And
 from gateway import audit, compartment
 from gateway.auth import authorize
 from gateway.errors import (
@@ -54,7 +52,6 @@ from gateway.errors import (
 from gateway.formats import wants_html
 from gateway.mapping.loader import MappingError, Problem, _validation_problems
 from gateway.mapping.yamlfile import YamlError, line_of, load
-from gateway.multisource import MultiPlan
 from gateway.operations import narrative, record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
@@ -284,14 +281,8 @@ async def _section(ctx: Context, sec: DocSection, pid: str, eid: str | None, str
     if sec.sort:
         pairs.append(("_sort", sec.sort))
     s = ctx.settings
-    plan = ctx.registry.plan(tp, pairs, default_count=s.default_count,
-                             max_count=max(s.max_count, sec.count), strict=True, note=False)
-    parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
-    for source, part in zip(tp.sources, parts, strict=True):
-        mine = record.patient_criterion(source, pid)
-        part.criteria = mine if part.criteria is None else And((part.criteria, mine))
-    if isinstance(plan, MultiPlan):
-        plan = replace(plan, strict=strict)
+    plan = record.patient_search_plan(ctx.registry, tp, pairs, sec.count, pid, strict,
+                                      default_count=s.default_count, max_count=s.max_count)
     try:
         page = await tp.search(plan)
     except GatewayError as exc:

@@ -26,6 +26,7 @@ import anyio
 import orjson
 
 from adapters.base import (
+    And,
     BackendError,
     Compare,
     Criterion,
@@ -41,11 +42,11 @@ from gateway import compartment
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError, InvalidParameter, operation_outcome
 from gateway.mapping.model import EXPR_KEYS
-from gateway.multisource import SOURCE_FAILURES, source_name
+from gateway.multisource import SOURCE_FAILURES, MultiPlan, source_name
 from gateway.notices import notice
 from gateway.plan import SearchPlan, plan_search
 from gateway.providers import Provider, translate_backend_error
-from gateway.registry import Registry
+from gateway.registry import Registry, TypeProvider
 from gateway.timing import adapter_seconds
 
 T = TypeVar("T")
@@ -116,6 +117,21 @@ def section_plan(registry: Registry, source: Provider, patient: str, count: int,
             criteria.append(found)
     plan.criteria = all_of(criteria)
     plan.count = count
+    return plan
+
+
+def patient_search_plan(registry: Registry, tp: TypeProvider, pairs: list[tuple[str, str]],
+                        count: int, patient: str, whole: bool, *, default_count: int,
+                        max_count: int) -> SearchPlan:
+    """A declared section's search (the structured record's, ``$document``'s) as planned on
+    its type, narrowed to the patient in every source; ``whole``: a source failing fails the
+    search rather than giving a partial page."""
+    plan = registry.plan(tp, pairs, default_count=default_count,
+                         max_count=max(max_count, count), strict=True, note=False, whole=whole)
+    parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
+    for source, part in zip(tp.sources, parts, strict=True):
+        mine = patient_criterion(source, patient)
+        part.criteria = mine if part.criteria is None else And((part.criteria, mine))
     return plan
 
 

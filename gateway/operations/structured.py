@@ -32,20 +32,18 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
-from adapters.base import And
 from gateway import audit, compartment
 from gateway.auth import authorize
 from gateway.errors import GatewayError, InvalidParameter, NotFound, UnknownParameter
 from gateway.mapping.loader import MappingError, Problem, _validation_problems
 from gateway.mapping.yamlfile import YamlError, line_of, load
-from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_name
+from gateway.multisource import SOURCE_FAILURES, MergedPage, source_name
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
@@ -351,10 +349,10 @@ class StructuredRecord(Operation):
         if sec.from_date and values.get(sec.from_date):
             pairs.append((sec.date_search, f"ge{values[sec.from_date]}"))
         try:
-            page = await tp.search(_plan_of(ctx, tp, pairs, int(count or 1), pid, strict))
+            page = await tp.search(_plan(ctx, tp, pairs, int(count or 1), pid, strict))
             if (not page.records and sec.nothing_known is not None
                     and not (isinstance(page, MergedPage) and page.failed)):
-                anything = await tp.search(_plan_of(ctx, tp, [("_count", "1")], 1, pid, strict))
+                anything = await tp.search(_plan(ctx, tp, [("_count", "1")], 1, pid, strict))
                 if not anything.records and not (isinstance(anything, MergedPage)
                                                  and anything.failed):
                     return [], "notasked"  # nothing at all, not even "nothing known"
@@ -378,19 +376,11 @@ class StructuredRecord(Operation):
         return found, None
 
 
-def _plan_of(ctx: Context, tp: TypeProvider, pairs: list[tuple[str, str]], count: int,
-             pid: str, strict: bool) -> SearchPlan:
-    """The section's search as planned, narrowed to the patient in every source."""
+def _plan(ctx: Context, tp: TypeProvider, pairs: list[tuple[str, str]], count: int, pid: str,
+          strict: bool) -> SearchPlan:
     s = ctx.settings
-    plan = ctx.registry.plan(tp, pairs, default_count=s.default_count,
-                             max_count=max(s.max_count, count), strict=True, note=False)
-    parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
-    for source, part in zip(tp.sources, parts, strict=True):
-        mine = record.patient_criterion(source, pid)
-        part.criteria = mine if part.criteria is None else And((part.criteria, mine))
-    if isinstance(plan, MultiPlan):
-        plan = replace(plan, strict=strict)
-    return plan
+    return record.patient_search_plan(ctx.registry, tp, pairs, count, pid, strict,
+                                      default_count=s.default_count, max_count=s.max_count)
 
 
 def _says_nothing_known(resource: dict[str, Any], nk: NothingKnown) -> bool:
