@@ -135,31 +135,22 @@ def patient_search_plan(registry: Registry, tp: TypeProvider, pairs: list[tuple[
     return plan
 
 
-async def fetch(source: Provider, plan: SearchPlan, after: tuple[Any, ...] | None,
-                strict: bool, failed: list[str]) -> Page | None:
-    """One section's page; a source that does not answer is noted (or, strict, the error)."""
-    try:
-        return await source.search(plan, after)
-    except GatewayError as exc:
-        if strict or exc.status not in SOURCE_FAILURES:
-            raise
-        failed.append(failure(source, exc))
-        return None
-
-
-def failure(source: Provider, exc: GatewayError) -> str:
-    """The warning a section that did not answer gets (no value, no PHI: the error code)."""
+def failure(source: TypeProvider, exc: GatewayError) -> str:
+    """The warning a source that did not answer gets (no value, no PHI: the error code)."""
+    if not isinstance(source, Provider):  # several sources: which one is not known here
+        return f"a {source.resource_type} source did not answer ({exc.error_code})"
     return (f"{source.resource_type} source '{source_name(source)}' did not answer "
             f"({exc.error_code})")
 
 
 async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
-               plans: Sequence[SearchPlan], after: tuple[Any, ...] | None, count: int,
-               strict: bool, failed: list[str]
+               plans: Sequence[SearchPlan], afters: Sequence[tuple[Any, ...] | None],
+               count: int, strict: bool, failed: dict[int, GatewayError]
                ) -> tuple[dict[str, Any] | None, list[Page | None]]:
     """The patient (None: not found) and a page of each section, in section order: None for a
-    section that did not answer (noted in ``failed``; strict: its error is raised) or that the
-    page had no room left for. ``after`` is the first section's keyset position.
+    section that did not answer (its index and error put in ``failed``; strict: its error is
+    raised) or that the page had no room left for. ``afters``: each section's keyset
+    position (None: from its start). The patient's source failing is always an error.
 
     Sections on an adapter that runs batches are asked in one backend call per connection,
     one after another, each for at most the room the page has left after the ones before it
@@ -197,7 +188,7 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
                     break
                 source, plan = sections[i], plans[i]
                 query = Query(criteria=plan.criteria, sort=plan.sort, count=room,
-                              after=after if i == 0 else None,
+                              after=afters[i],
                               with_total=plan.total == "accurate")  # as Provider.search
                 try:
                     page = source.fetch_in(fetch, query)
@@ -206,7 +197,7 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
                     if (strict or not isinstance(error, GatewayError)
                             or error.status not in SOURCE_FAILURES):
                         raise
-                    failed.append(failure(source, error))
+                    failed[i] = error
                     continue
                 pages[i] = page
                 room -= len(page.records)
@@ -219,7 +210,12 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
             found["page"] = patient_page
 
     async def run_alone(i: int) -> None:
-        pages[i] = await fetch(sections[i], plans[i], after if i == 0 else None, strict, failed)
+        try:
+            pages[i] = await sections[i].search(plans[i], afters[i])
+        except GatewayError as exc:
+            if strict or exc.status not in SOURCE_FAILURES:
+                raise
+            failed[i] = exc
 
     async def read_patient() -> None:
         found["resource"] = await patient_type.read(patient)
@@ -390,10 +386,12 @@ def _collect(node: Any, path: tuple[str, ...], into: dict[Any, None]) -> None:
 
 
 async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
-                        principal: Principal, types: set[str] | None) -> list[dict[str, Any]]:
+                        principal: Principal, types: set[str] | None,
+                        failed: list[str] | None = None) -> list[dict[str, Any]]:
     """The resources ``wanted`` names that the caller may read, in type order then key order:
     one statement per type (per source); the types of one connection whose adapter runs
-    batches in one backend call."""
+    batches in one backend call. ``failed`` given: a type whose source does not answer
+    (502/503/504) is left out and said there, rather than failing the call."""
     asked: list[tuple[str, Any]] = []
     for rtype in REFERENCED:
         ids = wanted.get(rtype)
@@ -402,6 +400,14 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
         if principal.allows(rtype, "r"):
             asked.append((rtype, registry.get(rtype)))
     found: dict[str, list[dict[str, Any]]] = {}
+
+    def gap(tp: Any, exc: Exception) -> None:
+        error = exc if isinstance(exc, GatewayError) else translate_backend_error(exc)
+        if (failed is None or not isinstance(error, GatewayError)
+                or error.status not in SOURCE_FAILURES):
+            raise exc
+        failed.append(failure(tp, error))
+
     groups: dict[int, list[tuple[Provider, Query]]] = {}
     for rtype, tp in asked:
         if isinstance(tp, Provider) and tp.batches:
@@ -409,14 +415,30 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
             if query is not None:
                 groups.setdefault(id(tp.mapping.adapter), []).append((tp, query))
         else:
-            found[rtype] = await tp.read_many(list(wanted[rtype]), len(wanted[rtype]))
+            try:
+                found[rtype] = await tp.read_many(list(wanted[rtype]), len(wanted[rtype]))
+            except GatewayError as exc:
+                gap(tp, exc)
     for jobs in groups.values():
-        def work(fetch: Fetch, jobs: list[tuple[Provider, Query]] = jobs) -> list[Page]:
-            return [source.fetch_in(fetch, query) for source, query in jobs]
+        def work(fetch: Fetch, jobs: list[tuple[Provider, Query]] = jobs) -> list[Page | None]:
+            pages: list[Page | None] = []
+            for source, query in jobs:
+                try:
+                    pages.append(source.fetch_in(fetch, query))
+                except (BackendError, UnsupportedCriteria) as exc:
+                    gap(source, exc)
+                    pages.append(None)
+            return pages
 
-        pages = await jobs[0][0].batch(work)
+        try:
+            pages = await jobs[0][0].batch(work)
+        except GatewayError as exc:  # the connection itself: every type of it
+            for source, _ in jobs:
+                gap(source, exc)
+            continue
         for (source, _), page in zip(jobs, pages, strict=True):
-            found[source.resource_type] = source.mapped(page.records)
+            if page is not None:
+                found[source.resource_type] = source.mapped(page.records)
     return [r for rtype, _ in asked for r in found.get(rtype, ())]
 
 
