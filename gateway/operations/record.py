@@ -20,7 +20,7 @@ import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import orjson
@@ -42,7 +42,7 @@ from gateway import compartment
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError, InvalidParameter, operation_outcome
 from gateway.mapping.model import EXPR_KEYS
-from gateway.multisource import SOURCE_FAILURES, MultiPlan, source_name
+from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_name
 from gateway.notices import notice
 from gateway.plan import SearchPlan, plan_search
 from gateway.providers import Provider, translate_backend_error
@@ -133,6 +133,71 @@ def patient_search_plan(registry: Registry, tp: TypeProvider, pairs: list[tuple[
         mine = patient_criterion(source, patient)
         part.criteria = mine if part.criteria is None else And((part.criteria, mine))
     return plan
+
+
+class NothingKnownSpec(Protocol):
+    """A source's explicit "nothing known" record: ``element`` holding this system and code
+    (gateway.operations.structured.NothingKnown)."""
+
+    element: str
+    system: str
+    code: str
+
+
+def says_nothing_known(resource: dict[str, Any], nk: NothingKnownSpec) -> bool:
+    node: Any = resource
+    for part in nk.element.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    codings = node.get("coding", [node]) if isinstance(node, dict) else []
+    return any(isinstance(c, dict) and c.get("system") == nk.system and c.get("code") == nk.code
+               for c in codings)
+
+
+async def declared_section(registry: Registry, tp: TypeProvider, pairs: list[tuple[str, str]],
+                           count: int, patient: str, *, title: str,
+                           nothing_known: NothingKnownSpec | None, whole: bool,
+                           failed: list[str], default_count: int, max_count: int
+                           ) -> tuple[list[dict[str, Any]], str | None]:
+    """A declared section's resources (a structured record's List, a ``$document``
+    section), and why it is empty (None: it is not), the same for both:
+
+    * ``nilknown``: every record found is the source's explicit "nothing known" record (the
+      records are returned, to travel with the section; the section lists none of them);
+    * ``notasked``: the section declares ``nothing_known`` (so the source records "none"
+      explicitly) and the patient has no record of the type at all, not even one the
+      section's filters leave out (one more statement per source, only then);
+    * ``no-content-recorded``: nothing the section asks for is recorded;
+    * ``unavailable``: no source answered (noted in ``failed``; ``whole``: the error).
+    """
+    def plan(p: list[tuple[str, str]], n: int) -> SearchPlan:
+        return patient_search_plan(registry, tp, p, n, patient, whole,
+                                   default_count=default_count, max_count=max_count)
+
+    try:
+        page = await tp.search(plan(pairs, count))
+        if (not page.records and nothing_known is not None
+                and not (isinstance(page, MergedPage) and page.failed)):
+            anything = await tp.search(plan([("_count", "1")], 1))
+            if not anything.records and not (isinstance(anything, MergedPage)
+                                             and anything.failed):
+                return [], "notasked"  # nothing at all, not even "nothing known"
+    except GatewayError as exc:
+        if whole or exc.status not in SOURCE_FAILURES:
+            raise
+        failed.append(f"section '{title}': {tp.resource_type} did not answer "
+                      f"({exc.error_code})")
+        return [], "unavailable"
+    found = [tp.resource(r) for r in page.records]
+    if isinstance(page, MergedPage) and page.failed:
+        failed += [f"section '{title}': {tp.resource_type} source '{name}' did not answer "
+                   f"({exc.error_code})" for name, exc in page.failed]
+        if not found:
+            return [], "unavailable"
+    if not found:
+        return [], "no-content-recorded"
+    if nothing_known is not None and all(says_nothing_known(r, nothing_known) for r in found):
+        return found, "nilknown"
+    return found, None
 
 
 def failure(source: TypeProvider, exc: GatewayError) -> str:

@@ -40,16 +40,15 @@ from starlette.responses import Response
 
 from gateway import audit, compartment
 from gateway.auth import authorize
-from gateway.errors import GatewayError, InvalidParameter, NotFound, UnknownParameter
+from gateway.errors import InvalidParameter, NotFound, UnknownParameter
 from gateway.mapping.loader import MappingError, Problem, _validation_problems
 from gateway.mapping.yamlfile import YamlError, line_of, load
-from gateway.multisource import SOURCE_FAILURES, MergedPage, source_name
+from gateway.multisource import source_name
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
-from gateway.plan import SearchPlan
 from gateway.randomness import uuid4
-from gateway.registry import Registry, TypeProvider
+from gateway.registry import Registry
 
 OPERATIONS_DIR = "operations"
 LIST_PROFILE = "https://fhir.hl7.org.uk/STU3/StructureDefinition/CareConnect-List-1"
@@ -348,48 +347,11 @@ class StructuredRecord(Operation):
             pairs.append(("_sort", sec.sort))
         if sec.from_date and values.get(sec.from_date):
             pairs.append((sec.date_search, f"ge{values[sec.from_date]}"))
-        try:
-            page = await tp.search(_plan(ctx, tp, pairs, int(count or 1), pid, strict))
-            if (not page.records and sec.nothing_known is not None
-                    and not (isinstance(page, MergedPage) and page.failed)):
-                anything = await tp.search(_plan(ctx, tp, [("_count", "1")], 1, pid, strict))
-                if not anything.records and not (isinstance(anything, MergedPage)
-                                                 and anything.failed):
-                    return [], "notasked"  # nothing at all, not even "nothing known"
-        except GatewayError as exc:
-            if strict or exc.status not in SOURCE_FAILURES:
-                raise
-            failed.append(f"section '{sec.title}': {sec.resource} did not answer "
-                          f"({exc.error_code})")
-            return [], "unavailable"
-        found = [tp.resource(r) for r in page.records]
-        if isinstance(page, MergedPage) and page.failed:
-            failed += [f"section '{sec.title}': {sec.resource} source '{name}' did not answer "
-                       f"({exc.error_code})" for name, exc in page.failed]
-            if not found:
-                return [], "unavailable"
-        if not found:
-            return [], "no-content-recorded"
-        if sec.nothing_known is not None and all(_says_nothing_known(r, sec.nothing_known)
-                                                 for r in found):
-            return found, "nilknown"
-        return found, None
-
-
-def _plan(ctx: Context, tp: TypeProvider, pairs: list[tuple[str, str]], count: int, pid: str,
-          strict: bool) -> SearchPlan:
-    s = ctx.settings
-    return record.patient_search_plan(ctx.registry, tp, pairs, count, pid, strict,
-                                      default_count=s.default_count, max_count=s.max_count)
-
-
-def _says_nothing_known(resource: dict[str, Any], nk: NothingKnown) -> bool:
-    node: Any = resource
-    for part in nk.element.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    codings = node.get("coding", [node]) if isinstance(node, dict) else []
-    return any(isinstance(c, dict) and c.get("system") == nk.system and c.get("code") == nk.code
-               for c in codings)
+        s = ctx.settings
+        return await record.declared_section(
+            ctx.registry, tp, pairs, int(count or 1), pid, title=sec.title,
+            nothing_known=sec.nothing_known, whole=strict, failed=failed,
+            default_count=s.default_count, max_count=s.max_count)
 
 
 def _list(sec: SectionSpec, pid: str, now: str, items: list[dict[str, Any]],
