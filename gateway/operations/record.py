@@ -270,7 +270,15 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
         return work
 
     async def run_group(key: int, idxs: list[int]) -> None:
-        patient_page = await sections[idxs[0]].batch(group_work(key, idxs))
+        try:
+            patient_page = await sections[idxs[0]].batch(group_work(key, idxs))
+        except GatewayError as exc:  # the connection itself (not one statement of it)
+            if key == with_patient or strict or exc.status not in SOURCE_FAILURES:
+                raise
+            for i in idxs:
+                if pages[i] is None:
+                    failed[i] = exc
+            return
         if patient_page is not None:
             found["page"] = patient_page
 

@@ -677,3 +677,55 @@ async def test_a_link_holds_the_sections_left_and_is_checked(
         r = await page(bad)
         assert r.status_code == 400, bad
         assert r.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_a_connection_that_cannot_be_opened_is_a_warning_for_its_sections(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """Flag served from a database of its own that cannot even be opened (not one failing
+    statement: the connection): its section is a warning and a retry, as a failing
+    statement's; the other sections are whole. Strict: the 502."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[3]
+    demo = tmp_path / "demo-pas"
+    shutil.copytree(repo / "mappings" / "demo-pas", demo)
+    shutil.copytree(repo / "mappings" / "codemaps", tmp_path / "codemaps")
+    conns = demo / "connections.yaml"
+    text = conns.read_text()
+    assert text.count("connections:\n") == 1
+    conns.write_text(text.replace("connections:\n", "connections:\n  alerts:\n"
+                                  "    adapter: sql\n    url_env: CCG_ALERTS_URL_EVFIX_TEST\n"
+                                  "    timezone: Europe/London\n"))
+    flag = demo / "Flag.sql.yaml"
+    text = flag.read_text()
+    assert text.count("connection: pas") == 1
+    flag.write_text(text.replace("connection: pas", "connection: alerts"))
+    gone = f"sqlite:///{tmp_path}/no-such-directory/alerts.sqlite"
+    pid = "100001"
+    whole = whole_record(demo_sqlite_url, encounters(demo_sqlite_url), pid)
+    flags = {x for x in whole if x.startswith("Flag/")}
+    assert flags
+    import yaml
+
+    from gateway.auth.apikeys import sha256_hex
+
+    key = "k3y-everything-alerts-test-0123456789abcdef0123456789ab"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"client_id": "t", "sha256": sha256_hex(key),
+                                              "scopes": "system/*.read"}]}))
+    app = make_app(demo_sqlite_url, mappings_dir=demo, auth_mode="api-key",
+                   api_keys_file=str(keys), audit_log=str(tmp_path / "audit.jsonl"),
+                   connection_urls={"pas": demo_sqlite_url, "alerts": gone})
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw",
+            headers={"X-API-Key": key}) as c:
+        strict = await c.get(f"/STU3/Patient/{pid}/$everything?_count=500",
+                             headers={"Prefer": "handling=strict"})
+        pages, last, stuck = await walk_until_error(
+            c, f"/STU3/Patient/{pid}/$everything?_count=500", {})
+    assert strict.status_code in (502, 503, 504), strict.text
+    assert last.status_code in (502, 503, 504) and stuck is not None  # only Flag was left
+    issues = outcome_issues(pages)
+    assert issues and all(i["diagnostics"].startswith("Flag source 'Flag.sql' did not answer")
+                          for i in issues)
+    assert set(typed(pages)) - {f"Patient/{pid}"} == whole - flags
