@@ -28,9 +28,11 @@ class Notice:
 
 NOTICES: dict[str, Notice] = {n.code: n for n in (
     Notice("SOURCE_UNAVAILABLE", "warning", "incomplete",
-           "a source of a multi-source type, or a section of `$everything` or a "
-           "structured record, did not answer: the answer lacks its records (a search's "
-           "next page asks it again; `Prefer: handling=strict`: its 502/503/504 instead)"),
+           "a source of a multi-source type, a section of `$everything` or of a structured "
+           "record, or the source of the Practitioners/Organizations/Locations/Medications "
+           "an `$everything` page refers to, did not answer: the answer lacks its records (a "
+           "search's or `$everything`'s next page asks it again; `Prefer: handling=strict`: "
+           "its 502/503/504 instead)"),
     Notice("INCLUDE_LIMIT", "warning", "too-costly",
            "an `_include` or `_revinclude` matched more than `CCG_INCLUDE_LIMIT` resources: "
            "only that many were included"),

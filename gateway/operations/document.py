@@ -20,6 +20,12 @@ Composition, Device) are UUIDv5 of the document type, the subject and the conten
 ``Bundle.meta.lastUpdated`` and ``Composition.date`` are the latest ``meta.lastUpdated`` of
 the resources in it (for a discharge summary at least the encounter's end), never the clock.
 
+An empty section says why in ``emptyReason``, as a structured record's List does (the same
+function, record.declared_section): ``nilknown`` (its only records are the declared "nothing
+known" one: shown in the narrative and carried in the Bundle, but not listed as entries —
+STU3 cmp-2), ``notasked`` (it declares ``nothing_known`` and the patient has no record of
+the type at all), ``no-content-recorded``, ``unavailable``.
+
 A section whose source does not answer does not fail the document (as a multi-source search
 and ``$everything``): the section says so — ``emptyReason`` ``unavailable`` when it has
 nothing, an "Incomplete" line in its narrative when other sources gave entries — the
@@ -33,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,11 +46,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from adapters.base import And
 from gateway import audit, compartment
 from gateway.auth import authorize
 from gateway.errors import (
-    GatewayError,
     InvalidParameter,
     NotFound,
     ResourceInvalid,
@@ -54,7 +57,6 @@ from gateway.errors import (
 from gateway.formats import wants_html
 from gateway.mapping.loader import MappingError, Problem, _validation_problems
 from gateway.mapping.yamlfile import YamlError, line_of, load
-from gateway.multisource import MultiPlan
 from gateway.operations import narrative, record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
@@ -275,8 +277,9 @@ class Document(Operation):
 
 async def _section(ctx: Context, sec: DocSection, pid: str, eid: str | None, strict: bool,
                    failed: list[str]) -> tuple[list[dict[str, Any]], str | None]:
-    from gateway.multisource import SOURCE_FAILURES, MergedPage
-
+    """The section's resources and why it is empty, as a structured record's List
+    (record.declared_section): ``nilknown``, ``notasked``, ``no-content-recorded``,
+    ``unavailable``."""
     tp = ctx.registry.get(sec.resource)
     pairs = [*sec.search.items(), ("_count", str(sec.count))]
     if sec.encounter and eid is not None:
@@ -284,43 +287,13 @@ async def _section(ctx: Context, sec: DocSection, pid: str, eid: str | None, str
     if sec.sort:
         pairs.append(("_sort", sec.sort))
     s = ctx.settings
-    plan = ctx.registry.plan(tp, pairs, default_count=s.default_count,
-                             max_count=max(s.max_count, sec.count), strict=True, note=False)
-    parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
-    for source, part in zip(tp.sources, parts, strict=True):
-        mine = record.patient_criterion(source, pid)
-        part.criteria = mine if part.criteria is None else And((part.criteria, mine))
-    if isinstance(plan, MultiPlan):
-        plan = replace(plan, strict=strict)
-    try:
-        page = await tp.search(plan)
-    except GatewayError as exc:
-        if strict or exc.status not in SOURCE_FAILURES:
-            raise
-        failed.append(f"section '{sec.title}': {sec.resource} did not answer "
-                      f"({exc.error_code})")
-        return [], "unavailable"
-    items = [tp.resource(r) for r in page.records]
-    if isinstance(page, MergedPage) and page.failed:
-        failed += [f"section '{sec.title}': a {sec.resource} source did not answer "
-                   f"({exc.error_code})" for _, exc in page.failed]
-        if not items:
-            return [], "unavailable"
+    items, reason = await record.declared_section(
+        ctx.registry, tp, pairs, sec.count, pid, title=sec.title,
+        nothing_known=sec.nothing_known, whole=strict, failed=failed,
+        default_count=s.default_count, max_count=s.max_count)
     if not sec.sort:  # a stable order whatever the backend's
         items.sort(key=lambda r: r["id"])
-    if not items:
-        return [], "no-content-recorded"
-    nk = sec.nothing_known
-    if nk is not None and all(_nothing_known(r, nk) for r in items):
-        return items, "nilknown"
-    return items, None
-
-
-def _nothing_known(resource: dict[str, Any], nk: NothingKnown) -> bool:
-    node = narrative.element(resource, nk.element)
-    codings = node.get("coding", [node]) if isinstance(node, dict) else []
-    return any(isinstance(c, dict) and c.get("system") == nk.system and c.get("code") == nk.code
-               for c in codings)
+    return items, reason
 
 
 def _coding(c: CodingSpec) -> dict[str, Any]:
@@ -373,7 +346,7 @@ def build(spec: DocumentFile, base: str, patient: dict[str, Any],
                    if why == "nilknown" else narrative.paragraph(shown))
         out["text"] = {"status": "generated", "div": narrative.to_xhtml(div)}
         out["mode"] = "snapshot"
-        if items:
+        if items and why is None:  # cmp-2: a section that says why it is empty lists nothing
             out["entry"] = [{"reference": f"{r['resourceType']}/{r['id']}"} for r in items]
         if why is not None:
             system, code, display = EMPTY_REASONS[why]

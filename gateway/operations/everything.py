@@ -7,19 +7,28 @@ Medications they refer to (``search.mode = include``). ``start``/``end`` narrow 
 type's ``date`` parameter (a type without one is not narrowed), ``_since`` by
 ``meta.lastUpdated``, ``_type`` to the listed types, ``_count`` sets the page size.
 
-Paging is stateless, as for searches: the link holds (section, keyset position) encrypted
-and signed, and is bound to the patient, the parameters and the token's compartment. A page
-costs one statement per section it reaches plus one per referenced type: never one per
-resource. An unknown patient is 404; a patient-context token sees only its own patient (any
-other is 404, as a read is). The audit trail gets one record for the patient, listing every
-type touched.
+Paging is stateless, as for searches: the link holds the sections still to serve, in the
+order they are asked, each with its keyset position (encrypted and signed), and is bound to
+the patient, the parameters and the token's compartment. A page costs one statement per
+section it reaches plus one per referenced type: never one per resource. An unknown patient
+is 404; a patient-context token sees only its own patient (any other is 404, as a read is).
+The audit trail gets one record for the patient, listing every type touched.
 
-A section whose source does not answer (502/503/504) is never a silent gap, and never fails
-the record by default — as a multi-source search: the page goes on without it and says so in
-a ``SOURCE_UNAVAILABLE`` warning entry naming the type and source (no patient data), and the
-audit record lists only the types actually served. The link holds one position, so a later
-page does not come back for a section the walk went past. ``Prefer: handling=strict`` makes
-the source's error the answer (an OperationOutcome with its 502/503/504).
+A source that does not answer (502/503/504) is never a silent gap, and never fails the
+record by default — as a multi-source search:
+
+* a section's source: the page goes on without it and says so in a ``SOURCE_UNAVAILABLE``
+  warning entry naming the type and source (no patient data); the link keeps the section,
+  at the end of what is left, so a later page asks it again and a walk to the end serves it
+  once it answers. A page that has nothing left to ask but sections that still do not answer
+  is their error (502/503/504): the walk never ends as if it were whole, and that page's
+  link serves the rest when the source is back;
+* the source of a referenced Practitioner/Organization/Location/Medication: the page comes
+  without that type's resources and a warning naming it;
+* the patient's own source: nothing to answer, its 502/503/504.
+
+The audit record lists only the types actually served. ``Prefer: handling=strict`` makes any
+source's error the answer (an OperationOutcome with its 502/503/504).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from starlette.responses import Response
 from gateway import audit, bundle, compartment
 from gateway.auth import authorize
 from gateway.bundle import Pager
-from gateway.errors import InvalidParameter, NotFound, UnknownParameter
+from gateway.errors import GatewayError, InvalidParameter, NotFound, UnknownParameter
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
@@ -112,27 +121,30 @@ class Everything(Operation):
         query = urlencode(used)
         extra = compartment.fingerprint_pairs()
         fingerprint = Pager.fingerprint(path, f"{query}&{urlencode(extra)}" if extra else query)
-        at, after = 0, None
+        # What is left to serve, in the order it is asked: (section, keyset position).
+        queue: list[tuple[int, tuple[Any, ...] | None]] = [(i, None) for i in range(len(secs))]
         if page_token:
             position, _ = ctx.pager.load(page_token, fingerprint)
-            if len(position) != 2 or not isinstance(position[0], int) or not (
-                    0 <= position[0] <= len(secs)):
-                raise InvalidParameter("the paging link is not valid")
-            at = position[0]
-            after = tuple(position[1]) if position[1] is not None else None
+            queue = _queue(position, len(secs))
 
         date_pairs = [("date", f"ge{start}")] if start else []
         date_pairs += [("date", f"le{end}")] if end else []
+        asked = [secs[i] for i, _ in queue]
         plans = [record.section_plan(ctx.registry, source, pid, count, date_pairs=date_pairs,
-                                     since=since) for source in secs[at:]]
-        failed: list[str] = []
-        # The patient and the remaining sections until the page is full: on one connection
+                                     since=since) for source in asked]
+        failures: dict[int, GatewayError] = {}
+        # The patient and the queued sections until the page is full: on one connection
         # in one backend call where the adapter allows (record.walk); never more than one
         # statement per section.
-        patient, pages = await record.walk(ctx.registry, pid, secs[at:], plans, after, count,
-                                           whole, failed)
+        patient, pages = await record.walk(ctx.registry, pid, asked, plans,
+                                           [after for _, after in queue], count, whole,
+                                           failures)
         if patient is None:
             raise NotFound("Patient with that id was not found")
+        if page_token and len(failures) == len(queue):
+            # Nothing answered (as a multi-source search): the error is the answer, and
+            # this page's link stays good for when the source is back.
+            raise failures[min(failures)]
         served: list[dict[str, Any]] = []
         by_source: list[tuple[Provider, list[dict[str, Any]]]] = []
         if not page_token and (types is None or "Patient" in types):
@@ -140,11 +152,16 @@ class Everything(Operation):
             by_source.append((record.patient_source(ctx.registry, pid), [patient]))
         touched: dict[str, None] = {"Patient": None}
         room = count
-        next_at: int | None = None
-        next_after: list[Any] | None = None
-        for i, page in enumerate(pages):
-            source = secs[at + i]
-            if page is None:  # said so in a warning; the walk goes on past it
+        rest: list[tuple[int, tuple[Any, ...] | None]] = []  # not reached, or not finished
+        retry: list[tuple[int, tuple[Any, ...] | None]] = []  # did not answer: asked last
+        for k, page in enumerate(pages):
+            i, after = queue[k]
+            source = secs[i]
+            if k in failures:  # said so in a warning; a later page asks it again
+                retry.append((i, after))
+                continue
+            if page is None or room == 0:
+                rest.append((i, after))
                 continue
             taken = page.records[:room]
             resources = source.resources(taken)
@@ -154,21 +171,20 @@ class Everything(Operation):
                 touched[source.resource_type] = None
             room -= len(taken)
             if len(taken) < len(page.records):  # the page is full inside this section
-                next_at = at + i
-                next_after = list(source.position(taken[-1], plans[i].sort)) if taken else (
-                    list(after) if i == 0 and after else None)
-                break
-            if page.more and page.end is not None:
-                next_at, next_after = at + i, list(page.end)
-                break
-            if room == 0 and at + i + 1 < len(secs):
-                next_at, next_after = at + i + 1, None
-                break
+                rest.append((i, tuple(source.position(taken[-1], plans[k].sort))))
+            elif page.more and page.end is not None:
+                rest.append((i, tuple(page.end)))
+        pending = rest + retry
+        failed = [f"{record.failure(secs[queue[k][0]], exc)}; a later page asks it again"
+                  for k, exc in sorted(failures.items())]
         entries = [bundle.entry(base, r, "match") for r in served]
         included = []
         if types is None or not types.isdisjoint(record.REFERENCED):
+            gaps: list[str] = []
             included = await record.referenced_of(ctx.registry, record.referenced_by(by_source),
-                                                  principal, types)
+                                                  principal, types, None if whole else gaps)
+            failed += [f"{g}; the resources of that type this page refers to are not included"
+                       for g in gaps]
         entries += [bundle.entry(base, r, "include") for r in included]
         for r in included:
             touched[r["resourceType"]] = None
@@ -193,11 +209,35 @@ class Everything(Operation):
         entries += record.warnings(notes, "NOT_INCLUDED")
 
         links = [("self", bundle.search_url(base, path, query, page_token))]
-        if next_at is not None:
-            token = ctx.pager.token(fingerprint, (next_at, next_after), False)
+        if pending:
+            token = ctx.pager.token(fingerprint, tuple(
+                [i, list(after) if after is not None else None] for i, after in pending), False)
             links.append(("next", bundle.search_url(base, path, query, token)))
         audit.note_operation("everything", pid, list(touched))
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         body = bundle.searchset(bundle_id=uuid4(), links=links, entries=entries, total=None,
                                 last_updated=now)
         return ctx.respond(body, fmt)
+
+
+def _queue(position: tuple[Any, ...], n: int) -> list[tuple[int, tuple[Any, ...] | None]]:
+    """A paging link's sections still to serve, checked: ``[[section, position], ...]``; a
+    link of the earlier form ``[section, position]`` (everything from that section on) is
+    still read."""
+    if len(position) == 2 and isinstance(position[0], int) and not isinstance(
+            position[0], bool):  # the earlier form
+        at, after = position
+        if 0 <= at < n and (after is None or isinstance(after, list)):
+            first = tuple(after) if after is not None else None
+            return [(at, first)] + [(j, None) for j in range(at + 1, n)]
+        raise InvalidParameter("the paging link is not valid")
+    out: list[tuple[int, tuple[Any, ...] | None]] = []
+    for item in position:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                and not isinstance(item[0], bool) and 0 <= item[0] < n
+                and (item[1] is None or isinstance(item[1], list))):
+            raise InvalidParameter("the paging link is not valid")
+        out.append((item[0], tuple(item[1]) if item[1] is not None else None))
+    if not out or len({i for i, _ in out}) != len(out):
+        raise InvalidParameter("the paging link is not valid")
+    return out

@@ -20,12 +20,13 @@ import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import orjson
 
 from adapters.base import (
+    And,
     BackendError,
     Compare,
     Criterion,
@@ -41,11 +42,11 @@ from gateway import compartment
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError, InvalidParameter, operation_outcome
 from gateway.mapping.model import EXPR_KEYS
-from gateway.multisource import SOURCE_FAILURES, source_name
+from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_name
 from gateway.notices import notice
 from gateway.plan import SearchPlan, plan_search
 from gateway.providers import Provider, translate_backend_error
-from gateway.registry import Registry
+from gateway.registry import Registry, TypeProvider
 from gateway.timing import adapter_seconds
 
 T = TypeVar("T")
@@ -119,31 +120,102 @@ def section_plan(registry: Registry, source: Provider, patient: str, count: int,
     return plan
 
 
-async def fetch(source: Provider, plan: SearchPlan, after: tuple[Any, ...] | None,
-                strict: bool, failed: list[str]) -> Page | None:
-    """One section's page; a source that does not answer is noted (or, strict, the error)."""
+def patient_search_plan(registry: Registry, tp: TypeProvider, pairs: list[tuple[str, str]],
+                        count: int, patient: str, whole: bool, *, default_count: int,
+                        max_count: int) -> SearchPlan:
+    """A declared section's search (the structured record's, ``$document``'s) as planned on
+    its type, narrowed to the patient in every source; ``whole``: a source failing fails the
+    search rather than giving a partial page."""
+    plan = registry.plan(tp, pairs, default_count=default_count,
+                         max_count=max(max_count, count), strict=True, note=False, whole=whole)
+    parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
+    for source, part in zip(tp.sources, parts, strict=True):
+        mine = patient_criterion(source, patient)
+        part.criteria = mine if part.criteria is None else And((part.criteria, mine))
+    return plan
+
+
+class NothingKnownSpec(Protocol):
+    """A source's explicit "nothing known" record: ``element`` holding this system and code
+    (gateway.operations.structured.NothingKnown)."""
+
+    element: str
+    system: str
+    code: str
+
+
+def says_nothing_known(resource: dict[str, Any], nk: NothingKnownSpec) -> bool:
+    node: Any = resource
+    for part in nk.element.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    codings = node.get("coding", [node]) if isinstance(node, dict) else []
+    return any(isinstance(c, dict) and c.get("system") == nk.system and c.get("code") == nk.code
+               for c in codings)
+
+
+async def declared_section(registry: Registry, tp: TypeProvider, pairs: list[tuple[str, str]],
+                           count: int, patient: str, *, title: str,
+                           nothing_known: NothingKnownSpec | None, whole: bool,
+                           failed: list[str], default_count: int, max_count: int
+                           ) -> tuple[list[dict[str, Any]], str | None]:
+    """A declared section's resources (a structured record's List, a ``$document``
+    section), and why it is empty (None: it is not), the same for both:
+
+    * ``nilknown``: every record found is the source's explicit "nothing known" record (the
+      records are returned, to travel with the section; the section lists none of them);
+    * ``notasked``: the section declares ``nothing_known`` (so the source records "none"
+      explicitly) and the patient has no record of the type at all, not even one the
+      section's filters leave out (one more statement per source, only then);
+    * ``no-content-recorded``: nothing the section asks for is recorded;
+    * ``unavailable``: no source answered (noted in ``failed``; ``whole``: the error).
+    """
+    def plan(p: list[tuple[str, str]], n: int) -> SearchPlan:
+        return patient_search_plan(registry, tp, p, n, patient, whole,
+                                   default_count=default_count, max_count=max_count)
+
     try:
-        return await source.search(plan, after)
+        page = await tp.search(plan(pairs, count))
+        if (not page.records and nothing_known is not None
+                and not (isinstance(page, MergedPage) and page.failed)):
+            anything = await tp.search(plan([("_count", "1")], 1))
+            if not anything.records and not (isinstance(anything, MergedPage)
+                                             and anything.failed):
+                return [], "notasked"  # nothing at all, not even "nothing known"
     except GatewayError as exc:
-        if strict or exc.status not in SOURCE_FAILURES:
+        if whole or exc.status not in SOURCE_FAILURES:
             raise
-        failed.append(failure(source, exc))
-        return None
+        failed.append(f"section '{title}': {tp.resource_type} did not answer "
+                      f"({exc.error_code})")
+        return [], "unavailable"
+    found = [tp.resource(r) for r in page.records]
+    if isinstance(page, MergedPage) and page.failed:
+        failed += [f"section '{title}': {tp.resource_type} source '{name}' did not answer "
+                   f"({exc.error_code})" for name, exc in page.failed]
+        if not found:
+            return [], "unavailable"
+    if not found:
+        return [], "no-content-recorded"
+    if nothing_known is not None and all(says_nothing_known(r, nothing_known) for r in found):
+        return found, "nilknown"
+    return found, None
 
 
-def failure(source: Provider, exc: GatewayError) -> str:
-    """The warning a section that did not answer gets (no value, no PHI: the error code)."""
+def failure(source: TypeProvider, exc: GatewayError) -> str:
+    """The warning a source that did not answer gets (no value, no PHI: the error code)."""
+    if not isinstance(source, Provider):  # several sources: which one is not known here
+        return f"a {source.resource_type} source did not answer ({exc.error_code})"
     return (f"{source.resource_type} source '{source_name(source)}' did not answer "
             f"({exc.error_code})")
 
 
 async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
-               plans: Sequence[SearchPlan], after: tuple[Any, ...] | None, count: int,
-               strict: bool, failed: list[str]
+               plans: Sequence[SearchPlan], afters: Sequence[tuple[Any, ...] | None],
+               count: int, strict: bool, failed: dict[int, GatewayError]
                ) -> tuple[dict[str, Any] | None, list[Page | None]]:
     """The patient (None: not found) and a page of each section, in section order: None for a
-    section that did not answer (noted in ``failed``; strict: its error is raised) or that the
-    page had no room left for. ``after`` is the first section's keyset position.
+    section that did not answer (its index and error put in ``failed``; strict: its error is
+    raised) or that the page had no room left for. ``afters``: each section's keyset
+    position (None: from its start). The patient's source failing is always an error.
 
     Sections on an adapter that runs batches are asked in one backend call per connection,
     one after another, each for at most the room the page has left after the ones before it
@@ -181,7 +253,7 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
                     break
                 source, plan = sections[i], plans[i]
                 query = Query(criteria=plan.criteria, sort=plan.sort, count=room,
-                              after=after if i == 0 else None,
+                              after=afters[i],
                               with_total=plan.total == "accurate")  # as Provider.search
                 try:
                     page = source.fetch_in(fetch, query)
@@ -190,7 +262,7 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
                     if (strict or not isinstance(error, GatewayError)
                             or error.status not in SOURCE_FAILURES):
                         raise
-                    failed.append(failure(source, error))
+                    failed[i] = error
                     continue
                 pages[i] = page
                 room -= len(page.records)
@@ -198,12 +270,25 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
         return work
 
     async def run_group(key: int, idxs: list[int]) -> None:
-        patient_page = await sections[idxs[0]].batch(group_work(key, idxs))
+        try:
+            patient_page = await sections[idxs[0]].batch(group_work(key, idxs))
+        except GatewayError as exc:  # the connection itself (not one statement of it)
+            if key == with_patient or strict or exc.status not in SOURCE_FAILURES:
+                raise
+            for i in idxs:
+                if pages[i] is None:
+                    failed[i] = exc
+            return
         if patient_page is not None:
             found["page"] = patient_page
 
     async def run_alone(i: int) -> None:
-        pages[i] = await fetch(sections[i], plans[i], after if i == 0 else None, strict, failed)
+        try:
+            pages[i] = await sections[i].search(plans[i], afters[i])
+        except GatewayError as exc:
+            if strict or exc.status not in SOURCE_FAILURES:
+                raise
+            failed[i] = exc
 
     async def read_patient() -> None:
         found["resource"] = await patient_type.read(patient)
@@ -374,10 +459,12 @@ def _collect(node: Any, path: tuple[str, ...], into: dict[Any, None]) -> None:
 
 
 async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
-                        principal: Principal, types: set[str] | None) -> list[dict[str, Any]]:
+                        principal: Principal, types: set[str] | None,
+                        failed: list[str] | None = None) -> list[dict[str, Any]]:
     """The resources ``wanted`` names that the caller may read, in type order then key order:
     one statement per type (per source); the types of one connection whose adapter runs
-    batches in one backend call."""
+    batches in one backend call. ``failed`` given: a type whose source does not answer
+    (502/503/504) is left out and said there, rather than failing the call."""
     asked: list[tuple[str, Any]] = []
     for rtype in REFERENCED:
         ids = wanted.get(rtype)
@@ -386,6 +473,14 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
         if principal.allows(rtype, "r"):
             asked.append((rtype, registry.get(rtype)))
     found: dict[str, list[dict[str, Any]]] = {}
+
+    def gap(tp: Any, exc: Exception) -> None:
+        error = exc if isinstance(exc, GatewayError) else translate_backend_error(exc)
+        if (failed is None or not isinstance(error, GatewayError)
+                or error.status not in SOURCE_FAILURES):
+            raise exc
+        failed.append(failure(tp, error))
+
     groups: dict[int, list[tuple[Provider, Query]]] = {}
     for rtype, tp in asked:
         if isinstance(tp, Provider) and tp.batches:
@@ -393,14 +488,30 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
             if query is not None:
                 groups.setdefault(id(tp.mapping.adapter), []).append((tp, query))
         else:
-            found[rtype] = await tp.read_many(list(wanted[rtype]), len(wanted[rtype]))
+            try:
+                found[rtype] = await tp.read_many(list(wanted[rtype]), len(wanted[rtype]))
+            except GatewayError as exc:
+                gap(tp, exc)
     for jobs in groups.values():
-        def work(fetch: Fetch, jobs: list[tuple[Provider, Query]] = jobs) -> list[Page]:
-            return [source.fetch_in(fetch, query) for source, query in jobs]
+        def work(fetch: Fetch, jobs: list[tuple[Provider, Query]] = jobs) -> list[Page | None]:
+            pages: list[Page | None] = []
+            for source, query in jobs:
+                try:
+                    pages.append(source.fetch_in(fetch, query))
+                except (BackendError, UnsupportedCriteria) as exc:
+                    gap(source, exc)
+                    pages.append(None)
+            return pages
 
-        pages = await jobs[0][0].batch(work)
+        try:
+            pages = await jobs[0][0].batch(work)
+        except GatewayError as exc:  # the connection itself: every type of it
+            for source, _ in jobs:
+                gap(source, exc)
+            continue
         for (source, _), page in zip(jobs, pages, strict=True):
-            found[source.resource_type] = source.mapped(page.records)
+            if page is not None:
+                found[source.resource_type] = source.mapped(page.records)
     return [r for rtype, _ in asked for r in found.get(rtype, ())]
 
 

@@ -32,26 +32,23 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
-from adapters.base import And
 from gateway import audit, compartment
 from gateway.auth import authorize
-from gateway.errors import GatewayError, InvalidParameter, NotFound, UnknownParameter
+from gateway.errors import InvalidParameter, NotFound, UnknownParameter
 from gateway.mapping.loader import MappingError, Problem, _validation_problems
 from gateway.mapping.yamlfile import YamlError, line_of, load
-from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_name
+from gateway.multisource import source_name
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
-from gateway.plan import SearchPlan
 from gateway.randomness import uuid4
-from gateway.registry import Registry, TypeProvider
+from gateway.registry import Registry
 
 OPERATIONS_DIR = "operations"
 LIST_PROFILE = "https://fhir.hl7.org.uk/STU3/StructureDefinition/CareConnect-List-1"
@@ -350,56 +347,11 @@ class StructuredRecord(Operation):
             pairs.append(("_sort", sec.sort))
         if sec.from_date and values.get(sec.from_date):
             pairs.append((sec.date_search, f"ge{values[sec.from_date]}"))
-        try:
-            page = await tp.search(_plan_of(ctx, tp, pairs, int(count or 1), pid, strict))
-            if (not page.records and sec.nothing_known is not None
-                    and not (isinstance(page, MergedPage) and page.failed)):
-                anything = await tp.search(_plan_of(ctx, tp, [("_count", "1")], 1, pid, strict))
-                if not anything.records and not (isinstance(anything, MergedPage)
-                                                 and anything.failed):
-                    return [], "notasked"  # nothing at all, not even "nothing known"
-        except GatewayError as exc:
-            if strict or exc.status not in SOURCE_FAILURES:
-                raise
-            failed.append(f"section '{sec.title}': {sec.resource} did not answer "
-                          f"({exc.error_code})")
-            return [], "unavailable"
-        found = [tp.resource(r) for r in page.records]
-        if isinstance(page, MergedPage) and page.failed:
-            failed += [f"section '{sec.title}': {sec.resource} source '{name}' did not answer "
-                       f"({exc.error_code})" for name, exc in page.failed]
-            if not found:
-                return [], "unavailable"
-        if not found:
-            return [], "no-content-recorded"
-        if sec.nothing_known is not None and all(_says_nothing_known(r, sec.nothing_known)
-                                                 for r in found):
-            return found, "nilknown"
-        return found, None
-
-
-def _plan_of(ctx: Context, tp: TypeProvider, pairs: list[tuple[str, str]], count: int,
-             pid: str, strict: bool) -> SearchPlan:
-    """The section's search as planned, narrowed to the patient in every source."""
-    s = ctx.settings
-    plan = ctx.registry.plan(tp, pairs, default_count=s.default_count,
-                             max_count=max(s.max_count, count), strict=True, note=False)
-    parts = plan.parts if isinstance(plan, MultiPlan) else [plan]
-    for source, part in zip(tp.sources, parts, strict=True):
-        mine = record.patient_criterion(source, pid)
-        part.criteria = mine if part.criteria is None else And((part.criteria, mine))
-    if isinstance(plan, MultiPlan):
-        plan = replace(plan, strict=strict)
-    return plan
-
-
-def _says_nothing_known(resource: dict[str, Any], nk: NothingKnown) -> bool:
-    node: Any = resource
-    for part in nk.element.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    codings = node.get("coding", [node]) if isinstance(node, dict) else []
-    return any(isinstance(c, dict) and c.get("system") == nk.system and c.get("code") == nk.code
-               for c in codings)
+        s = ctx.settings
+        return await record.declared_section(
+            ctx.registry, tp, pairs, int(count or 1), pid, title=sec.title,
+            nothing_known=sec.nothing_known, whole=strict, failed=failed,
+            default_count=s.default_count, max_count=s.max_count)
 
 
 def _list(sec: SectionSpec, pid: str, now: str, items: list[dict[str, Any]],

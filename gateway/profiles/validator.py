@@ -12,7 +12,9 @@ resource with them and returns issues:
   by value (identifier system, name use); the NHS number check digit;
 * bindings: ``required`` → error, ``extensible`` → warning when the code is not in the
   ValueSet; a ValueSet that cannot be expanded locally → ``information`` "binding not checked";
-* cheap base invariants: ext-1 (value or extensions, not both), per-1 (start ≤ end).
+* cheap base invariants: ext-1 (value or extensions, not both), per-1 (start ≤ end), lst-1
+  and cmp-2 (an emptyReason only on an empty List or Composition section), cmp-1 (a section
+  has text, entries or sub-sections).
 
 Messages name elements, types and ValueSets — never a value from the resource.
 """
@@ -542,6 +544,35 @@ def _identifier_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
                   f"{path}.value")
 
 
-_RULES = {"Extension": _extension_rule, "Period": _period_rule, "Identifier": _identifier_rule}
+def _list_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
+    if obj.get("emptyReason") and obj.get("entry"):
+        w.add("error", "invariant",
+              "lst-1: a list can only have an emptyReason if it is empty", path)
+
+
+def _composition_rule(w: _Walker, obj: dict[str, Any], path: str) -> None:
+    """cmp-1 and cmp-2 on every section, nested ones too (a section is a backbone element,
+    so the rule is the Composition's)."""
+    def sections(node: dict[str, Any], at: str) -> None:
+        found = node.get("section")
+        if not isinstance(found, list):
+            return
+        for i, sec in enumerate(found):
+            if not isinstance(sec, dict):
+                continue
+            where = f"{at}.section[{i}]"
+            if sec.get("emptyReason") and sec.get("entry"):
+                w.add("error", "invariant",
+                      "cmp-2: a section can only have an emptyReason if it is empty", where)
+            if not (sec.get("text") or sec.get("entry") or sec.get("section")):
+                w.add("error", "invariant",
+                      "cmp-1: a section must have text, entries or sub-sections", where)
+            sections(sec, where)
+
+    sections(obj, path)
+
+
+_RULES = {"Extension": _extension_rule, "Period": _period_rule, "Identifier": _identifier_rule,
+          "List": _list_rule, "Composition": _composition_rule}
 
 __all__ = ["COMPLEX", "Issue", "ProfileInfo", "Profiles", "load_profiles", "validate"]

@@ -411,21 +411,24 @@ async def test_a_section_that_fails_is_said_and_the_walk_goes_on(
         demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
     """As a multi-source search: by default (and under ``Prefer: handling=lenient``) a section
     whose source fails is a warning naming its type and source, never a silent gap, and every
-    other section is still served, walked to the end; the audit record lists only the types
-    served. Under ``Prefer: handling=strict`` the source's error is the answer."""
+    other section is still served, walked to the end; the failed section is asked again on a
+    later page, and when nothing but it is left and it still does not answer, that page's
+    answer is its error (the link stays good: with the source back, it serves the section).
+    The audit record lists only the types served. Under ``Prefer: handling=strict`` the
+    source's error is the answer at once."""
     url = broken_copy(demo_sqlite_url, tmp_path, "ALERTS")  # Flag's source
     pid = "100001"
     engine = sa.create_engine(demo_sqlite_url)
     try:
         with engine.connect() as conn:
-            flags = conn.execute(sa.text(
-                'SELECT COUNT(*) FROM "ALERTS" WHERE "PATNT_REFNO" = :p AND "ARCHV_FLAG" = '
-                "'N'"), {"p": int(pid)}).scalar_one()
+            flags = {f"Flag/{k}" for (k,) in conn.execute(sa.text(
+                'SELECT "ALERT_REFNO" FROM "ALERTS" WHERE "PATNT_REFNO" = :p AND '
+                '"ARCHV_FLAG" = \'N\''), {"p": int(pid)})}
     finally:
         engine.dispose()
-    assert flags > 0  # the gap is real: the patient has flags the answer cannot hold
-    expected = {x for x in whole_record(demo_sqlite_url, encounters(demo_sqlite_url), pid)
-                if not x.startswith("Flag/")}
+    assert flags  # the gap is real: the patient has flags the answer cannot hold
+    whole = whole_record(demo_sqlite_url, encounters(demo_sqlite_url), pid)
+    expected = whole - flags
     app = make_app(url, audit_log=str(tmp_path / "audit.jsonl"))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
@@ -436,32 +439,159 @@ async def test_a_section_that_fails_is_said_and_the_walk_goes_on(
         assert body["resourceType"] == "OperationOutcome"
         assert body["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
         for headers in ({}, {"Prefer": "handling=lenient"}):
-            _, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?_count=40", headers)
+            pages, last, stuck = await walk_until_error(
+                c, f"/STU3/Patient/{pid}/$everything?_count=40", headers)
+            assert last.status_code == 502 and stuck is not None
+            assert last.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
             issues = outcome_issues(pages)
-            assert [(i["severity"], i["code"], i["details"]["coding"][0]["code"])
-                    for i in issues] == [("warning", "incomplete", "SOURCE_UNAVAILABLE")]
-            diag = issues[0]["diagnostics"]
-            assert diag == "Flag source 'Flag.sql' did not answer (BACKEND_ERROR)"
+            assert issues  # said on the page that went past it, and on every retry
+            assert {(i["severity"], i["code"], i["details"]["coding"][0]["code"],
+                     i["diagnostics"]) for i in issues} == {
+                ("warning", "incomplete", "SOURCE_UNAVAILABLE",
+                 "Flag source 'Flag.sql' did not answer (BACKEND_ERROR); a later page asks "
+                 "it again")}
             served = typed(pages)
             assert len(served) == len(set(served))
             assert set(served) - {f"Patient/{pid}"} == expected  # every other section, whole
+    _rename(url, "ALERTS_GONE", "ALERTS")  # the source is back: the same link serves it
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        _, tail = await walk(c, stuck)
+    assert set(typed(tail)) == flags and not outcome_issues(tail)
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines if "$everything" in x]
     assert recs[0]["outcome"]["status"] == 502  # the strict request, first
-    partial = [r for r in recs if r["outcome"]["status"] == 200]
+    partial = [r for r in recs[1:] if r["outcome"]["status"] == 200 and not any(
+        e.startswith("Flag/") for e in r["entities"])]
     assert len(partial) >= 4  # both walks, several pages each
     for rec in partial:  # Flag was asked (the backend list says so) but not served
         assert "Flag" not in rec["operation"]["types"]
-        assert not any(e.startswith("Flag/") for e in rec["entities"])
     assert any(q["resource_type"] == "Flag" for r in partial for q in r["backend"]["queries"])
     assert {"Encounter", "Observation"} <= {t for r in partial for t in r["operation"]["types"]}
+
+
+def _rename(url: str, old: str, new: str) -> None:
+    """Break or mend a source: rename one of its tables (SQLite file or PostgreSQL)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'ALTER TABLE "{old}" RENAME TO "{new}"'))
+    finally:
+        engine.dispose()
+
+
+async def walk_until_error(c: httpx.AsyncClient, url: str, headers: dict[str, str]
+                           ) -> tuple[list[dict[str, Any]], httpx.Response, str | None]:
+    """The pages of a walk up to its first error (or its end): the bodies of the pages
+    that answered, the last response, and the link that answered with an error."""
+    pages: list[dict[str, Any]] = []
+    next_url: str | None = url
+    while next_url:
+        r = await c.get(next_url, headers=headers)
+        if r.status_code != 200:
+            return pages, r, next_url
+        pages.append(r.json())
+        next_url = next((lk["url"] for lk in pages[-1]["link"] if lk["relation"] == "next"),
+                        None)
+        assert len(pages) < 400, "the walk does not end"
+    return pages, r, None
+
+
+async def test_a_section_that_failed_mid_walk_comes_later_when_its_source_is_back(
+        demo_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """A source goes away mid-walk (its table renamed, SQLite and PostgreSQL) and comes back:
+    the page that reached its section says so, the link remembers the section, and a later
+    page serves it — the walk ends with the patient's whole record, each resource once."""
+    pid = "100001"  # a record with flags, and sections before and after Flag's
+    whole = whole_record(demo_url, encounters(demo_url), pid)
+    flags = {x for x in whole if x.startswith("Flag/")}
+    assert flags
+    app = make_app(demo_url, rate_limit_per_minute=100_000, rate_limit_burst=100_000,
+                   source_rate_limit_per_minute=0)
+    pages: list[dict[str, Any]] = []
+    broken = False
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            next_url: str | None = f"/STU3/Patient/{pid}/$everything?_count=4"
+            warned_at = None
+            while next_url:
+                r = await c.get(next_url)
+                assert r.status_code == 200, r.text
+                pages.append(r.json())
+                if len(pages) == 1:
+                    assert not set(typed(pages)) & flags  # Flag's section is further on
+                    _rename(demo_url, "ALERTS", "ALERTS_GONE")  # the alerts system goes away
+                    broken = True
+                elif outcome_issues([pages[-1]]) and warned_at is None:
+                    warned_at = len(pages) - 1
+                    _rename(demo_url, "ALERTS_GONE", "ALERTS")  # and comes back
+                    broken = False
+                next_url = next((lk["url"] for lk in pages[-1]["link"]
+                                 if lk["relation"] == "next"), None)
+                assert len(pages) < 400
+    finally:
+        if broken:
+            _rename(demo_url, "ALERTS_GONE", "ALERTS")
+    assert warned_at is not None and warned_at < len(pages) - 1  # gone past, with pages after
+    [issue] = outcome_issues(pages)  # said once, on the page that went past it
+    assert issue["details"]["coding"][0]["code"] == "SOURCE_UNAVAILABLE"
+    assert issue["diagnostics"].startswith("Flag source 'Flag.sql' did not answer")
+    got = typed(pages)
+    assert len(got) == len(set(got))
+    assert set(got) - {f"Patient/{pid}"} == whole  # the flags came later: nothing lost
+    assert not set(typed(pages[:warned_at + 1])) & flags
+
+
+async def test_the_patient_failing_is_an_error_a_referenced_type_a_warning(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """The patient's own source failing leaves nothing to answer: its 502, whatever the
+    handling. A source of what the record refers to failing (Practitioner here) is, as any
+    section's, a warning naming the type — the page is whole otherwise, and none of that
+    type is included; under ``Prefer: handling=strict`` it is the 502."""
+    pid = "100001"
+    plain = make_app(demo_sqlite_url)
+    async with plain.router.lifespan_context(plain), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=plain), base_url="http://gw") as c:
+        good = (await c.get(f"/STU3/Patient/{pid}/$everything?_count=500")).json()
+    refers = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in good["entry"]
+              if e["search"]["mode"] == "include"}
+    assert {r.split("/")[0] for r in refers} >= {"Practitioner", "Organization"}
+    for table in ("PATIENTS", "CLINICIANS"):
+        copy = tmp_path / table
+        copy.mkdir()
+        app = make_app(broken_copy(demo_sqlite_url, copy, table))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            lenient = await c.get(f"/STU3/Patient/{pid}/$everything?_count=500")
+            strict = await c.get(f"/STU3/Patient/{pid}/$everything?_count=500",
+                                 headers={"Prefer": "handling=strict"})
+        assert strict.status_code == 502, table
+        assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
+        if table == "PATIENTS":
+            assert lenient.status_code == 502
+            assert lenient.json()["resourceType"] == "OperationOutcome"
+            continue
+        assert lenient.status_code == 200, lenient.text
+        body = lenient.json()
+        issues = outcome_issues([body])
+        assert [(i["severity"], i["details"]["coding"][0]["code"], i["diagnostics"])
+                for i in issues] == [
+            ("warning", "SOURCE_UNAVAILABLE",
+             "Practitioner source 'Practitioner.sql' did not answer (BACKEND_ERROR); the "
+             "resources of that type this page refers to are not included")]
+        assert typed([body]) == typed([good])  # every match still there
+        got = {f"{e['resource']['resourceType']}/{e['resource']['id']}"
+               for e in body["entry"] if e["search"]["mode"] == "include"}
+        assert got == {r for r in refers if not r.startswith("Practitioner/")}
 
 
 def test_one_source_of_a_type_failing_over_http(
         demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
     """Over real HTTP (uvicorn): one of Encounter's three sources gone, the record still comes
-    (the other two sources' encounters whole) with a warning naming that source; under
-    ``Prefer: handling=strict`` the answer is its 502 as an OperationOutcome."""
+    (the other two sources' encounters whole) with a warning naming that source, and a next
+    link that asks it again; under ``Prefer: handling=strict`` the answer is its 502 as an
+    OperationOutcome."""
     url = broken_copy(demo_sqlite_url, tmp_path, "AE_ATTENDANCES")
     rows = encounters(demo_sqlite_url)
     with_ae = {r["patient"] for r in rows if r["id"].startswith("ae-")}
@@ -473,11 +603,16 @@ def test_one_source_of_a_type_failing_over_http(
         assert strict.headers["content-type"].startswith("application/fhir+json")
         assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
         r = c.get(f"/STU3/Patient/{pid}/$everything?_type=Encounter&_count=500")
+        # the next page asks the A&E source again: nothing else is left, so its 502
+        nxt = next(lk["url"] for lk in r.json()["link"] if lk["relation"] == "next")
+        again = c.get(nxt)
+    assert again.status_code == 502
+    assert again.json()["issue"][0]["details"]["coding"][0]["code"] == "BACKEND_ERROR"
     assert r.status_code == 200, r.text
     issues = outcome_issues([r.json()])
     assert [(i["details"]["coding"][0]["code"], i["diagnostics"]) for i in issues] == [
         ("SOURCE_UNAVAILABLE", "Encounter source 'Encounter.ae.sql' did not answer "
-                               "(BACKEND_ERROR)")]
+                               "(BACKEND_ERROR); a later page asks it again")]
     served = {x.split("/")[1] for x in typed([r.json()]) if x.startswith("Encounter/")}
     assert served == {e for e in of(rows, pid) if not e.startswith("ae-")}
     assert served  # inpatient or outpatient encounters: the other sources answered
@@ -504,3 +639,93 @@ async def test_each_page_brings_exactly_what_its_matches_refer_to(
         assert included == sorted(included, key=lambda x: (kinds.index(x[0]), int(x[1])))
         seen |= {k for k, _ in included}
     assert seen == set(kinds)
+
+
+async def test_a_link_holds_the_sections_left_and_is_checked(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    """The link's position is the list of sections still to serve (each with its keyset
+    position); one of the earlier form (a section, every one after it) still reads; a
+    position naming no section, or one twice, is refused."""
+    from gateway.bundle import Pager
+
+    c, _, _ = gw
+    pager = Pager("test-secret")  # the secret make_app configures
+    path = "Patient/100001/$everything"
+    fp = Pager.fingerprint(path, "_count=500")
+
+    async def page(position: tuple[Any, ...]) -> httpx.Response:
+        token = pager.token(fp, position, False)
+        return await c.get(f"/STU3/{path}", params={"_count": "500", "_page": token})
+
+    _, pages = await walk(c, f"/STU3/{path}?_count=500")
+    whole = [x for x in typed(pages) if not x.startswith("Patient/")]
+    kinds = list(dict.fromkeys(x.split("/")[0] for x in whole))
+    assert len(kinds) > 3
+    first = [x for x in whole if x.startswith(kinds[0] + "/")]  # section 0's (one source)
+    # the earlier form: from section 1 on (no patient: not the first page)
+    r = await page((1, None))
+    assert r.status_code == 200, r.text
+    rest = typed([r.json()])
+    assert rest and rest == whole[len(first):len(first) + len(rest)]
+    # the sections left, in the order given: the last section, then the first
+    r = await page(([11, None], [0, None]))  # 12 sections (3 + CLINICAL)
+    assert r.status_code == 200, r.text
+    got = typed([r.json()])
+    assert got[-len(first):] == first and set(got[:-len(first)]) < set(whole) - set(first)
+    for bad in (([99, None],), ([0, None], [0, None]), ([0, "x"],), ((True, None),), (),
+                (99, None)):
+        r = await page(bad)
+        assert r.status_code == 400, bad
+        assert r.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_a_connection_that_cannot_be_opened_is_a_warning_for_its_sections(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
+    """Flag served from a database of its own that cannot even be opened (not one failing
+    statement: the connection): its section is a warning and a retry, as a failing
+    statement's; the other sections are whole. Strict: the 502."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[3]
+    demo = tmp_path / "demo-pas"
+    shutil.copytree(repo / "mappings" / "demo-pas", demo)
+    shutil.copytree(repo / "mappings" / "codemaps", tmp_path / "codemaps")
+    conns = demo / "connections.yaml"
+    text = conns.read_text()
+    assert text.count("connections:\n") == 1
+    conns.write_text(text.replace("connections:\n", "connections:\n  alerts:\n"
+                                  "    adapter: sql\n    url_env: CCG_ALERTS_URL_EVFIX_TEST\n"
+                                  "    timezone: Europe/London\n"))
+    flag = demo / "Flag.sql.yaml"
+    text = flag.read_text()
+    assert text.count("connection: pas") == 1
+    flag.write_text(text.replace("connection: pas", "connection: alerts"))
+    gone = f"sqlite:///{tmp_path}/no-such-directory/alerts.sqlite"
+    pid = "100001"
+    whole = whole_record(demo_sqlite_url, encounters(demo_sqlite_url), pid)
+    flags = {x for x in whole if x.startswith("Flag/")}
+    assert flags
+    import yaml
+
+    from gateway.auth.apikeys import sha256_hex
+
+    key = "k3y-everything-alerts-test-0123456789abcdef0123456789ab"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"client_id": "t", "sha256": sha256_hex(key),
+                                              "scopes": "system/*.read"}]}))
+    app = make_app(demo_sqlite_url, mappings_dir=demo, auth_mode="api-key",
+                   api_keys_file=str(keys), audit_log=str(tmp_path / "audit.jsonl"),
+                   connection_urls={"pas": demo_sqlite_url, "alerts": gone})
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw",
+            headers={"X-API-Key": key}) as c:
+        strict = await c.get(f"/STU3/Patient/{pid}/$everything?_count=500",
+                             headers={"Prefer": "handling=strict"})
+        pages, last, stuck = await walk_until_error(
+            c, f"/STU3/Patient/{pid}/$everything?_count=500", {})
+    assert strict.status_code in (502, 503, 504), strict.text
+    assert last.status_code in (502, 503, 504) and stuck is not None  # only Flag was left
+    issues = outcome_issues(pages)
+    assert issues and all(i["diagnostics"].startswith("Flag source 'Flag.sql' did not answer")
+                          for i in issues)
+    assert set(typed(pages)) - {f"Patient/{pid}"} == whole - flags

@@ -333,3 +333,34 @@ def test_reference_to_any_resource_takes_every_type() -> None:
     comp["author"] = [{"reference": "Condition/1"}]
     errors = [i for i in validate(comp) if i.severity == "error"]
     assert [i.expression for i in errors] == ["Composition.author[0].reference"]
+
+
+LIST_PROFILE = "https://fhir.hl7.org.uk/STU3/StructureDefinition/CareConnect-List-1"
+NIL = {"coding": [{"system": "http://hl7.org/fhir/list-empty-reason", "code": "nilknown",
+                   "display": "Nil Known"}], "text": "Nil Known"}
+
+
+def test_an_empty_reason_only_on_an_empty_list_or_section() -> None:
+    """lst-1, cmp-2 and cmp-1 (STU3): a List or a Composition section with entries cannot
+    say why it is empty; a section has text, entries or sub-sections."""
+    lst: dict[str, Any] = {
+        "resourceType": "List", "meta": {"profile": [LIST_PROFILE]}, "status": "current",
+        "mode": "snapshot", "subject": {"reference": "Patient/1"}, "emptyReason": NIL}
+    assert [i for i in validate(lst) if i.severity == "error"] == []
+    lst["entry"] = [{"item": {"reference": "AllergyIntolerance/1"}}]
+    assert [(i.code, i.message[:5]) for i in validate(lst) if i.severity == "error"] == [
+        ("invariant", "lst-1")]
+    div = '<div xmlns="http://www.w3.org/1999/xhtml">Nil known</div>'
+    comp: dict[str, Any] = {
+        "resourceType": "Composition", "status": "final",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "60591-5"}]},
+        "subject": {"reference": "Patient/1"}, "date": "2024-01-01",
+        "author": [{"reference": "Device/1"}], "title": "Summary",
+        "section": [{"title": "Allergies", "text": {"status": "generated", "div": div},
+                     "emptyReason": NIL}]}
+    assert [i for i in validate(comp) if i.severity == "error"] == []
+    comp["section"][0]["entry"] = [{"reference": "AllergyIntolerance/1"}]
+    comp["section"].append({"title": "Nothing at all"})
+    assert [(i.message[:5], i.expression) for i in validate(comp)
+            if i.code == "invariant"] == [("cmp-2", "Composition.section[0]"),
+                                          ("cmp-1", "Composition.section[1]")]
