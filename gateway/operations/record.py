@@ -198,7 +198,17 @@ async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
         return work
 
     async def run_group(key: int, idxs: list[int]) -> None:
-        patient_page = await sections[idxs[0]].batch(group_work(key, idxs))
+        try:
+            patient_page = await sections[idxs[0]].batch(group_work(key, idxs))
+        except (BackendError, UnsupportedCriteria, GatewayError) as exc:
+            # The connection itself did not answer (unreachable, timed out: another system,
+            # such as the A&E one): every section on it not yet served, as one that failed.
+            error = exc if isinstance(exc, GatewayError) else translate_backend_error(exc)
+            if (strict or key == with_patient or not isinstance(error, GatewayError)
+                    or error.status not in SOURCE_FAILURES):
+                raise
+            failed.extend(failure(sections[i], error) for i in idxs if pages[i] is None)
+            return
         if patient_page is not None:
             found["page"] = patient_page
 
