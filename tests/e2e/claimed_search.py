@@ -490,6 +490,66 @@ def check_unclaimed(c: Consumer, rtype: str, params: dict[str, str],
             c.report.gap(f"{request} (not claimed) -> {r.status_code} {r.text[:200]}")
 
 
+def check_includes(c: Consumer, rtype: str, includes: list[str],
+                   scope: list[tuple[str, str]]) -> None:
+    """Each claimed ``_include``: the page's included resources are exactly those its matches
+    refer to through that parameter (to the named target type, if any)."""
+    for inc in includes:
+        _, param, *target = inc.split(":")
+        if param not in PATHS.get(rtype, {}):
+            c.report.gap(f"{rtype}: claimed _include {inc} on a parameter this checker "
+                         "does not know")
+            continue
+        c.report.checks += 1
+        r = c.get(rtype, [*scope, ("_count", "10"), ("_include", inc)])
+        request = f"GET {rtype}?{'&'.join(f'{k}={v}' for k, v in scope)}&_include={inc}"
+        if r.status_code != 200:
+            c.report.gap(f"{request} -> {r.status_code} {r.text[:200]}")
+            continue
+        entries = r.json().get("entry", [])
+        refs = {v["reference"] for e in entries if e["search"]["mode"] == "match"
+                for v in values_of(e["resource"], rtype, param)
+                if isinstance(v, dict) and "/" in v.get("reference", "")}
+        if target:
+            refs = {x for x in refs if x.startswith(target[0] + "/")}
+        got = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in entries
+               if e["search"]["mode"] == "include"}
+        if got != refs:
+            c.report.gap(f"{request} -> included {sorted(got)[:10]}, referenced "
+                         f"{sorted(refs)[:10]}")
+
+
+def check_revincludes(c: Consumer, rtype: str, revincludes: list[str], rid: str) -> None:
+    """Each claimed ``_revinclude`` onto ``rtype/rid``: exactly the resources whose parameter
+    refers to it (as that type's own search finds them), or a capped subset said so."""
+    for rev in revincludes:
+        source, param = rev.split(":")[:2]
+        c.report.checks += 1
+        scope = [("_id", rid)]
+        r = c.get(rtype, [*scope, ("_revinclude", rev)])
+        request = f"GET {rtype}?_id={rid}&_revinclude={rev}"
+        if r.status_code != 200:
+            c.report.gap(f"{request} -> {r.status_code} {r.text[:200]}")
+            continue
+        entries = r.json().get("entry", [])
+        got = {e["resource"]["id"] for e in entries if e["search"]["mode"] == "include"
+               and e["resource"]["resourceType"] == source}
+        capped = any(i.get("details", {}).get("coding", [{}])[0].get("code") == "INCLUDE_LIMIT"
+                     for e in entries if e["search"]["mode"] == "outcome"
+                     for i in e["resource"]["issue"])
+        # a Patient search needs a second parameter (Care Connect): one that matches everyone
+        everyone = [("gender", "male,female,other,unknown")] if source == "Patient" else []
+        expected, error = c.walk(source, [(param, f"{rtype}/{rid}"), *everyone])
+        if error:
+            c.report.gap(f"GET {source}?{param}={rtype}/{rid} -> {error}")
+            continue
+        want = {x["id"] for x in expected}
+        if not (got <= want if capped else got == want):
+            c.report.gap(f"{request} -> {len(got)} included, {len(want)} refer to it"
+                         f"{' (capped)' if capped else ''}: missing {sorted(want - got)[:5]}, "
+                         f"unexpected {sorted(got - want)[:5]}")
+
+
 def patients_with_records(c: Consumer, count: int) -> list[str]:
     """Patients to sample: the documented rich one, then whoever has the most types."""
     chosen = ["100001"]
@@ -513,6 +573,7 @@ def run(base: str, headers: dict[str, str] | None = None, patients: int = 3) -> 
         c.report.gap(f"GET metadata -> {cap.status_code}")
         return c.report
     claims = claimed(cap.json())
+    resources = {r["type"]: r for r in cap.json()["rest"][0]["resource"]}
     if "Medication" in claims:
         medications, error = c.walk("Medication", [])
         if error:
@@ -535,6 +596,25 @@ def run(base: str, headers: dict[str, str] | None = None, patients: int = 3) -> 
             continue
         check_type(c, rtype, claims[rtype], [])
         check_unclaimed(c, rtype, claims[rtype], [])
+    for rtype, pparam in PATIENT_PARAM.items():
+        check_includes(c, rtype, resources.get(rtype, {}).get("searchInclude", []),
+                       [(pparam, "100001")])
+    for rtype in WHOLE:
+        check_includes(c, rtype, resources.get(rtype, {}).get("searchInclude", []), [])
+    # revincludes onto a record every one of them can point at: the rich patient's, and
+    # what its first resources refer to
+    targets = {"Patient": "100001"}
+    for rtype in ("Observation", "MedicationRequest", "Encounter"):
+        first = c.get(rtype, [("patient", "100001"), ("_count", "3")])
+        for e in first.json().get("entry", []) if first.status_code == 200 else []:
+            text = str(e["resource"])
+            for kind in ("Practitioner", "Organization", "Location", "Medication", "Encounter"):
+                found = re.search(rf"'{kind}/([A-Za-z0-9.-]+)'", text)
+                if found and kind not in targets:
+                    targets[kind] = found.group(1)
+    for rtype, rid in sorted(targets.items()):
+        check_revincludes(c, rtype, resources.get(rtype, {}).get("searchRevInclude", []), rid)
+        c.report.covered.setdefault("_revinclude", set()).add(rtype)
     for rtype in [*PATIENT_PARAM, *WHOLE]:
         never = sorted(set(claims.get(rtype, {})) - {"_id"} - c.report.covered.get(rtype, set()))
         if never:
