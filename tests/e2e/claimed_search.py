@@ -123,6 +123,21 @@ PATHS: dict[str, dict[str, list[str]]] = {
         "subject": ["subject"],
     },
 }
+# What the Care Connect explore pages (../shared/careconnect-api/explore/api_*.md) list for
+# each type, SHALL, SHOULD and MAY alike: the issue asks for every one of them.
+EXPLORE: dict[str, set[str]] = {
+    "AllergyIntolerance": {"clinical-status", "date", "patient"},
+    "Condition": {"asserted-date", "category", "clinical-status", "patient"},
+    "Procedure": {"date", "patient", "subject"},
+    "Observation": {"category", "code", "date", "patient"},
+    "PractitionerRole": {"identifier", "organization", "practitioner"},
+    "Immunization": {"date", "patient", "status"},
+    "Medication": {"code"},
+    "MedicationRequest": {"authoredon", "code", "medication", "patient", "status"},
+    "MedicationStatement": {"effective", "patient", "status"},
+    "Encounter": {"date", "patient"},
+    "Flag": {"date", "patient", "status"},
+}
 # Types searched within one patient at a time (the population a search is compared against is
 # that patient's records of the type); the others are walked whole.
 PATIENT_PARAM = {"AllergyIntolerance": "patient", "Condition": "patient", "Encounter": "patient",
@@ -436,6 +451,9 @@ def check_type(c: Consumer, rtype: str, params: dict[str, str],
     if not population:
         return
     by_id = {r["id"]: r for r in population}
+    if "identifier" not in params and any(r.get("identifier") for r in population):
+        # the obvious one: a consumer given a record's identifier can find the record by it
+        c.report.gap(f"{rtype} serves identifier but 'identifier' is not a search parameter")
     for param, ptype in sorted(params.items()):
         if param == "_id" or param not in PATHS.get(rtype, {}):
             if param != "_id":
@@ -596,6 +614,10 @@ def run(base: str, headers: dict[str, str] | None = None, patients: int = 3) -> 
             continue
         check_type(c, rtype, claims[rtype], [])
         check_unclaimed(c, rtype, claims[rtype], [])
+    for rtype, wanted in sorted(EXPLORE.items()):
+        missing = sorted(wanted - set(claims.get(rtype, {})))
+        if missing:
+            c.report.gap(f"{rtype}: the explore page's parameters not claimed: {missing}")
     for rtype, pparam in PATIENT_PARAM.items():
         check_includes(c, rtype, resources.get(rtype, {}).get("searchInclude", []),
                        [(pparam, "100001")])
