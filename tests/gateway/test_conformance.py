@@ -45,7 +45,9 @@ SAMPLES: list[tuple[str, str, int | None]] = [
     # A Patient search needs two parameters of different types: these match everyone.
     ("Patient", "/STU3/Patient?gender=male,female,other,unknown&birthdate=ge1800&_count=100", 300),
     ("Practitioner", "/STU3/Practitioner?_count=100", 300),
-    ("Encounter", "/STU3/Encounter?_count=100", 300),
+    # sorted by date, so the page mixes Encounter's three sources (unsorted, the merge gives
+    # the first source's - A&E's - records first, and the sample would hold no other)
+    ("Encounter", "/STU3/Encounter?_sort=date&_count=100", 300),
     ("Organization", "/STU3/Organization?_count=100", None),
     ("Location", "/STU3/Location?_count=100", None),
     ("Condition", "/STU3/Condition?_count=100", 300),
@@ -171,6 +173,9 @@ async def test_the_samples_are_what_they_claim(served: Served) -> None:
         assert all(r["resourceType"] == rtype for r in resources)
     assert served.totals["Patient"] >= 300
     assert served.totals["Encounter"] >= 300
+    sources = {r["id"].partition("-")[0] if "-" in r["id"] else "" for r in
+               served.resources["Encounter"]}
+    assert sources == {"", "op", "ae"}  # inpatient spells, outpatient and A&E attendances
     assert [p["id"] for p in served.fixtures] == FIXTURE_PATIENTS
 
 

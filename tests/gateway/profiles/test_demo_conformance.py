@@ -1,8 +1,9 @@
 """Everything the demo serves is Care Connect: zero profile errors, on SQLite and PostgreSQL.
 
 The sample: the fixture patients 100001-100006, the first 200 patients, every Location and
-Organization, 100 Practitioners and 100 Encounters, 300 each of the clinical types, every
-PractitionerRole and the whole record of patient 100001 — read over HTTP as a client sees them.
+Organization, 100 Practitioners, 100 Encounters of each source, 300 each of the clinical
+types, every PractitionerRole and the whole record of patient 100001 — read over HTTP as a
+client sees them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ async def test_fixture_patients(client: httpx.AsyncClient) -> None:
     ("/STU3/Location?_count=100", 10_000, 1),
     ("/STU3/Organization?_count=100", 10_000, 1),
     ("/STU3/Practitioner?_count=50", 100, 40),  # the demo has fewer than 100: all of them
-    ("/STU3/Encounter?_count=50", 100, 100),
+    # each of Encounter's three sources (unfiltered, the first 100 are all A&E's)
+    ("/STU3/Encounter?class=IMP&_count=50", 100, 100),
+    ("/STU3/Encounter?class=AMB&_count=50", 100, 100),
+    ("/STU3/Encounter?class=EMER&_count=50", 100, 100),
     ("/STU3/Condition?_count=100", 300, 300),
     ("/STU3/AllergyIntolerance?_count=100", 300, 300),
     ("/STU3/Flag?_count=100", 300, 100),
