@@ -7,8 +7,12 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.settings import Settings, SettingsError, mappings_path
+
+if TYPE_CHECKING:
+    from gateway.mapping.loader import LoadedSet, Problem
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -114,22 +118,38 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def cmd_mappings_check(args: argparse.Namespace) -> int:
+def _print_problems(problems: list[Problem], count: bool = True) -> int:
+    """Each problem on its line (file:line: message), then how many; the exit status."""
+    for p in problems:
+        print(str(p))
+    if count:
+        print(f"{len(problems)} problem(s)")
+    return 1
+
+
+def _load_or_print(settings: Settings, directory: Path, count: bool = True) -> LoadedSet | None:
+    """The mappings in ``directory``; None once their problems are printed."""
     from adapters import registry as adapter_registry
     from gateway.app import demo_database_url
     from gateway.mapping.loader import MappingError, load_directory
+
+    try:
+        return load_directory(directory, adapter_registry.create,
+                              demo_url=lambda: demo_database_url(settings))
+    except MappingError as exc:
+        _print_problems(exc.problems, count)
+        return None
+
+
+def cmd_mappings_check(args: argparse.Namespace) -> int:
+    from gateway.mapping.loader import MappingError
 
     settings = _settings(args)
     if args.dir is not None:
         settings = replace(settings, mappings_dir=args.dir)
     settings = replace(settings, progress=False)
-    try:
-        loaded = load_directory(settings.mappings_dir, adapter_registry.create,
-                                demo_url=lambda: demo_database_url(settings))
-    except MappingError as exc:
-        for p in exc.problems:
-            print(str(p))
-        print(f"{len(exc.problems)} problem(s)")
+    loaded = _load_or_print(settings, settings.mappings_dir)
+    if loaded is None:
         return 1
     for m in loaded.mappings:
         print(f"ok  {m.file.name}: {m.resource_type} via {m.connection} "
@@ -146,10 +166,7 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
         documents = load_documents(loaded.directory, registry)
         messaging = load_messaging(loaded.directory, registry)
     except MappingError as exc:
-        for p in exc.problems:
-            print(str(p))
-        print(f"{len(exc.problems)} problem(s)")
-        return 1
+        return _print_problems(exc.problems)
     for op in operations:
         print(f"ok  operation ${op.name}: {len(op.spec.sections)} section(s)")
     for doc in documents:
@@ -169,20 +186,12 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
 
 def cmd_mappings_test(args: argparse.Namespace) -> int:
     """Run the golden cases in DIR/cases through the mappings (no server, no database)."""
-    from adapters import registry as adapter_registry
-    from gateway.app import demo_database_url
     from gateway.mapping.cases import CASES_DIR, case_files, report, run_all
-    from gateway.mapping.loader import MappingError, load_directory
 
     settings = replace(_settings(args), progress=False)
     directory = args.dir if args.dir is not None else settings.mappings_dir
-    try:
-        loaded = load_directory(directory, adapter_registry.create,
-                                demo_url=lambda: demo_database_url(settings))
-    except MappingError as exc:
-        for p in exc.problems:
-            print(str(p))
-        print(f"{len(exc.problems)} problem(s)")
+    loaded = _load_or_print(settings, directory)
+    if loaded is None:
         return 1
     if not case_files(loaded.directory):
         print(f"no cases in {loaded.directory / CASES_DIR} (see mappings/README.md, "
@@ -199,18 +208,11 @@ def cmd_mappings_test(args: argparse.Namespace) -> int:
 
 def cmd_mappings_explain(args: argparse.Namespace) -> int:
     """The plan of one search, without running it."""
-    from adapters import registry as adapter_registry
-    from gateway.app import demo_database_url
     from gateway.explain import explain_cli
-    from gateway.mapping.loader import MappingError, load_directory
 
     settings = replace(_settings(args), progress=False)
-    try:
-        loaded = load_directory(settings.mappings_dir, adapter_registry.create,
-                                demo_url=lambda: demo_database_url(settings))
-    except MappingError as exc:
-        for p in exc.problems:
-            print(str(p))
+    loaded = _load_or_print(settings, settings.mappings_dir, count=False)
+    if loaded is None:
         return 1
     if args.lenient:
         settings = replace(settings, strict_search=False)
@@ -218,19 +220,12 @@ def cmd_mappings_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_mappings_coverage(args: argparse.Namespace) -> int:
-    from adapters import registry as adapter_registry
-    from gateway.app import demo_database_url
-    from gateway.mapping.loader import MappingError, load_directory
     from gateway.profiles.coverage import coverage_cli
 
     settings = replace(_settings(args), progress=False)
     directory = args.dir if args.dir is not None else settings.mappings_dir
-    try:
-        loaded = load_directory(directory, adapter_registry.create,
-                                demo_url=lambda: demo_database_url(settings))
-    except MappingError as exc:
-        for p in exc.problems:
-            print(str(p))
+    loaded = _load_or_print(settings, directory, count=False)
+    if loaded is None:
         return 1
     return coverage_cli(loaded, args.html)
 

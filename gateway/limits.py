@@ -78,6 +78,14 @@ async def _reject(scope: Scope, receive: Receive, send: Send, error: GatewayErro
     await outcome_response(Request(scope, receive), error)(scope, receive, send)
 
 
+async def _slow_down(scope: Scope, receive: Receive, send: Send, who: str, wait: float
+                     ) -> None:
+    """429 for a rate limit: Retry-After the seconds until a token, rounded up."""
+    await _reject(scope, receive, send, TooManyRequests(
+        f"too many requests from this {who}; slow down",
+        headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+
+
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 0.0) -> None:
         self.app = app
@@ -273,9 +281,7 @@ class RateLimit:
             wait = self.buckets.take(client_key(scope))
         if wait > 0:
             metrics.refused("rate_limit")
-            await _reject(scope, receive, send, TooManyRequests(
-                "too many requests from this client; slow down",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+            await _slow_down(scope, receive, send, "client", wait)
             return
         await self.app(scope, receive, send)
 
@@ -325,9 +331,7 @@ class SourceLimit:
         if not wait and self.requests is not None:
             wait = self.requests.take(key)
         if wait > 0:
-            await _reject(scope, receive, send, TooManyRequests(
-                "too many requests from this address; slow down",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+            await _slow_down(scope, receive, send, "address", wait)
             return
         if self.failures is None:
             await self.app(scope, receive, send)
@@ -353,9 +357,7 @@ class SourceLimit:
             assert requests is not None
             wait = await shared.take(key, requests.rate, requests.burst, "src")
         if wait > 0:
-            await _reject(scope, receive, send, TooManyRequests(
-                "too many requests from this address; slow down",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+            await _slow_down(scope, receive, send, "address", wait)
             return
         if failures is None:
             await self.app(scope, receive, send)
@@ -472,9 +474,7 @@ class ClientConcurrency:
                                                           self.limit, self.lease_seconds)
             if wait > 0:
                 metrics.refused("rate_limit")
-                await _reject(scope, receive, send, TooManyRequests(
-                    "too many requests from this client; slow down",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+                await _slow_down(scope, receive, send, "client", wait)
                 return
         else:
             lease = await self.shared.acquire(key, self.limit, self.lease_seconds)

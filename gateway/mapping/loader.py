@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ValidationError
@@ -123,12 +123,22 @@ def _validation_problems(path: Path, doc: Any, exc: ValidationError, prefix: tup
     return out
 
 
-def _model(path: Path, doc: Any, model: type[BaseModel], problems: list[Problem]) -> Any:
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def read_model(path: Path, model: type[_M], problems: list[Problem]) -> tuple[Any, _M] | None:
+    """The YAML file at ``path`` (as loaded, for ``line_of``) and ``model`` made of it; None
+    when it does not read or does not validate, every problem (file:line) in ``problems``."""
+    try:
+        doc = load(path)
+    except YamlError as exc:
+        problems.append(Problem(path, exc.line, exc.message))
+        return None
     if not isinstance(doc, dict):
         problems.append(Problem(path, getattr(doc, "line", 1), "expected a mapping of keys"))
         return None
     try:
-        return model.model_validate(doc)
+        return doc, model.model_validate(doc)
     except ValidationError as exc:
         problems.extend(_validation_problems(path, doc, exc))
         return None
@@ -140,14 +150,10 @@ def load_codemaps(directory: Path, problems: list[Problem]) -> dict[str, CodeMap
         problems.append(Problem(directory, 0, "code map directory not found"))
         return out
     for path in sorted(directory.glob("*.yaml")):
-        try:
-            doc = load(path)
-        except YamlError as exc:
-            problems.append(Problem(path, exc.line, exc.message))
+        found = read_model(path, _CodeMapFile, problems)
+        if found is None:
             continue
-        spec = _model(path, doc, _CodeMapFile, problems)
-        if spec is None:
-            continue
+        doc, spec = found
         if spec.name in out:
             problems.append(Problem(path, line_of(doc, ["name"]),
                                     f"code map name {spec.name!r} is used twice"))
@@ -221,13 +227,10 @@ def load_directory(
     conn_path = directory / CONNECTIONS_FILE
     if not conn_path.is_file():
         raise MappingError([Problem(conn_path, 0, "not found (every mapping directory has one)")])
-    try:
-        conn_doc = load(conn_path)
-    except YamlError as exc:
-        raise MappingError([Problem(conn_path, exc.line, exc.message)]) from None
-    settings: MappingSet | None = _model(conn_path, conn_doc, MappingSet, problems)
-    if settings is None:
+    read = read_model(conn_path, MappingSet, problems)
+    if read is None:
         raise MappingError(problems)
+    conn_doc, settings = read
     for name, conn in settings.connections.items():
         if conn.url and _PASSWORD_IN_URL.search(conn.url):
             problems.append(Problem(conn_path, line_of(conn_doc, ["connections", name, "url"]),
@@ -271,14 +274,10 @@ def load_directory(
         else:
             files.append(included)
     for path in files:
-        try:
-            doc = load(path)
-        except YamlError as exc:
-            problems.append(Problem(path, exc.line, exc.message))
+        found_file = read_model(path, MappingFile, problems)
+        if found_file is None:
             continue
-        spec: MappingFile | None = _model(path, doc, MappingFile, problems)
-        if spec is None:
-            continue
+        doc, spec = found_file
         if not _another_source(path, doc, spec, seen.get(spec.resource, []), problems):
             continue
         seen.setdefault(spec.resource, []).append((path, doc, spec))

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from gateway import audit, compartment
@@ -55,8 +55,8 @@ from gateway.errors import (
     UnknownParameter,
 )
 from gateway.formats import wants_html
-from gateway.mapping.loader import MappingError, Problem, _validation_problems
-from gateway.mapping.yamlfile import YamlError, line_of, load
+from gateway.mapping.loader import MappingError, Problem, read_model
+from gateway.mapping.yamlfile import line_of
 from gateway.operations import narrative, record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
@@ -111,19 +111,10 @@ def load_documents(directory: Path, registry: Registry) -> list[DocumentFile]:
     problems: list[Problem] = []
     out: list[DocumentFile] = []
     for path in sorted((directory / DOCUMENTS_DIR).glob("*.yaml")):
-        try:
-            doc = load(path)
-        except YamlError as exc:
-            problems.append(Problem(path, exc.line, exc.message))
+        found = read_model(path, DocumentFile, problems)
+        if found is None:
             continue
-        if not isinstance(doc, dict):
-            problems.append(Problem(path, getattr(doc, "line", 1), "expected a mapping of keys"))
-            continue
-        try:
-            spec = DocumentFile.model_validate(doc)
-        except ValidationError as exc:
-            problems.extend(_validation_problems(path, doc, exc))
-            continue
+        doc, spec = found
 
         def bad(loc: list[Any], message: str, path: Path = path, doc: Any = doc) -> None:
             problems.append(Problem(path, line_of(doc, loc),

@@ -41,8 +41,8 @@ from starlette.responses import Response
 from gateway import audit, compartment
 from gateway.auth import authorize
 from gateway.errors import InvalidParameter, NotFound, UnknownParameter
-from gateway.mapping.loader import MappingError, Problem, _validation_problems
-from gateway.mapping.yamlfile import YamlError, line_of, load
+from gateway.mapping.loader import MappingError, Problem, read_model
+from gateway.mapping.yamlfile import line_of
 from gateway.multisource import source_name
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
@@ -142,22 +142,10 @@ def load_operations(directory: Path, registry: Registry) -> list[StructuredRecor
     out: list[StructuredRecord] = []
     names: dict[str, Path] = {}
     for path in sorted((directory / OPERATIONS_DIR).glob("*.yaml")):
-        try:
-            doc = load(path)
-        except YamlError as exc:
-            problems.append(Problem(path, exc.line, exc.message))
+        found = read_model(path, OperationFile, problems)
+        if found is None:
             continue
-        if not isinstance(doc, dict):
-            problems.append(Problem(path, getattr(doc, "line", 1), "expected a mapping of keys"))
-            continue
-        try:
-            spec = OperationFile.model_validate(doc)
-        except ValueError as exc:
-            from pydantic import ValidationError
-
-            assert isinstance(exc, ValidationError)
-            problems.extend(_validation_problems(path, doc, exc))
-            continue
+        doc, spec = found
         before = len(problems)
         _check(path, doc, spec, registry, problems)
         if spec.name in names:
