@@ -251,3 +251,96 @@ def test_the_plan_joins_each_column_to_its_own_source(
             "h.OPATT_REFNO in o.OPATT_REFNO(o.ATTND_CODE in ?[2])),h.OPATT_REFNO=?)") in out
     assert 'h."OPATT_REFNO" IN (SELECT o."OPATT_REFNO" \n    FROM "OUTPATIENT_ATTENDANCES"' in out
     assert "4321" not in out
+
+
+# --- a single column holding A&E attendance keys ----------------------------------------------
+
+# The demo has no clinical row linked to an A&E attendance; a trust whose theatre system
+# records the attendance a procedure was done in (a wound closed in the department) has such a
+# column. Here it is added to a small private demo database, and filled for procedures done
+# outside a spell with an attendance of the same patient.
+AE_LINK = (
+    'UPDATE "PROCEDURES" SET "AEATT_REFNO" = (SELECT min(a."AEATT_REFNO") FROM '
+    '"AE_ATTENDANCES" a WHERE a."PATNT_REFNO" = "PROCEDURES"."PATNT_REFNO" '
+    'AND a."DEL_FLAG" = \'N\') WHERE "PRVSP_REFNO" IS NULL')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ae_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    from gateway.demo_pas import build_database
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ae.sqlite'}"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        url = server.create_database(f"prefref_ae_{tmp_path.name[-8:].lower()}"
+                                     .replace("-", "_"))
+    build_database(url, patients=300)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text('ALTER TABLE "PROCEDURES" ADD COLUMN "AEATT_REFNO" INTEGER'))
+        conn.execute(sa.text(AE_LINK))
+    engine.dispose()
+    yield url
+
+
+async def test_a_column_of_ae_attendance_keys(ae_db: str, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from tests.gateway.mapping.test_loader import CODEMAPS, DEMO
+
+    here = tmp_path / "mappings"
+    shutil.copytree(DEMO, here / "demo-pas")
+    shutil.copytree(CODEMAPS, here / "codemaps")
+    f = here / "demo-pas" / "Procedure.sql.yaml"
+    text = f.read_text(encoding="utf-8")
+    for old, new in (
+        ("  x.PRVSP_REFNO: integer\n", "  x.PRVSP_REFNO: integer\n  x.AEATT_REFNO: integer\n"),
+        ("  context: {reference: {column: x.PRVSP_REFNO, ref: Encounter}}\n",
+         "  context:\n    reference:\n      ref: Encounter\n      sources:\n"
+         "        - {column: x.PRVSP_REFNO}\n"
+         "        - {column: x.AEATT_REFNO, id_prefix: ae-}\n"),
+        ("  encounter: {type: reference, target: Encounter, column: x.PRVSP_REFNO, "
+         "description: The spell it was performed in}\n",
+         "  encounter: {type: reference, target: Encounter, column: x.AEATT_REFNO, "
+         "id_prefix: ae-, description: The A&E attendance it was performed in}\n"),
+    ):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    f.write_text(text, encoding="utf-8")
+    oracle = Oracle(ae_db)
+    try:
+        rows = oracle.rows('SELECT "PROCD_REFNO", "AEATT_REFNO", "PRVSP_REFNO" FROM '
+                           '"PROCEDURES" WHERE "DELETED_FLAG" = \'N\'')
+    finally:
+        oracle.engine.dispose()
+    ae = {str(k): f"ae-{a}" for k, a, _s in rows if a is not None}
+    assert ae and any(s is not None for _k, _a, s in rows)
+    # a copied mapping directory is a production configuration: an API key, not the demo mode
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text("keys: [{client_id: t, sha256: '"
+                    + hashlib.sha256(b"test-key").hexdigest() + "', scopes: system/*.read}]")
+    app = build_app(gateway_settings(ae_db, tmp_path, mappings_dir=here / "demo-pas",
+                                     auth_mode="api-key", api_keys_file=str(keys),
+                                     audit_log=str(tmp_path / "audit.jsonl")))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw",
+                                     headers={"X-API-Key": "test-key"}) as c:
+            key, enc = sorted(ae.items())[0]
+            r = await c.get(f"/STU3/Procedure/{key}")
+            assert r.status_code == 200, r.text
+            assert r.json()["context"] == {"reference": f"Encounter/{enc}"}
+            valid(r.json())
+            same = {k for k, e in ae.items() if e == enc}
+            assert await matches(c, "Procedure", [("encounter", enc)]) == same
+            # the encounter parameter holds A&E keys only: a spell id matches nothing
+            number = enc.removeprefix("ae-")
+            assert await matches(c, "Procedure", [("encounter", number)]) == set()
+            assert await matches(c, "Procedure", [("encounter._id", enc)]) == same
+            assert await matches(c, "Procedure", [("encounter.class", "EMER")]) == set(ae)
+            pages = await bundle_pages(c, "Procedure", [("_id", key),
+                                                        ("_include", "Procedure:encounter")])
+            assert [e["resource"]["id"] for p in pages for e in p.get("entry", [])
+                    if e["search"]["mode"] == "include"] == [enc]
