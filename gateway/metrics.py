@@ -91,8 +91,8 @@ PROCESSED_MESSAGES = Counter(
 MESSAGE_WORKER_ERRORS = Counter(
     "ccg_message_worker_errors", "Unexpected errors (a bug, an unforeseen failure) of the "
     "$process-message worker on an accepted message, by what followed: retry (later, with "
-    "backoff) or dead_letter (the worker's bound reached); outbox: its delivery loop met one "
-    "and went on", ["outcome"])
+    "backoff), dead_letter (the worker's bound reached) or skipped (another process or an "
+    "answer took it meanwhile); outbox: its delivery loop met one and went on", ["outcome"])
 DELIVERIES = Counter(
     "ccg_deliveries", "Delivery attempts of Subscription notifications (channel "
     "'subscription') and $process-message responses ('message_response'), by outcome "

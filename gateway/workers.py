@@ -342,8 +342,11 @@ def _supervisor_class() -> Any:
                 metrics.WORKERS.labels(state).set(status[state])
             if self.status_file is not None:
                 tmp = self.status_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(status), encoding="utf-8")
-                os.replace(tmp, self.status_file)
+                try:
+                    tmp.write_text(json.dumps(status), encoding="utf-8")
+                    os.replace(tmp, self.status_file)
+                except OSError as exc:  # the supervisor must go on: /_health is stale then
+                    log.warning("workers_status_not_written", error=type(exc).__name__)
 
     return Supervisor
 

@@ -312,7 +312,7 @@ class Messaging:
         error = type(exc).__name__
         where = _raised_at(exc)
         try:
-            delay = await self._retry_unexpected(mid, error)
+            outcome, delay = await self._retry_unexpected(mid, error)
         except Exception as again:  # the store itself failing: retried all the same
             attempts = self._failures[mid] = self._failures.get(mid, 0) + 1
             delay = self.retry.delay(attempts)
@@ -322,27 +322,28 @@ class Messaging:
             metrics.message_worker_error("retry")
         else:
             self._failures.pop(mid, None)
-            outcome = "retry" if delay is not None else "dead_letter"
             log.error("message_processing_failed", error=error, where=where, outcome=outcome,
                       **({"retry_in_seconds": round(delay, 1)} if delay is not None else {}))
             metrics.message_worker_error(outcome)
         if delay is not None:
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, mid)
 
-    async def _retry_unexpected(self, mid: str, error: str) -> float | None:
+    async def _retry_unexpected(self, mid: str, error: str) -> tuple[str, float | None]:
+        """(what follows: retry, dead_letter or skipped, the delay before the next attempt)"""
         async with self._lock(mid), self._claim(mid) as held:
             if not held:  # another process on this store has it now
-                return None
+                return "skipped", None
             stored = await self.store.get(mid)
             if stored is None or stored.response is not None or stored.body is None:
-                return None
+                return "skipped", None  # answered meanwhile, or not this worker's
             header, base = header_of(stored.body["message"]), stored.body["base"]
             response = self.response(header, base, Outcome("transient-error", [issue(
                 "error", "exception", "MESSAGE_PROCESSING_FAILED",
                 "an unexpected error stopped the processing of this message; the gateway "
                 "tries again (the same message is applied at most once)")], final=False))
-            return await self._retry_or_give_up(mid, response, base, stored.response_url,
-                                                stored.state, error=f"unexpected {error}")
+            delay = await self._retry_or_give_up(mid, response, base, stored.response_url,
+                                                 stored.state, error=f"unexpected {error}")
+            return ("retry" if delay is not None else "dead_letter"), delay
 
     async def _process_stored(self, mid: str) -> None:
         # Another process on this store (``--workers``) may have queued it too (each reads the
