@@ -261,7 +261,9 @@ class Prepared:
 
 class Hl7v2Adapter(Adapter):
     name = "hl7v2"
-    keyset_paging = False  # a page resumes only at the PAS's DSC-1 pointer, never after a record
+    # A page resumes only at the PAS's DSC-1 pointer, never after a given record: as one of
+    # several sources of a type it is read in place (gateway.multisource, in-order paging).
+    keyset_paging = False
 
     def __init__(self, url: str, *, options: dict[str, Any] | None = None,
                  label: str = "hl7v2") -> None:
@@ -392,7 +394,11 @@ class Hl7v2Adapter(Adapter):
         if filters:
             raise UnsupportedCriteria("this PAS cannot count this search exactly")
         page = await self._search(prepared, pairs, [], 1, None, self._deadline())
-        return page.total if page.total is not None else len(page.records)
+        if page.total is not None:
+            return page.total
+        if page.more:  # one record asked for, more there, and no count we can trust
+            raise UnsupportedCriteria("this PAS cannot count this search exactly")
+        return len(page.records)
 
     def _deadline(self) -> float:
         """The loop time by which this FHIR request's messages must be answered: one deadline
