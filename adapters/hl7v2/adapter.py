@@ -445,6 +445,9 @@ class Hl7v2Adapter(Adapter):
         remaining = _int(qak.value(6)) if qak else None
         if filters or (returned is not None and returned != len(groups)):
             total = None  # the PAS counted something else (patients, not visits; unfiltered)
+        if (not continuation and total is not None and returned is not None
+                and remaining is not None and total != returned + remaining):
+            total = None  # QAK-4/5/6 count different things (patients in one, visits in another)
         if continuation:
             # A continuation's QAK-4 may count from the pointer on (PAS dialects differ):
             # the total is the one the first page reported.
