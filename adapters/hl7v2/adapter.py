@@ -438,7 +438,9 @@ class Hl7v2Adapter(Adapter):
         records = self._records(prepared, groups)
         if filters:
             records = [r for r in records if all(f.holds(r) for f in filters)]
-        records = records[:count] if count else []
+        # Never cut to `count`: the pointer (DSC-1) stands after the reply's LAST record, so
+        # records cut off here could never be asked for again (a PAS ignoring RCP-2 sends more).
+        records = records if count else []
         qak = reply.segment("QAK")
         total = _int(qak.value(4)) if qak else None
         returned = _int(qak.value(5)) if qak else None
