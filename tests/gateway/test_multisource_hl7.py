@@ -283,9 +283,15 @@ async def test_a_search_the_pas_cannot_take_leaves_it_out_and_says_so(
             assert "total" not in p  # a total without that source would be wrong
         r = await api.client.get("/STU3/Encounter?_count=8", headers=STRICT)
         assert r.status_code == 400 and code(r) == "UNSUPPORTED_SEARCH"
-        # no source that can answer: the 400, not an empty page
+        # a count without that source would be wrong: its 400
+        for counting in ("_summary=count", "_count=0"):
+            r = await api.client.get(f"/STU3/Encounter?{counting}")
+            assert r.status_code == 400 and code(r) == "UNSUPPORTED_SEARCH"
+        r = await api.client.get(f"/STU3/Encounter?{ALL}&_summary=count")
+        assert r.status_code == 200 and r.json()["total"] == len(want.hl7) + len(want.sql)
+        # several values of one parameter: the SQL source takes them, the PAS cannot
         r = await api.client.get("/STU3/Encounter?_count=8&patient=D0000001,D0000002")
-        assert r.status_code == 200  # the SQL source takes several values; the PAS not
+        assert r.status_code == 200
         assert [c for c, _ in outcomes(r.json())] == ["SOURCE_NOT_SEARCHED"]
 
 
