@@ -20,24 +20,31 @@ import pytest
 import sqlalchemy as sa
 
 from gateway.app import build_app
-from gateway.demo_pas import ensure_sqlite_demo
+from gateway.demo_pas import build_database, ensure_sqlite_demo
 from gateway.settings import Settings
 from tests.adapters.hl7v2.itk_peer import ItkPeer
 from tests.gateway.test_multisource_hl7 import code, link, matches, outcomes, walk
+from tests.pg import TempPostgres
 
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY = "/STU3/Patient?family=s&gender=female&_count=5&_total=accurate"
 KEY = "multisource-itk-test-key"
+PATIENTS = 120
 STRICT = {"Prefer": "handling=strict"}
 
 
-@pytest.fixture(scope="module")
-def db_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("ms-itk") / "pas.sqlite"
-    ensure_sqlite_demo(path, patients=120, progress=False)
-    return f"sqlite:///{path}"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("ms-itk") / "pas.sqlite"
+        ensure_sqlite_demo(path, patients=PATIENTS, progress=False)
+        return f"sqlite:///{path}"
+    server: TempPostgres = request.getfixturevalue("postgres_server")
+    url = server.create_database("multisource_itk")
+    build_database(url, patients=PATIENTS)
+    return url
 
 
 @pytest.fixture(scope="module")
