@@ -506,16 +506,21 @@ class MultiSource:
                             "row with no record it could serve")
 
     async def _total(self, plan: MultiPlan, places: list[Place]) -> int | None:
-        """The sum of every source's total (None: a source cannot count this search)."""
+        """The sum of every source's total (None: a source cannot count this search). A cursor
+        source's count is kept in its place, so the next pages do not ask its PAS again."""
         total = 0
-        for source, part, place in zip(self.sources, plan.parts, places, strict=True):
+        for i, (source, part, place) in enumerate(zip(self.sources, plan.parts, places,
+                                                      strict=True)):
             if place.total is not None:
                 total += place.total
                 continue
             try:
-                total += await source.count(part)
+                n = await source.count(part)
             except UnsupportedSearch:
                 return None
+            if self._cursor[i]:
+                places[i] = replace(place, total=n)
+            total += n
         return total
 
     async def _fetch(self, source: Provider, part: SearchPlan, cut: Cut, backwards: bool,

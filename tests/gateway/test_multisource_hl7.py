@@ -178,6 +178,10 @@ async def test_a_walk_serves_every_record_of_both_sources_once(
     async with gateway(db_url, tmp_path) as api:
         ids, pages = await walk(api.client, f"/STU3/Encounter?{ALL}&_count={count}"
                                             "&_total=accurate")
+        # One query to the PAS per page holding its records, none after: the SQL pages do
+        # not ask it again (its total rides in the link)
+        assert len(api.sim.received) == sum(
+            1 for p in pages if any(m.startswith("v2-") for m in matches(p)))
     # Source order (mapping files by name: Encounter.hl7v2, then Encounter.sql), each in
     # its own order: every record once, no gap, no repeat.
     assert ids == want.hl7 + want.sql
@@ -318,6 +322,11 @@ async def test_reads_and_patient_searches_reach_both_sources(db_url: str, tmp_pa
         assert subjects == {f"Patient/{pasid}"}
         r = await c.get(f"/STU3/Patient/{pasid}")
         assert r.status_code == 200
+        # _include follows both sources' subject references to the PAS's Patient
+        r = await c.get(f"/STU3/Encounter?patient={pasid}&_include=Encounter:patient")
+        included = [e["resource"]["id"] for e in r.json()["entry"]
+                    if e["search"]["mode"] == "include"]
+        assert r.status_code == 200 and included == [pasid]
 
 
 async def test_the_capability_statement_claims_only_what_both_take(
