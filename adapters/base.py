@@ -366,10 +366,11 @@ class Adapter(abc.ABC):
 
     keyset_paging: bool = True
     """Whether a page can begin right after any record it returned (``Query.after`` holding
-    that record's sort-key values): what every source of a type with several sources must do,
-    as a merged page may end part-way through one source's records (gateway.multisource). An
-    adapter paging by a cursor of the backend's own, given only at the end of a page it
-    chose (HL7 v2 continuation pointers), cannot."""
+    that record's sort-key values). An adapter paging by a cursor of the backend's own, given
+    only at the end of a reply (HL7 v2 continuation pointers: ``Page.end``), says False: as
+    one of several sources of a type it is then read in place — the same continuation sent
+    again and the records already served skipped (gateway.multisource) — so the backend must
+    answer a continuation the same each time it is sent while it lives."""
 
     async def batch(self, work: Callable[[Fetch], T]) -> T:
         """``work(fetch)``, where ``fetch(prepared, query)`` answers one query as

@@ -19,9 +19,20 @@ mapping file of its own. The composite answers as one provider (routes do not kn
   entry naming the source, never a silent gap; its cut does not move, so the next page asks
   it again (a link the other way first finds the cut's other side with a one-record probe).
   Under ``Prefer: handling=strict``, or when no source answered, the error is the answer.
-* **every source pages by key**: a cut is a record's keyset position, so an adapter that
-  resumes only at a cursor of the backend's own (HL7 v2's DSC-1 continuation pointer) cannot
-  be one of several; the loader refuses it (``Adapter.keyset_paging``).
+* **a source paging by the backend's cursor** (HL7 v2: the DSC-1 continuation pointer at
+  the end of each reply, ``Adapter.keyset_paging`` False) cannot resume after any record, and
+  cannot sort: the type then has no ``_sort`` and its order is plain source order, so a page
+  is read source after source (:meth:`MultiSource._search_in_order`). Such a source's place is
+  the continuation the reply was fetched with (none: the first reply) and how many of that
+  reply's records were served: the next page sends the same continuation again and skips
+  those (a PAS's pointer must answer the same twice, as a re-followed ``next`` link already
+  needs). A page stops at a source with more records ahead (the sources after it wait for
+  a later page), so nothing is served out of order, and ``previous`` is not offered. A source
+  that refuses its continuation (expired) makes the link invalid (400 INVALID_PAGE_TOKEN,
+  start again), never a loop of warnings. A source that cannot answer the search at all
+  (400 UNSUPPORTED_SEARCH: an HL7 v2 query with no parameter) is left out with a
+  ``SOURCE_NOT_SEARCHED`` warning entry on every page, or its 400 under
+  ``Prefer: handling=strict`` (or when no source can answer).
 * **what is claimed** is what every source supports: a parameter, a ``_sort`` key or an
   interaction only one source has is not the type's (so the CapabilityStatement, generated
   from this, does not list it, and a search treats it as unknown).
@@ -46,6 +57,8 @@ from gateway.errors import (
     InvalidId,
     InvalidPageToken,
     NotImplementedInteraction,
+    UnsupportedSearch,
+    UpstreamError,
     operation_outcome,
 )
 from gateway.mapping.model import SearchParam
@@ -59,6 +72,12 @@ START = "S"
 """A cut before a source's first record."""
 END = "E"
 """A cut after a source's last record."""
+SKIPPED = "X"
+"""A source left out of a search it cannot answer (in-order paging)."""
+MAX_REPLIES = 50
+"""Replies one page reads from a cursor source that keeps answering with no record (all
+filtered out) before that source counts as failing."""
+_BAD_LINK = "the paging link is not valid (altered or expired)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +101,34 @@ class Cut:
         if not ok:
             raise InvalidPageToken("the paging link is not valid (altered or expired)")
         return cls(raw[0], raw[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where an in-order walk stands in one source (see :meth:`MultiSource._search_in_order`):
+    ``pos`` is START, END, SKIPPED, the keyset position of the last record served (a source
+    paging by key) or the continuation its current reply was fetched with (a cursor source);
+    ``skip`` how many records of that reply were served; ``total`` the source's own total as
+    its first reply gave it; ``why`` the reason a SKIPPED source was left out."""
+
+    pos: Any
+    skip: int = 0
+    total: int | None = None
+    why: str | None = None
+
+    def dump(self) -> list[Any]:
+        return [self.pos, self.skip, self.total, self.why]
+
+    @classmethod
+    def load(cls, raw: Any) -> Place:
+        ok = (isinstance(raw, list) and len(raw) == 4
+              and (raw[0] in (START, END, SKIPPED) or isinstance(raw[0], list))
+              and type(raw[1]) is int and 0 <= raw[1] <= 100_000
+              and (raw[2] is None or type(raw[2]) is int)
+              and (raw[3] is None or isinstance(raw[3], str)))
+        if not ok:
+            raise InvalidPageToken(_BAD_LINK)
+        return cls(raw[0], raw[1], raw[2], raw[3])
 
 
 def _one(part: SearchPlan) -> SearchPlan:
@@ -113,6 +160,8 @@ class MergedPage(Page):
 
     failed: list[tuple[str, GatewayError]] = field(default_factory=list)
     """(source name, error) of each source that did not answer for this page."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(source name, why) of each source left out of the search: it cannot answer it."""
 
 
 def source_name(provider: Provider) -> str:
@@ -167,6 +216,10 @@ class MultiSource:
             "read", "search-type"}  # a write would not know which source to go to
         # Longest prefix first: "op-" never shadows "op-x-" (the loader forbids it anyway).
         self._by_prefix = sorted(sources, key=lambda s: -len(s.id_prefix))
+        self._cursor = [not s.mapping.adapter.keyset_paging for s in sources]
+        """Which sources page by the backend's own cursor (HL7 v2), not by key."""
+        if any(self._cursor):
+            self.sortable = []  # such a source cannot sort: the order is source order
 
     # -- ids
 
@@ -211,12 +264,17 @@ class MultiSource:
 
     def page_outcome(self, page: Page) -> list[dict[str, Any]]:
         """Warning entries for the sources missing from a page: never a silent gap."""
-        if not isinstance(page, MergedPage) or not page.failed:
+        if not isinstance(page, MergedPage) or not (page.failed or page.skipped):
             return []
         issues = [notice("SOURCE_UNAVAILABLE",
                         f"{self.resource_type} source '{name}' did not answer "
                         f"({exc.error_code}); this page lacks its records (the next page "
                         "asks it again)") for name, exc in page.failed]
+        issues += [notice("SOURCE_NOT_SEARCHED",
+                          f"{self.resource_type} source '{name}' was not searched: {why}; "
+                          "this search lacks its records (add a parameter that source "
+                          "takes; Prefer: handling=strict gives its 400 instead)")
+                   for name, why in page.skipped]
         return [{"resource": operation_outcome(issues), "search": {"mode": "outcome"}}]
 
     # -- writes: never offered (interactions has none), so never reached
@@ -250,6 +308,8 @@ class MultiSource:
     async def search(self, plan: SearchPlan, after: tuple[Any, ...] | None = None,
                      backwards: bool = False, extra: Criterion | None = None) -> MergedPage:
         assert isinstance(plan, MultiPlan)
+        if any(self._cursor):
+            return await self._search_in_order(plan, after, backwards, extra)
         n = len(self.sources)
         if after is None:
             if backwards:
@@ -342,6 +402,126 @@ class MultiSource:
         out.start = tuple(c.dump() for c in starts) if can_go_back else None
         out.end = tuple(c.dump() for c in ends)
         return out
+
+    async def _search_in_order(self, plan: MultiPlan, after: tuple[Any, ...] | None,
+                               backwards: bool, extra: Criterion | None) -> MergedPage:
+        """A page of a type with a cursor source: no ``_sort``, so the merged order is source
+        order, and a page is read source after source — each asked for what the page still
+        lacks, from its :class:`Place` — until it is full or a source has more ahead (the
+        ones after it wait: their records come later in the order). Forwards only."""
+        n = len(self.sources)
+        if backwards or (after is not None and len(after) != n):
+            raise InvalidPageToken(_BAD_LINK)
+        places = [Place(START)] * n if after is None else [Place.load(x) for x in after]
+        taken: list[tuple[int, Any]] = []
+        failed: list[tuple[str, GatewayError]] = []
+        skipped: list[tuple[str, str]] = []
+        refused: list[GatewayError] = []
+        asked = 0
+        waiting = False
+        for i, (source, part, place) in enumerate(zip(self.sources, plan.parts, places,
+                                                      strict=True)):
+            if place.pos == SKIPPED:
+                skipped.append((source_name(source), place.why or "it cannot answer it"))
+                continue
+            if place.pos == END or waiting or len(taken) >= plan.count:
+                continue  # nothing left there, or its records come on a later page
+            asked += 1
+            try:
+                await chain.resolve(part)
+                need = plan.count - len(taken)
+                if self._cursor[i]:
+                    records, moved = await self._read_cursor(source, part, place, need, extra)
+                else:
+                    records, moved = await self._read_keyset(i, source, part, place, need,
+                                                             extra)
+            except UnsupportedSearch as exc:
+                if plan.strict:
+                    raise
+                refused.append(exc)
+                why = str(exc.args[0]) if exc.args else "it cannot answer this search"
+                places[i] = Place(SKIPPED, why=why)
+                skipped.append((source_name(source), why))
+                continue
+            except GatewayError as exc:
+                if plan.strict or exc.status not in SOURCE_FAILURES:
+                    raise
+                failed.append((source_name(source), exc))
+                continue
+            taken += [(i, r) for r in records]
+            places[i] = moved
+            waiting = moved.pos != END  # more ahead there: the sources after it wait
+        if refused and len(refused) == asked:
+            raise refused[0]  # no source can answer: the 400 is the answer
+        if failed and (len(failed) + len(refused) == asked or not taken):
+            # Nothing to serve: the error, not an empty page (it would have no next link).
+            raise failed[0][1]
+        total = None
+        if plan.total == "accurate" and not failed and not skipped:
+            total = await self._total(plan, places)
+        out = MergedPage(records=taken, total=total, failed=failed, skipped=skipped,
+                         more=any(p.pos not in (END, SKIPPED) for p in places))
+        out.start = None  # a cursor source cannot page backwards: no `previous`
+        out.end = tuple(p.dump() for p in places)
+        return out
+
+    async def _read_keyset(self, i: int, source: Provider, part: SearchPlan, place: Place,
+                           need: int, extra: Criterion | None) -> tuple[list[Any], Place]:
+        """Up to ``need`` records of a source paging by key, after its place."""
+        after = None if place.pos == START else tuple(place.pos)
+        page = await source.search(replace(part, count=need), after, False, extra)
+        if not page.more:
+            return page.records, Place(END)
+        if not page.records:
+            return [], place
+        return page.records, Place(self._positions(i, page.records[-1:], part.sort)[0])
+
+    async def _read_cursor(self, source: Provider, part: SearchPlan, place: Place, need: int,
+                           extra: Criterion | None) -> tuple[list[Any], Place]:
+        """Up to ``need`` records of a cursor source from its place: the reply its place was
+        fetched with, asked again (skipping what was served), then the replies after it."""
+        after = None if place.pos == START else tuple(place.pos)
+        skip, total = place.skip, place.total
+        out: list[Any] = []
+        for _ in range(MAX_REPLIES):
+            room = need - len(out)
+            page = await source.search(replace(part, count=skip + room), after, False, extra)
+            if total is None:
+                total = page.total  # the first reply's (a continuation carries it on)
+            if len(page.records) < skip:  # the reply no longer holds what was served
+                raise InvalidPageToken(
+                    f"the paging link can no longer be followed: the answer of source "
+                    f"'{source_name(source)}' changed since it was made; start the search "
+                    "again")
+            rest = page.records[skip:]
+            out += rest[:room]
+            if len(rest) > room:  # the page ends part-way through this reply
+                return out, Place(START if after is None else list(after), skip + room, total)
+            if not page.more or page.end is None:
+                return out, Place(END, 0, total)
+            after, skip = tuple(page.end), 0
+            if len(out) >= need:
+                return out, Place(list(after), 0, total)
+        raise UpstreamError(f"source '{source_name(source)}' sent {MAX_REPLIES} replies in a "
+                            "row with no record it could serve")
+
+    async def _total(self, plan: MultiPlan, places: list[Place]) -> int | None:
+        """The sum of every source's total (None: a source cannot count this search). A cursor
+        source's count is kept in its place, so the next pages do not ask its PAS again."""
+        total = 0
+        for i, (source, part, place) in enumerate(zip(self.sources, plan.parts, places,
+                                                      strict=True)):
+            if place.total is not None:
+                total += place.total
+                continue
+            try:
+                n = await source.count(part)
+            except UnsupportedSearch:
+                return None
+            if self._cursor[i]:
+                places[i] = replace(place, total=n)
+            total += n
+        return total
 
     async def _fetch(self, source: Provider, part: SearchPlan, cut: Cut, backwards: bool,
                      extra: Criterion | None) -> tuple[Page, Cut]:

@@ -33,6 +33,10 @@ NOTICES: dict[str, Notice] = {n.code: n for n in (
            "an `$everything` page refers to, did not answer: the answer lacks its records (a "
            "search's or `$everything`'s next page asks it again; `Prefer: handling=strict`: "
            "its 502/503/504 instead)"),
+    Notice("SOURCE_NOT_SEARCHED", "warning", "incomplete",
+           "a source of a multi-source type cannot answer the search as asked (an HL7 v2 "
+           "source given no parameter it queries on): the answer lacks its records, on every "
+           "page (`Prefer: handling=strict`: its 400 instead)"),
     Notice("INCLUDE_LIMIT", "warning", "too-costly",
            "an `_include` or `_revinclude` matched more than `CCG_INCLUDE_LIMIT` resources: "
            "only that many were included"),

@@ -37,6 +37,7 @@ from gateway.errors import (
     GatewayTimeout,
     InternalError,
     InvalidId,
+    InvalidPageToken,
     ResourceInvalid,
     ServiceUnavailable,
     TooManyValues,
@@ -235,7 +236,17 @@ class Provider:
             backwards=backwards,
             with_total=plan.total == "accurate",
         )
-        return await self._fetch(query)
+        try:
+            return await self._fetch(query)
+        except UpstreamRejected as exc:
+            if after is None or self.mapping.adapter.keyset_paging:
+                raise
+            # The backend's own continuation (an HL7 v2 DSC-1 pointer) refused: it expired,
+            # or the backend cannot take it again. Asking again would meet the same refusal.
+            raise InvalidPageToken(
+                "the paging link can no longer be followed: the source refused to continue "
+                f"the search from where the link stands ({exc.message}); start the search "
+                "again") from exc
 
     async def count(self, plan: SearchPlan) -> int:
         await chain.resolve(plan)

@@ -261,7 +261,9 @@ class Prepared:
 
 class Hl7v2Adapter(Adapter):
     name = "hl7v2"
-    keyset_paging = False  # a page resumes only at the PAS's DSC-1 pointer, never after a record
+    # A page resumes only at the PAS's DSC-1 pointer, never after a given record: as one of
+    # several sources of a type it is read in place (gateway.multisource, in-order paging).
+    keyset_paging = False
 
     def __init__(self, url: str, *, options: dict[str, Any] | None = None,
                  label: str = "hl7v2") -> None:
@@ -392,7 +394,11 @@ class Hl7v2Adapter(Adapter):
         if filters:
             raise UnsupportedCriteria("this PAS cannot count this search exactly")
         page = await self._search(prepared, pairs, [], 1, None, self._deadline())
-        return page.total if page.total is not None else len(page.records)
+        if page.total is not None:
+            return page.total
+        if page.more:  # one record asked for, more there, and no count we can trust
+            raise UnsupportedCriteria("this PAS cannot count this search exactly")
+        return len(page.records)
 
     def _deadline(self) -> float:
         """The loop time by which this FHIR request's messages must be answered: one deadline
@@ -432,13 +438,18 @@ class Hl7v2Adapter(Adapter):
         records = self._records(prepared, groups)
         if filters:
             records = [r for r in records if all(f.holds(r) for f in filters)]
-        records = records[:count] if count else []
+        # Never cut to `count`: the pointer (DSC-1) stands after the reply's LAST record, so
+        # records cut off here could never be asked for again (a PAS ignoring RCP-2 sends more).
+        records = records if count else []
         qak = reply.segment("QAK")
         total = _int(qak.value(4)) if qak else None
         returned = _int(qak.value(5)) if qak else None
         remaining = _int(qak.value(6)) if qak else None
         if filters or (returned is not None and returned != len(groups)):
             total = None  # the PAS counted something else (patients, not visits; unfiltered)
+        if (not continuation and total is not None and returned is not None
+                and remaining is not None and total != returned + remaining):
+            total = None  # QAK-4/5/6 count different things (patients in one, visits in another)
         if continuation:
             # A continuation's QAK-4 may count from the pointer on (PAS dialects differ):
             # the total is the one the first page reported.

@@ -294,7 +294,6 @@ def load_directory(
             compiled.append(result)
     for sources in seen.values():
         _check_unprefixed(sources, problems)
-        _check_keyset_paging(sources, adapters, problems)
     _check_reference_sources(compiled, seen, problems)
     if problems:  # a broken connection is met once per mapping using it: report it once
         raise MappingError(list(dict.fromkeys(problems)))
@@ -401,34 +400,6 @@ def _reference_source_problem(target: str, prefix: str,
         return ("a reference to Patient must hold the keys of its source without an "
                 "id_prefix (the patient compartment compares them as they are)")
     return None
-
-
-def _check_keyset_paging(sources: list[tuple[Path, Any, MappingFile]],
-                         adapters: dict[str, Adapter], problems: list[Problem]) -> None:
-    """Every source of a type with several must page from any record it returned.
-
-    A merged page may end part-way through one source's records, so the paging link keeps
-    each source's position as that record's keyset (gateway.multisource). An adapter that
-    resumes only at a cursor of the backend's own (an HL7 v2 PAS's DSC-1 continuation pointer,
-    given once per reply for the end of the reply) has no such position: the walk could not
-    go on past its first page. Refused here rather than failing mid-walk.
-    """
-    if len(sources) < 2:
-        return
-    for path, doc, spec in sources:
-        name = spec.source.get("connection")
-        adapter = adapters.get(name) if isinstance(name, str) else None
-        if adapter is None or adapter.keyset_paging:
-            continue
-        others = ", ".join(p.name for p, _d, _s in sources if p != path)
-        problems.append(Problem(
-            path, line_of(doc, ["source", "connection"]),
-            f"source.connection: {spec.resource} is also mapped by {others}, and a type with "
-            f"several sources needs each to page from any record it returned; connection "
-            f"{name!r} is {adapter.name}, which pages only by the backend's own cursor (HL7 v2: "
-            "the DSC-1 continuation pointer at the end of each reply) and cannot resume after "
-            f"a given record. Serve {spec.resource} "
-            "from this source alone, or from sources that page by key (SQL)"))
 
 
 def _semantic_problems(path: Path, doc: Any, spec: MappingFile,

@@ -10,6 +10,15 @@ patients as PID field lists in memory and answers:
   trailing ``*`` is "starts with"), ``@PID.7`` and ``@PID.8`` — anything else AE;
 * ADT^A28 (a new PAS number; a plain ACK unless ``ack_pid``) and ADT^A31 (by PAS number).
 
+QBP^Q22 pages as the ITK query protocol says: RCP-2 ``<n>^RD`` is the most records a reply
+holds; when more remain the reply ends with ``DSC|<pointer>|I`` (a random token it remembers,
+never anything derived from the data) and the same query sent with that DSC continues after
+them. How it pages varies (constructor flags): ``page_cap`` (at most that many a reply,
+whatever was asked: short pages), ``honour_quantity=False`` (RCP-2 ignored: a reply holds
+``page_cap`` or all), ``pointer_ttl`` (seconds a pointer lives), ``pointer_uses`` (how often
+one may be sent: 1, a single-use cursor), and ``down`` (set it to close every connection on
+receipt without an answer: the PAS has stopped answering).
+
 Behaviour varies by constructor flags, so the gateway is tried against more than one PAS,
 and ``behaviour`` scripts what the next ADT messages meet (one entry each, in order):
 
@@ -24,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +51,34 @@ def _sample_pid() -> list[str]:
     return str(msg.segment("PID")).split("|")
 
 
+def _field(msg: Any, segment: str, n: int) -> str:
+    """Field ``n`` of the message's first ``segment`` as text ("" if absent)."""
+    for seg in str(msg).split("\r"):
+        parts = seg.split("|")
+        if parts[0] == segment:
+            return parts[n] if len(parts) > n else ""
+    return ""
+
+
 def _identifiers(field: str) -> list[list[str]]:
     return [rep.split("^") + [""] * 5 for rep in field.split("~") if rep]
 
 
 class ItkPeer:
     def __init__(self, *, ack_pid: bool = False, wildcard: str = "*",
-                 late_seconds: float = 2.0) -> None:
+                 late_seconds: float = 2.0, page_cap: int | None = None,
+                 honour_quantity: bool = True, pointer_ttl: float | None = None,
+                 pointer_uses: int | None = None) -> None:
+        self.page_cap = page_cap
+        self.honour_quantity = honour_quantity
+        self.pointer_ttl = pointer_ttl
+        self.pointer_uses = pointer_uses
+        self.down = False
+        """Set: every connection is closed on receipt, nothing answered."""
+        self.continued: list[str] = []
+        """DSC-1 of every continuation query received, in order (a re-sent one twice)."""
+        self._pointers: dict[str, list[Any]] = {}
+        """pointer → [query, offset, issued at, uses left]"""
         self.ack_pid = ack_pid
         self.wildcard = wildcard
         self.late_seconds = late_seconds
@@ -76,6 +108,8 @@ class ItkPeer:
         try:
             while True:
                 message = await reader.readmessage()
+                if self.down:
+                    return
                 step = "accept"
                 if str(message["MSH.F9.R1.C1"]) == "ADT":
                     self.adt_controls.append(str(message["MSH.F10"]))
@@ -136,13 +170,48 @@ class ItkPeer:
         else:
             found = [n for n, pid in self.patients.items()
                      if all(self._holds(pid, str(c)) for c in qpd[3] if str(c))]
-        rows = [self.patients[n] for n in found]
+        offset, size = 0, len(found)
+        if trigger == "Q22":
+            query = str(qpd[3])
+            offset = self._continue(msg, query)
+            size = len(found) - offset
+            quantity = _field(msg, "RCP", 2).split("^")[0]
+            if self.honour_quantity and quantity.isdigit():
+                size = min(size, int(quantity))
+            if self.page_cap is not None:
+                size = min(size, self.page_cap)
+        rows = [self.patients[n] for n in found[offset:offset + size]]
+        remaining = len(found) - offset - len(rows)
         lines = [self._msh(f"RSP^K{trigger[1:]}^RSP_K21"), f"MSA|AA|{control}",
-                 f"QAK|{tag}|{'OK' if rows else 'NF'}|{qpd[1]}|{len(rows)}|{len(rows)}|0",
+                 f"QAK|{tag}|{'OK' if found else 'NF'}|{qpd[1]}|{len(found)}|{len(rows)}|"
+                 f"{remaining}",
                  str(qpd)]
         for i, pid in enumerate(rows, 1):
             lines.append("|".join(["PID", str(i), *pid[2:]]))
+        if remaining > 0:
+            pointer = secrets.token_hex(8)
+            self._pointers[pointer] = [str(qpd[3]), offset + len(rows), time.monotonic(),
+                                       self.pointer_uses]
+            lines.append(f"DSC|{pointer}|I")
         return "\r".join(lines) + "\r"
+
+    def _continue(self, msg: Any, query: str) -> int:
+        """Where a continuation (DSC-1) resumes; LookupError (→ AE) for a bad pointer."""
+        pointer = _field(msg, "DSC", 1)
+        if not pointer:
+            return 0
+        self.continued.append(pointer)
+        entry = self._pointers.get(pointer)
+        if entry is None or entry[0] != query:
+            raise LookupError("continuation pointer not known for this query")
+        if self.pointer_ttl is not None and time.monotonic() - entry[2] > self.pointer_ttl:
+            raise LookupError("continuation pointer has expired")
+        if entry[3] is not None:
+            if entry[3] <= 0:
+                raise LookupError("continuation pointer was already used")
+            entry[3] -= 1
+        offset: int = entry[1]
+        return offset
 
     def _holds(self, pid: list[str], criterion: str) -> bool:
         name, _, value = criterion.lstrip("@").partition("^")

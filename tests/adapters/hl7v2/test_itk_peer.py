@@ -97,3 +97,26 @@ async def test_search_then_create_then_round_trip(api: httpx.AsyncClient, peer: 
     sample.pop("meta", None)
     r = await api.put(f"/STU3/Patient/{FIRST_NUMBER}", json=sample, headers=JSON)
     assert r.status_code == 200, r.text
+
+
+async def test_a_pas_ignoring_rcp2_loses_no_patient(tmp_path: Path, demo_sqlite_url: str
+                                                    ) -> None:
+    # Replies of 7 for pages of 5: the pointer stands after the 7th, so the page carries all
+    # seven (more than _count) rather than dropping two that no pointer reaches again.
+    peer = ItkPeer(honour_quantity=False, page_cap=7)
+    sample = peer.patients[FIRST_NUMBER]
+    for i in range(16):
+        pid = list(sample)
+        pid[3] = f"RCB{9000000 + i:07d}^^^RCB^PI"
+        peer.patients[f"RCB{9000000 + i:07d}"] = pid
+    async for api in _gateway(peer, tmp_path, demo_sqlite_url):
+        url: str | None = "/STU3/Patient?family=smi&gender=female&_count=5"
+        ids: list[str] = []
+        sizes = []
+        while url is not None:
+            body = (await api.get(url)).json()
+            got = [e["resource"]["id"] for e in body.get("entry", [])]
+            ids += got
+            sizes.append(len(got))
+            url = next((ln["url"] for ln in body["link"] if ln["relation"] == "next"), None)
+        assert ids == list(peer.patients) and sizes == [7, 7, 3]

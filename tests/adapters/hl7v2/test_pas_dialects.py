@@ -357,5 +357,8 @@ async def test_an_expired_continuation_pointer_is_a_clear_error(gateway: Api) ->
     url = next(ln["url"] for ln in first["link"] if ln["relation"] == "next")
     await asyncio.sleep(2.2)
     r = await api.get(url)
-    assert r.status_code == 502 and _code(r) == "BACKEND_REJECTED"
+    # The link, not the PAS, is what failed: a 400 saying to start again (a retry would
+    # meet the same refusal), with the PAS's own words.
+    assert r.status_code == 400 and _code(r) == "INVALID_PAGE_TOKEN"
     assert "expired" in r.json()["issue"][0]["diagnostics"]
+    assert "start the search again" in r.json()["issue"][0]["diagnostics"]
