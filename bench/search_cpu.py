@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -175,7 +176,14 @@ def main() -> int:
     args = ap.parse_args()
     db, _ = ensure_demo(args.patients)
     paths = workload(db, args.seed, 1000)[args.scenario]
-    tmp = Path(tempfile.mkdtemp(prefix="search-cpu-"))
+    tmp = Path(tempfile.mkdtemp(prefix="search-cpu-"))  # the old tree, data dir, audit trail
+    try:
+        return _run(args, paths, db, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, paths: list[str], db: Path, tmp: Path) -> int:
     trees: dict[str, Path] = {f"HEAD {git_rev()}": REPO}
     if args.base_rev:
         base = tmp / "base"
