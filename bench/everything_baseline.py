@@ -117,6 +117,13 @@ def ref(kind: str, v: Any) -> dict[str, str] | None:
     return None if v is None else {"reference": f"{kind}/{v}"}
 
 
+def encounter(prvsp: Any, opatt: Any) -> dict[str, str] | None:
+    """The spell, else the outpatient attendance (whose Encounter ids are prefixed op-)."""
+    if prvsp is not None:
+        return ref("Encounter", prvsp)
+    return None if opatt is None else ref("Encounter", f"op-{opatt}")
+
+
 def put(out: dict[str, Any], key: str, v: Any) -> None:
     if v is not None and v != [] and v != {}:
         out[key] = v
@@ -540,7 +547,7 @@ SQL_PRESCRIPTIONS = (
     'm."RXTYP_CODE", m."PRVSP_REFNO", m."PROCA_REFNO", m."ORDER_DTTM", m."START_DTTM", '
     'm."END_DTTM", m."STATUS_CODE", m."DOSE_TEXT", m."DOSE_VALUE", m."DOSE_UNIT", '
     'm."ROUTE_CODE", m."FREQ_CODE", m."FREQ_PER_DAY", m."PRN_FLAG", m."QTY_VALUE", m."QTY_UNIT", '
-    'm."SUPPLY_DAYS", m."STOP_REASON", m."MODIF_DTTM", d."DRUG_NAME" '
+    'm."SUPPLY_DAYS", m."STOP_REASON", m."MODIF_DTTM", d."DRUG_NAME", m."OPATT_REFNO" '
     'FROM "PRESCRIPTIONS" AS m LEFT OUTER JOIN "DRUGS" AS d ON d."DRUG_REFNO" = m."DRUG_REFNO" '
     'WHERE m."DEL_FLAG" = \'N\' AND m."PATNT_REFNO" = ? ORDER BY m."PRESC_REFNO" LIMIT ?')
 
@@ -548,7 +555,7 @@ SQL_PRESCRIPTIONS = (
 def medication_request(r: tuple[Any, ...], refs: Refs) -> dict[str, Any]:
     (refno, patnt, drug, order_number, prsty, rxtyp, prvsp, proca, ordered, start, end, status,
      dose_text, dose_value, dose_unit, route, freq_code, freq, prn, qty_value, qty_unit,
-     supply_days, stop_reason, modif, drug_name) = r
+     supply_days, stop_reason, modif, drug_name, opatt) = r
     out = envelope("MedicationRequest", MEDREQ_PROFILE, str(refno), modif)
     rx = RX_TYPE.concept(rxtyp)
     if rx is not None:
@@ -568,7 +575,7 @@ def medication_request(r: tuple[Any, ...], refs: Refs) -> dict[str, Any]:
     put(med, "display", text(drug_name))
     put(out, "medicationReference", med)
     put(out, "subject", ref("Patient", patnt))
-    put(out, "context", ref("Encounter", prvsp))
+    put(out, "context", encounter(prvsp, opatt))
     put(out, "authoredOn", dttm12(ordered))
     if proca is not None:
         out["requester"] = {"agent": {"reference": f"Practitioner/{proca}"}}
@@ -669,7 +676,7 @@ SQL_RESULTS = (
     'o."VALUE_TEXT", o."UNITS", o."REF_LOW", o."REF_HIGH", o."REF_TEXT", o."ABN_FLAG", '
     'o."RESULT_STATUS", o."MODIF_DTTM", h."COLLECTED_DTTM", h."REPORTED_DTTM", h."PROCA_REFNO", '
     'h."ORGAN_REFNO", h."PRVSP_REFNO", t."TEST_NAME", t."OBSCT_CODE", t."SNOMED_CODE", '
-    't."SNOMED_DESC" FROM "RESULTS" AS o '
+    't."SNOMED_DESC", h."OPATT_REFNO" FROM "RESULTS" AS o '
     'LEFT OUTER JOIN "RESULT_REPORTS" AS h ON h."REPRT_REFNO" = o."REPRT_REFNO" '
     'LEFT OUTER JOIN "TEST_CODES" AS t ON t."TEST_CODE" = o."TEST_CODE" '
     'WHERE o."DEL_FLAG" = \'N\' AND o."PATNT_REFNO" = ? ORDER BY o."RESLT_REFNO" LIMIT ?')
@@ -678,7 +685,7 @@ SQL_RESULTS = (
 def observation(r: tuple[Any, ...], refs: Refs) -> dict[str, Any]:
     (refno, patnt, test, value_num, comparator, value_text, units, ref_low, ref_high, ref_text,
      abn, status, modif, collected, reported, proca, organ, prvsp, test_name, obsct, snomed,
-     snomed_desc) = r
+     snomed_desc, opatt) = r
     out = envelope("Observation", OBSERVATION_PROFILE, str(refno), modif)
     put(out, "status", code(OBS_STATUS, status))
     put(out, "category", some(OBS_CATEGORY.concept(obsct)))
@@ -699,7 +706,7 @@ def observation(r: tuple[Any, ...], refs: Refs) -> dict[str, Any]:
     put(cc, "text", name)
     put(out, "code", cc)
     put(out, "subject", ref("Patient", patnt))
-    put(out, "context", ref("Encounter", prvsp))
+    put(out, "context", encounter(prvsp, opatt))
     put(out, "effectiveDateTime", dttm12(collected))
     put(out, "issued", dttm12(reported))
     performer = []
