@@ -578,13 +578,17 @@ allocator threshold (seen here: ~2.8x once, between 400k and 1.6M characters).""
 
 
 def _time_once(fn: Callable[[], object]) -> float:
-    """One run's time, gc paused as in timeit (its collections are not the input's)."""
+    """One run's CPU time, gc paused as in timeit (its collections are not the input's).
+
+    The thread's CPU time, not the wall clock: on a loaded machine a long run is preempted
+    more often than a short one, which inflated the largest size's wall time up to ~6x and
+    failed linear work."""
     gc.disable()
     try:
         with time_bound(HANG_S):
-            start = time.perf_counter()
+            start = time.thread_time()
             fn()
-            return time.perf_counter() - start
+            return time.thread_time() - start
     finally:
         gc.enable()
 
