@@ -49,6 +49,7 @@ from gateway.reload import LiveMappings
 from gateway.search import ID_RE
 from gateway.settings import Settings
 from gateway.terminology.provider import TerminologyProvider, search_bundle
+from gateway.worker_status import supervisor_status
 
 MAX_FORM_BYTES = 64 * 1024
 
@@ -546,8 +547,6 @@ async def health(request: Request) -> Response:
     """Liveness: this process answers. With ``--workers``, ``warn`` (still 200: the workers
     serving must not be restarted) while the supervisor has fewer workers serving than
     configured, e.g. a replacement that failed to start (gateway.workers)."""
-    from gateway.workers import supervisor_status
-
     workers = supervisor_status()
     if workers is None:
         return JSONResponse({"status": "pass"})

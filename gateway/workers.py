@@ -42,13 +42,11 @@ import structlog
 
 from gateway.retry import Backoff
 from gateway.settings import Settings
+from gateway.worker_status import STATUS_ENV
 
 log = structlog.get_logger("gateway.workers")
 STARTUP_FAILURE = 3
 """The exit status when the service cannot start (uvicorn's, for a worker)."""
-STATUS_ENV = "CCG_WORKERS_STATUS_FILE"
-"""Set by the parent for its workers: the file where the supervisor keeps the workers' states
-(every worker's ``/_health`` reports them)."""
 
 _ENV_OVERRIDES = ("mappings_dir", "demo_patients", "base_path", "log_level", "data_dir",
                   "paging_secret")
@@ -179,18 +177,6 @@ def serve(app: Any, settings: Settings, *, proxy_headers: bool, tls: dict[str, A
         if status:
             shutil.rmtree(Path(status).parent, ignore_errors=True)
     return STARTUP_FAILURE if supervisor.failed else 0
-
-
-def supervisor_status() -> dict[str, Any] | None:
-    """The supervisor's last word on the workers (``--workers`` only; None otherwise)."""
-    path = os.environ.get(STATUS_ENV)
-    if not path:
-        return None
-    try:
-        found = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
 
 
 def _supervisor_class() -> Any:
