@@ -482,7 +482,13 @@ class Messaging:
                  ) -> dict[str, Any]:
         entries = [e for e in message["entry"][1:] if isinstance(e, dict)
                    and isinstance(e.get("resource"), dict)]
-        refs = [f.get("reference") for f in header.get("focus") or () if isinstance(f, dict)]
+        focus = header.get("focus") or []
+        if not isinstance(focus, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("reference", ""), str) for f in focus):
+            # a client's malformed focus is its error, never ours (a 500), nor passed over
+            raise _fatal("MESSAGE_FOCUS_INVALID", "MessageHeader.focus must be a list of "
+                                                  "References")
+        refs = [f["reference"] for f in focus if f.get("reference")]  # (or by identifier)
         for ref in refs:
             for e in entries:
                 r = e["resource"]

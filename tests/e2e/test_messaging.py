@@ -166,6 +166,13 @@ async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults
                                                           "gender": "sometimes"})
     code, errors = response_of((await c.post("/$process-message", json=invalid)).json())
     assert code == "fatal-error" and errors and set(errors) == {"INVALID_RESOURCE"}
+    for n, focus in enumerate((5, True, "urn:uuid:patient-1", {"reference": "x"}, [7],
+                                  [{"reference": 7}])):
+        odd = message(f"msg-x-f{n}", "patient-registration", new_patient("9430001027"))
+        odd["entry"][0]["resource"]["focus"] = focus  # not a list of References: refused
+        r = await c.post("/$process-message", json=odd)
+        assert r.status_code == 200, r.text
+        assert response_of(r.json()) == ("fatal-error", ["MESSAGE_FOCUS_INVALID"]), focus
     assert faults.a28s == 0
     for bad in ({"resourceType": "Patient"}, {"resourceType": "Bundle", "type": "message",
                                                "entry": [{"resource": {"resourceType":
