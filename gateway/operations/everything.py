@@ -4,7 +4,8 @@ The patient, then every resource of its compartment — every source of every ty
 a patient by a mapping's Patient reference parameter — that the caller's scopes allow, in
 type order, source order and key order; then the Practitioners, Organizations, Locations and
 Medications they refer to (``search.mode = include``). ``start``/``end`` narrow by each
-type's ``date`` parameter (a type without one is not narrowed), ``_since`` by
+type's care date (record.CARE_DATE: ``date``, or Condition's ``onset-date`` else
+``asserted-date``, ...; a type without one is not narrowed, and said so), ``_since`` by
 ``meta.lastUpdated``, ``_type`` to the listed types, ``_count`` sets the page size.
 
 Paging is stateless, as for searches: the link holds the sections still to serve, in the
@@ -59,8 +60,8 @@ class Everything(Operation):
     levels = frozenset({"instance"})
     resource_types = ("Patient",)
     parameters = (
-        Parameter("start", "date", documentation="Care date from (each type's date parameter)"),
-        Parameter("end", "date", documentation="Care date to (each type's date parameter)"),
+        Parameter("start", "date", documentation="Care date from (each type's care date)"),
+        Parameter("end", "date", documentation="Care date to (each type's care date)"),
         Parameter("_since", "instant", documentation="Only resources updated since"),
         Parameter("_type", "code", max="*", documentation="Only these resource types"),
         Parameter("_count", "integer", documentation="Page size"),
@@ -127,10 +128,8 @@ class Everything(Operation):
             position, _ = ctx.pager.load(page_token, fingerprint)
             queue = _queue(position, len(secs))
 
-        date_pairs = [("date", f"ge{start}")] if start else []
-        date_pairs += [("date", f"le{end}")] if end else []
         asked = [secs[i] for i, _ in queue]
-        plans = [record.section_plan(ctx.registry, source, pid, count, date_pairs=date_pairs,
+        plans = [record.section_plan(ctx.registry, source, pid, count, start=start, end=end,
                                      since=since) for source in asked]
         failures: dict[int, GatewayError] = {}
         # The patient and the queued sections until the page is full: on one connection
@@ -196,9 +195,9 @@ class Everything(Operation):
             notes.append(f"parameters ignored: {', '.join(sorted(set(ignored)))}")
         # Never silently broader than asked: say which types the dates could not narrow.
         if start or end:
-            wide = sorted({s.resource_type for s in secs if "date" not in s.params})
+            wide = sorted({s.resource_type for s in secs if not record.care_dates(s)})
             if wide:
-                notes.append(f"start/end do not apply to (no date parameter): {', '.join(wide)}")
+                notes.append(f"start/end do not apply to (no care date): {', '.join(wide)}")
         if since is not None:
             wide = sorted({s.resource_type for s in secs
                            if record.since_criterion(s, since) is None})

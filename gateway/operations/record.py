@@ -44,7 +44,7 @@ from gateway.errors import GatewayError, InvalidParameter, operation_outcome
 from gateway.mapping.model import EXPR_KEYS
 from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_name
 from gateway.notices import notice
-from gateway.plan import SearchPlan, plan_search
+from gateway.plan import SearchContext, SearchPlan, plan_search
 from gateway.providers import Provider, translate_backend_error
 from gateway.registry import Registry, TypeProvider
 from gateway.timing import adapter_seconds
@@ -98,19 +98,57 @@ def since_criterion(source: Provider, since: dt.datetime) -> Criterion | None:
     return Compare(ref, ">=", storage.bound(local))
 
 
+CARE_DATE: dict[str, tuple[str, ...]] = {
+    "Condition": ("onset-date", "asserted-date"),
+    "MedicationRequest": ("authoredon",),
+    "MedicationStatement": ("effective",),
+    "DocumentReference": ("period", "created"),
+}
+"""Each type's care-date search parameters for ``$everything``'s ``start``/``end``, in order
+of preference: a resource is dated by the first one it has a value for (a Condition by its
+onset, else the date it was asserted). A type not listed is dated by ``date``."""
+
+
+def care_dates(source: Provider) -> list[str]:
+    """The date parameters ``start``/``end`` narrow a section by (empty: not narrowed)."""
+    names = CARE_DATE.get(source.resource_type, ("date",))
+    return [n for n in names if n in source.params and source.params[n].type == "date"]
+
+
+def care_date_criterion(ctx: SearchContext, source: Provider, start: str | None, end: str | None
+                        ) -> Criterion | None:
+    """``start``/``end`` (STU3 ``ge``/``le`` date search) on the source's care date: on its
+    first care-date parameter, or on a later one where every earlier one has no value."""
+    if not (start or end):
+        return None
+    names = care_dates(source)
+    alternatives: list[Criterion] = []
+    for i, name in enumerate(names):
+        # this one has a value (a period without a start would match ``ge`` as ongoing)
+        pairs = [(f"{n}:missing", "true") for n in names[:i]] + [(f"{name}:missing", "false")]
+        pairs += [(name, f"ge{start}")] if start else []
+        pairs += [(name, f"le{end}")] if end else []
+        found = plan_search(ctx, pairs, default_count=1, max_count=1, strict=True).criteria
+        if found is not None:
+            alternatives.append(found)
+    return any_of(alternatives) if alternatives else None
+
+
 def section_plan(registry: Registry, source: Provider, patient: str, count: int, *,
-                 date_pairs: Iterable[tuple[str, str]] = (), since: dt.datetime | None = None,
-                 sort: str | None = None) -> SearchPlan:
-    """One section's query: the patient's, narrowed by dates on its ``date`` parameter (if
-    it declares one) and by lastUpdated; sorted by ``sort`` when the source allows it."""
-    pairs = [(n, v) for n, v in date_pairs if n in source.params]
-    if sort and sort.lstrip("-") in source.sortable:
-        pairs.append(("_sort", sort))
+                 start: str | None = None, end: str | None = None,
+                 since: dt.datetime | None = None, sort: str | None = None) -> SearchPlan:
+    """One section's query: the patient's, narrowed by ``start``/``end`` on its care date
+    (:data:`CARE_DATE`, if it declares one) and by lastUpdated; sorted by ``sort`` when the
+    source allows it."""
+    pairs = [("_sort", sort)] if sort and sort.lstrip("-") in source.sortable else []
     ctx = dataclasses.replace(registry.search_context(source), policy=None)
     plan = plan_search(ctx, pairs, default_count=count, max_count=max(count, 1), strict=True)
     criteria = [patient_criterion(source, patient)]
     if plan.criteria is not None:
         criteria.append(plan.criteria)
+    dated = care_date_criterion(ctx, source, start, end)
+    if dated is not None:
+        criteria.append(dated)
     if since is not None:
         found = since_criterion(source, since)
         if found is not None:

@@ -8,6 +8,7 @@ own engine: a patient with many resources costs the same number as one with few.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -729,3 +730,73 @@ async def test_a_connection_that_cannot_be_opened_is_a_warning_for_its_sections(
     assert issues and all(i["diagnostics"].startswith("Flag source 'Flag.sql' did not answer")
                           for i in issues)
     assert set(typed(pages)) - {f"Patient/{pid}"} == whole - flags
+
+
+# Each type's care date as the demo PAS holds it (columns of the type's table), in order of
+# preference: the first one with a value dates the row (mappings' care-date parameters).
+CARE_DATES = {
+    "Condition": [("ONSET_DATE",), ("RECORDED_DTTM",)],
+    "MedicationRequest": [("ORDER_DTTM",)],
+    "MedicationStatement": [("START_DATE", "END_DATE")],
+    "DocumentReference": [("SERVICE_START_DTTM", "SERVICE_END_DTTM"), ("CREATED_DTTM",)],
+}
+
+
+def _day(value: Any) -> str | None:
+    """A stored date or time as YYYYMMDD (SQLite holds '20230904' or '202309041130',
+    PostgreSQL dates and timestamps)."""
+    return None if value is None else re.sub(r"\D", "", str(value))[:8]
+
+
+def dated_in(url: str, rtype: str, patient: str, start: str | None, end: str | None
+             ) -> tuple[set[str], int]:
+    """The oracle: the ids of the patient's ``rtype`` rows whose care date meets STU3
+    ``ge{start}`` and ``le{end}`` (a period: it overlaps the days; no end is ongoing), and
+    how many rows the patient has of it."""
+    _, table, key, flag = next(c for c in CLINICAL if c[0] == rtype)
+    cols = [c for alt in CARE_DATES[rtype] for c in alt]
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                f'SELECT "{key}", {", ".join(f"{chr(34)}{c}{chr(34)}" for c in cols)} '
+                f'FROM "{table}" WHERE "PATNT_REFNO" = :p AND "{flag}" = \'N\''),
+                {"p": int(patient)}).all()
+    finally:
+        engine.dispose()
+    lo = start.replace("-", "") if start else None
+    hi = end.replace("-", "") if end else None
+    out: set[str] = set()
+    for row in rows:
+        values = dict(zip(cols, (_day(v) for v in row[1:]), strict=True))
+        for alt in CARE_DATES[rtype]:
+            first = values[alt[0]]
+            if first is None:
+                continue  # no value: the next care date dates it
+            last = values[alt[-1]] if len(alt) == 2 else first
+            if (lo is None or last is None or last >= lo) and (hi is None or first <= hi):
+                out.add(str(row[0]))
+            break
+    return out, len(rows)
+
+
+# (start, end): each care date taken out of some rows and not all by the first; the
+# fallback dates (Condition's asserted, a document without a service period) reached.
+WINDOWS = (("2013-01-01", "2023-09-05"), ("2024-01-01", "2024-12-31"),
+           ("2023-09-06", None), (None, "2015-12-31"))
+
+
+async def test_start_and_end_narrow_every_type_by_its_care_date(
+        gw: tuple[httpx.AsyncClient, str, Starlette]) -> None:
+    c, url, _ = gw
+    pid = "100001"
+    for n, (start, end) in enumerate(WINDOWS):
+        query = "&".join([f"start={start}"] * bool(start) + [f"end={end}"] * bool(end))
+        _, pages = await walk(c, f"/STU3/Patient/{pid}/$everything?{query}&_count=100")
+        for rtype in CARE_DATES:
+            want, held = dated_in(url, rtype, pid, start, end)
+            if n == 0:  # the dates really take some out, and not all
+                assert 0 < len(want) < held, rtype
+            assert matched(pages, rtype) == want, (rtype, start, end)
+        for issue in outcome_issues(pages):  # said only of types without a care date
+            assert not any(t in issue["diagnostics"] for t in CARE_DATES), issue
