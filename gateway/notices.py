@@ -43,8 +43,10 @@ NOTICES: dict[str, Notice] = {n.code: n for n in (
     Notice("UNKNOWN_PARAMETER", "warning", "not-supported",
            "with `Prefer: handling=lenient`: search parameters ignored, named"),
     Notice("NOT_INCLUDED", "warning", "incomplete",
-           "`$everything`: parameters ignored, or types that `start`/`end`/`_since` could "
-           "not narrow (returned whole)"),
+           "`$everything`: parameters ignored, types that `start`/`end`/`_since` could "
+           "not narrow (returned whole), or types the token's scopes do not allow reading "
+           "(the compartment's, and the Practitioners/Organizations/Locations/Medications "
+           "the page refers to), named"),
     Notice("CHAIN_RESOLVED_BY_SEARCH", "information", "informational",
            "a chained parameter was answered by searching its target first"),
     Notice("MESSAGE_ACCEPTED", "information", "informational",

@@ -178,10 +178,13 @@ class Everything(Operation):
                   for k, exc in sorted(failures.items())]
         entries = [bundle.entry(base, r, "match") for r in served]
         included = []
+        unread: list[str] = []  # referenced types the scopes do not allow: said below
         if types is None or not types.isdisjoint(record.REFERENCED):
             gaps: list[str] = []
-            included = await record.referenced_of(ctx.registry, record.referenced_by(by_source),
-                                                  principal, types, None if whole else gaps)
+            wanted = record.referenced_by(by_source)
+            unread = record.referenced_denied(ctx.registry, wanted, principal, types)
+            included = await record.referenced_of(ctx.registry, wanted, principal, types,
+                                                  None if whole else gaps)
             failed += [f"{g}; the resources of that type this page refers to are not included"
                        for g in gaps]
         entries += [bundle.entry(base, r, "include") for r in included]
@@ -191,6 +194,9 @@ class Everything(Operation):
         if denied:
             notes.append(f"not included, as the client's scopes do not allow reading them: "
                          f"{', '.join(denied)}")
+        if unread:
+            notes.append(f"resources referred to not included, as the client's scopes do not "
+                         f"allow reading them: {', '.join(unread)}")
         if ignored:
             notes.append(f"parameters ignored: {', '.join(sorted(set(ignored)))}")
         # Never silently broader than asked: say which types the dates could not narrow.

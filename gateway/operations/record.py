@@ -496,6 +496,15 @@ def _collect(node: Any, path: tuple[str, ...], into: dict[Any, None]) -> None:
             _collect(node.get(path[0]), path[1:], into)
 
 
+def referenced_denied(registry: Registry, wanted: dict[str, dict[str, None]],
+                      principal: Principal, types: set[str] | None) -> list[str]:
+    """The types ``wanted`` names that :func:`referenced_of` leaves out because the caller's
+    scopes do not allow reading them (to be said, never a silent gap)."""
+    return [rtype for rtype in REFERENCED
+            if wanted.get(rtype) and rtype in registry
+            and (types is None or rtype in types) and not principal.allows(rtype, "r")]
+
+
 async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
                         principal: Principal, types: set[str] | None,
                         failed: list[str] | None = None) -> list[dict[str, Any]]:

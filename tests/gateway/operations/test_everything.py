@@ -21,6 +21,7 @@ from sqlalchemy import event
 from starlette.applications import Starlette
 
 from gateway import compartment
+from gateway.operations.record import REFERENCED
 from tests.conftest import LiveServer
 from tests.gateway.test_multisource import encounters, walk
 from tests.security.principals import as_, install, patient_token, user_token
@@ -271,7 +272,10 @@ async def tokens(demo_url: str, make_app: Callable[..., Starlette]
     app = make_app(demo_url, auth_mode="insecure-demo")
     install(app, {"P": patient_token("100001"), "Q": patient_token("100002"),
                   "enc-only": user_token("user/Patient.read user/Encounter.read"),
-                  "no-patient": user_token("user/Encounter.read")})
+                  "no-patient": user_token("user/Encounter.read"),
+                  "enc-refs": user_token("user/Patient.read user/Encounter.read "
+                                         "user/Practitioner.read user/Location.read "
+                                         "user/Organization.read")})
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
@@ -302,6 +306,22 @@ async def test_types_the_scopes_do_not_allow_are_left_out_and_said(
     kinds = {e["resource"]["resourceType"] for e in r.json()["entry"]
              if e["search"]["mode"] != "outcome"}
     assert kinds == {"Patient", "Encounter"}  # no Practitioner/Organization/Location scope
+    # ... and the types the encounters refer to, left out for that reason, are said
+    referred = sorted({ref.split("/")[0] for e in r.json()["entry"]
+                       if e["resource"]["resourceType"] == "Encounter"
+                       for ref in _refs(e["resource"])} - {"Patient", "Encounter"})
+    assert {"Practitioner", "Location"} <= set(referred)
+    notes = [i["diagnostics"] for i in outcome_issues([r.json()])
+             if i["details"]["coding"][0]["code"] == "NOT_INCLUDED"]
+    assert ("resources referred to not included, as the client's scopes do not allow "
+            f"reading them: {', '.join(t for t in REFERENCED if t in referred)}") in notes
+    # a scope that allows them: nothing is said of them, and they come
+    r = await tokens.get("/STU3/Patient/100001/$everything?_count=100&_type=Encounter,"
+                         "Practitioner,Location,Organization", headers=as_("enc-refs"))
+    assert r.status_code == 200
+    assert not [i for i in outcome_issues([r.json()]) if "referred" in i["diagnostics"]]
+    assert {e["resource"]["resourceType"] for e in r.json()["entry"]
+            if e["search"]["mode"] == "include"} >= {"Practitioner", "Location"}
     r = await tokens.get("/STU3/Patient/100001/$everything", headers=as_("no-patient"))
     assert r.status_code == 403
 
