@@ -52,6 +52,7 @@ from gateway.messaging.delivery import Outbox, allowed
 from gateway.messaging.store import MessageStore, attempted, clear_retries, give_up, reaccept
 from gateway.notices import notice
 from gateway.operations.base import Context, Invocation, Operation, Parameter
+from gateway.operations.params import parameter_list
 from gateway.registry import Registry
 from gateway.retry import Backoff
 
@@ -695,7 +696,7 @@ class ProcessMessage(Operation):
         is_async, url = False, None
         if message.get("resourceType") == "Parameters":
             content = None
-            for p in message.get("parameter") or ():
+            for p in parameter_list(message):
                 if not isinstance(p, dict):
                     continue
                 if p.get("name") == "content":
