@@ -574,7 +574,7 @@ class Messaging:
 
     async def _by_identifier(self, provider: Any, resource: dict[str, Any]) -> str | None:
         """The one record with an identifier of ``resource`` (NHS number first), if any."""
-        idents = [i for i in resource.get("identifier") or () if isinstance(i, dict)
+        idents = [i for i in writes.identifiers(resource) if isinstance(i, dict)
                   and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)]
         idents.sort(key=lambda i: i["system"] != writes.NHS_NUMBER_SYSTEM)
         for ident in idents:
