@@ -99,8 +99,9 @@ def header_of(message: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("the MessageHeader needs an id (1 to 64 characters): it identifies "
                          "the message")
     event = first.get("event")
-    if not isinstance(event, dict) or not event.get("code"):
-        raise BadRequest("the MessageHeader needs an event (a Coding)")
+    if not isinstance(event, dict) or not isinstance(event.get("code"), str) \
+            or not event["code"]:
+        raise BadRequest("the MessageHeader needs an event (a Coding with a code)")
     return first
 
 
