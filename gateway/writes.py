@@ -104,13 +104,20 @@ def _pydantic_problems(resource_type: str, exc: Any) -> list[tuple[str, str]]:
     return problems
 
 
+def identifiers(resource: dict[str, Any]) -> list[Any]:
+    """``identifier`` when it is a list; anything else is the structure check's error to
+    report, not a list to walk."""
+    found = resource.get("identifier")
+    return found if isinstance(found, list) else []
+
+
 def _unstated_verification_status(resource: dict[str, Any], resource_type: str) -> set[str]:
     """Where an NHS number carries no extension at all: Care Connect wants its verification
     status (1..1), but a PAS that does not state it (HL7 v2 without PID-32) gives the gateway
     none to serve, and what the gateway serves its own update must accept (a GET → PUT round
     trip). The status is never invented; a status that is sent is still checked."""
     out = set()
-    for i, ident in enumerate(resource.get("identifier") or []):
+    for i, ident in enumerate(identifiers(resource)):
         if (isinstance(ident, dict) and ident.get("system") == NHS_NUMBER_SYSTEM
                 and not ident.get("extension")):
             out.add(f"{resource_type}.identifier[{i}].extension")
@@ -133,7 +140,7 @@ def validate(resource: dict[str, Any], resource_type: str, profile: str | None =
         get_fhir_model_class(resource_type).model_validate(resource)
     except ValidationError as exc:
         problems += _pydantic_problems(resource_type, exc)
-    for i, ident in enumerate(resource.get("identifier") or []):
+    for i, ident in enumerate(identifiers(resource)):
         if not isinstance(ident, dict) or ident.get("system") != NHS_NUMBER_SYSTEM:
             continue
         value = ident.get("value")

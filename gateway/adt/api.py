@@ -135,10 +135,11 @@ def checked_update(resource: dict[str, Any], current: dict[str, Any],
     """The updated Subscription as stored. Headers sent by name keep their stored value."""
     stored = {_header_name(h).lower(): str(h)
               for h in (current.get("channel") or {}).get("header") or []}
-    channel = dict(resource.get("channel") or {})
-    if "header" in channel:
+    channel = resource.get("channel")
+    # A channel or header list of another JSON type is left for the structure check to report.
+    if isinstance(channel, dict) and isinstance(channel.get("header"), list):
         headers = []
-        for h in channel["header"] or []:
+        for h in channel["header"]:
             h = str(h)
             if ":" in h:
                 headers.append(h)
@@ -148,8 +149,7 @@ def checked_update(resource: dict[str, Any], current: dict[str, Any],
                 raise _bad(f"the channel header {h.strip()!r} has no value, and the "
                            "Subscription has no stored header of that name",
                            "Subscription.channel.header")
-        channel["header"] = headers
-    resource = {**resource, "channel": channel}
+        resource = {**resource, "channel": {**channel, "header": headers}}
     _checked_body(resource, settings)
     status = resource.get("status")
     if status not in ("requested", "active", "off"):

@@ -52,6 +52,7 @@ from gateway.messaging.delivery import Outbox, allowed
 from gateway.messaging.store import MessageStore, attempted, clear_retries, give_up, reaccept
 from gateway.notices import notice
 from gateway.operations.base import Context, Invocation, Operation, Parameter
+from gateway.operations.params import parameter_list
 from gateway.registry import Registry
 from gateway.retry import Backoff
 
@@ -98,8 +99,9 @@ def header_of(message: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("the MessageHeader needs an id (1 to 64 characters): it identifies "
                          "the message")
     event = first.get("event")
-    if not isinstance(event, dict) or not event.get("code"):
-        raise BadRequest("the MessageHeader needs an event (a Coding)")
+    if not isinstance(event, dict) or not isinstance(event.get("code"), str) \
+            or not event["code"]:
+        raise BadRequest("the MessageHeader needs an event (a Coding with a code)")
     return first
 
 
@@ -573,7 +575,7 @@ class Messaging:
 
     async def _by_identifier(self, provider: Any, resource: dict[str, Any]) -> str | None:
         """The one record with an identifier of ``resource`` (NHS number first), if any."""
-        idents = [i for i in resource.get("identifier") or () if isinstance(i, dict)
+        idents = [i for i in writes.identifiers(resource) if isinstance(i, dict)
                   and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)]
         idents.sort(key=lambda i: i["system"] != writes.NHS_NUMBER_SYSTEM)
         for ident in idents:
@@ -695,7 +697,7 @@ class ProcessMessage(Operation):
         is_async, url = False, None
         if message.get("resourceType") == "Parameters":
             content = None
-            for p in message.get("parameter") or ():
+            for p in parameter_list(message):
                 if not isinstance(p, dict):
                     continue
                 if p.get("name") == "content":

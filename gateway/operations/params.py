@@ -40,15 +40,27 @@ async def input_pairs(request: Request, max_body_bytes: int) -> list[tuple[str, 
     return pairs + _from_parameters(resource)
 
 
+def parameter_list(resource: dict[str, Any]) -> list[Any]:
+    """``Parameters.parameter``: a list, or absent (anything else is refused, not iterated)."""
+    found = resource.get("parameter")
+    if found is None:
+        return []
+    if not isinstance(found, list):
+        raise BadRequest("Parameters.parameter is not a list")
+    return found
+
+
 def _from_parameters(resource: dict[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    for param in resource.get("parameter") or ():
+    for param in parameter_list(resource):
         if not isinstance(param, dict) or not isinstance(param.get("name"), str):
             raise BadRequest("every Parameters.parameter needs a name")
         for key in (*_VALUE_KEYS, "valueInteger", "valueBoolean", "valuePositiveInt",
                     "valueUnsignedInt"):
             if key in param:
                 value = param[key]
+                if value is None or isinstance(value, (dict, list)):
+                    raise BadRequest(f"parameter '{param['name'][:64]}' has no simple value")
                 if isinstance(value, bool):
                     value = "true" if value else "false"
                 out.append((param["name"], str(value)))

@@ -16,6 +16,7 @@ from gateway import writes
 from gateway.auth import authorize
 from gateway.errors import MethodNotAllowed, NotFound
 from gateway.operations.base import Context, Invocation, Operation, Parameter
+from gateway.operations.params import parameter_list
 from gateway.profiles.validator import Issue, load_profiles, validate
 
 DEFINITION = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
@@ -31,7 +32,7 @@ def outcome(issues: list[Issue]) -> dict[str, Any]:
 def _from_parameters(body: dict[str, Any]) -> tuple[Any, str | None]:
     resource: Any = None
     profile: str | None = None
-    for param in body.get("parameter") or ():
+    for param in parameter_list(body):
         if not isinstance(param, dict):
             continue
         if param.get("name") == "resource":

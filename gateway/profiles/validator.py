@@ -400,7 +400,8 @@ class _Walker:
         if binding.expansion is None:
             self.unchecked(binding, path)
             return
-        codings = [c for c in cc.get("coding") or () if isinstance(c, dict)]
+        listed = cc.get("coding")  # not a list: the structure check reports it
+        codings = [c for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
         if any(binding.expansion.has_coding(c.get("system"), c.get("code")) for c in codings):
             return
         if codings or binding.strength == "required":

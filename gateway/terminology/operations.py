@@ -19,7 +19,7 @@ from gateway import writes
 from gateway.auth import authorize
 from gateway.errors import BadRequest, NotFound, UnknownCode
 from gateway.operations.base import Context, Invocation, Operation, Parameter
-from gateway.operations.params import input_pairs
+from gateway.operations.params import input_pairs, parameter_list
 from gateway.randomness import uuid4
 from gateway.terminology import conceptmaps
 from gateway.terminology.content import Catalogue, Concept, Definition
@@ -42,14 +42,16 @@ async def _inputs(request: Request, ctx: Context) -> tuple[dict[str, list[str]],
         if body.get("resourceType") != "Parameters":
             raise BadRequest("the operation takes a Parameters resource (or a form)")
         pairs = list(request.query_params.multi_items())
-        for p in body.get("parameter") or ():
+        for p in parameter_list(body):
             if not isinstance(p, dict) or not isinstance(p.get("name"), str):
                 raise BadRequest("every Parameters.parameter needs a name")
             if isinstance(p.get("valueCoding"), dict):
                 codings.append(_coding(p["valueCoding"]))
             elif isinstance(p.get("valueCodeableConcept"), dict):
-                codings += [_coding(c) for c in p["valueCodeableConcept"].get("coding") or ()
-                            if isinstance(c, dict)]
+                listed = p["valueCodeableConcept"].get("coding") or []
+                if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
+                    raise BadRequest("valueCodeableConcept.coding is not a list of Codings")
+                codings += [_coding(c) for c in listed]
             else:
                 value = next((p[k] for k in p if k.startswith("value")), None)
                 if value is None or isinstance(value, (dict, list)):
@@ -65,7 +67,11 @@ async def _inputs(request: Request, ctx: Context) -> tuple[dict[str, list[str]],
 
 
 def _coding(c: dict[str, Any]) -> Coding:
-    return {k: str(c[k]) for k in ("system", "code", "display", "version") if k in c}
+    out: dict[str, Any] = {k: c[k] for k in ("system", "code", "display", "version") if k in c}
+    if not isinstance(out.get("code"), str) or not all(isinstance(v, str) for v in out.values()):
+        raise BadRequest("a Coding needs a code; its system, code, display and version are "
+                         "strings")
+    return out
 
 
 def _one(inputs: dict[str, list[str]], name: str) -> str | None:

@@ -179,6 +179,12 @@ async def test_unroutable_and_malformed(gw: tuple[httpx.AsyncClient, str, Faults
                                                                        "Patient"}}]}):
         r = await c.post("/$process-message", json=bad)
         assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
+    for n, code in enumerate(([7], ["patient-registration"], {"code": "x"}, 7, None)):
+        odd = message(f"msg-x-e{n}", "patient-registration", new_patient("9430001027"))
+        odd["entry"][0]["resource"]["event"]["code"] = code  # a list was a TypeError: 500
+        r = await c.post("/$process-message", json=odd)
+        assert r.status_code == 400, r.text
+        assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "BAD_REQUEST"
     r = await c.get("/$process-message")
     assert r.status_code == 405
     # the write's own scope: a reader cannot register a patient by message

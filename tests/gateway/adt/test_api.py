@@ -367,6 +367,12 @@ def test_update_is_versioned_and_rechecked(gateway: tuple[LiveServer, Path]) -> 
     for b in bad:
         r = httpx.put(url, content=json.dumps(b), headers={**h, "If-Match": 'W/"2"'})
         assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome", b
+    # a channel or header list of another JSON type: INVALID_RESOURCE, not a 500 (TypeError)
+    for wrong in ({**got, "channel": 7}, {**got, "channel": ["rest-hook"]},
+                  {**got, "channel": {**got["channel"], "header": -1}},
+                  {**got, "channel": {**got["channel"], "header": {"X-Ward": "7"}}}):
+        r = httpx.put(url, content=json.dumps(wrong), headers={**h, "If-Match": 'W/"2"'})
+        assert (r.status_code, code(r)) == (422, "INVALID_RESOURCE"), (wrong, r.text)
     r = httpx.put(url, content=json.dumps({**got, "id": "other"}), headers=h)
     assert r.status_code == 400
     r = httpx.put(f"{base}/Subscription/no-such-sub",

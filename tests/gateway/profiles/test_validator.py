@@ -364,3 +364,13 @@ def test_an_empty_reason_only_on_an_empty_list_or_section() -> None:
     assert [(i.message[:5], i.expression) for i in validate(comp)
             if i.code == "invariant"] == [("cmp-2", "Composition.section[0]"),
                                           ("cmp-1", "Composition.section[1]")]
+
+
+@pytest.mark.parametrize("coding", [-1, 1.5, True, "S", {"code": "S"}])
+def test_a_codeable_concept_whose_coding_is_not_a_list(coding: Any) -> None:
+    """Reported as an error at the element, not iterated (an int raised TypeError: $validate
+    and every create/update answered 500)."""
+    p = patient()
+    p["maritalStatus"]["coding"] = coding
+    found = errors(p)
+    assert found and all(i.expression.startswith("Patient.maritalStatus") for i in found), found

@@ -35,6 +35,17 @@ def test_nhs_number_reported_once() -> None:
     assert [path for path, _ in info.value.problems] == ["Patient.identifier[0].value"]
 
 
+@pytest.mark.parametrize("identifier", [-1, 1.5, True, "9990000018"])
+def test_identifier_that_is_not_a_list_is_422(identifier: object) -> None:
+    """INVALID_RESOURCE at Patient.identifier, not a TypeError (a 500 on create and update)."""
+    p = patient()
+    p["identifier"] = identifier
+    with pytest.raises(ResourceInvalid) as info:
+        writes.validate(p, "Patient")
+    assert info.value.status == 422
+    assert any(path.startswith("Patient.identifier") for path, _ in info.value.problems)
+
+
 def test_warnings_do_not_block() -> None:
     p = patient()
     p["extension"].append({"url": "http://example.org/x", "valueBoolean": True})

@@ -184,6 +184,28 @@ async def test_type_level_translate_finds_the_map_by_system(fhir: httpx.AsyncCli
     assert (result, matches) == (False, []) and message
 
 
+@pytest.mark.parametrize("parameter", [
+    5,  # not a list
+    [{"name": "coding", "valueCoding": {}}],  # a Coding without a code (was a KeyError)
+    [{"name": "coding", "valueCoding": {"system": "http://read.info/ctv3", "code": None}}],
+    [{"name": "coding", "valueCoding": {"system": "http://read.info/ctv3", "code": ["X40J4"]}}],
+    [{"name": "coding", "valueCoding": {"system": 7, "code": "X40J4"}}],
+    [{"name": "codeableConcept", "valueCodeableConcept": {"coding": 1.5}}],
+    [{"name": "codeableConcept", "valueCodeableConcept": {"coding": [7]}}],
+])
+async def test_translate_refuses_parameters_of_the_wrong_type(fhir: httpx.AsyncClient,
+                                                              parameter: Any) -> None:
+    """A 400 (BAD_REQUEST), never a 500 nor a code made of the Python text of what was sent
+    ("None", "['X40J4']")."""
+    body = {"resourceType": "Parameters", "parameter": parameter}
+    for op in ("/ConceptMap/$translate", "/ValueSet/$validate-code", "/CodeSystem/$lookup"):
+        r = await fhir.post(op, json=body, headers={"Content-Type": "application/fhir+json"})
+        assert r.status_code == 400, (op, r.text)
+        outcome = r.json()
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert outcome["issue"][0]["details"]["coding"][0]["code"] == "BAD_REQUEST"
+
+
 VS = "https://fhir.hl7.org.uk/STU3/ValueSet/CareConnect-"
 
 
