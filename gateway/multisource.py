@@ -235,7 +235,11 @@ class MultiSource:
         source = self.source_of(rid)
         return await source.read(rid) if source is not None else None
 
-    async def read_many(self, ids: Iterable[str], limit: int) -> list[dict[str, Any]]:
+    async def read_many(self, ids: Iterable[str], limit: int,
+                        failed: list[tuple[str, GatewayError]] | None = None
+                        ) -> list[dict[str, Any]]:
+        """``failed`` given (an ``_include`` without strict): a source that does not answer
+        (502/503/504) is left out and named there, rather than failing the request."""
         wanted: dict[int, list[str]] = {}
         for rid in dict.fromkeys(ids):
             source = self.source_of(rid)
@@ -245,7 +249,10 @@ class MultiSource:
         for i, rids in sorted(wanted.items()):  # one statement per source
             if len(out) >= limit:
                 break
-            out += await self.sources[i].read_many(rids, limit - len(out))
+            try:
+                out += await self.sources[i].read_many(rids, limit - len(out))
+            except GatewayError as exc:
+                _left_out(self.sources[i], exc, failed)
         return out
 
     # -- records of a merged page: (source index, record)
@@ -290,15 +297,35 @@ class MultiSource:
     # -- search
 
     async def count(self, plan: SearchPlan) -> int:
+        """The sum of every source's count: a source that does not answer is the error (a
+        total without its records would be wrong), and the error says which and why."""
         assert isinstance(plan, MultiPlan)
-        return sum([await s.count(p) for s, p in zip(self.sources, plan.parts, strict=True)])
+        total = 0
+        for s, p in zip(self.sources, plan.parts, strict=True):
+            try:
+                total += await s.count(p)
+            except GatewayError as exc:
+                if exc.status not in SOURCE_FAILURES:
+                    raise
+                raise type(exc)(
+                    f"{self.resource_type} source '{source_name(s)}' did not answer, and a "
+                    f"total cannot be given without its records: {exc.message}",
+                    headers=exc.headers) from exc
+        return total
 
     async def revinclude(self, param: str, target: str, ids: list[str], limit: int,
-                         prefixes: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
+                         prefixes: Sequence[str] = (),
+                         failed: list[tuple[str, GatewayError]] | None = None
+                         ) -> tuple[list[dict[str, Any]], bool]:
+        """``failed``: as for :meth:`read_many`."""
         out: list[dict[str, Any]] = []
         more = False
         for s in self.sources:
-            found, cut = await s.revinclude(param, target, ids, limit, prefixes)
+            try:
+                found, cut = await s.revinclude(param, target, ids, limit, prefixes)
+            except GatewayError as exc:
+                _left_out(s, exc, failed)
+                continue
             out += found
             more = more or cut
         if len(out) > limit:
@@ -563,6 +590,15 @@ class MultiSource:
             out.append(_Desc(v) if key.descending else v)
         out.append(i)
         return tuple(out)
+
+
+def _left_out(source: Provider, exc: GatewayError,
+              failed: list[tuple[str, GatewayError]] | None) -> None:
+    """Notes a source that did not answer an include in ``failed`` (None: strict, so its
+    error is the answer, as is any error but 502/503/504)."""
+    if failed is None or exc.status not in SOURCE_FAILURES:
+        raise exc
+    failed.append((source_name(source), exc))
 
 
 def _comparable(source: Provider, ref: str, raw: Any) -> tuple[Any, ...]:

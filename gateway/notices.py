@@ -28,11 +28,11 @@ class Notice:
 
 NOTICES: dict[str, Notice] = {n.code: n for n in (
     Notice("SOURCE_UNAVAILABLE", "warning", "incomplete",
-           "a source of a multi-source type, a section of `$everything` or of a structured "
-           "record, or the source of the Practitioners/Organizations/Locations/Medications "
-           "an `$everything` page refers to, did not answer: the answer lacks its records (a "
-           "search's or `$everything`'s next page asks it again; `Prefer: handling=strict`: "
-           "its 502/503/504 instead)"),
+           "a source of a multi-source type (searched, or in an `_include`/`_revinclude`), a "
+           "section of `$everything` or of a structured record, or the source of the "
+           "Practitioners/Organizations/Locations/Medications an `$everything` page refers "
+           "to, did not answer: the answer lacks its records (a search's or `$everything`'s "
+           "next page asks it again; `Prefer: handling=strict`: its 502/503/504 instead)"),
     Notice("SOURCE_NOT_SEARCHED", "warning", "incomplete",
            "a source of a multi-source type cannot answer the search as asked (an HL7 v2 "
            "source given no parameter it queries on): the answer lacks its records, on every "

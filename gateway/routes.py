@@ -39,6 +39,7 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render, wants_html
+from gateway.multisource import MultiSource
 from gateway.notices import notice
 from gateway.operations import OperationRegistry
 from gateway.operations.base import Invocation, Level
@@ -54,6 +55,9 @@ from gateway.worker_status import supervisor_status
 MAX_FORM_BYTES = 64 * 1024
 
 log = structlog.get_logger("gateway.routes")
+
+Missing = list[tuple[str, str, str, GatewayError]]
+"""(include, included type, source name, error) of each source an include went without."""
 
 
 class Api:
@@ -376,7 +380,8 @@ class Api:
         entries = [bundle.entry(base, r, "match") for r in matches]
         # bdl-7: a resource already in the Bundle as a match is not included again
         entries += await self._includes(provider, plan, page, base,
-                                        {(r["resourceType"], r["id"]) for r in matches})
+                                        {(r["resourceType"], r["id"]) for r in matches},
+                                        self.whole(request))
         entries += provider.page_outcome(page)  # a source that did not answer: said so
         entries += outcome
 
@@ -406,21 +411,27 @@ class Api:
         return bundle.search_url(base, provider.resource_type, used, token)
 
     async def _includes(self, provider: TypeProvider, plan: SearchPlan, page: Page, base: str,
-                        seen: set[tuple[str, str]]) -> list[dict[str, Any]]:
+                        seen: set[tuple[str, str]], whole: bool) -> list[dict[str, Any]]:
+        """The ``_include``d and ``_revinclude``d resources of a page. A source of an included
+        multi-source type that does not answer is left out with a SOURCE_UNAVAILABLE warning,
+        as in the type's own search (``whole``, asked-for strict: its error is the answer)."""
         if not page.records or not (plan.includes or plan.revincludes):
             return []
         limit = self.settings.include_limit
         out: list[dict[str, Any]] = []
         truncated: list[str] = []
+        missing: Missing = []
         for inc in dict.fromkeys(plan.includes):  # a repeated _include is fetched once
-            for resource in await self._include(provider, inc, page, limit, truncated):
+            for resource in await self._include(provider, inc, page, limit, truncated,
+                                                None if whole else missing):
                 key = (resource["resourceType"], resource["id"])
                 if key not in seen:
                     seen.add(key)
                     out.append(bundle.entry(base, resource, "include"))
         ids = [provider.record_id(r) for r in page.records]
         for rev in dict.fromkeys(plan.revincludes):
-            for resource in await self._revinclude(provider, rev, ids, limit, truncated):
+            for resource in await self._revinclude(provider, rev, ids, limit, truncated,
+                                                   None if whole else missing):
                 key = (resource["resourceType"], resource["id"])
                 if key not in seen:
                     seen.add(key)
@@ -431,28 +442,51 @@ class Api:
                 f"{', '.join(dict.fromkeys(truncated))} matched more than {limit} resources; "
                 f"only {limit} were included")])
             out.append({"resource": oo, "search": {"mode": "outcome"}})
+        if missing:  # never a silent gap
+            oo = operation_outcome([
+                notice("SOURCE_UNAVAILABLE",
+                       f"{rtype} source '{name}' did not answer ({exc.error_code}); {what} "
+                       "lacks its records")
+                for what, rtype, name, exc in missing])
+            out.append({"resource": oo, "search": {"mode": "outcome"}})
         return out
 
     async def _include(self, provider: TypeProvider, inc: Include, page: Page, limit: int,
-                       truncated: list[str]) -> list[dict[str, Any]]:
+                       truncated: list[str], missing: Missing | None) -> list[dict[str, Any]]:
         targets = provider.params[inc.param].reference_targets()
         results: list[dict[str, Any]] = []
         for rtype in targets:
             if inc.target not in ("*", rtype) or rtype not in self.registry:
                 continue
             ids = [v for r in page.records for v in provider.reference_ids(r, inc.param, rtype)]
+            what = f"_include={provider.resource_type}:{inc.param}:{rtype}"
             if len({i for i in ids if ID_RE.match(i)}) > limit:
-                truncated.append(f"_include={provider.resource_type}:{inc.param}:{rtype}")
-            results += await self.registry.get(rtype).read_many(ids, limit)
+                truncated.append(what)
+            target = self.registry.get(rtype)
+            if isinstance(target, MultiSource) and missing is not None:
+                failed: list[tuple[str, GatewayError]] = []
+                results += await target.read_many(ids, limit, failed)
+                missing += [(what, rtype, name, exc) for name, exc in failed]
+            else:
+                results += await target.read_many(ids, limit)
         return results
 
     async def _revinclude(self, provider: TypeProvider, rev: RevInclude, ids: list[str],
-                          limit: int, truncated: list[str]) -> list[dict[str, Any]]:
+                          limit: int, truncated: list[str], missing: Missing | None
+                          ) -> list[dict[str, Any]]:
         source = self.registry.get(rev.source_type)
-        found, more = await source.revinclude(rev.param, provider.resource_type, ids, limit,
-                                              self.registry.id_prefixes(provider.resource_type))
+        prefixes = self.registry.id_prefixes(provider.resource_type)
+        what = f"_revinclude={rev.source_type}:{rev.param}"
+        if isinstance(source, MultiSource) and missing is not None:
+            failed: list[tuple[str, GatewayError]] = []
+            found, more = await source.revinclude(rev.param, provider.resource_type, ids,
+                                                  limit, prefixes, failed)
+            missing += [(what, rev.source_type, name, exc) for name, exc in failed]
+        else:
+            found, more = await source.revinclude(rev.param, provider.resource_type, ids,
+                                                  limit, prefixes)
         if more:
-            truncated.append(f"_revinclude={rev.source_type}:{rev.param}")
+            truncated.append(what)
         return found
 
 
