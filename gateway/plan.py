@@ -582,7 +582,8 @@ def _date(ctx: SearchContext, param: SearchParam, value: DateValue) -> Criterion
         sl, sh = s_store.bound(lo), s_store.bound(hi)
         # the least stored end whose unit ends after lo, after hi
         el, eh = _ends_after(e_store, lo), _ends_after(e_store, hi)
-        ongoing = IsNull(end)
+        # ongoing: begun and not ended; a record with no period at all matches no range
+        ongoing = And((IsNull(start, null=False), IsNull(end)))
         ended = IsNull(end, null=False)
         # start within and end within [lo, hi)
         within = And((Compare(start, ">=", sl), ended, Compare(end, "<", eh)))

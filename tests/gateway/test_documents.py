@@ -107,11 +107,22 @@ async def test_by_created_and_period(client: httpx.AsyncClient, db: Any) -> None
 async def test_the_explore_page_combination(client: httpx.AsyncClient, db: Any) -> None:
     """patient + type + period, as the Care Connect page says systems SHOULD support."""
     expected = ids(db, LIVE + """AND "PATNT_REFNO" = 100001 AND "DOCTY_CODE" = 'DS'
-                   AND ("SERVICE_END_DTTM" IS NULL OR "SERVICE_END_DTTM" >= '201001010000')""")
+                   AND (("SERVICE_END_DTTM" IS NULL AND "SERVICE_START_DTTM" IS NOT NULL)
+                        OR "SERVICE_END_DTTM" >= '201001010000')""")
     assert expected
     got = await found(client, "/STU3/DocumentReference", patient="100001",
                       type=f"{SNOMED}|373942005", period="ge2010-01-01")
     assert got == expected
+
+
+@pytest.mark.parametrize("period", ["ge1900-01-01", "gt1900-01-01", "ap2022", "le2100"])
+async def test_a_document_without_a_period_matches_no_period_range(
+        client: httpx.AsyncClient, db: Any, period: str) -> None:
+    """No period is not an ongoing one (begun, not ended): it is in no range."""
+    none = ids(db, LIVE + """AND "SERVICE_START_DTTM" IS NULL AND "SERVICE_END_DTTM" IS NULL""")
+    assert none
+    got = await found(client, "/STU3/DocumentReference", period=period)
+    assert got and not got & none
 
 
 async def test_by_setting_author_and_encounter(client: httpx.AsyncClient, db: Any) -> None:
