@@ -46,7 +46,7 @@ NOTICES: dict[str, Notice] = {n.code: n for n in (
            "`$everything`: parameters ignored, types that `start`/`end`/`_since` could "
            "not narrow (returned whole), or types the token's scopes do not allow reading "
            "(the compartment's, and the Practitioners/Organizations/Locations/Medications "
-           "the page refers to), named"),
+           "the page refers to; in a structured record, those its sections refer to), named"),
     Notice("CHAIN_RESOLVED_BY_SEARCH", "information", "informational",
            "a chained parameter was answered by searching its target first"),
     Notice("MESSAGE_ACCEPTED", "information", "informational",

@@ -250,8 +250,13 @@ class Document(Operation):
             for r in items:
                 held.setdefault((r["resourceType"], r["id"]), r)
         resources = list(held.values())
-        included = await record.referenced(ctx.registry, [*resources, *(
-            [encounter] if encounter else [])], principal, None)
+        cited = [*resources, *([encounter] if encounter else [])]
+        # A document holds what it refers to: as for its sections, every type needs read
+        # (a 403 naming it), never a document with references silently left dangling.
+        for rtype in record.referenced_denied(ctx.registry, record.referenced_ids(cited),
+                                              principal, None):
+            authorize.require(request, rtype, "r")
+        included = await record.referenced(ctx.registry, cited, principal, None)
         body = build(spec, ctx.base_url(request), patient, encounter, found, resources,
                      included, failed)
         audit.note_operation("document", pid, list(dict.fromkeys(

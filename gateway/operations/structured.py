@@ -307,6 +307,10 @@ class StructuredRecord(Operation):
             lists.append(_list(sec, pid, now, items, reason,
                                failed[asked:] if reason is None else []))
         resources = list(listed.values())
+        # Referenced types the scopes do not allow are said (never a silent gap), as in
+        # $everything: the extract holds references the client cannot follow.
+        unread = record.referenced_denied(ctx.registry, record.referenced_ids(resources),
+                                          principal, None)
         included = await record.referenced(ctx.registry, resources, principal, None)
         for r in included:
             touched[r["resourceType"]] = None
@@ -314,7 +318,11 @@ class StructuredRecord(Operation):
         entries += [{"fullUrl": f"urn:uuid:{uuid4()}", "resource": lst} for lst in lists]
         entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r}
                     for r in [*resources, *included]]
-        for w in record.warnings(failed):
+        notes = record.warnings(failed)
+        notes += record.warnings([f"resources referred to not included, as the client's "
+                                  f"scopes do not allow reading them: {', '.join(unread)}"]
+                                 if unread else [], "NOT_INCLUDED")
+        for w in notes:
             entries.append({"fullUrl": f"urn:uuid:{uuid4()}", "resource": w["resource"]})
         audit.note_operation(self.name, pid, list(touched))
         body = {"resourceType": "Bundle", "id": uuid4(), "meta": {"lastUpdated": now},

@@ -40,6 +40,9 @@ async def gw(demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path:
         "other": patient_token("100002"),
         "no-allergies": user_token("user/Encounter.read user/Patient.read user/Condition.read "
                                    "user/Procedure.read user/MedicationRequest.read"),
+        "no-staff": user_token("user/Encounter.read user/Patient.read user/Condition.read "
+                               "user/Procedure.read user/MedicationRequest.read "
+                               "user/AllergyIntolerance.read"),
     })
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -247,6 +250,12 @@ async def test_authorisation(gw: tuple[httpx.AsyncClient, Starlette],
     # every type the document holds needs read: no AllergyIntolerance scope, no document
     r = await c.get(f"/STU3/Encounter/{spell}/$document", headers=as_("no-allergies"))
     assert r.status_code == 403 and "AllergyIntolerance" in r.text
+    # ... and every type it refers to (the spell's consultant, ward, trust): no document with
+    # references silently left dangling
+    r = await c.get(f"/STU3/Encounter/{spell}/$document", headers=as_("no-staff"))
+    assert r.status_code == 403, r.text
+    assert r.json()["resourceType"] == "OperationOutcome"
+    assert any(t in r.text for t in ("Practitioner", "Organization", "Location"))
 
 
 async def test_capability_lists_document(gw: tuple[httpx.AsyncClient, Starlette]) -> None:

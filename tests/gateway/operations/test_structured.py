@@ -130,6 +130,35 @@ async def test_a_type_the_scopes_do_not_allow_is_withheld(
     assert {e["resource"]["resourceType"] for e in r.json()["entry"]} == {"Patient", "List"}
 
 
+async def test_referenced_types_the_scopes_do_not_allow_are_said(
+        demo_sqlite_url: str, make_app: Callable[..., Starlette]) -> None:
+    app = make_app(demo_sqlite_url, auth_mode="insecure-demo")
+    every = " ".join(f"user/{t}.read" for t in (
+        "Patient", "Encounter", "AllergyIntolerance", "Condition", "MedicationStatement",
+        "MedicationRequest", "Immunization"))
+    install(app, {"no-staff": user_token(every),
+                  "staff": user_token(every + " user/Practitioner.read user/Organization.read"
+                                      " user/Location.read user/Medication.read")})
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        bare = (await c.get("/STU3/Patient/100001/$structured-record",
+                            headers=as_("no-staff"))).json()
+        full = (await c.get("/STU3/Patient/100001/$structured-record",
+                            headers=as_("staff"))).json()
+    kinds = {e["resource"]["resourceType"] for e in full["entry"]}
+    left_out = [t for t in ("Practitioner", "Organization", "Location", "Medication")
+                if t in kinds]
+    assert left_out  # the extract refers to some: the staff token gets them
+    assert "OperationOutcome" not in kinds
+    said = [i for e in bare["entry"] if e["resource"]["resourceType"] == "OperationOutcome"
+            for i in e["resource"]["issue"]
+            if i["details"]["coding"][0]["code"] == "NOT_INCLUDED"]
+    assert [i["diagnostics"] for i in said] == [
+        "resources referred to not included, as the client's scopes do not allow reading "
+        f"them: {', '.join(left_out)}"]
+    assert not {e["resource"]["resourceType"] for e in bare["entry"]} & set(left_out)
+
+
 async def test_a_source_that_fails_is_an_unavailable_section(
         demo_sqlite_url: str, make_app: Callable[..., Starlette], tmp_path: Path) -> None:
     """As a multi-source search: with the A&E source gone the extract still comes, its A&E
