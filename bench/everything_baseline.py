@@ -414,6 +414,7 @@ def encounter_op(r: tuple[Any, ...], refs: Refs) -> dict[str, Any]:
     put(out, "class", coding(CLASS_OP, attnd))
     put(out, "type", some(SPECIALTY.concept(spect)))
     _encounter_common(out, patnt, proca, CON, dttm12(appt), None, refs)
+    put(out, "period", period(dttm12(appt), dttm12(appt)))  # over: it ends where it starts
     _encounter_tail(out, loctn, refs)
     return out
 

@@ -129,7 +129,7 @@ def compile_expr(expr: Expr, ctx: CompileContext, path: str) -> Builder:
     return describe(get_step, "expr", ref, convert, False, step, path)
 
 
-SEVERAL_REFERENCES = "several reference columns hold a value; the first listed is served"
+SEVERAL_REFERENCES = "several reference columns hold a value; the first is served"  # a label: <= 64
 
 
 def _compile_sources(expr: Expr, ctx: CompileContext, path: str) -> Builder:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -54,7 +55,13 @@ def test_a_listener_stopped_mid_send_sends_it_again_after_the_restart(
             wait(lambda: receiver.arrived != [], "the notification was not sent")
             assert listener.proc is not None
             listener.proc.send_signal(signal.SIGINT)  # stopped, the POST unanswered
-            assert listener.proc.wait(30) == 0, log.read_text()[-2000:]
+            # (how long the stop takes is not this test's subject: once, in CI, it took over
+            # 30 s — noted for investigation; what is checked is what the restart sends)
+            try:
+                code = listener.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(log.read_text()[-2000:]) from None
+            assert code == 0, log.read_text()[-2000:]
             assert state(store) == ("pending", 0)  # not delivered, not dead
             assert "notification_interrupted" in log.read_text()
             receiver.release.set()  # the subscriber answers from now on

@@ -171,6 +171,9 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
+            if len(raw) < length:  # the sender died mid-body (killed): nothing was delivered
+                self.close_connection = True
+                return
             with state.lock:
                 if state.fail_next > 0:
                     state.fail_next -= 1
