@@ -39,6 +39,10 @@ def free_port() -> int:
         return port
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ListenerProcess:
     def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
         self.env, self.port, self.log = env, port, log
@@ -48,7 +52,10 @@ class ListenerProcess:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "adt-listener"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                # SIGINT as a terminal would send it: a runner started in the background
+                # (CI) passes it on ignored, and the listener would never see the stop
+                preexec_fn=_default_sigint)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-2000:]
