@@ -21,8 +21,13 @@ How it is answered:
   work unchanged.
 * Otherwise (two databases, an HL7 v2 source) the target's own search runs first, asked for
   at most :data:`MAX_CHAIN_MATCHES` + 1 records; more than that is a 400 ``CHAIN_TOO_BROAD``
-  (never a silent cut), and the found keys become ordinary criteria. The Bundle says so in
-  an information entry (``CHAIN_RESOLVED_BY_SEARCH``). It runs again for every page.
+  (never a silent cut). For a client's search (:func:`resolve_request`) what it found
+  replaces the chain in the request (``patient=Patient/1,Patient/7``; ``_id=`` for
+  ``_has``), which then runs as if sent so: the self link says what was used, as STU3
+  asks, and the paging links page over that set (the chain is not resolved again per
+  page). The first page says so in an information entry (``CHAIN_RESOLVED_BY_SEARCH``).
+  Other plans (a conditional create, the record operations) resolve each source's chains
+  just before its query (:func:`resolve`), to keys of the target sources its columns hold.
 
 The patient compartment (``patient/`` tokens) confines the target's records too, and the
 client needs search permission on every type a chain or ``_has`` looks into (see
@@ -33,7 +38,7 @@ says: ignoring a chain would widen the result.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.base import (
@@ -68,6 +73,8 @@ class Provider(compartment.Source, Protocol):
 
     async def search(self, plan: SearchPlan, after: tuple[Any, ...] | None = None,
                      backwards: bool = False, extra: Criterion | None = None) -> Page: ...
+    def record_id(self, rec: Any) -> str: ...
+    def reference_ids(self, rec: Any, param: str, target: str) -> Iterator[str]: ...
 
 
 class TypeProvider(Protocol):
@@ -135,6 +142,8 @@ class Deferred:
     forward: bool = False
     """A chained parameter (not ``_has``): chains through the same reference into the same
     targets are one search of the target (``patient.family`` with ``patient.birthdate``)."""
+    keys: tuple[str, ...] = ()
+    """The request's parameter names it stands for (``patient.family:exact``)."""
 
 
 def plan_chain(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
@@ -189,8 +198,8 @@ def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chai
     # one of them cannot be joined: all go through their target's search
     parts = tuple(_Part(t, _target_criteria(registry, t, tname, tmod, raw), ref,
                         provider.mapping.storage(ref), t.key) for t, ref in found)
-    return Chained(None, Deferred(label, parts, forward=True), searched, label,
-                   _note(label, searched), policies=policies)
+    return Chained(None, Deferred(label, parts, forward=True, keys=(key,)), searched, label,
+                   policies=policies)
 
 
 def _policies(registry: Registry, name: str, head: str, types: frozenset[str], tname: str
@@ -255,7 +264,7 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
     keys = provider.mapping.storage(provider.key)
     deferred = tuple(_Part(s, _target_criteria(registry, s, tname, modifier, raw),
                            provider.key, keys, ref) for s, ref in found)
-    return Chained(None, Deferred(label, deferred), searched, label, _note(label, searched))
+    return Chained(None, Deferred(label, deferred, keys=(key,)), searched, label)
 
 
 def _sources(provider: Any) -> list[Provider]:
@@ -286,11 +295,6 @@ def _confined(target: Provider, criteria: Criterion) -> Criterion:
     confined = compartment.restrict_count(target, Count(criteria)).criteria
     assert confined is not None
     return confined
-
-
-def _note(label: str, searched: frozenset[str]) -> str:
-    return (f"'{label}' was resolved through a search of {', '.join(sorted(searched))} "
-            f"(at most {MAX_CHAIN_MATCHES} matches), not joined in one query")
 
 
 def _safe(text: str) -> str:
@@ -326,7 +330,8 @@ def combined(deferred: list[Deferred]) -> list[Deferred]:
             continue
         out[key] = Deferred(f"{had.label}, {d.label}", tuple(
             replace(a, criteria=And((a.criteria, b.criteria)))
-            for a, b in zip(had.parts, d.parts, strict=True)), forward=True)
+            for a, b in zip(had.parts, d.parts, strict=True)), forward=True,
+            keys=(*had.keys, *d.keys))
     return list(out.values())
 
 
@@ -361,6 +366,156 @@ def deferred_searches(plan: SearchPlan) -> Iterator[tuple[Criterion, str]]:
     for d in plan.deferred:
         for part in d.parts:
             yield part.criteria, part.target.key
+
+
+# --- a client's search: chains resolved first, and the links say so ------------------------
+
+
+def unresolved(plan: SearchPlan) -> list[str]:
+    """The request's chain parameters some source of the type cannot join."""
+    parts: list[SearchPlan] = getattr(plan, "parts", None) or [plan]
+    return list(dict.fromkeys(k for p in parts for d in p.deferred for k in d.keys))
+
+
+@dataclass
+class _Lookup:
+    """One search of another type standing for some of the request's chains: a chained
+    parameter's target (what it finds becomes the reference parameter) or a ``_has``'s
+    other type (what its records refer to becomes ``_id``)."""
+
+    param: str
+    targets: list[Provider]
+    has: str = ""
+    """``_has``: the other type's reference parameter to the searched type."""
+    keys: list[str] = field(default_factory=list)
+    criteria: dict[int, list[Criterion]] = field(default_factory=dict)
+    """By index in ``targets``: the chains' criteria on that source (ANDed)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    pairs: list[tuple[str, str]] | None
+    """The request with its chains replaced by what their searches found; None: a chain
+    found nothing, so nothing matches."""
+    notes: list[str]
+    """For the client: which parameters were answered that way."""
+
+
+async def resolve_request(registry: Registry, provider: TypeProvider,
+                          pairs: list[tuple[str, str]], keys: list[str], max_values: int
+                          ) -> Resolved:
+    """The client's search with the chains in ``keys`` (see :func:`unresolved`) answered by
+    searching their targets first, as the client could have done: ``patient.family=x``
+    becomes ``patient=Patient/1,Patient/7``, ``_has:Encounter:patient:status=y`` becomes
+    ``_id=...``. The search then goes on as that request, so its self link says what the
+    chain found (STU3: the parameters actually used) and its paging links page over that
+    set, instead of resolving the chain again on every page.
+
+    Every source of each target type is searched (also those a source of this type could
+    join: the rewritten request stands for all sources), at most MAX_CHAIN_MATCHES records
+    and ``max_values`` values (a paging link must be accepted back), else 400
+    CHAIN_TOO_BROAD. Chains are already checked by planning (names, policies)."""
+    limit = min(MAX_CHAIN_MATCHES, max_values) if max_values else MAX_CHAIN_MATCHES
+    wanted = set(keys)
+    lookups: dict[tuple[Any, ...], _Lookup] = {}
+    of_key: dict[str, _Lookup] = {}
+    for key, raw in pairs:
+        if key not in wanted:
+            continue
+        if key not in of_key:
+            of_key[key] = _lookup(registry, provider, key, lookups)
+        lookup = of_key[key]
+        if key not in lookup.keys:
+            lookup.keys.append(key)
+        tname, _, tmod = _tail(key)
+        for i, target in enumerate(lookup.targets):
+            lookup.criteria.setdefault(i, []).append(
+                _confined(target, _target_criteria(registry, target, tname, tmod, raw)))
+    found: dict[int, list[str]] = {}
+    notes: list[str] = []
+    for lookup in lookups.values():
+        values = await _run(lookup, provider.resource_type, limit)
+        found[id(lookup)] = values
+        types = ", ".join(dict.fromkeys(t.resource_type for t in lookup.targets))
+        label = ", ".join(f"'{k}'" for k in lookup.keys)
+        notes.append(
+            f"{label} answered by searching {types} first ({len(values)} found; at most "
+            f"{limit}): the self link gives what was found as '{lookup.param}', and the "
+            "paging links page over that" if values else
+            f"{label} answered by searching {types} first, which found nothing")
+    if not all(found.values()):
+        return Resolved(None, notes)
+    out: list[tuple[str, str]] = []
+    done: set[int] = set()
+    for key, raw in pairs:
+        if key not in of_key:
+            out.append((key, raw))
+        elif id(of_key[key]) not in done:  # where its first chain was
+            done.add(id(of_key[key]))
+            out.append((of_key[key].param, ",".join(found[id(of_key[key])])))
+    return Resolved(out, notes)
+
+
+def _tail(key: str) -> tuple[str, str, str]:
+    """(target parameter, ":", modifier) of a chained key or ``_has``."""
+    if key.startswith("_has:"):
+        parts = key.split(":")
+        return parts[3], ":", parts[4] if len(parts) > 4 else ""
+    return key.partition(".")[2].partition(":")
+
+
+def _lookup(registry: Registry, provider: TypeProvider, key: str,
+            lookups: dict[tuple[Any, ...], _Lookup]) -> _Lookup:
+    """The search that answers ``key``: shared by chains through one reference into the same
+    targets (``patient.family`` with ``patient:Patient.birthdate``), and by ``_has`` on one
+    reference of one type."""
+    tname = _tail(key)[0]
+    if key.startswith("_has:"):
+        _, rtype, name, *_rest = key.split(":")
+        targets = [s for s in _sources(registry.get(rtype))
+                   if name in s.params and _has_param(s, tname)
+                   and provider.resource_type in s.params[name].reference_targets()]
+        group: tuple[Any, ...] = ("_has", rtype, name)
+        param, has = "_id", name
+    else:
+        head = key.partition(".")[0]
+        param, _, rtype = head.partition(":")
+        types = [t for t in provider.params[param].reference_targets()
+                 if t in registry and rtype in ("", t)]
+        targets = [s for t in types for s in _sources(registry.get(t)) if _has_param(s, tname)]
+        group, has = (param, *(id(t) for t in targets)), ""
+    if group not in lookups:
+        lookups[group] = _Lookup(param, targets, has)
+    return lookups[group]
+
+
+async def _run(lookup: _Lookup, searched: str, limit: int) -> list[str]:
+    """The served references (or ids) the lookup's search finds, in the order found."""
+    values: dict[str, None] = {}
+    for i, target in enumerate(lookup.targets):
+        sub = SearchPlan(criteria=all_of(lookup.criteria[i]), sort=(SortKey(target.key),),
+                         count=limit + 1, total="none")
+        page = await target.search(sub)
+        for rec in page.records:
+            if lookup.has:
+                values.update(dict.fromkeys(target.reference_ids(rec, lookup.has, searched)))
+            else:
+                values[f"{target.resource_type}/{target.record_id(rec)}"] = None
+        if page.more or len(page.records) > limit or len(values) > limit:
+            label = ", ".join(f"'{k}'" for k in lookup.keys)
+            raise ChainTooBroad(
+                f"{label} matches more than {limit} {target.resource_type} resources, and "
+                "this server cannot join them in one query: narrow it")
+    return list(values)
+
+
+def nothing(plan: SearchPlan) -> None:
+    """The plan (and each source's) matches nothing: a chain found no target."""
+    for part in (getattr(plan, "parts", None) or [plan]):
+        part.criteria = Nothing()
+        part.deferred = []
+    plan.criteria = Nothing()
+    plan.deferred = []
 
 
 # --- what the CapabilityStatement says -------------------------------------------------------
@@ -399,11 +554,15 @@ __all__ = [
     "ChainTooBroad",
     "ChainTooDeep",
     "Deferred",
+    "Resolved",
     "UnknownChain",
     "chain_joined",
     "chain_names",
     "deferred_searches",
     "has_names",
+    "nothing",
     "plan_chain",
     "resolve",
+    "resolve_request",
+    "unresolved",
 ]

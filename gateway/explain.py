@@ -128,7 +128,8 @@ def _source(registry: Registry, provider: Provider, plan: SearchPlan, cost: bool
                  + (f"(budget {budget}{over})" if budget else "(no budget)"))
     deferreds = combined(plan.deferred)  # as they run: one search per reference and target
     for deferred in deferreds:
-        # a chain the adapter cannot join: the target's search runs first, for every page
+        # a chain the adapter cannot join: the target's search runs first (the links then
+        # carry what it found, gateway.chain.resolve_request)
         for part in deferred.parts:
             t = part.target.mapping
             lines.append(f"chain {deferred.label}: first a search of {part.target.resource_type} "

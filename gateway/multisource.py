@@ -148,9 +148,8 @@ class MultiPlan(SearchPlan):
     def of(cls, parts: list[SearchPlan], strict: bool) -> MultiPlan:
         first = parts[0]
         shared = {f.name: getattr(first, f.name) for f in fields(SearchPlan)}
-        # A chain is planned per source: what any source's chain searched or said counts.
+        # A chain is planned per source: what any source's chain searched counts.
         shared["searched_types"] = set().union(*(p.searched_types for p in parts))
-        shared["notes"] = list(dict.fromkeys(n for p in parts for n in p.notes))
         return cls(**shared, parts=parts, strict=strict)
 
 

@@ -48,7 +48,8 @@ NOTICES: dict[str, Notice] = {n.code: n for n in (
            "(the compartment's, and the Practitioners/Organizations/Locations/Medications "
            "the page refers to; in a structured record, those its sections refer to), named"),
     Notice("CHAIN_RESOLVED_BY_SEARCH", "information", "informational",
-           "a chained parameter was answered by searching its target first"),
+           "a chained parameter or `_has` was answered by searching its target first (on the "
+           "first page; the self link gives what it found, and paging links page over it)"),
     Notice("MESSAGE_ACCEPTED", "information", "informational",
            "`$process-message?async=true` (202): the response message will be delivered to "
            "the response-url"),

@@ -92,8 +92,6 @@ class Chained:
     """Types whose records decide the match: the client needs search on each."""
     policy_name: str = ""
     """How it counts for a search policy (a parameter of type reference)."""
-    note: str | None = None
-    """Said to the client in an information entry (how it was resolved)."""
     policies: tuple[TargetPolicy, ...] = ()
     """The search policies of the types it chains into (a forward chain's targets)."""
 
@@ -135,7 +133,8 @@ class SearchPlan:
     searched_types: set[str] = field(default_factory=set)
     """Other types a chain or ``_has`` searched (authorisation: search on each)."""
     notes: list[str] = field(default_factory=list)
-    """Information for the client about how the search was answered."""
+    """Information for the client about how the search was answered (gateway.chain.
+    resolve_request: a chain answered by searching its target first)."""
     exact: list[tuple[str, ...]] = field(default_factory=list)
     """Each ``:exact`` parameter's values as sent: a match must carry one of them, exactly
     (case and accents), as a value of the served resource (see ``matches_exactly``)."""
@@ -172,7 +171,10 @@ def plan_search(
     default_count: int,
     max_count: int,
     strict: bool,
+    policy: bool = True,
 ) -> SearchPlan:
+    """``policy``: check the type's search policy (and its chains' targets'); not for a
+    search standing for one already checked (a chain's resolved form, gateway.chain)."""
     criteria: list[Criterion] = []
     used: list[tuple[str, str]] = []
     ignored: list[str] = []
@@ -201,8 +203,6 @@ def plan_search(
                 criteria.append(term.criterion)
             if term.deferred is not None:
                 plan.deferred.append(term.deferred)
-            if term.note:
-                plan.notes.append(term.note)
             plan.searched_types |= term.searched
             chain_policies += term.policies
             used.append((key, raw))
@@ -225,9 +225,9 @@ def plan_search(
         raise UnknownParameter(
             f"unknown or unsupported search parameter(s) {names} for {ctx.resource_type} "
             "(send 'Prefer: handling=lenient' to have them ignored)")
-    if ctx.policy and not plan.page_token:
+    if ctx.policy and policy and not plan.page_token:
         _check_policy(ctx, ctx.policy, used_types)
-    if chain_policies and not plan.page_token:
+    if chain_policies and policy and not plan.page_token:
         _check_chain_policies(chain_policies)
 
     key_sort = SortKey(ctx.key_ref)

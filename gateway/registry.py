@@ -95,13 +95,13 @@ class Registry:
         )
 
     def plan(self, provider: TypeProvider, pairs: list[tuple[str, str]], *, default_count: int,
-             max_count: int, strict: bool, note: bool = True, whole: bool | None = None
-             ) -> SearchPlan:
+             max_count: int, strict: bool, note: bool = True, whole: bool | None = None,
+             policy: bool = True) -> SearchPlan:
         """Plan a search on a type (each source on its own columns); ``note``: it is the
         request's own search, for the audit record; ``whole``: a source failing fails the
         search, rather than giving a partial page (default: ``strict``). The routes set it only
         on the client's explicit ``Prefer: handling=strict`` (README): unknown parameters are
-        refused by default, a failing source is not."""
+        refused by default, a failing source is not. ``policy``: see plan_search."""
         plan: SearchPlan
         if isinstance(provider, MultiSource):
             # Each source plans against its own columns, limited to what every source has.
@@ -109,12 +109,12 @@ class Registry:
             parts = [plan_search(self.search_context(s, {n: s.params[n] for n in common},
                                                      provider.sortable),
                                  pairs, default_count=default_count, max_count=max_count,
-                                 strict=strict)
+                                 strict=strict, policy=policy)
                      for s in provider.sources]
             plan = MultiPlan.of(parts, strict if whole is None else whole)
         else:
             plan = plan_search(self.search_context(provider), pairs, default_count=default_count,
-                               max_count=max_count, strict=strict)
+                               max_count=max_count, strict=strict, policy=policy)
         if note:
             audit.note_search(provider.resource_type, plan.used)
         return plan

@@ -347,6 +347,19 @@ class Api:
             explain.log_search_plan(request, self.registry, provider, plan, s)
         _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
+        chains = chain.unresolved(plan)
+        if chains:  # not joinable: their targets are searched first, and the links say so
+            resolved = await chain.resolve_request(self.registry, provider, pairs, chains,
+                                                   s.max_values_per_parameter)
+            if resolved.pairs is None:
+                chain.nothing(plan)
+            else:
+                plan = self.registry.plan(provider, resolved.pairs, note=False, policy=False,
+                                          default_count=s.default_count,
+                                          max_count=s.max_count, strict=self.strict(request),
+                                          whole=self.whole(request))
+                _check_cost(provider, plan, s.search_cost_budget)
+            plan.notes = resolved.notes
         base = self.base_url(request)
         used = urlencode(plan.used)  # shared by the self, next and previous links
         # The compartment (patient/ tokens) is part of the query's identity: links cannot move.
@@ -540,7 +553,7 @@ async def _read_back(provider: TypeProvider, rid: str, record: dict[str, Any],
 
 def _ignored_outcome(plan: SearchPlan) -> list[dict[str, Any]]:
     issues = [notice("CHAIN_RESOLVED_BY_SEARCH", note)
-              for note in plan.notes]  # how a chained parameter was answered (gateway.chain)
+              for note in plan.notes]  # a chain answered by searching first (gateway.chain)
     if plan.ignored:
         names = ", ".join(sorted(set(plan.ignored)))
         issues.insert(0, notice("UNKNOWN_PARAMETER", f"search parameters ignored: {names}"))

@@ -12,6 +12,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -746,6 +747,9 @@ async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) 
              for i in e["resource"]["issue"]]
     assert [(n["severity"], n["details"]["coding"][0]["code"]) for n in notes] == [
         ("information", "CHAIN_RESOLVED_BY_SEARCH")]
+    # the self link is the search as answered: by the patient the chain found
+    [self_link] = [x["url"] for x in bundle["link"] if x["relation"] == "self"]
+    assert parse_qs(urlsplit(self_link).query) == {"patient": [f"Patient/{patient}"]}
     # several patients (an OR of their keys), paged: as the join would answer
     few = {str(s) for s, _, _, surname, _, _ in rows if fold(surname).startswith("smith")}
     assert len(few) > 1

@@ -1,5 +1,5 @@
 """Chained parameters and ``_has`` over HL7 v2: no join is possible, so the chain is resolved
-through the target's own query (bounded) and the Bundle says so.
+through the target's own query (bounded) and the self link says what it found.
 
 Patient and Encounter come from the PAS simulator over real MLLP (mappings/demo-hl7v2); the
 simulator answers from a demo SQLite database, which the test reads with plain SQL for the
@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -98,6 +99,15 @@ def _notes(bundle: dict[str, Any]) -> list[dict[str, Any]]:
             for i in e["resource"]["issue"]]
 
 
+def _link(bundle: dict[str, Any], relation: str) -> dict[str, list[str]]:
+    """A link's query parameters (without the page token)."""
+    [url] = [x["url"] for x in bundle["link"] if x["relation"] == relation]
+    query = parse_qs(urlsplit(url).query)
+    query.pop("_page", None)
+    query.pop("_count", None)
+    return query
+
+
 def _code(r: httpx.Response) -> str:
     body = r.json()
     assert body["resourceType"] == "OperationOutcome", body
@@ -133,21 +143,31 @@ async def test_patient_identifier_is_resolved_through_the_patient_query(
     assert "patient.identifier" in note["diagnostics"] and "Patient" in note["diagnostics"]
     assert who["NHS_NUMBER"] not in note["diagnostics"]  # names, never values
 
-    # paged: every page resolves the chain again (a stateless link), and says so again
+    # The self link says what the chain found, as STU3 asks ("the parameters actually
+    # used"): the search by the patient found. Its paging links page over that, so later
+    # pages send the PAS the visit query only, and need no note.
+    assert _link(bundle, "self") == {"patient": [f"Patient/{who['PASID']}"]}
     r = await api.get("/STU3/Encounter", params={"patient.identifier":
                                                  f"{NHS}|{who['NHS_NUMBER']}", "_count": "1"})
     seen: set[str] = set()
+    pages = 0
     while True:
         assert r.status_code == 200, r.text
         bundle = r.json()
         seen |= _spells(bundle)
-        assert [n["details"]["coding"][0]["code"] for n in _notes(bundle)] == [
-            "CHAIN_RESOLVED_BY_SEARCH"]
+        assert [n["details"]["coding"][0]["code"] for n in _notes(bundle)] == (
+            ["CHAIN_RESOLVED_BY_SEARCH"] if pages == 0 else [])
+        assert _link(bundle, "self")["patient"] == [f"Patient/{who['PASID']}"]
+        assert not any(k.startswith("patient.") for k in _link(bundle, "self"))
         nxt = [x["url"] for x in bundle["link"] if x["relation"] == "next"]
         if not nxt:
             break
+        assert "patient.identifier" not in nxt[0]
+        before = len(sim.received)
         r = await api.get(nxt[0])
-    assert seen == expected
+        assert len(sim.received) == before + 1  # the visit query only
+        pages += 1
+    assert seen == expected and pages == len(expected) - 1
 
 
 async def test_no_target_match_sends_no_second_query(
@@ -194,6 +214,30 @@ async def test_several_target_matches_are_refused_not_answered_for_one(
     assert len(sim.received) == before + 1  # the patient query only: no visit query
 
 
+async def test_the_bound_is_also_what_a_paging_link_may_carry(
+        db_url: str, sim: PasSimulator, tmp_path: Path, patients: list[dict[str, Any]]) -> None:
+    """The found references go into the links as one parameter: more of them than a
+    request may give one parameter (max_values_per_parameter) would make a link the
+    server itself refuses, so that is the bound too."""
+    by = Counter((p["SURNAME"], p["SEXXX_CODE"]) for p in patients
+                 if p["SEXXX_CODE"] in ("1", "2"))
+    surname, sex = next(k for k in sorted(by) if by[k] == 2)
+    params = {"patient.family:exact": surname,
+              "patient.gender": {"1": "male", "2": "female"}[sex]}
+    for most, expected in ((2, "UNSUPPORTED_SEARCH"), (1, "CHAIN_TOO_BROAD")):
+        app = build_app(Settings(
+            mappings_dir=MAPPINGS, data_dir=tmp_path, paging_secret="test",
+            log_level="warning", progress=False, auth_mode="insecure-demo",
+            max_values_per_parameter=most,
+            connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
+        async with (app.router.lifespan_context(app),
+                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                      base_url="http://gw") as c):
+            r = await c.get("/STU3/Encounter", params=params)
+        # two patients: within 2 (then the visit query refuses the OR, as above), not 1
+        assert r.status_code == 400 and _code(r) == expected, r.text
+
+
 async def test_has_over_hl7(api: httpx.AsyncClient, rows: list[dict[str, Any]]) -> None:
     spell = rows[-1]
     gender = {"1": "male", "2": "female"}.get(spell["SEXXX_CODE"], "unknown")
@@ -203,6 +247,8 @@ async def test_has_over_hl7(api: httpx.AsyncClient, rows: list[dict[str, Any]]) 
     assert [m["id"] for m in _matches(r.json())] == [spell["PASID"]]
     assert [n["details"]["coding"][0]["code"] for n in _notes(r.json())] == [
         "CHAIN_RESOLVED_BY_SEARCH"]
+    # the patients the visit was found to refer to, as the search actually used them
+    assert _link(r.json(), "self") == {"_id": [spell["PASID"]], "gender": [gender]}
     other = "female" if gender == "male" else "male"
     r = await api.get("/STU3/Patient", params={
         "_has:Encounter:patient:identifier": spell["SPELL_NUMBER"], "gender": other})

@@ -329,6 +329,34 @@ async def test_reads_and_patient_searches_reach_both_sources(db_url: str, tmp_pa
         assert r.status_code == 200 and included == [pasid]
 
 
+async def test_a_chain_is_resolved_once_and_the_links_say_what_it_found(
+        db_url: str, tmp_path: Path) -> None:
+    """Neither source can join Patient (it comes from the PAS): the patient query runs
+    once, and the self and next links are the search by the patient it found, so a walk
+    sends the patient query once, not once a page."""
+    want = oracle(db_url)
+    pasid = max(want.by_patient, key=lambda p: (len(want.by_patient[p]), p))
+    [nhs] = _rows(db_url, f'SELECT "NHS_NUMBER" FROM "PATIENTS" WHERE "PASID" = \'{pasid}\'')
+    async with gateway(db_url, tmp_path) as api:
+        before = len(api.sim.received)
+        ids, pages = await walk(api.client, "/STU3/Encounter?patient.identifier="
+                                f"https://fhir.nhs.uk/Id/nhs-number|{nhs}&_count=2")
+        assert set(ids) == want.by_patient[pasid] and len(ids) == len(set(ids))
+        assert len(pages) > 2
+        sent = len(api.sim.received) - before
+        before = len(api.sim.received)
+        plain, _ = await walk(api.client, f"/STU3/Encounter?patient=Patient/{pasid}&_count=2")
+        assert plain == ids
+        # the same walk by the patient, and one message more: the patient query, once
+        assert sent == len(api.sim.received) - before + 1
+        for i, page in enumerate(pages):
+            self_link = link(page, "self")
+            assert self_link is not None and "patient.identifier" not in self_link
+            assert f"patient=Patient%2F{pasid}" in self_link
+            assert [c for c, _ in outcomes(page)] == (["CHAIN_RESOLVED_BY_SEARCH"] if i == 0
+                                                      else [])
+
+
 async def test_the_capability_statement_claims_only_what_both_take(
         db_url: str, tmp_path: Path) -> None:
     async with gateway(db_url, tmp_path) as api:
