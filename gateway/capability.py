@@ -50,7 +50,7 @@ def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str,
                         f"{MAX_CHAIN_MATCHES} matches)")
             for t in p.reference_targets():
                 rule = registry.get(t).policy if t in registry else None
-                if rule is not None and rule.minimum_parameters > 1:
+                if rule is not None and rule.minimum_parameters > 1 and rule.chains:
                     doc += (f". A chain into {t} follows {t}'s own rule: at least "
                             f"{rule.minimum_parameters} chained parameters"
                             + (" of different types" if rule.distinct_types else "")

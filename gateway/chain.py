@@ -209,7 +209,7 @@ def _policies(registry: Registry, name: str, head: str, types: frozenset[str], t
     for t in sorted(types):
         target = registry.get(t)
         policy = target.policy
-        if policy is None:
+        if policy is None or not policy.chains:
             continue
         ptype = "token" if tname == "_id" else next(
             s.params[tname].type for s in _sources(target) if tname in s.params)

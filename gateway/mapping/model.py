@@ -253,6 +253,9 @@ class SearchPolicy(_Strict):
     minimum_parameters: int = 1
     distinct_types: bool = False
     unless_any_of: list[str] = Field(default_factory=list)
+    chains: bool = True
+    """Also for chained parameters into this type from another type's search
+    (``Observation?subject:Patient.birthdate=...``); false: only for its own search."""
 
 
 class BinaryBlob(_Strict):

@@ -771,3 +771,51 @@ async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) 
                                                        ANY_BIRTH])
     assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
         "CHAIN_TOO_BROAD")
+
+
+# --- a trust that lets chains into Patient off Patient's rule --------------------------------
+
+
+async def test_a_policy_for_its_own_search_only(api: httpx.AsyncClient, demo_url: str,
+                                                tmp_path: Path, oracle: Oracle) -> None:
+    """``search_policy: {chains: false}`` keeps Patient's rule for Patient searches and lets
+    ``Observation?subject:Patient.birthdate=...`` alone through (the default refuses it)."""
+    import hashlib
+    import shutil
+
+    here = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS / "demo-pas", here / "demo-pas")
+    shutil.copytree(MAPPINGS / "codemaps", here / "codemaps")
+    patient = here / "demo-pas" / "Patient.sql.yaml"
+    text = patient.read_text()
+    rule = "  unless_any_of: [identifier, _id]"
+    assert rule in text
+    patient.write_text(text.replace(rule, rule + "\n  chains: false", 1))
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text("keys: [{client_id: t, sha256: '"
+                    + hashlib.sha256(b"test-key").hexdigest() + "', scopes: system/*.read}]")
+    year = "1962"
+    born = oracle.ids('SELECT "PATNT_REFNO" FROM "PATIENTS" WHERE "ARCHV_FLAG" = \'N\' '
+                      'AND "DTTM_OF_BIRTH" LIKE :y', y=f"{year}%")
+    assert born
+    params = [("subject:Patient.birthdate", year)]
+    assert await error(api, "Observation", params) == "INSUFFICIENT_CHAIN_CRITERIA"
+    app = build_app(gateway_settings(demo_url, tmp_path, mappings_dir=here / "demo-pas",
+                                     auth_mode="api-key", api_keys_file=str(keys),
+                                     audit_log=str(tmp_path / "audit.jsonl")))
+    async with (app.router.lifespan_context(app),
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                                  headers={"X-API-Key": "test-key"}) as c):
+        got = await found(c, "Observation", params)
+        # the same as asking by each patient born that year
+        want: set[str] = set()
+        for pid in sorted(born):
+            want |= await found(c, "Observation", [("patient", pid)])
+        assert want and got == want
+        # Patient's own search keeps the rule
+        assert await error(c, "Patient", [("birthdate", year)]) == (
+            "INSUFFICIENT_SEARCH_CRITERIA")
+        cs = (await c.get("/STU3/metadata")).json()
+        obs = next(r for r in cs["rest"][0]["resource"] if r["type"] == "Observation")
+        subject = next(p for p in obs["searchParam"] if p["name"] == "subject")
+        assert "follows Patient's own rule" not in subject["documentation"]
