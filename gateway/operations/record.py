@@ -42,10 +42,10 @@ from gateway import compartment
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError, InvalidParameter, operation_outcome
 from gateway.mapping.model import EXPR_KEYS
-from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_name
+from gateway.multisource import MergedPage, MultiPlan
 from gateway.notices import notice
 from gateway.plan import SearchContext, SearchPlan, plan_search
-from gateway.providers import Provider, translate_backend_error
+from gateway.providers import SOURCE_FAILURES, Provider, source_name, translate_backend_error
 from gateway.registry import Registry, TypeProvider
 from gateway.timing import adapter_seconds
 

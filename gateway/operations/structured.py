@@ -43,10 +43,10 @@ from gateway.auth import authorize
 from gateway.errors import InvalidParameter, NotFound, UnknownParameter
 from gateway.mapping.loader import MappingError, Problem, read_model
 from gateway.mapping.yamlfile import line_of
-from gateway.multisource import source_name
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
+from gateway.providers import source_name
 from gateway.randomness import uuid4
 from gateway.registry import Registry
 
