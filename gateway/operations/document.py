@@ -256,7 +256,13 @@ class Document(Operation):
         for rtype in record.referenced_denied(ctx.registry, record.referenced_ids(cited),
                                               principal, None):
             authorize.require(request, rtype, "r")
-        included = await record.referenced(ctx.registry, cited, principal, None)
+        # A referenced type whose source does not answer is left out and named, as a
+        # section is: the document is then preliminary (strict: its error is the answer).
+        gaps: list[str] = []
+        included = await record.referenced(ctx.registry, cited, principal, None,
+                                           None if ctx.whole(request) else gaps)
+        failed += [f"{g}; the resources of that type the document refers to are not included"
+                   for g in gaps]
         body = build(spec, ctx.base_url(request), patient, encounter, found, resources,
                      included, failed)
         audit.note_operation("document", pid, list(dict.fromkeys(

@@ -311,7 +311,13 @@ class StructuredRecord(Operation):
         # $everything: the extract holds references the client cannot follow.
         unread = record.referenced_denied(ctx.registry, record.referenced_ids(resources),
                                           principal, None)
-        included = await record.referenced(ctx.registry, resources, principal, None)
+        # A referenced type whose source does not answer is left out and said, as a section
+        # is (strict: its error is the answer).
+        gaps: list[str] = []
+        included = await record.referenced(ctx.registry, resources, principal, None,
+                                           None if ctx.whole(request) else gaps)
+        failed += [f"{g}; the resources of that type the record refers to are not included"
+                   for g in gaps]
         for r in included:
             touched[r["resourceType"]] = None
         entries = [{"fullUrl": f"{base}/Patient/{pid}", "resource": patient}]
