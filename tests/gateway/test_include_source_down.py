@@ -7,14 +7,18 @@ back, the same search serves the include again. ``_summary=count`` never asks an
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from starlette.applications import Starlette
+
+from tests.gateway.test_multisource_include_down import gateway_with_source_down
 
 pytestmark = pytest.mark.anyio
 STRICT = {"Prefer": "handling=strict"}
@@ -201,3 +205,46 @@ async def test_revinclude_of_a_single_source_type_that_does_not_answer(
         again = (await c.get(search)).json()
         assert set(_typed(again, "include")) == flags | conditions
         assert not _warnings(again)
+
+
+def test_an_unreachable_source_over_http(demo_sqlite_url: str, tmp_path: Path) -> None:
+    """Over real HTTP (uvicorn), Practitioner's source on a connection that cannot be opened
+    (503, not a missing table's 502): the Conditions with the warning, strict's 503 with its
+    Retry-After; once that system is there, the same search includes the Practitioners."""
+    (pid,), = _rows(demo_sqlite_url,
+                    'SELECT "PATNT_REFNO" FROM "PROBLEMS" WHERE "DELETED_FLAG" = \'N\' '
+                    'GROUP BY "PATNT_REFNO" HAVING COUNT(*) >= 3 AND COUNT(*) = '
+                    'COUNT("PROCA_REFNO") ORDER BY "PATNT_REFNO" LIMIT 1')
+    conditions = {f"Condition/{k}" for (k,) in _rows(
+        demo_sqlite_url, 'SELECT "PROBL_REFNO" FROM "PROBLEMS" WHERE "PATNT_REFNO" = :p AND '
+                         '"DELETED_FLAG" = \'N\'', p=pid)}
+    asserters = {f"Practitioner/{k}" for (k,) in _rows(
+        demo_sqlite_url, 'SELECT DISTINCT "PROCA_REFNO" FROM "PROBLEMS" WHERE '
+                         '"PATNT_REFNO" = :p AND "DELETED_FLAG" = \'N\'', p=pid)}
+    search = f"/STU3/Condition?patient={pid}&_include=Condition:asserter&_count=500"
+    clients = gateway_with_source_down(demo_sqlite_url, tmp_path, "Practitioner.sql.yaml")
+    c = next(clients)
+    try:
+        strict = c.get(search, headers=STRICT)
+        assert strict.status_code == 503, strict.text
+        assert strict.json()["issue"][0]["details"]["coding"][0]["code"] == \
+            "BACKEND_UNAVAILABLE"
+        assert strict.headers.get("retry-after")
+        r = c.get(search)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(_typed(body, "match")) == conditions
+        assert _typed(body, "include") == []
+        assert _warnings(body) == [(
+            "warning", "SOURCE_UNAVAILABLE",
+            "Practitioner source 'Practitioner.sql' did not answer (BACKEND_UNAVAILABLE); "
+            "_include=Condition:asserter:Practitioner lacks its records")]
+        # the other system comes up (the file its connection opens read-only appears)
+        shutil.copy(demo_sqlite_url.removeprefix("sqlite:///"),
+                    tmp_path / "no-such-system.sqlite")
+        again = c.get(search)
+        assert again.status_code == 200, again.text
+        assert set(_typed(again.json(), "include")) == asserters
+        assert not _warnings(again.json())
+    finally:
+        clients.close()
