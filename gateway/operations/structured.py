@@ -23,6 +23,10 @@ An empty section says why (``List.emptyReason``):
 * ``unavailable`` when a source did not answer (with a warning entry; under the client's
   explicit ``Prefer: handling=strict``: the source's 502/503/504, as a multi-source search).
 
+A referenced Practitioner/Organization/Location/Medication whose source does not answer is
+left out with a ``SOURCE_UNAVAILABLE`` warning naming it, as in ``$everything`` (strict: the
+502/503/504).
+
 Everything is checked when the gateway starts (``careconnect-gateway mappings check``
 too), every problem reported as ``file:line: key: message``. The OperationDefinition is
 generated from the declaration and served at ``OperationDefinition/<name>``.
