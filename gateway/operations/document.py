@@ -30,7 +30,10 @@ A section whose source does not answer does not fail the document (as a multi-so
 and ``$everything``): the section says so — ``emptyReason`` ``unavailable`` when it has
 nothing, an "Incomplete" line in its narrative when other sources gave entries — the
 Composition's narrative lists what is missing, and its status is ``preliminary`` (STU3: the
-content may be incomplete), never ``final``. A client that wants all or nothing sends
+content may be incomplete), never ``final``. So does the source of a referenced
+Practitioner/Organization/Location/Medication: its resources are left out, named in the
+Composition's narrative, and the document is ``preliminary``. A client that wants all or
+nothing sends
 ``Prefer: handling=strict`` and gets the source's 502/503/504.
 """
 
