@@ -28,9 +28,9 @@ from gateway.auth import authorize
 from gateway.chain import combined
 from gateway.errors import BadRequest, GatewayError, UnknownResourceType
 from gateway.mapping.loader import LoadedSet
-from gateway.multisource import MultiPlan, MultiSource, source_name
+from gateway.multisource import MultiPlan, MultiSource
 from gateway.plan import SearchPlan
-from gateway.providers import Provider
+from gateway.providers import Provider, source_name
 from gateway.registry import Registry, TypeProvider
 from gateway.settings import Settings
 

@@ -64,10 +64,9 @@ from gateway.errors import (
 from gateway.mapping.model import SearchParam
 from gateway.notices import notice
 from gateway.plan import SearchPlan
-from gateway.providers import Provider
+from gateway.providers import SOURCE_FAILURES, Failed, Provider, source_name
 from gateway.search import ID_RE
 
-SOURCE_FAILURES = frozenset({502, 503, 504})
 START = "S"
 """A cut before a source's first record."""
 END = "E"
@@ -163,11 +162,6 @@ class MergedPage(Page):
     """(source name, why) of each source left out of the search: it cannot answer it."""
 
 
-def source_name(provider: Provider) -> str:
-    """A source's name for people: its mapping file, without the extension."""
-    return provider.mapping.file.name.removesuffix(".yaml")
-
-
 class _Desc:
     """Reverses the order of a sort value (for ``-param`` in a merge key)."""
 
@@ -234,11 +228,10 @@ class MultiSource:
         source = self.source_of(rid)
         return await source.read(rid) if source is not None else None
 
-    async def read_many(self, ids: Iterable[str], limit: int,
-                        failed: list[tuple[str, GatewayError]] | None = None
+    async def read_many(self, ids: Iterable[str], limit: int, failed: Failed | None = None
                         ) -> list[dict[str, Any]]:
-        """``failed`` given (an ``_include`` without strict): a source that does not answer
-        (502/503/504) is left out and named there, rather than failing the request."""
+        """As :meth:`Provider.read_many`, one statement per source: with ``failed``, a
+        source that does not answer is left out and named there, the others served."""
         wanted: dict[int, list[str]] = {}
         for rid in dict.fromkeys(ids):
             source = self.source_of(rid)
@@ -248,10 +241,7 @@ class MultiSource:
         for i, rids in sorted(wanted.items()):  # one statement per source
             if len(out) >= limit:
                 break
-            try:
-                out += await self.sources[i].read_many(rids, limit - len(out))
-            except GatewayError as exc:
-                _left_out(self.sources[i], exc, failed)
+            out += await self.sources[i].read_many(rids, limit - len(out), failed)
         return out
 
     # -- records of a merged page: (source index, record)
@@ -313,18 +303,13 @@ class MultiSource:
         return total
 
     async def revinclude(self, param: str, target: str, ids: list[str], limit: int,
-                         prefixes: Sequence[str] = (),
-                         failed: list[tuple[str, GatewayError]] | None = None
+                         prefixes: Sequence[str] = (), failed: Failed | None = None
                          ) -> tuple[list[dict[str, Any]], bool]:
         """``failed``: as for :meth:`read_many`."""
         out: list[dict[str, Any]] = []
         more = False
         for s in self.sources:
-            try:
-                found, cut = await s.revinclude(param, target, ids, limit, prefixes)
-            except GatewayError as exc:
-                _left_out(s, exc, failed)
-                continue
+            found, cut = await s.revinclude(param, target, ids, limit, prefixes, failed)
             out += found
             more = more or cut
         if len(out) > limit:
@@ -589,15 +574,6 @@ class MultiSource:
             out.append(_Desc(v) if key.descending else v)
         out.append(i)
         return tuple(out)
-
-
-def _left_out(source: Provider, exc: GatewayError,
-              failed: list[tuple[str, GatewayError]] | None) -> None:
-    """Notes a source that did not answer an include in ``failed`` (None: strict, so its
-    error is the answer, as is any error but 502/503/504)."""
-    if failed is None or exc.status not in SOURCE_FAILURES:
-        raise exc
-    failed.append((source_name(source), exc))
 
 
 def _comparable(source: Provider, ref: str, raw: Any) -> tuple[Any, ...]:

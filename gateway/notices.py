@@ -28,11 +28,14 @@ class Notice:
 
 NOTICES: dict[str, Notice] = {n.code: n for n in (
     Notice("SOURCE_UNAVAILABLE", "warning", "incomplete",
-           "a source of a multi-source type (searched, or in an `_include`/`_revinclude`), a "
-           "section of `$everything` or of a structured record, or the source of the "
-           "Practitioners/Organizations/Locations/Medications an `$everything` page refers "
-           "to, did not answer: the answer lacks its records (a search's or `$everything`'s "
-           "next page asks it again; `Prefer: handling=strict`: its 502/503/504 instead)"),
+           "a source did not answer — one of several of a searched type, of an "
+           "`_include`d/`_revinclude`d type (one of several or its only one: the page's "
+           "matches are served), of a section of `$everything` or of a structured record, or "
+           "of the Practitioners/Organizations/Locations/Medications an `$everything` page or "
+           "a structured record refers to: the answer lacks its records, and the warning "
+           "names the type, its mapping file and, for an include, which one (a search's or "
+           "`$everything`'s next page asks it again; `Prefer: handling=strict`: its "
+           "502/503/504 instead)"),
     Notice("SOURCE_NOT_SEARCHED", "warning", "incomplete",
            "a source of a multi-source type cannot answer the search as asked (an HL7 v2 "
            "source given no parameter it queries on): the answer lacks its records, on every "

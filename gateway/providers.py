@@ -34,6 +34,7 @@ from adapters.base import (
 )
 from gateway import audit, chain, compartment, limits, metrics, observability, tracing
 from gateway.errors import (
+    GatewayError,
     GatewayTimeout,
     InternalError,
     InvalidId,
@@ -52,9 +53,17 @@ from gateway.plan import SearchPlan
 from gateway.search import ID_RE
 from gateway.timing import adapter_seconds
 
-__all__ = ["Provider", "adapter_seconds", "translate_backend_error"]
+__all__ = ["SOURCE_FAILURES", "Failed", "Provider", "adapter_seconds", "left_out",
+           "source_name", "translate_backend_error"]
 
 T = TypeVar("T")
+
+SOURCE_FAILURES = frozenset({502, 503, 504})
+"""The statuses of a source that did not answer (as against one that refused the request)."""
+
+Failed = list[tuple[str, GatewayError]]
+"""(source name, error) of each source an ``_include``, ``_revinclude`` or a referenced
+type's read went without."""
 
 
 class Provider:
@@ -204,11 +213,19 @@ class Provider:
         page = await self._fetch(self.read_query(rid))
         return self.resource(page.records[0]) if page.records else None
 
-    async def read_many(self, ids: Iterable[str], limit: int) -> list[dict[str, Any]]:
+    async def read_many(self, ids: Iterable[str], limit: int, failed: Failed | None = None
+                        ) -> list[dict[str, Any]]:
+        """The resources of ``ids`` (at most ``limit``). ``failed`` given (an ``_include``
+        without strict): a source that does not answer (502/503/504) is left out and named
+        there, rather than failing the request."""
         query = self.read_many_query(ids, limit)
         if query is None:
             return []
-        page = await self._fetch(query)
+        try:
+            page = await self._fetch(query)
+        except GatewayError as exc:
+            left_out(self, exc, failed)
+            return []
         return self.mapped(page.records)
 
     def mapped(self, records: Sequence[Any]) -> list[dict[str, Any]]:
@@ -272,10 +289,20 @@ class Provider:
                     yield c.prefix + v
 
     async def revinclude(self, param: str, target: str, ids: list[str], limit: int,
-                         prefixes: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
+                         prefixes: Sequence[str] = (), failed: Failed | None = None
+                         ) -> tuple[list[dict[str, Any]], bool]:
         """Resources whose ``param`` refers to one of ``ids`` (at most ``limit``; and whether
         there were more). ``prefixes``: the id prefixes of the target's sources, so each
-        column is asked only for the ids of the source whose keys it holds."""
+        column is asked only for the ids of the source whose keys it holds. ``failed``: as
+        for :meth:`read_many`."""
+        try:
+            return await self._revinclude(param, target, ids, limit, prefixes)
+        except GatewayError as exc:
+            left_out(self, exc, failed)
+            return [], False
+
+    async def _revinclude(self, param: str, target: str, ids: list[str], limit: int,
+                          prefixes: Sequence[str]) -> tuple[list[dict[str, Any]], bool]:
         wanted: list[tuple[str, tuple[Any, ...]]] = []
         for c in self.params[param].reference_columns():
             if c.target != target:
@@ -354,6 +381,19 @@ class Provider:
             for row in rec[at]:
                 if row[i] is not None:
                     yield str(row[i])
+
+
+def source_name(provider: Provider) -> str:
+    """A source's name for people: its mapping file, without the extension."""
+    return provider.mapping.file.name.removesuffix(".yaml")
+
+
+def left_out(source: Provider, exc: GatewayError, failed: Failed | None) -> None:
+    """Notes a source that did not answer in ``failed`` (None: strict, so its error is the
+    answer, as is any error but 502/503/504)."""
+    if failed is None or exc.status not in SOURCE_FAILURES:
+        raise exc
+    failed.append((source_name(source), exc))
 
 
 def _owner(prefixes: Sequence[str], rid: str) -> str:

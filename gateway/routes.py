@@ -39,11 +39,11 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render, wants_html
-from gateway.multisource import MultiSource
 from gateway.notices import notice
 from gateway.operations import OperationRegistry
 from gateway.operations.base import Invocation, Level
 from gateway.plan import Include, RevInclude, SearchPlan, matches_exactly
+from gateway.providers import Failed
 from gateway.randomness import uuid4
 from gateway.registry import Registry, TypeProvider, adapters
 from gateway.reload import LiveMappings
@@ -426,8 +426,9 @@ class Api:
     async def _includes(self, provider: TypeProvider, plan: SearchPlan, page: Page, base: str,
                         seen: set[tuple[str, str]], whole: bool) -> list[dict[str, Any]]:
         """The ``_include``d and ``_revinclude``d resources of a page. A source of an included
-        multi-source type that does not answer is left out with a SOURCE_UNAVAILABLE warning,
-        as in the type's own search (``whole``, asked-for strict: its error is the answer)."""
+        type that does not answer (one of several, or the type's only one) is left out with
+        a SOURCE_UNAVAILABLE warning, as in a multi-source type's own search: the page's
+        matches are served (``whole``, asked-for strict: its error is the answer)."""
         if not page.records or not (plan.includes or plan.revincludes):
             return []
         limit = self.settings.include_limit
@@ -475,13 +476,9 @@ class Api:
             what = f"_include={provider.resource_type}:{inc.param}:{rtype}"
             if len({i for i in ids if ID_RE.match(i)}) > limit:
                 truncated.append(what)
-            target = self.registry.get(rtype)
-            if isinstance(target, MultiSource) and missing is not None:
-                failed: list[tuple[str, GatewayError]] = []
-                results += await target.read_many(ids, limit, failed)
-                missing += [(what, rtype, name, exc) for name, exc in failed]
-            else:
-                results += await target.read_many(ids, limit)
+            failed: Failed | None = None if missing is None else []
+            results += await self.registry.get(rtype).read_many(ids, limit, failed)
+            _note(missing, failed, what, rtype)
         return results
 
     async def _revinclude(self, provider: TypeProvider, rev: RevInclude, ids: list[str],
@@ -490,17 +487,19 @@ class Api:
         source = self.registry.get(rev.source_type)
         prefixes = self.registry.id_prefixes(provider.resource_type)
         what = f"_revinclude={rev.source_type}:{rev.param}"
-        if isinstance(source, MultiSource) and missing is not None:
-            failed: list[tuple[str, GatewayError]] = []
-            found, more = await source.revinclude(rev.param, provider.resource_type, ids,
-                                                  limit, prefixes, failed)
-            missing += [(what, rev.source_type, name, exc) for name, exc in failed]
-        else:
-            found, more = await source.revinclude(rev.param, provider.resource_type, ids,
-                                                  limit, prefixes)
+        failed: Failed | None = None if missing is None else []
+        found, more = await source.revinclude(rev.param, provider.resource_type, ids, limit,
+                                              prefixes, failed)
+        _note(missing, failed, what, rev.source_type)
         if more:
             truncated.append(what)
         return found
+
+
+def _note(missing: Missing | None, failed: Failed | None, what: str, rtype: str) -> None:
+    """The sources an include went without, for the page's warning."""
+    if missing is not None and failed:
+        missing += [(what, rtype, name, exc) for name, exc in failed]
 
 
 def _prefer_handling(request: Request) -> str | None:

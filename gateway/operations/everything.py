@@ -25,7 +25,8 @@ record by default — as a multi-source search:
   is their error (502/503/504): the walk never ends as if it were whole, and that page's
   link serves the rest when the source is back;
 * the source of a referenced Practitioner/Organization/Location/Medication: the page comes
-  without that type's resources and a warning naming it;
+  without that source's resources and a warning naming the type and source (a type of
+  several sources keeps the others');
 * the patient's own source: nothing to answer, its 502/503/504.
 
 The audit record lists only the types actually served. ``Prefer: handling=strict`` makes any

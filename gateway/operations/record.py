@@ -42,10 +42,16 @@ from gateway import compartment
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError, InvalidParameter, operation_outcome
 from gateway.mapping.model import EXPR_KEYS
-from gateway.multisource import SOURCE_FAILURES, MergedPage, MultiPlan, source_name
+from gateway.multisource import MergedPage, MultiPlan
 from gateway.notices import notice
 from gateway.plan import SearchContext, SearchPlan, plan_search
-from gateway.providers import Provider, translate_backend_error
+from gateway.providers import (
+    SOURCE_FAILURES,
+    Failed,
+    Provider,
+    source_name,
+    translate_backend_error,
+)
 from gateway.registry import Registry, TypeProvider
 from gateway.timing import adapter_seconds
 
@@ -238,12 +244,14 @@ async def declared_section(registry: Registry, tp: TypeProvider, pairs: list[tup
     return found, None
 
 
-def failure(source: TypeProvider, exc: GatewayError) -> str:
+def failure(source: Provider, exc: GatewayError) -> str:
     """The warning a source that did not answer gets (no value, no PHI: the error code)."""
-    if not isinstance(source, Provider):  # several sources: which one is not known here
-        return f"a {source.resource_type} source did not answer ({exc.error_code})"
-    return (f"{source.resource_type} source '{source_name(source)}' did not answer "
-            f"({exc.error_code})")
+    return failure_of(source.resource_type, source_name(source), exc)
+
+
+def failure_of(rtype: str, name: str, exc: GatewayError) -> str:
+    """:func:`failure` of the source of ``rtype`` whose mapping file is ``name``."""
+    return f"{rtype} source '{name}' did not answer ({exc.error_code})"
 
 
 async def walk(registry: Registry, patient: str, sections: Sequence[Provider],
@@ -394,21 +402,13 @@ def referenced_ids(resources: list[dict[str, Any]]) -> dict[str, dict[str, None]
 
 
 async def referenced(registry: Registry, resources: list[dict[str, Any]],
-                     principal: Principal, types: set[str] | None) -> list[dict[str, Any]]:
+                     principal: Principal, types: set[str] | None,
+                     failed: list[str] | None = None) -> list[dict[str, Any]]:
     """The Practitioners, Organizations, Locations and Medications the resources refer to
-    (that the caller may read): one statement per type (per source)."""
+    (that the caller may read): :func:`referenced_of` the references found in them."""
     if types is not None and not types.intersection(REFERENCED):
         return []
-    wanted = referenced_ids(resources)
-    out: list[dict[str, Any]] = []
-    for rtype in REFERENCED:
-        ids = wanted.get(rtype)
-        if not ids or rtype not in registry or (types is not None and rtype not in types):
-            continue
-        if not principal.allows(rtype, "r"):
-            continue
-        out += await registry.get(rtype).read_many(list(ids), len(ids))
-    return out
+    return await referenced_of(registry, referenced_ids(resources), principal, types, failed)
 
 
 def patient_source(registry: Registry, patient: str) -> Provider:
@@ -511,7 +511,8 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
     """The resources ``wanted`` names that the caller may read, in type order then key order:
     one statement per type (per source); the types of one connection whose adapter runs
     batches in one backend call. ``failed`` given: a type whose source does not answer
-    (502/503/504) is left out and said there, rather than failing the call."""
+    (502/503/504) is left out and said there, rather than failing the call (a type of
+    several sources: only the one that did not answer)."""
     asked: list[tuple[str, Any]] = []
     for rtype in REFERENCED:
         ids = wanted.get(rtype)
@@ -521,7 +522,7 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
             asked.append((rtype, registry.get(rtype)))
     found: dict[str, list[dict[str, Any]]] = {}
 
-    def gap(tp: Any, exc: Exception) -> None:
+    def gap(tp: Provider, exc: Exception) -> None:
         error = exc if isinstance(exc, GatewayError) else translate_backend_error(exc)
         if (failed is None or not isinstance(error, GatewayError)
                 or error.status not in SOURCE_FAILURES):
@@ -535,10 +536,10 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
             if query is not None:
                 groups.setdefault(id(tp.mapping.adapter), []).append((tp, query))
         else:
-            try:
-                found[rtype] = await tp.read_many(list(wanted[rtype]), len(wanted[rtype]))
-            except GatewayError as exc:
-                gap(tp, exc)
+            lost: Failed | None = None if failed is None else []
+            found[rtype] = await tp.read_many(list(wanted[rtype]), len(wanted[rtype]), lost)
+            if failed is not None and lost:
+                failed += [failure_of(rtype, name, exc) for name, exc in lost]
     for jobs in groups.values():
         def work(fetch: Fetch, jobs: list[tuple[Provider, Query]] = jobs) -> list[Page | None]:
             pages: list[Page | None] = []

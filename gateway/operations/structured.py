@@ -23,6 +23,10 @@ An empty section says why (``List.emptyReason``):
 * ``unavailable`` when a source did not answer (with a warning entry; under the client's
   explicit ``Prefer: handling=strict``: the source's 502/503/504, as a multi-source search).
 
+A referenced Practitioner/Organization/Location/Medication whose source does not answer is
+left out with a ``SOURCE_UNAVAILABLE`` warning naming it, as in ``$everything`` (strict: the
+502/503/504).
+
 Everything is checked when the gateway starts (``careconnect-gateway mappings check``
 too), every problem reported as ``file:line: key: message``. The OperationDefinition is
 generated from the declaration and served at ``OperationDefinition/<name>``.
@@ -43,10 +47,10 @@ from gateway.auth import authorize
 from gateway.errors import InvalidParameter, NotFound, UnknownParameter
 from gateway.mapping.loader import MappingError, Problem, read_model
 from gateway.mapping.yamlfile import line_of
-from gateway.multisource import source_name
 from gateway.operations import record
 from gateway.operations.base import Context, Invocation, Operation, Parameter
 from gateway.operations.params import input_pairs
+from gateway.providers import source_name
 from gateway.randomness import uuid4
 from gateway.registry import Registry
 
@@ -311,7 +315,13 @@ class StructuredRecord(Operation):
         # $everything: the extract holds references the client cannot follow.
         unread = record.referenced_denied(ctx.registry, record.referenced_ids(resources),
                                           principal, None)
-        included = await record.referenced(ctx.registry, resources, principal, None)
+        # A referenced type whose source does not answer is left out and said, as a section
+        # is (strict: its error is the answer).
+        gaps: list[str] = []
+        included = await record.referenced(ctx.registry, resources, principal, None,
+                                           None if ctx.whole(request) else gaps)
+        failed += [f"{g}; the resources of that type the record refers to are not included"
+                   for g in gaps]
         for r in included:
             touched[r["resourceType"]] = None
         entries = [{"fullUrl": f"{base}/Patient/{pid}", "resource": patient}]

@@ -22,7 +22,8 @@ MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
 STRICT = {"Prefer": "handling=strict"}
 
 
-def _client(demo_sqlite_url: str, tmp_path: Path, down: str) -> Iterator[httpx.Client]:
+def gateway_with_source_down(demo_sqlite_url: str, tmp_path: Path, down: str
+                             ) -> Iterator[httpx.Client]:
     """A gateway on the demo PAS whose mapping file ``down`` is on a connection of its own
     that cannot be opened (another system, unreachable)."""
     here = tmp_path / "mappings"
@@ -50,12 +51,13 @@ def _client(demo_sqlite_url: str, tmp_path: Path, down: str) -> Iterator[httpx.C
 
 @pytest.fixture
 def ae_down(demo_sqlite_url: str, tmp_path: Path) -> Iterator[httpx.Client]:
-    yield from _client(demo_sqlite_url, tmp_path, "Encounter.ae.sql.yaml")
+    yield from gateway_with_source_down(demo_sqlite_url, tmp_path, "Encounter.ae.sql.yaml")
 
 
 @pytest.fixture
 def outpatient_down(demo_sqlite_url: str, tmp_path: Path) -> Iterator[httpx.Client]:
-    yield from _client(demo_sqlite_url, tmp_path, "Encounter.outpatient.sql.yaml")
+    yield from gateway_with_source_down(demo_sqlite_url, tmp_path,
+                                        "Encounter.outpatient.sql.yaml")
 
 
 def _rows(url: str, sql: str, **params: Any) -> list[Any]:
