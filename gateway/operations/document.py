@@ -30,11 +30,11 @@ A section whose source does not answer does not fail the document (as a multi-so
 and ``$everything``): the section says so — ``emptyReason`` ``unavailable`` when it has
 nothing, an "Incomplete" line in its narrative when other sources gave entries — the
 Composition's narrative lists what is missing, and its status is ``preliminary`` (STU3: the
-content may be incomplete), never ``final``. So does the source of a referenced
-Practitioner/Organization/Location/Medication: its resources are left out, named in the
-Composition's narrative, and the document is ``preliminary``. A client that wants all or
-nothing sends
-``Prefer: handling=strict`` and gets the source's 502/503/504.
+content may be incomplete), never ``final``. A client that wants all or nothing sends
+``Prefer: handling=strict`` and gets the source's 502/503/504. The source of a referenced
+Practitioner/Organization/Location/Medication not answering is that error whatever the
+client prefers: a document holds what it refers to (its sections' entries would refer to
+nothing, a prescription to no drug).
 """
 
 from __future__ import annotations
@@ -259,13 +259,10 @@ class Document(Operation):
         for rtype in record.referenced_denied(ctx.registry, record.referenced_ids(cited),
                                               principal, None):
             authorize.require(request, rtype, "r")
-        # A referenced type whose source does not answer is left out and named, as a
-        # section is: the document is then preliminary (strict: its error is the answer).
-        gaps: list[str] = []
-        included = await record.referenced(ctx.registry, cited, principal, None,
-                                           None if ctx.whole(request) else gaps)
-        failed += [f"{g}; the resources of that type the document refers to are not included"
-                   for g in gaps]
+        # A referenced type whose source does not answer is its 502/503/504, unlike a
+        # section (which leaves no reference behind): a document of prescriptions whose
+        # Medications are missing would hold references to nothing, and drug names lost.
+        included = await record.referenced(ctx.registry, cited, principal, None)
         body = build(spec, ctx.base_url(request), patient, encounter, found, resources,
                      included, failed)
         audit.note_operation("document", pid, list(dict.fromkeys(
