@@ -393,24 +393,6 @@ def referenced_ids(resources: list[dict[str, Any]]) -> dict[str, dict[str, None]
     return wanted
 
 
-async def referenced(registry: Registry, resources: list[dict[str, Any]],
-                     principal: Principal, types: set[str] | None) -> list[dict[str, Any]]:
-    """The Practitioners, Organizations, Locations and Medications the resources refer to
-    (that the caller may read): one statement per type (per source)."""
-    if types is not None and not types.intersection(REFERENCED):
-        return []
-    wanted = referenced_ids(resources)
-    out: list[dict[str, Any]] = []
-    for rtype in REFERENCED:
-        ids = wanted.get(rtype)
-        if not ids or rtype not in registry or (types is not None and rtype not in types):
-            continue
-        if not principal.allows(rtype, "r"):
-            continue
-        out += await registry.get(rtype).read_many(list(ids), len(ids))
-    return out
-
-
 def patient_source(registry: Registry, patient: str) -> Provider:
     """The source a patient's id belongs to."""
     tp = registry.get(compartment.PATIENT)

@@ -309,9 +309,9 @@ class StructuredRecord(Operation):
         resources = list(listed.values())
         # Referenced types the scopes do not allow are said (never a silent gap), as in
         # $everything: the extract holds references the client cannot follow.
-        unread = record.referenced_denied(ctx.registry, record.referenced_ids(resources),
-                                          principal, None)
-        included = await record.referenced(ctx.registry, resources, principal, None)
+        wanted = record.referenced_ids(resources)
+        unread = record.referenced_denied(ctx.registry, wanted, principal, None)
+        included = await record.referenced_of(ctx.registry, wanted, principal, None)
         for r in included:
             touched[r["resourceType"]] = None
         entries = [{"fullUrl": f"{base}/Patient/{pid}", "resource": patient}]
