@@ -487,6 +487,13 @@ def referenced_denied(registry: Registry, wanted: dict[str, dict[str, None]],
             and (types is None or rtype in types) and not principal.allows(rtype, "r")]
 
 
+def unread_note(unread: list[str]) -> str:
+    """The NOT_INCLUDED note for the types :func:`referenced_denied` names (the same words
+    wherever a record leaves them out)."""
+    return ("resources referred to not included, as the client's scopes do not allow reading "
+            f"them: {', '.join(unread)}")
+
+
 async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
                         principal: Principal, types: set[str] | None,
                         failed: list[str] | None = None) -> list[dict[str, Any]]:

@@ -319,9 +319,7 @@ class StructuredRecord(Operation):
         entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r}
                     for r in [*resources, *included]]
         notes = record.warnings(failed)
-        notes += record.warnings([f"resources referred to not included, as the client's "
-                                  f"scopes do not allow reading them: {', '.join(unread)}"]
-                                 if unread else [], "NOT_INCLUDED")
+        notes += record.warnings([record.unread_note(unread)] if unread else [], "NOT_INCLUDED")
         for w in notes:
             entries.append({"fullUrl": f"urn:uuid:{uuid4()}", "resource": w["resource"]})
         audit.note_operation(self.name, pid, list(touched))
