@@ -478,13 +478,21 @@ def _collect(node: Any, path: tuple[str, ...], into: dict[Any, None]) -> None:
             _collect(node.get(path[0]), path[1:], into)
 
 
+def _referenced_types(registry: Registry, wanted: dict[str, dict[str, None]],
+                      types: set[str] | None) -> list[str]:
+    """The served types ``wanted`` names ids of that ``types`` (None: all) lets in, in
+    :data:`REFERENCED` order: each is either read by :func:`referenced_of` or named by
+    :func:`referenced_denied` (one filter, so neither can drop a type the other misses)."""
+    return [rtype for rtype in REFERENCED
+            if wanted.get(rtype) and rtype in registry and (types is None or rtype in types)]
+
+
 def referenced_denied(registry: Registry, wanted: dict[str, dict[str, None]],
                       principal: Principal, types: set[str] | None) -> list[str]:
     """The types ``wanted`` names that :func:`referenced_of` leaves out because the caller's
     scopes do not allow reading them (to be said, never a silent gap)."""
-    return [rtype for rtype in REFERENCED
-            if wanted.get(rtype) and rtype in registry
-            and (types is None or rtype in types) and not principal.allows(rtype, "r")]
+    return [rtype for rtype in _referenced_types(registry, wanted, types)
+            if not principal.allows(rtype, "r")]
 
 
 def unread_note(unread: list[str]) -> str:
@@ -501,13 +509,8 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
     one statement per type (per source); the types of one connection whose adapter runs
     batches in one backend call. ``failed`` given: a type whose source does not answer
     (502/503/504) is left out and said there, rather than failing the call."""
-    asked: list[tuple[str, Any]] = []
-    for rtype in REFERENCED:
-        ids = wanted.get(rtype)
-        if not ids or rtype not in registry or (types is not None and rtype not in types):
-            continue
-        if principal.allows(rtype, "r"):
-            asked.append((rtype, registry.get(rtype)))
+    asked = [(rtype, registry.get(rtype)) for rtype in _referenced_types(registry, wanted, types)
+             if principal.allows(rtype, "r")]
     found: dict[str, list[dict[str, Any]]] = {}
 
     def gap(tp: Any, exc: Exception) -> None:
