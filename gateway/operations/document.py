@@ -256,13 +256,13 @@ class Document(Operation):
         cited = [*resources, *([encounter] if encounter else [])]
         # A document holds what it refers to: as for its sections, every type needs read
         # (a 403 naming it), never a document with references silently left dangling.
-        for rtype in record.referenced_denied(ctx.registry, record.referenced_ids(cited),
-                                              principal, None):
+        wanted = record.referenced_ids(cited)
+        for rtype in record.referenced_denied(ctx.registry, wanted, principal, None):
             authorize.require(request, rtype, "r")
         # A referenced type whose source does not answer is its 502/503/504, unlike a
         # section (which leaves no reference behind): a document of prescriptions whose
         # Medications are missing would hold references to nothing, and drug names lost.
-        included = await record.referenced(ctx.registry, cited, principal, None)
+        included = await record.referenced_of(ctx.registry, wanted, principal, None)
         body = build(spec, ctx.base_url(request), patient, encounter, found, resources,
                      included, failed)
         audit.note_operation("document", pid, list(dict.fromkeys(

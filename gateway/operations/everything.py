@@ -196,8 +196,7 @@ class Everything(Operation):
             notes.append(f"not included, as the client's scopes do not allow reading them: "
                          f"{', '.join(denied)}")
         if unread:
-            notes.append(f"resources referred to not included, as the client's scopes do not "
-                         f"allow reading them: {', '.join(unread)}")
+            notes.append(record.unread_note(unread))
         if ignored:
             notes.append(f"parameters ignored: {', '.join(sorted(set(ignored)))}")
         # Never silently broader than asked: say which types the dates could not narrow.

@@ -401,16 +401,6 @@ def referenced_ids(resources: list[dict[str, Any]]) -> dict[str, dict[str, None]
     return wanted
 
 
-async def referenced(registry: Registry, resources: list[dict[str, Any]],
-                     principal: Principal, types: set[str] | None,
-                     failed: list[str] | None = None) -> list[dict[str, Any]]:
-    """The Practitioners, Organizations, Locations and Medications the resources refer to
-    (that the caller may read): :func:`referenced_of` the references found in them."""
-    if types is not None and not types.intersection(REFERENCED):
-        return []
-    return await referenced_of(registry, referenced_ids(resources), principal, types, failed)
-
-
 def patient_source(registry: Registry, patient: str) -> Provider:
     """The source a patient's id belongs to."""
     tp = registry.get(compartment.PATIENT)
@@ -496,13 +486,28 @@ def _collect(node: Any, path: tuple[str, ...], into: dict[Any, None]) -> None:
             _collect(node.get(path[0]), path[1:], into)
 
 
+def _referenced_types(registry: Registry, wanted: dict[str, dict[str, None]],
+                      types: set[str] | None) -> list[str]:
+    """The served types ``wanted`` names ids of that ``types`` (None: all) lets in, in
+    :data:`REFERENCED` order: each is either read by :func:`referenced_of` or named by
+    :func:`referenced_denied` (one filter, so neither can drop a type the other misses)."""
+    return [rtype for rtype in REFERENCED
+            if wanted.get(rtype) and rtype in registry and (types is None or rtype in types)]
+
+
 def referenced_denied(registry: Registry, wanted: dict[str, dict[str, None]],
                       principal: Principal, types: set[str] | None) -> list[str]:
     """The types ``wanted`` names that :func:`referenced_of` leaves out because the caller's
     scopes do not allow reading them (to be said, never a silent gap)."""
-    return [rtype for rtype in REFERENCED
-            if wanted.get(rtype) and rtype in registry
-            and (types is None or rtype in types) and not principal.allows(rtype, "r")]
+    return [rtype for rtype in _referenced_types(registry, wanted, types)
+            if not principal.allows(rtype, "r")]
+
+
+def unread_note(unread: list[str]) -> str:
+    """The NOT_INCLUDED note for the types :func:`referenced_denied` names (the same words
+    wherever a record leaves them out)."""
+    return ("resources referred to not included, as the client's scopes do not allow reading "
+            f"them: {', '.join(unread)}")
 
 
 async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
@@ -513,13 +518,8 @@ async def referenced_of(registry: Registry, wanted: dict[str, dict[str, None]],
     batches in one backend call. ``failed`` given: a type whose source does not answer
     (502/503/504) is left out and said there, rather than failing the call (a type of
     several sources: only the one that did not answer)."""
-    asked: list[tuple[str, Any]] = []
-    for rtype in REFERENCED:
-        ids = wanted.get(rtype)
-        if not ids or rtype not in registry or (types is not None and rtype not in types):
-            continue
-        if principal.allows(rtype, "r"):
-            asked.append((rtype, registry.get(rtype)))
+    asked = [(rtype, registry.get(rtype)) for rtype in _referenced_types(registry, wanted, types)
+             if principal.allows(rtype, "r")]
     found: dict[str, list[dict[str, Any]]] = {}
 
     def gap(tp: Provider, exc: Exception) -> None:

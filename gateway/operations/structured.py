@@ -313,13 +313,13 @@ class StructuredRecord(Operation):
         resources = list(listed.values())
         # Referenced types the scopes do not allow are said (never a silent gap), as in
         # $everything: the extract holds references the client cannot follow.
-        unread = record.referenced_denied(ctx.registry, record.referenced_ids(resources),
-                                          principal, None)
+        wanted = record.referenced_ids(resources)
+        unread = record.referenced_denied(ctx.registry, wanted, principal, None)
         # A referenced type whose source does not answer is left out and said, as a section
         # is (strict: its error is the answer).
         gaps: list[str] = []
-        included = await record.referenced(ctx.registry, resources, principal, None,
-                                           None if ctx.whole(request) else gaps)
+        included = await record.referenced_of(ctx.registry, wanted, principal, None,
+                                              None if ctx.whole(request) else gaps)
         failed += [f"{g}; the resources of that type the record refers to are not included"
                    for g in gaps]
         for r in included:
@@ -329,9 +329,7 @@ class StructuredRecord(Operation):
         entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r}
                     for r in [*resources, *included]]
         notes = record.warnings(failed)
-        notes += record.warnings([f"resources referred to not included, as the client's "
-                                  f"scopes do not allow reading them: {', '.join(unread)}"]
-                                 if unread else [], "NOT_INCLUDED")
+        notes += record.warnings([record.unread_note(unread)] if unread else [], "NOT_INCLUDED")
         for w in notes:
             entries.append({"fullUrl": f"urn:uuid:{uuid4()}", "resource": w["resource"]})
         audit.note_operation(self.name, pid, list(touched))
