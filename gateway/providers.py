@@ -21,26 +21,34 @@ from adapters.base import (
     Compare,
     Count,
     Criterion,
+    DuplicateKey,
     Fetch,
     In,
     Page,
     Query,
     QueryTooLarge,
     SortKey,
+    UnknownKey,
     UnsupportedCriteria,
     Write,
+    WriteRefused,
     WriteResult,
     any_of,
 )
 from gateway import audit, chain, compartment, limits, metrics, observability, tracing
 from gateway.errors import (
+    DuplicateIdentifier,
+    GatewayError,
     GatewayTimeout,
     InternalError,
     InvalidId,
     InvalidPageToken,
+    NotFound,
     ResourceInvalid,
+    ResourceRejected,
     ServiceUnavailable,
     TooManyValues,
+    UnknownReference,
     UnsupportedSearch,
     UpstreamError,
     UpstreamRejected,
@@ -398,11 +406,26 @@ class _TimedCall:
         mapping = self.mapping
         metrics.observe_adapter(mapping.connection, observability.adapter_name(mapping.adapter),
                                 self.operation, elapsed, exc)
-        if isinstance(exc, BackendError | UnsupportedCriteria):
+        if isinstance(exc, BackendError | UnsupportedCriteria | WriteRefused):
             raise translate_backend_error(exc) from exc
 
 
+def _refusal(exc: WriteRefused) -> GatewayError:
+    """A write the backend refused for what was sent: the first refusal's 4xx, every
+    further one an issue of its own."""
+    others = tuple(_refusal(o) for o in exc.others)
+    if isinstance(exc, DuplicateKey):
+        return DuplicateIdentifier(str(exc), others=others)
+    if isinstance(exc, UnknownKey):
+        if exc.own:  # the record written to is not there: nothing else to say
+            return NotFound(str(exc))
+        return UnknownReference(str(exc), others=others)
+    return ResourceRejected(str(exc), others=others)
+
+
 def translate_backend_error(exc: Exception) -> Exception:
+    if isinstance(exc, WriteRefused):
+        return _refusal(exc)
     if isinstance(exc, BackendTimeout):
         return GatewayTimeout(str(exc))
     if isinstance(exc, BackendUnavailable):
