@@ -281,9 +281,11 @@ class WriteRefused(AdapterError):
     issue each). The message is shown to the client: codes and field positions, never a
     value or the backend's own words."""
 
-    def __init__(self, message: str, *, others: tuple[WriteRefused, ...] = (),
-                 correlation: str | None = None) -> None:
+    def __init__(self, message: str, *, location: str | None = None,
+                 others: tuple[WriteRefused, ...] = (), correlation: str | None = None) -> None:
         super().__init__(message)
+        self.location = location
+        """The backend's name for what is at fault, as a mapping names it (``PID-7``)."""
         self.others = others
         self.correlation = correlation
 
@@ -296,9 +298,9 @@ class UnknownKey(WriteRefused):
     """A key sent is not known to the backend (HL7 0357 code 204): the updated record's own
     (``own``: → 404) or one the record refers to (→ 422)."""
 
-    def __init__(self, message: str, *, own: bool = False,
+    def __init__(self, message: str, *, own: bool = False, location: str | None = None,
                  others: tuple[WriteRefused, ...] = (), correlation: str | None = None) -> None:
-        super().__init__(message, others=others, correlation=correlation)
+        super().__init__(message, location=location, others=others, correlation=correlation)
         self.own = own
 
 

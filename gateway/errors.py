@@ -162,9 +162,14 @@ class ResourceInvalid(GatewayError):
         ])
 
 
-def _with_others(error: GatewayError, others: tuple[GatewayError, ...]) -> dict[str, Any]:
-    """``error``'s outcome, then one issue for each further refusal of the same request."""
+def _with_others(error: GatewayError, others: tuple[GatewayError, ...],
+                 expressions: tuple[str, ...]) -> dict[str, Any]:
+    """``error``'s outcome located at ``expressions`` (every element the backend's field at
+    fault feeds), then one issue for each further refusal of the same request."""
     out = GatewayError.outcome(error)
+    if expressions:
+        out["issue"][0]["expression"] = list(expressions)
+        out["issue"][0]["location"] = list(expressions)
     for other in others:
         out["issue"] += other.outcome()["issue"]
     return out
@@ -180,12 +185,13 @@ class ResourceRejected(GatewayError):
     error_code = "RESOURCE_REJECTED"
 
     def __init__(self, message: str, *, others: tuple[GatewayError, ...] = (),
-                 **kw: Any) -> None:
+                 expressions: tuple[str, ...] = (), **kw: Any) -> None:
         super().__init__(message, **kw)
         self.others = others
+        self.expressions = expressions
 
     def outcome(self) -> dict[str, Any]:
-        return _with_others(self, self.others)
+        return _with_others(self, self.others, self.expressions)
 
 
 class UnknownReference(ResourceRejected):
@@ -205,12 +211,13 @@ class DuplicateIdentifier(GatewayError):
     error_code = "DUPLICATE_IDENTIFIER"
 
     def __init__(self, message: str, *, others: tuple[GatewayError, ...] = (),
-                 **kw: Any) -> None:
+                 expressions: tuple[str, ...] = (), **kw: Any) -> None:
         super().__init__(message, **kw)
         self.others = others
+        self.expressions = expressions
 
     def outcome(self) -> dict[str, Any]:
-        return _with_others(self, self.others)
+        return _with_others(self, self.others, self.expressions)
 
 
 class PayloadTooLarge(GatewayError):

@@ -157,18 +157,22 @@ def refusal(label: str, ack_code: str, reply: er7.Message, *,
 def _refused(label: str, ack: str, e: AckError, write: Literal["create", "update"],
              own_key: tuple[str, int] | None) -> WriteRefused:
     said = f"({ack}, {e.describe()}): nothing was written"
+    at = e.location
     if e.fault == "duplicate":
         return DuplicateKey(f"the '{label}' PAS already holds a record with a key sent {said}; "
-                            "search by the identifier, or create with If-None-Exist")
+                            "search by the identifier, or create with If-None-Exist",
+                            location=at)
     if e.fault == "unknown-key":
         # Table 0357: 204 is "the ID of the patient, order, etc., was not found", used for
         # transactions other than additions: an update's own record unless it says otherwise.
         own_at = f"{own_key[0]}-{own_key[1]}" if own_key else None
-        if write == "update" and e.location in (None, own_at):
-            return UnknownKey(f"the '{label}' PAS does not know the record {said}", own=True)
+        if write == "update" and at in (None, own_at):
+            return UnknownKey(f"the '{label}' PAS does not know the record {said}", own=True,
+                              location=at)
         return UnknownKey(f"a record the resource refers to is not known to the '{label}' "
-                          f"PAS {said}")
-    return InvalidValue(f"the '{label}' PAS refused a value of the resource {said}")
+                          f"PAS {said}", location=at)
+    return InvalidValue(f"the '{label}' PAS refused a value of the resource {said}",
+                        location=at)
 
 
 def pas_text(reply: er7.Message, sensitive: list[str]) -> str:

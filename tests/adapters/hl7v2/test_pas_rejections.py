@@ -41,6 +41,11 @@ def _issues(r: httpx.Response) -> list[tuple[str, str]]:
     return [(i["code"], i["details"]["coding"][0]["code"]) for i in body["issue"]]
 
 
+def _where(r: httpx.Response) -> list[list[str] | None]:
+    """Each issue's expression: the elements the PAS's field at fault feeds."""
+    return [i.get("expression") for i in r.json()["issue"]]
+
+
 def _with_nhs(number: str) -> dict[str, Any]:
     body = copy.deepcopy(NEW_PATIENT)
     body["identifier"][0]["value"] = number
@@ -80,6 +85,7 @@ async def test_registering_an_nhs_number_the_pas_holds_is_409(
     assert r.status_code == 409, r.text
     assert _issues(r) == [("duplicate", "DUPLICATE_IDENTIFIER")]
     assert "205" in r.text  # the PAS's code is named
+    assert _where(r) == [["Patient.identifier.value"]]  # PID-3
     assert HELD_NHS not in r.text and "another patient" not in r.text  # not the PAS's words
     assert _oracle(db_url, "\"NHS_NUMBER\" = :n", n=HELD_NHS) == {"D0000001"}  # nothing added
     assert len(sim.received) == 1  # one A28, not resent
@@ -94,6 +100,7 @@ async def test_a_required_field_the_pas_lacks_is_422(sim_api: httpx.AsyncClient,
     assert r.status_code == 422, r.text
     assert _issues(r) == [("invalid", "RESOURCE_REJECTED")]
     assert "101" in r.text and "PID-7" in r.text
+    assert _where(r) == [["Patient.birthDate"]]
     assert _oracle(db_url, "\"NHS_NUMBER\" = '9991234578'") == set()
 
 
@@ -105,6 +112,7 @@ async def test_a_gp_practice_the_pas_does_not_know_is_422(sim_api: httpx.AsyncCl
     assert r.status_code == 422, r.text
     assert _issues(r) == [("not-found", "UNKNOWN_REFERENCE")]
     assert "204" in r.text and "PD1-3" in r.text
+    assert _where(r) == [["Patient.generalPractitioner.identifier.value"]]
 
 
 async def test_the_pas_failing_is_still_502(sim_api: httpx.AsyncClient, sim: PasSimulator
@@ -184,6 +192,8 @@ async def test_what_the_pas_says_decides_the_status(
         r = await api.post("/STU3/Patient", json=_with_nhs("9991234578"), headers=JSON)
         assert r.status_code == status, r.text
         assert _issues(r) == issues
+        if case.startswith("two-content-errors"):  # each issue at its own element
+            assert _where(r) == [["Patient.birthDate"], ["Patient.gender"]]
         assert len(peer.patients) == 1  # refused: nothing applied
         if case == "unmapped-code":
             assert "999" in r.text
