@@ -265,3 +265,33 @@ async def test_the_pas_text_is_at_debug_only(tmp_path: Path, demo_sqlite_url: st
     [said] = [x for x in lines if x.get("event") == "hl7_rejection_text"]
     assert said["level"] == "debug" and "already registered" in said["text"]
     assert SAMPLE_NHS not in said["text"]
+
+
+# --- an admission (POST Encounter: ADT^A01) ---------------------------------------------------
+
+
+def _admission(**changes: Any) -> dict[str, Any]:
+    from tests.e2e.test_messaging_admission import admission, days_ago
+
+    body = admission("Patient/D0000001", days_ago(1, 9, 30).isoformat())
+    body.update(changes)
+    return body
+
+
+async def test_an_admission_to_a_ward_the_pas_does_not_know_is_422(
+        sim_api: httpx.AsyncClient) -> None:
+    body = _admission(location=[{"location": {"identifier": {
+        "system": "https://fhir.demo-trust.nhs.uk/Id/location-code", "value": "NOWARD"}}}])
+    r = await sim_api.post("/STU3/Encounter", json=body, headers=JSON)
+    assert r.status_code == 422, r.text
+    assert _issues(r) == [("not-found", "UNKNOWN_REFERENCE")]
+    assert _where(r) == [["Encounter.location.location.identifier.value"]]  # PV1-3
+
+
+async def test_an_admission_of_a_patient_the_pas_does_not_know_is_422(
+        sim_api: httpx.AsyncClient) -> None:
+    # an addition: 204 at PID-3 is the patient referred to, not the Encounter created
+    r = await sim_api.post("/STU3/Encounter", json=_admission(
+        subject={"reference": "Patient/D9999999"}), headers=JSON)
+    assert r.status_code == 422, r.text
+    assert _issues(r) == [("not-found", "UNKNOWN_REFERENCE")]
