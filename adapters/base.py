@@ -275,6 +275,40 @@ class BackendRejected(BackendError):
     """The backend refused the request (HL7 AE/AR, constraint violation)."""
 
 
+class WriteRefused(AdapterError):
+    """The backend refused a write for what was sent — the client's to fix (→ 4xx) — and
+    applied nothing. ``others`` are the further refusals it reported for the same write (one
+    issue each). The message is shown to the client: codes and field positions, never a
+    value or the backend's own words."""
+
+    def __init__(self, message: str, *, location: str | None = None,
+                 others: tuple[WriteRefused, ...] = (), correlation: str | None = None) -> None:
+        super().__init__(message)
+        self.location = location
+        """The backend's name for what is at fault, as a mapping names it (``PID-7``)."""
+        self.others = others
+        self.correlation = correlation
+
+
+class DuplicateKey(WriteRefused):
+    """The backend already holds a record with a key sent (HL7 0357 code 205) → 409."""
+
+
+class UnknownKey(WriteRefused):
+    """A key sent is not known to the backend (HL7 0357 code 204): the updated record's own
+    (``own``: → 404) or one the record refers to (→ 422)."""
+
+    def __init__(self, message: str, *, own: bool = False, location: str | None = None,
+                 others: tuple[WriteRefused, ...] = (), correlation: str | None = None) -> None:
+        super().__init__(message, location=location, others=others, correlation=correlation)
+        self.own = own
+
+
+class InvalidValue(WriteRefused):
+    """A value the backend needs is missing, of the wrong type, not in its table or too
+    long (HL7 0357 codes 101-104) → 422."""
+
+
 backend_correlations: ContextVar[list[str] | None] = ContextVar("backend_correlations",
                                                                 default=None)
 """Set per request by the gateway's audit layer; adapters note what they sent to it."""

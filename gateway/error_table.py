@@ -64,6 +64,15 @@ WHEN: dict[str, str] = {
     "INVALID_RESOURCE_ID": "a resource id that is not a valid FHIR id",
     "INVALID_RESOURCE": "a resource sent to be written is not valid: one issue per problem, "
                         "each with its path",
+    "RESOURCE_REJECTED": "the PAS refused a value of the resource sent (HL7 v2: error 101 "
+                         "required field missing, 102 data type, 103 table value not found, "
+                         "104 too long, at the field it names): nothing was written",
+    "UNKNOWN_REFERENCE": "a record the resource refers to (a GP, a ward, an admission's "
+                         "patient) is not known to the PAS (HL7 v2 error 204 on a create, or "
+                         "at another field than the record's key): nothing was written",
+    "DUPLICATE_IDENTIFIER": "the PAS already holds a record with an identifier sent (HL7 v2 "
+                            "error 205: an NHS number already registered): nothing was "
+                            "written; search by it, or create with `If-None-Exist`",
     "MULTIPLE_MATCHES": "a conditional interaction matched more than one resource",
     "PAYLOAD_TOO_LARGE": "the request body is over `CCG_MAX_BODY_BYTES`",
     "RESOURCE_NOT_FOUND": "no such resource (or endpoint)",
@@ -77,10 +86,13 @@ WHEN: dict[str, str] = {
     "COMPARTMENT_VIOLATION": "a resource outside the token's patient reached the response "
                              "and was withheld",
     "BACKEND_ERROR": "the system behind the gateway answered, but not usefully",
-    "BACKEND_REJECTED": "the system behind the gateway refused the request (HL7 AE/AR)",
+    "BACKEND_REJECTED": "the system behind the gateway refused the request (HL7 AE/AR) for "
+                        "a reason of its own (HL7 v2 error 207, a code not in table 0357, no "
+                        "code at all; a query refused): the code is named",
     "UNMAPPED_SOURCE_CODE": "a source code with no mapping, where the code map's policy "
                             "is `error`",
-    "BACKEND_UNAVAILABLE": "the system behind the gateway cannot be reached "
+    "BACKEND_UNAVAILABLE": "the system behind the gateway cannot be reached, or (HL7 v2 "
+                           "error 206) had the record locked: nothing was applied "
                            "(with `Retry-After`)",
     "SERVER_BUSY": "too many requests in flight (with `Retry-After`)",
     "AUDIT_UNAVAILABLE": "the audit record could not be written, so nothing was served",

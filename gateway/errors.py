@@ -162,6 +162,64 @@ class ResourceInvalid(GatewayError):
         ])
 
 
+def _with_others(error: GatewayError, others: tuple[GatewayError, ...],
+                 expressions: tuple[str, ...]) -> dict[str, Any]:
+    """``error``'s outcome located at ``expressions`` (every element the backend's field at
+    fault feeds), then one issue for each further refusal of the same request."""
+    out = GatewayError.outcome(error)
+    if expressions:
+        out["issue"][0]["expression"] = list(expressions)
+        out["issue"][0]["location"] = list(expressions)
+    for other in others:
+        out["issue"] += other.outcome()["issue"]
+    return out
+
+
+class ResourceRejected(GatewayError):
+    """The system behind the gateway refused the resource for its content — a value it needs
+    missing, of the wrong type or not in its tables (HL7 0357 codes 101-104) — and wrote
+    nothing. Further refusals of the same write follow as issues of their own."""
+
+    status = 422
+    issue_code = "invalid"
+    error_code = "RESOURCE_REJECTED"
+
+    def __init__(self, message: str, *, others: tuple[GatewayError, ...] = (),
+                 expressions: tuple[str, ...] = (), **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.others = others
+        self.expressions = expressions
+
+    def outcome(self) -> dict[str, Any]:
+        return _with_others(self, self.others, self.expressions)
+
+
+class UnknownReference(ResourceRejected):
+    """A record the resource refers to (a GP, a ward, the patient of an admission) is not
+    known to the system behind the gateway (HL7 0357 code 204); nothing was written."""
+
+    issue_code = "not-found"
+    error_code = "UNKNOWN_REFERENCE"
+
+
+class DuplicateIdentifier(GatewayError):
+    """The system behind the gateway already holds a record with an identifier sent (HL7 0357
+    code 205: an NHS number already registered); nothing was written."""
+
+    status = 409
+    issue_code = "duplicate"
+    error_code = "DUPLICATE_IDENTIFIER"
+
+    def __init__(self, message: str, *, others: tuple[GatewayError, ...] = (),
+                 expressions: tuple[str, ...] = (), **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.others = others
+        self.expressions = expressions
+
+    def outcome(self) -> dict[str, Any]:
+        return _with_others(self, self.others, self.expressions)
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     issue_code = "too-costly"

@@ -51,7 +51,9 @@ def _exchange(connection: str, message_type: str, control_id: str) -> Iterator[N
 # the adapter's errors for an exchange, as the event an operator looks for
 _EVENT_NAMES = {"BackendTimeout": "timeout", "BackendRejected": "nak",
                 "BackendUnavailable": "unavailable", "BackendError": "unusable_reply",
-                "WriteOutcomeUnknown": "write_outcome_unknown"}
+                "WriteOutcomeUnknown": "write_outcome_unknown",
+                # a write refused for what was sent (HL7 0357 205, 204, 101-104): a NAK too
+                "DuplicateKey": "nak", "UnknownKey": "nak", "InvalidValue": "nak"}
 _pool_children: dict[str, Any] = {}
 
 

@@ -21,31 +21,39 @@ from adapters.base import (
     Compare,
     Count,
     Criterion,
+    DuplicateKey,
     Fetch,
     In,
     Page,
     Query,
     QueryTooLarge,
     SortKey,
+    UnknownKey,
     UnsupportedCriteria,
     Write,
+    WriteRefused,
     WriteResult,
     any_of,
 )
 from gateway import audit, chain, compartment, limits, metrics, observability, tracing
 from gateway.errors import (
+    DuplicateIdentifier,
     GatewayError,
     GatewayTimeout,
     InternalError,
     InvalidId,
     InvalidPageToken,
+    NotFound,
     ResourceInvalid,
+    ResourceRejected,
     ServiceUnavailable,
     TooManyValues,
+    UnknownReference,
     UnsupportedSearch,
     UpstreamError,
     UpstreamRejected,
 )
+from gateway.mapping.elements import element_paths
 from gateway.mapping.loader import CompiledMapping
 from gateway.mapping.model import SearchParam
 from gateway.mapping.reverse import ReverseContext, ReverseError, compile_reverse
@@ -438,11 +446,31 @@ class _TimedCall:
         mapping = self.mapping
         metrics.observe_adapter(mapping.connection, observability.adapter_name(mapping.adapter),
                                 self.operation, elapsed, exc)
-        if isinstance(exc, BackendError | UnsupportedCriteria):
-            raise translate_backend_error(exc) from exc
+        if isinstance(exc, BackendError | UnsupportedCriteria | WriteRefused):
+            raise translate_backend_error(exc, mapping) from exc
 
 
-def translate_backend_error(exc: Exception) -> Exception:
+def _refusal(exc: WriteRefused, mapping: CompiledMapping | None) -> GatewayError:
+    """A write the backend refused for what was sent: the first refusal's 4xx, every
+    further one an issue of its own, each located at the elements its field feeds."""
+    others = tuple(_refusal(o, mapping) for o in exc.others)
+    at = tuple(element_paths(mapping.spec.output, mapping.resource_type, exc.location)
+               if mapping is not None and exc.location else ())
+    if isinstance(exc, DuplicateKey):
+        return DuplicateIdentifier(str(exc), others=others, expressions=at)
+    if isinstance(exc, UnknownKey):
+        if exc.own:  # the record written to is not there: nothing else to say
+            return NotFound(str(exc))
+        return UnknownReference(str(exc), others=others, expressions=at)
+    return ResourceRejected(str(exc), others=others, expressions=at)
+
+
+def translate_backend_error(exc: Exception, mapping: CompiledMapping | None = None
+                            ) -> Exception:
+    """The gateway's error for an adapter's; ``mapping``, where known, locates a refused
+    write's fault in the resource."""
+    if isinstance(exc, WriteRefused):
+        return _refusal(exc, mapping)
     if isinstance(exc, BackendTimeout):
         return GatewayTimeout(str(exc))
     if isinstance(exc, BackendUnavailable):

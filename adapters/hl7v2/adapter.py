@@ -11,8 +11,10 @@ for the repetition whose component 5 is NH; children are the repetitions of a fi
 
 What a query cannot express (date ranges over Q22, ``:contains``, OR across fields) is
 reported as UnsupportedCriteria → 400, never answered wrongly. Replies are checked: MSA-2 must
-echo our MSH-10 (the MLLP client does that), MSA-1 AE/AR/CE/CR become BackendRejected with
-the PAS's text minus anything that looks like patient data, QAK-2 NF is an empty result.
+echo our MSH-10 (the MLLP client does that); MSA-1 AE/AR/CE/CR are read by ``ack``: a write
+refused for what was sent (HL7 table 0357: a duplicate or unknown key, a value missing or not
+in the PAS's tables) is the client's 4xx, anything else the PAS's failure; the PAS's own text
+goes to a debug log only. QAK-2 NF is an empty result.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from adapters.base import (
     Adapter,
     And,
     BackendError,
-    BackendRejected,
     BackendTimeout,
     BackendUnavailable,
     Compare,
@@ -55,7 +56,7 @@ from adapters.base import (
     request_started,
     source_config_error,
 )
-from adapters.hl7v2 import er7, messages
+from adapters.hl7v2 import ack, er7, messages
 from adapters.hl7v2.mllp import (
     Endpoint,
     MllpClient,
@@ -74,7 +75,6 @@ _PROTOCOL = frozenset({"MSH", "MSA", "ERR", "QAK", "QPD", "RCP", "DSC", "EVN"})
 # SEG-F, SEG-F.C or SEG-F.C.S, optionally narrowed: PID-3.1[PID-3.5=NH]
 _PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d{1,3})(?:\.(\d{1,3}))?(?:\.(\d{1,3}))?$")
 _REF = re.compile(r"^(?P<path>[A-Z0-9.\-]+)(?:\[(?P<where>[^\]]+)\])?$")
-_DIGITS = re.compile(r"\d{6,}")
 
 # (the request's correlation list, the adapter's id, the deadline): see Hl7v2Adapter._deadline
 _DEADLINE: ContextVar[tuple[object, int, float] | None] = ContextVar("hl7v2_deadline",
@@ -179,6 +179,7 @@ ITK_QPD_FIELDS = ("PID.3.1", "PID.3.4", "PID.3.5", "PID.5.1", "PID.5.2", "PID.5.
                   "PV1.44", "PV1.45")
 
 NewNumber = Literal["sent", "ack", "query"]
+Interaction = Literal["create", "update"]
 
 
 class Dialect(_Strict):
@@ -463,20 +464,27 @@ class Hl7v2Adapter(Adapter):
         return page
 
     async def _send(self, msg: bytes, control: str, sensitive: list[str], *, deadline: float,
-                    idempotent: bool = True, write: bool = False) -> er7.Message:
+                    idempotent: bool = True, write: Interaction | None = None,
+                    own_key: tuple[str, int] | None = None) -> er7.Message:
         hook = observe.exchange
         if hook is None:
             return await self._send_unobserved(msg, control, sensitive, deadline=deadline,
-                                               idempotent=idempotent, write=write)
+                                               idempotent=idempotent, write=write,
+                                               own_key=own_key)
         with hook(self.label, _message_type(msg), control):
             return await self._send_unobserved(msg, control, sensitive, deadline=deadline,
-                                               idempotent=idempotent, write=write)
+                                               idempotent=idempotent, write=write,
+                                               own_key=own_key)
 
     async def _send_unobserved(self, msg: bytes, control: str, sensitive: list[str], *,
-                               deadline: float, idempotent: bool = True, write: bool = False
-                               ) -> er7.Message:
-        """One exchange. For a ``write``, a failure after the message may have reached the PAS
-        is :class:`WriteOutcomeUnknown`; one before it is BackendUnavailable (not applied)."""
+                               deadline: float, idempotent: bool = True,
+                               write: Interaction | None = None,
+                               own_key: tuple[str, int] | None = None) -> er7.Message:
+        """One exchange. For a ``write`` (the interaction), a failure after the message may
+        have reached the PAS is :class:`WriteOutcomeUnknown`; one before it is
+        BackendUnavailable (not applied); a refusal is read by ``ack.refusal``, which needs
+        the written record's key field (``own_key``) to tell an unknown record from an
+        unknown reference."""
         note_correlation(f"{self.label}:MSH-10={control}")
         try:
             raw = await self.client.send(msg, control, idempotent=idempotent, deadline=deadline)
@@ -504,16 +512,23 @@ class Hl7v2Adapter(Adapter):
                                correlation=control) from exc
         msa = reply.segment("MSA")
         code = (msa.value(1) if msa else None) or ""
-        if code not in ("AA", "CA"):
-            raise BackendRejected(
-                _rejection(self.label, code, reply, sensitive), correlation=control
-            )
+        if code not in ("AA", "CA"):  # an AA with a warning ERR is still an AA: applied
+            self._refused(reply, code, sensitive, control)
+            raise ack.refusal(self.label, code, reply, write=write, own_key=own_key,
+                              sensitive=sensitive, correlation=control)
         qak = reply.segment("QAK")
         status = qak.value(2) if qak else None
         if status in ("AE", "AR"):
-            raise BackendRejected(_rejection(self.label, status, reply, sensitive),
-                                  correlation=control)
+            self._refused(reply, status or "", sensitive, control)
+            raise ack.refusal(self.label, status or "", reply, write=None, own_key=None,
+                              sensitive=sensitive, correlation=control)
         return reply
+
+    def _refused(self, reply: er7.Message, code: str, sensitive: list[str], control: str
+                 ) -> None:
+        """The PAS's own words about a refusal, at debug only (they may name the patient)."""
+        log.debug("hl7_rejection_text", connection=self.label, ack=code, control_id=control,
+                  text=ack.pas_text(reply, sensitive))
 
     def records(self, prepared: Prepared, reply: er7.Message) -> list[Record]:
         """The records in a reply (or any message with the group segments, e.g. an ADT)."""
@@ -605,7 +620,9 @@ class Hl7v2Adapter(Adapter):
         control = messages.new_control_id()
         msg = messages.adt(self.header, control, event=event, values=values)
         reply = await self._send(msg, control, [str(v) for v in values.values()],
-                                 deadline=deadline, idempotent=event == "A31", write=True)
+                                 deadline=deadline, idempotent=event == "A31",
+                                 write=write.interaction,
+                                 own_key=(prepared.key.path.segment, prepared.key.path.field))
         if write.id is not None:
             return WriteResult(id=write.id, created=False, correlation=control)
         if event == "A01":
@@ -990,27 +1007,3 @@ def _adt_values(p: Prepared, record: Record) -> dict[str, str]:
             raise UnsupportedCriteria(f"this source cannot write repeated {spec.segment} "
                                       "segments")
     return values
-
-
-def _rejection(label: str, code: str, reply: er7.Message, sensitive: list[str]) -> str:
-    """The PAS's own words, minus anything that could be patient data."""
-    texts = []
-    msa = reply.segment("MSA")
-    if msa is not None and msa.value(3):
-        texts.append(msa.value(3) or "")
-    for err in reply.all("ERR"):
-        # v2.4 carries the code and text in ERR-1.4 (CE in a CM); v2.5+ in ERR-3 and ERR-8.
-        for f, c, sc in ((1, 4, 1), (1, 4, 2), (3, 1, 1), (3, 2, 1), (8, 1, 1)):
-            v = err.value(f, c, sc)
-            if v and v not in texts:
-                texts.append(v)
-    text = " ".join(t for t in texts if t)
-    for s in sensitive:
-        s = s.rstrip("*%")
-        if s and len(s) > 1:
-            # Whole words only: a sent code such as PI must not eat into "PID".
-            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", "[redacted]",
-                          text, flags=re.IGNORECASE)
-    text = _DIGITS.sub("[redacted]", text)[:200]
-    return f"the '{label}' PAS rejected the request ({code or 'no MSA'})" + (
-        f": {text}" if text else "")

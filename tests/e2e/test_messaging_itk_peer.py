@@ -1,7 +1,8 @@
 """``$process-message`` (sync and async) against a PAS that shares no code with the gateway
 (tests/adapters/hl7v2/itk_peer.py: python-hl7, its own MLLP server), over real uvicorn and
-real TCP, the peer's behaviour varied: it accepts, refuses (AE, AR), applies and answers too
-late, applies and drops the connection, or drops it without applying.
+real TCP, the peer's behaviour varied: it accepts, refuses (AE, AR; a duplicate key, a
+required field missing, a record locked), applies and answers too late, applies and drops
+the connection, or drops it without applying.
 
 The rule checked every time, with the peer's own store as the oracle: a write the PAS
 accepted is never reported failed; an unknown outcome is reported as such
@@ -70,6 +71,13 @@ SCENARIOS = {
     "late": (["late"], UNKNOWN, 1, OK, 1),
     "drop": (["drop"], UNKNOWN, 1, OK, 1),
     "drop-unapplied": (["drop-unapplied"], UNKNOWN, 0, OK, 2),
+    # refused for what was sent (HL7 0357): final, the client's to fix, with its own code
+    "duplicate": (["reject:205@PID-3"], ("fatal-error", ["DUPLICATE_IDENTIFIER"]), 0,
+                  ("fatal-error", ["DUPLICATE_IDENTIFIER"]), 1),
+    "required-missing": (["reject:101@PID-7"], ("fatal-error", ["RESOURCE_REJECTED"]), 0,
+                         ("fatal-error", ["RESOURCE_REJECTED"]), 1),
+    # the record locked (206): nothing applied, send again
+    "locked": (["reject:206"], ("transient-error", ["BACKEND_UNAVAILABLE"]), 0, OK, 2),
 }
 
 

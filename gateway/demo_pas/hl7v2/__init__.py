@@ -18,7 +18,9 @@ Every reply
     MSH-3/4 ``PAS``/``RX1``; MSH-5/6 echo the request's MSH-3/4; MSH-10 a new control id;
     MSH-12 ``2.4``; MSH-18 the request's character set. MSA-1 ``AA`` (or ``AE``/``AR``),
     **MSA-2 = the request's MSH-10**, MSA-3 a short text on errors. An error adds
-    ``ERR|^^^<code>&<text>&HL70357`` (v2.4 ERR-1 = ELD: ERR-1.4.1 code, ERR-1.4.2 text, from
+    ``ERR|<seg>^1^<field>^<code>&<text>&HL70357`` (v2.4 ERR-1 = ELD: ERR-1.1-1.3 the segment,
+    its sequence and the field at fault when one is, e.g. ``PID^1^3`` for a duplicate NHS
+    number, else empty; ERR-1.4.1 code, ERR-1.4.2 text, from
     HL7 table 0357: 100 segment sequence / unreadable message, 101 required field missing,
     102 data type error, 103 value not supported, 200 unsupported message type, 201 unsupported
     event, 204 unknown key identifier, 205 duplicate key identifier, 207 application internal

@@ -168,7 +168,7 @@ def _nhs_free(conn: Connection, nhs: str, refno: int | None) -> None:
     if refno is not None:
         where.append(pat.c.PATNT_REFNO != refno)
     if conn.execute(sa.select(pat.c.PATNT_REFNO).where(*where).limit(1)).first():
-        raise _Reject("205", "the NHS number belongs to another patient")
+        raise _Reject("205", "the NHS number belongs to another patient", where="PID-3")
 
 
 def _addresses(pid: er7.Segment, now: str) -> list[dict[str, Any]]:
@@ -224,7 +224,7 @@ def _create(conn: Connection, pid: er7.Segment, pd1: er7.Segment | None,
         if not _PASID.match(pasid):
             raise _Reject("102", "PID-3 PAS number is not valid")
         if conn.execute(sa.select(pat.c.PATNT_REFNO).where(pat.c.PASID == pasid)).first():
-            raise _Reject("205", "a patient with this PAS number already exists")
+            raise _Reject("205", "a patient with this PAS number already exists", where="PID-3")
     else:
         last = conn.execute(sa.select(sa.func.max(pat.c.PASID)).where(
             pat.c.PASID.like("D_______"))).scalar()
@@ -259,7 +259,7 @@ def _update(conn: Connection, pid: er7.Segment, pd1: er7.Segment | None,
     refno: int | None = conn.execute(sa.select(pat.c.PATNT_REFNO).where(
         pat.c.PASID == pasid, pat.c.ARCHV_FLAG != "Y")).scalar()
     if refno is None:
-        raise _Reject("204", "no patient has this PAS number")
+        raise _Reject("204", "no patient has this PAS number", where="PID-3")
     values = _demographics(pid, enc, update=True)
     if nhs is not None:
         _nhs_free(conn, nhs, refno)
@@ -327,7 +327,7 @@ def _admit(conn: Connection, pid: er7.Segment, pv1: er7.Segment | None,
     refno: int | None = conn.execute(sa.select(pat.c.PATNT_REFNO).where(
         where, pat.c.ARCHV_FLAG != "Y")).scalar()
     if refno is None:
-        raise _Reject("204", "no patient has this identifier")
+        raise _Reject("204", "no patient has this identifier", where="PID-3")
     admitted = _text(pv1, 44)
     if admitted is None:
         raise _Reject("101", "PV1-44 admit date/time is required")
@@ -357,7 +357,8 @@ def _admit(conn: Connection, pid: er7.Segment, pv1: er7.Segment | None,
             raise _Reject("102", "PV1-19 visit number is not valid")
         if conn.execute(sa.select(spell.c.PRVSP_REFNO).where(spell.c.SPELL_NUMBER == number)
                         ).first():
-            raise _Reject("205", "a spell with this visit number already exists")
+            raise _Reject("205", "a spell with this visit number already exists",
+                          where="PV1-19")
     key = _next_key(conn, spell.c.PRVSP_REFNO)
     if number is None:
         last = conn.execute(sa.select(sa.func.max(spell.c.SPELL_NUMBER)).where(

@@ -159,7 +159,7 @@ class PasSimulator(Queries):
                 reply = self._ack(request, "AA", None, None,
                                   extra=pid_text if self.profile.ack_pid else "")
             except _Reject as exc:
-                reply = self._ack(request, exc.ack, exc.code, exc.text)
+                reply = self._ack(request, exc.ack, exc.code, exc.text, where=exc.where)
             except Exception as exc:
                 log.warning("pas_simulator_error", error=type(exc).__name__)
                 reply = self._ack(request, "AE", "207", "application internal error")

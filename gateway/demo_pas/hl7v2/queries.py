@@ -235,14 +235,18 @@ class Queries:
     # -- replies
 
     def _ack(self, request: _Request, code: Literal["AA", "AE", "AR"], err_code: str | None,
-             text: str | None, extra: str = "") -> bytes:
+             text: str | None, extra: str = "", where: str | None = None) -> bytes:
         """An ACK, written directly as ER7 (as ``messages.ack`` builds it with hl7apy, which
-        costs milliseconds a message: too slow for the write fault tests' thousand creates)."""
+        costs milliseconds a message: too slow for the write fault tests' thousand creates).
+        The error is a v2.4 ERR-1 ELD: segment, sequence, field position (``where``, as
+        ``PID-3``), then the code: ``ERR|PID^1^3^205&<text>&HL70357``."""
         event = request.trigger if re.fullmatch(r"[A-Z0-9]{3}", request.trigger) else None
         segments = [_seg("MSA", {1: code, 2: _f(request.control_id), 3: _f(text) if text
                                  else None})]
         if err_code:
-            segments.append(_seg("ERR", {1: _f(None, None, None,
+            seg, _, position = (where or "").partition("-")
+            segments.append(_seg("ERR", {1: _f(seg or None, "1" if seg else None,
+                                               position or None,
                                                (err_code, text or "", "HL70357"))}))
         if extra:
             segments.append(extra)
@@ -265,7 +269,7 @@ class Queries:
 
     def _rsp_error(self, request: _Request, exc: _Reject) -> bytes:
         if request.trigger not in ("Q21", "Q22", "ZV1"):
-            return self._ack(request, exc.ack, exc.code, exc.text)
+            return self._ack(request, exc.ack, exc.code, exc.text, where=exc.where)
         qpd = request.msg.segment("QPD")
         tag = qpd.value(2) if qpd is not None else None
         return self._rsp(request, [

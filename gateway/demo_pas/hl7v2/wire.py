@@ -40,14 +40,22 @@ _PASID = re.compile(r"^[A-Z0-9]{1,10}$")
 
 
 
-class _Reject(Exception):
-    """A request the PAS refuses: becomes MSA-1 AE/AR with an ERR (code from table 0357)."""
+_NAMED_FIELD = re.compile(r"^(PID|PD1|PV1|QPD|RCP|DSC|MSH)-(\d{1,3})\b")
 
-    def __init__(self, code: str, text: str, ack: Literal["AE", "AR"] = "AE") -> None:
+
+class _Reject(Exception):
+    """A request the PAS refuses: becomes MSA-1 AE/AR with an ERR (code from table 0357) at
+    ``where`` (``PID-3``: the segment and field at fault; by default the one the text
+    starts with, if it names one)."""
+
+    def __init__(self, code: str, text: str, ack: Literal["AE", "AR"] = "AE",
+                 where: str | None = None) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
         self.ack: Literal["AE", "AR"] = ack
+        named = _NAMED_FIELD.match(text)
+        self.where = where or (f"{named.group(1)}-{named.group(2)}" if named else None)
 
 
 # --- writing ER7 (replies are built here: fast, and RSP_ZV2 is not an hl7apy structure) -------

@@ -23,10 +23,23 @@ Behaviour varies by constructor flags, so the gateway is tried against more than
 and ``behaviour`` scripts what the next ADT messages meet (one entry each, in order):
 
 * ``accept`` — applied, AA (as without a script);
-* ``AE`` / ``AR`` — refused, not applied: an ACK with that code and an ERR;
+* ``AE`` / ``AR`` — refused, not applied: an ACK with that code and an ERR (207);
+* ``reject:<errors>`` — refused, not applied, with the ``nak`` code and these errors, in the
+  ``err_form``: comma-separated ``<code>[@<SEG-n>]``, a ``W`` before the code making it a
+  warning (``reject:W0,205@PID-3``: a warning, then a duplicate key at PID-3);
+* ``warn`` — applied, AA with a warning ERR (code 0, severity W in the v2.5 form);
 * ``late`` — applied, the AA sent ``late_seconds`` later (after the sender stopped waiting);
 * ``drop`` — applied, then the connection closed without an answer;
 * ``drop-unapplied`` — the connection closed on receipt: nothing applied, nothing answered.
+
+How it refuses varies too: ``nak`` (MSA-1 ``AE`` or ``AR``), ``err_form`` — ``v2.4`` (one ERR,
+each error a repetition of ERR-1, an ELD: ``PID^1^3^205&text&HL70357``), ``v2.5`` (one ERR
+per error: ERR-2 location, ERR-3 code, ERR-4 severity, ERR-8 text; MSH-12 2.5), ``msa6``
+(no ERR: the code in MSA-6, as v2.3 PASes do) or ``none`` (no code at all: MSA-3 text only)
+— and ``unique_nhs`` (an A28 with an NHS number it already holds is refused: 205 at PID-3;
+off, it registers the duplicate, as some PASes do). An A31 of a PAS number it does not know
+is 204 at PID-3. Its error texts name the patient (name, NHS number), as careless PAS
+interfaces do: they must never reach a client or an info-level log.
 """
 
 from __future__ import annotations
@@ -64,11 +77,47 @@ def _identifiers(field: str) -> list[list[str]]:
     return [rep.split("^") + [""] * 5 for rep in field.split("~") if rep]
 
 
+# HL7 table 0357 (v2.4), the meanings this PAS writes beside its codes
+_MEANING = {"0": "Message accepted", "100": "Segment sequence error",
+            "101": "Required field missing", "102": "Data type error",
+            "103": "Table value not found", "204": "Unknown key identifier",
+            "205": "Duplicate key identifier", "206": "Application record locked",
+            "207": "Application internal error"}
+
+
+class _Refused(Exception):
+    """An ADT this PAS refuses: a table 0357 code, its own words, where (``PID-3``)."""
+
+    def __init__(self, code: str, text: str, where: str = "") -> None:
+        super().__init__(text)
+        self.code, self.text, self.where = code, text, where
+
+
+def _errors(script: str) -> list[tuple[str, str, str]]:
+    """``W0,205@PID-3`` → [(W, 0, ""), (E, 205, PID-3)]."""
+    out = []
+    for item in script.split(","):
+        severity = "W" if item.startswith("W") else "E"
+        code, _, where = item.removeprefix("W").partition("@")
+        out.append((severity, code, where))
+    return out
+
+
+def _eld_location(where: str) -> str:
+    """v2.4 ELD components 1-3: segment ID, sequence, field position (``PID^1^3``)."""
+    seg, _, n = where.partition("-")
+    return f"{seg}^1^{n}" if where else "^^"
+
+
 class ItkPeer:
     def __init__(self, *, ack_pid: bool = False, wildcard: str = "*",
                  late_seconds: float = 2.0, page_cap: int | None = None,
                  honour_quantity: bool = True, pointer_ttl: float | None = None,
-                 pointer_uses: int | None = None) -> None:
+                 pointer_uses: int | None = None, nak: str = "AE", err_form: str = "v2.4",
+                 unique_nhs: bool = False) -> None:
+        self.nak = nak
+        self.err_form = err_form
+        self.unique_nhs = unique_nhs
         self.page_cap = page_cap
         self.honour_quantity = honour_quantity
         self.pointer_ttl = pointer_ttl
@@ -117,12 +166,16 @@ class ItkPeer:
                 if step == "drop-unapplied":
                     self.received.append(f"{message['MSH.F9.R1.C1']}^{message['MSH.F9.R1.C2']}")
                     return
-                if step in ("AE", "AR"):
+                if step in ("AE", "AR") or step.startswith("reject:"):
                     self.received.append(f"{message['MSH.F9.R1.C1']}^{message['MSH.F9.R1.C2']}")
+                    code, errors = ((step, [("E", "207", "")]) if step in ("AE", "AR") else
+                                    (self.nak, _errors(step.removeprefix("reject:"))))
                     answer = self._ack(str(message["MSH.F10"]), str(message["MSH.F9.R1.C2"]),
-                                       step, "refused by the test script")
+                                       code, "refused by the test script", errors=errors)
                 else:
                     answer = self.answer(message)
+                    if step == "warn":  # applied; the AA carries a warning
+                        answer = self._with_warning(answer)
                 if step == "drop":
                     return
                 if step == "late":
@@ -145,21 +198,53 @@ class ItkPeer:
                 return self._query(msg, control, trigger)
             if kind == "ADT" and trigger in ("A28", "A31"):
                 return self._adt(msg, control, trigger)
+        except _Refused as exc:
+            return self._ack(control, trigger, self.nak, exc.text,
+                             errors=[("E", exc.code, exc.where)])
         except LookupError as exc:
             return self._ack(control, trigger, "AE", str(exc))
         return self._ack(control, trigger, "AR", "unsupported message")
 
     def _msh(self, structure: str) -> str:
         now = dt.datetime.now().strftime("%Y%m%d%H%M%S")
-        return (f"MSH|^~\\&|PAS|RCB|ROUTE|ROUTE|{now}||{structure}|P{now}{self._next}|P|2.4"
-                "|||||GBR|UNICODE|EN")
+        version = "2.5" if self.err_form == "v2.5" else "2.4"
+        return (f"MSH|^~\\&|PAS|RCB|ROUTE|ROUTE|{now}||{structure}|P{now}{self._next}|P|"
+                f"{version}|||||GBR|UNICODE|EN")
 
     def _ack(self, control: str, trigger: str, code: str, text: str = "",
-             extra: str = "") -> str:
-        lines = [self._msh(f"ACK^{trigger}^ACK"), f"MSA|{code}|{control}|{text}".rstrip("|")]
-        if code != "AA":  # v2.4 ERR-1: ^^^<code>&<text>&HL70357 (207: application error)
-            lines.append(f"ERR|^^^207&{text or 'error'}&HL70357")
+             extra: str = "", errors: list[tuple[str, str, str]] | None = None) -> str:
+        """``errors``: (severity, table 0357 code, location ``SEG-n`` or "") each, written in
+        this PAS's ``err_form``; a refusal without any says 207 (application error)."""
+        if code != "AA" and not errors:
+            errors = [("E", "207", "")]
+        errors = errors or []
+        msa = f"MSA|{code}|{control}|{text}"
+        lines = [self._msh(f"ACK^{trigger}^ACK")]
+        if self.err_form == "msa6" and errors:  # v2.3: MSA-6 error condition, no ERR
+            lines.append(f"{msa}|||{errors[-1][1]}^{_MEANING.get(errors[-1][1], text)}")
+        else:
+            lines.append(msa.rstrip("|"))
+        if self.err_form == "v2.4" and errors:
+            lines.append("ERR|" + "~".join(
+                f"{_eld_location(where)}^{c}&{text or _MEANING.get(c, 'error')}&HL70357"
+                for _, c, where in errors))
+        elif self.err_form == "v2.5":
+            for severity, c, where in errors:
+                seg, _, n = where.partition("-")
+                erl = f"{seg}^1^{n}" if where else ""
+                lines.append(f"ERR||{erl}|{c}^{_MEANING.get(c, 'error')}^HL70357|{severity}"
+                             f"||||{text}")
         return "\r".join(lines + ([extra] if extra else [])) + "\r"
+
+    def _with_warning(self, answer: str) -> str:
+        """An AA with a warning: accepted, with a remark (a v2.5 ERR-4 W; v2.4 has no
+        severity, so there the ERR carries code 0, message accepted)."""
+        if self.err_form == "v2.5":
+            warning = "ERR|||0^Message accepted^HL70357|W||||address not verified"
+        else:
+            warning = "ERR|^^^0&address not verified&HL70357"
+        lines = answer.rstrip("\r").split("\r")
+        return "\r".join([*lines[:2], warning, *lines[2:]]) + "\r"
 
     def _query(self, msg: Any, control: str, trigger: str) -> str:
         qpd = msg.segment("QPD")
@@ -238,13 +323,21 @@ class ItkPeer:
         ids = _identifiers(sent[3] if len(sent) > 3 else "")
         nhs = [cx[0] for cx in ids if cx[3] == "NHS" or cx[4] == "NH"]
         if trigger == "A28":
+            if self.unique_nhs:
+                for n, pid in self.patients.items():
+                    held = [cx[0] for cx in _identifiers(pid[3])]
+                    if any(x in held for x in nhs):
+                        # what a careless PAS says: the holder named, the number repeated
+                        name = pid[5].replace("^", " ") if len(pid) > 5 else ""
+                        raise _Refused("205", f"NHS number {nhs[0]} already registered to "
+                                              f"{name} ({n})", "PID-3")
             number = f"RCB{self._next:07d}"
             self._next += 1
             stored = list(sent)
         else:
             number = next((cx[0] for cx in ids if cx[4] == "PI"), "")
             if number not in self.patients:
-                raise LookupError("no patient has this PAS number")
+                raise _Refused("204", f"no patient has PAS number {number}", "PID-3")
             stored = self.patients[number]
             stored += [""] * (len(sent) - len(stored))
             for i, value in enumerate(sent[4:], 4):  # HL7 update: "" clears, empty keeps

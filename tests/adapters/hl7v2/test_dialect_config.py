@@ -11,7 +11,8 @@ import pytest
 from adapters import dropped
 from adapters.base import SourceConfigError
 from adapters.hl7v2 import er7, messages
-from adapters.hl7v2.adapter import Hl7v2Adapter, _rejection
+from adapters.hl7v2.ack import pas_text
+from adapters.hl7v2.adapter import Hl7v2Adapter
 from adapters.registry import create
 from gateway.mapping.loader import load_directory
 from gateway.mapping.storage import from_fhir, make_storage
@@ -82,7 +83,7 @@ def test_a_mapping_cannot_set_the_wildcard(demo_sqlite_url: str) -> None:
 def test_redaction_takes_whole_values_not_parts_of_words() -> None:
     reply = er7.parse(b"MSH|^~\\&|PAS|RX1|C|R|2024||ACK|2|P|2.4\rMSA|AE|1|PID-3 type PI "
                       b"for SMITH is not valid\r")
-    text = _rejection("pas", "AE", reply, ["PI", "SMITH", "H"])
+    text = pas_text(reply, ["PI", "SMITH", "H"])  # the PAS's words, for the debug log
     assert "PID-3" in text and "[redacted]D" not in text
     assert "SMITH" not in text and text.count("[redacted]") == 2
 
