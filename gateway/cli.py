@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from gateway.settings import Settings, SettingsError, mappings_path
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from gateway.mapping.loader import LoadedSet, Problem
 
 
@@ -260,36 +262,40 @@ def cmd_demo_reset(args: argparse.Namespace) -> int:
 
 def cmd_pas_simulator(args: argparse.Namespace) -> int:
     import asyncio
-    import contextlib
 
+    from gateway import lifecycle
     from gateway.app import demo_database_url
     from gateway.demo_pas.hl7v2 import PasSimulator
 
+    settings = _settings(argparse.Namespace())
     if args.db is not None:
         if not args.db.is_file():
             print(f"no demo PAS database at {args.db}", file=sys.stderr)
             return 2
         url = f"sqlite:///{args.db.resolve()}"
     else:
-        url = demo_database_url(_settings(argparse.Namespace()))
+        url = demo_database_url(settings)
 
-    async def run() -> None:
-        async with PasSimulator(url, host=args.host, port=args.port,
-                                sex_codes=args.sex_codes, dialect=args.dialect) as sim:
+    async def run(stop: asyncio.Event) -> None:
+        sim = PasSimulator(url, host=args.host, port=args.port, sex_codes=args.sex_codes,
+                           dialect=args.dialect)
+        await sim.start()
+        try:
             print(f"PAS simulator (HL7 v2.4, {args.dialect} dialect) listening on "
                   f"mllp://{args.host}:{sim.port}  "
                   "(Ctrl-C stops it)", file=sys.stderr, flush=True)
-            await asyncio.Event().wait()
+            await stop.wait()
+        finally:  # the answers being written are finished first (not when cancelled)
+            await sim.stop(settings.shutdown_timeout if stop.is_set() else 0.0)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
-    return 0
+    return lifecycle.run_until_stopped(run, name="pas_simulator",
+                                       timeout=settings.shutdown_timeout)
 
 
 def cmd_adt_listener(args: argparse.Namespace) -> int:
     import asyncio
-    import contextlib
 
+    from gateway import lifecycle
     from gateway import logging as gateway_logging
     from gateway.adt.config import AdtSettings
     from gateway.adt.runtime import run_forever
@@ -306,9 +312,15 @@ def cmd_adt_listener(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     base = settings.public_base_url or f"http://{settings.host}:{settings.port}{settings.base_path}"
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_forever(settings, adt, base_url=base, ready=ready))
-    return 0
+
+    def run(stop: asyncio.Event) -> Awaitable[None]:
+        return run_forever(settings, adt, base_url=base, ready=ready, stop=stop,
+                           grace=settings.shutdown_timeout)
+
+    # SIGTERM/SIGINT: the message being recorded is ACKed (or, past the bound, not ACKed:
+    # resent), the notifications being sent finish or stay pending, the store is closed
+    return lifecycle.run_until_stopped(run, name="adt_listener",
+                                       timeout=settings.shutdown_timeout)
 
 
 def _version() -> str:

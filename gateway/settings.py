@@ -153,7 +153,9 @@ class Settings:
     shutdown_drain_seconds: int = 0
     """On SIGTERM: seconds of readiness false (503) while still serving, before stopping."""
     shutdown_timeout: int = 30
-    """Then at most this long for the requests in flight to finish."""
+    """Then at most this long for the requests in flight to finish. ``adt-listener`` and
+    ``pas-simulator``: how long a stop waits for the messages (and notification deliveries)
+    in flight (gateway.lifecycle.run_until_stopped)."""
     messaging_response_urls: str = ""
     """Where asynchronous $process-message responses may be delivered: comma-separated
     origins (``https://ehr.trust.nhs.uk``; without a port: any port of that host)."""

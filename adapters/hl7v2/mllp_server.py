@@ -90,6 +90,8 @@ class MllpServer:
         """Connections accepted since start (for tests and the simulator)."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._busy: set[asyncio.Task[None]] = set()
+        """Connections answering a message (a graceful stop lets them finish)."""
         self._stopping = False
 
     @property
@@ -111,19 +113,31 @@ class MllpServer:
         self._server = await asyncio.start_server(
             self._serve, self.host, self._port, ssl=self.ssl)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop listening and close every connection. With ``grace``, a connection whose
+        message is being answered first finishes that answer (the handler returns and its
+        reply is written), for at most ``grace`` seconds; idle connections, and those with a
+        message only partly received, close at once (the sender resends what it did not see
+        acknowledged). Cancelled meanwhile, it closes them all at once."""
         server, self._server = self._server, None
         if server is None:
             return
         self._stopping = True
         server.close()  # stops listening; open connections are ours to close
         await asyncio.sleep(0)  # let connections accepted just now register their tasks
-        while self._tasks:
-            tasks = list(self._tasks)
-            for task in tasks:
+        try:
+            for task in self._tasks - self._busy:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+            if grace > 0 and self._busy:
+                # each ends after its answer: _serve reads nothing more once stopping
+                await asyncio.wait(set(self._busy), timeout=grace)
+        finally:
+            while self._tasks:
+                tasks = list(self._tasks)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await server.wait_closed()
 
     async def __aenter__(self) -> MllpServer:
         await self.start()
@@ -149,14 +163,24 @@ class MllpServer:
                 if not data:
                     break
                 for payload in decoder.feed(data):
-                    if not await self._answer(payload, writer):
-                        return
+                    self._busy.add(task)
+                    try:
+                        if not await self._answer(payload, writer) or self._stopping:
+                            return
+                    finally:
+                        self._busy.discard(task)
         except MllpProtocolError as exc:
             log.warning("mllp_server_bad_frame", error=str(exc))
         except OSError:
             pass  # the client went away (reset, TLS alert): nothing to answer
+        except asyncio.CancelledError:
+            # closed by stop(): end normally, or asyncio's own done-callback (3.11) calls
+            # exception() on the cancelled task and prints a traceback for every connection
+            if not self._stopping:
+                raise
         finally:
             self._tasks.discard(task)
+            self._busy.discard(task)
             await _close_writer(writer)
 
     async def _answer(self, payload: bytes, writer: asyncio.StreamWriter) -> bool:

@@ -72,6 +72,8 @@ class Deliverer:
                                          follow_redirects=False, trust_env=False)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._closing = False
+        """A stop has begun: no new attempt is started."""
         self._recording: set[asyncio.Future[None]] = set()
         """Outcomes being recorded: a stop waits for them."""
 
@@ -81,19 +83,34 @@ class Deliverer:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        self._stopping = True  # from here, a failed send may be our own doing: not counted
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._recording:
-            await asyncio.gather(*self._recording, return_exceptions=True)
-        await self._client.aclose()
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop delivering. With ``grace``, no attempt is started any more and those in
+        flight may finish, their outcomes recorded (at most ``grace`` seconds); any still in
+        flight then is interrupted (left pending, sent again after the restart). Then the
+        lease is given back, so another process on the store (a replacement pod on another
+        host) delivers at once instead of waiting for it to expire."""
+        self._closing = True
+        self._wake.set()
+        try:
+            if self._task is not None and grace > 0:
+                await asyncio.wait({self._task}, timeout=grace)
+        finally:
+            self._stopping = True  # from here, a failed send may be our own doing: not counted
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            if self._recording:
+                await asyncio.gather(*self._recording, return_exceptions=True)
+            await self._client.aclose()
+            try:
+                await asyncio.to_thread(self.store.release_lease, "delivery", self.holder)
+            except Exception as exc:  # it expires on its own (lease_ttl)
+                log.warning("delivery_lease_not_released", error=type(exc).__name__)
 
     async def _run(self) -> None:
         pruned_at = 0.0
-        while True:
+        while not self._closing:
             try:
                 if self.clock() - pruned_at > 3600:  # hourly: the store's disk is bounded
                     pruned_at = self.clock()
@@ -105,7 +122,7 @@ class Deliverer:
             except Exception as exc:  # the store is briefly unavailable: try again
                 log.error("delivery_loop_failed", error=type(exc).__name__)
                 n = 0
-            if n == 0:
+            if n == 0 and not self._closing:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
@@ -120,7 +137,8 @@ class Deliverer:
 
         async def one(d: Due) -> None:
             async with sem:
-                await self._attempt(d)
+                if not self._closing:  # stopping: those not begun stay pending
+                    await self._attempt(d)
 
         # every attempt ends before the next round (or the client closes): one failing to
         # record its outcome must not leave the others running unawaited

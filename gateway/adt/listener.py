@@ -57,13 +57,19 @@ class AdtListener:
         self._batcher = asyncio.create_task(self._write_batches())
         await self.server.start()
 
-    async def stop(self) -> None:
-        await self.server.stop()
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
-        self._writer.shutdown(wait=True)
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting messages. With ``grace``, a message being recorded is finished
+        and ACKed first (at most ``grace`` seconds); one still unfinished then is not ACKed
+        (recorded or not, the PAS resends it and the store knows a resend)."""
+        try:
+            await self.server.stop(grace)
+        finally:
+            if self._batcher is not None:
+                self._batcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._batcher
+            # off the loop: a write the store holds up must not stop the deliverer's own stop
+            await asyncio.to_thread(self._writer.shutdown, wait=True)
 
     async def _write_batches(self) -> None:
         assert self._queue is not None

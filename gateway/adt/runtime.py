@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +41,14 @@ class Feed:
         await self.deliverer.start()
         await self.listener.start()
 
-    async def stop(self) -> None:
-        await self.listener.stop()
-        await self.deliverer.stop()
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop both; with ``grace``, the message being recorded and the notifications being
+        sent may finish first — both at once, so ``grace`` bounds the whole stop."""
+        results = await asyncio.gather(self.listener.stop(grace), self.deliverer.stop(grace),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
 
 def build_feed(settings: Settings, adt: AdtSettings, store: AdtStore | None = None,
@@ -62,15 +66,21 @@ def build_feed(settings: Settings, adt: AdtSettings, store: AdtStore | None = No
 
 
 async def run_forever(settings: Settings, adt: AdtSettings, *, base_url: str = "",
-                      ready: Any = None) -> None:
+                      ready: Any = None, stop: asyncio.Event | None = None,
+                      grace: float = 0.0) -> None:
+    """Run the feed until ``stop`` is set, then stop it gracefully (at most ``grace``
+    seconds: gateway.lifecycle.run_until_stopped); cancelled, it stops at once."""
     feed = build_feed(settings, adt, base_url=base_url)
     await feed.start()
     log.info("adt_listener_started", host=adt.listen_host, port=feed.listener.port)
     if ready is not None:
         ready(feed.listener.port)
     try:
-        await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()
     finally:
-        with contextlib.suppress(Exception):
-            await feed.stop()
-        feed.store.close()
+        try:  # cancelled before the stop was asked for, or during it: at once
+            await feed.stop(grace if stop is not None and stop.is_set() else 0.0)
+        except Exception as exc:
+            log.error("adt_stop_failed", error=type(exc).__name__)
+        finally:
+            feed.store.close()

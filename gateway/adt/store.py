@@ -463,6 +463,12 @@ class AdtStore:
                 lambda sql, args: int(conn.execute(sa.text(sql), args).rowcount),
                 leases.name, name, holder, ttl)
 
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease ``name`` back, if ``holder`` has it (a clean stop)."""
+        with self.engine.begin() as conn:
+            lease_rows.release(lambda sql, args: int(conn.execute(sa.text(sql), args).rowcount),
+                               leases.name, name, holder)
+
     def outbox_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(notifications.c.status, sa.func.count())

@@ -107,6 +107,26 @@ def test_compose_services_and_gateway_settings() -> None:
     assert services["proxy"]["ports"] == ["127.0.0.1:8443:8443"]
 
 
+def test_compose_stop_grace_covers_each_command_s_stop() -> None:
+    """``docker compose stop`` sends SIGTERM, then SIGKILL after ``stop_grace_period``
+    (default 10 s): serve's drain and in-flight wait, and a command's stop under
+    gateway.lifecycle.run_until_stopped (its bound plus the margin), end before that."""
+    from gateway.lifecycle import STOP_MARGIN
+
+    for name, service in compose()["services"].items():
+        command = service.get("command") or []
+        if command[:1] != ["careconnect-gateway"] or command[1] not in (
+                "serve", "pas-simulator", "adt-listener"):
+            continue
+        env = {k: str(v) for k, v in (service.get("environment") or {}).items()
+               if k in SETTINGS}
+        settings = check_env(env, ROOT / "mappings" / "demo-pas")
+        grace = float(str(service.get("stop_grace_period", "10s")).removesuffix("s"))
+        needed = (settings.shutdown_drain_seconds + settings.shutdown_timeout
+                  if command[1] == "serve" else settings.shutdown_timeout + STOP_MARGIN)
+        assert needed < grace, (name, needed, grace)
+
+
 def test_the_demo_mappings_compose_serves_load(tmp_path: Path) -> None:
     services = compose()["services"]
     bundled = services["gateway-1"]["environment"]["CCG_MAPPINGS_DIR"][len(BUNDLED):]

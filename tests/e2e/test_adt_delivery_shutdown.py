@@ -1,8 +1,10 @@
 """A real ``careconnect-gateway adt-listener`` process stopped (SIGINT: its graceful stop)
-while a notification's POST is in flight, the subscriber not having answered: the
-notification is neither delivered nor dead (one attempt allowed: a failure counted would have
-made it dead), and the restarted process sends it again with the same X-Notification-Id —
-at least once, never "delivered" without a 2xx, never "dead" because of our own stop."""
+while a notification's POST is in flight, the subscriber not answering within the stop's
+bound (CCG_SHUTDOWN_TIMEOUT, 1 s here; the POST's own timeout is 10 s): the notification is
+neither delivered nor dead (one attempt allowed: a failure counted would have made it dead),
+and the restarted process sends it again with the same X-Notification-Id — at least once,
+never "delivered" without a 2xx, never "dead" because of our own stop. (SIGTERM, and a
+subscriber answering within the bound: tests/e2e/test_command_stop.py.)"""
 
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def test_a_listener_stopped_mid_send_sends_it_again_after_the_restart(
                 "CCG_ADT_MODE": "api", "CCG_ADT_STORE_URL": url,
                 "CCG_ADT_LISTEN": f"127.0.0.1:{port}",
                 "CCG_SUBSCRIPTION_ALLOWED_ENDPOINTS": "http://127.0.0.1:*",
-                "CCG_SUBSCRIPTION_MAX_ATTEMPTS": "1", "CCG_LOG_LEVEL": "info"})
+                "CCG_SUBSCRIPTION_MAX_ATTEMPTS": "1", "CCG_LOG_LEVEL": "info",
+                "CCG_SHUTDOWN_TIMEOUT": "1"})
     store = AdtStore(url)
     with holding_server() as receiver:
         subscribe(store, adt_settings(tmp_path), receiver.url)

@@ -75,9 +75,10 @@ class PasSimulator(Queries):
     async def start(self) -> None:
         await self._server.start()
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop; with ``grace``, the answers being made are finished and sent first."""
         try:
-            await self._server.stop()
+            await self._server.stop(grace)
         finally:
             self.engine.dispose()
 

@@ -182,3 +182,53 @@ async def test_a_failing_record_does_not_orphan_a_send_in_flight(
             "SELECT status, attempts FROM subscription_notification WHERE subscription_id = ?",
             (held,)).all()
     assert [tuple(r) for r in found] == [("pending", 0)]  # not dead: the stop was ours
+
+
+async def test_a_graceful_stop_lets_the_send_in_flight_finish_and_gives_the_lease_back(
+        tmp_path: Path, store: AdtStore, holding: Holding) -> None:
+    """stop(grace): no attempt is started any more, the one in flight may finish (its 2xx
+    recorded, not sent again), and the lease is given back — another holder (a replacement
+    process on another host) takes it at once instead of after lease_ttl."""
+    settings = adt_settings(tmp_path)
+    subscribe(store, settings, holding.url)
+    store.record(event("P1", 0))
+    d = Deliverer(store, settings, holder="old-pod")
+    await d.start()
+    await wait_until(lambda: holding.arrived != [], "not sent")
+    stopping = asyncio.ensure_future(d.stop(grace=10))
+    await asyncio.sleep(0.3)
+    assert not stopping.done()  # waiting for the subscriber
+    store.record(event("P1", 1))  # arrives during the stop: not started now
+    d.wake()
+    holding.release.set()
+    await asyncio.wait_for(stopping, 5)
+    assert [(r["status"], r["attempts"]) for r in rows(store)] == [
+        ("delivered", 1), ("pending", 0)]
+    assert len(holding.arrived) == 1
+    assert store.acquire_lease("delivery", "new-pod", 60)  # given back, not left to expire
+
+
+async def test_a_graceful_stop_past_its_grace_interrupts_the_send(
+        tmp_path: Path, store: AdtStore, holding: Holding) -> None:
+    settings = adt_settings(tmp_path, max_attempts=1)
+    subscribe(store, settings, holding.url)
+    store.record(event("P1", 0))
+    d = Deliverer(store, settings, holder="old-pod")
+    await d.start()
+    await wait_until(lambda: holding.arrived != [], "not sent")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await d.stop(grace=0.3)
+    assert 0.3 <= loop.time() - t0 < 3
+    assert (row(store)["status"], row(store)["attempts"]) == ("pending", 0)  # not dead
+    assert store.acquire_lease("delivery", "new-pod", 60)
+
+
+def rows(store: AdtStore) -> list[dict[str, Any]]:
+    import sqlalchemy as sa
+
+    from gateway.adt.store import notifications
+
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            sa.select(notifications).order_by(notifications.c.seq)).mappings()]
