@@ -339,15 +339,8 @@ async def _resolve(d: Deferred) -> Criterion:
     out: list[Criterion] = []
     for part in d.parts:
         target = part.target
-        sub = SearchPlan(criteria=part.criteria, sort=(SortKey(target.key),),
-                         count=MAX_CHAIN_MATCHES + 1, total="none")
-        page = await target.search(sub)
-        if page.more or len(page.records) > MAX_CHAIN_MATCHES:
-            raise ChainTooBroad(
-                f"'{d.label}' matches more than {MAX_CHAIN_MATCHES} {target.resource_type} "
-                "resources, and this source cannot join them in one query: narrow it")
-        values = [v for rec in page.records for v in target.reference_values(rec,
-                                                                            part.target_ref)]
+        records = await _records(target, part.criteria, MAX_CHAIN_MATCHES, f"'{d.label}'")
+        values = [v for rec in records for v in target.reference_values(rec, part.target_ref)]
         keys: dict[Any, None] = {}
         for v in values:
             try:
@@ -492,21 +485,46 @@ def _lookup(registry: Registry, provider: TypeProvider, key: str,
 async def _run(lookup: _Lookup, searched: str, limit: int) -> list[str]:
     """The served references (or ids) the lookup's search finds, in the order found."""
     values: dict[str, None] = {}
+    label = ", ".join(f"'{k}'" for k in lookup.keys)
     for i, target in enumerate(lookup.targets):
-        sub = SearchPlan(criteria=all_of(lookup.criteria[i]), sort=(SortKey(target.key),),
-                         count=limit + 1, total="none")
-        page = await target.search(sub)
-        for rec in page.records:
+        for rec in await _records(target, all_of(lookup.criteria[i]), limit, label):
             if lookup.has:
                 values.update(dict.fromkeys(target.reference_ids(rec, lookup.has, searched)))
             else:
                 values[f"{target.resource_type}/{target.record_id(rec)}"] = None
-        if page.more or len(page.records) > limit or len(values) > limit:
-            label = ", ".join(f"'{k}'" for k in lookup.keys)
-            raise ChainTooBroad(
-                f"{label} matches more than {limit} {target.resource_type} resources, and "
-                "this server cannot join them in one query: narrow it")
+        if len(values) > limit:
+            raise _too_broad(label, limit, target)
     return list(values)
+
+
+async def _records(target: Provider, criteria: Criterion | None, limit: int, label: str
+                   ) -> list[Any]:
+    """The target's records matching ``criteria``: at most ``limit``, more is a 400
+    CHAIN_TOO_BROAD (never a cut). A source answering in parts is read on to the end or past
+    the bound, as a client walking its pages would: an HL7 v2 PAS may send a few records a
+    reply (RCP-2 is a most, not a promise) with a DSC-1 pointer to the rest, and a short
+    reply is not "more than the bound"."""
+    sub = SearchPlan(criteria=criteria, sort=(SortKey(target.key),), count=limit + 1,
+                     total="none")
+    records: list[Any] = []
+    after: tuple[Any, ...] | None = None
+    for _ in range(limit + 1):  # a part with no record (filtered on the reply) counts too
+        page = await target.search(sub, after)
+        records += page.records
+        if len(records) > limit:
+            break
+        if not page.more:
+            return records
+        if page.end is None:
+            break  # more, and no way on: not known to be within the bound
+        after = page.end
+    raise _too_broad(label, limit, target)
+
+
+def _too_broad(label: str, limit: int, target: Provider) -> ChainTooBroad:
+    return ChainTooBroad(
+        f"{label} matches more than {limit} {target.resource_type} resources, and this "
+        "server cannot join them in one query: narrow it")
 
 
 def nothing(plan: SearchPlan) -> None:
