@@ -269,6 +269,18 @@ async def test_compartment_confines_the_resolving_search(
     assert other["SPELL_NUMBER"] in _spells(r.json())
     r = await api.get("/STU3/Encounter", params=params, headers=as_("P"))
     assert r.status_code == 200 and _matches(r.json()) == []
+    # ... and finds the token's own patient: the PAS is asked by one identifier (the NHS
+    # number) and the reply checked for the compartment's PAS number, never sent both
+    # numbers in one QPD, whose qualifiers (PID-3.4/3.5) a PAS cannot tie to either one
+    assert mine["NHS_NUMBER"]
+    own = {"patient.identifier": f"{NHS}|{mine['NHS_NUMBER']}"}
+    r = await api.get("/STU3/Encounter", params=own, headers=as_("P"))
+    assert r.status_code == 200, r.text
+    assert _spells(r.json()) == {x["SPELL_NUMBER"] for x in rows if x["PASID"] == mine["PASID"]}
+    assert _link(r.json(), "self") == {"patient": [f"Patient/{mine['PASID']}"]}
+    r = await api.get("/STU3/Patient", params={"identifier": own["patient.identifier"]},
+                      headers=as_("P"))
+    assert [m["id"] for m in _matches(r.json())] == [mine["PASID"]]
 
 
 async def test_capability_statement_says_how_chains_are_answered(api: httpx.AsyncClient) -> None:
