@@ -37,7 +37,7 @@ says: ignoring a chain would widen the result.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -75,6 +75,7 @@ class Provider(compartment.Source, Protocol):
                      backwards: bool = False, extra: Criterion | None = None) -> Page: ...
     def record_id(self, rec: Any) -> str: ...
     def reference_ids(self, rec: Any, param: str, target: str) -> Iterator[str]: ...
+    def resources(self, recs: Sequence[Any]) -> list[dict[str, Any]]: ...
 
 
 class TypeProvider(Protocol):
@@ -426,8 +427,9 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
                 _confined(target, _target_criteria(registry, target, tname, tmod, raw)))
     found: dict[int, list[str]] = {}
     notes: list[str] = []
+    read: list[tuple[Provider, list[Any]]] = []
     for lookup in lookups.values():
-        values = await _run(lookup, provider.resource_type, limit)
+        values = await _run(lookup, provider.resource_type, limit, read)
         found[id(lookup)] = values
         types = ", ".join(dict.fromkeys(t.resource_type for t in lookup.targets))
         label = ", ".join(f"'{k}'" for k in lookup.keys)
@@ -438,6 +440,11 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
             f"{label} answered by searching {types} first, which found nothing")
     if not all(found.values()):
         return Resolved(None, notes)
+    # What was found goes back to the client in the links (the patients a chain found, the
+    # records a _has found referring to them): audited as served (gateway.audit), and
+    # within the compartment (their search was confined to it).
+    for target, records in read:
+        target.resources(records)
     out: list[tuple[str, str]] = []
     done: set[int] = set()
     for key, raw in pairs:
@@ -482,12 +489,16 @@ def _lookup(registry: Registry, provider: TypeProvider, key: str,
     return lookups[group]
 
 
-async def _run(lookup: _Lookup, searched: str, limit: int) -> list[str]:
-    """The served references (or ids) the lookup's search finds, in the order found."""
+async def _run(lookup: _Lookup, searched: str, limit: int,
+               read: list[tuple[Provider, list[Any]]]) -> list[str]:
+    """The served references (or ids) the lookup's search finds, in the order found; the
+    records found are added to ``read``."""
     values: dict[str, None] = {}
     label = ", ".join(f"'{k}'" for k in lookup.keys)
     for i, target in enumerate(lookup.targets):
-        for rec in await _records(target, all_of(lookup.criteria[i]), limit, label):
+        records = await _records(target, all_of(lookup.criteria[i]), limit, label)
+        read.append((target, records))
+        for rec in records:
             if lookup.has:
                 values.update(dict.fromkeys(target.reference_ids(rec, lookup.has, searched)))
             else:

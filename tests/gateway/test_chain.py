@@ -819,3 +819,27 @@ async def test_a_policy_for_its_own_search_only(api: httpx.AsyncClient, demo_url
         obs = next(r for r in cs["rest"][0]["resource"] if r["type"] == "Observation")
         subject = next(p for p in obs["searchParam"] if p["name"] == "subject")
         assert "follows Patient's own rule" not in subject["documentation"]
+
+
+async def test_the_audit_names_what_was_asked_and_every_patient_the_links_name(
+        split_api: httpx.AsyncClient, oracle: Oracle, tmp_path: Path) -> None:
+    """The audit record's query is the search as the client sent it (the chain), and the
+    patients the chain found are named in the trail: their ids go back to the client in the
+    links, whether or not the page holds any of their Encounters."""
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    smiths = {str(p) for _, p, _, surname, _, _ in oracle.rows(SPELLS_WITH_PATIENT)
+              if fold(surname).startswith("smith")}
+    assert len(smiths) > 2
+    start = len(audit.read_text().splitlines()) if audit.exists() else 0
+    r = await split_api.get("/STU3/Encounter", params=[("patient.family", "smith"), ANY_BIRTH,
+                                                       ("_count", "1")])
+    assert r.status_code == 200, r.text
+    [self_link] = [x["url"] for x in r.json()["link"] if x["relation"] == "self"]
+    named = {v.removeprefix("Patient/")
+             for v in parse_qs(urlsplit(self_link).query)["patient"][0].split(",")}
+    assert smiths <= named  # (and smiths with no spell: the chain searched Patient alone)
+    records = [json.loads(line) for line in audit.read_text().splitlines()[start:]]
+    assert records and {tuple(x["query"][0]) for x in records} == {("patient.family", "smith")}
+    assert {x["patient"] for x in records} >= named
