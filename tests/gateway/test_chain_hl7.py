@@ -80,6 +80,7 @@ async def api(db_url: str, sim: PasSimulator, tmp_path: Path, rows: list[dict[st
         progress=False, auth_mode="insecure-demo",
         connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
     install(app, {"P": patient_token(rows[0]["PASID"], "patient/*.read"),
+                  "B": patient_token(_busiest(rows)["PASID"], "patient/*.read"),
                   "clinician": user_token()})
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -281,6 +282,19 @@ async def test_compartment_confines_the_resolving_search(
     r = await api.get("/STU3/Patient", params={"identifier": own["patient.identifier"]},
                       headers=as_("P"))
     assert [m["id"] for m in _matches(r.json())] == [mine["PASID"]]
+    # The rewritten next link cannot be turned onto another patient: the page token holds
+    # the search and the compartment; the same search sent fresh is confined
+    busy = _busiest(rows)
+    r = await api.get("/STU3/Encounter", params={
+        "patient.identifier": f"{NHS}|{busy['NHS_NUMBER']}", "_count": "1"}, headers=as_("B"))
+    [nxt] = [x["url"] for x in r.json()["link"] if x["relation"] == "next"]
+    elsewhere = next(x for x in rows if x["PASID"] != busy["PASID"])
+    busy_ref, other_ref = (f"patient=Patient%2F{x['PASID']}" for x in (busy, elsewhere))
+    assert busy_ref in nxt
+    r = await api.get(nxt.replace(busy_ref, other_ref), headers=as_("B"))
+    assert r.status_code == 400 and _code(r) == "INVALID_PAGE_TOKEN"
+    r = await api.get(nxt.split("&_page=")[0].replace(busy_ref, other_ref), headers=as_("B"))
+    assert r.status_code == 200 and _matches(r.json()) == []
 
 
 async def test_capability_statement_says_how_chains_are_answered(api: httpx.AsyncClient) -> None:
