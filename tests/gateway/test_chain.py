@@ -984,3 +984,28 @@ async def test_every_form_of_the_search_is_the_hand_written_one(
                               headers={"Prefer": "handling=strict"})
     assert got.status_code == 400, got.text
     assert got.json()["issue"][0]["details"]["coding"][0]["code"] == "UNKNOWN_PARAMETER"
+
+
+async def test_a_page_token_beside_a_chain_searches_nothing(
+        split_api: httpx.AsyncClient, tmp_path: Path) -> None:
+    """The links of a chain resolved by searching first never carry the chain (they carry
+    what it found), so a chain beside _page is no link of this server's: refused before the
+    target is searched. (A page token turns the search policy off, as a link's search was
+    checked on its first page: the chain into Patient would otherwise run unchecked.)"""
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    start = len(audit.read_text().splitlines()) if audit.exists() else 0
+    first = await split_api.get("/STU3/Encounter", params=[("patient.family", "smith"),
+                                                           ANY_BIRTH, ("_count", "2")])
+    [nxt] = [x["url"] for x in first.json()["link"] if x["relation"] == "next"]
+    token = parse_qs(urlsplit(nxt).query)["_page"][0]
+    for params in ([("patient.birthdate", "1962"), ("_page", token)],  # Patient's rule unmet
+                   [("patient.family", "smith"), ANY_BIRTH, ("_count", "2"), ("_page", token)]):
+        r = await split_api.get("/STU3/Encounter", params=params)
+        assert r.status_code == 400, r.text
+        assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "INVALID_PAGE_TOKEN"
+    records = [json.loads(line) for line in audit.read_text().splitlines()[start:]]
+    refused = [x for x in records if x["outcome"]["status"] == 400]
+    assert len(refused) == 2
+    assert all(not x["backend"]["queries"] and not x["entities"] for x in refused)
