@@ -20,12 +20,15 @@ How it is answered:
   subquery, so a page is still one statement and paging, ``_sort``, ``_count`` and totals
   work unchanged.
 * Otherwise (two databases, an HL7 v2 source) the target's own search runs first, asked for
-  at most :data:`MAX_CHAIN_MATCHES` + 1 records; more than that is a 400 ``CHAIN_TOO_BROAD``
-  (never a silent cut). For a client's search (:func:`resolve_request`) what it found
+  at most :data:`MAX_CHAIN_MATCHES` + 1 records (read on through a source's own pages: an
+  HL7 v2 PAS's short replies); more than that is a 400 ``CHAIN_TOO_BROAD`` (never a silent
+  cut). For a client's search (:func:`resolve_request`) what it found
   replaces the chain in the request (``patient=Patient/1,Patient/7``; ``_id=`` for
   ``_has``), which then runs as if sent so: the self link says what was used, as STU3
   asks, and the paging links page over that set (the chain is not resolved again per
-  page). The first page says so in an information entry (``CHAIN_RESOLVED_BY_SEARCH``).
+  page; a chain beside ``_page`` is no link of ours: 400). The first page says so in an
+  information entry (``CHAIN_RESOLVED_BY_SEARCH``); what was found is audited as served,
+  since the links name it.
   Other plans (a conditional create, the record operations) resolve each source's chains
   just before its query (:func:`resolve`), to keys of the target sources its columns hold.
 
