@@ -20,12 +20,15 @@ How it is answered:
   subquery, so a page is still one statement and paging, ``_sort``, ``_count`` and totals
   work unchanged.
 * Otherwise (two databases, an HL7 v2 source) the target's own search runs first, asked for
-  at most :data:`MAX_CHAIN_MATCHES` + 1 records; more than that is a 400 ``CHAIN_TOO_BROAD``
-  (never a silent cut). For a client's search (:func:`resolve_request`) what it found
+  at most :data:`MAX_CHAIN_MATCHES` + 1 records (read on through a source's own pages: an
+  HL7 v2 PAS's short replies); more than that is a 400 ``CHAIN_TOO_BROAD`` (never a silent
+  cut). For a client's search (:func:`resolve_request`) what it found
   replaces the chain in the request (``patient=Patient/1,Patient/7``; ``_id=`` for
   ``_has``), which then runs as if sent so: the self link says what was used, as STU3
   asks, and the paging links page over that set (the chain is not resolved again per
-  page). The first page says so in an information entry (``CHAIN_RESOLVED_BY_SEARCH``).
+  page; a chain beside ``_page`` is no link of ours: 400). The first page says so in an
+  information entry (``CHAIN_RESOLVED_BY_SEARCH``); what was found is audited as served,
+  since the links name it.
   Other plans (a conditional create, the record operations) resolve each source's chains
   just before its query (:func:`resolve`), to keys of the target sources its columns hold.
 
@@ -37,7 +40,7 @@ says: ignoring a chain would widen the result.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -75,6 +78,7 @@ class Provider(compartment.Source, Protocol):
                      backwards: bool = False, extra: Criterion | None = None) -> Page: ...
     def record_id(self, rec: Any) -> str: ...
     def reference_ids(self, rec: Any, param: str, target: str) -> Iterator[str]: ...
+    def resources(self, recs: Sequence[Any]) -> list[dict[str, Any]]: ...
 
 
 class TypeProvider(Protocol):
@@ -339,15 +343,8 @@ async def _resolve(d: Deferred) -> Criterion:
     out: list[Criterion] = []
     for part in d.parts:
         target = part.target
-        sub = SearchPlan(criteria=part.criteria, sort=(SortKey(target.key),),
-                         count=MAX_CHAIN_MATCHES + 1, total="none")
-        page = await target.search(sub)
-        if page.more or len(page.records) > MAX_CHAIN_MATCHES:
-            raise ChainTooBroad(
-                f"'{d.label}' matches more than {MAX_CHAIN_MATCHES} {target.resource_type} "
-                "resources, and this source cannot join them in one query: narrow it")
-        values = [v for rec in page.records for v in target.reference_values(rec,
-                                                                            part.target_ref)]
+        records = await _records(target, part.criteria, MAX_CHAIN_MATCHES, f"'{d.label}'")
+        values = [v for rec in records for v in target.reference_values(rec, part.target_ref)]
         keys: dict[Any, None] = {}
         for v in values:
             try:
@@ -433,8 +430,9 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
                 _confined(target, _target_criteria(registry, target, tname, tmod, raw)))
     found: dict[int, list[str]] = {}
     notes: list[str] = []
+    read: list[tuple[Provider, list[Any]]] = []
     for lookup in lookups.values():
-        values = await _run(lookup, provider.resource_type, limit)
+        values = await _run(lookup, provider.resource_type, limit, read)
         found[id(lookup)] = values
         types = ", ".join(dict.fromkeys(t.resource_type for t in lookup.targets))
         label = ", ".join(f"'{k}'" for k in lookup.keys)
@@ -445,6 +443,11 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
             f"{label} answered by searching {types} first, which found nothing")
     if not all(found.values()):
         return Resolved(None, notes)
+    # What was found goes back to the client in the links (the patients a chain found, the
+    # records a _has found referring to them): audited as served (gateway.audit), and
+    # within the compartment (their search was confined to it).
+    for target, records in read:
+        target.resources(records)
     out: list[tuple[str, str]] = []
     done: set[int] = set()
     for key, raw in pairs:
@@ -489,24 +492,53 @@ def _lookup(registry: Registry, provider: TypeProvider, key: str,
     return lookups[group]
 
 
-async def _run(lookup: _Lookup, searched: str, limit: int) -> list[str]:
-    """The served references (or ids) the lookup's search finds, in the order found."""
+async def _run(lookup: _Lookup, searched: str, limit: int,
+               read: list[tuple[Provider, list[Any]]]) -> list[str]:
+    """The served references (or ids) the lookup's search finds, in the order found; the
+    records found are added to ``read``."""
     values: dict[str, None] = {}
+    label = ", ".join(f"'{k}'" for k in lookup.keys)
     for i, target in enumerate(lookup.targets):
-        sub = SearchPlan(criteria=all_of(lookup.criteria[i]), sort=(SortKey(target.key),),
-                         count=limit + 1, total="none")
-        page = await target.search(sub)
-        for rec in page.records:
+        records = await _records(target, all_of(lookup.criteria[i]), limit, label)
+        read.append((target, records))
+        for rec in records:
             if lookup.has:
                 values.update(dict.fromkeys(target.reference_ids(rec, lookup.has, searched)))
             else:
                 values[f"{target.resource_type}/{target.record_id(rec)}"] = None
-        if page.more or len(page.records) > limit or len(values) > limit:
-            label = ", ".join(f"'{k}'" for k in lookup.keys)
-            raise ChainTooBroad(
-                f"{label} matches more than {limit} {target.resource_type} resources, and "
-                "this server cannot join them in one query: narrow it")
+        if len(values) > limit:
+            raise _too_broad(label, limit, target)
     return list(values)
+
+
+async def _records(target: Provider, criteria: Criterion | None, limit: int, label: str
+                   ) -> list[Any]:
+    """The target's records matching ``criteria``: at most ``limit``, more is a 400
+    CHAIN_TOO_BROAD (never a cut). A source answering in parts is read on to the end or past
+    the bound, as a client walking its pages would: an HL7 v2 PAS may send a few records a
+    reply (RCP-2 is a most, not a promise) with a DSC-1 pointer to the rest, and a short
+    reply is not "more than the bound"."""
+    sub = SearchPlan(criteria=criteria, sort=(SortKey(target.key),), count=limit + 1,
+                     total="none")
+    records: list[Any] = []
+    after: tuple[Any, ...] | None = None
+    for _ in range(limit + 1):  # a part with no record (filtered on the reply) counts too
+        page = await target.search(sub, after)
+        records += page.records
+        if len(records) > limit:
+            break
+        if not page.more:
+            return records
+        if page.end is None:
+            break  # more, and no way on: not known to be within the bound
+        after = page.end
+    raise _too_broad(label, limit, target)
+
+
+def _too_broad(label: str, limit: int, target: Provider) -> ChainTooBroad:
+    return ChainTooBroad(
+        f"{label} matches more than {limit} {target.resource_type} resources, and this "
+        "server cannot join them in one query: narrow it")
 
 
 def nothing(plan: SearchPlan) -> None:

@@ -31,6 +31,7 @@ from gateway.errors import (
     BadRequest,
     GatewayError,
     GatewayTimeout,
+    InvalidPageToken,
     MethodNotAllowed,
     NotFound,
     NotImplementedInteraction,
@@ -348,6 +349,11 @@ class Api:
         _check_cost(provider, plan, s.search_cost_budget)
         authorize.require_includes(request, self.registry, provider, plan)
         chains = chain.unresolved(plan)
+        if chains and plan.page_token:
+            # The links of such a search carry what its chains found, never the chains: this
+            # is no link of ours (and a page token turns the search policy off).
+            raise InvalidPageToken("the paging link is not valid: a chained parameter or "
+                                   "_has beside _page (start the search again)")
         if chains:  # not joinable: their targets are searched first, and the links say so
             resolved = await chain.resolve_request(self.registry, provider, pairs, chains,
                                                    s.max_values_per_parameter)

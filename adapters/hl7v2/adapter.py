@@ -812,6 +812,8 @@ def _qpd_pairs(p: Prepared, dialect: Dialect, c: Criterion | None
     pairs: list[tuple[str, str]] = []
     filters: list[_Filter] = []
     ranges: dict[str, dict[str, Any]] = {}
+    asked: dict[str, str] = {}
+    """QPD field → the field reference first asked on it (its qualifiers with it)."""
     for leaf in leaves:
         if isinstance(leaf, Compare) and leaf.op in (">=", "<"):
             ranges.setdefault(leaf.ref, {})[leaf.op] = leaf.value
@@ -823,6 +825,18 @@ def _qpd_pairs(p: Prepared, dialect: Dialect, c: Criterion | None
             leaf = Compare(leaf.ref, "=", leaf.values[0])
         if isinstance(leaf, Compare) and leaf.op == "=":
             value = str(leaf.value)
+            qpd = parse_ref(leaf.ref).path.qpd
+            if asked.setdefault(qpd, leaf.ref) != leaf.ref:
+                # A second value of one QPD field under other qualifiers (an NHS number and
+                # the PAS number: an identifier search in a patient/ compartment): QPD-3's
+                # PID-3.4/3.5 qualifiers belong to the query, not to one PID-3.1, so a PAS
+                # cannot tell which number each qualifies. The first is asked, this one is
+                # checked on the reply.
+                if leaf.ref not in p.fields:
+                    raise UnsupportedCriteria("this PAS cannot be asked for two identifiers "
+                                              "of different types at once")
+                filters.append(_Filter(leaf.ref, value, False))
+                continue
             # An identifier asked for bare, or of a PAS that prefix-matches, may match another
             # identifier (or a longer number): the reply is checked. (Whole codes such as a
             # sex are not: a prefix of a code list's code is that code.)

@@ -702,6 +702,15 @@ async def test_revinclude_of_every_type_onto_patient(
 async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The demo mappings with Encounter on a second connection (the same database, another
     adapter): the SQL adapter cannot join across connections."""
+    app = split_app(demo_url, tmp_path)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw",
+                                     headers={"X-API-Key": "test-key"}) as c:
+            yield c
+
+
+def split_app(demo_url: str, tmp_path: Path) -> Starlette:
     import hashlib
     import shutil
 
@@ -723,11 +732,7 @@ async def split_api(demo_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
                                      connection_urls={"pas": demo_url, "other": demo_url},
                                      auth_mode="api-key", api_keys_file=str(keys),
                                      audit_log=str(tmp_path / "audit.jsonl")))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw",
-                                     headers={"X-API-Key": "test-key"}) as c:
-            yield c
+    return app
 
 
 async def test_across_connections(split_api: httpx.AsyncClient, oracle: Oracle) -> None:
@@ -819,3 +824,188 @@ async def test_a_policy_for_its_own_search_only(api: httpx.AsyncClient, demo_url
         obs = next(r for r in cs["rest"][0]["resource"] if r["type"] == "Observation")
         subject = next(p for p in obs["searchParam"] if p["name"] == "subject")
         assert "follows Patient's own rule" not in subject["documentation"]
+
+
+async def test_the_audit_names_what_was_asked_and_every_patient_the_links_name(
+        split_api: httpx.AsyncClient, oracle: Oracle, tmp_path: Path) -> None:
+    """The audit record's query is the search as the client sent it (the chain), and the
+    patients the chain found are named in the trail: their ids go back to the client in the
+    links, whether or not the page holds any of their Encounters."""
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    smiths = {str(p) for _, p, _, surname, _, _ in oracle.rows(SPELLS_WITH_PATIENT)
+              if fold(surname).startswith("smith")}
+    assert len(smiths) > 2
+    start = len(audit.read_text().splitlines()) if audit.exists() else 0
+    r = await split_api.get("/STU3/Encounter", params=[("patient.family", "smith"), ANY_BIRTH,
+                                                       ("_count", "1")])
+    assert r.status_code == 200, r.text
+    [self_link] = [x["url"] for x in r.json()["link"] if x["relation"] == "self"]
+    named = {v.removeprefix("Patient/")
+             for v in parse_qs(urlsplit(self_link).query)["patient"][0].split(",")}
+    assert smiths <= named  # (and smiths with no spell: the chain searched Patient alone)
+    records = [json.loads(line) for line in audit.read_text().splitlines()[start:]]
+    assert records and {tuple(x["query"][0]) for x in records} == {("patient.family", "smith")}
+    assert {x["patient"] for x in records} >= named
+
+
+@pytest.mark.parametrize("protocol", ["h11", "httptools"])
+async def test_links_with_the_most_references_are_accepted_back_by_uvicorn(
+        demo_sqlite_url: str, tmp_path: Path, protocol: str) -> None:
+    """A chain finding max_values_per_parameter patients puts that many references in every
+    link: a real uvicorn (either HTTP parser, with the serve command's limits) must take
+    each back, and the walk must be the one the join would give."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from gateway.server import uvicorn_options
+    from tests.conftest import LiveServer
+
+    db = Oracle(demo_sqlite_url)
+    longest = [k for (k,) in db.rows(
+        'SELECT "PATNT_REFNO" FROM "PATIENTS" ORDER BY "PATNT_REFNO" DESC LIMIT 100')]
+    want = {e for e, p, _, _ in all_encounters(db) if p in set(longest)}
+    db.engine.dispose()
+    http = H11Protocol if protocol == "h11" else HttpToolsProtocol
+    app = split_app(demo_sqlite_url, tmp_path)
+    with (LiveServer(app, **uvicorn_options(5.0, http)) as server,
+          httpx.Client(base_url=server.url, headers={"X-API-Key": "test-key"}) as c):
+        r = c.get("/STU3/Encounter", params={"patient._id": ",".join(map(str, longest)),
+                                             "_count": "7"})
+        got: list[str] = []
+        longest_url = 0
+        while True:
+            assert r.status_code == 200, r.text
+            bundle = r.json()
+            got += [e["resource"]["id"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
+            nxt = [x["url"] for x in bundle["link"] if x["relation"] == "next"]
+            if not nxt:
+                break
+            longest_url = max(longest_url, len(nxt[0]))
+            assert nxt[0].count("Patient%2F") == 100
+            r = c.get(nxt[0])
+    assert len(got) == len(set(got)) and set(got) == want
+    assert longest_url > 2000
+
+
+async def test_a_walk_keeps_what_the_chain_found(split_api: httpx.AsyncClient, demo_url: str,
+                                                 oracle: Oracle) -> None:
+    """The links carry the patients found on the first page: the patients renamed, or a new
+    one of that name, between pages do not empty, shift or grow the walk."""
+    names = dict(oracle.rows('SELECT "PATNT_REFNO", "SURNAME" FROM "PATIENTS"'))
+    smiths = {p for p, surname in names.items() if fold(surname).startswith("smith")}
+    encounters = all_encounters(oracle)
+    want = {e for e, p, _, _ in encounters if p in smiths}
+    joiner = min({p for _, p, _, _ in encounters} - smiths)  # a patient with an Encounter
+    names = {p: names[p] for p in (*smiths, joiner)}
+    assert len(want) > 10
+    r = await split_api.get("/STU3/Encounter", params=[("patient.family", "smith"), ANY_BIRTH,
+                                                       ("_count", "4")])
+    got: list[str] = []
+    engine = sa.create_engine(demo_url)
+    try:
+        while True:
+            assert r.status_code == 200, r.text
+            bundle = r.json()
+            got += [e["resource"]["id"] for e in bundle["entry"]
+                    if e["search"]["mode"] == "match"]
+            nxt = [x["url"] for x in bundle["link"] if x["relation"] == "next"]
+            if not nxt:
+                break
+            if len(got) == 4:  # after the first page: no Smith is left, and a new one comes
+                with engine.begin() as conn:
+                    for who in names:
+                        conn.execute(sa.text('UPDATE "PATIENTS" SET "SURNAME" = :s '
+                                             'WHERE "PATNT_REFNO" = :p'),
+                                     {"s": "SMITHERS" if who == joiner else "JONES", "p": who})
+            r = await split_api.get(nxt[0])
+    finally:
+        with engine.begin() as conn:  # the session's demo database, as it was
+            for who, name in names.items():
+                conn.execute(sa.text('UPDATE "PATIENTS" SET "SURNAME" = :s '
+                                     'WHERE "PATNT_REFNO" = :p'), {"s": name, "p": who})
+        engine.dispose()
+    assert len(got) == len(set(got)) and set(got) == want
+
+
+async def test_every_form_of_the_search_is_the_hand_written_one(
+        split_api: httpx.AsyncClient, oracle: Oracle) -> None:
+    """POST _search, _summary=count, _count=0, _include and a lenient unknown parameter with
+    a chain: each answers as the search by the patients found, written by hand, and the
+    SQL oracle."""
+    names = dict(oracle.rows('SELECT "PATNT_REFNO", "SURNAME" FROM "PATIENTS"'))
+    smiths = {p for p, surname in names.items() if fold(surname).startswith("smith")}
+    want = {e for e, p, _, _ in all_encounters(oracle) if p in smiths}
+    chain = [("patient.family", "smith"), ANY_BIRTH]
+    by_hand = [("patient", ",".join(f"Patient/{p}" for p in sorted(smiths)))]
+
+    def notes(bundle: dict[str, Any]) -> list[str]:
+        return [i["details"]["coding"][0]["code"] for e in bundle.get("entry", [])
+                if e["search"]["mode"] == "outcome" for i in e["resource"]["issue"]]
+
+    def self_query(bundle: dict[str, Any]) -> dict[str, list[str]]:
+        [url] = [x["url"] for x in bundle["link"] if x["relation"] == "self"]
+        return parse_qs(urlsplit(url).query)
+
+    assert set(await search(split_api, "Encounter", chain, all_sources=True)) == want
+    assert set(await search(split_api, "Encounter", by_hand, all_sources=True)) == want
+    got = await split_api.post("/STU3/Encounter/_search?patient.family=smith",
+                               data={ANY_BIRTH[0]: ANY_BIRTH[1], "_count": "500"})
+    assert got.status_code == 200, got.text
+    assert {e["resource"]["id"] for e in got.json()["entry"]
+            if e["search"]["mode"] == "match"} == want
+    assert {p.removeprefix("Patient/") for p in self_query(got.json())["patient"][0].split(",")
+            } == {str(p) for p in smiths}
+    for counting in (("_summary", "count"), ("_count", "0")):
+        got = await split_api.get("/STU3/Encounter", params=[*chain, counting])
+        assert got.status_code == 200 and got.json()["total"] == len(want), got.text
+        assert notes(got.json()) == ["CHAIN_RESOLVED_BY_SEARCH"]
+        assert "patient.family" not in self_query(got.json())
+    included = [("_include", "Encounter:patient"), ("_count", "500")]
+    got = await split_api.get("/STU3/Encounter", params=[*chain, *included])
+    hand = await split_api.get("/STU3/Encounter", params=[*by_hand, *included])
+    assert got.status_code == hand.status_code == 200
+
+    def entries(r: httpx.Response) -> set[tuple[str, str]]:
+        return {(e["search"]["mode"], e["resource"]["id"]) for e in r.json()["entry"]
+                if e["search"]["mode"] != "outcome"}
+
+    assert entries(got) == entries(hand)
+    assert set() < {i for m, i in entries(got) if m == "include"} <= {str(p) for p in smiths}
+    got = await split_api.get("/STU3/Encounter", params=[*chain, ("bogus", "1"),
+                                                         ("_count", "500")],
+                              headers={"Prefer": "handling=lenient"})
+    assert got.status_code == 200 and notes(got.json()) == ["UNKNOWN_PARAMETER",
+                                                            "CHAIN_RESOLVED_BY_SEARCH"]
+    assert {e["resource"]["id"] for e in got.json()["entry"]
+            if e["search"]["mode"] == "match"} == want
+    got = await split_api.get("/STU3/Encounter", params=[*chain, ("bogus", "1")],
+                              headers={"Prefer": "handling=strict"})
+    assert got.status_code == 400, got.text
+    assert got.json()["issue"][0]["details"]["coding"][0]["code"] == "UNKNOWN_PARAMETER"
+
+
+async def test_a_page_token_beside_a_chain_searches_nothing(
+        split_api: httpx.AsyncClient, tmp_path: Path) -> None:
+    """The links of a chain resolved by searching first never carry the chain (they carry
+    what it found), so a chain beside _page is no link of this server's: refused before the
+    target is searched. (A page token turns the search policy off, as a link's search was
+    checked on its first page: the chain into Patient would otherwise run unchecked.)"""
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    start = len(audit.read_text().splitlines()) if audit.exists() else 0
+    first = await split_api.get("/STU3/Encounter", params=[("patient.family", "smith"),
+                                                           ANY_BIRTH, ("_count", "2")])
+    [nxt] = [x["url"] for x in first.json()["link"] if x["relation"] == "next"]
+    token = parse_qs(urlsplit(nxt).query)["_page"][0]
+    for params in ([("patient.birthdate", "1962"), ("_page", token)],  # Patient's rule unmet
+                   [("patient.family", "smith"), ANY_BIRTH, ("_count", "2"), ("_page", token)]):
+        r = await split_api.get("/STU3/Encounter", params=params)
+        assert r.status_code == 400, r.text
+        assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "INVALID_PAGE_TOKEN"
+    records = [json.loads(line) for line in audit.read_text().splitlines()[start:]]
+    refused = [x for x in records if x["outcome"]["status"] == 400]
+    assert len(refused) == 2
+    assert all(not x["backend"]["queries"] and not x["entities"] for x in refused)

@@ -8,6 +8,7 @@ expected answers.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -79,6 +80,7 @@ async def api(db_url: str, sim: PasSimulator, tmp_path: Path, rows: list[dict[st
         progress=False, auth_mode="insecure-demo",
         connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{sim.port}"}))
     install(app, {"P": patient_token(rows[0]["PASID"], "patient/*.read"),
+                  "B": patient_token(_busiest(rows)["PASID"], "patient/*.read"),
                   "clinician": user_token()})
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -268,6 +270,31 @@ async def test_compartment_confines_the_resolving_search(
     assert other["SPELL_NUMBER"] in _spells(r.json())
     r = await api.get("/STU3/Encounter", params=params, headers=as_("P"))
     assert r.status_code == 200 and _matches(r.json()) == []
+    # ... and finds the token's own patient: the PAS is asked by one identifier (the NHS
+    # number) and the reply checked for the compartment's PAS number, never sent both
+    # numbers in one QPD, whose qualifiers (PID-3.4/3.5) a PAS cannot tie to either one
+    assert mine["NHS_NUMBER"]
+    own = {"patient.identifier": f"{NHS}|{mine['NHS_NUMBER']}"}
+    r = await api.get("/STU3/Encounter", params=own, headers=as_("P"))
+    assert r.status_code == 200, r.text
+    assert _spells(r.json()) == {x["SPELL_NUMBER"] for x in rows if x["PASID"] == mine["PASID"]}
+    assert _link(r.json(), "self") == {"patient": [f"Patient/{mine['PASID']}"]}
+    r = await api.get("/STU3/Patient", params={"identifier": own["patient.identifier"]},
+                      headers=as_("P"))
+    assert [m["id"] for m in _matches(r.json())] == [mine["PASID"]]
+    # The rewritten next link cannot be turned onto another patient: the page token holds
+    # the search and the compartment; the same search sent fresh is confined
+    busy = _busiest(rows)
+    r = await api.get("/STU3/Encounter", params={
+        "patient.identifier": f"{NHS}|{busy['NHS_NUMBER']}", "_count": "1"}, headers=as_("B"))
+    [nxt] = [x["url"] for x in r.json()["link"] if x["relation"] == "next"]
+    elsewhere = next(x for x in rows if x["PASID"] != busy["PASID"])
+    busy_ref, other_ref = (f"patient=Patient%2F{x['PASID']}" for x in (busy, elsewhere))
+    assert busy_ref in nxt
+    r = await api.get(nxt.replace(busy_ref, other_ref), headers=as_("B"))
+    assert r.status_code == 400 and _code(r) == "INVALID_PAGE_TOKEN"
+    r = await api.get(nxt.split("&_page=")[0].replace(busy_ref, other_ref), headers=as_("B"))
+    assert r.status_code == 200 and _matches(r.json()) == []
 
 
 async def test_capability_statement_says_how_chains_are_answered(api: httpx.AsyncClient) -> None:
@@ -283,3 +310,104 @@ async def test_capability_statement_says_how_chains_are_answered(api: httpx.Asyn
     location = {p["name"]: p for p in resources["Location"]["searchParam"]}
     assert "partof.name" in location["partof"]["documentation"]
     assert "at most" not in location["partof"]["documentation"]
+
+
+# --- an independent PAS (tests/adapters/hl7v2/itk_peer.py) as the chain's target ------------
+
+
+@pytest.fixture(scope="module")
+def itk_mappings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Patient from an ITK PAS over HL7 v2 (no prefix), Encounter from SQL naming its patient
+    by the PAS number (mappings/demo-hl7v2-mixed/Encounter.sql.yaml): no join is possible."""
+    repo = MAPPINGS.parents[1]
+    d = tmp_path_factory.mktemp("chain-itk-mappings")
+    (d / "connections.yaml").write_text(
+        "connections:\n"
+        "  pas-hl7: {adapter: hl7v2, url: 'mllp://127.0.0.1:1', timezone: Europe/London,\n"
+        "            options: {retries: 0, deadline: 10}}\n"
+        "  pas: {adapter: sql, url_env: CCG_PAS_URL, default: embedded-demo,\n"
+        "        timezone: Europe/London}\n"
+        f"codemaps: {repo / 'mappings' / 'codemaps'}\n", encoding="utf-8")
+    for src in (MAPPINGS / "Patient.hl7v2.yaml",
+                repo / "mappings" / "demo-hl7v2-mixed" / "Encounter.sql.yaml"):
+        (d / src.name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    return d
+
+
+def _peer_with(peer: Any, patients: list[dict[str, Any]]) -> None:
+    """The demo patients on the peer, under their PAS numbers (PID as the ITK sample's)."""
+    sample = next(iter(peer.patients.values()))
+    peer.patients.clear()
+    for p in patients:
+        pid = list(sample)
+        pid[3] = f"{p['PASID']}^^^RX1^PI"
+        pid[5] = f"{p['SURNAME'].upper()}^ANNE"
+        pid[8] = {"1": "M", "2": "F"}.get(p["SEXXX_CODE"], "U")
+        peer.patients[p["PASID"]] = pid
+
+
+ITK_PAGINGS = {
+    "honest": {},
+    "short-replies": {"page_cap": 2},
+    "rcp2-ignored": {"honour_quantity": False, "page_cap": 7},
+    "single-use-pointers": {"pointer_uses": 1, "page_cap": 3},
+}
+
+
+@pytest.mark.parametrize("how", list(ITK_PAGINGS))
+async def test_an_itk_pas_answering_in_short_replies(
+        how: str, db_url: str, itk_mappings: Path, tmp_path: Path,
+        patients: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target's search reads every reply of the PAS's continuation (DSC-1), as a client
+    walking the Patient search would: a PAS that answers two patients a reply is not 'more
+    than the bound' (400 CHAIN_TOO_BROAD) for a chain finding a dozen."""
+    from tests.adapters.hl7v2.itk_peer import ItkPeer
+
+    peer = ItkPeer(**ITK_PAGINGS[how])  # type: ignore[arg-type]
+    _peer_with(peer, patients)
+    initial = Counter(p["SURNAME"][:1].upper() for p in patients if p["SEXXX_CODE"] == "2")
+    letter = next(x for x, n in initial.most_common() if 5 <= n <= 40)
+    women = {p["PASID"] for p in patients
+             if p["SEXXX_CODE"] == "2" and p["SURNAME"].upper().startswith(letter)}
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:  # the SQL source's spells of those women
+            want = {str(k) for k, pasid in conn.execute(sa.text(
+                'SELECT s."PRVSP_REFNO", p."PASID" FROM "PROVIDER_SPELLS" s JOIN "PATIENTS" p '
+                'ON p."PATNT_REFNO" = s."PATNT_REFNO"')) if pasid in women}
+    finally:
+        engine.dispose()
+    assert want
+    port = await peer.start()
+    try:
+        keys = tmp_path / "api-keys.yaml"  # not a bundled demo directory: a real credential
+        keys.write_text("keys: [{client_id: t, sha256: '" + hashlib.sha256(b"k").hexdigest()
+                        + "', scopes: system/*.read}]", encoding="utf-8")
+        app = build_app(Settings(
+            mappings_dir=itk_mappings, data_dir=tmp_path, paging_secret="test",
+            log_level="warning", progress=False, auth_mode="api-key",
+            api_keys_file=str(keys), audit_log=str(tmp_path / "audit.jsonl"),
+            connection_urls={"pas": db_url, "pas-hl7": f"mllp://127.0.0.1:{port}"}))
+        async with (app.router.lifespan_context(app),
+                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                      base_url="http://gw", headers={"X-API-Key": "k"}) as c):
+            r = await c.get("/STU3/Encounter", params={
+                "patient.family": letter.lower(), "patient.gender": "female", "_count": "500"})
+            assert r.status_code == 200, r.text
+            assert {m["id"] for m in _matches(r.json())} == want
+            # the self link is the search by the women the PAS's replies named, all of them
+            assert {v for v in _link(r.json(), "self")["patient"][0].split(",")} == {
+                f"Patient/{w}" for w in women}
+            cap = ITK_PAGINGS[how].get("page_cap")
+            if cap is not None and ITK_PAGINGS[how].get("honour_quantity", True):
+                # every reply was read: at least one a cap's worth of women
+                assert peer.received.count("QBP^Q22") >= -(-len(women) // cap)
+            # one fewer allowed: refused, having read no further than past the bound
+            monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", len(women) - 1)
+            before = len(peer.received)
+            r = await c.get("/STU3/Encounter", params={
+                "patient.family": letter.lower(), "patient.gender": "female"})
+            assert r.status_code == 400 and _code(r) == "CHAIN_TOO_BROAD", r.text
+            assert len(peer.received) - before <= -(-len(women) // (cap or len(women)))
+    finally:
+        await peer.stop()

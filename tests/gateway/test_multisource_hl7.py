@@ -355,6 +355,15 @@ async def test_a_chain_is_resolved_once_and_the_links_say_what_it_found(
             assert f"patient=Patient%2F{pasid}" in self_link
             assert [c for c, _ in outcomes(page)] == (["CHAIN_RESOLVED_BY_SEARCH"] if i == 0
                                                       else [])
+        # Patient comes from the PAS alone: the PAS down, the chain cannot be answered, and
+        # that is the answer, lenient or strict — never the SQL source's page without it
+        api.sim.faults.drop_count = 10_000
+        for headers in ({}, STRICT):
+            r = await api.client.get("/STU3/Encounter?patient.identifier="
+                                     f"https://fhir.nhs.uk/Id/nhs-number|{nhs}",
+                                     headers=headers)
+            assert r.status_code in (502, 503, 504), r.text
+            assert code(r) in ("BACKEND_UNAVAILABLE", "BACKEND_TIMEOUT", "BACKEND_ERROR")
 
 
 async def test_the_capability_statement_claims_only_what_both_take(
