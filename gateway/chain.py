@@ -57,7 +57,15 @@ from adapters.base import (
 )
 from gateway import compartment
 from gateway.errors import BadRequest
-from gateway.plan import Chained, SearchPlan, TargetPolicy, id_criterion, param_criterion
+from gateway.plan import (
+    Chained,
+    SearchPlan,
+    TargetPolicy,
+    id_criterion,
+    matches_exactly,
+    param_criterion,
+)
+from gateway.search import split_values
 
 if TYPE_CHECKING:
     from adapters.base import Page
@@ -194,7 +202,9 @@ def _forward(registry: Registry, provider: Provider, key: str, raw: str) -> Chai
              if t.resource_type == c.target and t.id_prefix == c.prefix]
     if not found:
         return Chained(Nothing(), None, searched, label, policies=policies)
-    if all(_joinable(provider, t) for t, _ in found):
+    # :exact is case- and accent-sensitive on the served value, which SQL does not compare:
+    # resolved first, where the found records are checked as served (resolve_request)
+    if tmod != "exact" and all(_joinable(provider, t) for t, _ in found):
         return Chained(any_of([
             Chain(ref, t.mapping.prepared, t.key,
                   _confined(t, _target_criteria(registry, t, tname, tmod, raw)))
@@ -260,7 +270,7 @@ def _has(registry: Registry, provider: Provider, key: str, raw: str) -> Chained:
         # nothing of the other type refers to this source's records (one of several
         # sources of this type, whose keys none of its reference columns holds)
         return Chained(Nothing(), None, searched, label)
-    if all(_joinable(provider, s) for s, _ in found):
+    if modifier != "exact" and all(_joinable(provider, s) for s, _ in found):  # see _forward
         return Chained(any_of([
             Chain(provider.key, s.mapping.prepared, ref,
                   _confined(s, _target_criteria(registry, s, tname, modifier, raw)))
@@ -387,6 +397,8 @@ class _Lookup:
     keys: list[str] = field(default_factory=list)
     criteria: dict[int, list[Criterion]] = field(default_factory=dict)
     """By index in ``targets``: the chains' criteria on that source (ANDed)."""
+    exact: list[tuple[str, ...]] = field(default_factory=list)
+    """Each ``:exact`` chain's values: a found record must serve one of them as sent."""
 
 
 @dataclass(frozen=True)
@@ -425,6 +437,8 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
         if key not in lookup.keys:
             lookup.keys.append(key)
         tname, _, tmod = _tail(key)
+        if tmod == "exact":
+            lookup.exact.append(tuple(v.strip() for v in split_values(raw)))
         for i, target in enumerate(lookup.targets):
             lookup.criteria.setdefault(i, []).append(
                 _confined(target, _target_criteria(registry, target, tname, tmod, raw)))
@@ -500,6 +514,9 @@ async def _run(lookup: _Lookup, searched: str, limit: int,
     label = ", ".join(f"'{k}'" for k in lookup.keys)
     for i, target in enumerate(lookup.targets):
         records = await _records(target, all_of(lookup.criteria[i]), limit, label)
+        if lookup.exact:  # as the target's own search does (gateway.plan.matches_exactly)
+            records = [r for r, shown in zip(records, target.resources(records), strict=True)
+                       if matches_exactly(shown, lookup.exact)]
         read.append((target, records))
         for rec in records:
             if lookup.has:
