@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlencode
 
 from adapters.base import (
     And,
@@ -108,6 +109,10 @@ class Registry(Protocol):
 
 MAX_CHAIN_MATCHES = 100
 """At most this many target records when a chain is resolved through the target's search."""
+
+MAX_LINK_QUERY = 8 * 1024
+"""At most this many bytes of query in a link carrying what chains found: each chain is
+bounded, several together are not, and many proxies refuse a request line over 8 KiB."""
 
 
 class UnknownChain(BadRequest):
@@ -457,11 +462,6 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
             f"{label} answered by searching {types} first, which found nothing")
     if not all(found.values()):
         return Resolved(None, notes)
-    # What was found goes back to the client in the links (the patients a chain found, the
-    # records a _has found referring to them): audited as served (gateway.audit), and
-    # within the compartment (their search was confined to it).
-    for target, records in read:
-        target.resources(records)
     out: list[tuple[str, str]] = []
     done: set[int] = set()
     for key, raw in pairs:
@@ -470,6 +470,15 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
         elif id(of_key[key]) not in done:  # where its first chain was
             done.add(id(of_key[key]))
             out.append((of_key[key].param, ",".join(found[id(of_key[key])])))
+    if len(urlencode(out)) > MAX_LINK_QUERY:
+        raise ChainTooBroad(
+            f"{', '.join(repr(k) for k in keys)} found more together than a paging link can "
+            f"carry ({MAX_LINK_QUERY} bytes of query): narrow them")
+    # What was found goes back to the client in the links (the patients a chain found, the
+    # records a _has found referring to them): audited as served (gateway.audit), and
+    # within the compartment (their search was confined to it).
+    for target, records in read:
+        target.resources(records)
     return Resolved(out, notes)
 
 

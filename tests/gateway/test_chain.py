@@ -1023,3 +1023,26 @@ async def test_a_page_token_beside_a_chain_searches_nothing(
     refused = [x for x in records if x["outcome"]["status"] == 400]
     assert len(refused) == 2
     assert all(not x["backend"]["queries"] and not x["entities"] for x in refused)
+
+
+async def test_what_chains_find_must_fit_a_link(split_api: httpx.AsyncClient, oracle: Oracle,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chain is bounded; several together are bounded by the link that carries what
+    they found (MAX_LINK_QUERY bytes of query): past it, 400, never a link refused later."""
+    from gateway import chain
+
+    rows = oracle.rows(SPELLS_WITH_PATIENT)
+    smiths = {str(p) for _, p, _, surname, _, _ in rows if fold(surname).startswith("smith")}
+    assert len(smiths) > 1
+    params = [("patient.family", "smith"), ANY_BIRTH]
+    r = await split_api.get("/STU3/Encounter", params=params)
+    assert r.status_code == 200, r.text
+    [self_link] = [x["url"] for x in r.json()["link"] if x["relation"] == "self"]
+    query = urlsplit(self_link).query
+    # every Smith (those with spells among them)
+    assert set(parse_qs(query)["patient"][0].split(",")) >= {f"Patient/{p}" for p in smiths}
+    monkeypatch.setattr(chain, "MAX_LINK_QUERY", len(query) - 1)
+    r = await split_api.get("/STU3/Encounter", params=params)
+    assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
+        "CHAIN_TOO_BROAD"), r.text
+    assert "smith" not in r.json()["issue"][0]["diagnostics"].lower()
