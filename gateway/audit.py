@@ -351,6 +351,44 @@ def _note(ctx: AuditContext, lk: compartment.Link, provider: Provider, record: A
             patients.update(provider.reference_values(record, ref))
 
 
+def record_patients(provider: Provider, record: Any, rid: str,
+                    resource: dict[str, Any] | None = None) -> set[str]:
+    """The patients a record belongs to, as :func:`_note` finds them for a resource served:
+    itself (a Patient, ``rid``), or its Patient references (held in a column; for a type
+    whose only Patient references are elements of the resource, ``resource`` built)."""
+    lk = compartment.link(provider)
+    if lk.kind == "self":
+        return {rid}
+    if lk.refs:
+        return {v for ref in lk.refs for v in provider.reference_values(record, ref)}
+    if resource is None:
+        return set()
+    return {v.removeprefix("Patient/") for path in lk.paths
+            for v in compartment._values(resource, path)
+            if isinstance(v, str) and v.startswith("Patient/")}
+
+
+def note_disclosed(rtype: str, rid: str, patients: Iterable[str]) -> None:
+    """``rtype/rid`` named to the client without being served: a ``_has`` answered by
+    searching the other type first puts the ids its records refer to in the links
+    (gateway.chain). Noted as an entity with the patients of the records that named it:
+    the other type's records themselves are read, not served."""
+    ctx = _ctx.get()
+    if ctx is not None:
+        ctx.entities.setdefault((rtype, rid), set()).update(patients)
+
+
+@contextlib.contextmanager
+def unserved() -> Iterator[None]:
+    """Resources built within are not noted as served (built only to be compared, as a
+    ``_has``'s ``:exact`` does): what they disclose is noted by the caller."""
+    token = _ctx.set(None)
+    try:
+        yield
+    finally:
+        _ctx.reset(token)
+
+
 def note_written(provider: Provider, rid: str, record: Any = None) -> None:
     """A resource written; its patient is itself (a Patient) or the one the written record
     refers to (an Encounter's subject)."""

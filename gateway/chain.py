@@ -19,16 +19,25 @@ How it is answered:
   :class:`adapters.base.Chain` criterion: the source's query holds the target's as a
   subquery, so a page is still one statement and paging, ``_sort``, ``_count`` and totals
   work unchanged.
-* Otherwise (two databases, an HL7 v2 source) the target's own search runs first, asked for
-  at most :data:`MAX_CHAIN_MATCHES` + 1 records (read on through a source's own pages: an
-  HL7 v2 PAS's short replies); more than that is a 400 ``CHAIN_TOO_BROAD`` (never a silent
-  cut). For a client's search (:func:`resolve_request`) what it found
+* Otherwise (two databases, an HL7 v2 source) the target's own search runs first (read on
+  through a source's own pages: an HL7 v2 PAS's short replies), bounded by what the
+  rewritten request carries, never silently cut (400 ``CHAIN_TOO_BROAD``):
+
+  - a chained parameter: at most :data:`MAX_CHAIN_MATCHES` target records, each one
+    reference;
+  - ``_has``: at most :data:`MAX_CHAIN_MATCHES` distinct ids its records refer to, the
+    records read in pages of MAX_CHAIN_MATCHES + 1 up to :data:`MAX_HAS_RECORDS` (many
+    records may refer to one id: a patient's hundred results), which bounds the work.
+
+  For a client's search (:func:`resolve_request`) what it found
   replaces the chain in the request (``patient=Patient/1,Patient/7``; ``_id=`` for
   ``_has``), which then runs as if sent so: the self link says what was used, as STU3
   asks, and the paging links page over that set (the chain is not resolved again per
   page; a chain beside ``_page`` is no link of ours: 400). The first page says so in an
-  information entry (``CHAIN_RESOLVED_BY_SEARCH``); what was found is audited as served,
-  since the links name it.
+  information entry (``CHAIN_RESOLVED_BY_SEARCH``). What the links name is audited: a
+  chained parameter's records as served (they are what is named), a ``_has``'s ids of the
+  searched type with the patients of the records that referred to them (the other type's
+  records are read, not served: gateway.audit.note_disclosed).
   Other plans (a conditional create, the record operations) resolve each source's chains
   just before its query (:func:`resolve`), to keys of the target sources its columns hold.
 
@@ -40,7 +49,7 @@ says: ignoring a chain would widen the result.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode
@@ -56,7 +65,7 @@ from adapters.base import (
     all_of,
     any_of,
 )
-from gateway import compartment
+from gateway import audit, compartment
 from gateway.errors import BadRequest
 from gateway.plan import (
     Chained,
@@ -108,7 +117,19 @@ class Registry(Protocol):
     def search_context(self, provider: Any) -> SearchContext: ...
 
 MAX_CHAIN_MATCHES = 100
-"""At most this many target records when a chain is resolved through the target's search."""
+"""At most this many target records when a chained parameter is resolved through the
+target's search (each is one reference the rewritten request carries), and at most this many
+distinct ids a ``_has`` resolved so finds (what its ``_id=`` carries)."""
+
+MAX_HAS_RECORDS = 10 * MAX_CHAIN_MATCHES
+"""At most this many records of the other type read to resolve one ``_has`` through its
+search. Its records are not what the rewritten request carries (the ids they refer to are),
+and many may refer to one id (a patient's hundred results), so the id bound alone would
+refuse ``Patient?_has:Observation:patient:code=X`` at its 101st result; this bounds the work
+instead. Read in pages of MAX_CHAIN_MATCHES + 1 (the first is the statement a chained
+parameter sends; reading stops at the page past either bound), so at most ten keyset
+statements, or a PAS's replies to the same number of records, and only one page held at a
+time: 1,000 records is a walk a client could make in a few requests of ``_count`` hundreds."""
 
 MAX_LINK_QUERY = 8 * 1024
 """At most this many bytes of query in a link carrying what chains found: each chain is
@@ -355,20 +376,37 @@ def combined(deferred: list[Deferred]) -> list[Deferred]:
 
 
 async def _resolve(d: Deferred) -> Criterion:
+    if not d.forward:  # _has: the keys its records refer to (every part's: this source's key)
+        keys: dict[Any, None] = {}
+        budget = MAX_HAS_RECORDS
+        for part in d.parts:
+            def take(records: list[Any], part: _Part = part) -> None:
+                for rec in records:
+                    for v in part.target.reference_values(rec, part.target_ref):
+                        try:
+                            keys[part.storage.parse_key(v)] = None
+                        except ValueError:
+                            continue  # cannot exist in this source's column
+                if len(keys) > MAX_CHAIN_MATCHES:
+                    raise _too_many_ids(f"'{d.label}'", MAX_CHAIN_MATCHES, part.target)
+
+            budget -= await _read(part.target, part.criteria, budget, MAX_CHAIN_MATCHES + 1,
+                                  _too_many_records(f"'{d.label}'", part.target), take)
+        return any_of([Compare(d.parts[0].ref, "=", k) for k in keys])
     out: list[Criterion] = []
     for part in d.parts:
         target = part.target
         records = await _records(target, part.criteria, MAX_CHAIN_MATCHES, f"'{d.label}'")
         values = [v for rec in records for v in target.reference_values(rec, part.target_ref)]
-        keys: dict[Any, None] = {}
+        found: dict[Any, None] = {}
         for v in values:
             try:
-                keys[part.storage.parse_key(v)] = None
+                found[part.storage.parse_key(v)] = None
             except ValueError:
                 continue  # cannot exist in this source's column
         # Alternatives as an OR of equalities: a source that cannot ask for several values
         # refuses an OR (400) rather than answering for the first one only.
-        out.append(any_of([Compare(part.ref, "=", k) for k in keys]))
+        out.append(any_of([Compare(part.ref, "=", k) for k in found]))
     return any_of(out)
 
 
@@ -426,9 +464,10 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
     set, instead of resolving the chain again on every page.
 
     Every source of each target type is searched (also those a source of this type could
-    join: the rewritten request stands for all sources), at most MAX_CHAIN_MATCHES records
-    and ``max_values`` values (a paging link must be accepted back), else 400
-    CHAIN_TOO_BROAD. Chains are already checked by planning (names, policies)."""
+    join: the rewritten request stands for all sources), finding at most MAX_CHAIN_MATCHES
+    and ``max_values`` references or ids (a paging link must be accepted back; a ``_has``
+    reading at most MAX_HAS_RECORDS records to find them), else 400 CHAIN_TOO_BROAD.
+    Chains are already checked by planning (names, policies)."""
     limit = min(MAX_CHAIN_MATCHES, max_values) if max_values else MAX_CHAIN_MATCHES
     wanted = set(keys)
     lookups: dict[tuple[Any, ...], _Lookup] = {}
@@ -450,8 +489,10 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
     found: dict[int, list[str]] = {}
     notes: list[str] = []
     read: list[tuple[Provider, list[Any]]] = []
+    disclosed: list[dict[str, set[str]]] = []
     for lookup in lookups.values():
-        values = await _run(lookup, provider.resource_type, limit, read)
+        disclosed.append({})
+        values = await _run(lookup, provider.resource_type, limit, read, disclosed[-1])
         found[id(lookup)] = values
         types = ", ".join(dict.fromkeys(t.resource_type for t in lookup.targets))
         label = ", ".join(f"'{k}'" for k in lookup.keys)
@@ -474,11 +515,17 @@ async def resolve_request(registry: Registry, provider: TypeProvider,
         raise ChainTooBroad(
             f"{', '.join(repr(k) for k in keys)} found more together than a paging link can "
             f"carry ({MAX_LINK_QUERY} bytes of query): narrow them")
-    # What was found goes back to the client in the links (the patients a chain found, the
-    # records a _has found referring to them): audited as served (gateway.audit), and
-    # within the compartment (their search was confined to it).
+    # What was found goes back to the client in the links. A chained parameter's records
+    # (the patients it found) are named there: audited as served (gateway.audit), and
+    # checked within the compartment (their search was confined to it). A _has names the
+    # ids of the searched type its records refer to, not those records (up to
+    # MAX_HAS_RECORDS, never served): the ids are audited, with the patients whose records
+    # named them.
     for target, records in read:
         target.resources(records)
+    for ids in disclosed:
+        for rid, patients in ids.items():
+            audit.note_disclosed(provider.resource_type, rid, patients)
     return Resolved(out, notes)
 
 
@@ -516,55 +563,115 @@ def _lookup(registry: Registry, provider: TypeProvider, key: str,
 
 
 async def _run(lookup: _Lookup, searched: str, limit: int,
-               read: list[tuple[Provider, list[Any]]]) -> list[str]:
-    """The served references (or ids) the lookup's search finds, in the order found; the
-    records found are added to ``read``."""
-    values: dict[str, None] = {}
+               read: list[tuple[Provider, list[Any]]], disclosed: dict[str, set[str]]
+               ) -> list[str]:
+    """The served references (or ids) the lookup's search finds, in the order found: for a
+    chained parameter the records found are added to ``read``, for a ``_has`` the ids found
+    to ``disclosed`` (with the patients of the records referring to each)."""
     label = ", ".join(f"'{k}'" for k in lookup.keys)
+    if lookup.has:
+        await _referred(lookup, searched, limit, label, disclosed)
+        return list(disclosed)
+    values: dict[str, None] = {}
     for i, target in enumerate(lookup.targets):
         records = await _records(target, all_of(lookup.criteria[i]), limit, label)
         if lookup.exact:  # as the target's own search does (gateway.plan.matches_exactly)
             records = [r for r, shown in zip(records, target.resources(records), strict=True)
                        if matches_exactly(shown, lookup.exact)]
         read.append((target, records))
-        for rec in records:
-            if lookup.has:
-                values.update(dict.fromkeys(target.reference_ids(rec, lookup.has, searched)))
-            else:
-                values[f"{target.resource_type}/{target.record_id(rec)}"] = None
+        values.update((f"{target.resource_type}/{target.record_id(rec)}", None)
+                      for rec in records)
         if len(values) > limit:
             raise _too_broad(label, limit, target)
     return list(values)
 
 
+async def _referred(lookup: _Lookup, searched: str, limit: int, label: str,
+                    disclosed: dict[str, set[str]]) -> None:
+    """A ``_has``: the ``searched`` ids the other type's matching records refer to, into
+    ``disclosed``. What the rewritten request carries is those ids, so they are bounded
+    (``limit``), and the records read to find them by MAX_HAS_RECORDS; past either, 400."""
+    budget = MAX_HAS_RECORDS
+    for i, target in enumerate(lookup.targets):
+        # A Patient reference only in the built resource (compartment "unrestrictable"):
+        # built to find whose record it is, as for :exact, never noted as served.
+        build = bool(lookup.exact) or not compartment.link(target).refs
+
+        def take(records: list[Any], target: Provider = target, build: bool = build) -> None:
+            shown: list[dict[str, Any] | None] = [None] * len(records)
+            if build:
+                with audit.unserved():
+                    shown = list(target.resources(records))
+            for rec, res in zip(records, shown, strict=True):
+                if lookup.exact and not (res is not None and matches_exactly(res, lookup.exact)):
+                    continue  # as the other type's own search does
+                ids = dict.fromkeys(target.reference_ids(rec, lookup.has, searched))
+                if not ids:
+                    continue
+                patients = audit.record_patients(target, rec, target.record_id(rec), res)
+                for rid in ids:
+                    disclosed.setdefault(rid, set()).update(patients)
+            if len(disclosed) > limit:
+                raise _too_many_ids(label, limit, target, searched)
+
+        budget -= await _read(target, all_of(lookup.criteria[i]), budget, limit + 1,
+                              _too_many_records(label, target), take)
+
+
 async def _records(target: Provider, criteria: Criterion | None, limit: int, label: str
                    ) -> list[Any]:
     """The target's records matching ``criteria``: at most ``limit``, more is a 400
-    CHAIN_TOO_BROAD (never a cut). A source answering in parts is read on to the end or past
-    the bound, as a client walking its pages would: an HL7 v2 PAS may send a few records a
-    reply (RCP-2 is a most, not a promise) with a DSC-1 pointer to the rest, and a short
-    reply is not "more than the bound"."""
-    sub = SearchPlan(criteria=criteria, sort=(SortKey(target.key),), count=limit + 1,
-                     total="none")
+    CHAIN_TOO_BROAD (never a cut)."""
     records: list[Any] = []
+    await _read(target, criteria, limit, limit + 1, _too_broad(label, limit, target),
+                records.extend)
+    return records
+
+
+async def _read(target: Provider, criteria: Criterion | None, limit: int, size: int,
+                too_broad: ChainTooBroad, take: Callable[[list[Any]], None]) -> int:
+    """Hands ``take`` the target's records matching ``criteria`` a page at a time (at most
+    ``size`` asked at once), at most ``limit`` in all: more is ``too_broad`` raised (never a
+    cut); returns how many were read. A source answering in parts is read on to the end or
+    past the bound, as a client walking its pages would: an HL7 v2 PAS may send a few
+    records a reply (RCP-2 is a most, not a promise) with a DSC-1 pointer to the rest, and
+    a short reply is not "more than the bound"."""
+    seen = 0
     after: tuple[Any, ...] | None = None
     for _ in range(limit + 1):  # a part with no record (filtered on the reply) counts too
+        sub = SearchPlan(criteria=criteria, sort=(SortKey(target.key),),
+                         count=min(size, limit - seen + 1), total="none")
         page = await target.search(sub, after)
-        records += page.records
-        if len(records) > limit:
+        seen += len(page.records)
+        if seen > limit:
             break
+        take(page.records)
         if not page.more:
-            return records
+            return seen
         if page.end is None:
             break  # more, and no way on: not known to be within the bound
         after = page.end
-    raise _too_broad(label, limit, target)
+    raise too_broad
 
 
 def _too_broad(label: str, limit: int, target: Provider) -> ChainTooBroad:
     return ChainTooBroad(
         f"{label} matches more than {limit} {target.resource_type} resources, and this "
         "server cannot join them in one query: narrow it")
+
+
+def _too_many_ids(label: str, limit: int, target: Provider, searched: str = "") -> ChainTooBroad:
+    return ChainTooBroad(
+        f"{label}: the {target.resource_type} resources it matches refer to more than "
+        f"{limit} {searched or 'different'} resources, and this server cannot join them in "
+        "one query: narrow it")
+
+
+def _too_many_records(label: str, target: Provider) -> ChainTooBroad:
+    return ChainTooBroad(
+        f"{label} matches more than {MAX_HAS_RECORDS} {target.resource_type} resources, "
+        "more than this server reads to find what they refer to (it cannot join them in one "
+        "query): narrow it")
 
 
 def nothing(plan: SearchPlan) -> None:
@@ -608,6 +715,7 @@ def has_names(registry: Registry, provider: TypeProvider) -> list[tuple[str, boo
 
 __all__ = [
     "MAX_CHAIN_MATCHES",
+    "MAX_HAS_RECORDS",
     "ChainOnNonReference",
     "ChainTooBroad",
     "ChainTooDeep",

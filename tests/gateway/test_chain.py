@@ -1046,3 +1046,134 @@ async def test_what_chains_find_must_fit_a_link(split_api: httpx.AsyncClient, or
     assert r.status_code == 400 and r.json()["issue"][0]["details"]["coding"][0]["code"] == (
         "CHAIN_TOO_BROAD"), r.text
     assert "smith" not in r.json()["issue"][0]["diagnostics"].lower()
+
+
+# --- _has resolved by searching first: bounded by the ids it finds and the records it reads --
+
+
+def results_by_month(oracle: Oracle) -> dict[str, list[tuple[str, int]]]:
+    """Each live result's (Encounter id as served, patient key), by collection month."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for month, spell, clinic, patient in oracle.rows(
+            'SELECT substr(h."COLLECTED_DTTM", 1, 6), h."PRVSP_REFNO", h."OPATT_REFNO", '
+            'o."PATNT_REFNO" FROM "RESULTS" o JOIN "RESULT_REPORTS" h '
+            'ON h."REPRT_REFNO" = o."REPRT_REFNO" WHERE o."DEL_FLAG" = \'N\''):
+        enc = f"{spell}" if spell is not None else f"op-{clinic}" if clinic is not None else ""
+        out.setdefault(month, []).append((enc, patient))
+    return out
+
+
+def a_busy_month(oracle: Oracle) -> tuple[str, list[tuple[str, int]]]:
+    """The month whose results are most numerous while within MAX_HAS_RECORDS, over the id
+    bound (MAX_CHAIN_MATCHES) in records but not in the Encounters they were taken in."""
+    from gateway import chain
+
+    fits = {m: rs for m, rs in results_by_month(oracle).items()
+            if chain.MAX_CHAIN_MATCHES < len(rs) <= chain.MAX_HAS_RECORDS
+            and len({e for e, _ in rs if e}) <= chain.MAX_CHAIN_MATCHES}
+    month = max(sorted(fits), key=lambda m: len(fits[m]))
+    return f"{month[:4]}-{month[4:]}", fits[month]
+
+
+def _code_and_text(r: httpx.Response) -> tuple[str, str]:
+    issue = r.json()["issue"][0]
+    return issue["details"]["coding"][0]["code"], issue["diagnostics"]
+
+
+async def test_a_has_is_bounded_by_the_ids_it_finds_not_the_records_it_reads(
+        split_api: httpx.AsyncClient, api: httpx.AsyncClient, oracle: Oracle,
+        tmp_path: Path) -> None:
+    """Hundreds of a month's results taken in a score of Encounters: the _id= the request
+    is rewritten to carries the Encounters, within the bound, so it is answered as the
+    joined single-connection search and the SQL oracle answer (it was 400 CHAIN_TOO_BROAD
+    at the 101st result). The results are read in pages, not served: the audit names the
+    Encounters the links disclose, with the results' patients, and no Observation."""
+    import json
+
+    from gateway import chain
+
+    month, results = a_busy_month(oracle)
+    served = {e for e, _, _, _ in all_encounters(oracle)}
+    want = {e for e, _ in results if e} & served
+    assert len(results) > chain.MAX_CHAIN_MATCHES + 1 and want
+    params = [("_has:Observation:encounter:date", month)]
+    audit = tmp_path / "audit.jsonl"
+    start = len(audit.read_text().splitlines()) if audit.exists() else 0
+    r = await split_api.get("/STU3/Encounter", params=[*params, ("_count", "500")])
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    assert {e["resource"]["id"] for e in bundle["entry"] if e["search"]["mode"] == "match"
+            } == want
+    assert set(await search(api, "Encounter", params, all_sources=True)) == want  # joined
+    [self_link] = [x["url"] for x in bundle["link"] if x["relation"] == "self"]
+    named = parse_qs(urlsplit(self_link).query)["_id"][0].split(",")
+    assert set(named) == {e for e, _ in results if e}
+    records = [json.loads(line) for line in audit.read_text().splitlines()[start:]]
+    record = records[0]  # one per patient, of this one request
+    assert all(x["request_id"] == record["request_id"] for x in records)
+    entities = {e for x in records for e in x["entities"]}
+    assert {f"Encounter/{e}" for e in named} <= entities
+    assert not any(e.startswith("Observation/") for e in entities)
+    assert {x["patient"] for x in records} == {str(p) for e, p in results if e}
+    # read in pages of MAX_CHAIN_MATCHES + 1, each one statement, the last one short
+    fetched = [q for q in record["backend"]["queries"] if q["resource_type"] == "Observation"]
+    assert len(fetched) == len(results) // (chain.MAX_CHAIN_MATCHES + 1) + 1
+
+
+async def test_a_has_over_the_id_bound_is_refused(split_api: httpx.AsyncClient,
+                                                  api: httpx.AsyncClient, oracle: Oracle,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """More Encounters than a link may carry: 400, saying so, never cut; at the bound,
+    answered."""
+    from gateway import chain
+
+    resolved = oracle.rows('SELECT "PRVSP_REFNO" FROM "PROBLEMS" WHERE "DELETED_FLAG" = \'N\' '
+                           'AND "PROBL_STATUS" = \'R\'')
+    spells = {str(s) for (s,) in resolved if s is not None}
+    assert len(resolved) <= chain.MAX_HAS_RECORDS and len(spells) > chain.MAX_CHAIN_MATCHES
+    params = [("_has:Condition:encounter:clinical-status", "resolved")]
+    assert set(await search(api, "Encounter", params)) == spells  # joined: no bound
+    r = await split_api.get("/STU3/Encounter", params=params)
+    assert r.status_code == 400, r.text
+    code, text = _code_and_text(r)
+    assert code == "CHAIN_TOO_BROAD"
+    assert f"refer to more than {chain.MAX_CHAIN_MATCHES} Encounter" in text
+    # the month's results: over a bound lowered below their Encounters, then at it
+    month, results = a_busy_month(oracle)
+    found_ids = {e for e, _ in results if e}
+    params = [("_has:Observation:encounter:date", month)]
+    monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", len(found_ids) - 1)
+    r = await split_api.get("/STU3/Encounter", params=params)
+    assert r.status_code == 400 and _code_and_text(r)[0] == "CHAIN_TOO_BROAD", r.text
+    monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", len(found_ids))
+    r = await split_api.get("/STU3/Encounter", params=params)
+    assert r.status_code == 200, r.text
+
+
+async def test_a_has_over_the_record_budget_is_refused(split_api: httpx.AsyncClient,
+                                                       oracle: Oracle, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """More records of the other type than MAX_HAS_RECORDS: 400 saying so, having read no
+    further than one page past the budget; at the budget, answered."""
+    import json
+
+    from gateway import chain
+
+    month, results = a_busy_month(oracle)
+    params = [("_has:Observation:encounter:date", month)]
+    monkeypatch.setattr(chain, "MAX_HAS_RECORDS", len(results) - 1)
+    audit = tmp_path / "audit.jsonl"
+    start = len(audit.read_text().splitlines()) if audit.exists() else 0
+    r = await split_api.get("/STU3/Encounter", params=params)
+    assert r.status_code == 400, r.text
+    code, text = _code_and_text(r)
+    assert code == "CHAIN_TOO_BROAD"
+    assert f"more than {len(results) - 1} Observation resources" in text
+    assert month not in text
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()[start:]]
+    assert not record["entities"]  # nothing disclosed, nothing noted
+    fetched = [q for q in record["backend"]["queries"] if q["resource_type"] == "Observation"]
+    assert len(fetched) == -(-len(results) // (chain.MAX_CHAIN_MATCHES + 1))
+    monkeypatch.setattr(chain, "MAX_HAS_RECORDS", len(results))
+    r = await split_api.get("/STU3/Encounter", params=params)
+    assert r.status_code == 200, r.text
