@@ -16,7 +16,13 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from gateway.binary import binary_capability
-from gateway.chain import MAX_CHAIN_MATCHES, chain_joined, chain_names, has_names
+from gateway.chain import (
+    MAX_CHAIN_MATCHES,
+    MAX_HAS_RECORDS,
+    chain_joined,
+    chain_names,
+    has_names,
+)
 from gateway.operations import OperationRegistry
 from gateway.registry import Registry, TypeProvider
 
@@ -99,7 +105,8 @@ def resource_capability(provider: TypeProvider, registry: Registry) -> dict[str,
     if has:
         notes.append("_has supports: " + ", ".join(
             f"_has:{h}:<parameter>" + ("" if joined else
-                                        f" (through a search, at most {MAX_CHAIN_MATCHES})")
+                                        f" (through a search, at most {MAX_CHAIN_MATCHES}"
+                                        f" ids from at most {MAX_HAS_RECORDS} records)")
             for h, joined in has) + " (one level)")
     if notes:
         out["documentation"] = ". ".join(notes) + "."

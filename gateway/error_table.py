@@ -103,7 +103,9 @@ WHEN: dict[str, str] = {
                      "served",
     "CHAIN_NOT_REFERENCE": "a chain through a parameter that is not a reference",
     "CHAIN_TOO_DEEP": "a chain more than one level deep (or `_has` nested)",
-    "CHAIN_TOO_BROAD": "a chain resolved by searching first matched more than 100 records",
+    "CHAIN_TOO_BROAD": "a chain resolved by searching first matched more than 100 records "
+                       "(`_has`: referred to more than 100 ids, or read more than 1,000 "
+                       "records)",
     "TOO_MANY_PARAMETERS": "more search parameters in one request than "
                            "`CCG_MAX_SEARCH_PARAMETERS`",
     "TOO_MANY_VALUES": "more comma-separated values in one parameter (or query) than "

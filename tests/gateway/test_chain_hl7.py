@@ -313,6 +313,9 @@ async def test_capability_statement_says_how_chains_are_answered(api: httpx.Asyn
     assert f"at most {MAX_CHAIN_MATCHES} matches" in patient_param["documentation"]
     assert "_has:Encounter:patient:<parameter> (through a search" in resources["Patient"][
         "documentation"]
+    # a _has is bounded by the ids it finds and the records it reads to find them
+    assert (f"at most {MAX_CHAIN_MATCHES} ids from at most {chain.MAX_HAS_RECORDS} records"
+            in resources["Patient"]["documentation"])
     # SQL into SQL on one connection is joined: no such remark
     location = {p["name"]: p for p in resources["Location"]["searchParam"]}
     assert "partof.name" in location["partof"]["documentation"]
