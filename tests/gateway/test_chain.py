@@ -1177,3 +1177,37 @@ async def test_a_has_over_the_record_budget_is_refused(split_api: httpx.AsyncCli
     monkeypatch.setattr(chain, "MAX_HAS_RECORDS", len(results))
     r = await split_api.get("/STU3/Encounter", params=params)
     assert r.status_code == 200, r.text
+
+
+async def test_a_has_audits_the_ids_the_links_carry_not_the_records_it_read(
+        split_api: httpx.AsyncClient, oracle: Oracle, tmp_path: Path) -> None:
+    """``Practitioner?_has:Patient:general-practitioner:family:exact=Smith`` is resolved by
+    searching Patient first (:exact is compared on the served name): the links carry the
+    GPs found, which tell whom the Smiths are registered with. The trail names those GPs,
+    each with the patients whose registration named it, and no Patient resource as served
+    (none was sent)."""
+    import json
+
+    rows = oracle.rows('SELECT r."PROCA_REFNO", p."PATNT_REFNO", p."SURNAME" '
+                       'FROM "GP_REGISTRATIONS" r JOIN "PATIENTS" p '
+                       'ON p."PATNT_REFNO" = r."PATNT_REFNO" '
+                       'WHERE r."END_DTTM" IS NULL AND r."PROCA_REFNO" IS NOT NULL')
+    smiths = {(str(k), str(p)) for k, p, surname in rows if served_family(surname) == "Smith"}
+    gps = {k for k, _ in smiths}
+    assert len({p for _, p in smiths}) > 1
+    audit = tmp_path / "audit.jsonl"
+    start = len(audit.read_text().splitlines()) if audit.exists() else 0
+    r = await split_api.get("/STU3/Practitioner", params=[
+        ("_has:Patient:general-practitioner:family:exact", "Smith"), ("_count", "500")])
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    assert {e["resource"]["id"] for e in bundle["entry"]
+            if e["search"]["mode"] == "match"} == gps
+    [self_link] = [x["url"] for x in bundle["link"] if x["relation"] == "self"]
+    assert set(parse_qs(urlsplit(self_link).query)["_id"][0].split(",")) == gps
+    records = [json.loads(line) for line in audit.read_text().splitlines()[start:]]
+    assert {x["patient"] for x in records} == {p for _, p in smiths}
+    for x in records:  # each Smith's record names the GP they are registered with
+        assert {e for e in x["entities"] if not e.startswith("Practitioner/")} == set()
+        assert {e.removeprefix("Practitioner/") for e in x["entities"]} == {
+            k for k, p in smiths if p == x["patient"]}
