@@ -1211,3 +1211,41 @@ async def test_a_has_audits_the_ids_the_links_carry_not_the_records_it_read(
         assert {e for e in x["entities"] if not e.startswith("Practitioner/")} == set()
         assert {e.removeprefix("Practitioner/") for e in x["entities"]} == {
             k for k, p in smiths if p == x["patient"]}
+
+
+async def test_a_has_in_a_plan_of_the_server_s_own_is_bounded_alike(
+        demo_url: str, tmp_path: Path, oracle: Oracle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan that is no client's search (a conditional create, a record operation) resolves
+    its _has just before each source's query (chain.resolve): the same bounds, on the ids
+    found and the records read."""
+    from gateway import chain
+
+    month, results = a_busy_month(oracle)
+    served = {e for e, _, _, _ in all_encounters(oracle)}
+    want = {e for e, _ in results if e} & served
+    app = split_app(demo_url, tmp_path)
+    async with app.router.lifespan_context(app):
+        registry = app.state.registry
+        encounter = registry.get("Encounter")
+
+        async def ids() -> set[str]:
+            plan = registry.plan(encounter, [("_has:Observation:encounter:date", month)],
+                                 default_count=500, max_count=500, strict=True)
+            assert chain.unresolved(plan)  # not joined: resolved by searching first
+            page = await encounter.search(plan)
+            assert not page.more
+            return {encounter.record_id(r) for r in page.records}
+
+        assert await ids() == want  # 100+ results, a few Encounters: answered
+        monkeypatch.setattr(chain, "MAX_HAS_RECORDS", len(results) - 1)
+        with pytest.raises(chain.ChainTooBroad, match="more than this server reads"):
+            await ids()
+        monkeypatch.setattr(chain, "MAX_HAS_RECORDS", len(results))
+        assert await ids() == want
+        # the ids bound each source's own statement here: the spells' keys
+        spells = {e for e, _ in results if e.isdigit()}
+        monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", len(spells))
+        assert await ids() == want
+        monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", len(spells) - 1)
+        with pytest.raises(chain.ChainTooBroad, match="refer to more than"):
+            await ids()
