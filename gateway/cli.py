@@ -355,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--mappings", type=mappings_path,
                        help="mapping directory, or the name of a bundled one (demo-pas, "
-                            "demo-hl7v2); default: demo-pas")
+                            "demo-hl7v2, demo-hl7v2-mixed); default: demo-pas")
     serve.add_argument("--base-path", help="FHIR base path (default /STU3)")
     serve.add_argument("--demo-patients", type=int, help="size of the demo PAS (default 10000)")
     serve.add_argument("--data-dir", type=Path,

@@ -37,6 +37,7 @@ from gateway.errors import (
     NotImplementedInteraction,
     PreconditionFailed,
     UnsupportedMediaType,
+    UnsupportedSearch,
     operation_outcome,
 )
 from gateway.formats import Format, negotiate, render, wants_html
@@ -385,6 +386,11 @@ class Api:
         outcome = _ignored_outcome(plan)
 
         if plan.summary_count or plan.count == 0:  # _count=0: just the total
+            if plan.exact:  # the backend's count would include the case/accent variants
+                raise UnsupportedSearch(
+                    "a count cannot be given for a search with :exact: it is case- and "
+                    "accent-sensitive on the served values, which the backend cannot count; "
+                    "search without _summary=count (or _count=0)")
             total = await provider.count(plan)
             body = bundle.searchset(bundle_id=uuid4(), links=[self_link],
                                     entries=outcome, total=total, last_updated=now)
@@ -417,9 +423,11 @@ class Api:
             if has_prev and page.start is not None:
                 links.append(("previous", self._page_link(base, provider, used, fingerprint,
                                                           page.start, True)))
-        found: int | None = page.total
-        if found is None and plan.total == "auto" and first_page and not page.more:
-            found = len(page.records)
+        # With :exact the backend matched case- and accent-insensitively, so its total (and
+        # the page's record count) is only a bound: a total is given only when known exactly.
+        found: int | None = None if plan.exact else page.total
+        if found is None and plan.total != "none" and first_page and not page.more:
+            found = len(matches)
         body = bundle.searchset(bundle_id=uuid4(), links=links, entries=entries,
                                 total=found, last_updated=now)
         return self.respond(body, fmt)

@@ -78,8 +78,9 @@ class Settings:
     is streamed at any size)."""
     # -- audit and limits (gateway/audit.py, gateway/limits.py, docs/security.md)
     audit_log: str = ""
-    """Audit trail destination: a file path, or stdout / stderr; unset: stderr (required with
-    CCG_ENV=production). Never the application log."""
+    """Audit trail destination: a file path, or stdout / stderr; unset: ``audit.jsonl`` in the
+    data directory on the bundled demo, refused anywhere else (gateway.audit). Never the
+    application log."""
     audit_fhir_log: str = ""
     """Optionally also FHIR STU3 AuditEvent JSON lines to this file."""
     audit_fail_closed: bool = True

@@ -107,3 +107,26 @@ async def test_the_readme_admission_message_example_works(hl7_demo: httpx.AsyncC
     new = r.headers["location"].rsplit("/", 1)[1]
     back = (await hl7_demo.get(f"/STU3/Encounter/{new}")).json()
     assert back["subject"]["reference"] == "Patient/D0000001"
+
+
+def readme_registration_message() -> dict[str, Any]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"saved as\n`registration-message.json`:\n\n(.*?)\n\n", text, re.DOTALL)
+    assert match, "the README's registration-message.json is gone"
+    body: dict[str, Any] = json.loads(match.group(1))
+    return body
+
+
+async def test_the_readme_registration_message_works_and_is_applied_once(
+        hl7_demo: httpx.AsyncClient) -> None:
+    message = readme_registration_message()
+    answers = []
+    for _ in range(2):
+        r = await hl7_demo.post("/STU3/$process-message", json=message, headers=JSON)
+        assert r.status_code == 200, r.text
+        header = r.json()["entry"][0]["resource"]
+        assert header["response"]["code"] == "ok", r.text
+        answers.append(header["focus"][0]["reference"])
+    assert answers[0] == answers[1] and answers[0].startswith("Patient/D")
+    back = (await hl7_demo.get(f"/STU3/{answers[0]}")).json()
+    assert back["name"][0]["family"] == "Example" and back["birthDate"] == "1985-04-12"

@@ -24,7 +24,7 @@ import yaml
 
 from gateway import cli
 from gateway.demo_pas import demo_file_name
-from gateway.settings import default_mappings_dir
+from gateway.settings import bundled_mappings_roots, default_mappings_dir
 
 DEMO = default_mappings_dir()
 
@@ -151,7 +151,14 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--help"])
     assert exit_.value.code == 0
-    assert "--demo-patients" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--demo-patients" in out
+    # every bundled demo the README says --mappings takes by name is named in the help
+    flat = " ".join(out.split())
+    bundled = {d.name for root in bundled_mappings_roots() if root.is_dir()
+               for d in root.iterdir() if d.is_dir() and d.name != "codemaps"}
+    assert {"demo-pas", "demo-hl7v2", "demo-hl7v2-mixed"} <= bundled
+    assert [name for name in sorted(bundled) if name not in flat.replace("- ", "-")] == []
 
 
 def test_other_commands_parse() -> None:

@@ -1079,3 +1079,23 @@ async def test_revinclude_never_repeats_a_match(api: httpx.AsyncClient) -> None:
     urls = [e["fullUrl"] for e in r.json()["entry"] if e["search"]["mode"] != "outcome"]
     assert len(urls) == len(set(urls))
     assert any(e["search"]["mode"] == "match" for e in r.json()["entry"])
+
+
+@pytest.mark.parametrize("value", ["Smith", "smith"])
+async def test_an_exact_search_never_states_a_total_it_does_not_know(
+        api: httpx.AsyncClient, value: str) -> None:
+    # The backend compares case- and accent-insensitively (the PAS keeps SMITH); the served
+    # value decides. Its count of the SMITHs is no total of the matches, so none is stated
+    # unless the one page holds them all, and a count alone is refused, never a wrong number.
+    wanted = [("family:exact", value), ALL_GENDERS]
+    matches = await found(api, "Patient", wanted)
+    for extra in ([], [("_total", "accurate")], [("_count", "500"), ("_total", "accurate")]):
+        body = (await get(api, "Patient", [*wanted, *extra])).json()
+        assert body.get("total", len(matches)) == len(matches), (extra, body.get("total"))
+    for extra in ([("_summary", "count")], [("_count", "0")]):
+        r = await get(api, "Patient", [*wanted, *extra])
+        assert r.status_code == 400, r.text
+        assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "UNSUPPORTED_SEARCH"
+    lowered = (await get(api, "Patient", [*wanted, ("_count", "500")])).json()
+    if value == "smith":  # nothing served says "smith": the one page is all there is
+        assert lowered["total"] == 0 and not lowered.get("entry")
