@@ -122,7 +122,8 @@ target's search (each is one reference the rewritten request carries), and at mo
 distinct ids a ``_has`` resolved so finds (what its ``_id=`` carries)."""
 
 MAX_HAS_RECORDS = 10 * MAX_CHAIN_MATCHES
-"""At most this many records of the other type read to resolve one ``_has`` through its
+"""At most this many records of the other type read to resolve one ``_has`` (or an
+``:exact`` chain, whose database matches are kept only if served exactly) through its
 search. Its records are not what the rewritten request carries (the ids they refer to are),
 and many may refer to one id (a patient's hundred results), so the id bound alone would
 refuse ``Patient?_has:Observation:patient:code=X`` at its 101st result; this bounds the work
@@ -574,10 +575,11 @@ async def _run(lookup: _Lookup, searched: str, limit: int,
         return list(disclosed)
     values: dict[str, None] = {}
     for i, target in enumerate(lookup.targets):
-        records = await _records(target, all_of(lookup.criteria[i]), limit, label)
-        if lookup.exact:  # as the target's own search does (gateway.plan.matches_exactly)
-            records = [r for r, shown in zip(records, target.resources(records), strict=True)
-                       if matches_exactly(shown, lookup.exact)]
+        if lookup.exact:
+            records = await _exact(target, all_of(lookup.criteria[i]), limit, label,
+                                   lookup.exact)
+        else:
+            records = await _records(target, all_of(lookup.criteria[i]), limit, label)
         read.append((target, records))
         values.update((f"{target.resource_type}/{target.record_id(rec)}", None)
                       for rec in records)
@@ -616,6 +618,27 @@ async def _referred(lookup: _Lookup, searched: str, limit: int, label: str,
 
         budget -= await _read(target, all_of(lookup.criteria[i]), budget, limit + 1,
                               _too_many_records(label, target), take)
+
+
+async def _exact(target: Provider, criteria: Criterion | None, limit: int, label: str,
+                 exact: list[tuple[str, ...]]) -> list[Any]:
+    """:func:`_records` for an ``:exact`` chain: the database matches case- and
+    accent-insensitively (``smith`` finds every SMITH), so records are read on, up to
+    MAX_HAS_RECORDS, and only those serving the value as sent are kept (as the target's own
+    search does, gateway.plan.matches_exactly) and count towards ``limit``."""
+    kept: list[Any] = []
+
+    def take(records: list[Any]) -> None:
+        with audit.unserved():  # built to compare, not served
+            shown = target.resources(records)
+        kept.extend(r for r, res in zip(records, shown, strict=True)
+                    if matches_exactly(res, exact))
+        if len(kept) > limit:
+            raise _too_broad(label, limit, target)
+
+    await _read(target, criteria, MAX_HAS_RECORDS, limit + 1,
+                _too_many_records(label, target), take)
+    return kept
 
 
 async def _records(target: Provider, criteria: Criterion | None, limit: int, label: str

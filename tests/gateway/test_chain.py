@@ -1249,3 +1249,24 @@ async def test_a_has_in_a_plan_of_the_server_s_own_is_bounded_alike(
         monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", len(spells) - 1)
         with pytest.raises(chain.ChainTooBroad, match="refer to more than"):
             await ids()
+
+
+async def test_an_exact_chain_counts_what_is_served_exactly(
+        split_api: httpx.AsyncClient, oracle: Oracle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database finds every SMITH for ``smith``; the bound counts only the patients
+    served with the family name as sent, so ``patient.family:exact=smith`` is an empty
+    answer, not "too broad"."""
+    from gateway import chain
+
+    rows = oracle.rows(SPELLS_WITH_PATIENT)
+    smiths = {p for _, p, _, surname, _, _ in rows if served_family(surname) == "Smith"}
+    assert len(smiths) > 2
+    monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", 2)
+    assert await found(split_api, "Encounter", [("patient.family:exact", "smith"),
+                                                ANY_BIRTH]) == set()
+    assert await error(split_api, "Encounter", [("patient.family:exact", "Smith"),
+                                                ANY_BIRTH]) == "CHAIN_TOO_BROAD"
+    monkeypatch.setattr(chain, "MAX_CHAIN_MATCHES", 100)
+    assert await found(split_api, "Encounter", [("patient.family:exact", "Smith"),
+                                                ANY_BIRTH]) == {
+        str(s) for s, p, _, surname, _, _ in rows if served_family(surname) == "Smith"}
