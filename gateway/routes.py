@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -400,11 +401,17 @@ class Api:
         with tracing.traced("map page", {"fhir.resource_type": provider.resource_type,
                                          "ccg.records": len(page.records)}):
             matches = [provider.resource(r) for r in page.records]
+        matched = page
         if plan.exact:  # :exact is case- and accent-sensitive on what is served
-            matches = [r for r in matches if matches_exactly(r, plan.exact)]
+            keep = [matches_exactly(r, plan.exact) for r in matches]
+            matches = [r for r, k in zip(matches, keep, strict=True) if k]
+            # what the page includes is what it matched, not the backend's near misses
+            # (the links still page from the page as read)
+            matched = replace(page, records=[
+                rec for rec, k in zip(page.records, keep, strict=True) if k])
         entries = [bundle.entry(base, r, "match") for r in matches]
         # bdl-7: a resource already in the Bundle as a match is not included again
-        entries += await self._includes(provider, plan, page, base,
+        entries += await self._includes(provider, plan, matched, base,
                                         {(r["resourceType"], r["id"]) for r in matches},
                                         self.whole(request))
         entries += provider.page_outcome(page)  # a source that did not answer: said so

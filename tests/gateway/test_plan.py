@@ -1099,3 +1099,23 @@ async def test_an_exact_search_never_states_a_total_it_does_not_know(
     lowered = (await get(api, "Patient", [*wanted, ("_count", "500")])).json()
     if value == "smith":  # nothing served says "smith": the one page is all there is
         assert lowered["total"] == 0 and not lowered.get("entry")
+
+
+@pytest.mark.parametrize("value", ["Smith", "smith"])
+async def test_an_exact_search_includes_only_what_it_matched(
+        api: httpx.AsyncClient, value: str) -> None:
+    # The page read holds every SMITH; only those served as sent are matches, and only
+    # their references and referrers are included (smith: nothing at all).
+    wanted = [("family:exact", value), ALL_GENDERS, ("_count", "500"),
+              ("_revinclude", "Encounter:patient"),
+              ("_include", "Patient:general-practitioner")]
+    entries = (await get(api, "Patient", wanted)).json().get("entry", [])
+    matched = {e["resource"]["id"] for e in entries if e["search"]["mode"] == "match"}
+    assert bool(matched) == (value == "Smith")
+    assert all(n["family"] == "Smith" for e in entries if e["search"]["mode"] == "match"
+               for n in e["resource"]["name"] if "family" in n)
+    included = [e["resource"] for e in entries if e["search"]["mode"] == "include"]
+    assert bool(included) == (value == "Smith")
+    for r in included:
+        if r["resourceType"] == "Encounter":
+            assert r["subject"]["reference"].removeprefix("Patient/") in matched
